@@ -1,0 +1,49 @@
+"""Typed errors. Every user mistake surfaces as one of these, with a message that says what to change."""
+from __future__ import annotations
+
+import difflib
+
+
+class MedexplainError(Exception):
+    """Base class of all medexplain errors."""
+
+
+class InputError(MedexplainError, ValueError):
+    """The input tensor has the wrong shape, channel count, dtype, or contains NaN/Inf."""
+
+
+class TargetError(MedexplainError, ValueError):
+    """The target is out of range, malformed, or does not fit the model output."""
+
+
+class EmptyRegionError(TargetError):
+    """A region target's mask selects no voxel for some sample."""
+
+
+class LayerNotFoundError(MedexplainError, KeyError):
+    """A layer name does not exist in the model; the message lists close matches."""
+
+    def __init__(self, name: str, candidates: list[str]):
+        close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        super().__init__(f"layer {name!r} not found in the model.{hint}")
+        self.name, self.close_matches = name, close
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.args[0]
+
+
+class UnsupportedModelError(MedexplainError, TypeError):
+    """The model cannot provide what a method needs (hooks, gradients)."""
+
+
+class UnknownMethodError(MedexplainError, ValueError):
+    """No explainer is registered under that name."""
+
+
+class FileFormatError(MedexplainError, ValueError):
+    """A file cannot be read: unsupported type, corrupt content, or missing."""
+
+
+class ModelLoadError(MedexplainError, ValueError):
+    """A model specification (TorchScript path or module:factory + weights) cannot be loaded."""

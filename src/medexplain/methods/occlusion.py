@@ -1,0 +1,49 @@
+"""Occlusion (Zeiler & Fergus 2014), N-D: slide a window over the spatial axes (all channels at once),
+replace it by a baseline value, and credit each voxel with the mean score drop over the windows covering
+it. Windows are evaluated in batches of ``chunk_size`` rows."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..core import chunks, forward
+from ..errors import InputError
+from ..explain import register
+
+
+def _tuple(v, n, what):
+    t = (v,) * n if isinstance(v, int) else tuple(int(i) for i in v)
+    if len(t) != n or min(t) < 1:
+        raise InputError(f"occlusion {what} must be a positive int or {n} positive ints, got {v!r}")
+    return t
+
+
+@register("occlusion", needs_grad=False)
+def occlusion(model, x, target, cost, window=8, stride=None, baseline: float = 0.0, chunk_size: int | None = 64):
+    """Map = mean over covering windows of f(x) - f(x with the window set to ``baseline``).
+
+    ``window`` and ``stride`` are ints or one per spatial axis (stride defaults to the window). Voxels
+    no window covers get 0. Matches Captum's Occlusion with a window spanning all channels.
+    """
+    b, spatial = x.shape[0], tuple(x.shape[2:])
+    win = _tuple(window, len(spatial), "window")
+    step = _tuple(stride if stride is not None else win, len(spatial), "stride")
+    if any(w > s for w, s in zip(win, spatial)):
+        raise InputError(f"occlusion window {win} larger than the image {spatial}")
+    starts = list(itertools.product(*[range(0, s - w + 1, st) for s, w, st in zip(spatial, win, step)]))
+    with torch.no_grad():
+        base_score = target.scores(forward(model, x, cost), None, b)
+        total = torch.zeros((b, 1, *spatial), dtype=x.dtype, device=x.device)
+        count = torch.zeros((1, 1, *spatial), dtype=x.dtype, device=x.device)
+        per = max(1, (chunk_size or len(starts) * b) // b)
+        for sl in chunks(len(starts), per):
+            masks = torch.zeros((sl.stop - sl.start, 1, 1, *spatial), dtype=x.dtype, device=x.device)
+            for i, st in enumerate(starts[sl]):
+                masks[(i, 0, 0, *[slice(s, s + w) for s, w in zip(st, win)])] = 1
+            rows_x = (x.unsqueeze(0) * (1 - masks) + baseline * masks).reshape(-1, *x.shape[1:])
+            rows = torch.arange(b, device=x.device).repeat(len(masks))
+            drop = base_score[rows] - target.scores(forward(model, rows_x, cost), rows, b)
+            total += (drop.view(-1, b, 1, *[1] * len(spatial)) * masks).sum(0)
+            count += masks.sum(0)
+    return total / count.clamp(min=1), {"windows": len(starts), "window": win, "stride": step}

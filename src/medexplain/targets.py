@@ -1,0 +1,190 @@
+"""Targets: which scalar per sample is explained (SPEC section 1).
+
+A target maps a model output ``(N, K, *spatial_or_nothing)`` to scores ``(N,)``. Methods that expand
+the batch (noise samples, IG steps, occlusion windows) pass ``rows``: for each output row, the index of
+the original sample it belongs to, so per-sample targets follow their sample through any expansion.
+``batch`` is the number of original samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from .errors import EmptyRegionError, TargetError
+
+
+class Target:
+    """Base class. Subclasses implement :meth:`resolve` (per-sample tensors) and :meth:`reduce`."""
+
+    def scores(self, output: torch.Tensor, rows: torch.Tensor | None = None, batch: int | None = None) -> torch.Tensor:
+        if batch is None:
+            batch = output.shape[0] if rows is None else int(rows.max()) + 1
+        if output.ndim < 2:
+            raise TargetError(f"model output must be (B, K, ...); got shape {tuple(output.shape)}")
+        per_sample = self.resolve(output, batch)
+        if rows is not None:
+            per_sample = [p[rows] for p in per_sample]
+        return self.reduce(output, *per_sample)
+
+    def validate(self, output: torch.Tensor, batch: int) -> None:
+        """Raise a :class:`TargetError` now if this target does not fit ``output``."""
+        if output.ndim < 2:
+            raise TargetError(f"model output must be (B, K, ...); got shape {tuple(output.shape)}")
+        self.resolve(output, batch)
+
+    def resolve(self, output: torch.Tensor, batch: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def reduce(self, output: torch.Tensor, *per_sample: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def class_index(self, batch: int) -> torch.Tensor | None:
+        """Per-sample class channel when the target has one."""
+        return None
+
+
+def _per_sample(index, batch: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor(index, dtype=torch.long).flatten()
+    if t.numel() == 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise TargetError(f"{what}: got {t.numel()} indices for a batch of {batch}; give one, or one per sample")
+    return t
+
+
+def _check_range(idx: torch.Tensor, k: int) -> None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
+        raise TargetError(f"target class {sorted(set(idx.tolist()))} out of range for a model with {k} outputs (0..{k - 1})")
+
+
+def _pick(output: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    return output[torch.arange(output.shape[0], device=output.device), channel.to(output.device)]
+
+
+@dataclass
+class Class(Target):
+    """Class index (int or one per sample). On a dense (segmentation) output: the channel's sum of logits."""
+
+    index: Union[int, Sequence[int], torch.Tensor]
+
+    def class_index(self, batch):
+        return _per_sample(self.index, batch, "Class target")
+
+    def resolve(self, output, batch):
+        idx = self.class_index(batch)
+        _check_range(idx, output.shape[1])
+        return [idx]
+
+    def reduce(self, output, idx):
+        z = _pick(output, idx)
+        return z.flatten(1).sum(1) if z.ndim > 1 else z
+
+
+@dataclass
+class MultiLabel(Target):
+    """A set of classes (shared, or one set per sample); the score is the sum of their logits."""
+
+    indices: Union[Sequence[int], Sequence[Sequence[int]]]
+
+    def resolve(self, output, batch):
+        ind, k = list(self.indices), output.shape[1]
+        nested = bool(ind) and not isinstance(ind[0], int)
+        sets = ind if nested else [ind] * batch
+        if len(sets) != batch:
+            raise TargetError(f"MultiLabel: got {len(sets)} label sets for a batch of {batch}")
+        m = torch.zeros(batch, k, dtype=output.dtype, device=output.device)
+        for b, s in enumerate(sets):
+            s = [int(i) for i in s]
+            if not s:
+                raise TargetError(f"MultiLabel: sample {b} has an empty label set")
+            _check_range(torch.tensor(s), k)
+            m[b, s] = 1.0
+        return [m]
+
+    def reduce(self, output, m):
+        z = output.flatten(2).sum(2) if output.ndim > 2 else output
+        return (z * m).sum(1)
+
+
+@dataclass
+class Region(Target):
+    """Segmentation target: class channel + boolean region, reduced by ``sum`` (default) or ``mean`` of logits.
+
+    ``mask`` is bool ``(B, *spatial)`` or ``(B, 1, *spatial)`` on the output grid (``B`` may be 1 to share
+    one region across the batch). ``channel`` is an int or one per sample.
+    """
+
+    channel: Union[int, Sequence[int], torch.Tensor]
+    mask: torch.Tensor
+    reduce_: str = "sum"
+
+    def __init__(self, channel, mask, reduce: str = "sum"):
+        if reduce not in ("sum", "mean"):
+            raise TargetError(f"Region reduce must be 'sum' or 'mean', got {reduce!r}")
+        m = torch.as_tensor(mask)
+        if m.dtype != torch.bool:
+            if not torch.all((m == 0) | (m == 1)):
+                raise TargetError("Region mask must be boolean (or 0/1)")
+            m = m.bool()
+        self.channel, self.mask, self.reduce_ = channel, m, reduce
+
+    def class_index(self, batch):
+        return _per_sample(self.channel, batch, "Region channel")
+
+    def resolve(self, output, batch):
+        if output.ndim < 3:
+            raise TargetError(f"Region targets need a dense output (B, K, *spatial); got {tuple(output.shape)}")
+        ch = self.class_index(batch)
+        _check_range(ch, output.shape[1])
+        spatial, m = tuple(output.shape[2:]), self.mask
+        if m.ndim == len(spatial) + 2 and m.shape[1] == 1:
+            m = m[:, 0]
+        if m.ndim == len(spatial):
+            m = m.unsqueeze(0)
+        if tuple(m.shape[1:]) != spatial:
+            raise TargetError(f"Region mask spatial shape {tuple(m.shape[1:])} does not match the model output's {spatial}")
+        if m.shape[0] == 1:
+            m = m.expand(batch, *spatial)
+        if m.shape[0] != batch:
+            raise TargetError(f"Region mask has {m.shape[0]} samples for a batch of {batch}")
+        empty = (~m.flatten(1).any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise EmptyRegionError(f"Region mask is empty for sample(s) {empty}: nothing to explain there")
+        return [ch, m.to(output.device)]
+
+    def reduce(self, output, ch, m):
+        s = (_pick(output, ch) * m).flatten(1).sum(1)
+        return s / m.flatten(1).sum(1) if self.reduce_ == "mean" else s
+
+
+class Function(Target):
+    """A user function ``f(output) -> (N,)``; with per-row data, ``f(output, rows)``."""
+
+    def __init__(self, fn, takes_rows: bool = False):
+        self.fn, self.takes_rows = fn, takes_rows
+
+    def scores(self, output, rows=None, batch=None):
+        s = self.fn(output, rows) if self.takes_rows else self.fn(output)
+        if not isinstance(s, torch.Tensor) or s.shape != (output.shape[0],):
+            raise TargetError(f"target function must return a tensor of shape ({output.shape[0]},)")
+        return s
+
+    def validate(self, output, batch):
+        pass
+
+
+def as_target(target) -> Target:
+    """Normalise what users pass (int, list of ints, Target, callable) into a :class:`Target`."""
+    if isinstance(target, Target):
+        return target
+    if target is None:
+        raise TargetError("a target is required: a class index, one per sample, or mx.targets.Region(...)")
+    if isinstance(target, bool) or isinstance(target, float):
+        raise TargetError(f"target must be an int, a list of ints, or a target object, not {target!r}")
+    if isinstance(target, (int, list, tuple)) or (isinstance(target, torch.Tensor) and not torch.is_floating_point(target)):
+        return Class(target)
+    if callable(target):
+        return Function(target)
+    raise TargetError(f"cannot interpret target {target!r}")
