@@ -68,7 +68,7 @@ def ig_alphas(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.n
     if rule == "gausslegendre":
         nodes, w = np.polynomial.legendre.leggauss(steps)
         return 0.5 * (nodes + 1), 0.5 * w
-    if rule == "riemann_trapezoid":
+    if rule == "riemann_trapezoid":  # textbook weights (sum 1); Captum's sum to 1 - 1/n
         if steps < 2:
             raise InputError("riemann_trapezoid needs steps >= 2")
         w = np.full(steps, 1.0 / (steps - 1))
@@ -82,16 +82,17 @@ def ig_alphas(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.n
 
 
 @register("integrated_gradients")
-def integrated_gradients(model, x, target, cost, baseline=0.0, steps: int = 50, method: str = "gausslegendre",
+def integrated_gradients(model, x, target, cost, baseline=0.0, steps: int = 50, rule: str = "gausslegendre",
                          chunk_size: int | None = 64, completeness: bool = True):
     """Sundararajan et al. 2017: (x - x') * integral_0^1 grad f(x' + a (x - x')) da by quadrature.
 
     ``baseline`` is a scalar or a tensor broadcastable to ``x`` (zero by default). ``info`` reports the
-    completeness error |sum(attr) - (f(x) - f(x'))| per sample (one extra forward of 2 rows per sample).
+    completeness error |sum(attr) - (f(x) - f(x'))| per sample. ``rule``: the quadrature
+    (``gausslegendre``, ``riemann_left|right|middle|trapezoid``, as in Captum) (one extra forward of 2 rows per sample).
     """
     b = x.shape[0]
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
-    alphas, weights = ig_alphas(steps, method)
+    alphas, weights = ig_alphas(steps, rule)
     a_t = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
     w_t = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
     delta = x - base
@@ -104,7 +105,7 @@ def integrated_gradients(model, x, target, cost, baseline=0.0, steps: int = 50, 
         g = input_gradient(model, rows_x, target, rows, b, cost).view(-1, *x.shape)
         total += (g * w_t[sl].view(-1, *[1] * x.ndim)).sum(0)
     attr = delta * total
-    extra = {"steps": steps, "rule": method}
+    extra = {"steps": steps, "rule": rule}
     if completeness:
         with torch.no_grad():
             out = forward(model, torch.cat([x, base]), cost)

@@ -1,0 +1,172 @@
+"""Baselines against independent implementations (Captum, MONAI) and the method matrix of STYLE.md:
+every method x {2D, 3D} x {class, region target} x batch 3 == three batches of 1, model untouched."""
+import pytest
+import torch
+from conftest import image, make
+
+import medexplain as mx
+from medexplain.targets import Region
+
+captum = pytest.importorskip("captum.attr")
+BASELINES = ["saliency", "smoothgrad", "integrated_gradients", "occlusion", "gradcam", "gradcam++", "eigencam"]
+OPTS = {"smoothgrad": {"n_samples": 4}, "integrated_gradients": {"steps": 8}, "occlusion": {"window": 4},
+        "gradcam": {"layer": "features.2"}, "gradcam++": {"layer": "features.2"}, "eigencam": {"layer": "features.2"}}
+SEG_OPTS = dict(OPTS, gradcam={"layer": "body.2"}, **{"gradcam++": {"layer": "body.2"}, "eigencam": {"layer": "body.2"}})
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_saliency_ig_occlusion_match_captum(nd):
+    model, x, t = make("cls", nd), image(nd), [0, 2, 1]
+    ours = mx.explain(model, x, "saliency", target=t).map
+    assert rel_err(ours, captum.Saliency(model).attribute(x, target=t, abs=False)) <= 1e-5
+    for rule in ("gausslegendre", "riemann_left", "riemann_middle", "riemann_right", "riemann_trapezoid"):
+        ours = mx.explain(model, x, "integrated_gradients", target=t, steps=20, rule=rule).map
+        ref = captum.IntegratedGradients(model).attribute(x, target=t, n_steps=20, method=rule)
+        if rule == "riemann_trapezoid":  # Captum's trapezoid weights sum to 1 - 1/n; ours are textbook
+            ref = ref * 20 / 19
+        assert rel_err(ours, ref) <= 1e-5
+    win = (2,) + (4,) * nd
+    ref = captum.Occlusion(model).attribute(x, sliding_window_shapes=win, strides=(2,) + (2,) * nd, target=t, baselines=0.0)
+    ours = mx.explain(model, x, "occlusion", target=t, window=4, stride=2).map
+    assert rel_err(ours, ref[:, :1]) <= 1e-5
+    assert torch.allclose(ref[:, 0], ref[:, 1])  # Captum's window spans both channels, like ours
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_smoothgrad_matches_noise_tunnel_with_shared_noise(nd):
+    model, x, t = make("cls", nd), image(nd), [1, 0, 2]
+    n, sd = 6, 0.3
+    torch.manual_seed(123)
+    ref = captum.NoiseTunnel(captum.Saliency(model)).attribute(
+        x, nt_type="smoothgrad", nt_samples=n, stdevs=sd, target=t, abs=False)
+    torch.manual_seed(123)  # the same draw Captum makes: rows sample-major, (B*N, *x.shape[1:])
+    noise = torch.normal(0, torch.tensor(sd).repeat((x.shape[0] * n,) + tuple(x.shape[1:])))
+    noise = noise.view(x.shape[0], n, *x.shape[1:]).transpose(0, 1).to(x.dtype)
+    ours = mx.explain(model, x, "smoothgrad", target=t, n_samples=n, noise=noise, chunk_size=7).map
+    assert rel_err(ours, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_gradcam_family_matches_monai(nd):
+    from monai.visualize import GradCAM, GradCAMpp
+    model, x = make("cls", nd), image(nd, b=1)
+    model.features[3].inplace = False  # MONAI's backward hooks fail on an in-place op after the layer; ours do not
+    ident = lambda m: m  # noqa: E731  (MONAI's default post-processing min-max normalises)
+    ref = GradCAM(model, target_layers="features.2", postprocessing=ident)(x, class_idx=2)
+    ours = mx.explain(model, x, "gradcam", target=2, layer="features.2").map
+    assert rel_err(ours, ref) <= 1e-5
+    ref = GradCAMpp(model, target_layers="features.2", postprocessing=ident)(x, class_idx=2)
+    ours = mx.explain(model, x, "gradcam++", target=2, layer="features.2", variant="monai").map
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_gradcam_pp_paper_formula_by_hand():
+    """Grad-CAM++ eq. 19 on a linear head: S = sum_k v_k mean(A_k) so g_k = v_k / N at every position."""
+    torch.manual_seed(0)
+    model = make("cls", 2)
+    x = image(2, b=1)
+    cap = {}
+    h = model.features[3].register_forward_hook(lambda m, i, o: cap.update(a=o.detach().clone()))
+    model(x)
+    h.remove()
+    a = cap["a"]
+    n = a[0, 0].numel()
+    g = (model.fc.weight[1] / n).view(1, -1, 1, 1).expand_as(a)
+    alpha = g ** 2 / (2 * g ** 2 + a.sum((2, 3), keepdim=True) * g ** 3)
+    w = (alpha * g.clamp(min=0)).sum((2, 3), keepdim=True)
+    expected = torch.relu((w * a).sum(1, keepdim=True))
+    ours = mx.explain(model, x, "gradcam++", target=1, layer="features.3").map  # post-ReLU: g = v/N
+    assert rel_err(ours, expected) <= 1e-10
+
+
+def test_eigencam_is_first_principal_component():
+    model, x = make("cls", 2), image(2, b=2)
+    m = mx.explain(model, x, "eigencam", layer="features.2").map
+    cap = {}
+    h = model.features[3].register_forward_hook(lambda mod, i, o: cap.update(a=o.detach().clone()))
+    model(x)
+    h.remove()
+    for b in range(2):
+        flat = cap["a"][b].flatten(1).T
+        flat = flat - flat.mean(0)
+        # the map maximises variance among unit projections: compare with numpy's PCA direction
+        u, s, vt = torch.linalg.svd(flat, full_matrices=False)
+        proj = flat @ vt[0]
+        assert torch.allclose(m[b, 0].flatten().abs(), proj.abs(), atol=1e-10)
+        assert torch.corrcoef(torch.stack([m[b, 0].flatten(), cap["a"][b].mean(0).flatten()]))[0, 1] >= 0
+
+
+@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("kind", ["cls", "seg"])
+def test_matrix_batched_equals_unbatched_and_model_untouched(method, nd, kind):
+    model, x = make(kind, nd), image(nd)
+    model.train()  # a non-default mode that must come back as found
+    model.head.requires_grad_(False) if kind == "seg" else model.fc.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()]
+    if kind == "cls":
+        target, single = [0, 2, 1], lambda i: [0, 2, 1][i]
+    else:
+        mask = torch.zeros((3,) + x.shape[2:], dtype=torch.bool)
+        mask[(slice(None),) + (slice(2, 5),) * nd] = True
+        mask[(1,) + (slice(5, 7),) * nd] = True
+        target, single = Region(1, mask), lambda i: Region(1, mask[i:i + 1])
+    opts = (OPTS if kind == "cls" else SEG_OPTS).get(method, {})
+    full = mx.explain(model, x, method, target=target, **opts)
+    parts = torch.cat([mx.explain(model, x[i:i + 1], method, target=single(i), **opts).map for i in range(3)])
+    assert full.map.shape[0] == 3 and full.map.shape[2:] == x.shape[2:]
+    assert full.map.shape[1] in (1, x.shape[1])
+    assert (full.map - parts).abs().max() <= 1e-6 * max(1.0, parts.abs().max().item())
+    assert full.info["n_forward"] >= 3 and full.info["seconds"] >= 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()]
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_region_target_is_the_gradient_of_the_region_logit_sum():
+    model, x = make("seg", 2), image(2, b=2)
+    mask = torch.zeros(2, 12, 12, dtype=torch.bool)
+    mask[0, 3:6, 3:6] = True
+    mask[1, 7:9, 2:4] = True
+    for reduce in ("sum", "mean"):
+        xx = x.clone().requires_grad_(True)
+        z = model(xx)[:, 1]
+        s = (z * mask).flatten(1).sum(1)
+        if reduce == "mean":
+            s = s / mask.flatten(1).sum(1)
+        (g,) = torch.autograd.grad(s.sum(), xx)
+        ours = mx.explain(model, x, "saliency", target=Region(1, mask, reduce=reduce)).map
+        assert rel_err(ours, g) <= 1e-12
+
+
+def test_integrated_gradients_completeness():
+    model, x = make("cls", 3), image(3, b=2)
+    a = mx.explain(model, x, "integrated_gradients", target=[0, 1], steps=64)
+    assert max(a.info["completeness_error"]) < 1e-4
+    assert a.info["n_forward"] == 2 * 64 + 4 and a.info["n_backward"] == 2 * 64
+
+
+def test_multilabel_target_sums_logits():
+    model, x = make("cls", 2), image(2, b=1)
+    a = mx.explain(model, x, "saliency", target=mx.targets.MultiLabel([0, 2])).map
+    b = mx.explain(model, x, "saliency", target=0).map + mx.explain(model, x, "saliency", target=2).map
+    assert rel_err(a, b) <= 1e-12
+
+
+def test_smoothgrad_is_deterministic_and_chunk_independent():
+    model, x = make("cls", 2), image(2, b=2)
+    a = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=3, chunk_size=100).map
+    b = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=3, chunk_size=100).map
+    c = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=4, chunk_size=100).map
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_float32_and_gradients_flow_only_to_inputs():
+    model, x = make("cls", 2, dtype=torch.float32), image(2, dtype=torch.float32)
+    mx.explain(model, x, "saliency", target=0)
+    assert all(p.grad is None for p in model.parameters())
