@@ -99,6 +99,14 @@ def default_cam_layer(model: nn.Module) -> str:
     return name
 
 
+def require_hooks(model) -> None:
+    """Layer hooks need an eager model; say which methods work on a TorchScript one."""
+    if is_scripted(model):
+        raise UnsupportedModelError(
+            "this method needs a layer hook, which TorchScript models do not provide; use a gradient or "
+            "perturbation method (saliency, smoothgrad, integrated_gradients, occlusion) or pass the eager model")
+
+
 @dataclass
 class LayerCapture:
     """What :func:`capture_layer` records: the layer's output (a leaf when ``grad=True``)."""
@@ -115,10 +123,7 @@ def capture_layer(model: nn.Module, layer, grad: bool = False) -> Iterator[Layer
     it is differentiated (Captum's LayerGradCam does the same, MONAI's GradCAM goes to the input). The
     copy is multiplied by one so in-place operations after the layer act on a non-leaf tensor.
     """
-    if is_scripted(model):
-        raise UnsupportedModelError(
-            "this method needs a layer hook, which TorchScript models do not provide; use a gradient or "
-            "perturbation method (saliency, smoothgrad, integrated_gradients, occlusion) or pass the eager model")
+    require_hooks(model)
     module = find_layer(model, layer)
     cap = LayerCapture()
 

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from .attribution import Attribution
-from .core import Cost, check_input, model_channels, model_guard
-from .errors import MedexplainError, UnknownMethodError, UnsupportedModelError
+from .core import Cost, check_input, model_channels, model_guard, require_hooks
+from .errors import MedexplainError, UnknownMethodError
 from .targets import as_target
 
 
@@ -55,6 +55,14 @@ def get_method(name: str) -> Method:
     return _REGISTRY[key]
 
 
+def accepted_options(name: str) -> list[str] | None:
+    """Option names a method accepts (None: any)."""
+    params = inspect.signature(get_method(name).fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [p for p in params if p not in ("model", "x", "target", "cost")]
+
+
 def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", target=None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
@@ -64,17 +72,14 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
     left exactly as found, also when an error is raised.
     """
     spec = get_method(method)
-    params = inspect.signature(spec.fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        bad = sorted(set(options) - set(params))
-        if bad:
-            raise MedexplainError(f"method {spec.name!r} has no option(s) {bad}; it accepts "
-                                  f"{[p for p in params if p not in ('model', 'x', 'target', 'cost')]}")
+    accepted = accepted_options(spec.name)
+    if accepted is not None and set(options) - set(accepted):
+        raise MedexplainError(f"method {spec.name!r} has no option(s) {sorted(set(options) - set(accepted))}; "
+                              f"it accepts {accepted}")
+    if spec.needs_hooks:
+        require_hooks(model)
     x = check_input(x, channels=model_channels(model) if isinstance(model, torch.nn.Module) else None)
     tgt = as_target(target) if (spec.needs_target or target is not None) else None
-    if spec.needs_grad and isinstance(model, torch.nn.Module) and not any(True for _ in model.parameters()) \
-            and isinstance(model, torch.jit.ScriptModule):
-        raise UnsupportedModelError(f"{spec.name} needs gradients and the scripted model exposes none")
     with model_guard(model):
         cost = Cost()
         amap, extra = spec.fn(model, x, tgt, cost, **options)

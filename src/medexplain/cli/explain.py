@@ -37,6 +37,38 @@ def parse_options(opts: list[str]) -> dict:
     return out
 
 
+def parse_int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be an int or 'predicted', got {value!r}") from None
+
+
+def predicted_class(net, x) -> int:
+    """The model's top class for a single image (summed over voxels for a dense output)."""
+    import torch
+    with torch.no_grad():
+        out = net(x)
+    return int(out.flatten(2).sum(2).argmax(1)[0] if out.ndim > 2 else out.argmax(1)[0])
+
+
+def method_options(methods: list[str], opts: dict, layer: str | None) -> dict[str, dict]:
+    """Route ``key=value`` to every chosen method accepting ``key``; ``method.key=value`` to one method."""
+    from medexplain.explain import accepted_options
+    routed = {}
+    for m in methods:
+        accepted = accepted_options(m)
+        routed[m] = {k.split(".", 1)[-1]: v for k, v in opts.items()
+                     if (k.startswith(m + ".") or "." not in k)
+                     and (accepted is None or k.split(".", 1)[-1] in accepted)}
+        if layer and (accepted is None or "layer" in accepted):
+            routed[m]["layer"] = layer
+    unused = [k for k in opts if not any(k.split(".", 1)[-1] in r for r in routed.values())]
+    if unused:
+        raise typer.BadParameter(f"no chosen method accepts option(s) {unused}")
+    return routed
+
+
 @app.command("explain")
 def explain_cmd(
     image: Path = typer.Argument(..., help="PNG/JPEG, DICOM, NIfTI (4D = channels last) or .npy (C, *spatial)"),
@@ -45,44 +77,30 @@ def explain_cmd(
     method: str = typer.Option("saliency", help="comma-separated method names (see `medexplain methods`)"),
     target: str = typer.Option("predicted", help="class index, or 'predicted' for the model's top class"),
     layer: Optional[str] = typer.Option(None, help="layer for CAM methods (dotted name); default: last conv"),
-    option: list[str] = typer.Option([], "--option", "-o", help="method option key=value (repeatable)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option key=value (repeatable); "
+                                     "goes to every chosen method that accepts it, or method.key=value for one"),
     out: Path = typer.Option(Path("medexplain_out"), help="output directory"),
 ):
     """Explain one image with one or more methods; writes NIfTI maps on the input's affine, PNG overlays
     and info.json."""
-    import torch
-
     import medexplain as mx
     from medexplain import io
     from medexplain.errors import MedexplainError
-    from medexplain.explain import get_method
+    from medexplain.core import check_input, model_channels
     from medexplain.models.loading import load_model
 
     try:
+        methods = [m.strip() for m in method.split(",") if m.strip()]
+        per_method = method_options(methods, parse_options(option), layer)  # bad names fail before any work
         img, meta = io.read_image(image)
         net = load_model(model, weights)
-        x = img[None]
-        methods = [m.strip() for m in method.split(",") if m.strip()]
-        for m in methods:
-            get_method(m)  # unknown names fail before any work
-        if target == "predicted":
-            with torch.no_grad():
-                out_t = net(x)
-            tgt = int(out_t.flatten(2).sum(2).argmax(1) if out_t.ndim > 2 else out_t.argmax(1))
-        else:
-            try:
-                tgt = int(target)
-            except ValueError:
-                raise typer.BadParameter(f"--target must be an int or 'predicted', got {target!r}")
-        opts = parse_options(option)
+        x = check_input(img[None], channels=model_channels(net))
+        tgt = predicted_class(net, x) if target == "predicted" else parse_int(target, "--target")
         results = {}
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("explaining", total=len(methods))
             for m in methods:
-                kw = dict(opts)
-                if layer and "cam" in m:
-                    kw["layer"] = layer
-                attr = mx.explain(net, x, method=m, target=tgt, **kw)
+                attr = mx.explain(net, x, method=m, target=tgt, **per_method[m])
                 results[m] = attr
                 bar.advance(task)
         stem = image.name.split(".")[0]
