@@ -22,6 +22,8 @@ def test_gradient_map_decorrelates_and_model_untouched():
     assert res.spearman.shape == (3, 2) and res.ssim.shape == (3, 2)
     assert res.passed(0.3), res.rows()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    full = mx.metrics.randomization_check(model, x, "saliency", target=[0, 1], cascade=False)
+    assert full.layers == ["all"] and torch.allclose(full.spearman[0], res.spearman[-1])
 
 
 def test_model_independent_map_fails(monkeypatch):

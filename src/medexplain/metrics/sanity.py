@@ -53,8 +53,11 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def randomization_check(model, x, method: str, target=None, layers: list[str] | None = None,
-                        absolute: bool = True, seed: int = 0, **options) -> RandomizationResult:
+                        absolute: bool = True, seed: int = 0, cascade: bool = True, **options) -> RandomizationResult:
     """Cascading randomisation from the top layer down (``layers`` default: every parameterised layer).
+
+    ``cascade=False`` skips the intermediate steps and reports only the fully randomised model (one
+    row, named ``"all"``): the figure the pass/fail rule uses, at the cost of one explanation.
 
     Maps are summed over channels, optionally taken in absolute value (Adebayo et al. report both), and
     min-max normalised before SSIM. The user's model is never modified: a deep copy is randomised.
@@ -74,13 +77,15 @@ def randomization_check(model, x, method: str, target=None, layers: list[str] | 
     try:
         torch.manual_seed(seed)
         named = dict(rand.named_modules())
-        for name in layers:
-            named[name].reset_parameters()
+        steps = [[n] for n in layers] if cascade else [layers]
+        for step in steps:
+            for name in step:
+                named[name].reset_parameters()
             cur = flat_maps(rand)
             sp.append([spearmanr(r.ravel(), c.ravel())[0] for r, c in zip(ref, cur)])
             ss.append([_ssim(r, c) for r, c in zip(ref, cur)])
     finally:
         torch.random.set_rng_state(gen_state)
     nan_to_zero = lambda v: torch.nan_to_num(torch.tensor(v, dtype=torch.float64), nan=0.0)  # noqa: E731
-    return RandomizationResult(layers, nan_to_zero(sp), torch.tensor(ss, dtype=torch.float64),
+    return RandomizationResult(layers if cascade else ["all"], nan_to_zero(sp), torch.tensor(ss, dtype=torch.float64),
                                {"method": method, "absolute": absolute, "seed": seed})
