@@ -14,8 +14,10 @@ from torch import nn
 from .errors import InputError, LayerNotFoundError, UnsupportedModelError
 
 
-def check_input(x, spatial_dims: int | None = None, channels: int | None = None) -> torch.Tensor:
-    """Validate an image batch ``(B, C, *spatial)`` with 2 or 3 spatial dims; float, finite."""
+def check_input(x, spatial_dims: int | None = None, channels: int | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Validate an image batch ``(B, C, *spatial)`` with 2 or 3 spatial dims; float, finite; optionally
+    the model's spatial dims, channel count and floating dtype."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"input must be a torch.Tensor (B, C, *spatial), got {type(x).__name__}")
     if x.ndim not in (4, 5):
@@ -30,19 +32,34 @@ def check_input(x, spatial_dims: int | None = None, channels: int | None = None)
         raise InputError(f"input is empty: shape {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         raise InputError(f"input must be a floating tensor, got {x.dtype}; convert with x.float()")
+    if dtype is not None and x.dtype != dtype:
+        raise InputError(f"input dtype {x.dtype} does not match the model's {dtype}; convert with x.to({dtype})")
     if not torch.isfinite(x).all():
         raise InputError("input contains NaN or Inf values")
     return x
 
 
-def model_channels(model: nn.Module) -> int | None:
-    """Input channel count of the model's first convolution or linear layer, when it has one."""
+def model_expectations(model) -> dict:
+    """What an eager model's first convolution says about its input: ``channels``, ``spatial_dims`` and
+    the parameters' floating ``dtype`` (keys absent when unknown, e.g. TorchScript or an MLP first)."""
+    if not isinstance(model, nn.Module) or is_scripted(model):
+        return {}
+    out = {}
+    param = next((p for p in model.parameters() if torch.is_floating_point(p)), None)
+    if param is not None:
+        out["dtype"] = param.dtype
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return m.in_channels
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            out.update(channels=m.in_channels, spatial_dims=2 if isinstance(m, nn.Conv2d) else 3)
+            break
         if isinstance(m, nn.Linear):
-            return None
-    return None
+            break
+    return out
+
+
+def model_channels(model: nn.Module) -> int | None:
+    """Input channel count of the model's first convolution, when it has one."""
+    return model_expectations(model).get("channels")
 
 
 def is_scripted(model) -> bool:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .attribution import Attribution
-from .core import Cost, check_input, model_channels, model_guard, require_hooks
+from .core import Cost, check_input, model_expectations, model_guard, require_hooks
 from .errors import MedexplainError, UnknownMethodError
 from .targets import as_target
 
@@ -78,7 +78,7 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
                               f"it accepts {accepted}")
     if spec.needs_hooks:
         require_hooks(model)
-    x = check_input(x, channels=model_channels(model) if isinstance(model, torch.nn.Module) else None)
+    x = check_input(x, **model_expectations(model))
     tgt = as_target(target) if (spec.needs_target or target is not None) else None
     with model_guard(model):
         cost = Cost()

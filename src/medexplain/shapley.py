@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
-from .core import Cost, check_input, chunks, forward, model_channels, model_guard
+from .core import Cost, check_input, chunks, forward, model_expectations, model_guard
 from .errors import InputError, TargetError
 from .targets import Target
 
@@ -405,7 +405,7 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
     to 10 players). ``chunk_size`` bounds the rows per forward pass. The model runs in eval mode without
     gradients and is left as found.
     """
-    x = check_input(x, channels=model_channels(model) if isinstance(model, torch.nn.Module) else None)
+    x = check_input(x, **model_expectations(model))
     b, c = x.shape[:2]
     names, idx = _players(groups, players, c)
     n = len(idx)

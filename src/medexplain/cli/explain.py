@@ -86,7 +86,7 @@ def explain_cmd(
     import medexplain as mx
     from medexplain import io
     from medexplain.errors import MedexplainError
-    from medexplain.core import check_input, model_channels
+    from medexplain.core import check_input, model_expectations
     from medexplain.models.loading import load_model
 
     try:
@@ -94,7 +94,7 @@ def explain_cmd(
         per_method = method_options(methods, parse_options(option), layer)  # bad names fail before any work
         img, meta = io.read_image(image)
         net = load_model(model, weights)
-        x = check_input(img[None], channels=model_channels(net))
+        x = check_input(img[None], **model_expectations(net))
         tgt = predicted_class(net, x) if target == "predicted" else parse_int(target, "--target")
         results = {}
         with Progress(console=console, transient=True) as bar:

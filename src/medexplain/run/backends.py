@@ -1,0 +1,109 @@
+"""Backends execute chunks of cases with :class:`~medexplain.run.worker.CaseProcessor`.
+
+- ``local`` (default): one processor in this process; ``num_workers`` sets torch's intra-op threads.
+- ``ray``: one Ray actor per worker, each loading the model once and taking chunks as it frees up.
+  Without an address Ray starts its own local cluster; with ``address`` (``HOST:6379``, or ``auto`` on
+  a cluster node; ``ray://HOST:10001`` with Ray Client installed) it joins an existing one. Each actor
+  asks for one CPU (and one GPU when the cluster has GPUs or ``torch.cuda.is_available()``) and runs
+  torch with that many threads.
+
+Both call the same code on the same chunks, so they write the same maps and records.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from ..errors import MedexplainError
+from .worker import CaseProcessor, WorkerSpec
+
+BACKENDS = ("local", "ray")
+
+
+class BackendError(MedexplainError, RuntimeError):
+    """A backend cannot start or lost its workers (Ray missing, cluster unreachable, actors died)."""
+
+
+def run_local(chunks: list, spec: WorkerSpec, on_chunk: Callable[[list], None] | None = None,
+              processor: CaseProcessor | None = None) -> None:
+    """Process the chunks in this process, in order (``spec.threads``: torch intra-op threads)."""
+    proc = processor or CaseProcessor(spec)
+    for chunk in chunks:
+        recs = proc.process(chunk)
+        if on_chunk:
+            on_chunk(recs)
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError as e:
+        raise BackendError("the ray backend needs Ray: pip install 'medexplain[ray]' (or pip install ray), "
+                           "or use --backend local") from e
+    return ray
+
+
+def run_ray(chunks: list, spec: WorkerSpec, num_workers: int | None = None, address: str | None = None,
+            on_chunk: Callable[[list], None] | None = None, cpus_per_worker: int = 1) -> dict:
+    """Process the chunks on Ray actors; returns a summary of the workers used."""
+    ray = ray_module()
+    started_here = not ray.is_initialized()
+    if started_here:
+        # Workers import what the driver imports (module:factory models, an editable install).
+        path = os.pathsep.join(dict.fromkeys([os.getcwd(), *[p for p in sys.path if p]]))
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        except Exception as e:
+            where = f"the Ray cluster at {address!r}" if address else "a local Ray cluster"
+            raise BackendError(f"cannot start or join {where}: {type(e).__name__}: {e}") from e
+    try:
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        use_gpu = gpus > 0 or torch.cuda.is_available()
+        if num_workers is None:
+            num_workers = max(1, gpus if use_gpu and gpus else int(res.get("CPU", 1)) // cpus_per_worker)
+        num_workers = max(1, min(num_workers, len(chunks) or 1))
+        wspec = WorkerSpec(**{**spec.__dict__, "threads": cpus_per_worker})
+        actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0,
+                               max_restarts=1, max_task_retries=1)(CaseProcessor)
+        actors = [actor_cls.remote(wspec) for _ in range(num_workers)]
+        try:
+            devices = ray.get([a.ping.remote() for a in actors])
+        except Exception as e:
+            raise BackendError(f"Ray workers could not load the model: {_ray_cause(e)}") from e
+        pending, queue = {}, list(chunks)
+        for a in actors:
+            if queue:
+                pending[a.process.remote(queue.pop(0))] = a
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            actor = pending.pop(ref)
+            try:
+                recs = ray.get(ref)
+            except Exception as e:
+                raise BackendError(f"a Ray worker failed; finished items are saved, rerun with --resume: "
+                                   f"{_ray_cause(e)}") from e
+            if on_chunk:
+                on_chunk(recs)
+            if queue:
+                pending[actor.process.remote(queue.pop(0))] = actor
+        stats = ray.get([a.stats.remote() for a in actors])
+        for a in actors:
+            ray.kill(a)
+        return {"workers": num_workers, "devices": devices, "gpus_per_worker": 1 if use_gpu else 0,
+                "cpus_per_worker": cpus_per_worker,
+                "worker_cpu_seconds": round(sum(s["cpu_seconds"] for s in stats), 3)}
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_cause(e: Exception) -> str:
+    cause = getattr(e, "cause", None)
+    e = cause if isinstance(cause, Exception) else e
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]

@@ -1,0 +1,133 @@
+"""The run manifest: a CSV with one row per case.
+
+Columns (header required, order free, names case-insensitive):
+
+- ``image`` (required): path of the image (PNG/JPEG, DICOM, NIfTI, ``.npy``), relative to the manifest's
+  folder or absolute;
+- ``mask`` (optional): path of a binary mask of the evidence on the image grid (voxels > 0 are inside);
+  when given, the run scores each map with the pointing game (:func:`medexplain.metrics.hit_rate`);
+- ``label`` (optional): the true class index, reported next to the prediction;
+- ``target`` (optional): the class index to explain; empty = the model's predicted class;
+- ``case_id`` (optional): a unique name for the case's output folder; default ``<row>_<image stem>``.
+
+Every problem is reported at once with its row number, before anything is computed or written.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FileFormatError
+
+COLUMNS = ("image", "mask", "label", "target", "case_id")
+
+
+class ManifestError(FileFormatError):
+    """The manifest cannot be used: missing, not a CSV with an ``image`` column, or bad cells."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One manifest row, paths resolved. ``index`` is the 0-based data-row number (the table's order)."""
+
+    index: int
+    case_id: str
+    image: str
+    mask: str | None = None
+    label: int | None = None
+    target: int | None = None
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".npy", ".npz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _safe_id(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "case"
+
+
+def _int_cell(value: str, column: str, line: int) -> int | None:
+    value = value.strip()
+    if value == "":
+        return None
+    try:
+        v = int(value)
+    except ValueError:
+        raise ManifestError(f"line {line}: {column} must be an integer class index or empty, got {value!r}") from None
+    if v < 0:
+        raise ManifestError(f"line {line}: {column} must be >= 0, got {v}")
+    return v
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path) -> list[Case]:
+    """Parse and validate a manifest CSV into :class:`Case` rows (paths made absolute).
+
+    Raises :class:`ManifestError` naming the line for: a missing or unreadable file, no header or no
+    ``image`` column (close matches suggested), no data rows, an empty image cell, a non-integer or
+    negative ``label`` / ``target``, or a repeated ``case_id``. Whether the image files exist is not
+    checked here: a missing image becomes an error row of the run, and the other cases go on.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read the manifest as UTF-8 text ({type(e).__name__})") from e
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ManifestError(f"{path}: the manifest is empty; expected a CSV header with an 'image' column")
+    try:
+        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(lines, dialect)
+    header = [h.strip().lower() for h in next(reader)]
+    if "image" not in header:
+        close = difflib.get_close_matches("image", header, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ManifestError(f"{path}: no 'image' column{hint}; found columns {header}; expected {list(COLUMNS)}")
+    dup = sorted({h for h in header if header.count(h) > 1 and h})
+    if dup:
+        raise ManifestError(f"{path}: repeated column(s) {dup}")
+    col = {name: header.index(name) for name in COLUMNS if name in header}
+    base = path.resolve().parent
+    rows = list(reader)
+    if not rows:
+        raise ManifestError(f"{path}: the manifest has a header but no cases")
+    width = max(5, len(str(len(rows) - 1)))
+    cases, seen = [], {}
+    for i, row in enumerate(rows):
+        line = i + 2
+        cell = lambda name: row[col[name]].strip() if name in col and col[name] < len(row) else ""  # noqa: E731
+        if len(row) > len(header):
+            raise ManifestError(f"line {line}: {len(row)} cells for {len(header)} columns (a comma inside a path? quote it)")
+        image = cell("image")
+        if not image:
+            raise ManifestError(f"line {line}: the image cell is empty")
+        mask = cell("mask") or None
+        resolve = lambda p: str(Path(p) if Path(p).is_absolute() else (base / p))  # noqa: E731
+        case_id = _safe_id(cell("case_id")) if cell("case_id") else f"{i:0{width}d}_{_safe_id(_stem(image))}"
+        if case_id in seen:
+            raise ManifestError(f"line {line}: case_id {case_id!r} repeats line {seen[case_id]}")
+        seen[case_id] = line
+        cases.append(Case(index=i, case_id=case_id, image=resolve(image), mask=resolve(mask) if mask else None,
+                          label=_int_cell(cell("label"), "label", line),
+                          target=_int_cell(cell("target"), "target", line)))
+    return cases

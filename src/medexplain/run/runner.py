@@ -1,0 +1,239 @@
+"""Dataset-scale runs: many cases x several methods, resumable after a crash, local or on Ray.
+
+>>> from medexplain.run import run_manifest
+>>> res = run_manifest("cases.csv", "model.pt", ["saliency", "integrated_gradients"], "out/")
+>>> res.rows[0]["status"], res.tables   # 'ok', [out/results.csv, out/results.parquet]
+
+Order of work: everything that can be checked up front is checked before anything is written (the
+manifest, the methods and their options, the model loads, hooks for CAM methods on TorchScript, the
+output folder); then the run record is written, the chunks that are not complete are processed, and
+the results table and the final run record are rebuilt from the per-item records.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from ..errors import MedexplainError
+from ..explain import accepted_options
+from . import backends
+from .manifest import Case, read_manifest, sha256_file
+from .store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
+from .worker import CaseProcessor, WorkerSpec, check_methods
+
+# What a resumed run must share with the run it continues (otherwise its items would mix two setups).
+FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
+               "map_format", "seed", "batch_size")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_manifest` returns. ``rows``: one dict per case x method (the results table)."""
+
+    out: Path
+    rows: list[dict]
+    tables: list[Path]
+    record: Path
+    computed: int = 0        # items computed in this call (ok or error)
+    skipped: int = 0         # items already complete (resume)
+    removed_partials: list[Path] = field(default_factory=list)
+
+    @property
+    def n_ok(self) -> int:
+        return sum(r["status"] == "ok" for r in self.rows)
+
+    @property
+    def n_error(self) -> int:
+        return sum(r["status"] != "ok" for r in self.rows)
+
+
+def route_options(methods: list[str], options: dict | None, layer: str | None = None) -> dict[str, dict]:
+    """``{"key": v}`` goes to every method accepting ``key``; ``{"method.key": v}`` to that method only.
+    An option no chosen method accepts is an error (caught before any work)."""
+    options = dict(options or {})
+    routed = {m: {} for m in methods}
+    used = set()
+    for m in methods:
+        acc = accepted_options(m)
+        for k, v in options.items():
+            owner, _, name = k.rpartition(".")
+            if (owner in ("", m)) and (acc is None or name in acc):
+                routed[m][name] = v
+                used.add(k)
+        if layer and (acc is None or "layer" in acc):
+            routed[m]["layer"] = layer
+    unused = sorted(set(options) - used)
+    if unused:
+        raise MedexplainError(f"no chosen method accepts option(s) {unused}; methods {methods}")
+    return routed
+
+
+def versions(extra: tuple[str, ...] = ()) -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("medexplain", "torch", "numpy", "monai", "nibabel", "pydicom", "pillow", "pyarrow", "ray", *extra):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_run_dir(out: Path) -> bool:
+    """Ours when it holds a run record, or is empty but for a run record's temporary file."""
+    if (out / RUN_RECORD).is_file():
+        return True
+    return all(p.name.startswith(f".{RUN_RECORD}.") for p in out.iterdir())
+
+
+def run_manifest(manifest, model: str, methods, out, *, weights: str | None = None, options: dict | None = None,
+                 layer: str | None = None, backend: str = "local", address: str | None = None,
+                 resume: bool = False, batch_size: int = 4, num_workers: int | None = None,
+                 map_format: str = "nifti", seed: int = 0, retry_errors: bool = False,
+                 on_progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
+
+    Args:
+        manifest: CSV path (columns: image, mask, label, target, case_id; see :mod:`.manifest`).
+        model: TorchScript path, ``package.module:factory`` (+ ``weights``), or ``zoo:<task>``.
+        methods: names (list or comma-separated) from :func:`medexplain.available_methods`.
+        out: output folder (created). A folder holding a run is continued only with ``resume=True``.
+        options: method options, ``key`` for every method that accepts it, ``method.key`` for one.
+        backend: ``"local"`` (in-process, default) or ``"ray"`` (``address`` joins an existing cluster).
+        resume: skip items whose record exists, redo the rest; the setup must match the first run's.
+        batch_size: cases per chunk; a chunk's equal-shape cases are explained as one batch.
+        num_workers: local: torch threads; Ray: actors (default: one per CPU, or per GPU).
+        map_format: ``"nifti"`` (on the image's affine) or ``"npz"`` (``map`` and ``affine`` arrays).
+        seed: seeds the global RNG before each batch and every method's ``seed`` option.
+        retry_errors: with ``resume``, also redo items recorded as errors.
+        on_progress: called as ``on_progress(items_done, items_total)`` after each chunk.
+
+    A bad case (missing, corrupt or NaN image, wrong channels, mask off-grid, target out of range, a
+    method failing on it) becomes an error row; everything else raises a typed error before writing.
+    """
+    t_start, cpu_start, started = time.perf_counter(), time.process_time(), _now()
+    # ---- 1. checks that need no writes ----------------------------------------------------------------
+    if backend not in backends.BACKENDS:
+        raise MedexplainError(f"unknown backend {backend!r}; use one of {list(backends.BACKENDS)}")
+    if map_format not in MAP_FORMATS:
+        raise MedexplainError(f"unknown map format {map_format!r}; use one of {sorted(MAP_FORMATS)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise MedexplainError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
+        raise MedexplainError(f"num_workers must be a positive integer, got {num_workers!r}")
+    if address and backend != "ray":
+        raise MedexplainError("--address is for the ray backend; add --backend ray")
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not methods:
+        raise MedexplainError("no method given")
+    cases = read_manifest(manifest)
+    from ..models.loading import load_model
+    net = load_model(model, weights)
+    methods = check_methods(list(methods), net)
+    routed = route_options(methods, options, layer)
+    for m in methods:  # methods with a seed option follow the run's seed unless given one
+        acc = accepted_options(m)
+        if acc is not None and "seed" in acc:
+            routed[m].setdefault("seed", seed)
+    if backend == "ray":
+        backends.ray_module()
+    if Path(model).is_file():  # absolute, so a resume from elsewhere and remote workers find it
+        model = str(Path(model).resolve())
+    if weights:
+        weights = str(Path(weights).resolve())
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
+        raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
+    config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
+              "model": model, "model_sha256": sha256_file(model) if Path(model).is_file() else None,
+              "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
+              "methods": methods, "options": json.loads(json.dumps(routed, default=str)), "layer": layer,
+              "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
+              "address": address, "num_workers": num_workers, "retry_errors": retry_errors}
+    previous = None
+    if (out / RUN_RECORD).is_file():
+        previous = json.loads((out / RUN_RECORD).read_text())
+        if not resume:
+            raise MedexplainError(f"{out} already holds a run ({previous.get('status')}); pass --resume to "
+                                  "continue it, or choose a new --out")
+        old = previous.get("config", {})
+        old_opts = old.get("options", {})
+        diff = [f"{k}: first run {old.get(k)!r}, now {config[k]!r}" for k in FINGERPRINT
+                if k not in ("methods", "options") and old.get(k) != config[k]]
+        diff += [f"options of {m}: first run {old_opts[m]}, now {config['options'][m]}" for m in methods
+                 if m in old_opts and old_opts[m] != config["options"][m]]
+        if diff:
+            raise MedexplainError(f"cannot resume {out}: the setup differs from the first run's ({'; '.join(diff)}); "
+                                  "repeat the first run's options, or use a new --out")
+        methods = list(dict.fromkeys(old.get("methods", []) + methods))  # adding a method extends the run
+        config["methods"] = methods
+        for m in methods:
+            routed.setdefault(m, old_opts.get(m, {}))
+        config["options"] = json.loads(json.dumps(routed, default=str))
+
+    # ---- 2. the run record, then the work ---------------------------------------------------------
+    store = RunStore(out, map_format)
+    out.mkdir(parents=True, exist_ok=True)
+    removed = store.remove_partials()
+    session = {"started": started, "ended": None, "backend": backend, "resumed": previous is not None,
+               "host": socket.gethostname(), "removed_partial_files": len(removed)}
+    record = {"format": "medexplain-run/1", "status": "running", "config": config,
+              "versions": versions(), "seeds": {"run": seed, "methods": {m: routed[m].get("seed", seed) for m in methods}},
+              "started": (previous or {}).get("started", started), "ended": None,
+              "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
+    atomic_json(record, out / RUN_RECORD)
+
+    chunks = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
+    total = len(cases) * len(methods)
+    skipped = sum(store.is_done(c.case_id, m, retry_errors) for c in cases for m in methods)
+    pending = [ch for ch in chunks if not all(store.is_done(c.case_id, m, retry_errors) for c in ch for m in methods)]
+    done = [skipped]
+    computed = [0]
+
+    def on_chunk(recs):
+        computed[0] += len(recs)
+        done[0] += len(recs)
+        if on_progress:
+            on_progress(done[0], total)
+
+    if on_progress:
+        on_progress(done[0], total)
+    spec = WorkerSpec(model=model, methods=methods, out=str(out), options=routed, weights=weights,
+                      map_format=map_format, seed=seed, retry_errors=retry_errors)
+    workers = {"workers": 1}
+    if pending:
+        if backend == "local":
+            spec.threads = num_workers
+            proc = CaseProcessor(spec, model=net)  # reuses the model loaded for the checks
+            backends.run_local(pending, spec, on_chunk=on_chunk, processor=proc)
+        else:
+            workers = backends.run_ray(pending, spec, num_workers=num_workers, address=address, on_chunk=on_chunk)
+
+    # ---- 3. the table and the record, rebuilt from the items ---------------------------------------
+    rows = store.collect(cases, methods)
+    tables = store.write_table(rows)
+    session.update(ended=_now(), seconds=round(time.perf_counter() - t_start, 3),
+                   cpu_seconds=round(time.process_time() - cpu_start, 3),  # this process (the driver for Ray)
+                   computed_items=computed[0], skipped_items=skipped, **workers)
+    counts = {"items": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
+              "error": sum(r["status"] == "error" for r in rows), "missing": sum(r["status"] == "missing" for r in rows)}
+    record.update(status="complete" if counts["missing"] == 0 else "incomplete", ended=session["ended"], counts=counts,
+                  tables=[str(p.relative_to(out)) for p in tables])
+    atomic_json(record, out / RUN_RECORD)
+    return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=computed[0],
+                     skipped=skipped, removed_partials=removed)
+
+
+__all__ = ["Case", "RunResult", "route_options", "run_manifest"]

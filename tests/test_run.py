@@ -1,0 +1,253 @@
+"""Dataset-scale runs (issue 9): outputs, crash safety and resume, error rows, the Ray backend."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medexplain as mx
+from conftest import TinyClassifier
+from medexplain.explain import accepted_options
+from medexplain.run import RunStore, read_manifest, read_table, run_manifest
+from medexplain.run.store import TABLE_CSV
+
+AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
+METHODS = ["saliency", "integrated_gradients", "occlusion"]
+OPTIONS = {"steps": 4, "window": 4}
+
+
+def tiny2d():
+    """A 1-channel 2D classifier (module:factory form for the run)."""
+    torch.manual_seed(0)
+    return TinyClassifier(2, cin=1).eval()
+
+
+def scripted3d(tmp: Path) -> str:
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(TinyClassifier(3, cin=1).eval()), tmp / "model.pt")
+    return str(tmp / "model.pt")
+
+
+def volumes(tmp: Path, n: int = 6, size: int = 8, extra_rows=()) -> Path:
+    """n NIfTI volumes with masks (the last one empty), labels, targets every other row, then extra rows."""
+    rng = np.random.default_rng(0)
+    rows = ["image,mask,label,target"]
+    for i in range(n):
+        nib.save(nib.Nifti1Image(rng.random((size,) * 3).astype(np.float32), AFFINE), str(tmp / f"v{i}.nii.gz"))
+        m = np.zeros((size,) * 3, np.uint8)
+        if i < n - 1:
+            m[1 + i % 3:4 + i % 3, 2:5, 3:6] = 1
+        nib.save(nib.Nifti1Image(m, AFFINE), str(tmp / f"m{i}.nii.gz"))
+        rows.append(f"v{i}.nii.gz,m{i}.nii.gz,{i % 3},{'' if i % 2 else i % 3}")
+    rows += list(extra_rows)
+    (tmp / "cases.csv").write_text("\n".join(rows) + "\n")
+    return tmp / "cases.csv"
+
+
+def comparable(rows):
+    """Rows without the timing column (the only one that depends on the machine's speed)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def outputs(out: Path) -> dict:
+    """Every final file of a run except run.json, as bytes (records without their timing)."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name != "run.json" and not p.name.endswith(".parquet"):
+            rel = str(p.relative_to(out))
+            if p.suffix == ".json":
+                files[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
+            elif p.name == TABLE_CSV:
+                files[rel] = comparable(read_table(p))
+            else:
+                files[rel] = p.read_bytes()
+    return files
+
+
+def test_manifest_resolves_paths_and_ids(tmp_path):
+    (tmp_path / "sub").mkdir()
+    csv = tmp_path / "sub" / "m.csv"
+    csv.write_text("Image;Target;label;case_id\nscan.nii.gz;2;1;\n/abs/x.png;;;patient 7\n")
+    a, b = read_manifest(csv)
+    assert a.image == str(tmp_path / "sub" / "scan.nii.gz") and a.target == 2 and a.label == 1
+    assert a.case_id == "00000_scan" and b.case_id == "patient_7" and b.target is None and b.image == "/abs/x.png"
+
+
+def test_run_writes_maps_metrics_table_and_record(tmp_path):
+    (tmp_path / "nan.nii.gz").write_bytes(b"")
+    nib.save(nib.Nifti1Image(np.full((8,) * 3, np.nan, np.float32), AFFINE), str(tmp_path / "nan.nii.gz"))
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8bnot gzip at all")
+    csv = volumes(tmp_path, extra_rows=["missing.nii.gz,,0,", "nan.nii.gz,,0,", "corrupt.nii.gz,,0,"])
+    model = scripted3d(tmp_path)
+    res = run_manifest(csv, model, METHODS, tmp_path / "out", options=OPTIONS, batch_size=2)
+    rows = res.rows
+    assert len(rows) == 9 * 3 and res.n_ok == 6 * 3 and res.n_error == 3 * 3
+    # The table on disk (CSV and Parquet) holds the rows, in manifest then method order.
+    csv_rows = read_table(res.out / "results.csv")
+    assert [(r["case_id"], r["method"]) for r in csv_rows] == [(r["case_id"], r["method"]) for r in rows]
+    pq = pytest.importorskip("pyarrow.parquet").read_table(res.out / "results.parquet").to_pylist()
+    assert comparable(pq) == comparable(csv_rows)
+    err = {r["case_id"].split("_", 1)[1]: r["error"] for r in csv_rows if r["status"] == "error"}
+    assert "no such file" in err["missing"] and "NaN" in err["nan"] and "cannot read as nifti" in err["corrupt"]
+
+    net = torch.jit.load(model)
+    cases = read_manifest(csv)[:6]
+    xs = torch.cat([torch.from_numpy(np.asarray(nib.load(c.image).dataobj))[None, None] for c in cases])
+    preds = net(xs).argmax(1).tolist()
+    targets = [c.target if c.target is not None else p for c, p in zip(cases, preds)]
+    by_item = {(r["index"], r["method"]): r for r in csv_rows}
+    for start in (0, 2, 4):  # the chunks of batch_size 2: the map is mx.explain on that very batch
+        for m in METHODS:
+            opts = {k: v for k, v in OPTIONS.items() if k in accepted_options(m)}
+            want = mx.explain(net, xs[start:start + 2], m, target=targets[start:start + 2], **opts).map
+            for j in (0, 1):
+                case, r = cases[start + j], by_item[(start + j, m)]
+                assert r["predicted"] == preds[start + j] and r["target"] == targets[start + j]
+                assert r["target_source"] == ("manifest" if case.target is not None else "predicted")
+                img = nib.load(str(res.out / r["map"]))
+                assert np.allclose(img.affine, AFFINE) and img.shape == (8, 8, 8)
+                amap = torch.from_numpy(np.asarray(img.dataobj))[None, None]
+                assert torch.equal(amap[0], want[j])
+                # the hit rate is the pointing game on the saved map; empty (NaN) for the empty mask
+                mask = torch.from_numpy(np.asarray(nib.load(case.mask).dataobj) > 0)[None]
+                hit = float(mx.metrics.hit_rate(amap, mask)[0])
+                assert (r["hit_rate"] is None and np.isnan(hit) and "empty" in r["note"]) or r["hit_rate"] == hit
+                assert r["seconds"] > 0 and r["n_forward"] >= 1 and r["map_sum"] == pytest.approx(float(amap.double().sum()))
+    record = json.loads(res.record.read_text())
+    assert record["status"] == "complete" and record["counts"] == {"items": 27, "ok": 18, "error": 9, "missing": 0}
+    assert record["config"]["methods"] == METHODS and record["config"]["options"]["integrated_gradients"]["steps"] == 4
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"] == torch.__version__
+    assert record["seeds"]["run"] == 0 and record["started"] <= record["ended"]
+
+
+def test_png_cases_npz_maps_cam_and_failures_as_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / f"x{i}.png")
+    Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "rgb.png")
+    (tmp_path / "cases.csv").write_text("image,target\nx0.png,\nx1.png,2\nx2.png,7\nrgb.png,\n")
+    res = run_manifest(tmp_path / "cases.csv", "test_run:tiny2d", "saliency,gradcam", tmp_path / "out",
+                       layer="features.2", map_format="npz", batch_size=4)
+    st = {(r["index"], r["method"]): r for r in res.rows}
+    assert all(st[(i, m)]["status"] == "ok" for i in (0, 1) for m in ("saliency", "gradcam"))
+    assert "out of range" in st[(2, "saliency")]["error"] and "channel mismatch" in st[(3, "gradcam")]["error"]
+    with np.load(res.out / st[(1, "gradcam")]["map"]) as z:
+        want = mx.explain(tiny2d(), torch.from_numpy(np.asarray(Image.open(tmp_path / "x1.png"), np.float32))[None, None],
+                          "gradcam", target=2, layer="features.2").map[0]
+        assert z["map"].shape == (1, 16, 16) and np.allclose(z["map"], want.numpy(), rtol=1e-5, atol=1e-6)
+        assert np.array_equal(z["affine"], np.eye(4))
+    # an error item has its record and no map
+    assert sorted(p.name for p in (res.out / "cases" / st[(2, "saliency")]["case_id"]).iterdir()) == \
+        ["gradcam.json", "saliency.json"]
+
+
+def test_resume_redoes_exactly_what_a_crash_left_incomplete(tmp_path):
+    csv, model = volumes(tmp_path), scripted3d(tmp_path)
+    ref = run_manifest(csv, model, METHODS, tmp_path / "ref", options=OPTIONS, batch_size=2)
+    out = tmp_path / "out"
+    run_manifest(csv, model, METHODS, out, options=OPTIONS, batch_size=2)
+    store = RunStore(out)
+    # States a kill can leave: a map without its record, a stale temporary file, a record whose map is gone.
+    (out / "cases/00002_v2/occlusion.json").unlink()
+    (out / "cases/00004_v4/.saliency.nii.gz.k3j9x_2a.nii.gz").write_bytes(b"half a file")
+    (out / "cases/00005_v5/saliency.nii.gz").unlink()
+    (out / "results.csv").unlink()
+    res = run_manifest(csv, model, METHODS, out, options=OPTIONS, batch_size=2, resume=True)
+    assert res.computed == 2 and res.skipped == 16 and len(res.removed_partials) == 1
+    assert store.partial_files() == [] and outputs(out) == outputs(ref.out)
+
+
+def test_resume_guards_and_extension(tmp_path):
+    csv, model = volumes(tmp_path, n=2), scripted3d(tmp_path)
+    out = tmp_path / "out"
+    run_manifest(csv, model, ["saliency"], out)
+    before = outputs(out)
+    with pytest.raises(mx.errors.MedexplainError, match="--resume"):
+        run_manifest(csv, model, ["saliency"], out)
+    with pytest.raises(mx.errors.MedexplainError, match="batch_size: first run 4, now 3"):
+        run_manifest(csv, model, ["saliency"], out, batch_size=3, resume=True)
+    assert outputs(out) == before
+    # A method added on resume extends the run; the earlier items are kept.
+    res = run_manifest(csv, model, ["occlusion"], out, options={"window": 6}, resume=True)
+    assert [r["method"] for r in res.rows] == ["saliency", "occlusion"] * 2 and res.computed == 2
+    # Errors are complete items; --retry-errors redoes them once the input is fixed.
+    v0, out2 = tmp_path / "v0.nii.gz", tmp_path / "out2"
+    v0.rename(tmp_path / "away.nii.gz")
+    assert run_manifest(csv, model, ["saliency"], out2).n_error == 1
+    (tmp_path / "away.nii.gz").rename(v0)
+    assert run_manifest(csv, model, ["saliency"], out2, resume=True).n_error == 1
+    assert run_manifest(csv, model, ["saliency"], out2, resume=True, retry_errors=True).n_error == 0
+
+
+def test_ray_backend_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    csv = volumes(tmp_path, n=1)
+    with pytest.raises(mx.run.BackendError, match=r"pip install 'medexplain\[ray\]'"):
+        run_manifest(csv, scripted3d(tmp_path), ["saliency"], tmp_path / "out", backend="ray")
+    assert not (tmp_path / "out").exists()
+
+
+def _cli(*args):
+    return [sys.executable, "-c", "from medexplain.cli import app; app()", "run", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL the CLI at random moments (after a random number of finished items plus a random delay,
+    so kills land mid-explanation, between a map and its record, or while the table is written), resume
+    each time, and end with exactly the uninterrupted run's files and numbers, and no partial file."""
+    csv = volumes(tmp_path, extra_rows=["missing.nii.gz,,1,"])
+    model = scripted3d(tmp_path)
+    ref = run_manifest(csv, model, METHODS, tmp_path / "ref", options=OPTIONS, batch_size=2)
+    out, total = tmp_path / "out", len(ref.rows)
+    args = _cli(str(csv), "--model", model, "--methods", ",".join(METHODS), "--out", str(out), "-o", "steps=4",
+                "-o", "window=4", "--batch-size", "2", "--resume")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    rng, kills = random.Random(9), 0
+    for _ in range(3):
+        done = len(list(out.glob("cases/*/*.json")))
+        wait_for = done + rng.randrange(1, max(2, total - done))  # >= 1 new item: the kill lands mid-run
+        p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None and len(list(out.glob("cases/*/*.json"))) < wait_for:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.4))
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            kills += 1
+        p.wait()
+        for f in out.rglob("*"):  # every file with a final name is whole
+            if f.is_file() and not f.name.startswith("."):
+                if f.name.endswith(".nii.gz"):
+                    assert np.isfinite(np.asarray(nib.load(str(f)).dataobj)).all()
+                elif f.suffix == ".json":
+                    json.loads(f.read_text())
+    assert kills >= 2
+    final = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert RunStore(out).partial_files() == []
+    assert outputs(out) == outputs(ref.out)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["sessions"]) == 4 and record["sessions"][-1]["resumed"]
+
+
+@pytest.mark.slow
+def test_ray_backend_equals_local_backend(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'medexplain[ray]')")
+    csv = volumes(tmp_path, n=4)
+    model = scripted3d(tmp_path)
+    local = run_manifest(csv, model, ["saliency", "integrated_gradients"], tmp_path / "local", options={"steps": 4},
+                         batch_size=2)
+    ray_run = run_manifest(csv, model, ["saliency", "integrated_gradients"], tmp_path / "ray", options={"steps": 4},
+                           batch_size=2, backend="ray", num_workers=2)
+    assert outputs(ray_run.out) == outputs(local.out)
+    session = json.loads(ray_run.record.read_text())["sessions"][-1]
+    assert session["backend"] == "ray" and session["workers"] == 2
