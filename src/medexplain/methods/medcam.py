@@ -1,0 +1,475 @@
+"""Med-CAM: minimal evidence masks from a per-image U-Net trained by classifier activation matching.
+
+Suhail, Anand & Sethi, "Med-CAM: Minimal Evidence for Explaining Medical Decision Making",
+arXiv:2604.13695 (2026), section 3; SPEC section 4.3. No public code exists; this is a re-implementation
+from the paper's equations and the authors' prototype defaults listed in the SPEC.
+
+For each image ``x`` a small U-Net (MONAI's, trained from scratch, no normalisation) outputs logits ``u``;
+the soft mask is ``s = sigmoid(u)``, the mask ``m`` is ``s`` hardened at 0.5 with a straight-through
+estimator (forward ``1[s > 0.5]``, backward identity), and the explanation is ``e = m * x`` (one mask
+shared by all channels). The U-Net minimises (paper eq. in 3.4, ``L_EXP = L_AM + L_MIN + L_ROB``)::
+
+    L = l_act L_act + l_ce L_ce + l_kl L_kl + l_area L_area + l_bin L_bin + l_tv L_tv + l_rob L_rob
+    L_act  = sum_l a_l d(phi_l(x), phi_l(e))                     (3.1, activation matching)
+    L_kl   = KL(softmax f(x) || softmax f(e))                     (3.1)
+    L_ce   = -log p_f(e)(y),   y = argmax f(x) (or the given class) (3.1)
+    L_area = |m|_1,  L_bin = |s - s^2|_1,  L_tv = sum |m_i - m_i+1| over every spatial axis   (3.2)
+    L_rob  = -log p_f(m*x + (1-m)*r)(y),  r a random background (zeros, Gaussian, uniform)   (3.3)
+
+Choices the paper leaves open (documented in docs/medcam.md):
+
+* **One U-Net per image** (the paper's setting), trained *in parallel* for a batch: the B U-Nets' weights
+  are stacked and run with ``torch.func.vmap``; Adam is element-wise, so this is exactly B independent
+  trainings (a shared U-Net would couple the images through its weights). Every image's U-Net starts
+  from the same seeded initialisation, so a batch of three gives the masks of three batches of one
+  (up to floating-point summation order).
+* The priors are computed on the **soft** mask (the binarisation term is identically 0 on the hardened
+  one; with the straight-through estimator the area gradient is the same either way) and, like the
+  prototype, as **means** over voxels (``prior_reduction="sum"`` gives the paper's norms).
+* ``distance="auto"``: cosine distance for the shallower half of the chosen layers, MSE on channels
+  standardised with the statistics of ``phi_l(x)`` for the deeper half (the prototype's setting).
+* Early stopping per image: every ``patience`` steps the hard mask is compared with the one
+  ``patience`` steps earlier and the mean loss of the last window with the window before; when the
+  changed fraction is at most ``mask_tol`` and the relative loss change at most ``loss_tol`` (after
+  ``min_steps``), that image's mask is frozen (the other images continue).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import chunks, find_layer, forward, is_scripted
+from ..errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
+from ..explain import register
+from ..targets import Class
+
+__all__ = ["medcam", "DEFAULT_WEIGHTS", "activation_loss", "kl_loss", "ce_loss", "area_loss", "bin_loss",
+           "tv_loss", "straight_through", "default_layers"]
+
+#: Per-term weights (lambda). Tuned on the planted 2D sets from the prototype's 10/15/5/100/1/500/100
+#: (see docs/medcam.md for the runs behind the change).
+DEFAULT_WEIGHTS = {"act": 10.0, "ce": 15.0, "kl": 5.0, "area": 100.0, "bin": 10.0, "tv": 500.0, "rob": 100.0}
+#: The prototype's activation-layer weights, growing with depth.
+PROTOTYPE_LAYER_WEIGHTS = (1.0, 2.0, 2.0, 4.0, 8.0)
+BACKGROUNDS = ("zeros", "gaussian", "uniform")
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                nn.Mish, nn.Hardswish, nn.Softplus)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def _per_sample(t: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return t.flatten(1).mean(1)
+    if reduction == "sum":
+        return t.flatten(1).sum(1)
+    raise InputError(f"prior_reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def area_loss(m: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Paper 3.2, L_area = |m|_1 per sample (``mean``: divided by the voxel count, the prototype's)."""
+    return _per_sample(m.abs(), reduction)
+
+
+def bin_loss(m: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Paper 3.2, L_bin = |m - m^2|_1 per sample: 0 exactly where m is 0 or 1, largest (1/4) at 0.5."""
+    return _per_sample((m - m * m).abs(), reduction)
+
+
+def tv_loss(m: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Paper 3.2, anisotropic total variation of ``m`` ``(B, 1, *spatial)``: sum over every spatial axis of
+    |m_i - m_(i+1)|; ``mean`` divides the sum by the voxel count of one mask (2D and 3D alike)."""
+    if reduction not in ("mean", "sum"):
+        raise InputError(f"prior_reduction must be 'mean' or 'sum', got {reduction!r}")
+    total = torch.zeros(m.shape[0], dtype=m.dtype, device=m.device)
+    for d in range(2, m.ndim):
+        total = total + m.diff(dim=d).abs().flatten(1).sum(1)
+    return total / m[0].numel() if reduction == "mean" else total
+
+
+def kl_loss(logits_x: torch.Tensor, logits_e: torch.Tensor) -> torch.Tensor:
+    """Paper 3.1, KL(softmax f(x) || softmax f(e)) per sample (0 when the logits agree)."""
+    lp_x, lp_e = F.log_softmax(logits_x, 1), F.log_softmax(logits_e, 1)
+    return (lp_x.exp() * (lp_x - lp_e)).sum(1)
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Paper 3.1 (L_CE) and 3.3 (L_rob): -log p(y) per sample."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1), b.flatten(1)
+    return 1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+def _standardised_mse(ref: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MSE after standardising each channel with the mean and sd of ``ref`` (= phi(x)) over its spatial
+    axes; for ``(B, F)`` activations over the features. The mean cancels, so this is
+    mean(((b - ref) / sd)^2); sd is floored at 1% of the sample's mean channel sd (dead channels)."""
+    if ref.ndim > 2:
+        sd = ref.flatten(2).std(2, unbiased=False)                             # (B, C)
+        floor = sd.mean(1, keepdim=True) * 1e-2 + 1e-12
+        sd = torch.maximum(sd, floor).view(*sd.shape, *[1] * (ref.ndim - 2))
+    else:
+        sd = ref.std(1, unbiased=False, keepdim=True).clamp_min(1e-12)
+    return (((b - ref) / sd) ** 2).flatten(1).mean(1)
+
+
+def activation_loss(acts_x, acts_e, layer_weights, distances) -> torch.Tensor:
+    """Paper 3.1, L_act = sum_l a_l d(phi_l(x), phi_l(e)) per sample; ``distances[l]`` is ``"cosine"``
+    (1 - cosine similarity of the flattened activations) or ``"mse"`` (on standardised channels).
+    ``acts_x[l]`` / ``acts_e[l]`` are lists of outputs (a module called twice gives two)."""
+    total = None
+    for ax, ae, w, d in zip(acts_x, acts_e, layer_weights, distances):
+        for a, b in zip(ax, ae):
+            term = w * (_cosine_distance(a, b) if d == "cosine" else _standardised_mse(a, b))
+            total = term if total is None else total + term
+    if total is None:
+        raise InputError("activation matching needs at least one layer")
+    return total
+
+
+def straight_through(soft: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Forward: ``1[soft > threshold]`` exactly; backward: identity (straight-through estimator)."""
+    hard = (soft > threshold).to(soft.dtype)
+    return hard.detach() + (soft - soft.detach())
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+@contextlib.contextmanager
+def _record(model: nn.Module, names: list[str]):
+    """Forward hooks appending every output of the named modules (with its graph) to lists; removed on
+    exit, also on error. ``core.capture_layer`` detaches, but here the U-Net needs gradients through it."""
+    store: dict[str, list] = {n: [] for n in names}
+    order: list[str] = []  # names in the order they first fired
+
+    def hook(n, out):
+        if not store[n]:
+            order.append(n)
+        # a copy: an in-place op after the layer (ReLU(inplace=True), +=) must not alter what was recorded
+        store[n].append(out.clone() if isinstance(out, torch.Tensor) else out)
+
+    handles = []
+    try:
+        for n in names:
+            mod = find_layer(model, n)
+            handles.append(mod.register_forward_hook(lambda _m, _i, out, n=n: hook(n, out)))
+        yield store, order
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _candidate_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    acts = [n for n, m in model.named_modules() if n and isinstance(m, _ACTIVATIONS)]
+    convs = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    return acts, convs
+
+
+def default_layers(model: nn.Module, calls: list[str], n: int = 5) -> list[str]:
+    """The automatic layer choice: ``n`` activation modules spread evenly (by first-call order, always
+    including the deepest) over those whose output is a spatial map; ``calls`` lists the candidate
+    names in the order they fired on the reference forward."""
+    if not calls:
+        raise LayerNotFoundError("<activation layer>", [nm for nm, _ in model.named_modules() if nm])
+    if len(calls) <= n:
+        return list(calls)
+    idx = sorted({round(i * (len(calls) - 1) / (n - 1)) for i in range(n)}) if n > 1 else [len(calls) - 1]
+    return [calls[i] for i in idx]
+
+
+# ----------------------------------------------------------------------------------------------- U-Net
+def _unet_channels(spatial: tuple[int, ...], unet_channels) -> tuple[int, ...]:
+    if unet_channels is None or isinstance(unet_channels, int):
+        base = 8 if unet_channels is None else int(unet_channels)
+        # MONAI's UNet downsamples at its first conv: n strides of 2 give a coarsest grid of size/2^n;
+        # keep it at >= 4 voxels, with 1 to 3 strides.
+        n = max(1, min(3, int(math.floor(math.log2(max(min(spatial), 2) / 4)))))
+        return tuple(base * 2 ** i for i in range(n + 1))
+    ch = tuple(int(c) for c in unet_channels)
+    if len(ch) < 2 or min(ch) < 1:
+        raise InputError(f"unet_channels must be an int (base width) or >= 2 positive ints, got {unet_channels!r}")
+    return ch
+
+
+def _build_unets(b: int, spatial_dims: int, channels: tuple[int, ...], in_channels: int, seed: int, x: torch.Tensor,
+                 mask_init: float = 0.5):
+    from monai.networks.nets import UNet
+    from torch.func import stack_module_state
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = UNet(spatial_dims, in_channels, 1, channels=channels, strides=(2,) * (len(channels) - 1),
+                   num_res_units=0, norm=None)  # the prototype has no normalisation
+        last = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d))][-1]
+        with torch.no_grad():  # the output bias sets the initial soft mask: sigmoid(bias) = mask_init
+            last.bias.fill_(math.log(mask_init / (1 - mask_init)))
+    net = net.to(device=x.device, dtype=x.dtype)
+    params, buffers = stack_module_state([net] * b)
+    base = copy.deepcopy(net).to("meta")
+    return base, params, buffers
+
+
+def _unet_input(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Per-sample z-scored image, zero-padded so every spatial size is a multiple of ``multiple``."""
+    flat = x.flatten(1)
+    z = (x - flat.mean(1).view(-1, *[1] * (x.ndim - 1))) / flat.std(1, unbiased=False).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1))
+    pads, crop = [], [slice(None), slice(None)]
+    for s in reversed(x.shape[2:]):
+        extra = (-s) % multiple
+        pads += [extra // 2, extra - extra // 2]
+    for s, (lo, _) in zip(x.shape[2:], reversed(list(zip(pads[::2], pads[1::2])))):
+        crop.append(slice(lo, lo + s))
+    return F.pad(z, pads), tuple(crop)
+
+
+# ------------------------------------------------------------------------------------------ background
+def _background(kind: str, xi: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random background ``r`` for one sample ``(C, *s)``: zeros, Gaussian with the sample's per-channel
+    mean and sd, or uniform between its per-channel min and max."""
+    if kind == "zeros":
+        return torch.zeros_like(xi)
+    flat = xi.flatten(1)
+    shape = (-1, *[1] * (xi.ndim - 1))
+    if kind == "gaussian":
+        noise = torch.randn(xi.shape, generator=gen, device=xi.device, dtype=xi.dtype)
+        return flat.mean(1).view(shape) + flat.std(1, unbiased=False).view(shape) * noise
+    noise = torch.rand(xi.shape, generator=gen, device=xi.device, dtype=xi.dtype)
+    lo, hi = flat.amin(1).view(shape), flat.amax(1).view(shape)
+    return lo + (hi - lo) * noise
+
+
+def _draw_backgrounds(x, kinds, gens) -> torch.Tensor:
+    out = []
+    for xi, g in zip(x, gens):
+        k = int(torch.randint(len(kinds), (1,), generator=g, device=g.device))
+        out.append(_background(kinds[k], xi, g))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------- explainer
+def _resolve_label(target, logits: torch.Tensor) -> torch.Tensor:
+    b = logits.shape[0]
+    if target is None:
+        return logits.argmax(1)
+    if type(target) is not Class:
+        raise TargetError(f"medcam explains a class decision: give a class index (int or one per sample) or no "
+                          f"target (the predicted class), not {type(target).__name__}")
+    idx = target.class_index(b).to(logits.device)
+    if int(idx.min()) < 0 or int(idx.max()) >= logits.shape[1]:
+        raise TargetError(f"target class {sorted(set(idx.tolist()))} out of range for a model with "
+                          f"{logits.shape[1]} outputs (0..{logits.shape[1] - 1})")
+    return idx
+
+
+def _options(weights, backgrounds, distance, layer_weights, layers):
+    w = dict(DEFAULT_WEIGHTS)
+    if weights is not None:
+        bad = sorted(set(weights) - set(w))
+        if bad:
+            raise InputError(f"unknown medcam weight(s) {bad}; the terms are {sorted(w)}")
+        w.update({k: float(v) for k, v in weights.items()})
+    kinds = (backgrounds,) if isinstance(backgrounds, str) else tuple(backgrounds)
+    if not kinds or any(k not in BACKGROUNDS for k in kinds):
+        raise InputError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
+    if distance not in ("auto", "cosine", "mse") and not isinstance(distance, (list, tuple)):
+        raise InputError(f"distance must be 'auto', 'cosine', 'mse' or one per layer, got {distance!r}")
+    if isinstance(layers, str):
+        layers = [layers]
+    return w, kinds, layers
+
+
+@register("medcam", needs_target=False, needs_hooks=True)
+def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="auto", weights=None,
+           steps: int = 200, lr: float = 3e-3, backgrounds=BACKGROUNDS, unet_channels=None,
+           min_steps: int = 60, patience: int = 20, mask_tol: float = 2e-3, loss_tol: float = 1e-2,
+           prior_reduction: str = "mean", threshold: float = 0.5, seed: int = 0, return_soft: bool = False,
+           chunk_size: int | None = None, n_layers: int = 5, mask_init: float = 0.5, keep_decision: bool = True):
+    """Med-CAM (Suhail et al. 2026, sections 3.1-3.4; SPEC 4.3): a binary evidence mask per image.
+
+    Returns the mask ``(B, 1, *spatial)`` (1.0 = evidence kept, 0.0 = suppressed); ``return_soft=True``
+    returns the soft mask ``sigmoid(u)`` instead (the binary one is ``soft > threshold``).
+
+    Options:
+        layers: dotted names of the classifier layers to match (or one name). Default: ``n_layers`` (5)
+            activation modules (ReLU, PReLU, GELU, ...) with spatial outputs, spread evenly over depth;
+            convolutions when the model has no activation modules.
+        layer_weights: one weight a_l per layer. Default: the prototype's (1, 2, 2, 4, 8) for 5 layers,
+            otherwise 2^linspace(0, 3, L); always normalised to sum 1, so ``weights["act"]`` is the
+            group weight.
+        distance: ``"auto"`` (cosine for the shallower half, standardised MSE for the deeper half),
+            ``"cosine"``, ``"mse"``, or a list with one per layer.
+        weights: lambda per term: keys act, ce, kl, area, bin, tv, rob (missing keys keep the defaults
+            of :data:`DEFAULT_WEIGHTS`).
+        steps, lr: Adam steps (upper bound with early stopping) and learning rate.
+        backgrounds: kinds of random background r for L_rob, one drawn per image and step.
+        unet_channels: int base width (default 8, doubling per level, depth sized to the input) or
+            the explicit MONAI ``channels`` tuple (strides of 2).
+        min_steps, patience, mask_tol, loss_tol: early stopping (see the module docstring).
+        prior_reduction: ``"mean"`` (prototype) or ``"sum"`` (paper's norms) for area, bin and TV.
+        seed: U-Net initialisation and background draws (same for every image of the batch).
+        chunk_size: images optimised together (vmap batch); all by default.
+        mask_init: initial soft mask value (bias of the U-Net's output layer); 0.5 = neutral start.
+        keep_decision: if the final mask's explanation no longer gives class y but an earlier step's did,
+            return the last such mask (``info["fell_back"]``). ``False`` returns the final mask as is.
+
+    ``info``: ``label`` (y), ``area`` (hard-mask fraction), ``p_y_x``, ``p_y_e``, ``p_y_e_tilde`` (mean
+    over the background kinds, and ``p_y_e_tilde_by_background``), ``keeps_decision`` (argmax f(e) == y),
+    ``steps`` and ``settled`` per image, final ``loss_terms``, the ``layers``, ``layer_weights``,
+    ``distances`` and ``unet_channels`` used.
+    """
+    if is_scripted(model):
+        raise UnsupportedModelError("medcam matches activations through forward hooks, which TorchScript models do "
+                                    "not provide; use saliency, smoothgrad, integrated_gradients or occlusion, "
+                                    "or pass the eager model")
+    if steps < 1 or patience < 1:
+        raise InputError("steps and patience must be >= 1")
+    w, kinds, layers = _options(weights, backgrounds, distance, layer_weights, layers)
+    b = x.shape[0]
+    maps, per_image = [], []
+    for sl in chunks(b, chunk_size):
+        tgt = target
+        if isinstance(target, Class):
+            tgt = Class(target.class_index(b)[sl])
+        m, info = _run(model, x[sl], tgt, cost, layers, layer_weights, distance, w, steps, lr, kinds,
+                       unet_channels, min_steps, patience, mask_tol, loss_tol, prior_reduction, threshold, seed,
+                       return_soft, n_layers, mask_init, keep_decision)
+        maps.append(m)
+        per_image.append(info)
+    info = {k: v for k, v in per_image[0].items()}
+    for extra in per_image[1:]:
+        for k, v in extra.items():
+            if isinstance(v, list) and k not in ("layers", "layer_weights", "distances", "unet_channels"):
+                info[k] = info[k] + v
+            elif isinstance(v, dict):
+                info[k] = {kk: info[k][kk] + vv for kk, vv in v.items()}
+    return torch.cat(maps), info
+
+
+def _run(model, x, target, cost, layers, layer_weights, distance, w, steps, lr, kinds, unet_channels,
+         min_steps, patience, mask_tol, loss_tol, prior_reduction, threshold, seed, return_soft, n_layers, mask_init,
+         keep_decision):
+    from torch.func import functional_call, vmap
+
+    b, spatial = x.shape[0], tuple(x.shape[2:])
+    acts, convs = _candidate_names(model)
+    probe = layers if layers is not None else (acts or convs)
+    for n in probe:
+        find_layer(model, n)  # typed error with close matches for a wrong name
+    # Reference forward: logits, the label y and phi_l(x) (also tells which candidates give spatial maps).
+    with torch.no_grad(), _record(model, list(probe)) as (store, order):
+        logits_x = forward(model, x, cost)
+    if logits_x.ndim != 2:
+        raise UnsupportedModelError(f"medcam explains classifiers with logits (B, K); this model returns "
+                                    f"{tuple(logits_x.shape)} (for segmentation use instance saliency or shapley)")
+    y = _resolve_label(target, logits_x)
+    if layers is None:
+        fired = [n for n in order if all(isinstance(o, torch.Tensor) and o.ndim == x.ndim for o in store[n])]
+        layers = default_layers(model, fired, n_layers)
+    for n in layers:
+        if not store[n] or not all(isinstance(o, torch.Tensor) and o.shape[0] == b for o in store[n]):
+            raise UnsupportedModelError(f"layer {n!r} was not called with a tensor output per sample in the forward pass")
+    acts_x = [[o.detach() for o in store[n]] for n in layers]
+    L = len(layers)
+    if layer_weights is None:
+        lw = list(PROTOTYPE_LAYER_WEIGHTS) if L == 5 else [2 ** (3 * i / max(L - 1, 1)) for i in range(L)]
+    else:
+        lw = [float(v) for v in (layer_weights if isinstance(layer_weights, (list, tuple)) else [layer_weights])]
+        if len(lw) != L or min(lw) < 0 or sum(lw) <= 0:
+            raise InputError(f"layer_weights must be {L} non-negative numbers (one per layer), got {layer_weights!r}")
+    lw = [v / sum(lw) for v in lw]
+    if isinstance(distance, (list, tuple)):
+        dist = list(distance)
+        if len(dist) != L or any(d not in ("cosine", "mse") for d in dist):
+            raise InputError(f"distance list must give 'cosine' or 'mse' for each of the {L} layers, got {distance!r}")
+    else:
+        dist = [("cosine" if i < L / 2 else "mse") if distance == "auto" else distance for i in range(L)]
+
+    channels = _unet_channels(spatial, unet_channels)
+    base, params, buffers = _build_unets(b, len(spatial), channels, x.shape[1], seed, x, mask_init)
+    u_in, crop = _unet_input(x, 2 ** (len(channels) - 1))
+    opt = torch.optim.Adam(params.values(), lr=lr)
+
+    def unet(p, bf, xi):
+        return functional_call(base, (p, bf), (xi.unsqueeze(0),)).squeeze(0)
+
+    gens = [torch.Generator(device=x.device).manual_seed(seed + 1) for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool)
+    steps_taken = torch.zeros(b, dtype=torch.long)
+    final_soft = torch.zeros((b, 1, *spatial), dtype=x.dtype, device=x.device)
+    final_terms: dict[str, torch.Tensor] = {}
+    kept_soft, kept = final_soft.clone(), torch.zeros(b, dtype=torch.bool, device=x.device)
+    checkpoint_mask, window, prev_window_mean = None, [], None
+    for t in range(steps):
+        with torch.enable_grad():
+            soft = torch.sigmoid(vmap(unet)(params, buffers, u_in)[crop])
+            m = straight_through(soft, threshold)
+            e = m * x
+            e_tilde = e + (1 - m) * _draw_backgrounds(x, kinds, gens)
+            with _record(model, layers) as (rec, _):
+                out = forward(model, torch.cat([e, e_tilde]), cost)
+            logits_e, logits_t = out[:b], out[b:]
+            terms = {
+                "act": activation_loss(acts_x, [[o[:b] for o in rec[n]] for n in layers], lw, dist),
+                "ce": ce_loss(logits_e, y), "kl": kl_loss(logits_x, logits_e),
+                "area": area_loss(soft, prior_reduction), "bin": bin_loss(soft, prior_reduction),
+                "tv": tv_loss(soft, prior_reduction), "rob": ce_loss(logits_t, y),
+            }
+            loss = sum(w[k] * v for k, v in terms.items())        # (b,) one loss per image
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+        cost.n_backward += 2 * b
+        live = ~done
+        hard = (soft.detach() > threshold)
+        final_soft[live] = soft.detach()[live]
+        for k, v in terms.items():
+            final_terms.setdefault(k, torch.zeros(b, dtype=x.dtype, device=x.device))[live] = v.detach()[live]
+        steps_taken[live] = t + 1
+        ok = live.to(x.device) & (logits_e.detach().argmax(1) == y)
+        kept_soft[ok], kept = soft.detach()[ok], kept | ok
+        window.append(loss.detach())
+        # Early stopping, per image, checked every `patience` steps (see module docstring).
+        if (t + 1) % patience == 0:
+            mean_now = torch.stack(window).mean(0)
+            if checkpoint_mask is not None and t + 1 >= min_steps:
+                changed = (hard != checkpoint_mask).flatten(1).float().mean(1).cpu()
+                rel = ((mean_now - prev_window_mean).abs() / prev_window_mean.abs().clamp_min(1e-12)).cpu()
+                done |= (changed <= mask_tol) & (rel <= loss_tol)
+            checkpoint_mask, prev_window_mean, window = hard, mean_now, []
+            if bool(done.all()):
+                break
+        opt.step()
+
+    fell_back = torch.zeros(b, dtype=torch.bool, device=x.device)
+    if keep_decision:  # the last mask whose explanation kept the decision, where the final one does not
+        with torch.no_grad():
+            lost = forward(model, (final_soft > threshold).to(x.dtype) * x, cost).argmax(1) != y
+        fell_back = lost & kept
+        final_soft = torch.where(fell_back.view(-1, *[1] * (x.ndim - 1)), kept_soft, final_soft)
+    # Final evaluation of the returned masks: p(y|e) and p(y|e~) for each background kind.
+    hard = (final_soft > threshold).to(x.dtype)
+    eval_gens = [torch.Generator(device=x.device).manual_seed(seed + 2) for _ in range(b)]
+    rows = [hard * x] + [hard * x + (1 - hard) * torch.stack([_background(k, xi, g) for xi, g in zip(x, eval_gens)])
+                         for k in kinds]
+    with torch.no_grad():
+        probs = F.softmax(forward(model, torch.cat(rows), cost), 1).view(len(rows), b, -1)
+    p_x = F.softmax(logits_x, 1)
+    pick = lambda p: p.gather(1, y[:, None])[:, 0].tolist()  # noqa: E731
+    by_bg = {k: pick(probs[1 + i]) for i, k in enumerate(kinds)}
+    info = {
+        "label": y.tolist(), "area": hard.flatten(1).mean(1).tolist(),
+        "p_y_x": pick(p_x), "p_y_e": pick(probs[0]),
+        "p_y_e_tilde": probs[1:].gather(2, y.view(1, b, 1).expand(len(kinds), b, 1))[..., 0].mean(0).tolist(),
+        "p_y_e_tilde_by_background": by_bg,
+        "keeps_decision": (probs[0].argmax(1) == y).tolist(),
+        "steps": steps_taken.tolist(), "settled": done.tolist(), "fell_back": fell_back.tolist(),
+        "loss_terms": {k: v.tolist() for k, v in final_terms.items()},
+        "layers": list(layers), "layer_weights": lw, "distances": dist, "unet_channels": list(channels),
+    }
+    return (final_soft if return_soft else hard), info
+
