@@ -19,12 +19,16 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
     - ``package.module:factory``: ``factory()`` builds the eager model; ``weights`` is a state dict
       (or a checkpoint dict with a ``state_dict`` / ``model`` entry) loaded strictly.
     - ``zoo:<task>``: the trained planted-data model of :mod:`medexplain.models.zoo`.
+    - a folder written by ``medexplain train`` (``config.json`` + ``model.pt``).
     """
     if spec.startswith("zoo:"):
         from . import zoo
         model, _ = zoo.pretrained(spec[4:])
         return model.eval()
     path = Path(spec)
+    if path.is_dir() and (path / "config.json").exists():
+        from ..cli.train import load_trained
+        return load_trained(path)
     if path.exists():
         if weights:
             raise ModelLoadError("--weights is for package.module:factory models; a TorchScript file holds its weights")

@@ -1,0 +1,170 @@
+"""One validity and speed table for every method on every planted task (issue 10).
+
+    .venv/bin/python bench/validity.py [--cases N] [--quick]
+
+For each planted task of the zoo (2D chest radiograph, fundus, shortcut, 3D lesions, 4-contrast volumes)
+and each method of ``mx.available_methods()``: hit rate and mIoU (Otsu, TP-only) with 95% bootstrap CIs
+against the planted evidence, deletion and insertion areas (post-hoc accuracy for classifiers, region
+probability for segmenters), smoothness, sparseness, the randomisation sanity check (Spearman of |map|
+with the fully randomised model's map; pass < 0.3), seconds per case, and the time ratio against the
+peer implementation where one exists (Captum / MONAI, same cases, same run).
+
+The shortcut task is scored against the marker masks: a high hit rate there means the method shows that
+the model relies on the shortcut. The 3D tasks explain one planted lesion per volume (the largest) with a
+Region target on the lesion class. The labels of every task are planted (docs/data.md).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import medexplain as mx  # noqa: E402
+from common import machine, markdown_table, write_result  # noqa: E402
+from medexplain.errors import MedexplainError  # noqa: E402
+from medexplain.metrics import bootstrap_ci, deletion_insertion, hit_rate, iou, randomization_check  # noqa: E402
+from medexplain.metrics import smoothness, sparseness  # noqa: E402
+from medexplain.models import zoo  # noqa: E402
+from medexplain.targets import Region  # noqa: E402
+
+warnings.filterwarnings("ignore")
+TASKS_2D = ["chest_xray", "fundus", "shortcut"]
+TASKS_3D = ["lesions", "contrasts"]
+
+
+def method_options(method: str, nd: int, layer: str) -> dict:
+    """Reference defaults, with the window of occlusion scaled to the image and the CAM layer named."""
+    return {"occlusion": {"window": 8 if nd == 2 else 4, "stride": 4 if nd == 2 else 4},
+            "gradcam": {"layer": layer}, "gradcam++": {"layer": layer}, "eigencam": {"layer": layer}}.get(method, {})
+
+
+def peer(method: str, model, x, target_idx: torch.Tensor, layer: str, opts: dict):
+    """The Captum / MONAI counterpart as a thunk, or None (classification targets only)."""
+    from captum.attr import IntegratedGradients, LayerGradCam, NoiseTunnel, Occlusion, Saliency
+    t = target_idx
+    nd = x.ndim - 2
+    if method == "saliency":
+        return lambda: Saliency(model).attribute(x, target=t, abs=False)
+    if method == "smoothgrad":
+        sd = float((x.max() - x.min()) * 0.15)
+        return lambda: NoiseTunnel(Saliency(model)).attribute(x, nt_type="smoothgrad", nt_samples=50,
+                                                              nt_samples_batch_size=50, stdevs=sd, target=t, abs=False)
+    if method == "integrated_gradients":
+        return lambda: IntegratedGradients(model).attribute(x, target=t, n_steps=50, internal_batch_size=64 * len(x))
+    if method == "occlusion":
+        w, s = opts["window"], opts["stride"]
+        return lambda: Occlusion(model).attribute(x, sliding_window_shapes=(x.shape[1],) + (w,) * nd,
+                                                  strides=(x.shape[1],) + (s,) * nd, target=t, baselines=0.0,
+                                                  perturbations_per_eval=64)
+    if method == "gradcam":
+        return lambda: LayerGradCam(model, dict(model.named_modules())[layer]).attribute(x, target=t)
+    return None
+
+
+def task_cases(task: str, n: int):
+    """(model, x, target, evidence masks, class indices or None) for n test cases with planted evidence."""
+    model, ds = zoo.pretrained(task, size="demo", progress=False)
+    _, test = ds.split(ds.meta_info.get("train_frac", 0.8))
+    if test.labels is not None:
+        keep = (test.labels == 1).nonzero().flatten()[:n]
+        masks = test.marker_masks[keep] if task == "shortcut" else test.masks[keep]
+        if task == "shortcut":  # only the images that carry the marker
+            keep = keep[masks.flatten(1).any(1)]
+            masks = test.marker_masks[keep]
+        cls = test.labels[keep]
+        return model, test.images[keep], cls.tolist(), masks, cls
+    idx = list(range(min(n, len(test))))
+    inst = test.instances[idx]
+    regions = torch.zeros_like(inst, dtype=torch.bool)
+    for j in range(len(idx)):  # the largest planted lesion of each volume
+        ids, counts = inst[j][inst[j] > 0].unique(return_counts=True)
+        regions[j] = inst[j] == ids[counts.argmax()]
+    return model, test.images[idx], Region(1, regions), regions, None
+
+
+def evaluate(task, method, model, x, target, masks, cls, n_sanity):
+    layer = zoo.cam_layer(model)
+    opts = method_options(method, x.ndim - 2, layer)
+    t0 = time.perf_counter()
+    attr = mx.explain(model, x, method, target=target, **opts)
+    secs = (time.perf_counter() - t0) / len(x)
+    maps = attr.map.sum(1, keepdim=True)
+    hits = hit_rate(maps, masks)
+    ious = iou(maps, masks, threshold="otsu", mode="tp")
+    hb, ib = bootstrap_ci(hits), bootstrap_ci(ious)
+    di = deletion_insertion(model, x, maps, target)
+    use_acc = cls is not None
+    row = {"hit": (hb.mean[0], hb.lower[0], hb.upper[0]), "iou": (ib.mean[0], ib.lower[0], ib.upper[0]),
+           "del": _auc(di, "deletion", use_acc), "ins": _auc(di, "insertion", use_acc),
+           "smooth": float(smoothness(maps).mean()), "gini": float(np.nanmean(sparseness(maps).numpy())),
+           "secs": secs}
+    sub = slice(0, n_sanity)
+    sub_target = Region(1, masks[sub]) if cls is None else target[sub]
+    try:
+        san = randomization_check(model, x[sub], method, target=sub_target, cascade=False, **opts)
+        row["sanity"] = float(san.spearman[-1].mean())
+    except MedexplainError as e:
+        row["sanity"] = f"n/a ({e})"
+    fn = peer(method, model, x, cls, layer, opts) if cls is not None else None
+    if fn is not None:
+        t0 = time.perf_counter()
+        fn()
+        row["ratio"] = secs * len(x) / (time.perf_counter() - t0)
+    return row
+
+
+def _auc(di, kind: str, use_acc: bool) -> float:
+    """Area under the accuracy curve (classifiers) or the target-probability curve (segmenters)."""
+    return float(getattr(di, f"{kind}_accuracy_auc" if use_acc else f"{kind}_auc").nanmean())
+
+
+def fmt_ci(v):
+    m, lo, hi = v
+    return f"{m:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(m) else "n/a"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=24, help="2D cases per task (3D: a quarter of it)")
+    ap.add_argument("--sanity-cases", type=int, default=4)
+    ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS_2D + TASKS_3D))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    methods = args.methods.split(",") if args.methods else mx.available_methods()
+    tasks = args.tasks.split(",") if args.tasks else TASKS_2D + TASKS_3D
+    rows = []
+    for task in tasks:
+        n = args.cases if task in TASKS_2D else max(2, args.cases // 4)
+        model, x, target, masks, cls = task_cases(task, n)
+        for method in methods:
+            print(f"{task}: {method} on {len(x)} cases", flush=True)
+            try:
+                r = evaluate(task, method, model, x, target, masks, cls, args.sanity_cases)
+            except MedexplainError as e:
+                rows.append([task, method, f"n/a: {e}"] + [""] * 9)
+                continue
+            san = r["sanity"]
+            verdict = (f"{san:.2f} ({'pass' if san < 0.3 else 'FAIL'})" if isinstance(san, float) else san)
+            rows.append([task, method, fmt_ci(r["hit"]), fmt_ci(r["iou"]), r["del"], r["ins"], r["smooth"],
+                         r["gini"], verdict, r["secs"], r.get("ratio", "-"), len(x)])
+    header = ["task", "method", "hit rate [95% CI]", "mIoU Otsu TP [95% CI]", "deletion AUC (lower better)",
+              "insertion AUC (higher better)", "smoothness (TV/voxel)", "sparseness (Gini)",
+              "sanity Spearman (full rand.)", "s/case", "time / peer", "cases"]
+    text = (f"# Validity and speed of every method on the planted tasks ({machine()})\n\n"
+            f"Command: `.venv/bin/python bench/validity.py --cases {args.cases}`. Hit rate on the shortcut task is "
+            "against the marker (does the map find the shortcut?); deletion/insertion areas are accuracy "
+            "for classifiers and mean lesion probability for the 3D segmenters. Peers: Captum Saliency, "
+            "NoiseTunnel, IntegratedGradients, Occlusion, LayerGradCam on the same cases.\n\n"
+            + markdown_table(header, rows))
+    write_result("validity", text)
+
+
+if __name__ == "__main__":
+    main()
