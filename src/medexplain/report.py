@@ -16,7 +16,7 @@ import io
 import json
 import math
 import os
-import tempfile
+from .io import atomic_path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -299,17 +299,6 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
            "<pre id='mx-selfcheck' hidden></pre>"
            f"<script>{_JS}</script></body></html>")
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(doc)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; a report is an ordinary readable file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path, suffix=".html") as tmp:
+        tmp.write_text(doc, encoding="utf-8")
     return path

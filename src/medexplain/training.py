@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+from .io import atomic_path
 import time
 from typing import Callable
 
@@ -103,16 +103,8 @@ def evaluate(model: nn.Module, ds, batch_size: int = 64, task: str | None = None
 def save_state_atomic(model: nn.Module, path) -> str:
     """Write ``model.state_dict()`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".pt") as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

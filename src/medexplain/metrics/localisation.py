@@ -18,7 +18,7 @@ import csv
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+
 
 import numpy as np
 import torch

@@ -177,14 +177,7 @@ def pretrained(task: str, seed: int = 0, size: str = "small", *, retrain: bool =
 
 
 def _save(net: nn.Module, history: dict, cfg: dict, path: Path) -> None:
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    from ..io import atomic_path
+    with atomic_path(path, suffix=".pt") as tmp:
         torch.save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                     "history": history, "config": cfg}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

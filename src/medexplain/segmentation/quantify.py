@@ -26,7 +26,7 @@ import io as _io
 import itertools
 import math
 import os
-import tempfile
+
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from scipy import ndimage, stats
 
 from ..core import check_input, chunks, forward, model_guard
 from ..errors import InputError, TargetError
+from ..io import atomic_path
 from .instances import KINDS, Instance, flatten_instances, structure
 
 
@@ -211,17 +212,8 @@ def write_csv(rows: list[dict], path) -> str:
     for r in rows:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".csv") as tmp:
+        tmp.write_text(buf.getvalue(), newline="")
     return path
 
 
