@@ -38,10 +38,15 @@ TASKS_2D = ["chest_xray", "fundus", "shortcut"]
 TASKS_3D = ["lesions", "contrasts"]
 
 
+MEDCAM_STEPS = 100
+
+
 def method_options(method: str, nd: int, layer: str) -> dict:
-    """Reference defaults, with the window of occlusion scaled to the image and the CAM layer named."""
+    """Reference defaults, with the window of occlusion scaled to the image, the CAM layer named, and
+    Med-CAM's per-image training bounded to MEDCAM_STEPS steps (its default is 200)."""
     return {"occlusion": {"window": 8 if nd == 2 else 4, "stride": 4 if nd == 2 else 4},
-            "gradcam": {"layer": layer}, "gradcam++": {"layer": layer}, "eigencam": {"layer": layer}}.get(method, {})
+            "gradcam": {"layer": layer}, "gradcam++": {"layer": layer}, "eigencam": {"layer": layer},
+            "medcam": {"steps": MEDCAM_STEPS}}.get(method, {})
 
 
 def peer(method: str, model, x, target_idx: torch.Tensor, layer: str, opts: dict):
@@ -135,9 +140,12 @@ def main():
     ap.add_argument("--sanity-cases", type=int, default=4)
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS_2D + TASKS_3D))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: small models are faster that way)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    methods = args.methods.split(",") if args.methods else mx.available_methods()
+    # patchnet explains PatchNet models only: bench/patchnet.py covers it
+    methods = args.methods.split(",") if args.methods else [m for m in mx.available_methods() if m != "patchnet"]
     tasks = args.tasks.split(",") if args.tasks else TASKS_2D + TASKS_3D
     rows = []
     for task in tasks:
@@ -158,7 +166,8 @@ def main():
               "insertion AUC (higher better)", "smoothness (TV/voxel)", "sparseness (Gini)",
               "sanity Spearman (full rand.)", "s/case", "time / peer", "cases"]
     text = (f"# Validity and speed of every method on the planted tasks ({machine()})\n\n"
-            f"Command: `.venv/bin/python bench/validity.py --cases {args.cases}`. Hit rate on the shortcut task is "
+            f"Command: `.venv/bin/python bench/validity.py --cases {args.cases} --sanity-cases {args.sanity_cases}` "
+            f"({args.threads} torch thread(s); Med-CAM {MEDCAM_STEPS} steps per image). Hit rate on the shortcut task is "
             "against the marker (does the map find the shortcut?); deletion/insertion areas are accuracy "
             "for classifiers and mean lesion probability for the 3D segmenters. Peers: Captum Saliency, "
             "NoiseTunnel, IntegratedGradients, Occlusion, LayerGradCam on the same cases.\n\n"
