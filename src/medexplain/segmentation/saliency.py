@@ -122,6 +122,17 @@ def _noise(x1: torch.Tensor, n_samples: int, sigma: float, seed: int, noise) -> 
     return eps * sd
 
 
+def _lesion_logits(model, xn, masks, channel, cost, first):
+    """Forward the noisy rows once and return the lesion-class logits ``(N, *s)``, differentiable in ``xn``."""
+    out = forward(model, xn, cost)
+    if first:
+        _check_output(out, masks, channel)
+    z = out[:, channel]
+    if not z.requires_grad:
+        raise UnsupportedModelError("the model output does not depend differentiably on the input")
+    return z
+
+
 def _vjp_mean(model, xn, masks, channel, strategy, cost, first, backward_rows):
     """Sum over the noise rows of d(sum_v m_i(v) z_c(v))/dx for each mask ``m_i``: ``(I, C, *s)``."""
     n, n_inst = xn.shape[0], masks.shape[0]
@@ -153,12 +164,7 @@ def _vjp_mean(model, xn, masks, channel, strategy, cost, first, backward_rows):
             cost.n_backward += (sl.stop - sl.start) * n
             total[sl] = g.sum(1)
         return total
-    out = forward(model, xn, cost)
-    if first:
-        _check_output(out, masks, channel)
-    z = out[:, channel]
-    if not z.requires_grad:
-        raise UnsupportedModelError("the model output does not depend differentiably on the input")
+    z = _lesion_logits(model, xn, masks, channel, cost, first)
     if strategy == "loop":
         for i in range(n_inst):
             (g,) = torch.autograd.grad(z, xn, grad_outputs=masks[i].expand_as(z), retain_graph=i < n_inst - 1)
@@ -180,12 +186,7 @@ def _vjp_max(model, xn, masks, channel, cost, first, backward_rows):
     n, n_inst = xn.shape[0], masks.shape[0]
     spatial = tuple(masks.shape[1:])
     xn = xn.detach().requires_grad_(True)
-    out = forward(model, xn, cost)
-    if first:
-        _check_output(out, masks, channel)
-    z = out[:, channel]
-    if not z.requires_grad:
-        raise UnsupportedModelError("the model output does not depend differentiably on the input")
+    z = _lesion_logits(model, xn, masks, channel, cost, first)
     per = max(1, backward_rows // n)
     total = torch.zeros((n_inst, *xn.shape[1:]), dtype=xn.dtype, device=xn.device)
     voxels = [masks[i].flatten().nonzero().flatten() for i in range(n_inst)]
