@@ -63,6 +63,28 @@ def accepted_options(name: str) -> list[str] | None:
     return [p for p in params if p not in ("model", "x", "target", "cost")]
 
 
+def route_options(methods: list[str], options: dict | None, layer: str | None = None) -> dict[str, dict]:
+    """Options for several methods at once: ``{"key": v}`` goes to every method accepting ``key``,
+    ``{"method.key": v}`` to that method only, ``layer`` to every method that takes one. An option no
+    chosen method accepts is an error, raised before any work."""
+    options = dict(options or {})
+    routed = {m: {} for m in methods}
+    used = set()
+    for m in methods:
+        acc = accepted_options(m)
+        for k, v in options.items():
+            owner, _, name = k.rpartition(".")
+            if owner in ("", m) and (acc is None or name in acc):
+                routed[m][name] = v
+                used.add(k)
+        if layer and (acc is None or "layer" in acc):
+            routed[m]["layer"] = layer
+    unused = sorted(set(options) - used)
+    if unused:
+        raise MedexplainError(f"no chosen method accepts option(s) {unused}; methods {methods}")
+    return routed
+
+
 def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", target=None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 

@@ -52,23 +52,6 @@ def predicted_class(net, x) -> int:
     return int(out.flatten(2).sum(2).argmax(1)[0] if out.ndim > 2 else out.argmax(1)[0])
 
 
-def method_options(methods: list[str], opts: dict, layer: str | None) -> dict[str, dict]:
-    """Route ``key=value`` to every chosen method accepting ``key``; ``method.key=value`` to one method."""
-    from medexplain.explain import accepted_options
-    routed = {}
-    for m in methods:
-        accepted = accepted_options(m)
-        routed[m] = {k.split(".", 1)[-1]: v for k, v in opts.items()
-                     if (k.startswith(m + ".") or "." not in k)
-                     and (accepted is None or k.split(".", 1)[-1] in accepted)}
-        if layer and (accepted is None or "layer" in accepted):
-            routed[m]["layer"] = layer
-    unused = [k for k in opts if not any(k.split(".", 1)[-1] in r for r in routed.values())]
-    if unused:
-        raise typer.BadParameter(f"no chosen method accepts option(s) {unused}")
-    return routed
-
-
 @app.command("explain")
 def explain_cmd(
     image: Path = typer.Argument(..., help="PNG/JPEG, DICOM, NIfTI (4D = channels last) or .npy (C, *spatial)"),
@@ -86,12 +69,13 @@ def explain_cmd(
     import medexplain as mx
     from medexplain import io
     from medexplain.errors import MedexplainError
+    from medexplain.explain import route_options
     from medexplain.core import check_input, model_expectations
     from medexplain.models.loading import load_model
 
     try:
         methods = [m.strip() for m in method.split(",") if m.strip()]
-        per_method = method_options(methods, parse_options(option), layer)  # bad names fail before any work
+        per_method = route_options(methods, parse_options(option), layer)  # bad names fail before any work
         img, meta = io.read_image(image)
         net = load_model(model, weights)
         x = check_input(img[None], **model_expectations(net))

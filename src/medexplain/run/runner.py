@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import MedexplainError
-from ..explain import accepted_options
+from ..explain import accepted_options, route_options
 from . import backends
 from .manifest import Case, read_manifest, sha256_file
 from .store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
@@ -53,27 +53,6 @@ class RunResult:
     @property
     def n_error(self) -> int:
         return sum(r["status"] != "ok" for r in self.rows)
-
-
-def route_options(methods: list[str], options: dict | None, layer: str | None = None) -> dict[str, dict]:
-    """``{"key": v}`` goes to every method accepting ``key``; ``{"method.key": v}`` to that method only.
-    An option no chosen method accepts is an error (caught before any work)."""
-    options = dict(options or {})
-    routed = {m: {} for m in methods}
-    used = set()
-    for m in methods:
-        acc = accepted_options(m)
-        for k, v in options.items():
-            owner, _, name = k.rpartition(".")
-            if (owner in ("", m)) and (acc is None or name in acc):
-                routed[m][name] = v
-                used.add(k)
-        if layer and (acc is None or "layer" in acc):
-            routed[m]["layer"] = layer
-    unused = sorted(set(options) - used)
-    if unused:
-        raise MedexplainError(f"no chosen method accepts option(s) {unused}; methods {methods}")
-    return routed
 
 
 def versions(extra: tuple[str, ...] = ()) -> dict:
