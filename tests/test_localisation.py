@@ -35,6 +35,22 @@ def test_hit_rate_hand_cases_ties_and_empty():
     assert same(mx.metrics.hit_rate(flat, m0), [1.0])
 
 
+def test_hit_rate_any_tie_rule_counts_a_peak_block_that_touches_the_mask():
+    """A piecewise-constant map (one 2x2 block at the maximum): the first-maximum rule looks only at the
+    block's top-left voxel, ties='any' at every voxel of the block; a peak elsewhere misses under both."""
+    maps = torch.zeros(3, 1, 4, 4)
+    maps[:, 0, 2:, 2:] = 3.0                     # best block: rows 2-3, cols 2-3 (first max at (2, 2))
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[0, 3, 3] = True                        # inside the block, not its first voxel
+    masks[1, 2, 2] = True                        # the first voxel itself
+    masks[2, 0, 0] = True                        # off the block
+    assert same(mx.metrics.hit_rate(maps, masks), [0.0, 1.0, 0.0])
+    assert same(mx.metrics.hit_rate(maps, masks, ties="any"), [1.0, 1.0, 0.0])
+    assert same(mx.metrics.hit_rate(maps, torch.zeros(1, 4, 4, dtype=torch.bool)[[0, 0, 0]], ties="any"), [nan] * 3)
+    with pytest.raises(InputError, match="ties"):
+        mx.metrics.hit_rate(maps, masks, ties="all")
+
+
 def test_hit_rate_resizes_the_map_and_is_nd_and_per_class():
     small = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])   # bilinear to 4x4: only (3, 3) keeps the value 3
     mask = torch.zeros(1, 4, 4, dtype=torch.bool)

@@ -57,19 +57,30 @@ def _out(v: torch.Tensor, per_class: bool) -> torch.Tensor:
     return v if per_class else v[:, 0]
 
 
-def hit_rate(maps, masks) -> torch.Tensor:
-    """Pointing game per case: resize the map to the mask grid (bilinear/trilinear), take the first
-    maximum in C order, hit if the mask is 1 there. Returns floats ``(B,)``: 1.0 hit, 0.0 miss, NaN where
-    the mask is empty (those cases are excluded from means: use ``torch.nanmean``). With per-class masks
-    ``(B, K, *s)`` and maps ``(B, K, *s)`` it returns ``(B, K)``.
+def hit_rate(maps, masks, ties: str = "first") -> torch.Tensor:
+    """Pointing game per case: resize the map to the mask grid (bilinear/trilinear), take the maximum,
+    hit if the mask is 1 there. Returns floats ``(B,)``: 1.0 hit, 0.0 miss, NaN where the mask is empty
+    (those cases are excluded from means: use ``torch.nanmean``). With per-class masks ``(B, K, *s)``
+    and maps ``(B, K, *s)`` it returns ``(B, K)``.
 
-    Ties: ``argmax`` returns the first maximal voxel in C order (as ``np.argmax`` in CheXlocalize), so a
-    constant map points at voxel 0.
+    ``ties="first"`` (CheXlocalize's protocol, SPEC 5): the first maximal voxel in C order, as
+    ``np.argmax``, so a constant map points at voxel 0 and a piecewise-constant map (PatchNet's patch
+    blocks) at the top-left corner of its best block. ``ties="any"``: hit if *any* voxel where the map
+    reaches its maximum lies in the mask, i.e. ``max over the mask == max over the image``; use it to ask
+    whether a map peaks on a region when maps are piecewise constant (a constant map then hits every
+    non-empty mask, so report it beside the ``"first"`` figure, not instead of it).
     """
+    if ties not in ("first", "any"):
+        raise InputError(f"ties must be 'first' or 'any', got {ties!r}")
     maps, masks, per_class = _as_maps_masks(maps, masks)
-    idx = maps.flatten(2).argmax(2)  # torch.argmax returns the first maximal index
-    hit = masks.flatten(2).gather(2, idx[..., None])[..., 0].to(maps.dtype)
-    res = torch.where(masks.flatten(2).any(2), hit, torch.full_like(hit, float("nan")))
+    flat, mflat = maps.flatten(2), masks.flatten(2)
+    if ties == "first":
+        idx = flat.argmax(2)  # torch.argmax returns the first maximal index
+        hit = mflat.gather(2, idx[..., None])[..., 0].to(maps.dtype)
+    else:
+        peak = flat == flat.amax(2, keepdim=True)
+        hit = (peak & mflat).any(2).to(maps.dtype)
+    res = torch.where(mflat.any(2), hit, torch.full_like(hit, float("nan")))
     return _out(res, per_class)
 
 

@@ -61,13 +61,25 @@ def cam_layer(model: nn.Module) -> str:
     return default_cam_layer(model)
 
 
-def _channel_dropout(p: float):
-    """Augmentation for multi-contrast volumes: zero each channel with probability ``p`` (never all), so
-    the model learns to use weaker contrasts when a stronger one is missing (what Shapley probes)."""
+def _channel_dropout(p: float, channels=None):
+    """Augmentation for multi-contrast volumes: zero each of ``channels`` (default: all) with probability
+    ``p``, never all, so the model learns to use weaker contrasts when a stronger one is missing (what
+    Shapley probes). For the lesion task only the anatomy channel is dropped: a model that can segment
+    from FLAIR alone leans on FLAIR, which is where the lesions are planted (bench/instances.py)."""
     def aug(x, y, gen):
-        keep = torch.rand(x.shape[0], x.shape[1], generator=gen) >= p
-        keep[~keep.any(1), -1] = True
-        return x * keep.view(*keep.shape, *[1] * (x.ndim - 2)).to(x.dtype), y
+        drop = torch.rand(x.shape[0], x.shape[1], generator=gen) < p
+        if channels is not None:
+            drop[:, [c for c in range(x.shape[1]) if c not in channels]] = False
+        drop[drop.all(1), -1] = False
+        return x * (~drop).view(*drop.shape, *[1] * (x.ndim - 2)).to(x.dtype), y
+    return aug
+
+
+def _compose(*augs):
+    def aug(x, y, gen):
+        for a in augs:
+            x, y = a(x, y, gen)
+        return x, y
     return aug
 
 
@@ -100,12 +112,13 @@ TASKS = {
                "demo": ({"n": 1600, "size": 64}, {"epochs": 5, "batch_size": 32, "lr": 5e-3})},
     "lesions": {"data": "lesion_volumes", "net": ("unet_3d", {"in_channels": 2, "out_channels": 2}),
                 "small": ({"n": 6, "size": 16}, {"epochs": 2, "batch_size": 2, "lr": 1e-2}),
-                "demo": ({"n": 40, "size": 32}, {"epochs": 30, "batch_size": 4, "lr": 1e-2, "augment": "flip"})},
+                "demo": ({"n": 40, "size": 32}, {"epochs": 30, "batch_size": 4, "lr": 1e-2, "augment": "flip+t1_dropout"})},
     "contrasts": {"data": "contrast_volumes", "net": ("unet_3d", {"in_channels": 4, "out_channels": 2}),
                   "small": ({"n": 6, "size": 16}, {"epochs": 2, "batch_size": 2, "lr": 1e-2, "augment": "channel_dropout"}),
                   "demo": ({"n": 40, "size": 32}, {"epochs": 30, "batch_size": 4, "lr": 1e-2, "augment": "channel_dropout"})},
 }
-_AUGMENTS = {"flip": lambda: _flip_aug, "channel_dropout": lambda: _channel_dropout(0.3)}
+_AUGMENTS = {"flip": lambda: _flip_aug, "channel_dropout": lambda: _channel_dropout(0.3),
+             "flip+t1_dropout": lambda: _compose(_flip_aug, _channel_dropout(0.5, channels=(0,)))}
 
 
 def cache_dir() -> Path:
