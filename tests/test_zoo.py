@@ -109,3 +109,15 @@ def test_pretrained_small_trains_once_then_loads_from_cache(tmp_path, monkeypatc
         zoo.pretrained("mnist")
     with pytest.raises(InputError):
         zoo.pretrained("chest_xray", size="huge")
+
+
+def test_channel_dropout_drops_only_the_listed_channels_and_never_all():
+    from medexplain.models.zoo import _channel_dropout
+    x, y = torch.ones(400, 2, 3, 3), torch.zeros(400, 3, 3)
+    gen = torch.Generator().manual_seed(0)
+    out, y2 = _channel_dropout(0.5, channels=(0,))(x, y, gen)
+    kept = out.flatten(2).amax(2) > 0                       # (N, C): channel survived
+    assert kept[:, 1].all() and 0.35 < 1 - kept[:, 0].float().mean() < 0.65 and y2 is y
+    out = _channel_dropout(0.9)(x, y, gen)[0]               # all channels may drop, but never all at once
+    kept = out.flatten(2).amax(2) > 0
+    assert kept.any(1).all() and (~kept[:, 0]).any() and (~kept[:, 1]).any()

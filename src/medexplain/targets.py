@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from .errors import EmptyRegionError, TargetError
 
@@ -188,3 +189,51 @@ def as_target(target) -> Target:
     if callable(target):
         return Function(target)
     raise TargetError(f"cannot interpret target {target!r}")
+
+
+def target_probability(output: torch.Tensor, target: Target, rows: torch.Tensor | None = None,
+                       batch: int | None = None):
+    """Log-probability, probability and correctness of ``target`` in ``output``, per row.
+
+    Defined for the targets that have a class:
+
+    - :class:`~medexplain.targets.Class` on a classifier output ``(N, K)``: ``log softmax(z)[y]``
+      (``log sigmoid(z)`` for a single-logit model); correct when ``argmax z == y`` (``z > 0``).
+    - :class:`~medexplain.targets.Region` on a segmentation output ``(N, K, *spatial)``: the voxel-wise
+      cross-entropy analogue, i.e. the **mean over the region's voxels** of ``log softmax_k(z)[c]``
+      (``log sigmoid`` when K = 1); probability = mean voxel probability of channel ``c`` in the region;
+      correct when more than half of the region's voxels are predicted as ``c``.
+
+    Returns ``(log_p, p, correct)`` as ``(N,)`` tensors, or ``None`` for targets without a class
+    (MultiLabel, Function, Class on a dense output): callers then fall back to the raw target score.
+    ``rows``/``batch`` follow :meth:`medexplain.targets.Target.scores` (row -> original sample).
+    """
+    if batch is None:
+        batch = output.shape[0] if rows is None else int(rows.max()) + 1
+    if isinstance(target, Class) and output.ndim == 2:
+        (idx,) = target.resolve(output, batch)
+        idx = (idx if rows is None else idx[rows]).to(output.device)
+        ar = torch.arange(output.shape[0], device=output.device)
+        if output.shape[1] == 1:
+            z = output[:, 0]
+            return F.logsigmoid(z), torch.sigmoid(z), (z > 0).to(output.dtype)
+        logp = output.log_softmax(1)
+        return logp[ar, idx], logp[ar, idx].exp(), (output.argmax(1) == idx).to(output.dtype)
+    if isinstance(target, Region) and output.ndim > 2:
+        ch, m = target.resolve(output, batch)
+        if rows is not None:
+            ch, m = ch[rows], m[rows]
+        ch, m = ch.to(output.device), m.to(output.dtype)
+        ar = torch.arange(output.shape[0], device=output.device)
+        if output.shape[1] == 1:
+            logp_c = F.logsigmoid(output[:, 0])
+            pred_c = output[:, 0] > 0
+        else:
+            logp_c = output.log_softmax(1)[ar, ch]
+            pred_c = output.argmax(1) == ch.view(-1, *[1] * (output.ndim - 2))
+        n = m.flatten(1).sum(1)
+        log_p = (logp_c * m).flatten(1).sum(1) / n
+        p = (logp_c.exp() * m).flatten(1).sum(1) / n
+        frac = (pred_c.to(output.dtype) * m).flatten(1).sum(1) / n
+        return log_p, p, (frac > 0.5).to(output.dtype)
+    return None

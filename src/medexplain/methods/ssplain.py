@@ -49,8 +49,8 @@ import torch
 from ..core import chunks, forward
 from ..errors import InputError, TargetError
 from ..explain import register
-from ..metrics.faithfulness import target_probability, total_variation
-from ..targets import Class
+from ..metrics.faithfulness import total_variation
+from ..targets import Class, target_probability
 
 MODES = ("textbook", "reference")
 
