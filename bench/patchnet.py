@@ -82,7 +82,9 @@ def throughput(pn, x, offset, chunk_size, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1200, help="planted images (80% train, 10% validation, 10% test)")
-    ap.add_argument("--n-shortcut", type=int, default=800)
+    ap.add_argument("--n-shortcut", type=int, default=1200,
+                    help="shortcut images (as many as the main set: with 800 the PatchNet gets fewer steps and "
+                         "was still near its plateau after 40 epochs, test AUROC 0.70)")
     ap.add_argument("--epochs", type=int, default=25, help="epochs of the image-level baseline")
     ap.add_argument("--epochs-patchnet", type=int, default=40,
                     help="epochs of both PatchNets (the mean over the patch grid gives each patch 1/|G| of the "
@@ -137,11 +139,14 @@ def main(argv=None):
                            augment=PaperAugment(scale=(a.crop_min, 1.0), seed=0), description=f"training {name}")
         models[name] = net.eval()
     auc = {k: evaluate(m, te)["auroc"] for k, m in models.items()}
-    lines += ["## Classification (test split)\n", "| model | epochs | final train loss | AUROC | train seconds |",
-              "|---|---|---|---|---|"]
+    lines += ["## Classification (test split)\n",
+              "| model | epochs | epochs on the plateau (loss > 0.65) | final train loss | AUROC | train seconds |",
+              "|---|---|---|---|---|---|"]
     for k in models:
+        plateau = next((i for i, v in enumerate(hist[k]["loss"]) if v <= 0.65), len(hist[k]["loss"]))
         lines.append(f"| {'PatchNet p=' + k[8:] if k.startswith('patchnet') else 'image-level baseline'} | "
-                     f"{hist[k]['epochs']} | {hist[k]['loss'][-1]:.3f} | {auc[k]:.3f} | {hist[k]['seconds']:.0f} |")
+                     f"{hist[k]['epochs']} | {plateau} | {hist[k]['loss'][-1]:.3f} | {auc[k]:.3f} | "
+                     f"{hist[k]['seconds']:.0f} |")
         print(lines[-1], flush=True)
     lines.append("")
     for p in a.patch:
@@ -159,12 +164,14 @@ def main(argv=None):
         prob = {"va": {k: torch.sigmoid(m(va.images))[:, 0] for k, m in models.items()},
                 "te": {k: torch.sigmoid(m(te.images))[:, 0] for k, m in models.items()}}
     lines += ["## Localisation (test split; 95% bootstrap CI, 1000 case resamples)\n",
-              f"Hit rate on the {int(te.labels.sum())} positive test images; mIoU TP-only and TP+FP+FN with "
+              f"Hit rate on the {int(te.labels.sum())} positive test images (first maximum, CheXlocalize's rule; "
+              "'any': some maximal pixel lies in the mask, which forgives the o x o blocks of a shifted patch map "
+              "and is lenient by as much); mIoU TP-only and TP+FP+FN with "
               f"thresholds tuned per method on the validation split ({len(va)} images; TP+FP+FN uses a "
               "probability cutoff of 0.5, so a negative predicted positive is an FP scoring 0 and a missed "
               "positive an FN scoring 0), and TP-only with Otsu (CheXlocalize's default).\n",
-              "| method | hit rate | mIoU TP (tuned) | mIoU TP+FP+FN (tuned, cutoff 0.5) | mIoU TP (Otsu) |",
-              "|---|---|---|---|---|"]
+              "| method | hit rate | hit rate, ties 'any' | mIoU TP (tuned) | mIoU TP+FP+FN (tuned, cutoff 0.5) | "
+              "mIoU TP (Otsu) |", "|---|---|---|---|---|---|"]
     t_maps = {}
     for label, (method, owner) in methods.items():
         pn = models[owner]
@@ -174,13 +181,14 @@ def main(argv=None):
         mt = maps_for(method, pn, base, te.images, off, 16)
         t_maps[label] = time.perf_counter() - t0
         hr = bootstrap_ci(hit_rate(mt, te.masks), n=a.n_boot)
+        hr_any = bootstrap_ci(hit_rate(mt, te.masks, ties="any"), n=a.n_boot)
         th_tp = tune_thresholds(mv, va.masks, mode="tp")
         th_all = tune_thresholds(mv, va.masks, mode="tp_fp_fn", prob=prob["va"][owner], cutoff=0.5)
         tp = bootstrap_ci(iou(mt, te.masks, threshold=th_tp, mode="tp"), n=a.n_boot)
         allm = bootstrap_ci(iou(mt, te.masks, threshold=th_all, mode="tp_fp_fn", prob=prob["te"][owner],
                                 cutoff=0.5), n=a.n_boot)
         otsu = bootstrap_ci(iou(mt, te.masks, threshold="otsu", mode="tp"), n=a.n_boot)
-        lines.append(f"| {label} | {fmt(hr)} | {fmt(tp)} (t={float(th_tp[0]):.2f}) | {fmt(allm)} "
+        lines.append(f"| {label} | {fmt(hr)} | {fmt(hr_any)} | {fmt(tp)} (t={float(th_tp[0]):.2f}) | {fmt(allm)} "
                      f"(t={float(th_all[0]):.2f}) | {fmt(otsu)} |")
         print(lines[-1], flush=True)
 
@@ -214,8 +222,9 @@ def main(argv=None):
         print(lines[-1], flush=True)
     plain = shortcut_hits["raw, plain patches (no shift)"]
     lines.append(f"\nPlain patch map, 'any' rule: {plain:.3f} (goal >= 0.90: {'met' if plain >= 0.9 else 'MISSED'}). "
-                 "Shifted maps pad the shifted image with zeros, so every window that holds a corner marker also "
-                 "holds padding, which the model never saw in training.\n")
+                 "The shifted maps peak on the marker less often; a likely reason is that they pad the shifted image "
+                 "with zeros (SPEC 4.4), so every window that holds a corner marker also holds padding, which the "
+                 "model never saw in training.\n")
 
     # ---- 4. throughput -----------------------------------------------------------------------------
     torch.set_num_threads(a.timing_threads)
