@@ -208,3 +208,24 @@ def test_evaluate_cli_writes_the_three_csvs(tmp_path):
     (maps / "nodule" / "case2.npy").unlink()
     r = CliRunner().invoke(app, ["evaluate", "--maps", str(maps), "--masks", str(masks), "--out", str(out)])
     assert r.exit_code == 2 and "without a map" in r.output
+
+
+def test_evaluate_cli_ties_option(tmp_path):
+    from typer.testing import CliRunner
+    from medexplain.cli import app
+    maps, masks, out = tmp_path / "maps", tmp_path / "masks", tmp_path / "out"
+    maps.mkdir(), masks.mkdir()
+    m = np.zeros((1, 6, 6))
+    m[0, :3, :3] = 1.0                                          # a constant 3x3 block at the maximum
+    gt = np.zeros((6, 6), bool)
+    gt[2, 2] = True                                             # in the block, not its first pixel
+    np.save(maps / "case0.npy", m), np.save(masks / "case0.npy", gt)
+    hits = {}
+    for ties in ("first", "any"):
+        r = CliRunner().invoke(app, ["evaluate", "--maps", str(maps), "--masks", str(masks), "--out", str(out),
+                                     "--metric", "hitrate", "--n-boot", "10", "--ties", ties])
+        assert r.exit_code == 0, r.output
+        hits[ties] = [row for row in csv.DictReader(open(out / "hitrate_results.csv"))][0]
+    assert list(hits["first"].values())[1:] == ["0.0"] and list(hits["any"].values())[1:] == ["1.0"]
+    r = CliRunner().invoke(app, ["evaluate", "--maps", str(maps), "--masks", str(masks), "--ties", "all"])
+    assert r.exit_code == 2 and "--ties" in r.output

@@ -89,7 +89,7 @@ def pair(map_arr: torch.Tensor, mask_arr: torch.Tensor, where: str) -> tuple[tor
 
 
 def evaluate_folders(maps_dir: Path, masks_dir: Path, metrics=("hitrate", "miou"), mode: str = "tp_fp_fn",
-                     threshold="otsu", probs: dict | None = None, cutoff: float | None = None):
+                     threshold="otsu", probs: dict | None = None, cutoff: float | None = None, ties: str = "first"):
     """Per-case tables ``{metric: (case_ids, class_names, values (cases, classes) with NaN)}``."""
     from ..metrics.localisation import hit_rate, iou
     masks = index_folder(masks_dir)
@@ -109,7 +109,7 @@ def evaluate_folders(maps_dir: Path, masks_dir: Path, metrics=("hitrate", "miou"
     for (cls, case), mpath in masks.items():
         a, m = pair(load_array(maps[(cls, case)]), load_array(mpath), f"{cls}/{case}")
         if "hitrate" in tables:
-            tables["hitrate"][ki[case], ci[cls]] = float(hit_rate(a, m)[0])
+            tables["hitrate"][ki[case], ci[cls]] = float(hit_rate(a, m, ties=ties)[0])
         if "miou" in tables:
             t = threshold.get(cls) if isinstance(threshold, dict) else threshold
             if t is None:
@@ -169,12 +169,16 @@ def evaluate(
     cutoff: Optional[float] = typer.Option(None, help="no predicted mask where the probability is below this"),
     n_boot: int = typer.Option(1000, help="bootstrap replicates"),
     seed: int = typer.Option(0, help="bootstrap seed"),
+    ties: str = typer.Option("first", help="hit rate ties: first (CheXlocalize's first maximum) or any (some "
+                                           "maximal pixel in the mask; for piecewise-constant maps)"),
 ):
     """Hit rate and mIoU with 95% bootstrap intervals, written as CheXlocalize's three CSV files per metric."""
     from ..metrics.localisation import write_results
     try:
         if metric not in ("hitrate", "miou", "all"):
             raise InputError(f"--metric must be hitrate, miou or all, got {metric!r}")
+        if ties not in ("first", "any"):
+            raise InputError(f"--ties must be first or any, got {ties!r}")
         if (probs is None) != (cutoff is None):
             raise InputError("--probs and --cutoff go together")
         metrics = ("hitrate", "miou") if metric == "all" else (metric,)
@@ -195,7 +199,7 @@ def evaluate(
             except ValueError:
                 raise InputError(f"--threshold must be otsu, tuned or a float, got {threshold!r}") from None
         cases, classes, tables = evaluate_folders(maps, masks, metrics, mode, thr,
-                                                  read_probs(probs) if probs else None, cutoff)
+                                                  read_probs(probs) if probs else None, cutoff, ties)
         table = Table(title=f"localisation ({len(cases)} cases, {len(classes)} classes)")
         for col in ("metric", "class", "mean", "95% CI", "n"):
             table.add_column(col)
