@@ -7,7 +7,7 @@ writes it to ``bench/results/patchnet.md``:
    backbone (the zoo's MONAI ResNet, one logit, BCE), all trained with medexplain.training.train and the
    paper's augmentations (crop area 100% by default, so no positive loses its nodule). Goal: within 0.02.
    The PatchNets get more epochs (40 vs 25): from scratch a p=16 PatchNet sits on a loss plateau near
-   0.69 for about 8 epochs, since the fixed mean over the 16 patches gives the one nodule patch 1/16 of
+   0.69 for about 17 epochs, since the fixed mean over the 16 patches gives the one nodule patch 1/16 of
    the image's gradient while the 15 background patches only add noise.
 2. Hit rate and mIoU (TP only; TP+FP+FN with a probability cutoff of 0.5) with 95% bootstrap intervals
    for every PatchNet's raw and scaled maps against Grad-CAM, Grad-CAM++ and Eigen-CAM on the baseline:
@@ -88,7 +88,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=25, help="epochs of the image-level baseline")
     ap.add_argument("--epochs-patchnet", type=int, default=40,
                     help="epochs of both PatchNets (the mean over the patch grid gives each patch 1/|G| of the "
-                         "image gradient: from scratch the PatchNet sits on a loss plateau near 0.69 for ~8 "
+                         "image gradient: from scratch the PatchNet sits on a loss plateau near 0.69 for ~17 "
                          "epochs before it finds the nodule)")
     ap.add_argument("--lr", type=float, default=5e-3, help="OneCycle peak learning rate (all arms)")
     ap.add_argument("--threads", type=int, default=1,
