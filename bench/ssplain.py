@@ -136,37 +136,51 @@ def verdict(raw, task):
             f"{'HOLDS' if len(smoother) == n and len(acc_better) == n else 'does NOT hold'} here.")
 
 
-def throughput(model, test, n_tp):
+def _fastest(fn, rounds):
+    """Fastest wall time of ``rounds`` calls (the least disturbed by other work on the machine)."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def throughput(model, test, n_tp, rounds=3):
     x = test.images[:n_tp]
     mx.explain(model, x[:2], "ssplain", target=1, iterations=2)  # warm-up
-    t0 = time.perf_counter()
-    together = mx.explain(model, x, "ssplain", target=1).map
-    t_batch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    single = torch.cat([mx.explain(model, x[i:i + 1], "ssplain", target=1).map for i in range(len(x))])
-    t_loop = time.perf_counter() - t0
+    t_batch, together = _fastest(lambda: mx.explain(model, x, "ssplain", target=1).map, rounds)
+    t_loop, single = _fastest(lambda: torch.cat([mx.explain(model, x[i:i + 1], "ssplain", target=1).map
+                                                 for i in range(len(x))]), rounds)
     return t_batch, t_loop, (together - single).abs().max().item()
 
 
-def model_ceiling(model, test, n_tp, repeat=10):
+def model_ceiling(model, test, n_tp, repeat=10, rounds=3):
     """The speed-up batching gives the model's own forward + input-gradient backward (the bulk of an ADMM
-    iteration): time of ``n_tp`` batch-1 passes over one batch-``n_tp`` pass. SSplain solved together
-    cannot beat it by much, since the rest of an iteration is element-wise and scales the same way."""
+    iteration): time of ``n_tp`` batch-1 passes over one batch-``n_tp`` pass, fastest of ``rounds``.
+    SSplain's speed-up follows it; the loop also pays the per-call work of ``mx.explain`` n_tp times."""
     x = test.images[:n_tp].clone().requires_grad_(True)
 
     def grad(xx):
         return torch.autograd.grad(model(xx).sum(), xx)[0]
 
     grad(x), grad(x[:1])  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        grad(x)
-    t_batch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        for i in range(n_tp):
-            grad(x[i:i + 1])
-    return (time.perf_counter() - t0) / t_batch
+    t_batch, _ = _fastest(lambda: [grad(x) for _ in range(repeat)], rounds)
+    t_single, _ = _fastest(lambda: [grad(x[i:i + 1]) for _ in range(repeat) for i in range(n_tp)], rounds)
+    return t_single / t_batch
+
+
+def sanity_by_init(model, test, n=8):
+    """Randomisation check (Adebayo et al.; fully randomised model) per init and mode: median Spearman of
+    |map| between the trained and the randomised model (fails at >= 0.3, as in bench/validity.py)."""
+    x = test.images[test.labels == 1][:n]
+    rows = []
+    for init in ("intensity", "ones", "random"):
+        for mode in ("reference", "textbook"):
+            r = mx.metrics.randomization_check(model, x, "ssplain", target=1, cascade=False, init=init, mode=mode)
+            rho = float(r.spearman.median())
+            rows.append([init, mode, rho, "pass" if rho < 0.3 else "FAIL"])
+    return rows
 
 
 def main():
@@ -204,6 +218,8 @@ def main():
         t_batch, t_loop, diff = throughput(model, test, a.n_throughput)
         ceiling = model_ceiling(model, test, a.n_throughput)
         tp_rows.append([label, a.n_throughput, t_batch, t_loop, t_loop / t_batch, ">= 5x", ceiling, f"{diff:.1e}"])
+    sanity = markdown_table(["init", "mode", "median Spearman, trained vs randomised", "verdict (< 0.3)"],
+                            sanity_by_init(*chest))
     table = markdown_table(["data", "method", "hit", "ins", "del", "ins-acc", "del-acc", "smooth", "gini", "s/img"], rows)
     tp = markdown_table(["data / model", "images", "together (s)", "per-image loop (s)", "speed-up", "goal",
                          "model forward+backward speed-up, same batch", "max |together - loop|"], tp_rows)
@@ -215,10 +231,16 @@ def main():
         f"the planted lesion.", "", table, "", "Paper claim (SSplain smoother and more faithful):", *notes, "",
         "## Batch throughput (SSplain defaults)", "", tp, "",
         f"Each ADMM iteration is one forward and one input-gradient backward of the model plus element-wise "
-        f"updates, so solving the images together cannot be much faster than batching the model itself: on "
-        f"this machine ({torch.get_num_threads()} CPU threads) the benchmark model's batch of {a.n_throughput} "
-        f"is {tp_rows[0][6]:.2f}x faster than {a.n_throughput} batch-1 passes. The batch differences come from "
+        f"updates, so the speed-up of solving the images together follows what batching gives the model "
+        f"itself: on this machine ({torch.get_num_threads()} CPU threads) the benchmark model's batch of "
+        f"{a.n_throughput} is {tp_rows[0][6]:.2f}x faster than {a.n_throughput} batch-1 passes; the loop also "
+        f"pays the per-call work of mx.explain (checks, the first and last forward) once per image. Times are "
+        f"the fastest of 3 rounds. The batch differences come from "
         f"floating-point order in batched convolutions, amplified by Adam's normalised steps.", "",
+        "## Randomisation check by initialisation (chest_xray, 8 positive test images)", "", sanity, "",
+        "Besides the initialisation, a likely reason: the mask's gradient is the input times the gradient at "
+        "the masked input, dL/dM = x * dL/d(M x), so every update is weighted by the image whatever the "
+        "model; like gradient x input, the mask keeps the image's structure when the weights are randomised.", "",
         f"Total bench time {time.perf_counter() - t_start:.0f} s."])
     write_result("ssplain", text)
 
