@@ -223,8 +223,8 @@ def main(argv=None):
     plain = shortcut_hits["raw, plain patches (no shift)"]
     lines.append(f"\nPlain patch map, 'any' rule: {plain:.3f} (goal >= 0.90: {'met' if plain >= 0.9 else 'MISSED'}). "
                  "The shifted maps peak on the marker less often; a likely reason is that they pad the shifted image "
-                 "with zeros (SPEC 4.4), so every window that holds a corner marker also holds padding, which the "
-                 "model never saw in training.\n")
+                 "with zeros (SPEC 4.4), so most windows that hold a corner marker also hold up to p/2 px of zero "
+                 "padding, which training images do not show.\n")
 
     # ---- 4. throughput -----------------------------------------------------------------------------
     torch.set_num_threads(a.timing_threads)
