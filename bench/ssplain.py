@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import medexplain as mx  # noqa: E402
-from common import machine, markdown_table, write_result  # noqa: E402
+from common import best_time, machine, markdown_table, write_result  # noqa: E402
 from medexplain.metrics import deletion_insertion, hit_rate, smoothness, sparseness  # noqa: E402
 from medexplain.models import zoo  # noqa: E402
 
@@ -136,23 +136,21 @@ def verdict(raw, task):
             f"{'HOLDS' if len(smoother) == n and len(acc_better) == n else 'does NOT hold'} here.")
 
 
-def _fastest(fn, rounds):
-    """Fastest wall time of ``rounds`` calls (the least disturbed by other work on the machine)."""
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def throughput(model, test, n_tp, rounds=3):
+    """Fastest of ``rounds`` for the 32 problems solved together and for a per-image loop; the maps of the
+    last round of each are compared."""
     x = test.images[:n_tp]
     mx.explain(model, x[:2], "ssplain", target=1, iterations=2)  # warm-up
-    t_batch, together = _fastest(lambda: mx.explain(model, x, "ssplain", target=1).map, rounds)
-    t_loop, single = _fastest(lambda: torch.cat([mx.explain(model, x[i:i + 1], "ssplain", target=1).map
-                                                 for i in range(len(x))]), rounds)
-    return t_batch, t_loop, (together - single).abs().max().item()
+    maps = {}
+
+    def together():
+        maps["together"] = mx.explain(model, x, "ssplain", target=1).map
+
+    def loop():
+        maps["loop"] = torch.cat([mx.explain(model, x[i:i + 1], "ssplain", target=1).map for i in range(len(x))])
+
+    t_batch, t_loop = best_time(together, rounds), best_time(loop, rounds)
+    return t_batch, t_loop, (maps["together"] - maps["loop"]).abs().max().item()
 
 
 def model_ceiling(model, test, n_tp, repeat=10, rounds=3):
@@ -165,8 +163,8 @@ def model_ceiling(model, test, n_tp, repeat=10, rounds=3):
         return torch.autograd.grad(model(xx).sum(), xx)[0]
 
     grad(x), grad(x[:1])  # warm-up
-    t_batch, _ = _fastest(lambda: [grad(x) for _ in range(repeat)], rounds)
-    t_single, _ = _fastest(lambda: [grad(x[i:i + 1]) for _ in range(repeat) for i in range(n_tp)], rounds)
+    t_batch = best_time(lambda: [grad(x) for _ in range(repeat)], rounds)
+    t_single = best_time(lambda: [grad(x[i:i + 1]) for _ in range(repeat) for i in range(n_tp)], rounds)
     return t_single / t_batch
 
 

@@ -173,12 +173,12 @@ def evaluate(
                                            "maximal pixel in the mask; for piecewise-constant maps)"),
 ):
     """Hit rate and mIoU with 95% bootstrap intervals, written as CheXlocalize's three CSV files per metric."""
-    from ..metrics.localisation import write_results
+    from ..metrics.localisation import TIES, write_results
     try:
         if metric not in ("hitrate", "miou", "all"):
             raise InputError(f"--metric must be hitrate, miou or all, got {metric!r}")
-        if ties not in ("first", "any"):
-            raise InputError(f"--ties must be first or any, got {ties!r}")
+        if ties not in TIES:  # before any file is read
+            raise InputError(f"--ties must be one of {', '.join(TIES)}, got {ties!r}")
         if (probs is None) != (cutoff is None):
             raise InputError("--probs and --cutoff go together")
         metrics = ("hitrate", "miou") if metric == "all" else (metric,)

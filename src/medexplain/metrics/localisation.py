@@ -57,6 +57,9 @@ def _out(v: torch.Tensor, per_class: bool) -> torch.Tensor:
     return v if per_class else v[:, 0]
 
 
+TIES = ("first", "any")
+
+
 def hit_rate(maps, masks, ties: str = "first") -> torch.Tensor:
     """Pointing game per case: resize the map to the mask grid (bilinear/trilinear), take the maximum,
     hit if the mask is 1 there. Returns floats ``(B,)``: 1.0 hit, 0.0 miss, NaN where the mask is empty
@@ -70,8 +73,8 @@ def hit_rate(maps, masks, ties: str = "first") -> torch.Tensor:
     whether a map peaks on a region when maps are piecewise constant (a constant map then hits every
     non-empty mask, so report it beside the ``"first"`` figure, not instead of it).
     """
-    if ties not in ("first", "any"):
-        raise InputError(f"ties must be 'first' or 'any', got {ties!r}")
+    if ties not in TIES:
+        raise InputError(f"ties must be one of {TIES}, got {ties!r}")
     maps, masks, per_class = _as_maps_masks(maps, masks)
     flat, mflat = maps.flatten(2), masks.flatten(2)
     if ties == "first":
