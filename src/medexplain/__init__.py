@@ -5,8 +5,9 @@
 """
 from . import errors, targets
 from .attribution import Attribution
-from .core import normalize
-from .explain import available_methods, explain, register
+from .ops import normalize
+from .explain import available_methods, explain
+from .registry import register
 
 __version__ = "0.1.0"
 

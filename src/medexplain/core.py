@@ -1,9 +1,14 @@
-"""Shared mechanics used by every explainer: input checks, the model guard, the layer hook, resizing,
-chunking and cost counting. Each exists once here; methods call them instead of re-implementing them."""
+"""Shared mechanics of every explainer, each written once: input checks, the model guard, the module
+families, the layer-capture hook, the model-output adapter, resizing, chunking and cost counting.
+
+Tensor arithmetic shared by methods and metrics (normalisation, total variation, Dice, output
+probabilities, SmoothGrad noise) lives in :mod:`medexplain.ops`. ``docs/design.md`` lists what lives where.
+"""
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -12,6 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, LayerNotFoundError, UnsupportedModelError
+
+#: Module families per role, over every dimensionality (declared once, as Zennit's ``types`` do), so
+#: code that looks for "a convolution" or "a norm layer" is N-D by construction.
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+        nn.GroupNorm, nn.LayerNorm)
+ACTIVATION = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+              nn.Mish, nn.Hardswish, nn.Softplus)
 
 
 def check_input(x, spatial_dims: int | None = None, channels: int | None = None,
@@ -42,6 +59,7 @@ def check_input(x, spatial_dims: int | None = None, channels: int | None = None,
 def model_expectations(model) -> dict:
     """What an eager model's first convolution says about its input: ``channels``, ``spatial_dims`` and
     the parameters' floating ``dtype`` (keys absent when unknown, e.g. TorchScript or an MLP first)."""
+    model = unwrap(model)
     if not isinstance(model, nn.Module) or is_scripted(model):
         return {}
     out = {}
@@ -49,7 +67,7 @@ def model_expectations(model) -> dict:
     if param is not None:
         out["dtype"] = param.dtype
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, CONV[1:]):
             out.update(channels=m.in_channels, spatial_dims=2 if isinstance(m, nn.Conv2d) else 3)
             break
         if isinstance(m, nn.Linear):
@@ -63,7 +81,7 @@ def model_channels(model: nn.Module) -> int | None:
 
 
 def is_scripted(model) -> bool:
-    return isinstance(model, torch.jit.ScriptModule)
+    return isinstance(unwrap(model), torch.jit.ScriptModule)
 
 
 @contextlib.contextmanager
@@ -93,6 +111,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True):
 
 def find_layer(model: nn.Module, layer) -> nn.Module:
     """A layer given as a module or a dotted name (``"features.7"``, ``"model.1.submodule"``)."""
+    model = unwrap(model)
     if isinstance(layer, nn.Module):
         if not any(m is layer for m in model.modules()):
             raise LayerNotFoundError(type(layer).__name__, [])
@@ -108,11 +127,11 @@ def find_layer(model: nn.Module, layer) -> nn.Module:
 def default_cam_layer(model: nn.Module) -> str:
     """The last convolutional layer's name: the usual CAM layer when the user gives none."""
     name = None
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+    for n, m in unwrap(model).named_modules():
+        if isinstance(m, CONV[1:]):
             name = n
     if name is None:
-        raise LayerNotFoundError("<last conv>", [n for n, _ in model.named_modules() if n])
+        raise LayerNotFoundError("<last conv>", [n for n, _ in unwrap(model).named_modules() if n])
     return name
 
 
@@ -126,39 +145,95 @@ def require_hooks(model) -> None:
 
 @dataclass
 class LayerCapture:
-    """What :func:`capture_layer` records: the layer's output (a leaf when ``grad=True``)."""
+    """What :func:`capture_layers` records of one layer: every output of one forward, in call order.
 
-    activation: torch.Tensor | None = None
+    ``mode="detach"`` stores detached **clones** (an in-place op after the layer, e.g. ``ReLU(inplace=True)``,
+    cannot alter them); ``"graph"`` stores clones that keep the autograd graph (to train through them);
+    ``"leaf"`` replaces the layer's output by a detached copy that requires grad, so a backward stops at
+    the layer (:func:`layer_gradient`). ``calls`` counts how often the layer ran.
+    """
+
+    name: str
+    outputs: list = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def activation(self) -> torch.Tensor | None:
+        """The output of the layer's single call (``None`` if it did not run); a typed error when the
+        layer ran several times in one forward (a shared module: which call is meant is ambiguous)."""
+        if not self.outputs:
+            return None
+        if len(self.outputs) > 1:
+            raise UnsupportedModelError(
+                f"layer {self.name!r} was called {len(self.outputs)} times in one forward pass (a shared "
+                "module); choose a layer that runs once")
+        return self.outputs[0]
+
+
+@contextlib.contextmanager
+def capture_layers(model: nn.Module, layers, mode: str = "detach") -> Iterator[dict[str, LayerCapture]]:
+    """The one forward-hook utility: record the outputs of ``layers`` (names or modules), removed on exit
+    (also on error). Returns ``{name: LayerCapture}`` in the order given; see :class:`LayerCapture`."""
+    if mode not in ("detach", "graph", "leaf"):
+        raise ValueError(f"capture mode must be 'detach', 'graph' or 'leaf', got {mode!r}")
+    require_hooks(model)
+    layers = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    caps: dict[str, LayerCapture] = {}
+    handles = []
+
+    def make_hook(cap):
+        def hook(_mod, _inp, out):
+            if not isinstance(out, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"layer {cap.name!r} returns {type(out).__name__}, not a tensor; choose another layer")
+            if mode == "leaf":
+                leaf = out.detach().requires_grad_(True)
+                cap.outputs.append(leaf)
+                return leaf * 1  # a non-leaf copy, so in-place ops after the layer leave the leaf intact
+            cap.outputs.append(out.clone() if mode == "graph" else out.detach().clone())
+            return None
+        return hook
+
+    try:
+        for layer in layers:
+            module = find_layer(model, layer)
+            name = layer if isinstance(layer, str) else _module_name(model, module)
+            caps[name] = LayerCapture(name)
+            handles.append(module.register_forward_hook(make_hook(caps[name])))
+        yield caps
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
 def capture_layer(model: nn.Module, layer, grad: bool = False) -> Iterator[LayerCapture]:
-    """Record a layer's output with one forward hook, removed on exit (also on error).
+    """:func:`capture_layers` for one layer: ``grad=True`` is ``mode="leaf"``, else ``"detach"``."""
+    with capture_layers(model, [layer], mode="leaf" if grad else "detach") as caps:
+        yield next(iter(caps.values()))
 
-    With ``grad=True`` the output is replaced by a detached copy that requires grad, so
-    ``torch.autograd.grad(score, cap.activation)`` backpropagates only down to that layer: nothing below
-    it is differentiated (Captum's LayerGradCam does the same, MONAI's GradCAM goes to the input). The
-    copy is multiplied by one so in-place operations after the layer act on a non-leaf tensor.
-    """
-    require_hooks(model)
-    module = find_layer(model, layer)
-    cap = LayerCapture()
 
-    def hook(_mod, _inp, out):
-        if not isinstance(out, torch.Tensor):
-            raise UnsupportedModelError(f"layer {layer!r} returns {type(out).__name__}, not a tensor; choose another layer")
-        if grad:
-            leaf = out.detach().requires_grad_(True)
-            cap.activation = leaf
-            return leaf * 1
-        cap.activation = out.detach()
-        return None
+def layer_gradient(score: torch.Tensor, cap: LayerCapture) -> torch.Tensor:
+    """d score.sum() / d(the captured leaf), with a typed error when the layer does not affect the score
+    (instead of autograd's "element 0 of tensors does not require grad")."""
+    a = cap.activation
+    if a is None:
+        raise UnsupportedModelError(f"layer {cap.name!r} was not called in the forward pass")
+    if not score.requires_grad:
+        raise UnsupportedModelError(f"the target score does not depend on layer {cap.name!r}; choose a layer "
+                                    "on the path from the input to the explained output")
+    (g,) = torch.autograd.grad(score.sum(), a, allow_unused=True)
+    if g is None:
+        raise UnsupportedModelError(f"the target score does not depend on layer {cap.name!r}; choose a layer "
+                                    "on the path from the input to the explained output")
+    return g
 
-    handle = module.register_forward_hook(hook)
-    try:
-        yield cap
-    finally:
-        handle.remove()
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in unwrap(model).named_modules() if m is module), type(module).__name__)
 
 
 def resize_to(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
@@ -189,16 +264,70 @@ class Cost:
                 "seconds": time.perf_counter() - self.t0, **extra}
 
 
-def forward(model, x: torch.Tensor, cost: Cost | None = None) -> torch.Tensor:
-    """Run the model, count the rows, and check the output is a tensor."""
-    out = model(x)
-    if cost is not None:
-        cost.n_forward += x.shape[0]
-    if isinstance(out, (tuple, list)):  # e.g. deep-supervision heads: explain the main output
+def select_output(out, output=None) -> torch.Tensor:
+    """The one model-output adapter: the tensor ``(B, K, ...)`` to explain from whatever the model returns.
+
+    ``output``: ``None`` (a tensor as is; a tuple/list, e.g. deep-supervision heads, gives its first
+    element, with a warning when there are several; a dict is an error listing its keys), an ``int``
+    (that element of a tuple/list; for a tensor, ``out[:, i]``, e.g. the full-resolution head of MONAI
+    ``DynUNet``'s stacked training output ``(B, heads, K, *spatial)``), a ``str`` (that key of a dict)
+    or a callable ``output(out) -> tensor``.
+    """
+    if callable(output):
+        out = output(out)
+    elif isinstance(output, str):
+        if not isinstance(out, dict) or output not in out:
+            keys = sorted(out) if isinstance(out, dict) else f"a {type(out).__name__}, not a dict"
+            raise UnsupportedModelError(f"output={output!r}: the model returned {keys}")
+        out = out[output]
+    elif isinstance(output, int) and not isinstance(output, bool):
+        n = len(out) if isinstance(out, (tuple, list)) else (out.shape[1] if isinstance(out, torch.Tensor) and out.ndim > 1 else 0)
+        if not -n <= output < n:
+            raise UnsupportedModelError(f"output={output} out of range: the model returned {n} output(s) to choose from")
+        out = out[output] if isinstance(out, (tuple, list)) else out[:, output]
+    elif output is not None:
+        raise UnsupportedModelError(f"output must be None, an int, a str or a callable, got {type(output).__name__}")
+    elif isinstance(out, (tuple, list)) and out:
+        if len(out) > 1:
+            warnings.warn(f"the model returned {len(out)} outputs; explaining the first (choose with output=)",
+                          stacklevel=3)
         out = out[0]
+    elif isinstance(out, dict):
+        raise UnsupportedModelError(f"the model returned a dict with keys {sorted(out)}; choose one with output=")
     if not isinstance(out, torch.Tensor):
         raise UnsupportedModelError(f"model returned {type(out).__name__}; medexplain needs a tensor (B, K, ...)")
     return out
+
+
+class OutputAdapter(nn.Module):
+    """``model`` with :func:`select_output` applied to its output, so every path (methods, hooks,
+    training, evaluation) sees one tensor. Layer names are resolved on the wrapped model
+    (:func:`unwrap`), so ``layer="features.7"`` still means the user's layer."""
+
+    def __init__(self, model: nn.Module, output):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, *args, **kwargs):
+        return select_output(self.model(*args, **kwargs), self.output)
+
+
+def with_output(model, output=None):
+    """``model`` itself when ``output`` is None, else an :class:`OutputAdapter` around it."""
+    return model if output is None else OutputAdapter(unwrap(model), output)
+
+
+def unwrap(model):
+    """The user's model inside an :class:`OutputAdapter` (the model itself otherwise)."""
+    return model.model if isinstance(model, OutputAdapter) else model
+
+
+def forward(model, x: torch.Tensor, cost: Cost | None = None, output=None) -> torch.Tensor:
+    """Run the model, count the rows, and return the explained output tensor (:func:`select_output`)."""
+    out = model(x)
+    if cost is not None:
+        cost.n_forward += x.shape[0]
+    return select_output(out, output)
 
 
 def input_gradient(model, x: torch.Tensor, target, rows: torch.Tensor, batch: int, cost: Cost) -> torch.Tensor:
@@ -213,17 +342,3 @@ def input_gradient(model, x: torch.Tensor, target, rows: torch.Tensor, batch: in
         (g,) = torch.autograd.grad(s.sum(), x)
     cost.n_backward += x.shape[0]
     return g
-
-
-def normalize(m: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
-    """Explicit per-sample normalisation of a map (never applied by default): ``minmax``, ``abs``, ``absmax``."""
-    flat = m.flatten(1)
-    if mode == "abs":
-        return m.abs()
-    if mode == "absmax":
-        return m / flat.abs().amax(1).clamp_min(1e-12).view(-1, *[1] * (m.ndim - 1))
-    if mode == "minmax":
-        lo, hi = flat.amin(1), flat.amax(1)
-        shape = (-1, *[1] * (m.ndim - 1))
-        return (m - lo.view(shape)) / (hi - lo).clamp_min(1e-12).view(shape)
-    raise ValueError(f"unknown normalisation {mode!r}")

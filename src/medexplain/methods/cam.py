@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..core import capture_layer, default_cam_layer, forward, resize_to
 from ..errors import UnsupportedModelError
-from ..explain import register
+from ..registry import register
 
 
 def layer_activation_and_gradient(model, x, target, cost, layer, grad: bool = True):

@@ -10,7 +10,7 @@ import torch
 
 from ..core import chunks, forward, input_gradient
 from ..errors import InputError
-from ..explain import register
+from ..registry import register
 
 
 @register("saliency")

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..core import chunks, find_layer, forward, is_scripted
 from ..errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
-from ..explain import register
+from ..registry import register
 from ..targets import Class
 
 __all__ = ["medcam", "DEFAULT_WEIGHTS", "activation_loss", "kl_loss", "ce_loss", "area_loss", "bin_loss",

@@ -9,7 +9,7 @@ import torch
 
 from ..core import chunks, forward
 from ..errors import InputError
-from ..explain import register
+from ..registry import register
 
 
 def _tuple(v, n, what):

@@ -48,7 +48,7 @@ import torch
 
 from ..core import chunks, forward
 from ..errors import InputError, TargetError
-from ..explain import register
+from ..registry import register
 from ..metrics.faithfulness import total_variation
 from ..targets import Class, target_probability
 

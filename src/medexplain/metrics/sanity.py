@@ -15,7 +15,8 @@ import torch
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
-from ..core import model_guard, normalize
+from ..core import model_guard
+from ..ops import normalize
 
 __all__ = ["randomization_check", "RandomizationResult"]
 

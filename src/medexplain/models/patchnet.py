@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core import Cost, check_input, chunks, model_guard
 from ..errors import InputError, TargetError, UnsupportedModelError
-from ..explain import register
+from ..registry import register
 from ..targets import MultiLabel, Target, as_target
 
 __all__ = ["PatchNet", "shift_offsets"]

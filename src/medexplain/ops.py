@@ -1,0 +1,150 @@
+"""Tensor arithmetic shared by methods and metrics, each written once: map normalisation, total variation,
+Dice, output probabilities and the SmoothGrad noise source.
+
+All functions are written against ``(B, ...)`` tensors (2D and 3D alike) and keep dtype and device.
+Written by hand because each is a few lines whose exact convention matters to several callers (e.g.
+TV as a sum for SSplain, as a mean for Med-CAM's prior); ``docs/design.md`` states the conventions.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .errors import InputError, TargetError
+
+ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
+
+
+def _per_sample_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.view(-1, *[1] * (ndim - 1))
+
+
+def normalize(m: torch.Tensor, mode: str = "minmax", start_dim: int = 1) -> torch.Tensor:
+    """Explicit normalisation of maps (never applied by default), over the dims from ``start_dim`` on
+    (1: per sample; 2: per (sample, channel), as CheXlocalize normalises each class map).
+
+    ``minmax``: (m - min) / (max - min), a constant map becomes 0; ``abs``: |m|; ``absmax``: m / max|m|
+    (sign kept, range [-1, 1]).
+    """
+    if mode == "abs":
+        return m.abs()
+    flat = m.flatten(start_dim)
+    keep = (*m.shape[:start_dim], *[1] * (m.ndim - start_dim))
+    tiny = torch.finfo(m.dtype).tiny if m.is_floating_point() else 1e-12
+    if mode == "absmax":
+        return m / flat.abs().amax(-1).clamp_min(tiny).view(keep)
+    if mode == "minmax":
+        lo, hi = flat.amin(-1).view(keep), flat.amax(-1).view(keep)
+        return (m - lo) / (hi - lo).clamp_min(tiny)
+    raise ValueError(f"unknown normalisation {mode!r}; use 'minmax', 'abs' or 'absmax'")
+
+
+def total_variation(t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Anisotropic TV per sample: sum over channels and every spatial axis of ``|t[i+1] - t[i]|``.
+
+    ``t`` is ``(B, C, *spatial)``; returns ``(B,)``. ``reduction="sum"`` (SSplain, arXiv:2512.08038 eq. 2;
+    torchmetrics' ``TotalVariation(reduction="none")`` in 2D) or ``"mean"``: the sum divided by the
+    element count of one sample (Med-CAM's prototype prior, arXiv:2604.13695 section 3.2).
+    """
+    if t.ndim < 3:
+        raise InputError(f"total_variation needs (B, C, *spatial), got shape {tuple(t.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise InputError(f"TV reduction must be 'sum' or 'mean', got {reduction!r}")
+    tv = t.new_zeros(t.shape[0])
+    for axis in range(2, t.ndim):
+        tv = tv + t.diff(dim=axis).abs().flatten(1).sum(1)
+    return tv / t[0].numel() if reduction == "mean" else tv
+
+
+def dice(pred: torch.Tensor, ref: torch.Tensor, empty: float = 1.0) -> torch.Tensor:
+    """Dice 2|P.R| / (|P| + |R|) per sample over all non-batch dims: ``(N, ...)`` -> ``(N,)`` in float64.
+
+    Boolean masks give the usual Dice, soft masks in [0, 1] the soft Dice. ``empty`` is the value when
+    both are empty (1.0: a correct "no lesion").
+    """
+    if pred.shape != ref.shape:
+        raise InputError(f"dice: prediction {tuple(pred.shape)} and reference {tuple(ref.shape)} differ in shape")
+    p, r = pred.flatten(1).double(), ref.flatten(1).double()
+    inter, tot = (p * r).sum(1), p.sum(1) + r.sum(1)
+    return torch.where(tot > 0, 2 * inter / tot.clamp_min(1e-300), torch.full_like(tot, float(empty)))
+
+
+def resolve_activation(out: torch.Tensor, activation: str | None) -> str:
+    """``auto`` -> ``softmax`` for more than one output channel, ``sigmoid`` for one; ``None`` = ``none``."""
+    activation = "none" if activation is None else activation
+    if activation not in ACTIVATIONS:
+        raise TargetError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "auto":
+        return "softmax" if out.shape[1] > 1 else "sigmoid"
+    return activation
+
+
+def probabilities(out: torch.Tensor, activation: str | None = "auto", channel: int | None = None) -> torch.Tensor:
+    """The model's output probabilities ``(N, K, ...)``, or channel ``channel`` of them ``(N, ...)``.
+
+    ``activation`` is the output activation (the one meaning of this word across medexplain):
+    ``softmax`` over dim 1, ``sigmoid`` per channel, ``none`` (the output already is a probability), or
+    ``auto`` (:func:`resolve_activation`). Computed in the output's dtype.
+    """
+    if channel is not None and not 0 <= channel < out.shape[1]:
+        raise TargetError(f"channel {channel} out of range for a model with {out.shape[1]} output channels")
+    act = resolve_activation(out, activation)
+    if act == "softmax":
+        p = torch.softmax(out, 1)
+        return p if channel is None else p[:, channel]
+    z = out if channel is None else out[:, channel]
+    return torch.sigmoid(z) if act == "sigmoid" else z
+
+
+class NoiseSource:
+    """The SmoothGrad noise of every method (SmoothGrad, Smilkov et al. 2017, eq. 3; instance SmoothGrad,
+    Spagnolo et al.): ``n_samples`` draws ``eps_n ~ N(0, sd^2)`` for a batch ``x`` ``(B, C, *s)``.
+
+    ``sd = sigma * (max - min)`` per sample, over the whole sample (``scale="sample"``, Smilkov et al.) or
+    over its first channel (``scale="channel0"``, the IES reference code; the same sd for every channel).
+    Draws are one standard-normal tensor ``(C, *s)`` per noise sample from a generator seeded with ``seed``,
+    shared by the images of the batch and scaled by each image's sd: they depend only on ``seed`` and the
+    image shape, never on the chunking or on the rest of the batch, so a batch of 3 gives the maps of three
+    batches of 1. ``noise`` (absolute, ``(N, C, *s)`` or ``(N, B, C, *s)``) replaces the generator.
+    """
+
+    def __init__(self, x: torch.Tensor, n_samples: int, sigma: float, seed: int = 0, scale: str = "sample",
+                 noise: torch.Tensor | None = None):
+        if int(n_samples) < 1:
+            raise InputError(f"n_samples must be >= 1, got {n_samples}")
+        if sigma < 0:
+            raise InputError(f"sigma must be >= 0, got {sigma}")
+        if scale not in ("sample", "channel0"):
+            raise InputError(f"noise scale must be 'sample' or 'channel0', got {scale!r}")
+        self.x, self.n_samples = x, int(n_samples)
+        if noise is not None:
+            noise = torch.as_tensor(noise).to(x)
+            if noise.ndim == x.ndim:
+                noise = noise.unsqueeze(1)
+            if tuple(noise.shape[2:]) != tuple(x.shape[1:]) or noise.shape[0] != self.n_samples \
+                    or noise.shape[1] not in (1, x.shape[0]):
+                raise InputError(f"noise must have shape {(self.n_samples, *x.shape[1:])} or "
+                                 f"{(self.n_samples, *x.shape)}, got {tuple(noise.shape)}")
+        self.noise = noise
+        ref = x.flatten(1) if scale == "sample" else x[:, 0].flatten(1)
+        self.sd = (ref.amax(1) - ref.amin(1)) * float(sigma)
+        self.gen = torch.Generator(device=x.device).manual_seed(int(seed))
+        self._next = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next ``n`` draws, ``(n, B, C, *s)``."""
+        x = self.x
+        start, self._next = self._next, self._next + n
+        if self.noise is not None:
+            return self.noise[start:start + n].expand(n, *x.shape)
+        eps = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for j in range(n):
+            eps[j] = torch.randn(x.shape[1:], generator=self.gen, device=x.device, dtype=x.dtype)
+        return eps.unsqueeze(1) * _per_sample_view(self.sd, x.ndim).unsqueeze(0)
+
+    def chunks(self, per: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(sample slice, noisy inputs (n, B, C, *s))`` over all draws, ``per`` draws at a time."""
+        for start in range(0, self.n_samples, per):
+            n = min(per, self.n_samples - start)
+            yield slice(start, start + n), self.x.unsqueeze(0) + self.take(n)
