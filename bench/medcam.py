@@ -15,7 +15,7 @@ predicted class. Columns:
   backgrounds outside the mask;
 * inside: share of the mask inside the planted evidence; Grad-CAM's at the same area (its top-k pixels,
   k = the Med-CAM mask size);
-* hit: pointing game (SPEC 5) of the soft mask and of the Grad-CAM map against the planted evidence;
+* hit: pointing game of the soft mask and of the Grad-CAM map against the planted evidence;
 * s/img: wall seconds per image (CPU, ``--threads`` torch threads); evals/img: classifier rows per image.
 
 Shortcut set: the fraction of masks touching the marker and the share of the mask on the marker.

@@ -1,4 +1,4 @@
-"""MedicalPatchNet on the planted chest radiograph set (issue 6; SPEC 4.4 and 5).
+"""MedicalPatchNet on the planted chest radiograph set (issue 6).
 
 One command: ``python bench/patchnet.py`` (``--quick`` for a smaller run). It prints a markdown table and
 writes it to ``bench/results/patchnet.md``:
@@ -223,7 +223,7 @@ def main(argv=None):
     plain = shortcut_hits["raw, plain patches (no shift)"]
     lines.append(f"\nPlain patch map, 'any' rule: {plain:.3f} (goal >= 0.90: {'met' if plain >= 0.9 else 'MISSED'}). "
                  "The shifted maps peak on the marker less often; a likely reason is that they pad the shifted image "
-                 "with zeros (SPEC 4.4), so most windows that hold a corner marker also hold up to p/2 px of zero "
+                 "with zeros, so most windows that hold a corner marker also hold up to p/2 px of zero "
                  "padding, which training images do not show.\n")
 
     # ---- 4. throughput -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Contrast-level Shapley values (issue 8, SPEC 4.5): speed against Captum, and the paper's analysis
+"""Contrast-level Shapley values (issue 8): speed against Captum, and the paper's analysis
 (Ren et al. 2025, arXiv:2512.07224) in kind on the planted 4-contrast set with a known true ranking.
 
     .venv/bin/python bench/shapley.py [--quick]

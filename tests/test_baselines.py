@@ -1,4 +1,4 @@
-"""Baselines against independent implementations (Captum, MONAI) and the method matrix of STYLE.md:
+"""Baselines against independent implementations (Captum, MONAI) and a method matrix (Captum's test-config style):
 every method x {2D, 3D} x {class, region target} x batch 3 == three batches of 1, model untouched."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Bad input gets a clear, typed error, and the model is left as found (SPEC section 1)."""
+"""Bad input gets a clear, typed error, and the model is left as found."""
 import numpy as np
 import pytest
 import torch

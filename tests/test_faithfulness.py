@@ -1,4 +1,4 @@
-"""Deletion/insertion curves (SSplain paper section 5, SPEC 5), smoothness (normalised TV) and sparseness (Gini)."""
+"""Deletion/insertion curves (SSplain paper section 5), smoothness (normalised TV) and sparseness (Gini)."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""CheXlocalize-style localisation metrics (SPEC 5) against hand-computed cases."""
+"""CheXlocalize-style localisation metrics against hand-computed cases."""
 import csv
 import math
 

@@ -1,4 +1,4 @@
-"""Med-CAM (arXiv:2604.13695, SPEC 4.3): every loss term on a constructed case, the straight-through
+"""Med-CAM (arXiv:2604.13695): every loss term on a constructed case, the straight-through
 estimator, 2D and 3D, determinism, early stopping, option errors, the classifier left untouched, and one
 end-to-end case whose minimal evidence is known by construction."""
 import pytest

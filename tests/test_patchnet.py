@@ -1,4 +1,4 @@
-"""MedicalPatchNet (SPEC 4.4): patch geometry, averaging, shifted smoothing and its border options."""
+"""MedicalPatchNet: patch geometry, averaging, shifted smoothing and its border options."""
 import itertools
 
 import numpy as np
@@ -64,7 +64,7 @@ def test_shift_offsets_follow_the_reference():
 
 
 def brute_force_map(x, p, o, border):
-    """SPEC 4.4 written out voxel by voxel for the PatchMean backbone: shift x_s(j) = x(j + s) with zero
+    """Shifted smoothing (MedicalPatchNet, section 2) written out voxel by voxel for the PatchMean backbone: shift x_s(j) = x(j + s) with zero
     padding, patch means, paint, shift back M(j) += M_s(j - s), divide."""
     x = x[0, 0].numpy()
     shape = x.shape

@@ -1,4 +1,4 @@
-"""Instance-level saliency for segmentation (mx.segmentation; Spagnolo et al., seed 001, SPEC 4.2)."""
+"""Instance-level saliency for segmentation (mx.segmentation; Spagnolo et al., seed 001)."""
 import csv
 import math
 
@@ -92,7 +92,7 @@ def test_batches_return_one_list_per_sample_with_sample_indices():
     assert isinstance(single, list) and all(isinstance(i, mx.segmentation.Instance) for i in single)
     lab = label_map(out)
     assert lab.shape == (10, 10) and int(lab.max()) == 3
-    alias = find_instances(mask_or_prob=m)      # SPEC section 2 spells the argument mask_or_prob
+    alias = find_instances(mask_or_prob=m)      # spells the argument mask_or_prob
     assert [[i.size for i in o] for o in alias] == [[i.size for i in o] for o in out]
 
 

@@ -1,4 +1,4 @@
-"""SSplain (arXiv:2512.08038, SPEC 4.1): constraints, batching, 2D/3D, region targets, and the ADMM update
+"""SSplain (arXiv:2512.08038): constraints, batching, 2D/3D, region targets, and the ADMM update
 rules of both modes checked against a two-iteration example computed by hand (closed-form gradients of a
 linear model and Adam's update written out)."""
 import numpy as np

@@ -1,4 +1,4 @@
-"""Contrast-level Shapley values for segmentation (SPEC section 4.5).
+"""Contrast-level Shapley values for segmentation.
 
 Ren et al. 2025, "Clinical Interpretability of Deep Learning Segmentation Through Shapley-Derived
 Agreement and Uncertainty Metrics" (arXiv:2512.07224): the players are the input contrasts (channels, or

@@ -1,4 +1,4 @@
-"""Targets: which scalar per sample is explained (SPEC section 1).
+"""Targets: which scalar per sample is explained.
 
 A target maps a model output ``(N, K, *spatial_or_nothing)`` to scores ``(N,)``. Methods that expand
 the batch (noise samples, IG steps, occlusion windows) pass ``rows``: for each output row, the index of

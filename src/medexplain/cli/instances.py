@@ -1,5 +1,5 @@
 """``medexplain instances IMAGE... --model MODEL --out DIR``: per-lesion, per-channel saliency of a
-segmentation model (Spagnolo et al., seed 001; SPEC 4.2).
+segmentation model (Spagnolo et al., seed 001).
 
 IMAGE is either one NIfTI with the channels (contrasts) as the 4th axis, as nibabel stores them
 (``X x Y x Z x C``), or one 3D file per channel given in channel order (``flair.nii.gz t1.nii.gz``; all on

@@ -85,7 +85,7 @@ def shapley_cmd(
                                             "e.g. T1,T1c,T2,FLAIR (default: channel 0, channel 1, ...)"),
     reference_ranking: Optional[str] = typer.Option(None, "--reference-ranking", help="contrasts most important "
                                                     "first (comma-separated), or ET, WT, TC, ED, NCR for the "
-                                                    "clinician rankings of SPEC 4.5"),
+                                                    "clinician rankings of docs/shapley.md"),
     value: str = typer.Option("probability:1", help=VALUE_HELP),
     seg: Optional[Path] = typer.Option(None, help="reference label map (NIfTI/.npy) for dice values"),
     class_labels: Optional[str] = typer.Option(None, help="label of each output channel for dice, e.g. 0,1,2,4"),

@@ -1,4 +1,4 @@
-"""Class activation maps: Grad-CAM, Grad-CAM++, Eigen-CAM (SPEC section 3).
+"""Class activation maps: Grad-CAM, Grad-CAM++, Eigen-CAM.
 
 One template (as in pytorch-grad-cam): :func:`layer_activation_and_gradient` hooks the layer and
 backpropagates the target only down to it (never to the weights or below the layer); each method only

@@ -1,4 +1,4 @@
-"""Gradient baselines: saliency, SmoothGrad, integrated gradients (SPEC section 3).
+"""Gradient baselines: saliency, SmoothGrad, integrated gradients.
 
 All are N-D and batched: the expanded rows (noise samples, IG steps) of every sample go through the
 model together in chunks of ``chunk_size`` rows, with one backward per chunk.

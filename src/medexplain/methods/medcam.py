@@ -1,8 +1,8 @@
 """Med-CAM: minimal evidence masks from a per-image U-Net trained by classifier activation matching.
 
 Suhail, Anand & Sethi, "Med-CAM: Minimal Evidence for Explaining Medical Decision Making",
-arXiv:2604.13695 (2026), section 3; SPEC section 4.3. No public code exists; this is a re-implementation
-from the paper's equations and the authors' prototype defaults listed in the SPEC.
+arXiv:2604.13695 (2026), section 3. No public code exists; this is a re-implementation
+from the paper's equations and the authors' prototype defaults reported by the authors (docs/medcam.md).
 
 For each image ``x`` a small U-Net (MONAI's, trained from scratch, no normalisation) outputs logits ``u``;
 the soft mask is ``s = sigmoid(u)``, the mask ``m`` is ``s`` hardened at 0.5 with a straight-through
@@ -290,7 +290,7 @@ def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="au
            min_steps: int = 60, patience: int = 20, mask_tol: float = 2e-3, loss_tol: float = 1e-2,
            prior_reduction: str = "mean", threshold: float = 0.5, seed: int = 0, return_soft: bool = False,
            chunk_size: int | None = None, n_layers: int = 5, mask_init: float = 0.5, keep_decision: bool = True):
-    """Med-CAM (Suhail et al. 2026, sections 3.1-3.4; SPEC 4.3): a binary evidence mask per image.
+    """Med-CAM (Suhail et al. 2026, sections 3.1-3.4): a binary evidence mask per image.
 
     Returns the mask ``(B, 1, *spatial)`` (1.0 = evidence kept, 0.0 = suppressed); ``return_soft=True``
     returns the soft mask ``sigmoid(u)`` instead (the binary one is ``soft > threshold``).

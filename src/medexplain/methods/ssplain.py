@@ -1,5 +1,5 @@
 """SSplain: sparse and smooth explanations by ADMM (Sparse and Smooth Explainer, arXiv:2512.08038;
-reference code neu-spiral/SSplain; SPEC section 4.1).
+reference code neu-spiral/SSplain).
 
 A pixel-wise mask ``M`` in [0, 1] lives on the support ``S0`` (voxels whose channel mean exceeds the
 image minimum); ``M~`` is ``M`` on ``S0`` and 0 elsewhere, and the explained input is ``M~ * x`` (zero
@@ -198,7 +198,7 @@ def ssplain(model, x, target, cost, alpha: float = 4, k: int | Sequence[int] | N
             adam_steps: int = 1, lr: float = 0.1, rho: float = 0.01, lambda_tv: float = 1e-3, init="intensity",
             mode: str = "reference", support="above_min", objective: str = "auto", seed: int = 0,
             chunk_size: int | None = None):
-    """SSplain mask by ADMM (arXiv:2512.08038, eq. 3-9; SPEC 4.1). See the module docstring.
+    """SSplain mask by ADMM (arXiv:2512.08038, eq. 3-9). See the module docstring.
 
     Options (reference defaults): ``alpha=4`` (k = max(1, floor(|S0| / alpha))) or an explicit ``k``
     (int or one per sample, capped at |S0|); ``iterations=20`` ADMM iterations with ``adam_steps=1``

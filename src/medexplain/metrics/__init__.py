@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC section 5): localisation, faithfulness, smoothness, ranking, sanity checks.
+"""Evaluation metrics: localisation, faithfulness, smoothness, ranking, sanity checks.
 
 All are N-D (2D and 3D) and batched over cases, torch in and out.
 """

@@ -1,4 +1,4 @@
-"""Faithfulness and map-structure metrics of the SSplain paper (arXiv:2512.08038, section 5; SPEC section 5).
+"""Faithfulness and map-structure metrics of the SSplain paper (arXiv:2512.08038, section 5).
 
 - :func:`deletion_insertion`: the paper's "post-hoc accuracy". Voxels are ranked by attribution; at
   evenly spaced fractions f (26 by default: 0, 4%, ..., 100%) the top ``floor(f N)`` voxels are deleted
@@ -28,7 +28,7 @@ __all__ = ["deletion_insertion", "DeletionInsertion", "smoothness", "sparseness"
 def total_variation(t: torch.Tensor) -> torch.Tensor:
     """Anisotropic TV per sample: sum over channels and every spatial axis of ``|t[i+1] - t[i]|``.
 
-    ``t`` is ``(B, C, *spatial)``; returns ``(B,)``. A sum, not a mean (SPEC 4.1; torchmetrics'
+    ``t`` is ``(B, C, *spatial)``; returns ``(B,)``. A sum, not a mean (SSplain eq. 2; torchmetrics'
     ``TotalVariation(reduction="none")`` in 2D, which the SSplain reference uses).
     """
     if t.ndim < 3:
@@ -110,7 +110,7 @@ def _ranks(scores: torch.Tensor, ties: str, seed: int) -> torch.Tensor:
 def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, target, fractions: int = 26,
                        chunk_size: int | None = 64, baseline: float = 0.0, absolute: bool = False,
                        ties: str = "random", seed: int = 0) -> DeletionInsertion:
-    """Deletion and insertion curves (SSplain paper section 5, "post-hoc accuracy"; SPEC section 5).
+    """Deletion and insertion curves (SSplain paper section 5, "post-hoc accuracy").
 
     Voxels are ranked by the map (summed over map channels, resized to the input grid if needed; signed
     unless ``absolute``). For fraction ``f_j = j / (fractions - 1)`` the top ``n_j = floor(f_j N)`` voxels
@@ -167,7 +167,7 @@ def _as_maps(maps) -> torch.Tensor:
 
 
 def smoothness(maps) -> torch.Tensor:
-    """Anisotropic TV of the per-sample min-max normalised map divided by its element count (SPEC 5).
+    """Anisotropic TV of the per-sample min-max normalised map divided by its element count.
 
     ``(B,)``; lower is smoother. A constant map scores 0. The normalisation makes the score independent
     of the map's scale and offset, so methods with different units compare.

@@ -1,4 +1,4 @@
-"""Localisation metrics of CheXlocalize (Saporta et al. 2022) as used by MedicalPatchNet (seed 003; SPEC 5).
+"""Localisation metrics of CheXlocalize (Saporta et al. 2022) as used by MedicalPatchNet (seed 003).
 
 Every function is N-D (2D and 3D) and works for any label set: maps ``(B, K, *s)`` against masks
 ``(B, K, *s)`` give per-(case, class) values ``(B, K)``; a single-channel mask ``(B, *s)`` or
@@ -66,7 +66,7 @@ def hit_rate(maps, masks, ties: str = "first") -> torch.Tensor:
     (those cases are excluded from means: use ``torch.nanmean``). With per-class masks ``(B, K, *s)``
     and maps ``(B, K, *s)`` it returns ``(B, K)``.
 
-    ``ties="first"`` (CheXlocalize's protocol, SPEC 5): the first maximal voxel in C order, as
+    ``ties="first"`` (CheXlocalize's protocol): the first maximal voxel in C order, as
     ``np.argmax``, so a constant map points at voxel 0 and a piecewise-constant map (PatchNet's patch
     blocks) at the top-left corner of its best block. ``ties="any"``: hit if *any* voxel where the map
     reaches its maximum lies in the mask, i.e. ``max over the mask == max over the image``; use it to ask
@@ -168,7 +168,7 @@ def iou(maps, masks, threshold="otsu", prob=None, cutoff=None, mode: str = "tp")
     * ``"tp"``: only true positives (both masks non-empty) count; others NaN (CheXlocalize default);
     * ``"tp_fp_fn"``: also false positives (predicted mask, empty truth) and false negatives (no
       predicted mask, non-empty truth), which score 0; both empty (true negatives) are NaN
-      (MedicalPatchNet's Table 2, SPEC 5);
+      (MedicalPatchNet's Table 2);
     * ``"tp_fn"``: CheXlocalize's ``true_pos_only=False`` (NaN iff the truth is empty).
 
     Returns float64 ``(B, K)`` or ``(B,)`` as :func:`hit_rate`.
@@ -185,7 +185,7 @@ def iou(maps, masks, threshold="otsu", prob=None, cutoff=None, mode: str = "tp")
 
 def tune_thresholds(maps, masks, mode: str = "tp_fp_fn", candidates=None, prob=None, cutoff=None,
                     chunk_size: int = 16) -> torch.Tensor:
-    """One threshold per class maximising the class's mean IoU over a validation split (SPEC 5;
+    """One threshold per class maximising the class's mean IoU over a validation split (CheXlocalize;
     MedicalPatchNet tunes one threshold per pathology on the CheXlocalize validation set).
 
     ``candidates`` default to 0.00, 0.01, ..., 0.99 on the min-max normalised maps (a grid instead of the
@@ -248,7 +248,7 @@ def _nanmean(a: np.ndarray, axis) -> np.ndarray:
 
 def bootstrap_ci(per_case_values, n: int = 1000, seed: int = 0, level: float = 0.95, names=None,
                  method: str = "percentile") -> BootstrapResult:
-    """Bootstrap confidence intervals of per-class means (CheXlocalize ``eval.bootstrap_metric``; SPEC 5).
+    """Bootstrap confidence intervals of per-class means (CheXlocalize ``eval.bootstrap_metric``).
 
     ``per_case_values``: ``(B,)`` or ``(B, K)``, NaN = excluded (e.g. from :func:`hit_rate` or :func:`iou`).
     Each of the ``n`` replicates draws ``B`` cases with replacement (``numpy.random.default_rng(seed)``),

@@ -1,4 +1,4 @@
-"""Ranking metrics of contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224; SPEC section 4.5).
+"""Ranking metrics of contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224).
 
 From the Shapley values of the contrasts the paper derives two case-level measures:
 
@@ -25,7 +25,7 @@ from ..errors import InputError
 __all__ = ["CLINICIAN_RANKINGS", "rank_agreement", "rank_uncertainty", "pearson_with_dice", "agreement_by_dice",
            "ranks_from_values", "resolve_ranking"]
 
-#: Proposed clinician rankings per BraTS region, most important first (SPEC 4.5).
+#: Proposed clinician rankings per BraTS region, most important first.
 CLINICIAN_RANKINGS: dict[str, tuple[str, ...]] = {
     "ET": ("T1c", "FLAIR", "T2", "T1"),
     "WT": ("FLAIR", "T2", "T1c", "T1"),

@@ -1,4 +1,4 @@
-"""MedicalPatchNet (Wienholt et al. 2025, seed 003; SPEC 4.4): a self-explaining classifier.
+"""MedicalPatchNet (Wienholt et al. 2025, seed 003): a self-explaining classifier.
 
 The input ``(B, C, *spatial)`` is cut into non-overlapping patches of size ``p`` (a grid ``G``); one
 backbone classifies every patch (patches stacked on the batch axis); the image logit is the fixed
@@ -211,7 +211,7 @@ def _target_weights(target, k: int, b: int, like: torch.Tensor):
 @register("patchnet", needs_grad=False)
 def patchnet(model, x, target, cost, kind: str = "raw", offset=None, border: str = "reference",
              chunk_size: int | None = None, activation: str = "sigmoid"):
-    """``mx.explain(net, x, method="patchnet", target=k)``: the PatchNet's own patch saliency (SPEC 4.4)."""
+    """``mx.explain(net, x, method="patchnet", target=k)``: the PatchNet's own patch saliency."""
     if not isinstance(model, PatchNet):
         raise UnsupportedModelError("method 'patchnet' explains a medexplain.models.PatchNet; for another model "
                                     "use a post-hoc method such as gradcam")

@@ -1,7 +1,7 @@
 """Instance-level saliency for segmentation models: per lesion, per input channel, quantified.
 
 Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion segmentation"
-(seed 001; SPEC 4.2). :func:`find_instances` cuts a segmentation into lesion instances (TP / FP / FN
+(seed 001). :func:`find_instances` cuts a segmentation into lesion instances (TP / FP / FN
 against a reference), :func:`instance_saliency` explains each instance per input channel (SmoothGrad
 with mean or max aggregation, Grad-CAM++), :func:`quantify` turns the maps into one table row per
 instance, :func:`group_statistics` compares TP / FP / FN, and :func:`context_experiment` measures how

@@ -1,7 +1,7 @@
 """Lesion instances: connected components of a segmentation, labelled TP / FP / FN against a reference.
 
 Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion segmentation"
-(seed 001, SPEC 4.2): the foreground probability is thresholded, connected components are formed with
+(seed 001): the foreground probability is thresholded, connected components are formed with
 ``scipy.ndimage.label`` and the reference code's structuring element
 ``generate_binary_structure(ndim, 2)`` (18-connectivity in 3D, 8-connectivity in 2D), and components of
 at most 5 voxels are dropped (``min_size=6``: a component is kept when it has >= 6 voxels).
@@ -138,7 +138,7 @@ def _instance(mask_np: np.ndarray, kind, sample: int, label: int, device) -> Ins
 
 def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None, min_size: int = 6,
                    reference=None, spatial_dims: int | None = None, *, mask_or_prob=None):
-    """Connected-component lesion instances, optionally labelled TP / FP / FN (SPEC 4.2).
+    """Connected-component lesion instances, optionally labelled TP / FP / FN.
 
     Parameters
     ----------
@@ -158,7 +158,7 @@ def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None,
         like the prediction). Gives every instance a kind and adds the FN instances.
     spatial_dims : int, optional
         2 or 3; needed only to read a 3-D array as a batch of 2-D maps.
-    mask_or_prob : keyword alias of ``prob_or_mask`` (the name SPEC section 2 uses).
+    mask_or_prob : keyword alias of ``prob_or_mask`` (the name uses).
 
     Returns
     -------

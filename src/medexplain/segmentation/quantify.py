@@ -1,7 +1,7 @@
 """Quantitative instance saliency: one table row per lesion, group statistics, the context experiment.
 
 Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion segmentation"
-(seed 001; SPEC 4.2). Per instance ``L`` and input channel ``c`` with map ``S_c`` (raw, signed):
+(seed 001). Per instance ``L`` and input channel ``c`` with map ``S_c`` (raw, signed):
 
 * ``sum_c = sum_{v in L} S_c(v)`` and ``mean_c`` (the same divided by |L|);
 * ``channel_share_c = sum_v |S_c(v)| / sum_{c'} sum_v |S_c'(v)|`` over the whole map: the share of
@@ -14,7 +14,7 @@ Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis les
   saliency inside and negative saliency around a detected lesion.
 
 :func:`group_statistics` compares TP / FP / FN rows with a Kruskal-Wallis test and pairwise two-sided
-Mann-Whitney U tests, Bonferroni-corrected for the number of pairs tested (SPEC 4.2, proposed).
+Mann-Whitney U tests, Bonferroni-corrected for the number of pairs tested (our choice; the paper reports no test).
 :func:`context_experiment` keeps the input only inside the instance dilated ``d`` times (zero
 elsewhere), ``d = 0..d_max``, and records the mean lesion probability over the instance and whether
 any instance voxel is still above threshold (the reference's contextual-information experiment).

@@ -1,4 +1,4 @@
-"""Instance-level saliency for segmentation models, per lesion and per input channel (SPEC 4.2).
+"""Instance-level saliency for segmentation models, per lesion and per input channel.
 
 Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion segmentation"
 (seed 001). For a segmentation network with logits ``z`` of shape ``(B, K, *spatial)`` and one lesion
@@ -320,7 +320,7 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
 def instance_saliency(model: nn.Module, x: torch.Tensor, instances, method: str = "smoothgrad",
                       aggregate: str = "mean", **options) -> torch.Tensor:
     """Per-instance, per-input-channel saliency maps ``(n_instances, C, *spatial)`` (Grad-CAM++:
-    ``(n_instances, 1, *spatial)``), raw and signed; Spagnolo et al. (seed 001), SPEC 4.2.
+    ``(n_instances, 1, *spatial)``), raw and signed; Spagnolo et al. (seed 001).
 
     Same arguments as :func:`explain_instances` (which also returns the cost in ``info``).
     """
