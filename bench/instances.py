@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import medexplain as mx  # noqa: E402
 from common import machine, markdown_table, write_result  # noqa: E402
-from medexplain import segmentation as seg  # noqa: E402
 from medexplain import data  # noqa: E402
+from medexplain import segmentation as seg  # noqa: E402
 from medexplain.training import dice_score, evaluate  # noqa: E402
 
 warnings.filterwarnings("ignore")

@@ -123,7 +123,7 @@ def run_task(task: str, n: int, opts: dict, train_zoo: bool = False) -> dict:
 
 
 def table(rows, opts, threads) -> str:
-    lines = [f"# Med-CAM on the planted 2D sets\n",
+    lines = ["# Med-CAM on the planted 2D sets\n",
              f"Options: {opts}; torch threads: {threads}; CPU. Target = predicted class; images = correctly "
              f"classified positives of the test split (planted evidence present).\n",
              "| set | model (test acc) | n | area | keeps | p(y\\|x) -> p(y\\|e) | p(y\\|e~) | inside (Med-CAM / Grad-CAM) "

@@ -115,7 +115,7 @@ def main(argv=None):
     def offset_for(p):  # the same number of shifts (p / o)^2 for every patch size
         return max(1, p * a.offset // p0)
 
-    lines = [f"# MedicalPatchNet on the planted chest radiograph set\n",
+    lines = ["# MedicalPatchNet on the planted chest radiograph set\n",
              f"Command: `python bench/patchnet.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Data: medexplain.data.chest_xray(n={a.n}, size=64, amplitude={tuple(a.amplitude)}) (planted nodule "
              f"on views of a real radiograph; labels planted, not diagnostic); split 80/10/10 (train / threshold "
@@ -239,7 +239,7 @@ def main(argv=None):
               f"| backbone alone on the same patches | {t_bb:.3f} | {n_rows / t_bb:.0f} |",
               f"| PatchNet.saliency (shift, run, assemble) | {t_sal:.3f} | {n_rows / t_sal:.0f} |",
               f"\nThroughput ratio {ratio:.2f}x (goal >= 0.9x: {'met' if ratio >= 0.9 else 'MISSED'}).",
-              f"\nMap seconds (validation + test): " + ", ".join(f"{k} {v:.1f}" for k, v in t_maps.items()),
+              "\nMap seconds (validation + test): " + ", ".join(f"{k} {v:.1f}" for k, v in t_maps.items()),
               f"\nTotal bench time {time.perf_counter() - t_start:.0f} s (2 shared CPU cores)."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -30,7 +30,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, markdown_table, write_result  # noqa: E402
-
 from medexplain import data, io  # noqa: E402
 from medexplain.run import read_table, run_manifest  # noqa: E402
 

@@ -34,8 +34,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import best_time, machine, markdown_table, write_result  # noqa: E402
-
-import medexplain as mx  # noqa: E402
 from medexplain.metrics import agreement_by_dice, pearson_with_dice, rank_agreement, rank_uncertainty  # noqa: E402
 from medexplain.shapley import channel_shapley, dice, mean_foreground_probability  # noqa: E402
 

@@ -56,7 +56,8 @@ def load(task, size, which):
     """(model, dataset, description): the zoo model, or the tiny CNN when ``which == "tiny"`` or the zoo
     model is near chance on its test split (``which == "auto"``)."""
     from medexplain import data
-    from medexplain.training import evaluate as evaluate_model, train
+    from medexplain.training import evaluate as evaluate_model
+    from medexplain.training import train
     if which in ("zoo", "auto"):
         model, ds = zoo.pretrained(task, seed=0, size=size, progress=False)
         with torch.no_grad():

@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import medexplain as mx  # noqa: E402
 from common import machine, markdown_table, write_result  # noqa: E402
 from medexplain.errors import MedexplainError  # noqa: E402
-from medexplain.metrics import bootstrap_ci, deletion_insertion, hit_rate, iou, randomization_check  # noqa: E402
-from medexplain.metrics import smoothness, sparseness  # noqa: E402
+from medexplain.metrics import bootstrap_ci, deletion_insertion, hit_rate, iou, randomization_check, smoothness, sparseness  # noqa: E402  # noqa: E402
 from medexplain.models import zoo  # noqa: E402
 from medexplain.targets import Region  # noqa: E402
 

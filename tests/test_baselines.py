@@ -2,9 +2,9 @@
 every method x {2D, 3D} x {class, region target} x batch 3 == three batches of 1, model untouched."""
 import pytest
 import torch
-from conftest import image, make
 
 import medexplain as mx
+from conftest import image, make
 from medexplain.targets import Region
 
 captum = pytest.importorskip("captum.attr")

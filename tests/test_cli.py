@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from medexplain.cli import app
 from conftest import TinyClassifier
+from medexplain.cli import app
 
 runner = CliRunner()
 

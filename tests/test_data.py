@@ -1,5 +1,4 @@
 """Planted-evidence generators: determinism, shapes, and that masks are where the evidence was planted."""
-import numpy as np
 import pytest
 import torch
 from scipy import ndimage

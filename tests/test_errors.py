@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import image, make
 
 import medexplain as mx
+from conftest import image, make
 from medexplain import errors, io
 from medexplain.models.loading import load_model
 from medexplain.targets import Region

@@ -169,6 +169,7 @@ def test_write_results_produces_chexlocalize_files(tmp_path):
 def test_evaluate_cli_writes_the_three_csvs(tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
+
     from medexplain.cli import app
     maps, masks, val_maps, val_masks = (tmp_path / d for d in ("maps", "masks", "vmaps", "vmasks"))
     for root in (maps, masks, val_maps, val_masks):
@@ -212,6 +213,7 @@ def test_evaluate_cli_writes_the_three_csvs(tmp_path):
 
 def test_evaluate_cli_ties_option(tmp_path):
     from typer.testing import CliRunner
+
     from medexplain.cli import app
     maps, masks, out = tmp_path / "maps", tmp_path / "masks", tmp_path / "out"
     maps.mkdir(), masks.mkdir()

@@ -224,6 +224,7 @@ def tiny_backbone(in_channels, num_classes):
 def test_train_cli_planted_and_manifest(tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
+
     from medexplain.cli import app
     from medexplain.cli.train import load_trained
     run = CliRunner().invoke(app, ["train", "chest_xray", "--out", str(tmp_path / "pn"), "--patch-size", "16",

@@ -2,9 +2,9 @@
 import importlib
 
 import torch
-from conftest import image, make
 
 import medexplain as mx
+from conftest import image, make
 
 registry = importlib.import_module("medexplain.explain")  # the module (mx.explain is the function)
 

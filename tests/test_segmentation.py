@@ -10,10 +10,18 @@ from scipy import stats
 from torch import nn
 
 import medexplain as mx
-from medexplain.errors import InputError, TargetError
-from medexplain.segmentation import (context_experiment, explain_instances, find_instances, group_statistics,
-                                     instance_saliency, label_map, quantify, write_csv)
 from conftest import TinySegmenter
+from medexplain.errors import InputError, TargetError
+from medexplain.segmentation import (
+    context_experiment,
+    explain_instances,
+    find_instances,
+    group_statistics,
+    instance_saliency,
+    label_map,
+    quantify,
+    write_csv,
+)
 
 
 def seg_model(nd, seed=0, dtype=torch.float64):
@@ -318,6 +326,7 @@ def test_context_experiment_needs_context_and_converges_to_the_full_input():
 
 def test_cli_writes_table_and_maps_on_the_input_affine(tmp_path):
     from typer.testing import CliRunner
+
     from medexplain.cli import app
     model = nn.Conv3d(2, 2, 3, padding=1).eval()      # lesion logit = 2 x FLAIR(v) - 3 + a little T1 context
     with torch.no_grad():

@@ -5,8 +5,8 @@
 """
 from . import errors, targets
 from .attribution import Attribution
-from .ops import normalize
 from .explain import available_methods, explain
+from .ops import normalize
 from .registry import register
 
 __version__ = "0.1.0"

@@ -16,11 +16,12 @@ import io
 import json
 import math
 import os
-from .io import atomic_path
 from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from .io import atomic_path
 
 __all__ = ["write_report", "render_overlay", "render_image"]
 

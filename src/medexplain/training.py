@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from .io import atomic_path
 import time
 from typing import Callable
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .io import atomic_path
 
 __all__ = ["train", "evaluate", "auroc", "dice_score", "save_state_atomic"]
 

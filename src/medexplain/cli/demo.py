@@ -37,6 +37,7 @@ def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8
     import torch
 
     import medexplain as mx
+
     from ..io import write_json, write_nifti
     from ..models import zoo
     from ..report import write_report

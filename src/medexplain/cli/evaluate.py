@@ -24,8 +24,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import app
 from ..errors import FileFormatError, InputError, MedexplainError
+from . import app
 
 console = Console(stderr=True)
 SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz", ".png", ".jpg", ".jpeg", ".dcm")

@@ -68,9 +68,9 @@ def explain_cmd(
     and info.json."""
     import medexplain as mx
     from medexplain import io
+    from medexplain.core import check_input, model_expectations
     from medexplain.errors import MedexplainError
     from medexplain.explain import route_options
-    from medexplain.core import check_input, model_expectations
     from medexplain.models.loading import load_model
 
     try:

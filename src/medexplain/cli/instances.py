@@ -31,6 +31,7 @@ def read_channels(paths: list[Path]):
     file per channel (same grid required)."""
     import numpy as np
     import torch
+
     from medexplain import io
     from medexplain.errors import FileFormatError
     imgs, metas = zip(*[io.read_image(p) for p in paths])
@@ -68,10 +69,13 @@ def instances_cmd(
 ):
     """Find lesion instances in the model's segmentation and explain each one per input channel."""
     import torch
-    from medexplain import io, segmentation as seg
+
+    from medexplain import io
+    from medexplain import segmentation as seg
     from medexplain.core import check_input, model_expectations
     from medexplain.errors import MedexplainError, TargetError
     from medexplain.models.loading import load_model
+
     from .explain import fail
 
     try:

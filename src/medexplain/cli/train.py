@@ -24,8 +24,8 @@ import torch
 import typer
 from rich.console import Console
 
-from . import app
 from ..errors import FileFormatError, InputError, MedexplainError
+from . import app
 
 console = Console(stderr=True)
 PLANTED = {"chest_xray": ("chest_xray", {}), "shortcut": ("chest_xray", {"shortcut": True}), "fundus": ("fundus", {})}
@@ -34,6 +34,7 @@ PLANTED = {"chest_xray": ("chest_xray", {}), "shortcut": ("chest_xray", {"shortc
 def read_manifest(path: Path, image_size: int, seed: int = 0, val_frac: float = 0.2):
     """``((x_train, y_train), (x_val, y_val), class_names, multilabel)`` from a manifest CSV."""
     import torch.nn.functional as F
+
     from ..io import read_image
     if not path.is_file():
         raise FileFormatError(f"{path}: no such manifest")

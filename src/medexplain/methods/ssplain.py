@@ -48,8 +48,8 @@ import torch
 
 from ..core import chunks, forward
 from ..errors import InputError, TargetError
-from ..registry import register
 from ..metrics.faithfulness import total_variation
+from ..registry import register
 from ..targets import Class, target_probability
 
 MODES = ("textbook", "reference")

@@ -27,7 +27,6 @@ import itertools
 import math
 import os
 
-
 import numpy as np
 import torch
 from scipy import ndimage, stats
