@@ -84,9 +84,9 @@ def grid_instances(shape, n):
     pos = np.linspace(4, s - 7, 4).astype(int)
     out = []
     for k in range(n):
-        i, j, l = pos[k % 4], pos[(k // 4) % 4], pos[(k // 16) % 4 if n > 16 else 2]
+        i, j, d = pos[k % 4], pos[(k // 4) % 4], pos[(k // 16) % 4 if n > 16 else 2]
         m = torch.zeros(shape, dtype=torch.bool)
-        m[i:i + 3, j:j + 3, l:l + 3] = True
+        m[i:i + 3, j:j + 3, d:d + 3] = True
         out.append(seg.Instance(m, None, 27))
     return out
 
@@ -98,8 +98,8 @@ def costs(model, x, n_samples, repeat):
     rows = []
     many, one = grid_instances(tuple(x.shape[2:]), 16), grid_instances(tuple(x.shape[2:]), 1)
     for strategy in ("batched", "loop", "vmap", "replicate"):
-        c1, w1, _ = best(lambda: seg.explain_instances(model, x, one, n_samples=n_samples, strategy=strategy), repeat)
-        c16, w16, a = best(lambda: seg.explain_instances(model, x, many, n_samples=n_samples, strategy=strategy), repeat)
+        c1, w1, _ = best(lambda s=strategy: seg.explain_instances(model, x, one, n_samples=n_samples, strategy=s), repeat)
+        c16, w16, a = best(lambda s=strategy: seg.explain_instances(model, x, many, n_samples=n_samples, strategy=s), repeat)
         out[strategy] = (c1, c16, a.map, w1)
         rows.append([f"mean SmoothGrad, one forward per noise sample ({strategy})", c1, c16, c16 / c1, w1, w16])
     c1 = out["batched"][0]

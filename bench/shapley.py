@@ -77,9 +77,9 @@ def speed(sizes, repeat=3):
         x = torch.randn(1, 4, s, s, s)
         with torch.no_grad():
             net(x)
-            t16 = best_time(lambda: [net(x) for _ in range(16)], repeat)
+            t16 = best_time(lambda x=x: [net(x) for _ in range(16)], repeat)
         res = channel_shapley(net, x, vf)
-        t_ours = best_time(lambda: channel_shapley(net, x, vf), repeat)
+        t_ours = best_time(lambda x=x: channel_shapley(net, x, vf), repeat)
         t_cap, calls, attr = captum_time(net, x, vf)
         diff = (res.values[0].float() - attr[0]).abs().max().item()
         rows.append([f"4 x {s}^3", t_ours, res.n_evaluations, t16, t_ours / t16, t_cap, calls, t_cap / t_ours,
