@@ -143,7 +143,7 @@ def planted(n_pool, n_test, size, folds, epochs):
         dices.append(hard_dice(net, x_test, s_test).numpy())
     v = torch.stack(values)                        # (F, cases, 4)
     d = np.stack(dices)                            # (F, cases)
-    agr = rank_agreement(v.reshape(-1, 4), truth, ties=ties)      # one row per (model, case)
+    agr = rank_agreement(v.reshape(-1, 4), truth, tied_groups=ties)      # one row per (model, case)
     somers, tau, top1 = (agr[k].numpy() for k in ("somers_d", "kendall_tau", "top1"))
     by_dice_d = agreement_by_dice(somers, d.ravel(), alternative="greater")
     by_dice_t = agreement_by_dice(tau, d.ravel(), alternative="greater")

@@ -3,11 +3,12 @@
     .venv/bin/python bench/validity.py [--cases N] [--quick]
 
 For each planted task of the zoo (2D chest radiograph, fundus, shortcut, 3D lesions, 4-contrast volumes)
-and each method of ``mx.available_methods()``: hit rate and mIoU (Otsu, TP-only) with 95% bootstrap CIs
-against the planted evidence, deletion and insertion areas (post-hoc accuracy for classifiers, region
-probability for segmenters), smoothness, sparseness, the randomisation sanity check (Spearman of |map|
-with the fully randomised model's map; pass < 0.3), seconds per case, and the time ratio against the
-peer implementation where one exists (Captum / MONAI, same cases, same run).
+and each method that applies to the task's model (``mx.available_methods(model=..., x=...)``): hit rate
+and mIoU (Otsu, TP-only) with 95% bootstrap CIs against the planted evidence, deletion and insertion
+areas (post-hoc accuracy for classifiers, region probability for segmenters), smoothness, sparseness,
+the randomisation sanity check (Spearman of |map| with the fully randomised model's map; pass < 0.3),
+seconds per case, and the time ratio against the peer implementation where one exists (Captum / MONAI,
+same cases, same run).
 
 The shortcut task is scored against the marker masks: a high hit rate there means the method shows that
 the model relies on the shortcut. The 3D tasks explain one planted lesion per volume (the largest) with a
@@ -143,13 +144,16 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    # patchnet explains PatchNet models only: bench/patchnet.py covers it
-    methods = args.methods.split(",") if args.methods else [m for m in mx.available_methods() if m != "patchnet"]
+    chosen = args.methods.split(",") if args.methods else None
     tasks = args.tasks.split(",") if args.tasks else TASKS_2D + TASKS_3D
     rows = []
     for task in tasks:
         n = args.cases if task in TASKS_2D else max(2, args.cases // 4)
         model, x, target, masks, cls = task_cases(task, n)
+        # the methods that apply to this model (the registry's applies_to: no PatchNet saliency for a
+        # plain CNN, no classifier-only method for a segmenter); bench/patchnet.py covers PatchNets
+        applicable = mx.available_methods(model=model, x=x[:1])
+        methods = [m for m in chosen if m in applicable] if chosen else applicable
         for method in methods:
             print(f"{task}: {method} on {len(x)} cases", flush=True)
             try:

@@ -83,21 +83,34 @@ def test_gradcam_pp_paper_formula_by_hand():
     assert rel_err(ours, expected) <= 1e-10
 
 
-def test_eigencam_is_first_principal_component():
+def _first_principal_component(a):
+    """Projection of one sample's centred activations ``(K, *s)``, as ``N`` points in ``K`` dims, on their
+    first principal direction (SVD), ``(N,)``: Eigen-CAM before its sign rule."""
+    flat = a.flatten(1).T
+    flat = flat - flat.mean(0)
+    _, _, vt = torch.linalg.svd(flat, full_matrices=False)
+    return flat @ vt[0]
+
+
+def test_eigencam_projects_the_conv_output_not_the_inplace_relu_after_it():
+    """Eigen-CAM at a conv followed by ``ReLU(inplace=True)`` (``features.2`` -> ``features.3``) is the SVD
+    projection of the conv's own output, computed here by running the layers by hand, not of the
+    ReLU's output (which an aliased, uncloned capture would see)."""
     model, x = make("cls", 2), image(2, b=2)
+    assert isinstance(model.features[3], torch.nn.ReLU) and model.features[3].inplace
     m = mx.explain(model, x, "eigencam", layer="features.2").map
-    cap = {}
-    h = model.features[3].register_forward_hook(lambda mod, i, o: cap.update(a=o.detach().clone()))
-    model(x)
-    h.remove()
+    with torch.no_grad():
+        conv = model.features[2](model.features[1](model.features[0](x)))   # the conv's output, by hand
+    relu = conv.clamp(min=0)
+    assert conv.min() < 0                                                    # so the in-place ReLU changes it
     for b in range(2):
-        flat = cap["a"][b].flatten(1).T
-        flat = flat - flat.mean(0)
-        # the map maximises variance among unit projections: compare with numpy's PCA direction
-        u, s, vt = torch.linalg.svd(flat, full_matrices=False)
-        proj = flat @ vt[0]
-        assert torch.allclose(m[b, 0].flatten().abs(), proj.abs(), atol=1e-10)
-        assert torch.corrcoef(torch.stack([m[b, 0].flatten(), cap["a"][b].mean(0).flatten()]))[0, 1] >= 0
+        ours, expect = m[b, 0].flatten(), _first_principal_component(conv[b])
+        mean_act = conv[b].mean(0).flatten()
+        sign = 1.0 if torch.corrcoef(torch.stack([expect, mean_act]))[0, 1] >= 0 else -1.0  # the sign rule
+        torch.testing.assert_close(ours, sign * expect, rtol=0, atol=1e-10)
+        post_relu = _first_principal_component(relu[b])
+        assert (ours.abs() - post_relu.abs()).abs().max() > 1e-2             # the two really differ here
+        assert torch.corrcoef(torch.stack([ours, mean_act]))[0, 1] >= 0
 
 
 @pytest.mark.parametrize("method", BASELINES)
@@ -122,7 +135,7 @@ def test_matrix_batched_equals_unbatched_and_model_untouched(method, nd, kind):
     assert full.map.shape[0] == 3 and full.map.shape[2:] == x.shape[2:]
     assert full.map.shape[1] in (1, x.shape[1])
     assert (full.map - parts).abs().max() <= 1e-6 * max(1.0, parts.abs().max().item())
-    assert full.info["n_forward"] >= 3 and full.info["seconds"] >= 0
+    assert full.info["n_forward"] >= 3 and full.info["seconds"] > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert flags == [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()]
     assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
@@ -159,11 +172,20 @@ def test_multilabel_target_sums_logits():
 
 
 def test_smoothgrad_is_deterministic_and_chunk_independent():
+    from medexplain.ops import NoiseSource
     model, x = make("cls", 2), image(2, b=2)
     a = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=3, chunk_size=100).map
-    b = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=3, chunk_size=100).map
+    torch.manual_seed(999)                                     # the global RNG plays no part
+    again = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=3, chunk_size=100).map
+    assert torch.equal(a, again)
+    chunked = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=3, chunk_size=2).map  # 1 sample/call
+    torch.testing.assert_close(chunked, a, rtol=1e-12, atol=1e-14)
     c = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=4, chunk_size=100).map
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a - c).abs().max() > 1e-6
+    # the draws are ops.NoiseSource's (one per noise sample, scaled by each image's range)
+    given = NoiseSource(x, 5, 0.15, 3).take(5)
+    torch.testing.assert_close(mx.explain(model, x, "smoothgrad", target=1, n_samples=5, noise=given).map, a,
+                               rtol=1e-12, atol=1e-14)
 
 
 def test_float32_and_gradients_flow_only_to_inputs():

@@ -108,11 +108,13 @@ def test_ties_are_broken_by_a_seeded_permutation():
     model = _linear(64, w)
     x = torch.ones(1, 1, 8, 8, dtype=torch.float64)
     flat = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
-    first = deletion_insertion(model, x, flat, 1, ties="first")
-    rand = deletion_insertion(model, x, flat, 1, ties="random", seed=0)
+    first = deletion_insertion(model, x, flat, 1, tie_break="first")
+    rand = deletion_insertion(model, x, flat, 1, tie_break="random", seed=0)
     assert first.deletion_auc.item() < rand.deletion_auc.item() - 0.1
-    again = deletion_insertion(model, x, flat, 1, ties="random", seed=0)
+    again = deletion_insertion(model, x, flat, 1, tie_break="random", seed=0)
     assert torch.equal(rand.deletion_probability, again.deletion_probability)
+    with pytest.raises(InputError, match="tie_break"):
+        deletion_insertion(model, x, flat, 1, tie_break="any")
 
 
 def test_model_left_as_found_and_errors():
@@ -158,3 +160,31 @@ def test_sparseness_gini():
     gini_def = np.abs(a[:, None] - a[None, :]).sum() / (2 * n * a.sum())   # mean-difference definition
     assert sparseness(v)[0].item() == pytest.approx(gini_def, rel=1e-5)
     assert math.isnan(sparseness(torch.zeros(1, 1, 2, 2)).item())
+
+
+def test_normalize_modes_per_sample_and_per_channel():
+    """``mx.normalize`` (medexplain.ops.normalize): minmax, abs, absmax; per sample (start_dim=1) or per
+    (sample, channel) (start_dim=2); a constant map becomes 0; absmax keeps the sign."""
+    m = torch.tensor([[[[-2.0, 0.0], [1.0, 2.0]]], [[[3.0, 3.0], [3.0, 3.0]]]], dtype=torch.float64)   # (2, 1, 2, 2)
+    mm = mx.normalize(m, "minmax")
+    torch.testing.assert_close(mm[0, 0], torch.tensor([[0.0, 0.5], [0.75, 1.0]], dtype=torch.float64))
+    assert torch.equal(mm[1], torch.zeros_like(m[1]))                       # constant map -> 0, no NaN
+    torch.testing.assert_close(mx.normalize(m, "abs"), m.abs())
+    am = mx.normalize(m, "absmax")
+    torch.testing.assert_close(am[0, 0], torch.tensor([[-1.0, 0.0], [0.5, 1.0]], dtype=torch.float64))
+    assert am[0, 0, 0, 0] < 0 and torch.equal(am[1], torch.ones_like(m[1]))  # sign kept; range [-1, 1]
+    # per sample: each sample on its own scale (sample 1 x 10 gives the same normalised map)
+    two = torch.stack([m[0], 10 * m[0] + 5])
+    torch.testing.assert_close(mx.normalize(two, "minmax")[1], mx.normalize(two, "minmax")[0])
+    # start_dim=1 pools the channels of a sample; start_dim=2 normalises each channel on its own
+    c = torch.stack([m[0, 0], 4 * m[0, 0]]).unsqueeze(0)                   # (1, 2, 2, 2): channel 1 = 4 x channel 0
+    per_channel = mx.normalize(c, "minmax", start_dim=2)
+    torch.testing.assert_close(per_channel[0, 1], per_channel[0, 0])
+    pooled = mx.normalize(c, "minmax", start_dim=1)
+    assert pooled[0, 0].max() < 1 and pooled[0, 1].max() == 1
+    torch.testing.assert_close(mx.normalize(c, "absmax", start_dim=2)[0, 1], mx.normalize(c, "absmax", start_dim=2)[0, 0])
+    three_d = torch.randn(2, 1, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    n3 = mx.normalize(three_d, "minmax")
+    assert n3.flatten(1).amin(1).tolist() == [0.0, 0.0] and n3.flatten(1).amax(1).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        mx.normalize(m, "zscore")

@@ -67,3 +67,49 @@ def test_overlays_2d_and_3d(tmp_path):
 def test_diverging_colours_have_sign():
     rgb = io.overlay_rgb(np.zeros((1, 1, 2)), np.array([[[1.0, -1.0]]]), alpha=1.0)
     assert rgb[0, 0, 0] > rgb[0, 0, 2] and rgb[0, 1, 2] > rgb[0, 1, 0]  # red positive, blue negative
+
+
+@pytest.mark.parametrize("name, stem", [
+    ("scan.v2.nii.gz", "scan.v2"), ("scan.NII.GZ", "scan"), ("1.2.840.113.dcm", "1.2.840.113"),
+    ("1.2.840.113", "1.2.840.113"), ("case7.npy", "case7"), ("x.y.npz", "x.y"), ("img.jpeg", "img"),
+    ("vol.mha", "vol"), ("vol.nrrd", "vol"), ("a.b.png", "a.b"), ("notes.txt", "notes.txt"), (".png", ".png"),
+    ("dir/sub/scan.nii", "scan")])
+def test_file_stem_removes_only_a_known_extension(name, stem):
+    assert io.file_stem(name) == stem
+
+
+def test_file_stem_of_a_folder_is_its_name(tmp_path):
+    (tmp_path / "series.dcm").mkdir()
+    assert io.file_stem(tmp_path / "series.dcm") == "series.dcm"
+
+
+def test_text_and_csv_writers_are_atomic(tmp_path):
+    import csv
+    io.write_csv([[1, None, "a,b"], {"x": 2, "y": 3.5}], tmp_path / "sub" / "t.csv", ["x", "y", "z"])
+    assert list(csv.reader(open(tmp_path / "sub" / "t.csv"))) == [["x", "y", "z"], ["1", "", "a,b"], ["2", "3.5", ""]]
+    io.write_text("héllo", tmp_path / "sub" / "t.txt")
+    assert (tmp_path / "sub" / "t.txt").read_text(encoding="utf-8") == "héllo"
+
+    class Boom:
+        def __iter__(self):
+            yield [1, 2]
+            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError):
+        io.write_csv(Boom(), tmp_path / "sub" / "t.csv", ["x", "y"])
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["t.csv", "t.txt"]   # old file kept, no temp
+    assert (tmp_path / "sub" / "t.csv").read_text().splitlines()[0] == "x,y,z"
+
+
+def test_read_channels_one_file_or_one_per_channel(tmp_path):
+    vol = np.random.default_rng(0).random((3, 4, 5, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(np.moveaxis(vol, 0, -1), np.eye(4)), str(tmp_path / "all.nii.gz"))
+    for c in range(3):
+        nib.save(nib.Nifti1Image(vol[c], np.eye(4)), str(tmp_path / f"c{c}.nii.gz"))
+    whole, _ = io.read_channels(tmp_path / "all.nii.gz")
+    parts, meta = io.read_channels([tmp_path / f"c{c}.nii.gz" for c in range(3)])
+    assert torch.equal(whole, parts) and torch.equal(whole, torch.from_numpy(vol)) and meta["format"] == "nifti"
+    nib.save(nib.Nifti1Image(vol[0], np.diag([2.0, 1, 1, 1])), str(tmp_path / "moved.nii.gz"))
+    with pytest.raises(io.FileFormatError, match="affines"):
+        io.read_channels([tmp_path / "c0.nii.gz", tmp_path / "moved.nii.gz"])
+    with pytest.raises(io.FileFormatError, match="one channel"):
+        io.read_channels([tmp_path / "all.nii.gz", tmp_path / "c0.nii.gz"])

@@ -123,6 +123,10 @@ def test_tune_thresholds_finds_the_known_optimum():
     # thresholds in [6/9, 7/9) give IoU 1; the smallest grid point there is 0.67
     t = tune_thresholds(ramp, gt, mode="tp_fp_fn")
     assert t.shape == (1,) and math.isclose(float(t[0]), 0.67)
+    for threshold_chunk in (1, 7, 100):                                  # how many candidates are scored together
+        assert torch.equal(tune_thresholds(ramp, gt, mode="tp_fp_fn", threshold_chunk=threshold_chunk), t)
+    with pytest.raises(InputError, match="threshold_chunk"):
+        tune_thresholds(ramp, gt, threshold_chunk=0)
     two = tune_thresholds(torch.cat([ramp, ramp.flip(-1)], 1), torch.stack([gt, gt.flip(-1)], 1),
                           candidates=[0.1, 0.5, 0.7, 0.75])
     assert torch.allclose(two, torch.tensor([0.7, 0.7], dtype=two.dtype))

@@ -9,6 +9,7 @@ from torch import nn
 import medexplain as mx
 from medexplain.errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
 from medexplain.methods import medcam as mc
+from medexplain.ops import total_variation
 
 FAST = dict(steps=4, min_steps=4, patience=2, unet_channels=4)
 
@@ -70,7 +71,8 @@ def test_kl_and_ce_match_their_definitions():
 def test_distances_cosine_scale_invariant_mse_standardised():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 3, 5, 5, generator=g, dtype=torch.float64)
-    assert torch.allclose(mc.activation_loss([[a]], [[2.5 * a]], [1.0], ["cosine"]), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(mc.activation_loss([[a]], [[2.5 * a]], [1.0], ["cosine"]), torch.zeros(2, dtype=torch.float64),
+                          atol=1e-12)
     # b = a + one per-channel sd: every standardised difference is 1, so the MSE is exactly 1
     sd = a.flatten(2).std(2, unbiased=False)[..., None, None]
     assert torch.allclose(mc.activation_loss([[a]], [[a + sd]], [1.0], ["mse"]), torch.ones(2, dtype=torch.float64))
@@ -89,13 +91,15 @@ def test_area_and_tv_exact_on_a_known_mask(nd):
     faces = 2 * nd * side ** (nd - 1)                    # each axis: 2 boundary faces per row of the cube
     assert mc.area_loss(m, "sum").item() == area
     assert mc.area_loss(m, "mean").item() == pytest.approx(area / n_vox, abs=1e-15)
-    assert mc.tv_loss(m, "sum").item() == faces
-    assert mc.tv_loss(m, "mean").item() == pytest.approx(faces / n_vox, abs=1e-15)
+    assert total_variation(m, "sum").item() == faces        # Med-CAM's L_tv is the one TV of medexplain.ops
+    assert total_variation(m, "mean").item() == pytest.approx(faces / n_vox, abs=1e-15)
     assert mc.bin_loss(m, "sum").item() == 0
     half = torch.full_like(m, 0.5)
-    assert mc.bin_loss(half, "mean").item() == 0.25 and mc.tv_loss(half, "sum").item() == 0
+    assert mc.bin_loss(half, "mean").item() == 0.25 and total_variation(half, "sum").item() == 0
     with pytest.raises(InputError):
-        mc.tv_loss(m, "max")
+        total_variation(m, "max")
+    with pytest.raises(InputError, match="prior_reduction"):
+        mx.explain(_cnn(nd), torch.rand((1, 1) + (8,) * nd, dtype=torch.float64), "medcam", prior_reduction="max", **FAST)
 
 
 def test_straight_through_forward_hard_backward_identity():
@@ -152,7 +156,7 @@ def test_deterministic_and_batch_independent():
     assert torch.equal(a, b)
     single = torch.cat([mx.explain(model, x[i:i + 1], "medcam", return_soft=True, **FAST).map for i in range(3)])
     assert torch.allclose(a, single, atol=1e-8)        # one U-Net per image: the batch does not couple them
-    chunked = mx.explain(model, x, "medcam", return_soft=True, chunk_size=2, **FAST).map
+    chunked = mx.explain(model, x, "medcam", return_soft=True, images_per_step=2, **FAST).map
     assert torch.allclose(a, chunked, atol=1e-8)
     c = mx.explain(model, x, "medcam", return_soft=True, seed=5, **FAST).map
     assert not torch.allclose(a, c)

@@ -64,8 +64,8 @@ def test_shift_offsets_follow_the_reference():
 
 
 def brute_force_map(x, p, o, border):
-    """Shifted smoothing (MedicalPatchNet, section 2) written out voxel by voxel for the PatchMean backbone: shift x_s(j) = x(j + s) with zero
-    padding, patch means, paint, shift back M(j) += M_s(j - s), divide."""
+    """Shifted smoothing (MedicalPatchNet, section 2) written out voxel by voxel for the PatchMean backbone:
+    shift x_s(j) = x(j + s) with zero padding, patch means, paint, shift back M(j) += M_s(j - s), divide."""
     x = x[0, 0].numpy()
     shape = x.shape
     shifts = list(itertools.product(*[shift_offsets(p, o)] * x.ndim))
@@ -226,7 +226,7 @@ def test_train_cli_planted_and_manifest(tmp_path):
     from typer.testing import CliRunner
 
     from medexplain.cli import app
-    from medexplain.cli.train import load_trained
+    from medexplain.models.trained import load_trained
     run = CliRunner().invoke(app, ["train", "chest_xray", "--out", str(tmp_path / "pn"), "--patch-size", "16",
                                    "--image-size", "32", "--n", "16", "--epochs", "1", "--batch-size", "8",
                                    "--backbone", f"{__name__}:tiny_backbone"])

@@ -43,7 +43,7 @@ def test_rank_agreement_textbook_values():
 def test_rank_agreement_ties_and_constant_values():
     v = torch.tensor([[0.0, 0.1, 0.5, 1.0], [0.1, 0.0, 0.5, 1.0], [0.1, 0.0, 1.0, 0.5]])
     # planted set: true ranking [3, 2, 1, 0] with 0 and 1 tied: both orders of 0/1 agree perfectly
-    out = R.rank_agreement(v, [3, 2, 1, 0], ties=[[0, 1]])
+    out = R.rank_agreement(v, [3, 2, 1, 0], tied_groups=[[0, 1]])
     assert out["kendall_tau"][0].item() == pytest.approx(out["kendall_tau"][1].item())
     assert out["kendall_tau"][0].item() == pytest.approx(5 / math.sqrt(30))   # tau-b: 6 pairs, 1 tied in the ref
     assert out["somers_d"][:2].tolist() == pytest.approx([1.0, 1.0])
@@ -53,7 +53,7 @@ def test_rank_agreement_ties_and_constant_values():
     assert untied["somers_d"][1].item() == pytest.approx(4 / 6)
     assert out["top1"].tolist() == [1.0, 1.0, 0.0]
     # a tie at the top: either tied player is a top-1 match
-    top_tie = R.rank_agreement(torch.tensor([[0.0, 0.1, 1.0, 0.9]]), [3, 2, 1, 0], ties=[[3, 2]])
+    top_tie = R.rank_agreement(torch.tensor([[0.0, 0.1, 1.0, 0.9]]), [3, 2, 1, 0], tied_groups=[[3, 2]])
     assert top_tie["top1"].item() == 1.0
     flat = R.rank_agreement(torch.zeros(1, 4), [0, 1, 2, 3])
     assert all(math.isnan(flat[k].item()) for k in ("kendall_tau", "spearman_rho", "somers_d"))

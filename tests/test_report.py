@@ -30,7 +30,8 @@ def _cases_2d():
     for i in pos.tolist():
         m = torch.zeros(1, 32, 32)
         m[0][ds.masks[i]] = 1.0
-        cases.append({"image": ds.images[i], "mask": ds.masks[i], "title": f"case {i}", "label": "nodule", "prediction": "nodule p=0.9",
+        cases.append({"image": ds.images[i], "mask": ds.masks[i], "title": f"case {i}", "label": "nodule",
+                      "prediction": "nodule p=0.9",
                       "maps": {"signed": torch.randn(1, 32, 32, generator=g), "positive": m}, "captions": {"positive": "hit"}})
     return cases
 
@@ -43,7 +44,8 @@ def _cases_3d():
 
 
 def _write(tmp_path, name, cases, methods):
-    rows = [{"method": m, "hit rate": 0.5, "random baseline": 0.02} for m in methods] + [{"method": "x", "hit rate": float("nan")}]
+    rows = [{"method": m, "hit rate": 0.5, "random baseline": 0.02} for m in methods]
+    rows += [{"method": "x", "hit rate": float("nan")}]
     return Path(write_report(tmp_path / name, cases, methods, rows, title=f"test {name}", notes=["labels are planted"]))
 
 
@@ -106,3 +108,16 @@ def test_report_in_headless_chromium(tmp_path, kind):
     from PIL import Image
     px = np.asarray(Image.open(shot).convert("RGB"))
     assert px.shape[:2] == (800, 1100) and px.std() > 10                 # a rendered page, not a blank one
+
+
+def test_explain_png_and_report_share_one_colour_scheme(tmp_path):
+    from PIL import Image
+
+    from medexplain import io
+    from medexplain.report import render_image
+    g = torch.Generator().manual_seed(0)
+    img, amap = torch.rand(1, 12, 12, generator=g), torch.randn(1, 12, 12, generator=g)
+    want = render_overlay(render_image(img.numpy()), amap[0].numpy())
+    assert np.array_equal(io.overlay_rgb(img, amap), want)
+    p = io.write_png_overlay(img, amap, tmp_path / "o.png")
+    assert np.array_equal(np.asarray(Image.open(p).convert("RGB")), want)

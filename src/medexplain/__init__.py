@@ -17,7 +17,8 @@ __all__ = ["Attribution", "available_methods", "errors", "explain", "normalize",
 def __getattr__(name):
     # Sub-packages load on first use so `import medexplain` stays fast (no MONAI import for the core).
     import importlib
-    if name in ("metrics", "segmentation", "models", "data", "io", "report", "shapley", "run", "training"):
+    if name in ("metrics", "segmentation", "models", "data", "io", "report", "shapley", "run", "training", "demo",
+                "evaluation", "pipelines", "render", "ops", "core", "registry"):
         return importlib.import_module(f".{name}", __name__)
     if name == "channel_shapley":
         return importlib.import_module(".shapley", __name__).channel_shapley

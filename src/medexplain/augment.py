@@ -1,4 +1,10 @@
-"""Training augmentations of MedicalPatchNet (seed 003, "Training"; reference ``ChexpertDataset.py``), batched.
+"""Every training augmentation of medexplain, batched, with the :func:`medexplain.training.train` contract
+``aug(x, y, generator) -> (x, y)``: MedicalPatchNet's (:class:`PaperAugment`), random flips
+(:func:`random_flip`) and contrast dropout (:func:`channel_dropout`) for the zoo's volumes, and
+:func:`compose`.
+
+:class:`PaperAugment` is MedicalPatchNet's training augmentation (seed 003, "Training"; reference
+``ChexpertDataset.py``).
 
 The reference applies, per image, torchvision's ``RandomResizedCrop(scale=(0.5, 1))`` back to the input
 size, ``RandomRotation(5)`` and ``ColorJitter(brightness=0.3)``. :class:`PaperAugment` draws the same
@@ -20,7 +26,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["PaperAugment"]
+__all__ = ["PaperAugment", "channel_dropout", "compose", "random_flip"]
 
 
 def _rotation(angles: torch.Tensor, n: int) -> torch.Tensor:
@@ -104,3 +110,42 @@ class PaperAugment:
         mo = F.grid_sample(m.to(grid.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
         mo = mo.to(y.dtype)
         return out, (mo if y.ndim == x.ndim else mo[:, 0])
+
+
+def random_flip(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    """Flip each sample along each spatial axis with probability 1/2 (image and dense label map alike;
+    class labels pass through)."""
+    for ax in range(2, x.ndim):                       # spatial axis ax of x is axis ax - 1 of a label map
+        f = torch.rand(x.shape[0], generator=generator) < 0.5
+        if f.any():
+            x = x.clone()
+            x[f] = x[f].flip(ax)
+            if y.ndim == x.ndim - 1:
+                y = y.clone()
+                y[f] = y[f].flip(ax - 1)
+    return x, y
+
+
+def channel_dropout(p: float, channels=None):
+    """Augmentation for multi-contrast inputs: zero each of ``channels`` (default: all) of each sample
+    with probability ``p``, never all of a sample's channels, so a model learns to use weaker contrasts
+    when a stronger one is missing (what contrast Shapley values probe). Labels pass through."""
+    if not 0 <= p <= 1:
+        raise InputError(f"channel_dropout: p must be in [0, 1], got {p}")
+
+    def aug(x, y, generator):
+        drop = torch.rand(x.shape[0], x.shape[1], generator=generator) < p
+        if channels is not None:
+            drop[:, [c for c in range(x.shape[1]) if c not in channels]] = False
+        drop[drop.all(1), -1] = False
+        return x * (~drop).view(*drop.shape, *[1] * (x.ndim - 2)).to(x.dtype), y
+    return aug
+
+
+def compose(*augs):
+    """The augmentations applied in order, each with the same generator."""
+    def aug(x, y, generator):
+        for a in augs:
+            x, y = a(x, y, generator)
+        return x, y
+    return aug

@@ -150,11 +150,14 @@ class LayerCapture:
     ``mode="detach"`` stores detached **clones** (an in-place op after the layer, e.g. ``ReLU(inplace=True)``,
     cannot alter them); ``"graph"`` stores clones that keep the autograd graph (to train through them);
     ``"leaf"`` replaces the layer's output by a detached copy that requires grad, so a backward stops at
-    the layer (:func:`layer_gradient`). ``calls`` counts how often the layer ran.
+    the layer (:func:`layer_gradient`). ``calls`` counts how often the layer ran; ``order`` holds, for
+    each output, its position among all the calls recorded by the same :func:`capture_layers` (so the
+    layers of one capture can be put in call order).
     """
 
     name: str
     outputs: list = field(default_factory=list)
+    order: list = field(default_factory=list)
 
     @property
     def calls(self) -> int:
@@ -183,12 +186,15 @@ def capture_layers(model: nn.Module, layers, mode: str = "detach") -> Iterator[d
     layers = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
     caps: dict[str, LayerCapture] = {}
     handles = []
+    seen = [0]  # calls recorded so far, over every captured layer
 
     def make_hook(cap):
         def hook(_mod, _inp, out):
             if not isinstance(out, torch.Tensor):
                 raise UnsupportedModelError(
                     f"layer {cap.name!r} returns {type(out).__name__}, not a tensor; choose another layer")
+            cap.order.append(seen[0])
+            seen[0] += 1
             if mode == "leaf":
                 leaf = out.detach().requires_grad_(True)
                 cap.outputs.append(leaf)
@@ -281,7 +287,10 @@ def select_output(out, output=None) -> torch.Tensor:
             raise UnsupportedModelError(f"output={output!r}: the model returned {keys}")
         out = out[output]
     elif isinstance(output, int) and not isinstance(output, bool):
-        n = len(out) if isinstance(out, (tuple, list)) else (out.shape[1] if isinstance(out, torch.Tensor) and out.ndim > 1 else 0)
+        if isinstance(out, (tuple, list)):
+            n = len(out)
+        else:
+            n = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim > 1 else 0
         if not -n <= output < n:
             raise UnsupportedModelError(f"output={output} out of range: the model returned {n} output(s) to choose from")
         out = out[output] if isinstance(out, (tuple, list)) else out[:, output]

@@ -1,7 +1,8 @@
 """Medical image I/O on the field's libraries: PIL (PNG/JPEG), pydicom (DICOM, rescale slope/intercept),
 nibabel (NIfTI, affine kept). Attributions are written as NIfTI on the input's affine (they open as
-overlays in 3D Slicer / ITK-SNAP) and as PNG overlays. Every write is atomic (temporary file, then rename),
-so an interrupted run never leaves a half-written output.
+overlays in 3D Slicer / ITK-SNAP) and as PNG overlays (the colour scheme of :mod:`medexplain.render`).
+Every write is atomic (:func:`atomic_path`: temporary file, then rename), so an interrupted run never
+leaves a half-written output; :func:`file_stem` is the one rule for output names derived from inputs.
 
 Array convention: images are returned as ``(C, *spatial)`` float32 tensors; NIfTI voxel axes are kept in
 nibabel's order (no transpose), so the affine applies to the returned spatial axes directly; 4D NIfTI
@@ -17,15 +18,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import render
 from .errors import FileFormatError
+from .render import ALPHA, representative_slices  # noqa: F401  (representative_slices re-exported)
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "png", ".jpeg": "png", ".dcm": "dicom", ".dicom": "dicom",
                   ".nii": "nifti", ".nii.gz": "nifti", ".npy": "npy", ".npz": "npz"}
 
 
+#: The file extensions of the field's image and array formats, as :func:`file_stem` removes them
+#: (matched case-insensitively, longest first, so ``.nii.gz`` is one extension).
+KNOWN_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".dicom", ".npy", ".npz",
+                  ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".h5", ".hdf5")
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def file_stem(path) -> str:
+    """The one file-stem rule of medexplain: the file name minus its known extension (:data:`KNOWN_SUFFIXES`),
+    kept whole otherwise, so dots inside a name survive: ``scan.v2.nii.gz`` -> ``scan.v2``,
+    ``1.2.840.113.dcm`` -> ``1.2.840.113``, ``1.2.840.113`` (a DICOM file without extension) -> itself.
+    A folder (e.g. a DICOM series) gives its name. Used for every output name derived from an input."""
+    path = Path(path)
+    name = path.name
+    if path.is_dir():
+        return name
+    low = name.lower()
+    for suffix in KNOWN_SUFFIXES:
+        if low.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def method_file(method: str) -> str:
+    """File-name form of a method name (``gradcam++`` -> ``gradcampp``), for every map file written."""
+    return method.replace("+", "p")
 
 
 def read_image(path) -> tuple[torch.Tensor, dict]:
@@ -156,50 +186,26 @@ def write_nifti(array, path, affine=None) -> Path:
     return Path(path)
 
 
-def _diverging(v: np.ndarray) -> np.ndarray:
-    """Blue-white-red for v in [-1, 1] (RGB float in [0, 1])."""
-    v = np.clip(v, -1, 1)[..., None]
-    red, blue, white = np.array([0.8, 0.1, 0.1]), np.array([0.1, 0.2, 0.8]), np.ones(3)
-    return np.where(v >= 0, white + v * (red - white), white - v * (blue - white))
-
-
-def _sequential(v: np.ndarray) -> np.ndarray:
-    """Black-red-yellow-white ("hot") for v in [0, 1]."""
-    v = np.clip(v, 0, 1)
-    return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
-
-
-def overlay_rgb(image, amap, alpha: float = 0.5, signed: bool | None = None) -> np.ndarray:
-    """2D overlay ``(H, W, 3)`` uint8 of a map on a grayscale image (channel mean, min-max for display
-    only). Signed maps use a diverging colour map centred at 0 and scaled by max |map|."""
+def overlay_rgb(image, amap, alpha: float = ALPHA, signed: bool | None = None) -> np.ndarray:
+    """2D overlay ``(H, W, 3)`` uint8 of a map (``(C, H, W)`` channels summed, or ``(H, W)``) on an image
+    ``(C, H, W)`` or ``(H, W)``, in the one colour scheme of :mod:`medexplain.render` (the report's)."""
     img, m = _np(image).astype(np.float64), _np(amap).astype(np.float64)
-    img = img.mean(0) if img.ndim == 3 else img
+    img = img[None] if img.ndim == 2 else img
     m = m.sum(0) if m.ndim == 3 else m
-    img = (img - img.min()) / max(img.max() - img.min(), 1e-12)
-    signed = bool((m < 0).any()) if signed is None else signed
-    scale = max(np.abs(m).max(), 1e-12)
-    col = _diverging(m / scale) if signed else _sequential(m / scale)
-    weight = alpha * (np.abs(m) / scale)[..., None]        # transparent where the map is 0
-    rgb = (1 - weight) * img[..., None] + weight * col
-    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+    return render.overlay(render.image_rgb(img), m, signed=signed, alpha=alpha)
 
 
-def representative_slices(amap, n: int = 3) -> list[int]:
-    """For a 3D map ``(C, D, H, W)``: the slice with the most |map| and the quartile slices around it."""
-    m = np.abs(_np(amap)).sum(0)
-    d = m.shape[0]
-    peak = int(m.reshape(d, -1).sum(1).argmax())
-    picks = dict.fromkeys([peak] + [int(q * (d - 1)) for q in (0.25, 0.5, 0.75)])  # peak first, no repeats
-    return sorted(list(picks)[:max(n, 1)])
-
-
-def write_png_overlay(image, amap, path, alpha: float = 0.5, signed: bool | None = None, n_slices: int = 3) -> Path:
-    """PNG overlay of ``amap`` (``(C_or_1, *spatial)``) on ``image`` (``(C, *spatial)``); for 3D, a row of
-    representative axial slices (first spatial axis). Written atomically."""
+def write_png_overlay(image, amap, path, alpha: float = ALPHA, signed: bool | None = None, n_slices: int = 3) -> Path:
+    """PNG overlay of ``amap`` (``(C_or_1, *spatial)``) on ``image`` (``(C, *spatial)``) in the colour scheme
+    of :mod:`medexplain.render`; for 3D, a row of representative axial slices (first spatial axis), the
+    image scaled over the volume and the map by its max |value| over the volume. Written atomically."""
     from PIL import Image
-    img, m = _np(image), _np(amap)
+    img, m = _np(image).astype(np.float64), _np(amap).astype(np.float64)
     if m.ndim == 4:
-        tiles = [overlay_rgb(img[:, s], m[:, s], alpha, signed) for s in representative_slices(m, n_slices)]
+        ms = m.sum(0)
+        scale, signed = float(np.abs(ms).max()), bool((ms < 0).any()) if signed is None else signed
+        tiles = [render.overlay(render.slice_rgb(img, s), ms[s], scale, signed, alpha)
+                 for s in representative_slices(m, n_slices)]
         rgb = np.concatenate([np.pad(t, ((0, 0), (0, 2), (0, 0))) for t in tiles], axis=1)
     else:
         rgb = overlay_rgb(img, m, alpha, signed)
@@ -209,10 +215,48 @@ def write_png_overlay(image, amap, path, alpha: float = 0.5, signed: bool | None
 
 
 def write_json(obj, path) -> Path:
+    """``obj`` as indented JSON (tensors and arrays as lists), written atomically."""
     import json
-    with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    return write_text(json.dumps(obj, indent=2, default=_json_default), path, suffix=".json")
+
+
+def write_text(text: str, path, suffix: str = "") -> Path:
+    """``text`` (UTF-8) written atomically to ``path``."""
+    with atomic_path(path, suffix=suffix) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_csv(rows, path, header) -> Path:
+    """``rows`` (sequences in ``header`` order, or dicts keyed by the header names; ``None`` is an empty
+    cell) as a CSV file with ``header``, written atomically."""
+    import csv
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            r = [r.get(h) for h in header] if isinstance(r, dict) else r
+            w.writerow(["" if v is None else v for v in r])
+    return Path(path)
+
+
+def read_channels(paths) -> tuple[torch.Tensor, dict]:
+    """``(C, *spatial)`` and the first file's meta from one multi-channel file (4D NIfTI channels last,
+    ``.npy`` ``(C, *spatial)``) or one single-channel file per channel, in channel order (same grid and
+    affine required: resample them to one grid first)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise FileFormatError("no image file given")
+    imgs, metas = zip(*[read_image(p) for p in paths])
+    if len(imgs) > 1:
+        if any(i.shape[0] != 1 for i in imgs):
+            raise FileFormatError("with several image files, each must hold one channel; got channel counts "
+                                  f"{[int(i.shape[0]) for i in imgs]}")
+        if len({tuple(i.shape) for i in imgs}) != 1:
+            raise FileFormatError(f"the channel files have different grids: {[tuple(i.shape[1:]) for i in imgs]}")
+        if not all(np.allclose(m["affine"], metas[0]["affine"], atol=1e-4) for m in metas):
+            raise FileFormatError("the channel files have different affines: resample them to one grid first")
+    return torch.cat(imgs), metas[0]
 
 
 def _json_default(o):

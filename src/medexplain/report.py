@@ -3,10 +3,10 @@ truth) mask outline, the model's prediction, and a metrics table per method. 3D 
 slider. No external resource: PNGs are embedded as base64 data URIs, CSS and JS are inline, so the file
 opens offline and can be mailed as is. Rendering uses numpy + PIL only.
 
-Colour conventions: a map with negative values is drawn with a diverging blue-white-red colormap scaled
-symmetrically by max |map| (blue negative, red positive); a non-negative map with a sequential
-black-red-yellow colormap scaled by its maximum. Overlay opacity grows with |value|. Maps are shown raw
-per case (only this display scaling is applied; nothing is written back).
+Colours are the one scheme of :mod:`medexplain.render` (shared with the ``explain`` PNGs): a map with
+negative values in a diverging blue-white-red colormap scaled symmetrically by max |map| (blue negative,
+red positive), a non-negative map in a sequential black-red-yellow colormap scaled by its maximum, opacity
+growing with |value|. Maps are shown raw per case (only this display scaling is applied).
 """
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .io import atomic_path
+from .io import write_text
+from .render import image_rgb as render_image
+from .render import overlay as render_overlay
+from .render import slice_rgb
 
 __all__ = ["write_report", "render_overlay", "render_image"]
 
-_DIVERGING = np.array([[5, 48, 97], [67, 147, 195], [247, 247, 247], [214, 96, 77], [103, 0, 31]], float) / 255
-_SEQUENTIAL = np.array([[0, 0, 0], [120, 0, 0], [230, 40, 0], [255, 200, 0], [255, 255, 210]], float) / 255
 _MASK_RGB = np.array([0, 255, 90], np.uint8)
 _MARKER_RGB = np.array([255, 230, 0], np.uint8)
 
@@ -35,36 +36,6 @@ def _np(a) -> np.ndarray:
     if hasattr(a, "detach"):
         a = a.detach().cpu().numpy()
     return np.asarray(a)
-
-
-def _cmap(v: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-    """Piecewise-linear colormap: v in [0, 1] -> RGB in [0, 1]."""
-    pos = np.clip(v, 0, 1) * (len(anchors) - 1)
-    lo = np.clip(np.floor(pos).astype(int), 0, len(anchors) - 2)
-    f = (pos - lo)[..., None]
-    return anchors[lo] * (1 - f) + anchors[lo + 1] * f
-
-
-def render_image(img: np.ndarray) -> np.ndarray:
-    """A 2D image ``(C, H, W)`` (C = 1 grey, 3 RGB) -> uint8 RGB ``(H, W, 3)``, percentile-scaled."""
-    img = np.asarray(img, dtype=np.float64)
-    lo, hi = np.percentile(img, [0.5, 99.5])
-    u = np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
-    rgb = np.repeat(u[:1], 3, 0) if u.shape[0] != 3 else u
-    return (rgb.transpose(1, 2, 0) * 255).round().astype(np.uint8)
-
-
-def render_overlay(base_rgb: np.ndarray, amap: np.ndarray, scale: float | None = None, signed: bool | None = None) -> np.ndarray:
-    """Blend a 2D map ``(H, W)`` over an RGB image. ``signed`` (default: map has negatives) picks the
-    diverging colormap; ``scale`` is the value shown at full colour (default max |map|)."""
-    amap = np.asarray(amap, dtype=np.float64)
-    signed = bool((amap < 0).any()) if signed is None else signed
-    scale = float(np.abs(amap).max()) if scale is None else float(scale)
-    r = amap / scale if scale > 0 else np.zeros_like(amap)
-    col = _cmap((r + 1) / 2, _DIVERGING) if signed else _cmap(np.clip(r, 0, 1), _SEQUENTIAL)
-    alpha = (np.clip(np.abs(r), 0, 1) ** 0.7 * 0.85)[..., None]
-    grey = base_rgb.astype(np.float64).mean(-1, keepdims=True) / 255
-    return ((grey * (1 - alpha) + col * alpha) * 255).round().astype(np.uint8)
 
 
 def _upscale(rgb: np.ndarray, px: int) -> np.ndarray:
@@ -158,20 +129,12 @@ def _case_panels(case: Mapping, methods: Sequence[str], px: int, channel: int | 
         im2 = img[:, s] if three_d else img
         mk = None if mask is None else (mask[s] if three_d else mask)
         mr = None if marker is None else (marker[s] if three_d else marker)
-        base = render_image(im2) if not three_d else _render_slice(img, s)
+        base = render_image(im2) if not three_d else slice_rgb(img, s)
         panels["image"].append(_png(_outline(_outline(_upscale(base, px), mk, _MASK_RGB), mr, _MARKER_RGB)))
         for m, a in maps.items():
             ov = render_overlay(base, a[s] if three_d else a, scales[m], signed[m])
             panels[m].append(_png(_outline(_outline(_upscale(ov, px), mk, _MASK_RGB), mr, _MARKER_RGB)))
     return panels, default, three_d, signed
-
-
-def _render_slice(vol: np.ndarray, s: int) -> np.ndarray:
-    """A slice of a volume, scaled by the whole volume's percentiles (stable brightness across slices)."""
-    lo, hi = np.percentile(vol, [0.5, 99.5])
-    u = np.clip((vol[:, s] - lo) / max(hi - lo, 1e-12), 0, 1)
-    rgb = np.repeat(u[:1], 3, 0) if u.shape[0] != 3 else u
-    return (rgb.transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
 
 _CSS = """
@@ -261,8 +224,8 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
     parts.append("<p class='legend'><span><i class='sw' style='background:#00ff5a'></i>planted evidence / "
                  "ground truth outline</span><span><i class='sw' style='background:#ffe600'></i>marker outline</span>"
                  "<span><i class='sw' style='background:linear-gradient(90deg,#053061,#f7f7f7,#67001f)'></i>signed map "
-                 "(blue &lt; 0 &lt; red)</span><span><i class='sw' style='background:linear-gradient(90deg,#000,#e62800,#ffc800)'>"
-                 "</i>non-negative map</span></p>")
+                 "(blue &lt; 0 &lt; red)</span><span><i class='sw' "
+                 "style='background:linear-gradient(90deg,#000,#e62800,#ffc800)'></i>non-negative map</span></p>")
     parts.append("<h2>Cases</h2>")
     for k, case in enumerate(cases):
         cid = f"c{k}"
@@ -300,6 +263,5 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
            "<pre id='mx-selfcheck' hidden></pre>"
            f"<script>{_JS}</script></body></html>")
     path = os.fspath(path)
-    with atomic_path(path, suffix=".html") as tmp:
-        tmp.write_text(doc, encoding="utf-8")
+    write_text(doc, path, suffix=".html")
     return path

@@ -34,6 +34,8 @@ import torch
 
 from .core import Cost, check_input, chunks, forward, model_expectations, model_guard
 from .errors import InputError, TargetError
+from .ops import dice as dice_score
+from .ops import probabilities
 from .targets import Target
 
 __all__ = ["BRATS_REGIONS", "ShapleyResult", "channel_shapley", "dice", "mean_foreground_probability",
@@ -64,15 +66,8 @@ def _check_dense(outputs: torch.Tensor, what: str) -> None:
 
 
 def _probabilities(outputs: torch.Tensor, channel: int, activation: str) -> torch.Tensor:
-    if not 0 <= channel < outputs.shape[1]:
-        raise TargetError(f"channel {channel} out of range for a model with {outputs.shape[1]} output channels")
-    if activation == "softmax":
-        return torch.softmax(outputs.double(), 1)[:, channel]
-    if activation == "sigmoid":
-        return torch.sigmoid(outputs[:, channel].double())
-    if activation == "none":
-        return outputs[:, channel].double()
-    raise TargetError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
+    """Channel ``channel`` of the output probabilities in float64 (:func:`medexplain.ops.probabilities`)."""
+    return probabilities(outputs.double(), activation, channel)
 
 
 def _per_sample_maps(ref: torch.Tensor, rows: torch.Tensor, spatial: tuple[int, ...], what: str) -> torch.Tensor:
@@ -117,19 +112,14 @@ class Dice(ValueFunction):
             raise TargetError(f"no output channel predicts labels {self.labels} (class_labels={cl}); "
                               "pass class_labels=(label of channel 0, label of channel 1, ...)")
         if self.soft:
-            return (torch.softmax(outputs.double(), 1) * in_region.view(1, k, *[1] * (outputs.ndim - 2))).sum(1)
+            return (probabilities(outputs.double(), "softmax") * in_region.view(1, k, *[1] * (outputs.ndim - 2))).sum(1)
         return in_region[outputs.argmax(1)]
 
     def __call__(self, outputs, rows):
         _check_dense(outputs, "Dice")
         ref = _per_sample_maps(self.reference, rows, tuple(outputs.shape[2:]), "the Dice reference")
         truth = torch.isin(ref.to(outputs.device), torch.tensor(self.labels, device=outputs.device))
-        pred = self._prediction(outputs)
-        pred, truth = pred.flatten(1).double(), truth.flatten(1).double()
-        denom = pred.sum(1) + truth.sum(1)
-        inter = (pred * truth).sum(1)
-        return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-300),
-                           torch.full_like(denom, float(self.empty)))
+        return dice_score(self._prediction(outputs), truth, empty=self.empty)
 
 
 def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, class_labels: Sequence[int] | None = None,
@@ -147,9 +137,10 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
     (``class_labels`` defaults to ``0..K-1``; a 4-channel BraTS model predicting labels {0, 1, 2, 4}
     needs ``class_labels=(0, 1, 2, 4)``) and the region is where that label map falls in the label set.
     With ``activation="sigmoid"`` and ``channel`` (region-based models: one sigmoid channel per region)
-    it is ``sigmoid(z_channel) > threshold`` (``"none"``: the channel is already a probability). ``soft=True`` uses the probabilities instead (soft Dice:
-    ``2 sum(p g) / (sum p + sum g)``). Dice = ``2 |P and G| / (|P| + |G|)``; ``empty`` (default 1) when both
-    are empty, the BraTS convention.
+    it is ``sigmoid(z_channel) > threshold`` (``"none"``: the channel is already a probability).
+    ``soft=True`` uses the probabilities instead (soft Dice: ``2 sum(p g) / (sum p + sum g)``). Dice =
+    ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`); ``empty`` (default 1) when both are
+    empty, the BraTS convention. ``activation`` is the model's output activation (``docs/design.md``).
     """
     if isinstance(label_or_region, str):
         by_name = {k.upper(): v for k, v in regions.items()}
@@ -462,3 +453,46 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
     info = cost.info(baseline=baseline if isinstance(baseline, (str, int, float)) else "tensor",
                      value_fn=getattr(value_fn, "name", getattr(value_fn, "__name__", type(value_fn).__name__)))
     return ShapleyResult(values, names, idx, coalitions, method, cost.n_forward, stderr, m, info)
+
+
+def fold_consensus(results: Sequence[ShapleyResult], reference_ranking=None, case: int = 0) -> dict:
+    """The consensus of several models' contrast Shapley values on one case (the folds of a
+    cross-validation, Ren et al. 2025, arXiv:2512.07224): ``{"ranking", "agreement", "uncertainty"}``.
+
+    ``ranking``: the players, each model's ranking (largest value first), the mean value per player over
+    the models and the consensus ranking (players by mean value, ties to the lower index), the method and
+    each model's evaluation count. ``agreement`` (with ``reference_ranking``: indices, names or a region
+    of :data:`medexplain.metrics.ranking.CLINICIAN_RANKINGS`; else None): each model's Kendall tau-b,
+    Spearman rho, top-1 and Somers' d against it (:func:`medexplain.metrics.ranking.rank_agreement`) and
+    their means. ``uncertainty`` (two or more models, else None): the rank variance of each contrast
+    across the models (ddof=0) and its mean (:func:`medexplain.metrics.ranking.rank_uncertainty`).
+    """
+    from .metrics.ranking import rank_agreement, rank_uncertainty, resolve_ranking
+
+    results = list(results)
+    if not results:
+        raise InputError("fold_consensus needs at least one ShapleyResult")
+    names = list(results[0].players)
+    if any(list(r.players) != names for r in results):
+        raise InputError("fold_consensus: the results have different players")
+    values = torch.stack([r.values[case] for r in results])                 # (models, players)
+    mean = values.mean(0)
+    ranking = {"players": names, "method": results[0].method,
+               "per_model": [[names[j] for j in torch.argsort(-v, stable=True).tolist()] for v in values],
+               "mean_values": {p: float(mean[j]) for j, p in enumerate(names)},
+               "consensus": [names[j] for j in torch.argsort(-mean, stable=True).tolist()],
+               "n_evaluations": [r.n_evaluations for r in results]}
+    agreement = None
+    if reference_ranking is not None:
+        ref = resolve_ranking(reference_ranking, len(names), names)
+        agr = rank_agreement(values, ref)
+        agreement = {"reference": [names[j] for j in ref],
+                     "per_model": [{k: float(v[m]) for k, v in agr.items()} for m in range(len(results))],
+                     "mean": {k: float(torch.nanmean(v)) for k, v in agr.items()}}
+    uncertainty = None
+    if len(results) > 1:
+        per_player = rank_uncertainty(values[:, None], per_player=True)[0]
+        uncertainty = {"rank_variance": float(per_player.mean()), "n_models": len(results),
+                       "per_contrast": {p: float(per_player[j]) for j, p in enumerate(names)},
+                       "definition": "variance of each contrast's rank across the models (ddof=0), averaged"}
+    return {"ranking": ranking, "agreement": agreement, "uncertainty": uncertainty}

@@ -3,7 +3,8 @@
 A target maps a model output ``(N, K, *spatial_or_nothing)`` to scores ``(N,)``. Methods that expand
 the batch (noise samples, IG steps, occlusion windows) pass ``rows``: for each output row, the index of
 the original sample it belongs to, so per-sample targets follow their sample through any expansion.
-``batch`` is the number of original samples.
+``batch`` is the number of original samples. ``docs/design.md`` ("The target contract") states the
+contract; logits are explained, not probabilities.
 """
 from __future__ import annotations
 

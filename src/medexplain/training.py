@@ -1,25 +1,42 @@
-"""One training routine for every model in the project (zoo classifiers, 3D U-Nets, PatchNet).
+"""One training routine for every model in the project (zoo classifiers, 3D U-Nets, PatchNet), the one
+weight-file format, and the reader of labelled image manifests.
 
 AdamW + OneCycleLR (peak ``lr``, 5 % warm-up, as in the MedicalPatchNet paper's recipe), seeded, with a
 Rich progress bar. Classification (``"ce"``, ``"bce"``) and segmentation (``"dice_ce"``: MONAI's
 ``DiceCELoss``, softmax over the class channel). Returns a history dict with the training loss per epoch
 and the validation accuracy / AUROC (classification) or Dice (segmentation).
+
+Models whose output is a tuple, a dict or stacked deep-supervision heads are trained and evaluated on the
+output chosen by ``output=`` (:func:`medexplain.core.select_output`, the adapter every explainer uses).
+
+Weights are written in one format (:func:`save_weights`): ``torch.save`` of a dict with ``format``
+(:data:`WEIGHTS_FORMAT`), ``state_dict`` and metadata, always atomically (:func:`medexplain.io.atomic_path`).
 """
 from __future__ import annotations
 
 import contextlib
-import os
+import csv
+import inspect
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
-from .io import atomic_path
+from .core import select_output
+from .errors import FileFormatError, InputError, ModelLoadError
+from .io import atomic_path, read_image
+from .ops import dice
 
-__all__ = ["train", "evaluate", "auroc", "dice_score", "save_state_atomic"]
+__all__ = ["train", "evaluate", "auroc", "dice_score", "save_weights", "read_weights", "WEIGHTS_FORMAT",
+           "TrainingData", "read_training_manifest"]
+
+#: The ``format`` entry of every weight file medexplain writes (training checkpoints, the zoo cache,
+#: ``medexplain train`` folders).
+WEIGHTS_FORMAT = "medexplain-weights/1"
 
 
 def _xy(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,11 +47,13 @@ def _xy(ds) -> tuple[torch.Tensor, torch.Tensor]:
         x = ds.images
         y = ds.labels if getattr(ds, "labels", None) is not None else getattr(ds, "seg", None)
     else:
-        raise InputError(f"training data must be a dataset with .images and .labels/.seg, or a tuple (x, y); got {type(ds).__name__}")
+        raise InputError("training data must be a dataset with .images and .labels/.seg, or a tuple (x, y); "
+                         f"got {type(ds).__name__}")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise InputError("training data must hold tensors (images, and labels or a segmentation map)")
     if x.ndim not in (4, 5) or y.shape[0] != x.shape[0]:
-        raise InputError(f"images must be (N, C, *spatial) and targets (N, ...) with the same N; got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise InputError("images must be (N, C, *spatial) and targets (N, ...) with the same N; "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
     return x, y
 
 
@@ -68,25 +87,23 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def dice_score(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-case foreground Dice (mean over classes 1..K-1 present in target or prediction); 1.0 when both empty."""
-    out = []
-    for c in range(1, num_classes):
-        p, t = (pred == c).flatten(1), (target == c).flatten(1)
-        inter, tot = (p & t).sum(1).double(), (p.sum(1) + t.sum(1)).double()
-        out.append(torch.where(tot > 0, 2 * inter / tot.clamp_min(1), torch.ones_like(tot)))
-    return torch.stack(out, 1).mean(1)
+    """Per-case foreground Dice of label maps: the mean over classes 1..K-1 of :func:`medexplain.ops.dice`
+    (1.0 for a class absent from both target and prediction)."""
+    return torch.stack([dice(pred == c, target == c, empty=1.0) for c in range(1, num_classes)], 1).mean(1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds, batch_size: int = 64, task: str | None = None) -> dict:
+def evaluate(model: nn.Module, ds, batch_size: int = 64, task: str | None = None, output=None) -> dict:
     """Accuracy and AUROC (classification) or mean Dice (segmentation) of ``model`` on ``ds``, in eval
-    mode; the model's ``training`` flag is restored."""
+    mode, on the output chosen by ``output`` (:func:`medexplain.core.select_output`); the model's
+    ``training`` flag is restored."""
     x, y = _xy(ds)
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
     try:
-        outs = torch.cat([model(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)])
+        outs = torch.cat([select_output(model(x[i:i + batch_size].to(dev)), output).float().cpu()
+                          for i in range(0, len(x), batch_size)])
     finally:
         model.train(was)
     task = task or ("segmentation" if outs.ndim > 2 else "classification")
@@ -100,12 +117,38 @@ def evaluate(model: nn.Module, ds, batch_size: int = 64, task: str | None = None
     return {"accuracy": float((pred == y).float().mean()), "auroc": auroc(prob if prob.shape[1] > 2 else prob[:, -1], y)}
 
 
-def save_state_atomic(model: nn.Module, path) -> str:
-    """Write ``model.state_dict()`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    path = os.fspath(path)
+def save_weights(model: nn.Module, path, **metadata) -> Path:
+    """Write ``model``'s weights in the one medexplain format, atomically: ``torch.save`` of
+    ``{"format": WEIGHTS_FORMAT, "state_dict": {name: CPU tensor}, **metadata}`` (metadata: plain
+    Python values, e.g. ``history``, ``config``, ``epoch``, so ``torch.load(weights_only=True)`` reads it)."""
+    if "format" in metadata or "state_dict" in metadata:
+        raise InputError("save_weights metadata may not be named 'format' or 'state_dict'")
+    blob = {"format": WEIGHTS_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            **metadata}
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    return path
+        torch.save(blob, tmp)
+    return Path(path)
+
+
+def read_weights(path, map_location="cpu") -> dict:
+    """``{"state_dict": ..., **metadata}`` of a weight file, read with ``weights_only=True``.
+
+    Two kinds are told apart by their content, not guessed: a medexplain file (:func:`save_weights`: its
+    ``format`` is :data:`WEIGHTS_FORMAT`), and a plain state dict (every value a tensor: what
+    ``torch.save(model.state_dict())`` writes, the usual PyTorch weight file and what ``medexplain train``
+    wrote before this format). Anything else is a :class:`~medexplain.errors.ModelLoadError` naming its keys.
+    """
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot load weights ({type(e).__name__}: {e})") from e
+    if isinstance(blob, dict) and blob.get("format") == WEIGHTS_FORMAT and isinstance(blob.get("state_dict"), dict):
+        return {k: v for k, v in blob.items() if k != "format"}
+    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        return {"state_dict": blob}
+    what = f"a dict with keys {sorted(map(str, blob))[:8]}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
+    raise ModelLoadError(f"{path}: {what}, neither a state dict (torch.save(model.state_dict())) nor a medexplain "
+                         f"weight file ({WEIGHTS_FORMAT}); save the model's state_dict()")
 
 
 def _loss_fn(loss: str, num_out: int):
@@ -126,7 +169,7 @@ def _loss_fn(loss: str, num_out: int):
 def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
           seed: int = 0, loss: str | None = None, augment: Callable | None = None, weight_decay: float = 1e-4,
           pct_start: float = 0.05, checkpoint=None, device=None, progress: bool = True,
-          description: str = "training") -> dict:
+          description: str = "training", output=None) -> dict:
     """Train ``model`` in place and return its history.
 
     Args:
@@ -138,7 +181,11 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         augment: callable ``(x, y, generator) -> (x, y)`` applied to every training batch (``generator``
             is the seeded ``torch.Generator``; a callable of two arguments is also accepted).
         lr: the OneCycle peak learning rate (AdamW), warm-up ``pct_start`` of the steps.
-        checkpoint: path; the state dict is written atomically after every epoch.
+        checkpoint: path; the weights are written after every epoch (:func:`save_weights`, with
+            ``epoch`` and ``history``).
+        output: the output trained on, for models returning a tuple, a dict or stacked heads
+            (:func:`medexplain.core.select_output`; applied in training and in eval mode alike, e.g. a
+            callable taking MONAI ``DynUNet``'s full-resolution head in training mode).
     Returns:
         ``{"loss": [...], "val_accuracy": [...], "val_auroc": [...]}`` or ``{"loss", "val_dice"}``, plus
         ``"seconds"``, ``"epochs"``, ``"steps"``. The model is left in eval mode.
@@ -155,14 +202,20 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
     with torch.no_grad():
         was = model.training
         model.eval()
-        n_out = model(x[:1].to(dev)).shape[1]
-        model.train(was)
+        try:
+            probe = select_output(model(x[:1].to(dev)), output)
+        finally:
+            model.train(was)
+    _check_output(probe, x[:1], seg, "eval")
+    n_out = probe.shape[1]
     crit = _loss_fn(loss, n_out)
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                pct_start=pct_start)
-    aug_takes_gen = None
+    total = epochs * steps_per_epoch
+    if abs(pct_start * total - 1) < 1e-9:  # torch's OneCycleLR divides by zero for a warm-up of exactly one step
+        pct_start = 2 / total
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=pct_start)
+    aug_takes_gen = None if augment is None else len(inspect.signature(augment).parameters) >= 3
     hist: dict = {"loss": []}
     t0 = time.perf_counter()
     bar = _progress(progress)
@@ -176,15 +229,12 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
                 idx = perm[s * batch_size:(s + 1) * batch_size]
                 xb, yb = x[idx], y[idx]
                 if augment is not None:
-                    if aug_takes_gen is None:
-                        import inspect
-                        aug_takes_gen = len(inspect.signature(augment).parameters) >= 3
                     xb, yb = augment(xb, yb, gen) if aug_takes_gen else augment(xb, yb)
                 xb, yb = xb.to(dev), yb.to(dev)
                 opt.zero_grad(set_to_none=True)
-                out = model(xb)
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
+                out = select_output(model(xb), output)
+                if ep == 0 and s == 0:
+                    _check_output(out, xb, seg, "training")
                 lval = crit(out, yb)
                 lval.backward()
                 opt.step()
@@ -194,16 +244,29 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
                     pbar.update(task_id, advance=1, info=f"epoch {ep + 1}/{epochs} loss {tot / cnt:.4f}")
             hist["loss"].append(tot / cnt)
             if val_ds is not None:
-                for k, v in evaluate(model, val_ds, task="segmentation" if seg else "classification").items():
+                for k, v in evaluate(model, val_ds, task="segmentation" if seg else "classification",
+                                     output=output).items():
                     hist.setdefault(f"val_{k}", []).append(v)
                 if pbar:
                     last = ", ".join(f"{k[4:]} {v[-1]:.3f}" for k, v in hist.items() if k.startswith("val_"))
                     pbar.update(task_id, info=f"epoch {ep + 1}/{epochs} loss {tot / cnt:.4f} val {last}")
             if checkpoint is not None:
-                save_state_atomic(model, checkpoint)
+                save_weights(model, checkpoint, epoch=ep + 1, history={k: list(v) for k, v in hist.items()})
     model.eval()
     hist.update(seconds=time.perf_counter() - t0, epochs=epochs, steps=epochs * steps_per_epoch, loss_name=loss)
     return hist
+
+
+def _check_output(out: torch.Tensor, xb: torch.Tensor, seg: bool, mode: str) -> None:
+    """A typed error, before the loss or the metric fails obscurely, when the output chosen by ``output=``
+    is not ``(B, K)`` (classification) or ``(B, K, *spatial)`` (segmentation) in ``mode`` (training / eval)."""
+    want = xb.ndim if seg else 2
+    if out.ndim != want or out.shape[0] != xb.shape[0]:
+        raise InputError(
+            f"in {mode} mode the model's output (after output=) has shape {tuple(out.shape)} for a batch "
+            f"{tuple(xb.shape)}; training needs {'(B, K, *spatial)' if seg else '(B, K)'}. Choose what is trained "
+            "with output= (a deep-supervision model such as MONAI DynUNet stacks its heads on dim 1 in training "
+            "mode only: output=lambda o: o[:, 0] if o.ndim == x.ndim + 1 else o)")
 
 
 def _progress(enabled: bool):
@@ -212,3 +275,71 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+
+
+@dataclass
+class TrainingData:
+    """Labelled images split for training: ``train`` and ``val`` are ``(x, y)`` tuples as :func:`train`
+    takes them; ``class_names`` one per output; ``multilabel`` when ``y`` is ``(N, K)`` 0/1."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    class_names: list[str]
+    multilabel: bool = False
+
+
+def read_training_manifest(path, image_size: int, seed: int = 0, val_frac: float = 0.2) -> TrainingData:
+    """A labelled image manifest CSV as :class:`TrainingData`.
+
+    Columns: ``path`` (image files relative to the CSV's folder, read with :func:`medexplain.io.read_image`;
+    2D only), either one integer ``label`` column (single-label) or several 0/1 columns (multi-label,
+    their names are the class names), and optionally ``split`` (``train`` / ``val``; without it a seeded
+    random ``val_frac`` of the rows is the validation set). Images are resized to ``image_size`` squared
+    (bilinear, antialiased) and scaled to [0, 1] per image (MedicalPatchNet scales intensities to [0, 1]).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such manifest")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0]:
+        raise FileFormatError(f"{path}: a manifest needs a 'path' column and label column(s)")
+    label_cols = [c for c in rows[0] if c not in ("path", "split")]
+    if not label_cols:
+        raise FileFormatError(f"{path}: no label column")
+    multilabel = label_cols != ["label"]
+    xs, ys = [], []
+    for r in rows:
+        xs.append(_manifest_image(path.parent / r["path"], r["path"], image_size))
+        try:
+            ys.append([float(r[c]) for c in label_cols] if multilabel else int(r["label"]))
+        except ValueError as e:
+            raise FileFormatError(f"{path}: bad label in row {r}: {e}") from None
+    if len({x.shape[0] for x in xs}) != 1:
+        raise InputError(f"{path}: images have different channel counts")
+    x = torch.stack(xs)
+    y = torch.tensor(ys, dtype=torch.float32 if multilabel else torch.long)
+    val = _validation_rows(rows, seed, val_frac)
+    if val.all() or not val.any():
+        raise InputError(f"{path}: need both training and validation rows")
+    names = label_cols if multilabel else [str(c) for c in range(int(y.max()) + 1)]
+    return TrainingData((x[~val], y[~val]), (x[val], y[val]), names, multilabel)
+
+
+def _manifest_image(file: Path, name: str, image_size: int) -> torch.Tensor:
+    img, _ = read_image(file)
+    if img.ndim != 3:
+        raise InputError(f"{name}: training from a manifest takes 2D images, got shape {tuple(img.shape)}")
+    img = F.interpolate(img[None], size=(image_size, image_size), mode="bilinear", align_corners=False,
+                        antialias=True)[0]
+    lo, hi = img.amin(), img.amax()
+    return (img - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def _validation_rows(rows: list[dict], seed: int, val_frac: float) -> torch.Tensor:
+    if "split" in rows[0]:
+        return torch.tensor([r["split"].strip().lower() in ("val", "valid", "validation") for r in rows])
+    g = torch.Generator().manual_seed(seed)
+    val = torch.zeros(len(rows), dtype=torch.bool)
+    val[torch.randperm(len(rows), generator=g)[:max(1, int(round(val_frac * len(rows))))]] = True
+    return val

@@ -1,4 +1,8 @@
-"""``medexplain explain IMAGE --model MODEL --method a,b --target T --out DIR``."""
+"""``medexplain explain IMAGE --model MODEL --method a,b --target T --out DIR`` and ``medexplain methods``.
+
+The work is :func:`medexplain.pipelines.explain_image`; maps are named ``<stem>_<method>`` with the stem
+of :func:`medexplain.io.file_stem` (``scan.v2.nii.gz`` -> ``scan.v2_saliency.nii.gz``).
+"""
 from __future__ import annotations
 
 import sys
@@ -6,50 +10,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import Progress
 
+from ..explain import available_methods
+from ..pipelines import explain_image
 from . import app
-
-console = Console(stderr=True)
-
-
-def fail(err: Exception) -> None:
-    """Print a medexplain error as one clear line and exit with status 2 (no traceback)."""
-    console.print(f"[bold red]error:[/] {err}")
-    raise typer.Exit(code=2)
+from ._common import cli_errors, console, parse_options, split_list
 
 
-def parse_options(opts: list[str]) -> dict:
-    """``--option key=value`` pairs; values parsed as int, float, or kept as strings."""
-    out = {}
-    for o in opts:
-        if "=" not in o:
-            raise typer.BadParameter(f"--option expects key=value, got {o!r}")
-        k, v = o.split("=", 1)
-        for cast in (int, float):
-            try:
-                v = cast(v)
-                break
-            except ValueError:
-                pass
-        out[k] = v
-    return out
-
-
-def parse_int(value: str, what: str) -> int:
+def parse_target(value: str) -> int | None:
+    """``predicted`` (None: the model's top class) or a class index."""
+    if value == "predicted":
+        return None
     try:
         return int(value)
     except ValueError:
-        raise typer.BadParameter(f"{what} must be an int or 'predicted', got {value!r}") from None
-
-
-def predicted_class(net, x) -> int:
-    """The model's top class for a single image (summed over voxels for a dense output)."""
-    import torch
-    with torch.no_grad():
-        out = net(x)
-    return int(out.flatten(2).sum(2).argmax(1)[0] if out.ndim > 2 else out.argmax(1)[0])
+        raise typer.BadParameter(f"--target must be an int or 'predicted', got {value!r}") from None
 
 
 @app.command("explain")
@@ -66,42 +42,15 @@ def explain_cmd(
 ):
     """Explain one image with one or more methods; writes NIfTI maps on the input's affine, PNG overlays
     and info.json."""
-    import medexplain as mx
-    from medexplain import io
-    from medexplain.core import check_input, model_expectations
-    from medexplain.errors import MedexplainError
-    from medexplain.explain import route_options
-    from medexplain.models.loading import load_model
-
-    try:
-        methods = [m.strip() for m in method.split(",") if m.strip()]
-        per_method = route_options(methods, parse_options(option), layer)  # bad names fail before any work
-        img, meta = io.read_image(image)
-        net = load_model(model, weights)
-        x = check_input(img[None], **model_expectations(net))
-        tgt = predicted_class(net, x) if target == "predicted" else parse_int(target, "--target")
-        results = {}
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("explaining", total=len(methods))
-            for m in methods:
-                attr = mx.explain(net, x, method=m, target=tgt, **per_method[m])
-                results[m] = attr
-                bar.advance(task)
-        stem = image.name.split(".")[0]
-        info = {"image": str(image), "model": model, "target": tgt, "methods": {}}
-        for m, attr in results.items():
-            safe = m.replace("+", "p")
-            io.write_nifti(attr.map[0], out / f"{stem}_{safe}.nii.gz", meta["affine"])
-            io.write_png_overlay(img, attr.map[0], out / f"{stem}_{safe}.png")
-            info["methods"][m] = attr.info
-        io.write_json(info, out / "info.json")
-    except MedexplainError as e:
-        fail(e)
-    console.print(f"wrote {len(results)} map(s) to [bold]{out}[/]")
+    methods, options, tgt = split_list(method), parse_options(option), parse_target(target)
+    with cli_errors(), Progress(console=console, transient=True) as bar:
+        task = bar.add_task("explaining", total=len(methods))
+        res = explain_image(image, model, methods, out, weights=weights, target=tgt, layer=layer, options=options,
+                            on_method=lambda _m: bar.advance(task))
+    console.print(f"wrote {len(res.attributions)} map(s) to [bold]{out}[/]")
 
 
 @app.command("methods")
 def methods_cmd():
     """List the available explanation methods."""
-    import medexplain as mx
-    sys.stdout.write("\n".join(mx.available_methods()) + "\n")
+    sys.stdout.write("\n".join(available_methods()) + "\n")

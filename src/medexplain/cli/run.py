@@ -1,8 +1,8 @@
 """``medexplain run MANIFEST.csv --model MODEL --methods a,b,c --out DIR [--backend local|ray] [--resume]``.
 
-Explains every case of a manifest with every method; writes per case x method a map and a record,
-then ``results.csv`` (+ ``results.parquet`` with pyarrow) and ``run.json``. Safe to kill at any moment:
-``--resume`` continues where it stopped. See ``docs/run.md``.
+Explains every case of a manifest with every method (:func:`medexplain.run.run_manifest`); writes per
+case x method a map and a record, then ``results.csv`` (+ ``results.parquet`` with pyarrow) and
+``run.json``. Safe to kill at any moment: ``--resume`` continues where it stopped. See ``docs/run.md``.
 """
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..run import run_manifest
 from . import app
-
-console = Console(stderr=True)
+from ._common import cli_errors, console, parse_options
 
 
 @app.command("run")
@@ -40,23 +39,14 @@ def run_cmd(
     seed: int = typer.Option(0, help="seed of every method's randomness"),
 ):
     """Explain a dataset: every manifest case x every method, resumable, locally or on Ray."""
-    from medexplain.errors import MedexplainError
-    from medexplain.run import run_manifest
-
-    from .explain import fail, parse_options
-
-    with Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
+    options = parse_options(option)
+    with cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=console, transient=True) as bar:
         task = bar.add_task("items", total=None)
-        try:
-            res = run_manifest(manifest, model, methods, out, weights=weights, options=parse_options(option),
-                               layer=layer, backend=backend, address=address, resume=resume,
-                               batch_size=batch_size, num_workers=num_workers, map_format=map_format, seed=seed,
-                               retry_errors=retry_errors,
-                               on_progress=lambda d, t: bar.update(task, completed=d, total=t))
-        except MedexplainError as e:
-            bar.stop()
-            fail(e)
+        res = run_manifest(manifest, model, methods, out, weights=weights, options=options, layer=layer,
+                           backend=backend, address=address, resume=resume, batch_size=batch_size,
+                           num_workers=num_workers, map_format=map_format, seed=seed, retry_errors=retry_errors,
+                           on_progress=lambda d, t: bar.update(task, completed=d, total=t))
     msg = (f"{len(res.rows)} item(s): [green]{res.n_ok} ok[/], "
            + (f"[red]{res.n_error} error(s)[/]" if res.n_error else "0 errors")
            + f"; computed {res.computed}, already complete {res.skipped}")

@@ -1,3 +1,4 @@
-"""Explainers. Importing this package registers every method with :func:`medexplain.explain`."""
-from ..models import patchnet  # noqa: F401,E402  (registers "patchnet": saliency of a PatchNet model)
-from . import cam, gradient, medcam, occlusion, ssplain  # noqa: F401  # noqa: F401,E402  (seed methods, one module each)
+"""Explainers, one module per method family. Importing this package registers every method with the
+registry (:mod:`medexplain.registry`), so :func:`medexplain.explain` can find them; ``docs/design.md``
+lists what lives where."""
+from . import cam, gradient, medcam, occlusion, patchnet, ssplain  # noqa: F401  (each registers its methods)

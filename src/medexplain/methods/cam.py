@@ -1,22 +1,28 @@
 """Class activation maps: Grad-CAM, Grad-CAM++, Eigen-CAM.
 
-One template (as in pytorch-grad-cam): :func:`layer_activation_and_gradient` hooks the layer and
-backpropagates the target only down to it (never to the weights or below the layer); each method only
-says how channel weights are formed. Written against ``(B, K, *spatial)``, so 2D and 3D share one path;
-maps are upsampled (bilinear / trilinear, align_corners=False as MONAI) to the input grid.
+One template (as in pytorch-grad-cam): :func:`layer_activation_and_gradient` captures the layer with
+the one layer hook (:func:`medexplain.core.capture_layer`, a clone, so an in-place op after the layer
+cannot alter it) and backpropagates the target only down to it (never to the weights or below the
+layer); each method only says how channel weights are formed. Written against ``(B, K, *spatial)``, so
+2D and 3D share one path; maps are upsampled (bilinear / trilinear, align_corners=False as MONAI) to
+the input grid. See ``docs/design.md`` ("The layer hook").
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..core import capture_layer, default_cam_layer, forward, resize_to
+from ..core import capture_layer, default_cam_layer, forward, layer_gradient, resize_to
 from ..errors import UnsupportedModelError
 from ..registry import register
 
 
 def layer_activation_and_gradient(model, x, target, cost, layer, grad: bool = True):
-    """Activations A ``(B, K, *s)`` at ``layer`` and, if ``grad``, dscore/dA. Returns (A, dA, output)."""
+    """Activations A ``(B, K, *s)`` at ``layer`` and, if ``grad``, dscore/dA. Returns (A, dA, output).
+
+    ``A`` is the layer's own output (a clone), also when an in-place op such as ``ReLU(inplace=True)``
+    follows it; a layer called more than once in the forward, or one the target does not depend on,
+    gives a typed error (:func:`medexplain.core.layer_gradient`)."""
     layer = layer if layer is not None else default_cam_layer(model)
     b = x.shape[0]
     with capture_layer(model, layer, grad=grad) as cap, torch.set_grad_enabled(grad):
@@ -29,8 +35,7 @@ def layer_activation_and_gradient(model, x, target, cost, layer, grad: bool = Tr
                                         f"feature map (B, K, *spatial) with {x.ndim - 2} spatial dims")
         if not grad:
             return a, None, out
-        s = target.scores(out, None, b)
-        (g,) = torch.autograd.grad(s.sum(), a)
+        g = layer_gradient(target.scores(out, None, b), cap)
     cost.n_backward += b
     return a.detach(), g, out.detach()
 
@@ -46,7 +51,7 @@ def _cam_map(a, w, x, relu=True):
 
 @register("gradcam", needs_hooks=True)
 def gradcam(model, x, target, cost, layer=None):
-    """Selvaraju et al. 2017: w_k = spatial mean of dS/dA_k; map = ReLU(sum_k w_k A_k)."""
+    """Grad-CAM (Selvaraju et al. 2017, eq. 1-2): w_k = spatial mean of dS/dA_k; map = ReLU(sum_k w_k A_k)."""
     a, g, _ = layer_activation_and_gradient(model, x, target, cost, layer)
     w = g.flatten(2).mean(2).view(*g.shape[:2], *[1] * (g.ndim - 2))
     return _cam_map(a, w, x), {"layer": layer or default_cam_layer(model)}
@@ -54,7 +59,7 @@ def gradcam(model, x, target, cost, layer=None):
 
 @register("gradcam++", needs_hooks=True)
 def gradcam_pp(model, x, target, cost, layer=None, variant: str = "paper"):
-    """Chattopadhay et al. 2018, eq. 19 with exponential score: alpha = g^2 / (2 g^2 + sum_ab(A) g^3),
+    """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19) with exponential score: alpha = g^2 / (2 g^2 + sum_ab(A) g^3),
     0/0 -> 0; w_k = sum_ij alpha ReLU(g). ``variant="monai"`` reproduces MONAI's GradCAMpp instead:
     sum(A g^3) in the denominator, +1e-7, and ReLU(exp(S) g) in the weights.
     """
@@ -76,7 +81,8 @@ def gradcam_pp(model, x, target, cost, layer=None, variant: str = "paper"):
 
 @register("eigencam", needs_target=False, needs_grad=False, needs_hooks=True)
 def eigencam(model, x, target, cost, layer=None):
-    """Muhammad & Yeasin 2020: projection of the centred activations on their first principal component.
+    """Eigen-CAM (Muhammad & Yeasin 2020, section 3): projection of the centred activations of ``layer``
+    (its own output, before any in-place op that follows it) on their first principal component.
 
     Class-agnostic (the target is ignored). The SVD sign is arbitrary, so it is fixed such that the map
     correlates positively with the channel-mean activation. Returned signed (no ReLU).

@@ -1,7 +1,8 @@
 """Gradient baselines: saliency, SmoothGrad, integrated gradients.
 
 All are N-D and batched: the expanded rows (noise samples, IG steps) of every sample go through the
-model together in chunks of ``chunk_size`` rows, with one backward per chunk.
+model together in chunks of ``chunk_size`` rows (the one meaning of ``chunk_size``, ``docs/design.md``),
+whole expansions of the batch at a time, with one backward per chunk.
 """
 from __future__ import annotations
 
@@ -10,53 +11,40 @@ import torch
 
 from ..core import chunks, forward, input_gradient
 from ..errors import InputError
+from ..ops import NoiseSource
 from ..registry import register
 
 
 @register("saliency")
 def saliency(model, x, target, cost, abs: bool = False):
-    """Simonyan et al. 2014: d score / d x, raw and signed (``abs=True`` gives Captum's default |grad|)."""
+    """Saliency (Simonyan et al. 2014, section 3.1): d score / d x, raw and signed (``abs=True`` gives
+    Captum's default |grad|)."""
     b = x.shape[0]
     g = input_gradient(model, x, target, torch.arange(b, device=x.device), b, cost)
     return (g.abs() if abs else g), {}
 
 
-def _noise_chunks(x, n_samples, sigma, seed, noise, chunk_size):
-    """Yield (sample slice, noisy rows) for SmoothGrad.
-
-    The noise depends only on ``seed`` and the sample's shape, not on the rest of the batch, so a
-    batch of 3 gives exactly the maps of three batches of 1. Its sd is ``sigma`` x (max - min) of each
-    sample. ``noise`` (absolute, ``(N, C, *s)`` or ``(N, B, C, *s)``) overrides the generator.
-    """
-    b = x.shape[0]
-    per = max(1, (chunk_size or n_samples * b) // b)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    sd = (x.flatten(1).amax(1) - x.flatten(1).amin(1)) * sigma
-    sd = sd.view(1, b, *[1] * (x.ndim - 1))
-    for sl in chunks(n_samples, per):
-        if noise is not None:
-            eps = noise[sl].to(x)
-            eps = eps.unsqueeze(1) if eps.ndim == x.ndim else eps
-        else:
-            eps = torch.randn((sl.stop - sl.start, 1, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype) * sd
-        yield sl, (x.unsqueeze(0) + eps).reshape(-1, *x.shape[1:])
-
-
 @register("smoothgrad")
 def smoothgrad(model, x, target, cost, n_samples: int = 50, sigma: float = 0.15, seed: int = 0,
                chunk_size: int | None = 64, noise: torch.Tensor | None = None, squared: bool = False):
-    """Smilkov et al. 2017: mean input gradient over ``n_samples`` noisy copies (sd = sigma x range).
+    """SmoothGrad (Smilkov et al. 2017, eq. 3): mean input gradient over ``n_samples`` noisy copies
+    ``x + eps_n``, ``eps_n ~ N(0, sd^2)`` with ``sd = sigma x (max - min)`` of each sample.
 
+    The noise is :class:`medexplain.ops.NoiseSource` (``scale="sample"``): one draw per noise sample
+    from ``seed``, so the maps never depend on ``chunk_size`` or on the rest of the batch. ``noise``
+    (absolute, ``(N, C, *s)`` or ``(N, B, C, *s)``) replaces the generator. ``chunk_size``: rows given
+    to the model in one call (whole noise samples of the batch at a time, at least one).
     ``squared=True`` averages squared gradients (SmoothGrad-Squared).
     """
     if n_samples < 1:
         raise InputError("n_samples must be >= 1")
     b = x.shape[0]
+    source = NoiseSource(x, n_samples, sigma, seed, scale="sample", noise=noise)
     total = torch.zeros_like(x)
-    for sl, rows_x in _noise_chunks(x, n_samples, sigma, seed, noise, chunk_size):
+    for sl, noisy in source.chunks(max(1, (chunk_size or n_samples * b) // b)):
         n = sl.stop - sl.start
         rows = torch.arange(b, device=x.device).repeat(n)
-        g = input_gradient(model, rows_x, target, rows, b, cost).view(n, *x.shape)
+        g = input_gradient(model, noisy.reshape(-1, *x.shape[1:]), target, rows, b, cost).view(n, *x.shape)
         total += (g * g if squared else g).sum(0)
     return total / n_samples, {"n_samples": n_samples, "sigma": sigma, "seed": seed}
 
@@ -84,7 +72,7 @@ def ig_alphas(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.n
 @register("integrated_gradients")
 def integrated_gradients(model, x, target, cost, baseline=0.0, steps: int = 50, rule: str = "gausslegendre",
                          chunk_size: int | None = 64, completeness: bool = True):
-    """Sundararajan et al. 2017: (x - x') * integral_0^1 grad f(x' + a (x - x')) da by quadrature.
+    """Integrated gradients (Sundararajan et al. 2017, eq. 1): (x - x') * integral_0^1 grad f(x' + a (x - x')) da by quadrature.
 
     ``baseline`` is a scalar or a tensor broadcastable to ``x`` (zero by default). ``info`` reports the
     completeness error |sum(attr) - (f(x) - f(x'))| per sample. ``rule``: the quadrature

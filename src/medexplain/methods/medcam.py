@@ -32,24 +32,30 @@ Choices the paper leaves open (documented in docs/medcam.md):
   ``patience`` steps earlier and the mean loss of the last window with the window before; when the
   changed fraction is at most ``mask_tol`` and the relative loss change at most ``loss_tol`` (after
   ``min_steps``), that image's mask is frozen (the other images continue).
+
+The activations ``phi_l`` are recorded by the one layer hook (:func:`medexplain.core.capture_layers`,
+``mode="graph"``: clones that keep their graph, so an in-place op after the layer cannot alter them and
+the U-Net trains through them); TV is :func:`medexplain.ops.total_variation`. ``docs/design.md`` lists
+where each shared mechanic lives.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import chunks, find_layer, forward, is_scripted
+from ..core import ACTIVATION, CONV, CONV_TRANSPOSE, capture_layers, chunks, forward, is_scripted, unwrap
 from ..errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
-from ..registry import register
+from ..ops import probabilities, total_variation
+from ..registry import classifier_only, register
 from ..targets import Class
 
-__all__ = ["medcam", "DEFAULT_WEIGHTS", "activation_loss", "kl_loss", "ce_loss", "area_loss", "bin_loss",
-           "tv_loss", "straight_through", "default_layers"]
+__all__ = ["medcam", "MedCAMConfig", "DEFAULT_WEIGHTS", "activation_loss", "kl_loss", "ce_loss", "area_loss",
+           "bin_loss", "straight_through", "default_layers"]
 
 #: Per-term weights (lambda). Tuned on the planted 2D sets from the prototype's 10/15/5/100/1/500/100
 #: (see docs/medcam.md for the runs behind the change).
@@ -57,8 +63,6 @@ DEFAULT_WEIGHTS = {"act": 10.0, "ce": 15.0, "kl": 5.0, "area": 100.0, "bin": 10.
 #: The prototype's activation-layer weights, growing with depth.
 PROTOTYPE_LAYER_WEIGHTS = (1.0, 2.0, 2.0, 4.0, 8.0)
 BACKGROUNDS = ("zeros", "gaussian", "uniform")
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                nn.Mish, nn.Hardswish, nn.Softplus)
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -78,17 +82,6 @@ def area_loss(m: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
 def bin_loss(m: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Paper 3.2, L_bin = |m - m^2|_1 per sample: 0 exactly where m is 0 or 1, largest (1/4) at 0.5."""
     return _per_sample((m - m * m).abs(), reduction)
-
-
-def tv_loss(m: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Paper 3.2, anisotropic total variation of ``m`` ``(B, 1, *spatial)``: sum over every spatial axis of
-    |m_i - m_(i+1)|; ``mean`` divides the sum by the voxel count of one mask (2D and 3D alike)."""
-    if reduction not in ("mean", "sum"):
-        raise InputError(f"prior_reduction must be 'mean' or 'sum', got {reduction!r}")
-    total = torch.zeros(m.shape[0], dtype=m.dtype, device=m.device)
-    for d in range(2, m.ndim):
-        total = total + m.diff(dim=d).abs().flatten(1).sum(1)
-    return total / m[0].numel() if reduction == "mean" else total
 
 
 def kl_loss(logits_x: torch.Tensor, logits_e: torch.Tensor) -> torch.Tensor:
@@ -140,35 +133,17 @@ def straight_through(soft: torch.Tensor, threshold: float = 0.5) -> torch.Tensor
     return hard.detach() + (soft - soft.detach())
 
 
-# ------------------------------------------------------------------------------------------------ hooks
-@contextlib.contextmanager
-def _record(model: nn.Module, names: list[str]):
-    """Forward hooks appending every output of the named modules (with its graph) to lists; removed on
-    exit, also on error. ``core.capture_layer`` detaches, but here the U-Net needs gradients through it."""
-    store: dict[str, list] = {n: [] for n in names}
-    order: list[str] = []  # names in the order they first fired
-
-    def hook(n, out):
-        if not store[n]:
-            order.append(n)
-        # a copy: an in-place op after the layer (ReLU(inplace=True), +=) must not alter what was recorded
-        store[n].append(out.clone() if isinstance(out, torch.Tensor) else out)
-
-    handles = []
-    try:
-        for n in names:
-            mod = find_layer(model, n)
-            handles.append(mod.register_forward_hook(lambda _m, _i, out, n=n: hook(n, out)))
-        yield store, order
-    finally:
-        for h in handles:
-            h.remove()
-
-
+# ----------------------------------------------------------------------------------------------- layers
 def _candidate_names(model: nn.Module) -> tuple[list[str], list[str]]:
-    acts = [n for n, m in model.named_modules() if n and isinstance(m, _ACTIVATIONS)]
-    convs = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    return acts, convs
+    """Activation modules and convolutions of the user's model (``core.ACTIVATION``, ``core.CONV``)."""
+    named = [(n, m) for n, m in unwrap(model).named_modules() if n]
+    return [n for n, m in named if isinstance(m, ACTIVATION)], [n for n, m in named if isinstance(m, CONV)]
+
+
+def _call_order(caps) -> list[str]:
+    """Names of the captured layers that ran, in the order they were first called."""
+    fired = [n for n, c in caps.items() if c.order]
+    return sorted(fired, key=lambda n: caps[n].order[0])
 
 
 def default_layers(model: nn.Module, calls: list[str], n: int = 5) -> list[str]:
@@ -176,7 +151,7 @@ def default_layers(model: nn.Module, calls: list[str], n: int = 5) -> list[str]:
     including the deepest) over those whose output is a spatial map; ``calls`` lists the candidate
     names in the order they fired on the reference forward."""
     if not calls:
-        raise LayerNotFoundError("<activation layer>", [nm for nm, _ in model.named_modules() if nm])
+        raise LayerNotFoundError("<activation layer>", [nm for nm, _ in unwrap(model).named_modules() if nm])
     if len(calls) <= n:
         return list(calls)
     idx = sorted({round(i * (len(calls) - 1) / (n - 1)) for i in range(n)}) if n > 1 else [len(calls) - 1]
@@ -206,7 +181,7 @@ def _build_unets(b: int, spatial_dims: int, channels: tuple[int, ...], in_channe
         torch.manual_seed(seed)
         net = UNet(spatial_dims, in_channels, 1, channels=channels, strides=(2,) * (len(channels) - 1),
                    num_res_units=0, norm=None)  # the prototype has no normalisation
-        last = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d))][-1]
+        last = [m for m in net.modules() if isinstance(m, CONV + CONV_TRANSPOSE)][-1]
         with torch.no_grad():  # the output bias sets the initial soft mask: sigmoid(bias) = mask_init
             last.bias.fill_(math.log(mask_init / (1 - mask_init)))
     net = net.to(device=x.device, dtype=x.dtype)
@@ -217,8 +192,8 @@ def _build_unets(b: int, spatial_dims: int, channels: tuple[int, ...], in_channe
 
 def _unet_input(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Per-sample z-scored image, zero-padded so every spatial size is a multiple of ``multiple``."""
-    flat = x.flatten(1)
-    z = (x - flat.mean(1).view(-1, *[1] * (x.ndim - 1))) / flat.std(1, unbiased=False).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1))
+    flat, keep = x.flatten(1), (-1, *[1] * (x.ndim - 1))
+    z = (x - flat.mean(1).view(keep)) / flat.std(1, unbiased=False).clamp_min(1e-12).view(keep)
     pads, crop = [], [slice(None), slice(None)]
     for s in reversed(x.shape[2:]):
         extra = (-s) % multiple
@@ -267,29 +242,65 @@ def _resolve_label(target, logits: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def _options(weights, backgrounds, distance, layer_weights, layers):
-    w = dict(DEFAULT_WEIGHTS)
-    if weights is not None:
-        bad = sorted(set(weights) - set(w))
-        if bad:
-            raise InputError(f"unknown medcam weight(s) {bad}; the terms are {sorted(w)}")
-        w.update({k: float(v) for k, v in weights.items()})
-    kinds = (backgrounds,) if isinstance(backgrounds, str) else tuple(backgrounds)
-    if not kinds or any(k not in BACKGROUNDS for k in kinds):
-        raise InputError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
-    if distance not in ("auto", "cosine", "mse") and not isinstance(distance, (list, tuple)):
-        raise InputError(f"distance must be 'auto', 'cosine', 'mse' or one per layer, got {distance!r}")
-    if isinstance(layers, str):
-        layers = [layers]
-    return w, kinds, layers
+@dataclass(frozen=True)
+class MedCAMConfig:
+    """Every option of one Med-CAM run (the keyword options of :func:`medcam`), checked once by
+    :meth:`build` and passed down unchanged. ``weights`` holds every term's lambda; ``backgrounds`` the
+    background kinds; ``layers``, ``layer_weights`` and ``distance`` are as given (resolved per chunk,
+    once the layers are known)."""
+
+    layers: tuple | None = None
+    layer_weights: object = None
+    distance: object = "auto"
+    weights: dict | None = None
+    steps: int = 200
+    lr: float = 3e-3
+    backgrounds: tuple = BACKGROUNDS
+    unet_channels: object = None
+    min_steps: int = 60
+    patience: int = 20
+    mask_tol: float = 2e-3
+    loss_tol: float = 1e-2
+    prior_reduction: str = "mean"
+    threshold: float = 0.5
+    seed: int = 0
+    return_soft: bool = False
+    n_layers: int = 5
+    mask_init: float = 0.5
+    keep_decision: bool = True
+
+    @classmethod
+    def build(cls, weights=None, backgrounds=BACKGROUNDS, distance="auto", layers=None, **options) -> "MedCAMConfig":
+        """The checked configuration: typed errors for unknown weight terms, background kinds, distances,
+        reductions and step counts, before any work."""
+        w = dict(DEFAULT_WEIGHTS)
+        if weights is not None:
+            bad = sorted(set(weights) - set(w))
+            if bad:
+                raise InputError(f"unknown medcam weight(s) {bad}; the terms are {sorted(w)}")
+            w.update({k: float(v) for k, v in weights.items()})
+        kinds = (backgrounds,) if isinstance(backgrounds, str) else tuple(backgrounds)
+        if not kinds or any(k not in BACKGROUNDS for k in kinds):
+            raise InputError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
+        if distance not in ("auto", "cosine", "mse") and not isinstance(distance, (list, tuple)):
+            raise InputError(f"distance must be 'auto', 'cosine', 'mse' or one per layer, got {distance!r}")
+        if isinstance(layers, str):
+            layers = [layers]
+        cfg = cls(layers=None if layers is None else tuple(layers), distance=distance, weights=w, backgrounds=kinds,
+                  **options)
+        if cfg.steps < 1 or cfg.patience < 1:
+            raise InputError("steps and patience must be >= 1")
+        if cfg.prior_reduction not in ("mean", "sum"):
+            raise InputError(f"prior_reduction must be 'mean' or 'sum', got {cfg.prior_reduction!r}")
+        return cfg
 
 
-@register("medcam", needs_target=False, needs_hooks=True)
+@register("medcam", needs_target=False, needs_hooks=True, applies_to=classifier_only)
 def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="auto", weights=None,
            steps: int = 200, lr: float = 3e-3, backgrounds=BACKGROUNDS, unet_channels=None,
            min_steps: int = 60, patience: int = 20, mask_tol: float = 2e-3, loss_tol: float = 1e-2,
            prior_reduction: str = "mean", threshold: float = 0.5, seed: int = 0, return_soft: bool = False,
-           chunk_size: int | None = None, n_layers: int = 5, mask_init: float = 0.5, keep_decision: bool = True):
+           images_per_step: int | None = None, n_layers: int = 5, mask_init: float = 0.5, keep_decision: bool = True):
     """Med-CAM (Suhail et al. 2026, sections 3.1-3.4): a binary evidence mask per image.
 
     Returns the mask ``(B, 1, *spatial)`` (1.0 = evidence kept, 0.0 = suppressed); ``return_soft=True``
@@ -297,8 +308,8 @@ def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="au
 
     Options:
         layers: dotted names of the classifier layers to match (or one name). Default: ``n_layers`` (5)
-            activation modules (ReLU, PReLU, GELU, ...) with spatial outputs, spread evenly over depth;
-            convolutions when the model has no activation modules.
+            activation modules (``core.ACTIVATION``: ReLU, PReLU, GELU, ...) with spatial outputs, spread
+            evenly over depth; convolutions when the model has no activation modules.
         layer_weights: one weight a_l per layer. Default: the prototype's (1, 2, 2, 4, 8) for 5 layers,
             otherwise 2^linspace(0, 3, L); always normalised to sum 1, so ``weights["act"]`` is the
             group weight.
@@ -311,9 +322,11 @@ def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="au
         unet_channels: int base width (default 8, doubling per level, depth sized to the input) or
             the explicit MONAI ``channels`` tuple (strides of 2).
         min_steps, patience, mask_tol, loss_tol: early stopping (see the module docstring).
-        prior_reduction: ``"mean"`` (prototype) or ``"sum"`` (paper's norms) for area, bin and TV.
+        prior_reduction: ``"mean"`` (prototype) or ``"sum"`` (paper's norms) for area, bin and TV
+            (:func:`medexplain.ops.total_variation`).
         seed: U-Net initialisation and background draws (same for every image of the batch).
-        chunk_size: images optimised together (vmap batch); all by default.
+        images_per_step: images whose U-Nets are trained together (one vmap batch; each step gives the
+            classifier two rows per image, e and e~); all by default. Results do not depend on it.
         mask_init: initial soft mask value (bias of the U-Net's output layer); 0.5 = neutral start.
         keep_decision: if the final mask's explanation no longer gives class y but an earlier step's did,
             return the last such mask (``info["fell_back"]``). ``False`` returns the final mask as is.
@@ -327,105 +340,145 @@ def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="au
         raise UnsupportedModelError("medcam matches activations through forward hooks, which TorchScript models do "
                                     "not provide; use saliency, smoothgrad, integrated_gradients or occlusion, "
                                     "or pass the eager model")
-    if steps < 1 or patience < 1:
-        raise InputError("steps and patience must be >= 1")
-    w, kinds, layers = _options(weights, backgrounds, distance, layer_weights, layers)
+    cfg = MedCAMConfig.build(
+        weights=weights, backgrounds=backgrounds, distance=distance, layers=layers, layer_weights=layer_weights,
+        steps=steps, lr=lr, unet_channels=unet_channels, min_steps=min_steps, patience=patience, mask_tol=mask_tol,
+        loss_tol=loss_tol, prior_reduction=prior_reduction, threshold=threshold, seed=seed, return_soft=return_soft,
+        n_layers=n_layers, mask_init=mask_init, keep_decision=keep_decision)
     b = x.shape[0]
     maps, per_image = [], []
-    for sl in chunks(b, chunk_size):
+    for sl in chunks(b, images_per_step):
         tgt = target
         if isinstance(target, Class):
             tgt = Class(target.class_index(b)[sl])
-        m, info = _run(model, x[sl], tgt, cost, layers, layer_weights, distance, w, steps, lr, kinds,
-                       unet_channels, min_steps, patience, mask_tol, loss_tol, prior_reduction, threshold, seed,
-                       return_soft, n_layers, mask_init, keep_decision)
+        m, info = _run(model, x[sl], tgt, cost, cfg)
         maps.append(m)
         per_image.append(info)
-    info = {k: v for k, v in per_image[0].items()}
-    for extra in per_image[1:]:
+    return torch.cat(maps), _merge_info(per_image)
+
+
+def _merge_info(per_chunk: list[dict]) -> dict:
+    """One ``info`` from the chunks' (per-image lists concatenated; the shared settings kept once)."""
+    info = dict(per_chunk[0])
+    for extra in per_chunk[1:]:
         for k, v in extra.items():
             if isinstance(v, list) and k not in ("layers", "layer_weights", "distances", "unet_channels"):
                 info[k] = info[k] + v
             elif isinstance(v, dict):
                 info[k] = {kk: info[k][kk] + vv for kk, vv in v.items()}
-    return torch.cat(maps), info
+    return info
 
 
-def _run(model, x, target, cost, layers, layer_weights, distance, w, steps, lr, kinds, unet_channels,
-         min_steps, patience, mask_tol, loss_tol, prior_reduction, threshold, seed, return_soft, n_layers, mask_init,
-         keep_decision):
-    from torch.func import functional_call, vmap
-
-    b, spatial = x.shape[0], tuple(x.shape[2:])
+def _reference(model, x, target, cost, cfg: MedCAMConfig):
+    """The reference forward: logits f(x), the label y, the layers to match and their phi_l(x)."""
+    b = x.shape[0]
     acts, convs = _candidate_names(model)
-    probe = layers if layers is not None else (acts or convs)
-    for n in probe:
-        find_layer(model, n)  # typed error with close matches for a wrong name
-    # Reference forward: logits, the label y and phi_l(x) (also tells which candidates give spatial maps).
-    with torch.no_grad(), _record(model, list(probe)) as (store, order):
+    probe = list(cfg.layers) if cfg.layers is not None else (acts or convs)
+    # also tells which candidates give spatial maps, and in which order they run
+    with torch.no_grad(), capture_layers(model, probe, mode="graph") as caps:
         logits_x = forward(model, x, cost)
     if logits_x.ndim != 2:
         raise UnsupportedModelError(f"medcam explains classifiers with logits (B, K); this model returns "
                                     f"{tuple(logits_x.shape)} (for segmentation use instance saliency or shapley)")
     y = _resolve_label(target, logits_x)
-    if layers is None:
-        fired = [n for n in order if all(isinstance(o, torch.Tensor) and o.ndim == x.ndim for o in store[n])]
-        layers = default_layers(model, fired, n_layers)
+    if cfg.layers is not None:
+        layers = list(cfg.layers)
+    else:
+        fired = [n for n in _call_order(caps) if all(o.ndim == x.ndim for o in caps[n].outputs)]
+        layers = default_layers(model, fired, cfg.n_layers)
     for n in layers:
-        if not store[n] or not all(isinstance(o, torch.Tensor) and o.shape[0] == b for o in store[n]):
+        if not caps[n].outputs or not all(o.shape[0] == b for o in caps[n].outputs):
             raise UnsupportedModelError(f"layer {n!r} was not called with a tensor output per sample in the forward pass")
-    acts_x = [[o.detach() for o in store[n]] for n in layers]
-    L = len(layers)
+    return logits_x, y, layers, [[o.detach() for o in caps[n].outputs] for n in layers]
+
+
+def _layer_weights(layer_weights, n: int) -> list[float]:
+    """a_l per layer, normalised to sum 1 (the prototype's (1, 2, 2, 4, 8) for 5 layers by default)."""
     if layer_weights is None:
-        lw = list(PROTOTYPE_LAYER_WEIGHTS) if L == 5 else [2 ** (3 * i / max(L - 1, 1)) for i in range(L)]
+        lw = list(PROTOTYPE_LAYER_WEIGHTS) if n == 5 else [2 ** (3 * i / max(n - 1, 1)) for i in range(n)]
     else:
         lw = [float(v) for v in (layer_weights if isinstance(layer_weights, (list, tuple)) else [layer_weights])]
-        if len(lw) != L or min(lw) < 0 or sum(lw) <= 0:
-            raise InputError(f"layer_weights must be {L} non-negative numbers (one per layer), got {layer_weights!r}")
-    lw = [v / sum(lw) for v in lw]
+        if len(lw) != n or min(lw) < 0 or sum(lw) <= 0:
+            raise InputError(f"layer_weights must be {n} non-negative numbers (one per layer), got {layer_weights!r}")
+    return [v / sum(lw) for v in lw]
+
+
+def _distances(distance, n: int) -> list[str]:
     if isinstance(distance, (list, tuple)):
         dist = list(distance)
-        if len(dist) != L or any(d not in ("cosine", "mse") for d in dist):
-            raise InputError(f"distance list must give 'cosine' or 'mse' for each of the {L} layers, got {distance!r}")
-    else:
-        dist = [("cosine" if i < L / 2 else "mse") if distance == "auto" else distance for i in range(L)]
+        if len(dist) != n or any(d not in ("cosine", "mse") for d in dist):
+            raise InputError(f"distance list must give 'cosine' or 'mse' for each of the {n} layers, got {distance!r}")
+        return dist
+    return [("cosine" if i < n / 2 else "mse") if distance == "auto" else distance for i in range(n)]
 
-    channels = _unet_channels(spatial, unet_channels)
-    base, params, buffers = _build_unets(b, len(spatial), channels, x.shape[1], seed, x, mask_init)
+
+def _run(model, x, target, cost, cfg: MedCAMConfig):
+    """Med-CAM for the images ``x`` (one chunk): reference forward, mask training, returned masks + info."""
+    logits_x, y, layers, acts_x = _reference(model, x, target, cost, cfg)
+    lw, dist = _layer_weights(cfg.layer_weights, len(layers)), _distances(cfg.distance, len(layers))
+    channels = _unet_channels(tuple(x.shape[2:]), cfg.unet_channels)
+    state = _train_masks(model, x, y, logits_x, cost, cfg, layers, acts_x, lw, dist, channels)
+    final_soft = state["final_soft"]
+    fell_back = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if cfg.keep_decision:  # the last mask whose explanation kept the decision, where the final one does not
+        with torch.no_grad():
+            lost = forward(model, (final_soft > cfg.threshold).to(x.dtype) * x, cost).argmax(1) != y
+        fell_back = lost & state["kept"]
+        final_soft = torch.where(fell_back.view(-1, *[1] * (x.ndim - 1)), state["kept_soft"], final_soft)
+    hard = (final_soft > cfg.threshold).to(x.dtype)
+    info = _evaluate(model, x, y, logits_x, hard, cost, cfg)
+    info.update({
+        "steps": state["steps"].tolist(), "settled": state["done"].tolist(), "fell_back": fell_back.tolist(),
+        "loss_terms": {k: v.tolist() for k, v in state["terms"].items()},
+        "layers": list(layers), "layer_weights": lw, "distances": dist, "unet_channels": list(channels),
+    })
+    return (final_soft if cfg.return_soft else hard), info
+
+
+def _train_masks(model, x, y, logits_x, cost, cfg: MedCAMConfig, layers, acts_x, lw, dist, channels) -> dict:
+    """Adam on the B stacked U-Nets (paper 3.4, L_EXP) with per-image early stopping.
+
+    Returns ``final_soft`` (the soft mask of each image when it stopped), ``kept_soft`` / ``kept`` (the
+    last soft mask whose explanation kept class y, and whether there was one), ``steps``, ``done`` and
+    the final loss ``terms`` per image."""
+    from torch.func import functional_call, vmap
+
+    b, spatial, w = x.shape[0], tuple(x.shape[2:]), cfg.weights
+    base, params, buffers = _build_unets(b, len(spatial), channels, x.shape[1], cfg.seed, x, cfg.mask_init)
     u_in, crop = _unet_input(x, 2 ** (len(channels) - 1))
-    opt = torch.optim.Adam(params.values(), lr=lr)
+    opt = torch.optim.Adam(params.values(), lr=cfg.lr)
 
     def unet(p, bf, xi):
         return functional_call(base, (p, bf), (xi.unsqueeze(0),)).squeeze(0)
 
-    gens = [torch.Generator(device=x.device).manual_seed(seed + 1) for _ in range(b)]
+    gens = [torch.Generator(device=x.device).manual_seed(cfg.seed + 1) for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
     steps_taken = torch.zeros(b, dtype=torch.long)
     final_soft = torch.zeros((b, 1, *spatial), dtype=x.dtype, device=x.device)
     final_terms: dict[str, torch.Tensor] = {}
     kept_soft, kept = final_soft.clone(), torch.zeros(b, dtype=torch.bool, device=x.device)
     checkpoint_mask, window, prev_window_mean = None, [], None
-    for t in range(steps):
+    for t in range(cfg.steps):
         with torch.enable_grad():
             soft = torch.sigmoid(vmap(unet)(params, buffers, u_in)[crop])
-            m = straight_through(soft, threshold)
+            m = straight_through(soft, cfg.threshold)
             e = m * x
-            e_tilde = e + (1 - m) * _draw_backgrounds(x, kinds, gens)
-            with _record(model, layers) as (rec, _):
+            e_tilde = e + (1 - m) * _draw_backgrounds(x, cfg.backgrounds, gens)
+            with capture_layers(model, layers, mode="graph") as rec:
                 out = forward(model, torch.cat([e, e_tilde]), cost)
             logits_e, logits_t = out[:b], out[b:]
             terms = {
-                "act": activation_loss(acts_x, [[o[:b] for o in rec[n]] for n in layers], lw, dist),
+                "act": activation_loss(acts_x, [[o[:b] for o in rec[n].outputs] for n in layers], lw, dist),
                 "ce": ce_loss(logits_e, y), "kl": kl_loss(logits_x, logits_e),
-                "area": area_loss(soft, prior_reduction), "bin": bin_loss(soft, prior_reduction),
-                "tv": tv_loss(soft, prior_reduction), "rob": ce_loss(logits_t, y),
+                "area": area_loss(soft, cfg.prior_reduction), "bin": bin_loss(soft, cfg.prior_reduction),
+                "tv": total_variation(soft, cfg.prior_reduction), "rob": ce_loss(logits_t, y),
             }
             loss = sum(w[k] * v for k, v in terms.items())        # (b,) one loss per image
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
         cost.n_backward += 2 * b
         live = ~done
-        hard = (soft.detach() > threshold)
+        hard = (soft.detach() > cfg.threshold)
         final_soft[live] = soft.detach()[live]
         for k, v in terms.items():
             final_terms.setdefault(k, torch.zeros(b, dtype=x.dtype, device=x.device))[live] = v.detach()[live]
@@ -434,42 +487,34 @@ def _run(model, x, target, cost, layers, layer_weights, distance, w, steps, lr, 
         kept_soft[ok], kept = soft.detach()[ok], kept | ok
         window.append(loss.detach())
         # Early stopping, per image, checked every `patience` steps (see module docstring).
-        if (t + 1) % patience == 0:
+        if (t + 1) % cfg.patience == 0:
             mean_now = torch.stack(window).mean(0)
-            if checkpoint_mask is not None and t + 1 >= min_steps:
+            if checkpoint_mask is not None and t + 1 >= cfg.min_steps:
                 changed = (hard != checkpoint_mask).flatten(1).float().mean(1).cpu()
                 rel = ((mean_now - prev_window_mean).abs() / prev_window_mean.abs().clamp_min(1e-12)).cpu()
-                done |= (changed <= mask_tol) & (rel <= loss_tol)
+                done |= (changed <= cfg.mask_tol) & (rel <= cfg.loss_tol)
             checkpoint_mask, prev_window_mean, window = hard, mean_now, []
             if bool(done.all()):
                 break
         opt.step()
+    return {"final_soft": final_soft, "kept_soft": kept_soft, "kept": kept, "steps": steps_taken, "done": done,
+            "terms": final_terms}
 
-    fell_back = torch.zeros(b, dtype=torch.bool, device=x.device)
-    if keep_decision:  # the last mask whose explanation kept the decision, where the final one does not
-        with torch.no_grad():
-            lost = forward(model, (final_soft > threshold).to(x.dtype) * x, cost).argmax(1) != y
-        fell_back = lost & kept
-        final_soft = torch.where(fell_back.view(-1, *[1] * (x.ndim - 1)), kept_soft, final_soft)
-    # Final evaluation of the returned masks: p(y|e) and p(y|e~) for each background kind.
-    hard = (final_soft > threshold).to(x.dtype)
-    eval_gens = [torch.Generator(device=x.device).manual_seed(seed + 2) for _ in range(b)]
+
+def _evaluate(model, x, y, logits_x, hard, cost, cfg: MedCAMConfig) -> dict:
+    """p(y|x), p(y|e) and p(y|e~) for each background kind of the returned hard masks (paper 3.3)."""
+    b, kinds = x.shape[0], cfg.backgrounds
+    eval_gens = [torch.Generator(device=x.device).manual_seed(cfg.seed + 2) for _ in range(b)]
     rows = [hard * x] + [hard * x + (1 - hard) * torch.stack([_background(k, xi, g) for xi, g in zip(x, eval_gens)])
                          for k in kinds]
     with torch.no_grad():
-        probs = F.softmax(forward(model, torch.cat(rows), cost), 1).view(len(rows), b, -1)
-    p_x = F.softmax(logits_x, 1)
+        probs = probabilities(forward(model, torch.cat(rows), cost), "softmax").view(len(rows), b, -1)
+    p_x = probabilities(logits_x, "softmax")
     pick = lambda p: p.gather(1, y[:, None])[:, 0].tolist()  # noqa: E731
-    by_bg = {k: pick(probs[1 + i]) for i, k in enumerate(kinds)}
-    info = {
+    return {
         "label": y.tolist(), "area": hard.flatten(1).mean(1).tolist(),
         "p_y_x": pick(p_x), "p_y_e": pick(probs[0]),
         "p_y_e_tilde": probs[1:].gather(2, y.view(1, b, 1).expand(len(kinds), b, 1))[..., 0].mean(0).tolist(),
-        "p_y_e_tilde_by_background": by_bg,
+        "p_y_e_tilde_by_background": {k: pick(probs[1 + i]) for i, k in enumerate(kinds)},
         "keeps_decision": (probs[0].argmax(1) == y).tolist(),
-        "steps": steps_taken.tolist(), "settled": done.tolist(), "fell_back": fell_back.tolist(),
-        "loss_terms": {k: v.tolist() for k, v in final_terms.items()},
-        "layers": list(layers), "layer_weights": lw, "distances": dist, "unet_channels": list(channels),
     }
-    return (final_soft if return_soft else hard), info
-

@@ -8,9 +8,9 @@ baseline, one mask shared by all channels). The problem (paper eq. 3-4)::
     minimise_M   L(f(M~ * x), y) + lambda_tv TV(M~)
     subject to   ||M||_0 <= k,   0 <= M <= 1,        k = max(1, floor(|S0| / alpha))
 
-with ``L`` the cross-entropy and ``TV`` the anisotropic total variation (sum of absolute neighbour
-differences along every spatial axis). ADMM splits ``M = M1`` (the sparse set) and ``M = M2`` (the
-box), with scaled duals ``U1, U2`` (paper eq. 5, 8, 9)::
+with ``L`` the cross-entropy and ``TV`` the anisotropic total variation (eq. 2: sum of absolute
+neighbour differences along every spatial axis, :func:`medexplain.ops.total_variation`). ADMM splits
+``M = M1`` (the sparse set) and ``M = M2`` (the box), with scaled duals ``U1, U2`` (paper eq. 5, 8, 9)::
 
     M  <- Adam step(s) on  L + lambda_tv TV + rho/2 (||M - M1 + U1||^2 + ||M - M2 + U2||^2)
     M1 <- keep the k largest entries of M + U1 on S0, zero the rest        (projection on ||.||_0 <= k)
@@ -48,7 +48,7 @@ import torch
 
 from ..core import chunks, forward
 from ..errors import InputError, TargetError
-from ..metrics.faithfulness import total_variation
+from ..ops import total_variation
 from ..registry import register
 from ..targets import Class, target_probability
 
@@ -157,6 +157,11 @@ def _objective_fn(target, objective):
     return loss
 
 
+def _forward_chunked(model, x, cost, chunk_size):
+    """The model's output on ``x``, ``chunk_size`` rows per call."""
+    return torch.cat([forward(model, x[sl], cost) for sl in chunks(x.shape[0], chunk_size)])
+
+
 def _solve(model, x, sup, k, m0, loss_fn, rows, batch, cost, iterations, adam_steps, lr, rho, lambda_tv, mode):
     """ADMM for the samples ``rows`` of the batch; returns (returned mask, primal M, M1)."""
     s = sup.to(x.dtype)
@@ -204,9 +209,11 @@ def ssplain(model, x, target, cost, alpha: float = 4, k: int | Sequence[int] | N
     (int or one per sample, capped at |S0|); ``iterations=20`` ADMM iterations with ``adam_steps=1``
     Adam steps of ``lr=0.1`` each; ``rho=0.01``; ``lambda_tv=1e-3`` (paper: 1e-3 MNIST, 1e-4
     Fashion-MNIST); ``init`` "intensity" (min-max normalised channel mean on S0), "ones", "random"
-    (seeded) or a tensor; ``mode`` "reference" (default) or "textbook" (budget and box guaranteed); ``support`` "above_min", "all" or a bool
-    mask; ``objective`` "auto", "ce" or "score"; ``chunk_size`` solves that many samples together at a
-    time (results do not depend on it). ``target=None`` explains the predicted class (classifiers).
+    (seeded) or a tensor; ``mode`` "reference" (default) or "textbook" (budget and box guaranteed);
+    ``support`` "above_min", "all" or a bool mask; ``objective`` "auto", "ce" or "score";
+    ``chunk_size``: rows given to the model in one call (one row per sample, so that many masks are
+    solved together; results do not depend on it). ``target=None`` explains the predicted class
+    (classifiers).
 
     Returns the mask ``(B, 1, *spatial)``. ``info``: ``k``, ``support_size``, ``nonzeros`` and
     ``sparsity`` (nonzero fraction of the voxels) of the returned mask on S0, ``budget_met``, ``tv``
@@ -223,7 +230,7 @@ def ssplain(model, x, target, cost, alpha: float = 4, k: int | Sequence[int] | N
     b = x.shape[0]
     x = x.detach()
     with torch.no_grad():
-        out0 = forward(model, x, cost)
+        out0 = _forward_chunked(model, x, cost, chunk_size)
     if target is None:
         if out0.ndim != 2:
             raise TargetError("target=None (explain the predicted class) needs a classifier output (B, K); "
@@ -243,7 +250,7 @@ def ssplain(model, x, target, cost, alpha: float = 4, k: int | Sequence[int] | N
 
     with torch.no_grad():
         explained = final * sup.to(x.dtype)
-        out = forward(model, explained * x, cost)
+        out = _forward_chunked(model, explained * x, cost, chunk_size)
         rows = torch.arange(b, device=x.device)
         terms, terms0 = target_probability(out, target, rows, b), target_probability(out0, target, rows, b)
         nonzeros = (explained != 0).flatten(1).sum(1)

@@ -5,8 +5,9 @@
   (set to the baseline, zero) from the input, or inserted into a baseline image. The model's accuracy
   and target probability on every perturbed input give one curve per sample; the trapezoid area under
   each curve summarises it (deletion: lower is better; insertion: higher is better).
-- :func:`smoothness`: anisotropic total variation of the min-max normalised map divided by its
-  element count (lower = smoother), the quantity behind the paper's smoothness analysis.
+- :func:`smoothness`: anisotropic total variation (:func:`medexplain.ops.total_variation`, SSplain eq. 2)
+  of the min-max normalised map (:func:`medexplain.ops.normalize`) divided by its element count (lower =
+  smoother), the quantity behind the paper's smoothness analysis.
 - :func:`sparseness`: Gini index of ``|map|`` (Chalasani et al. 2020): 0 for a uniform map, -> 1 when
   all mass sits on one voxel.
 
@@ -18,25 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import chunks, forward, model_guard, resize_to
+from ..core import check_input, chunks, forward, model_guard, resize_to
 from ..errors import InputError
-from ..targets import as_target, target_probability  # noqa: F401 (target_probability re-exported)
+from ..ops import normalize, total_variation
+from ..targets import as_target, target_probability
 
-__all__ = ["deletion_insertion", "DeletionInsertion", "smoothness", "sparseness", "total_variation"]
-
-
-def total_variation(t: torch.Tensor) -> torch.Tensor:
-    """Anisotropic TV per sample: sum over channels and every spatial axis of ``|t[i+1] - t[i]|``.
-
-    ``t`` is ``(B, C, *spatial)``; returns ``(B,)``. A sum, not a mean (SSplain eq. 2; torchmetrics'
-    ``TotalVariation(reduction="none")`` in 2D, which the SSplain reference uses).
-    """
-    if t.ndim < 3:
-        raise InputError(f"total_variation needs (B, C, *spatial), got shape {tuple(t.shape)}")
-    tv = t.new_zeros(t.shape[0])
-    for axis in range(2, t.ndim):
-        tv = tv + t.diff(dim=axis).abs().flatten(1).sum(1)
-    return tv
+__all__ = ["deletion_insertion", "DeletionInsertion", "smoothness", "sparseness"]
 
 
 @dataclass
@@ -92,15 +80,15 @@ def _voxel_scores(maps: torch.Tensor, x: torch.Tensor, absolute: bool) -> torch.
     return (maps.abs() if absolute else maps).flatten(1)
 
 
-def _ranks(scores: torch.Tensor, ties: str, seed: int) -> torch.Tensor:
-    """Rank of every voxel (0 = most important), descending score; ties broken by ``ties``."""
+def _ranks(scores: torch.Tensor, tie_break: str, seed: int) -> torch.Tensor:
+    """Rank of every voxel (0 = most important), descending score; equal scores ordered by ``tie_break``."""
     b, n = scores.shape
-    if ties == "random":  # a seeded permutation, the same for every sample, then a stable sort
+    if tie_break == "random":  # a seeded permutation, the same for every sample, then a stable sort
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(scores.device)
-    elif ties == "first":
+    elif tie_break == "first":
         perm = torch.arange(n, device=scores.device)
     else:
-        raise InputError(f"ties must be 'random' or 'first', got {ties!r}")
+        raise InputError(f"tie_break must be 'random' or 'first', got {tie_break!r}")
     order = perm[scores[:, perm].argsort(dim=1, descending=True, stable=True)]
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(n, device=scores.device).expand(b, n))
@@ -109,7 +97,7 @@ def _ranks(scores: torch.Tensor, ties: str, seed: int) -> torch.Tensor:
 
 def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, target, fractions: int = 26,
                        chunk_size: int | None = 64, baseline: float = 0.0, absolute: bool = False,
-                       ties: str = "random", seed: int = 0) -> DeletionInsertion:
+                       tie_break: str = "random", seed: int = 0) -> DeletionInsertion:
     """Deletion and insertion curves (SSplain paper section 5, "post-hoc accuracy").
 
     Voxels are ranked by the map (summed over map channels, resized to the input grid if needed; signed
@@ -117,18 +105,17 @@ def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, target, fract
     (all channels of a voxel together) are set to ``baseline`` in ``x`` (deletion) or copied from ``x``
     into a ``baseline`` image (insertion). The ``2 B fractions`` perturbed inputs go through the model
     in chunks of ``chunk_size`` rows, without gradients, with the model guarded (eval mode, restored).
-    Ties (e.g. the zeros of a sparse mask) are broken by a seeded random permutation by default, so a
-    flat region is not deleted in raster order; ``ties="first"`` keeps C order.
+    Voxels of equal score (e.g. the zeros of a sparse mask) are ordered by a seeded random permutation
+    by default (``tie_break="random"``), so a flat region is not deleted in raster order;
+    ``tie_break="first"`` keeps C order.
     """
-    from ..core import check_input
-
     x = check_input(x)
     if fractions < 2:
         raise InputError("fractions must be >= 2 (0% and 100% at least)")
     tgt = as_target(target)
     b, n = x.shape[0], x[0, 0].numel()
     ranks = _voxel_scores(maps, x, absolute)
-    ranks = _ranks(ranks, ties, seed)
+    ranks = _ranks(ranks, tie_break, seed)
     counts = torch.tensor([(j * n) // (fractions - 1) for j in range(fractions)], device=x.device)
     keep = (ranks.unsqueeze(0) < counts.view(-1, 1, 1)).view(fractions, b, 1, *x.shape[2:]).to(x.dtype)
     base = torch.full_like(x, float(baseline))
@@ -173,10 +160,7 @@ def smoothness(maps) -> torch.Tensor:
     of the map's scale and offset, so methods with different units compare.
     """
     maps = _as_maps(maps)
-    flat = maps.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    norm = ((flat - lo) / (hi - lo).clamp_min(torch.finfo(maps.dtype).tiny)).view_as(maps)
-    return total_variation(norm) / flat.shape[1]
+    return total_variation(normalize(maps, "minmax")) / maps[0].numel()
 
 
 def sparseness(maps) -> torch.Tensor:

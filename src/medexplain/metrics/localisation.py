@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core import resize_to
+from ..core import chunks, resize_to
 from ..errors import InputError
+from ..ops import normalize
 
 __all__ = ["hit_rate", "iou", "binarize", "tune_thresholds", "bootstrap_ci", "BootstrapResult", "summarize",
            "write_results"]
@@ -70,7 +71,8 @@ def hit_rate(maps, masks, ties: str = "first") -> torch.Tensor:
     blocks) at the top-left corner of its best block. ``ties="any"``: hit if *any* voxel where the map
     reaches its maximum lies in the mask, i.e. ``max over the mask == max over the image``; use it to ask
     whether a map peaks on a region when maps are piecewise constant (a constant map then hits every
-    non-empty mask, so report it beside the ``"first"`` figure, not instead of it).
+    non-empty mask, so report it beside the ``"first"`` figure, not instead of it). ``ties`` has this one
+    meaning across medexplain (``docs/design.md``).
     """
     if ties not in TIES:
         raise InputError(f"ties must be one of {TIES}, got {ties!r}")
@@ -84,13 +86,6 @@ def hit_rate(maps, masks, ties: str = "first") -> torch.Tensor:
         hit = (peak & mflat).any(2).to(maps.dtype)
     res = torch.where(mflat.any(2), hit, torch.full_like(hit, float("nan")))
     return _out(res, per_class)
-
-
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per (case, class) min-max normalisation to [0, 1]; a constant map becomes all zeros."""
-    flat = maps.flatten(2)
-    lo, hi = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(torch.finfo(maps.dtype).tiny)).view_as(maps)
 
 
 def _otsu(norm: torch.Tensor) -> torch.Tensor:
@@ -129,7 +124,7 @@ def binarize(maps, threshold="otsu", spatial=None) -> torch.Tensor:
     maps = maps.float() if not torch.is_floating_point(maps) else maps
     if spatial is not None:
         maps = resize_to(maps, tuple(spatial))
-    norm = _minmax(maps)
+    norm = normalize(maps, "minmax", start_dim=2)                       # per (case, class); constant -> 0
     b, k = maps.shape[:2]
     if isinstance(threshold, str):
         if threshold != "otsu":
@@ -183,13 +178,14 @@ def iou(maps, masks, threshold="otsu", prob=None, cutoff=None, mode: str = "tp")
 
 
 def tune_thresholds(maps, masks, mode: str = "tp_fp_fn", candidates=None, prob=None, cutoff=None,
-                    chunk_size: int = 16) -> torch.Tensor:
+                    threshold_chunk: int = 16) -> torch.Tensor:
     """One threshold per class maximising the class's mean IoU over a validation split (CheXlocalize;
     MedicalPatchNet tunes one threshold per pathology on the CheXlocalize validation set).
 
     ``candidates`` default to 0.00, 0.01, ..., 0.99 on the min-max normalised maps (a grid instead of the
     reference's ternary search, which can stop in a local optimum). Ties go to the smallest threshold; a
     class with no scorable case gets NaN. Returns ``(K,)`` (``(1,)`` for single-channel masks).
+    ``threshold_chunk`` candidate thresholds are scored together (memory: that many binarised copies).
     """
     if mode not in _MODES:
         raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -198,10 +194,12 @@ def tune_thresholds(maps, masks, mode: str = "tp_fp_fn", candidates=None, prob=N
                            device=maps.device).flatten()
     if cand.numel() == 0:
         raise InputError("candidates is empty")
-    norm = _minmax(maps)
+    norm = normalize(maps, "minmax", start_dim=2)
     keep = _cutoff_mask(prob, cutoff, maps.shape[0], maps.shape[1], maps.device)
     mious = []
-    for sl in [slice(i, i + chunk_size) for i in range(0, cand.numel(), chunk_size)]:
+    if int(threshold_chunk) < 1:
+        raise InputError(f"threshold_chunk must be >= 1, got {threshold_chunk}")
+    for sl in chunks(cand.numel(), int(threshold_chunk)):
         t = cand[sl].view(-1, 1, 1, *[1] * (maps.ndim - 2))
         pred = norm.unsqueeze(0) > t                                     # (T, B, K, *s)
         if keep is not None:
@@ -301,7 +299,10 @@ def write_results(per_case_values, out_dir, metric: str, names=None, case_ids=No
                   seed: int = 0, level: float = 0.95) -> BootstrapResult:
     """Write CheXlocalize's three files into ``out_dir``: ``{metric}_results.csv`` (one row per case, one
     column per class, empty = excluded), ``{metric}_bootstrap_results.csv`` (one row per replicate) and
-    ``{metric}_summary_results.csv`` (name, lower, mean, upper, bs_mean, n_cases)."""
+    ``{metric}_summary_results.csv`` (name, lower, mean, upper, bs_mean, n_cases), each atomically
+    (:func:`medexplain.io.atomic_path`)."""
+    from ..io import atomic_path
+
     res = bootstrap_ci(per_case_values, n=n, seed=seed, level=level, names=names)
     v = np.asarray(torch.as_tensor(per_case_values).double().cpu().numpy()) \
         if isinstance(per_case_values, torch.Tensor) else np.asarray(per_case_values, dtype=np.float64)
@@ -312,24 +313,18 @@ def write_results(per_case_values, out_dir, metric: str, names=None, case_ids=No
     if len(ids) != v.shape[0]:
         raise InputError(f"{len(ids)} case ids for {v.shape[0]} cases")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     def fmt(x):
         return "" if np.isnan(x) else repr(float(x))
 
-    with open(out / f"{metric}_results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["img_id", *cls])
-        for i, row in zip(ids, v):
-            w.writerow([i, *[fmt(x) for x in row]])
-    with open(out / f"{metric}_bootstrap_results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(res.names)
-        for row in res.replicates:
-            w.writerow([fmt(x) for x in row])
-    with open(out / f"{metric}_summary_results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["name", "lower", "mean", "upper", "bs_mean", "n_cases"])
-        w.writeheader()
-        for r in res.rows():
-            w.writerow({key: (fmt(val) if isinstance(val, float) else val) for key, val in r.items()})
+    summary = ["name", "lower", "mean", "upper", "bs_mean", "n_cases"]
+    tables = {"results": (["img_id", *cls], [[i, *[fmt(x) for x in row]] for i, row in zip(ids, v)]),
+              "bootstrap_results": (res.names, [[fmt(x) for x in row] for row in res.replicates]),
+              "summary_results": (summary, [[fmt(r[c]) if isinstance(r[c], float) else r[c] for c in summary]
+                                            for r in res.rows()])}
+    for name, (header, rows) in tables.items():
+        with atomic_path(out / f"{metric}_{name}.csv", suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
     return res

@@ -87,7 +87,7 @@ def ranks_from_values(values) -> torch.Tensor:
 
 
 def rank_agreement(values, reference_ranking, players: Sequence[str] | None = None,
-                   ties: Sequence[Sequence[Union[int, str]]] = ()) -> dict[str, torch.Tensor]:
+                   tied_groups: Sequence[Sequence[Union[int, str]]] = ()) -> dict[str, torch.Tensor]:
     """Agreement of each sample's contrast ranking (order of its Shapley values) with a reference ranking.
 
     ``values``: (B, n) (or a :class:`~medexplain.shapley.ShapleyResult`, whose player names are used).
@@ -95,13 +95,13 @@ def rank_agreement(values, reference_ranking, players: Sequence[str] | None = No
     :data:`CLINICIAN_RANKINGS`, or a (B, n) tensor of per-sample rankings. Returns float64 tensors (B,):
     ``kendall_tau`` (tau-b of the values against the reference order), ``spearman_rho``, and ``top1``
     (1.0 when the largest value belongs to the reference's first player; ties go to the lower index)
-    and ``somers_d`` (below). ``ties``: groups of players the reference does not order (e.g. ``ds.meta_info["ranking_ties"]`` of
-    the planted contrast set): they share their average reference score and any of them counts as the
-    reference's top. Tau-b and rho then account for the tie, so their maximum falls below 1 (tau-b
-    5/sqrt(30) = 0.913 for one tied pair among 4); ``somers_d`` = (concordant - discordant) / (pairs the
-    reference orders), Somers' D of the values given the reference, is 1 for a perfect match of such a
-    partial ranking and equals tau when there are no ties. Cases whose values are all equal have no
-    ranking: NaN tau, rho and D.
+    and ``somers_d`` (below). ``tied_groups``: groups of players the reference does not order (e.g.
+    ``ds.meta_info["ranking_ties"]`` of the planted contrast set): they share their average reference
+    score and any of them counts as the reference's top. Tau-b and rho then account for the tie, so
+    their maximum falls below 1 (tau-b 5/sqrt(30) = 0.913 for one tied pair among 4); ``somers_d`` =
+    (concordant - discordant) / (pairs the reference orders), Somers' D of the values given the
+    reference, is 1 for a perfect match of such a partial ranking and equals tau when there are no tied
+    groups. Cases whose values are all equal have no ranking: NaN tau, rho and D.
     """
     v, players = _values_and_players(values, players)
     b, n = v.shape
@@ -112,7 +112,7 @@ def rank_agreement(values, reference_ranking, players: Sequence[str] | None = No
     else:
         refs = [resolve_ranking(reference_ranking, n, players)] * b
     tie_groups = []
-    for g in ties:
+    for g in tied_groups:
         if any(isinstance(p, str) for p in g):
             if players is None:
                 raise InputError("tie groups given by names need the player names (players=...)")

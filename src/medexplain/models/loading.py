@@ -1,5 +1,6 @@
-"""Model loading for the CLI: a TorchScript file, ``package.module:factory`` (+ a state-dict file),
-or ``zoo:<task>`` for the planted-data model zoo."""
+"""Model loading from a specification string (what the command line and :func:`medexplain.run.run_manifest`
+take): a TorchScript file, ``package.module:factory`` (+ a weight file), ``zoo:<task>`` for the
+planted-data model zoo, or a folder written by ``medexplain train``."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +10,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..training import read_weights
+from . import zoo
+from .trained import load_trained
 
 
 def load_model(spec: str, weights: str | None = None, map_location: str = "cpu") -> nn.Module:
@@ -16,18 +20,16 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
 
     - ``path/to/model.pt``: a TorchScript file (``torch.jit.save``). CAM methods need hooks, which
       scripted models lack: use an eager model for them.
-    - ``package.module:factory``: ``factory()`` builds the eager model; ``weights`` is a state dict
-      (or a checkpoint dict with a ``state_dict`` / ``model`` entry) loaded strictly.
+    - ``package.module:factory``: ``factory()`` builds the eager model; ``weights`` is a weight file
+      (a plain state dict or a medexplain weight file, :func:`medexplain.training.read_weights`) loaded strictly.
     - ``zoo:<task>``: the trained planted-data model of :mod:`medexplain.models.zoo`.
     - a folder written by ``medexplain train`` (``config.json`` + ``model.pt``).
     """
     if spec.startswith("zoo:"):
-        from . import zoo
         model, _ = zoo.pretrained(spec[4:])
         return model.eval()
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
-        from ..cli.train import load_trained
         return load_trained(path)
     if path.exists():
         if weights:
@@ -48,12 +50,7 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        try:
-            state = torch.load(weights, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"{weights}: cannot load weights ({type(e).__name__}: {e})") from e
-        if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-            state = state.get("state_dict") or state.get("model") or state
+        state = read_weights(weights, map_location=map_location)["state_dict"]
         try:
             model.load_state_dict(state)
         except Exception as e:

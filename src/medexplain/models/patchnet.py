@@ -16,6 +16,9 @@ is shifted with zero padding, ``x_s(j) = x(j + s)``, mapped, and the map is shif
 pixel (``border="reference"``: borders are attenuated); ``border="coverage"`` divides each pixel by the
 number of shifts whose (shifted-back) grid covers it. ``o = p`` gives the plain patch map, ``o = 1``
 costs ``p^d`` passes. A patch size equal to the image gives the ordinary image-level classifier.
+
+This module holds the model; its explainer is registered as ``"patchnet"`` in
+:mod:`medexplain.methods.patchnet` (``mx.explain(net, x, method="patchnet")``).
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Cost, check_input, chunks, model_guard
+from ..core import Cost, check_input, chunks, model_guard, select_output
 from ..errors import InputError, TargetError, UnsupportedModelError
-from ..registry import register
+from ..ops import probabilities
 from ..targets import MultiLabel, Target, as_target
 
 __all__ = ["PatchNet", "shift_offsets"]
@@ -92,12 +95,10 @@ class PatchNet(nn.Module):
         return v.permute(*perm).reshape(-1, c, *p)
 
     def _backbone(self, rows: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(rows)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != rows.shape[0]:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UnsupportedModelError(f"the backbone must map patches (N, C, *patch) to logits (N, K); got {shape}")
+        out = select_output(self.backbone(rows))                         # a tuple's first element (core)
+        if out.ndim != 2 or out.shape[0] != rows.shape[0]:
+            raise UnsupportedModelError(f"the backbone must map patches (N, C, *patch) to logits (N, K); "
+                                        f"got {tuple(out.shape)}")
         return out
 
     # -- model ----------------------------------------------------------------------------------
@@ -118,14 +119,16 @@ class PatchNet(nn.Module):
                  chunk_size: int | None = None, activation: str = "sigmoid", cost: Cost | None = None) -> torch.Tensor:
         """Patch saliency maps on the input grid: ``(B, K, *spatial)`` (``target=None``) or ``(B, 1, *spatial)``.
 
-        ``kind="raw"``: patch logits ``z_i``; ``kind="scaled"``: ``z_i * sigmoid(Z)`` with ``Z`` the image
-        logit of the (shifted) image itself (``activation="softmax"`` for single-label CE models).
+        ``kind="raw"``: patch logits ``z_i``; ``kind="scaled"``: ``z_i * sigmoid(Z)`` (paper, Fig. 2 f) with
+        ``Z`` the image logit of the (shifted) image itself; ``activation`` is the model's output
+        activation (``"softmax"`` for single-label CE models; :func:`medexplain.ops.probabilities`).
         ``target``: a class index, one per sample, a :class:`medexplain.targets.Class` or
         :class:`~medexplain.targets.MultiLabel` (the map is then the sum over the set).
         ``offset``: the shift step ``o`` (int or per axis, must divide the patch size); None = no shift.
         ``border``: ``"reference"`` divides by the number of shifts, ``"coverage"`` by the shifts covering
-        each voxel. ``chunk_size``: shifted images per backbone call (all at once when None); the model
-        is run in eval mode with frozen weights and restored afterwards.
+        each voxel. ``chunk_size``: rows (images) given to the model in one call, whole shifts of the
+        batch at a time (at least one shift; all at once when None); the model is run in eval mode with
+        frozen weights and restored afterwards.
         """
         if kind not in ("raw", "scaled"):
             raise InputError(f"kind must be 'raw' or 'scaled', got {kind!r}")
@@ -150,7 +153,7 @@ class PatchNet(nn.Module):
             weights = None
             xp = F.pad(x, pad)                                           # zero padding, image at `half`
             canvas = None
-            for sl in chunks(len(shifts), chunk_size):
+            for sl in chunks(len(shifts), max(1, chunk_size // b) if chunk_size else None):
                 block = shifts[sl]
                 # x_s(j) = x(j + s): a window of the padded image starting at half + s
                 xs = torch.stack([xp[(slice(None), slice(None), *[slice(h + s, h + s + size)
@@ -162,7 +165,7 @@ class PatchNet(nn.Module):
                     weights = _target_weights(target, z.shape[1], b, z)
                 if kind == "scaled":
                     zg = z.flatten(2).mean(2)
-                    prob = torch.sigmoid(zg) if activation == "sigmoid" else torch.softmax(zg, 1)
+                    prob = probabilities(zg, activation)
                     z = z * prob.view(*prob.shape, *[1] * n)
                 z = z.view(len(block), b, *z.shape[1:])
                 if weights is not False:
@@ -206,15 +209,3 @@ def _target_weights(target, k: int, b: int, like: torch.Tensor):
     if int(idx.min()) < 0 or int(idx.max()) >= k:
         raise TargetError(f"target class {sorted(set(idx.tolist()))} out of range for a model with {k} outputs")
     return F.one_hot(idx.to(like.device), k).to(like.dtype)
-
-
-@register("patchnet", needs_grad=False)
-def patchnet(model, x, target, cost, kind: str = "raw", offset=None, border: str = "reference",
-             chunk_size: int | None = None, activation: str = "sigmoid"):
-    """``mx.explain(net, x, method="patchnet", target=k)``: the PatchNet's own patch saliency."""
-    if not isinstance(model, PatchNet):
-        raise UnsupportedModelError("method 'patchnet' explains a medexplain.models.PatchNet; for another model "
-                                    "use a post-hoc method such as gradcam")
-    amap = model.saliency(x, target, kind=kind, offset=offset, border=border, chunk_size=chunk_size,
-                          activation=activation, cost=cost)
-    return amap, {"kind": kind, "offset": offset, "border": border, "patch_size": model.patch_size}

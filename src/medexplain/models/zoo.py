@@ -18,11 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..augment import channel_dropout, compose, random_flip
+from ..errors import InputError, ModelLoadError
+from ..training import read_weights, save_weights, train
 
 __all__ = ["classifier_2d", "unet_3d", "cam_layer", "pretrained", "cache_dir", "config", "TASKS"]
 
-ZOO_VERSION = 2
+# 3: weights in the one format of medexplain.training.save_weights; random_flip flips spatial axes (it flipped
+# the channel axis and swapped label maps between samples before).
+ZOO_VERSION = 3
 
 
 def classifier_2d(in_channels: int, num_classes: int, widths=(8, 16, 32, 64), global_pool: str = "max") -> nn.Module:
@@ -61,41 +65,6 @@ def cam_layer(model: nn.Module) -> str:
     return default_cam_layer(model)
 
 
-def _channel_dropout(p: float, channels=None):
-    """Augmentation for multi-contrast volumes: zero each of ``channels`` (default: all) with probability
-    ``p``, never all, so the model learns to use weaker contrasts when a stronger one is missing (what
-    Shapley probes). For the lesion task only the anatomy channel is dropped: a model that can segment
-    from FLAIR alone leans on FLAIR, which is where the lesions are planted (bench/instances.py)."""
-    def aug(x, y, gen):
-        drop = torch.rand(x.shape[0], x.shape[1], generator=gen) < p
-        if channels is not None:
-            drop[:, [c for c in range(x.shape[1]) if c not in channels]] = False
-        drop[drop.all(1), -1] = False
-        return x * (~drop).view(*drop.shape, *[1] * (x.ndim - 2)).to(x.dtype), y
-    return aug
-
-
-def _compose(*augs):
-    def aug(x, y, gen):
-        for a in augs:
-            x, y = a(x, y, gen)
-        return x, y
-    return aug
-
-
-def _flip_aug(x, y, gen):
-    """Random flips along every spatial axis (image and label map alike)."""
-    for ax in range(2, x.ndim):
-        f = torch.rand(x.shape[0], generator=gen) < 0.5
-        if f.any():
-            x = x.clone()
-            x[f] = x[f].flip(ax - 1)
-            if y.ndim == x.ndim - 1:
-                y = y.clone()
-                y[f] = y[f].flip(ax - 2)
-    return x, y
-
-
 # task -> {size: (data kwargs, train kwargs)}; the data generator and network are fixed per task.
 TASKS = {
     "chest_xray": {"data": "chest_xray", "net": ("classifier_2d", {"in_channels": 1, "num_classes": 2}),
@@ -117,8 +86,11 @@ TASKS = {
                   "small": ({"n": 6, "size": 16}, {"epochs": 2, "batch_size": 2, "lr": 1e-2, "augment": "channel_dropout"}),
                   "demo": ({"n": 40, "size": 32}, {"epochs": 30, "batch_size": 4, "lr": 1e-2, "augment": "channel_dropout"})},
 }
-_AUGMENTS = {"flip": lambda: _flip_aug, "channel_dropout": lambda: _channel_dropout(0.3),
-             "flip+t1_dropout": lambda: _compose(_flip_aug, _channel_dropout(0.5, channels=(0,)))}
+# Augmentations by name (the configuration hashed into the cache file name holds the name). For the lesion
+# task only the anatomy channel is dropped: a model that can segment from FLAIR alone leans on FLAIR, where
+# the lesions are planted (bench/instances.py).
+_AUGMENTS = {"flip": lambda: random_flip, "channel_dropout": lambda: channel_dropout(0.3),
+             "flip+t1_dropout": lambda: compose(random_flip, channel_dropout(0.5, channels=(0,)))}
 
 
 def cache_dir() -> Path:
@@ -171,26 +143,18 @@ def pretrained(task: str, seed: int = 0, size: str = "small", *, retrain: bool =
     history, cached = None, False
     if path.exists() and not retrain:
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = read_weights(path)
             net.load_state_dict(blob["state_dict"])
             history, cached = blob.get("history"), True
-        except Exception:  # a corrupt or incompatible cache file: retrain and overwrite it
+        except (ModelLoadError, RuntimeError, KeyError):  # corrupt, older or incompatible: retrain, overwrite
             cached = False
     if not cached:
-        from ..training import train
         train_ds, test_ds = ds.split(cfg["split"])
         kw = dict(cfg["train_kwargs"])
         if "augment" in kw:
             kw["augment"] = _AUGMENTS[kw["augment"]]()
         history = train(net, train_ds, test_ds, progress=progress, description=f"training {task} ({size})", **kw)
-        _save(net, history, cfg, path)
+        save_weights(net, path, history=history, config=cfg)
     net.eval()
     net.zoo_info = {"config": copy.deepcopy(cfg), "path": str(path), "cached": cached, "history": history}
     return net, ds
-
-
-def _save(net: nn.Module, history: dict, cfg: dict, path: Path) -> None:
-    from ..io import atomic_path
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                    "history": history, "config": cfg}, tmp)

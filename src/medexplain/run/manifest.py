@@ -8,7 +8,8 @@ Columns (header required, order free, names case-insensitive):
   when given, the run scores each map with the pointing game (:func:`medexplain.metrics.hit_rate`);
 - ``label`` (optional): the true class index, reported next to the prediction;
 - ``target`` (optional): the class index to explain; empty = the model's predicted class;
-- ``case_id`` (optional): a unique name for the case's output folder; default ``<row>_<image stem>``.
+- ``case_id`` (optional): a unique name for the case's output folder; default ``<row>_<image stem>``
+  (the stem of :func:`medexplain.io.file_stem`).
 
 Every problem is reported at once with its row number, before anything is computed or written.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FileFormatError
+from ..io import file_stem
 
 COLUMNS = ("image", "mask", "label", "target", "case_id")
 
@@ -40,14 +42,6 @@ class Case:
     mask: str | None = None
     label: int | None = None
     target: int | None = None
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".npy", ".npz"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _safe_id(s: str) -> str:
@@ -115,19 +109,29 @@ def read_manifest(path) -> list[Case]:
     cases, seen = [], {}
     for i, row in enumerate(rows):
         line = i + 2
-        cell = lambda name: row[col[name]].strip() if name in col and col[name] < len(row) else ""  # noqa: E731
         if len(row) > len(header):
-            raise ManifestError(f"line {line}: {len(row)} cells for {len(header)} columns (a comma inside a path? quote it)")
-        image = cell("image")
-        if not image:
-            raise ManifestError(f"line {line}: the image cell is empty")
-        mask = cell("mask") or None
-        resolve = lambda p: str(Path(p) if Path(p).is_absolute() else (base / p))  # noqa: E731
-        case_id = _safe_id(cell("case_id")) if cell("case_id") else f"{i:0{width}d}_{_safe_id(_stem(image))}"
-        if case_id in seen:
-            raise ManifestError(f"line {line}: case_id {case_id!r} repeats line {seen[case_id]}")
-        seen[case_id] = line
-        cases.append(Case(index=i, case_id=case_id, image=resolve(image), mask=resolve(mask) if mask else None,
-                          label=_int_cell(cell("label"), "label", line),
-                          target=_int_cell(cell("target"), "target", line)))
+            raise ManifestError(f"line {line}: {len(row)} cells for {len(header)} columns "
+                                "(a comma inside a path? quote it)")
+        cells = {name: row[j].strip() if j < len(row) else "" for name, j in col.items()}
+        case = _case(i, line, cells, base, width)
+        if case.case_id in seen:
+            raise ManifestError(f"line {line}: case_id {case.case_id!r} repeats line {seen[case.case_id]}")
+        seen[case.case_id] = line
+        cases.append(case)
     return cases
+
+
+def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> Case:
+    """One data row (its cells by column name) as a :class:`Case`; default id ``<row>_<file stem>``."""
+    image = cells.get("image", "")
+    if not image:
+        raise ManifestError(f"line {line}: the image cell is empty")
+    mask = cells.get("mask") or None
+
+    def resolve(p: str) -> str:
+        return str(Path(p) if Path(p).is_absolute() else (base / p))
+
+    case_id = _safe_id(cells["case_id"]) if cells.get("case_id") else f"{i:0{width}d}_{_safe_id(file_stem(resolve(image)))}"
+    return Case(index=i, case_id=case_id, image=resolve(image), mask=resolve(mask) if mask else None,
+                label=_int_cell(cells.get("label", ""), "label", line),
+                target=_int_cell(cells.get("target", ""), "target", line))

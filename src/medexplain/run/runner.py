@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import MedexplainError
-from ..explain import accepted_options, route_options
+from ..models.loading import load_model
+from ..registry import accepted_options, route_options
 from . import backends
 from .manifest import Case, read_manifest, sha256_file
 from .store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
@@ -102,7 +103,63 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
     method failing on it) becomes an error row; everything else raises a typed error before writing.
     """
     t_start, cpu_start, started = time.perf_counter(), time.process_time(), _now()
-    # ---- 1. checks that need no writes ----------------------------------------------------------------
+    # 1. checks that need no writes
+    methods = _check_arguments(methods, backend, map_format, batch_size, num_workers, address)
+    cases = read_manifest(manifest)
+    net = load_model(model, weights)
+    methods = check_methods(methods, net)
+    routed = _method_options(methods, options, layer, seed)
+    if backend == "ray":
+        backends.ray_module()
+    if Path(model).is_file():  # absolute, so a resume from elsewhere and remote workers find it
+        model = str(Path(model).resolve())
+    weights = str(Path(weights).resolve()) if weights else None
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
+        raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
+    config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
+              "model": model, "model_sha256": sha256_file(model) if Path(model).is_file() else None,
+              "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
+              "methods": methods, "options": _jsonable(routed), "layer": layer,
+              "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
+              "address": address, "num_workers": num_workers, "retry_errors": retry_errors}
+    previous = _previous_run(out, config, resume)
+    if previous is not None:
+        methods, routed = _extend_run(previous, config, methods, routed)
+
+    # 2. the run record, then the work
+    store = RunStore(out, map_format)
+    out.mkdir(parents=True, exist_ok=True)
+    removed = store.remove_partials()
+    session = {"started": started, "ended": None, "backend": backend, "resumed": previous is not None,
+               "host": socket.gethostname(), "removed_partial_files": len(removed)}
+    record = {"format": "medexplain-run/1", "status": "running", "config": config,
+              "versions": versions(), "seeds": {"run": seed, "methods": {m: routed[m].get("seed", seed) for m in methods}},
+              "started": (previous or {}).get("started", started), "ended": None,
+              "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
+    atomic_json(record, out / RUN_RECORD)
+    spec = WorkerSpec(model=model, methods=methods, out=str(out), options=routed, weights=weights,
+                      map_format=map_format, seed=seed, retry_errors=retry_errors)
+    progress = _Progress(store, cases, methods, retry_errors, on_progress)
+    workers = _execute(progress.pending(batch_size), spec, net, backend, num_workers, address, progress.on_chunk)
+
+    # 3. the table and the record, rebuilt from the items
+    rows = store.collect(cases, methods)
+    tables = store.write_table(rows)
+    session.update(ended=_now(), seconds=round(time.perf_counter() - t_start, 3),
+                   cpu_seconds=round(time.process_time() - cpu_start, 3),  # this process (the driver for Ray)
+                   computed_items=progress.computed, skipped_items=progress.skipped, **workers)
+    counts = {"items": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
+              "error": sum(r["status"] == "error" for r in rows), "missing": sum(r["status"] == "missing" for r in rows)}
+    record.update(status="complete" if counts["missing"] == 0 else "incomplete", ended=session["ended"], counts=counts,
+                  tables=[str(p.relative_to(out)) for p in tables])
+    atomic_json(record, out / RUN_RECORD)
+    return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=progress.computed,
+                     skipped=progress.skipped, removed_partials=removed)
+
+
+def _check_arguments(methods, backend: str, map_format: str, batch_size, num_workers, address) -> list[str]:
+    """The arguments checkable without reading anything; returns the method names as a list."""
     if backend not in backends.BACKENDS:
         raise MedexplainError(f"unknown backend {backend!r}; use one of {list(backends.BACKENDS)}")
     if map_format not in MAP_FORMATS:
@@ -117,102 +174,92 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:
         raise MedexplainError("no method given")
-    cases = read_manifest(manifest)
-    from ..models.loading import load_model
-    net = load_model(model, weights)
-    methods = check_methods(list(methods), net)
+    return list(methods)
+
+
+def _method_options(methods: list[str], options: dict | None, layer: str | None, seed: int) -> dict[str, dict]:
+    """Options per method (:func:`medexplain.registry.route_options`); methods with a ``seed`` option
+    follow the run's seed unless given one."""
     routed = route_options(methods, options, layer)
-    for m in methods:  # methods with a seed option follow the run's seed unless given one
+    for m in methods:
         acc = accepted_options(m)
         if acc is not None and "seed" in acc:
             routed[m].setdefault("seed", seed)
-    if backend == "ray":
-        backends.ray_module()
-    if Path(model).is_file():  # absolute, so a resume from elsewhere and remote workers find it
-        model = str(Path(model).resolve())
-    if weights:
-        weights = str(Path(weights).resolve())
-    out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
-        raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
-    config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
-              "model": model, "model_sha256": sha256_file(model) if Path(model).is_file() else None,
-              "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
-              "methods": methods, "options": json.loads(json.dumps(routed, default=str)), "layer": layer,
-              "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
-              "address": address, "num_workers": num_workers, "retry_errors": retry_errors}
-    previous = None
-    if (out / RUN_RECORD).is_file():
-        previous = json.loads((out / RUN_RECORD).read_text())
-        if not resume:
-            raise MedexplainError(f"{out} already holds a run ({previous.get('status')}); pass --resume to "
-                                  "continue it, or choose a new --out")
-        old = previous.get("config", {})
-        old_opts = old.get("options", {})
-        diff = [f"{k}: first run {old.get(k)!r}, now {config[k]!r}" for k in FINGERPRINT
-                if k not in ("methods", "options") and old.get(k) != config[k]]
-        diff += [f"options of {m}: first run {old_opts[m]}, now {config['options'][m]}" for m in methods
-                 if m in old_opts and old_opts[m] != config["options"][m]]
-        if diff:
-            raise MedexplainError(f"cannot resume {out}: the setup differs from the first run's ({'; '.join(diff)}); "
-                                  "repeat the first run's options, or use a new --out")
-        methods = list(dict.fromkeys(old.get("methods", []) + methods))  # adding a method extends the run
-        config["methods"] = methods
-        for m in methods:
-            routed.setdefault(m, old_opts.get(m, {}))
-        config["options"] = json.loads(json.dumps(routed, default=str))
+    return routed
 
-    # ---- 2. the run record, then the work ---------------------------------------------------------
-    store = RunStore(out, map_format)
-    out.mkdir(parents=True, exist_ok=True)
-    removed = store.remove_partials()
-    session = {"started": started, "ended": None, "backend": backend, "resumed": previous is not None,
-               "host": socket.gethostname(), "removed_partial_files": len(removed)}
-    record = {"format": "medexplain-run/1", "status": "running", "config": config,
-              "versions": versions(), "seeds": {"run": seed, "methods": {m: routed[m].get("seed", seed) for m in methods}},
-              "started": (previous or {}).get("started", started), "ended": None,
-              "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
-    atomic_json(record, out / RUN_RECORD)
 
-    chunks = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
-    total = len(cases) * len(methods)
-    skipped = sum(store.is_done(c.case_id, m, retry_errors) for c in cases for m in methods)
-    pending = [ch for ch in chunks if not all(store.is_done(c.case_id, m, retry_errors) for c in ch for m in methods)]
-    done = [skipped]
-    computed = [0]
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
 
-    def on_chunk(recs):
-        computed[0] += len(recs)
-        done[0] += len(recs)
+
+def _previous_run(out: Path, config: dict, resume: bool) -> dict | None:
+    """The record of the run held in ``out`` (None when there is none), after checking that this call
+    may continue it: ``resume`` is set and the setup matches the first run's (:data:`FINGERPRINT`)."""
+    if not (out / RUN_RECORD).is_file():
+        return None
+    previous = json.loads((out / RUN_RECORD).read_text())
+    if not resume:
+        raise MedexplainError(f"{out} already holds a run ({previous.get('status')}); pass --resume to "
+                              "continue it, or choose a new --out")
+    old = previous.get("config", {})
+    old_opts = old.get("options", {})
+    diff = [f"{k}: first run {old.get(k)!r}, now {config[k]!r}" for k in FINGERPRINT
+            if k not in ("methods", "options") and old.get(k) != config[k]]
+    diff += [f"options of {m}: first run {old_opts[m]}, now {config['options'][m]}" for m in config["methods"]
+             if m in old_opts and old_opts[m] != config["options"][m]]
+    if diff:
+        raise MedexplainError(f"cannot resume {out}: the setup differs from the first run's ({'; '.join(diff)}); "
+                              "repeat the first run's options, or use a new --out")
+    return previous
+
+
+def _extend_run(previous: dict, config: dict, methods: list[str], routed: dict) -> tuple[list[str], dict]:
+    """A resumed run covers the first run's methods and any added now (``config`` updated in place)."""
+    old = previous.get("config", {})
+    old_opts = old.get("options", {})
+    methods = list(dict.fromkeys(old.get("methods", []) + methods))
+    for m in methods:
+        routed.setdefault(m, old_opts.get(m, {}))
+    config["methods"] = methods
+    config["options"] = _jsonable(routed)
+    return methods, routed
+
+
+class _Progress:
+    """Which items are complete, which chunks remain, and the ``on_progress(done, total)`` callbacks."""
+
+    def __init__(self, store: RunStore, cases: list[Case], methods: list[str], retry_errors: bool,
+                 on_progress: Callable[[int, int], None] | None):
+        self.store, self.cases, self.methods, self.retry = store, cases, methods, retry_errors
+        self.total = len(cases) * len(methods)
+        self.skipped = sum(store.is_done(c.case_id, m, retry_errors) for c in cases for m in methods)
+        self.done, self.computed, self.on_progress = self.skipped, 0, on_progress
         if on_progress:
-            on_progress(done[0], total)
+            on_progress(self.done, self.total)
 
-    if on_progress:
-        on_progress(done[0], total)
-    spec = WorkerSpec(model=model, methods=methods, out=str(out), options=routed, weights=weights,
-                      map_format=map_format, seed=seed, retry_errors=retry_errors)
-    workers = {"workers": 1}
-    if pending:
-        if backend == "local":
-            spec.threads = num_workers
-            proc = CaseProcessor(spec, model=net)  # reuses the model loaded for the checks
-            backends.run_local(pending, spec, on_chunk=on_chunk, processor=proc)
-        else:
-            workers = backends.run_ray(pending, spec, num_workers=num_workers, address=address, on_chunk=on_chunk)
+    def pending(self, batch_size: int) -> list[list[Case]]:
+        """Chunks of ``batch_size`` consecutive cases with at least one item not complete."""
+        chunks = [self.cases[i:i + batch_size] for i in range(0, len(self.cases), batch_size)]
+        return [ch for ch in chunks
+                if not all(self.store.is_done(c.case_id, m, self.retry) for c in ch for m in self.methods)]
 
-    # ---- 3. the table and the record, rebuilt from the items ---------------------------------------
-    rows = store.collect(cases, methods)
-    tables = store.write_table(rows)
-    session.update(ended=_now(), seconds=round(time.perf_counter() - t_start, 3),
-                   cpu_seconds=round(time.process_time() - cpu_start, 3),  # this process (the driver for Ray)
-                   computed_items=computed[0], skipped_items=skipped, **workers)
-    counts = {"items": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
-              "error": sum(r["status"] == "error" for r in rows), "missing": sum(r["status"] == "missing" for r in rows)}
-    record.update(status="complete" if counts["missing"] == 0 else "incomplete", ended=session["ended"], counts=counts,
-                  tables=[str(p.relative_to(out)) for p in tables])
-    atomic_json(record, out / RUN_RECORD)
-    return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=computed[0],
-                     skipped=skipped, removed_partials=removed)
+    def on_chunk(self, recs: list) -> None:
+        self.computed += len(recs)
+        self.done += len(recs)
+        if self.on_progress:
+            self.on_progress(self.done, self.total)
+
+
+def _execute(pending: list, spec: WorkerSpec, net, backend: str, num_workers, address, on_chunk) -> dict:
+    """Process the pending chunks on the backend; returns the workers summary of the session."""
+    if not pending:
+        return {"workers": 1}
+    if backend == "local":
+        spec.threads = num_workers
+        proc = CaseProcessor(spec, model=net)  # reuses the model loaded for the checks
+        backends.run_local(pending, spec, on_chunk=on_chunk, processor=proc)
+        return {"workers": 1}
+    return backends.run_ray(pending, spec, num_workers=num_workers, address=address, on_chunk=on_chunk)
 
 
 __all__ = ["Case", "RunResult", "route_options", "run_manifest"]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import io
+from ..io import method_file
 
 RUN_RECORD = "run.json"
 TABLE_CSV = "results.csv"
@@ -40,11 +41,6 @@ COLUMNS = ["case_id", "index", "image", "mask", "label", "target", "target_sourc
            "map", "map_shape", "map_sum", "map_abs_max", "info"]
 
 _TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}")  # tempfile.mkstemp(prefix=".<name>.") names
-
-
-def method_file(method: str) -> str:
-    """File-name form of a method name (``gradcam++`` -> ``gradcampp``, as the explain CLI writes)."""
-    return method.replace("+", "p")
 
 
 class RunStore:
@@ -133,10 +129,7 @@ class RunStore:
         """Write ``results.csv`` (and ``results.parquet`` when pyarrow is importable) atomically."""
         flat = [{c: _cell(r.get(c)) for c in COLUMNS} for r in rows]
         paths = [self.out / TABLE_CSV]
-        with io.atomic_path(paths[0], suffix=".csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows([{c: ("" if v is None else v) for c, v in r.items()} for r in flat])
+        io.write_csv(flat, paths[0], COLUMNS)
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq

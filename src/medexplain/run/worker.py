@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import io
-from ..core import check_input, forward, is_scripted, model_channels, model_guard
+from ..core import check_input, forward, is_scripted, model_expectations, model_guard, require_hooks
 from ..errors import InputError, MedexplainError
-from ..explain import explain, get_method
+from ..explain import explain
+from ..metrics.localisation import hit_rate
+from ..models.loading import load_model
+from ..pipelines import predicted_class
+from ..registry import get_method
 from ..targets import Class
 from .manifest import Case
 from .store import RunStore
@@ -56,8 +60,6 @@ class CaseProcessor:
     """Loads the model once; :meth:`process` explains a chunk of cases and returns their records."""
 
     def __init__(self, spec: WorkerSpec, model: torch.nn.Module | None = None):
-        from ..models.loading import load_model
-
         self._cpu0 = time.process_time()
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
@@ -68,8 +70,8 @@ class CaseProcessor:
         self.model = model.to(self.device)
         params = [p for p in self.model.parameters() if torch.is_floating_point(p)]
         self.dtype = params[0].dtype if params else torch.float32
-        self.channels = None if is_scripted(self.model) else model_channels(self.model)
-        self.spatial_dims = None if is_scripted(self.model) else _spatial_dims(self.model)
+        expect = model_expectations(self.model)    # {} for TorchScript
+        self.channels, self.spatial_dims = expect.get("channels"), expect.get("spatial_dims")
         self.store = RunStore(spec.out, spec.map_format)
 
     def ping(self) -> str:
@@ -133,7 +135,7 @@ class CaseProcessor:
                         o = forward(self.model, loaded[c.case_id][0])
                 else:
                     o = outs[i:i + 1]
-                pred = int((o.flatten(2).sum(2) if o.ndim > 2 else o).argmax(1)[0])
+                pred = int(predicted_class(o)[0])
             except Exception as e:
                 records += self._errors(c, todo[c.case_id], e, "model")
                 continue
@@ -187,9 +189,9 @@ class CaseProcessor:
 
     # --- records -----------------------------------------------------------------------------------
     def _base(self, c: Case, method: str, target=None, predicted=None) -> dict:
+        source = None if target is None else ("manifest" if c.target is not None else "predicted")
         return {"case_id": c.case_id, "index": c.index, "image": c.image, "mask": c.mask, "label": c.label,
-                "target": target, "target_source": None if target is None else ("manifest" if c.target is not None else "predicted"),
-                "predicted": predicted, "method": method}
+                "target": target, "target_source": source, "predicted": predicted, "method": method}
 
     def _errors(self, c: Case, methods: list[str], err: Exception, stage: str, predicted=None) -> list[dict]:
         return [self._write_error(self._base(c, m, c.target, predicted), err, stage) for m in methods]
@@ -207,24 +209,12 @@ class CaseProcessor:
                "seconds": info.pop("seconds"), "n_forward": info.pop("n_forward"),
                "n_backward": info.pop("n_backward"), "info": info}
         if mask is not None:
-            from ..metrics import hit_rate
             hit = float(hit_rate(amap[None], mask[None])[0])
             rec["hit_rate"] = None if math.isnan(hit) else hit
             if math.isnan(hit):
                 rec["note"] = "mask is empty: hit_rate undefined (excluded from means)"
         self.store.write_record(rec)                                                   # ... then the record
         return rec
-
-
-def _spatial_dims(model: torch.nn.Module) -> int | None:
-    """2 or 3 from the model's first convolution (None when it has none), to reject a 2D image for a
-    3D model with a clear message instead of the convolution's."""
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            return 2 if isinstance(m, torch.nn.Conv2d) else 3
-        if isinstance(m, torch.nn.Linear):
-            return None
-    return None
 
 
 def _per_case_info(info: dict, b: int, i: int) -> dict:
@@ -254,7 +244,6 @@ def check_methods(methods: list[str], model) -> list[str]:
         raise MedexplainError(f"a method is listed twice: {methods}")
     for n in names:
         if get_method(n).needs_hooks and is_scripted(model):
-            from ..core import require_hooks
             try:
                 require_hooks(model)
             except MedexplainError as e:

@@ -32,8 +32,9 @@ import torch
 from scipy import ndimage, stats
 
 from ..core import check_input, chunks, forward, model_guard
-from ..errors import InputError, TargetError
+from ..errors import InputError
 from ..io import atomic_path
+from ..ops import probabilities
 from .instances import KINDS, Instance, flatten_instances, structure
 
 
@@ -145,20 +146,6 @@ def group_statistics(rows: list[dict], columns=None, groups=KINDS, by: str = "ki
     return out
 
 
-def _probability(out: torch.Tensor, channel: int, activation: str) -> torch.Tensor:
-    if not 0 <= channel < out.shape[1]:
-        raise TargetError(f"channel {channel} out of range for a model with {out.shape[1]} output channels")
-    if activation == "auto":
-        activation = "softmax" if out.shape[1] > 1 else "sigmoid"
-    if activation == "softmax":
-        return torch.softmax(out, 1)[:, channel]
-    if activation == "sigmoid":
-        return torch.sigmoid(out[:, channel])
-    if activation in (None, "none"):
-        return out[:, channel]
-    raise InputError(f"activation must be 'auto', 'softmax', 'sigmoid' or None, got {activation!r}")
-
-
 def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channel: int = 1,
                        threshold: float = 0.5, connectivity=None, activation: str = "auto",
                        chunk_size: int | None = 4) -> list[dict]:
@@ -166,11 +153,12 @@ def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channe
 
     For ``d = 0..d_max`` the input of the instance's image is kept only inside the instance dilated
     ``d`` times (every channel; zero elsewhere) and the model is run: one row per ``d`` with
-    ``kept_voxels``, ``mean_probability`` (lesion probability averaged over the instance voxels;
-    softmax over the output channels, or sigmoid for a one-channel output, see ``activation``) and
-    ``detected`` (some instance voxel still has probability > ``threshold``). ``instance`` may be a
-    list: then one list of rows per instance. The ``d_max + 1`` inputs go through the model in chunks
-    of ``chunk_size``; the model is left as found.
+    ``kept_voxels``, ``mean_probability`` (lesion probability averaged over the instance voxels, by the
+    model's output ``activation``: ``auto`` is softmax over the output channels, or sigmoid for a
+    one-channel output; :func:`medexplain.ops.probabilities`) and ``detected`` (some instance voxel
+    still has probability > ``threshold``). ``instance`` may be a list: then one list of rows per
+    instance. The ``d_max + 1`` inputs go through the model ``chunk_size`` rows per call; the model is
+    left as found.
     """
     if not isinstance(instance, Instance):
         return [context_experiment(model, x, i, d_max, channel, threshold, connectivity, activation, chunk_size)
@@ -193,7 +181,7 @@ def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channe
             out = forward(model, xin)
             if out.ndim != x.ndim or tuple(out.shape[2:]) != mask.shape:
                 raise InputError(f"the model output {tuple(out.shape)} is not on the instance grid {mask.shape}")
-            p = _probability(out, channel, activation)[:, inst]                # (n, |L|)
+            p = probabilities(out, activation, channel)[:, inst]               # (n, |L|)
             for j, d in enumerate(range(sl.start, sl.stop)):
                 rows.append({"d": d, "kept_voxels": int(keep[d].sum()), "mean_probability": float(p[j].mean()),
                              "detected": bool((p[j] > threshold).any())})

@@ -30,8 +30,9 @@ cotangents of the lesion voxels in batches of ``backward_rows`` rows on the same
 
 Differences from the reference code (federicospagnolo/IES): the mean map is divided by N (the reference
 also divides by the number of lesions, a constant factor); the max loop visits every lesion voxel (the
-reference skips the last one); noise is drawn per image from ``seed`` so results do not depend on the
-chunking or on which other instances are explained.
+reference skips the last one); noise is drawn per image from ``seed`` (:class:`medexplain.ops.NoiseSource`
+with ``scale="channel0"``, the one SmoothGrad noise rule) so results do not depend on the chunking or on
+which other instances are explained.
 """
 from __future__ import annotations
 
@@ -41,8 +42,22 @@ import torch
 from torch import nn
 
 from ..attribution import Attribution
-from ..core import Cost, check_input, chunks, find_layer, forward, is_scripted, model_guard
+from ..core import (
+    CONV,
+    CONV_TRANSPOSE,
+    Cost,
+    capture_layers,
+    check_input,
+    chunks,
+    find_layer,
+    forward,
+    is_scripted,
+    model_guard,
+    unwrap,
+)
 from ..errors import InputError, TargetError, UnsupportedModelError
+from ..ops import NoiseSource
+from ..targets import Region
 from .instances import Instance, flatten_instances
 
 METHODS = ("smoothgrad", "gradcam++")
@@ -55,26 +70,18 @@ def decoder_layer(model: nn.Module, x: torch.Tensor) -> str:
     In a U-Net the encoder runs before the decoder, so the last such convolution called in the forward
     pass belongs to the decoder block at half resolution: the reference's Grad-CAM++ layer
     (``model.1.submodule.2.conv`` in MONAI's ``UNet``). Falls back to the last convolution when no
-    layer runs at half resolution. One forward of one image (no gradients) is spent to find it.
+    layer runs at half resolution. One forward of one image (no gradients) is spent to find it, with
+    every convolution (``core.CONV``, ``core.CONV_TRANSPOSE``) captured by the one layer hook.
     """
     half = tuple((s + 1) // 2 for s in x.shape[2:])
-    convs = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    seen: list[tuple[str, tuple]] = []
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, convs):
-            handles.append(mod.register_forward_hook(
-                lambda _m, _i, out, name=name: seen.append((name, tuple(out.shape[2:])))))
-    try:
-        with torch.no_grad():
-            forward(model, x[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    convs = [n for n, m in unwrap(model).named_modules() if n and isinstance(m, CONV + CONV_TRANSPOSE)]
+    with torch.no_grad(), capture_layers(model, convs) as caps:
+        forward(model, x[:1])
+    seen = sorted(((i, n, tuple(o.shape[2:])) for n, c in caps.items() for i, o in zip(c.order, c.outputs)))
     if not seen:
         raise UnsupportedModelError("no convolution was called in the forward pass; pass layer= for Grad-CAM++")
-    at_half = [n for n, s in seen if s == half]
-    return at_half[-1] if at_half else seen[-1][0]
+    at_half = [n for _, n, s in seen if s == half]
+    return at_half[-1] if at_half else seen[-1][1]
 
 
 def _check_instances(instances, x: torch.Tensor) -> list[Instance]:
@@ -103,23 +110,6 @@ def _check_output(out: torch.Tensor, masks: torch.Tensor, channel: int) -> None:
     if tuple(out.shape[2:]) != tuple(masks.shape[1:]):
         raise InputError(f"instance masks are {tuple(masks.shape[1:])}, the model output grid is "
                          f"{tuple(out.shape[2:])}: find instances on the model's output")
-
-
-def _noise(x1: torch.Tensor, n_samples: int, sigma: float, seed: int, noise) -> list[torch.Tensor] | torch.Tensor:
-    """Noise for one image ``(1, C, *s)``: N draws of sd = sigma x range of channel 0, drawn one per
-    sample from a generator seeded with ``seed`` (so chunking never changes them). ``noise`` (absolute,
-    ``(N, C, *s)``) overrides."""
-    if noise is not None:
-        noise = torch.as_tensor(noise).to(x1)
-        if tuple(noise.shape) != (n_samples, *x1.shape[1:]):
-            raise InputError(f"noise must have shape {(n_samples, *x1.shape[1:])}, got {tuple(noise.shape)}")
-        return noise
-    sd = float(sigma) * (x1[0, 0].max() - x1[0, 0].min())
-    gen = torch.Generator(device=x1.device).manual_seed(int(seed))
-    eps = torch.empty((n_samples, *x1.shape[1:]), dtype=x1.dtype, device=x1.device)
-    for j in range(n_samples):
-        eps[j] = torch.randn(x1.shape[1:], generator=gen, device=x1.device, dtype=x1.dtype)
-    return eps * sd
 
 
 def _lesion_logits(model, xn, masks, channel, cost, first):
@@ -215,11 +205,11 @@ def _smoothgrad(model, x, flat, channel, aggregate, n_samples, sigma, seed, chun
         idx = [k for k, inst in enumerate(flat) if inst.sample == b]
         masks = torch.stack([flat[k].mask for k in idx]).to(device=x.device, dtype=x.dtype)
         x1 = x[b:b + 1].detach()
-        eps = _noise(x1, n_samples, sigma, seed, noise)
+        source = NoiseSource(x1, n_samples, sigma, seed, scale="channel0", noise=noise)
         acc = torch.zeros((len(idx), *x.shape[1:]), dtype=x.dtype, device=x.device)
         first = True
-        for sl in chunks(n_samples, chunk_size):
-            xn = x1 + eps[sl]
+        for _, noisy in source.chunks(chunk_size):
+            xn = noisy[:, 0]                                        # (n, C, *s): one row per noise sample
             if aggregate == "mean":
                 acc += _vjp_mean(model, xn, masks, channel, strategy, cost, first, backward_rows)
             else:
@@ -230,8 +220,7 @@ def _smoothgrad(model, x, flat, channel, aggregate, n_samples, sigma, seed, chun
 
 
 def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost):
-    from ..explain import explain
-    from ..targets import Region
+    from ..explain import explain  # the registry's Grad-CAM++ (explain imports methods, never segmentation)
     maps = None
     for sl in chunks(len(flat), chunk_size):
         part = flat[sl]
@@ -268,7 +257,9 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         first input channel for every channel (reference: 50, 0.05); ``noise`` (absolute,
         ``(n_samples, C, *spatial)``) overrides the generator.
     chunk_size : int
-        Noise samples per forward pass (SmoothGrad) or instances per batch (Grad-CAM++).
+        Rows given to the model in one call (``docs/design.md``): one row per noise sample of an image
+        (SmoothGrad; strategy ``"replicate"`` also stacks the rows of several instances, at most
+        ``backward_rows`` per call) or one row per instance (Grad-CAM++).
     backward_rows : int
         Upper bound on rows (instances or lesion voxels x noise samples) backpropagated in one batch.
     layer : str or module

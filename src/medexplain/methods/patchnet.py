@@ -1,0 +1,36 @@
+"""PatchNet saliency (MedicalPatchNet, Wienholt et al. 2025, seed 003) as a registered method.
+
+A :class:`~medexplain.models.patchnet.PatchNet` explains itself: its patch logits ``z_i`` painted over
+the patches (raw map), or ``z_i * sigmoid(Z)`` (scaled map, paper Fig. 2 f), optionally smoothed over
+shifted grids (paper Fig. 3). The model and that computation live in :mod:`medexplain.models.patchnet`;
+this module only registers ``"patchnet"``, which applies to PatchNet models alone
+(``mx.available_methods(model=...)``; see ``docs/design.md``, "The registry").
+"""
+from __future__ import annotations
+
+from ..core import unwrap
+from ..errors import UnsupportedModelError
+from ..models.patchnet import PatchNet
+from ..registry import register
+
+
+def is_patchnet(model, output=None) -> str | None:
+    """``applies_to`` predicate: None for a :class:`PatchNet` (also inside ``output=``'s adapter), else why not."""
+    if isinstance(unwrap(model), PatchNet):
+        return None
+    return "explains a medexplain.models.PatchNet only (its own patch logits); use a post-hoc method for other models"
+
+
+@register("patchnet", needs_grad=False, applies_to=is_patchnet)
+def patchnet(model, x, target, cost, kind: str = "raw", offset=None, border: str = "reference",
+             chunk_size: int | None = None, activation: str = "sigmoid"):
+    """``mx.explain(net, x, method="patchnet", target=k)``: the PatchNet's own patch saliency
+    (:meth:`PatchNet.saliency`: ``kind`` raw or scaled, shift ``offset``, ``border``, ``chunk_size`` rows
+    per model call, output ``activation`` for the scaled map)."""
+    net = unwrap(model)
+    if not isinstance(net, PatchNet):
+        raise UnsupportedModelError("method 'patchnet' explains a medexplain.models.PatchNet; for another model "
+                                    "use a post-hoc method such as gradcam")
+    amap = net.saliency(x, target, kind=kind, offset=offset, border=border, chunk_size=chunk_size,
+                        activation=activation, cost=cost)
+    return amap, {"kind": kind, "offset": offset, "border": border, "patch_size": net.patch_size}

@@ -1,0 +1,99 @@
+"""The method registry: ``applies_to`` predicates and ``mx.available_methods(model=..., x=...)``, so callers
+ask which methods fit a model instead of special-casing names (docs/design.md, "The registry")."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import medexplain as mx
+from conftest import image, make
+from medexplain import core
+from medexplain.errors import UnsupportedModelError
+from medexplain.models.patchnet import PatchNet
+from medexplain.registry import Method, classifier_only, get_method
+
+CAMS = {"gradcam", "gradcam++", "eigencam"}
+ALL = {"saliency", "smoothgrad", "integrated_gradients", "occlusion", "gradcam", "gradcam++", "eigencam", "ssplain",
+       "medcam", "patchnet"}
+
+
+def _patchnet():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 3))
+    return PatchNet(backbone, 4).double().eval()
+
+
+def test_every_method_is_registered_once():
+    assert set(mx.available_methods()) == ALL
+
+
+def test_plain_cnn_gets_no_patchnet_and_a_segmenter_no_classifier_only_method():
+    cls, x = make("cls", 2), image(2, b=1)
+    assert set(mx.available_methods(model=cls, x=x)) == ALL - {"patchnet"}
+    seg = make("seg", 2)
+    assert set(mx.available_methods(model=seg, x=x)) == ALL - {"patchnet", "medcam"}
+    # without a probe batch the output is unknown: only what the model itself says is used
+    assert set(mx.available_methods(model=seg)) == ALL - {"patchnet"}
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torchscript_model_gets_no_hook_method():
+    x = image(2, b=1)
+    scripted = torch.jit.trace(make("cls", 2), x)
+    got = set(mx.available_methods(model=scripted, x=x))
+    assert got == {"saliency", "smoothgrad", "integrated_gradients", "occlusion", "ssplain"}
+    assert not got & CAMS and "medcam" not in got
+    reason = get_method("gradcam").why_not(scripted)
+    assert "TorchScript" in reason
+
+
+def test_patchnet_applies_to_patchnets_also_through_the_output_adapter():
+    net, x = _patchnet(), image(2, b=2, size=8)
+    assert "patchnet" in mx.available_methods(model=net, x=x)
+    spec = get_method("patchnet")
+    assert spec.applies_to(net) and spec.applies_to(core.OutputAdapter(net, 0))
+    assert "PatchNet" in spec.why_not(make("cls", 2))
+    a = mx.explain(net, x, "patchnet", target=1)
+    b = mx.explain(net, x, "patchnet", target=1, output=lambda out: out)        # wrapped: same map
+    torch.testing.assert_close(a.map, b.map)
+    assert a.method == "patchnet" and a.info["patch_size"] == (4, 4)
+    with pytest.raises(UnsupportedModelError, match="PatchNet"):
+        mx.explain(make("cls", 2), image(2, b=1), "patchnet", target=0)
+
+
+def test_applies_to_predicates():
+    assert classifier_only(None, torch.zeros(2, 3)) is None
+    assert "logits (B, K)" in classifier_only(None, torch.zeros(2, 3, 4, 4))
+    assert classifier_only(None, None) is None                                  # unknown output: not excluded
+    assert get_method("medcam").why_not(make("seg", 2), torch.zeros(1, 2, 12, 12)) is not None
+    assert get_method("medcam").applies_to(make("cls", 2), torch.zeros(1, 3))
+    assert get_method("saliency").applies_to(make("seg", 2), torch.zeros(1, 2, 12, 12))
+    only_3d = Method("only3d", lambda model, x, target, cost: None,
+                     predicate=lambda model, out: None if out is not None and out.ndim == 5 else "3D only")
+    assert only_3d.why_not(None, torch.zeros(1, 2, 4, 4)) == "3D only" and only_3d.applies_to(None, torch.zeros(1, 2, 4, 4, 4))
+    hooked = Method("hooked", lambda model, x, target, cost: None, needs_hooks=True)
+    assert hooked.applies_to(make("cls", 2)) and not hooked.applies_to(torch.jit.script(make("cls", 2)))
+
+
+def test_available_methods_leaves_the_model_as_found():
+    model = make("cls", 2)
+    model.train()
+    mx.available_methods(model=model, x=image(2, b=1))
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_models_patchnet_holds_the_model_only():
+    """The PatchNet explainer lives under methods/; models/patchnet.py imports no registry, explain or method."""
+    src = Path(__file__).resolve().parents[1] / "src" / "medexplain" / "models" / "patchnet.py"
+    imported = set()
+    for node in ast.walk(ast.parse(src.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert not {m for m in imported if any(k in m for k in ("registry", "explain", "methods"))}
+    assert get_method("patchnet").fn.__module__ == "medexplain.methods.patchnet"
