@@ -24,6 +24,8 @@ BENCHES = {
     "shapley": ["shapley.py", "--threads", "1"],         # issue 8
     "run_throughput": ["run_throughput.py"],             # issue 9
     "validity": ["validity.py"],                         # issue 10: the one table
+    "cam_alignment": ["cam_alignment.py"],               # issue 16: aligned vs bilinear CAM upsampling
+    "sliding_window": ["sliding_window.py"],             # issue 17: memory and time through windows
 }
 
 

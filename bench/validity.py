@@ -10,6 +10,11 @@ the randomisation sanity check (Spearman of |map| with the fully randomised mode
 seconds per case, and the time ratio against the peer implementation where one exists (Captum / MONAI,
 same cases, same run).
 
+A second table scores every method with the peer metrics (issue 19, ``medexplain.metrics``: ROAD, average
+drop / increase in confidence, faithfulness correlation, monotonicity, infidelity, max-sensitivity,
+SmoothMPRT, EfficientMPRT, random logit), each column marked with its direction from the metric's
+``MetricInfo``; the metrics that re-explain run on ``--metric-cases`` cases.
+
 The shortcut task is scored against the marker masks: a high hit rate there means the method shows that
 the model relies on the shortcut. The 3D tasks explain one planted lesion per volume (the largest) with a
 Region target on the lesion class. The labels of every task are planted (docs/data.md).
@@ -28,7 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import medexplain as mx  # noqa: E402
 from common import machine, markdown_table, write_result  # noqa: E402
+from medexplain import metrics as peer_metrics  # noqa: E402  (issue 19's peer metrics)
 from medexplain.errors import MedexplainError  # noqa: E402
+from medexplain.methods.cam_layers import default_layer  # noqa: E402
 from medexplain.metrics import bootstrap_ci, deletion_insertion, hit_rate, iou, randomization_check, smoothness, sparseness  # noqa: E402  # noqa: E402
 from medexplain.models import zoo  # noqa: E402
 from medexplain.targets import Region  # noqa: E402
@@ -44,9 +51,12 @@ MEDCAM_STEPS = 100
 def method_options(method: str, nd: int, layer: str) -> dict:
     """Reference defaults, with the window of occlusion scaled to the image, the CAM layer named, and
     Med-CAM's per-image training bounded to MEDCAM_STEPS steps (its default is 200)."""
-    return {"occlusion": {"window": 8 if nd == 2 else 4, "stride": 4 if nd == 2 else 4},
-            "gradcam": {"layer": layer}, "gradcam++": {"layer": layer}, "eigencam": {"layer": layer},
-            "medcam": {"steps": MEDCAM_STEPS}}.get(method, {})
+    opts = {"occlusion": {"window": 8 if nd == 2 else 4, "stride": 4 if nd == 2 else 4},
+            "medcam": {"steps": MEDCAM_STEPS},
+            "noise_tunnel": {"nt_type": "vargrad", "n_samples": 20}}.get(method, {})   # smoothgrad has its own row
+    if "layer" in (mx.registry.accepted_options(method) or ()):   # every CAM: the zoo's CAM layer
+        opts = {**opts, "layer": layer}
+    return opts
 
 
 def peer(method: str, model, x, target_idx: torch.Tensor, layer: str, opts: dict):
@@ -69,6 +79,11 @@ def peer(method: str, model, x, target_idx: torch.Tensor, layer: str, opts: dict
                                                   perturbations_per_eval=64)
     if method == "gradcam":
         return lambda: LayerGradCam(model, dict(model.named_modules())[layer]).attribute(x, target=t)
+    import captum.attr as ca  # issue 19: the adapters against Captum called directly (same cases)
+    direct = {"inputxgradient": ca.InputXGradient, "guided_backprop": ca.GuidedBackprop,
+              "deconvolution": ca.Deconvolution, "deeplift": ca.DeepLift, "lrp": ca.LRP}
+    if method in direct and not (method == "lrp" and nd == 3):  # Captum's LRP has no Conv3d rule
+        return lambda: direct[method](model).attribute(x, target=t)
     return None
 
 
@@ -93,9 +108,10 @@ def task_cases(task: str, n: int):
     return model, test.images[idx], Region(1, regions), regions, None
 
 
-def evaluate(task, method, model, x, target, masks, cls, n_sanity):
-    layer = zoo.cam_layer(model)
-    opts = method_options(method, x.ndim - 2, layer)
+def evaluate(task, method, model, x, target, masks, cls, n_sanity, extra: dict | None = None):
+    """One row of the table; ``extra`` options go to the method too (bench/cam_alignment.py: ``upsample``)."""
+    layer = default_layer(model, x)   # the CAMs' default rule: layer4 of the 2D ResNets, the last decoder map of the U-Nets
+    opts = {**method_options(method, x.ndim - 2, layer), **(extra or {})}
     t0 = time.perf_counter()
     attr = mx.explain(model, x, method, target=target, **opts)
     secs = (time.perf_counter() - t0) / len(x)
@@ -108,7 +124,7 @@ def evaluate(task, method, model, x, target, masks, cls, n_sanity):
     row = {"hit": (hb.mean[0], hb.lower[0], hb.upper[0]), "iou": (ib.mean[0], ib.lower[0], ib.upper[0]),
            "del": _auc(di, "deletion", use_acc), "ins": _auc(di, "insertion", use_acc),
            "smooth": float(smoothness(maps).mean()), "gini": float(np.nanmean(sparseness(maps).numpy())),
-           "secs": secs}
+           "secs": secs, "maps": attr.map, "opts": opts}
     sub = slice(0, n_sanity)
     sub_target = Region(1, masks[sub]) if cls is None else target[sub]
     try:
@@ -119,9 +135,57 @@ def evaluate(task, method, model, x, target, masks, cls, n_sanity):
     fn = peer(method, model, x, cls, layer, opts) if cls is not None else None
     if fn is not None:
         t0 = time.perf_counter()
-        fn()
-        row["ratio"] = secs * len(x) / (time.perf_counter() - t0)
+        try:
+            fn()
+            row["ratio"] = secs * len(x) / (time.perf_counter() - t0)
+        except (TypeError, RuntimeError) as e:  # e.g. Captum's LRP has no rule for AdaptiveMaxPool2d
+            row["ratio"] = f"peer fails ({type(e).__name__})"
     return row
+
+
+#: The peer-metric columns (issue 19): (metric, figure, header); the direction comes from the metric's MetricInfo.
+PEER_COLUMNS = [("road", "morf_auc", "ROAD MoRF AUC"), ("road", "lerf_auc", "ROAD LeRF AUC"),
+                ("average_drop_increase", "average_drop", "avg drop %"),
+                ("average_drop_increase", "increase_in_confidence", "increase in conf. %"),
+                ("faithfulness_correlation", "correlation", "faithfulness corr."),
+                ("monotonicity", "fraction", "monotonic steps"), ("infidelity", "infidelity", "infidelity (normalised)"),
+                ("max_sensitivity", "max_sensitivity", "max-sensitivity"), ("smooth_mprt", "last", "SmoothMPRT Spearman"),
+                ("efficient_mprt", "score", "EfficientMPRT rise"), ("random_logit", "similarity", "random-logit SSIM")]
+ROAD_PERCENTAGES = list(range(5, 100, 10))
+
+
+def peer_metric_row(method, model, x, target, masks, cls, maps, opts, n_sub):
+    """The peer metrics of one method on one task: maps-based ones on every case, the ones that re-explain
+    (max-sensitivity, SmoothMPRT, EfficientMPRT, random logit) on the first ``n_sub`` cases."""
+    M = peer_metrics
+    n_vox = x[0, 0].numel()
+    sub = slice(0, n_sub)
+    sub_target = Region(1, masks[sub]) if cls is None else target[sub]
+    runs = {
+        "road": lambda: M.road(model, x, maps, target, percentages=ROAD_PERCENTAGES),
+        "average_drop_increase": lambda: M.average_drop_increase(model, x, maps, target),
+        "faithfulness_correlation": lambda: M.faithfulness_correlation(model, x, maps, target, subset_size=max(1, n_vox // 20)),
+        "monotonicity": lambda: M.monotonicity(model, x, maps, target),
+        "infidelity": lambda: M.infidelity(model, x, maps.sum(1, keepdim=True), target, patch_size=8, normalize=True),
+        "max_sensitivity": lambda: M.max_sensitivity(model, x[sub], method, sub_target, n_samples=5, radius=0.05, **opts),
+        "smooth_mprt": lambda: M.smooth_mprt(model, x[sub], method, sub_target, n_samples=5, cascade=False, **opts),
+        "efficient_mprt": lambda: M.efficient_mprt(model, x[sub], method, sub_target, **opts),
+        "random_logit": lambda: M.random_logit(model, x[sub], method, sub_target, **opts),
+    }
+    out = {}
+    for name, run in runs.items():
+        if n_sub < 1 and M.metric_info(name).needs == "method":
+            continue
+        try:
+            res = run()
+        except MedexplainError as e:
+            out[name] = f"n/a ({type(e).__name__})"
+            continue
+        for metric, figure, _ in PEER_COLUMNS:
+            if metric == name:
+                v = res if isinstance(res, torch.Tensor) else getattr(res, figure)
+                out[(metric, figure)] = float(torch.as_tensor(v, dtype=torch.float64).nanmean())
+    return [out.get((m, f), out.get(m, "-")) for m, f, _ in PEER_COLUMNS]
 
 
 def _auc(di, kind: str, use_acc: bool) -> float:
@@ -141,12 +205,16 @@ def main():
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS_2D + TASKS_3D))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: small models are faster that way)")
+    ap.add_argument("--metric-cases", type=int, default=2,
+                    help="cases for the peer metrics that re-explain (0: skip those; maps-based ones use every case)")
+    ap.add_argument("--no-peer-metrics", action="store_true", help="skip the peer-metric table (issue 19)")
+    ap.add_argument("--name", default="validity", help="result file bench/results/<name>.md (partial runs elsewhere)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     chosen = args.methods.split(",") if args.methods else None
     tasks = args.tasks.split(",") if args.tasks else TASKS_2D + TASKS_3D
-    rows = []
+    rows, peer_rows = [], []
     for task in tasks:
         n = args.cases if task in TASKS_2D else max(2, args.cases // 4)
         model, x, target, masks, cls = task_cases(task, n)
@@ -165,6 +233,9 @@ def main():
             verdict = (f"{san:.2f} ({'pass' if san < 0.3 else 'FAIL'})" if isinstance(san, float) else san)
             rows.append([task, method, fmt_ci(r["hit"]), fmt_ci(r["iou"]), r["del"], r["ins"], r["smooth"],
                          r["gini"], verdict, r["secs"], r.get("ratio", "-"), len(x)])
+            if not args.no_peer_metrics:
+                peer_rows.append([task, method] + peer_metric_row(method, model, x, target, masks, cls, r["maps"],
+                                                                  r["opts"], min(args.metric_cases, len(x))))
     header = ["task", "method", "hit rate [95% CI]", "mIoU Otsu TP [95% CI]", "deletion AUC (lower better)",
               "insertion AUC (higher better)", "smoothness (TV/voxel)", "sparseness (Gini)",
               "sanity Spearman (full rand.)", "s/case", "time / peer", "cases"]
@@ -175,7 +246,18 @@ def main():
             "for classifiers and mean lesion probability for the 3D segmenters. Peers: Captum Saliency, "
             "NoiseTunnel, IntegratedGradients, Occlusion, LayerGradCam on the same cases.\n\n"
             + markdown_table(header, rows))
-    write_result("validity", text)
+    if peer_rows:
+        peer_header = ["task", "method"] + [f"{h} ({peer_metrics.metric_info(m).directions[f]} better)"
+                                            for m, f, h in PEER_COLUMNS]
+        text += ("\n\n## Peer metrics (issue 19)\n\n"
+                 f"ROAD at {ROAD_PERCENTAGES[0]}-{ROAD_PERCENTAGES[-1]}% in steps of 10 (MoRF/LeRF areas of the target "
+                 "probability), average drop / increase in confidence (the image times the min-max map), faithfulness "
+                 "correlation (100 subsets of 5% of the voxels), monotonicity (share of ~100 insertion steps that do "
+                 "not lower the probability), infidelity (8-voxel blocks, Captum's normalised form), all on every case; "
+                 f"max-sensitivity (5 draws, radius 0.05), SmoothMPRT (5 samples, fully randomised model), "
+                 f"EfficientMPRT and random-logit SSIM on the first {args.metric_cases} case(s) "
+                 "(`--metric-cases`).\n\n" + markdown_table(peer_header, peer_rows))
+    write_result(args.name, text)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ untouched, and per-case errors that become error rows while the rest of the run 
 missing files, NaN volumes, integer volumes, wrong channels or dimensionality, masks off the grid or
 empty, wrong targets, a model that cannot be differentiated), plus API gaps found while building the
 matrix (the core now closes them).
+
+Issue 15 (the matrix at the end): typed option values (-o abs=maybe, steps=abc, n_samples=2.5, ranges,
+steps=100000), unknown options with close matches, the target grammar (--target, --region), --activation,
+--output, the preprocessing flags, --transform and factory imports, an --out that is a file, a model that
+fails on the input (ModelError naming the fix), methods that do not apply; in explain, instances, shapley
+and run, and the same through the API. Each case checks its typed error and that nothing was written.
 """
 import json
 
@@ -231,3 +237,221 @@ def test_api_wrong_dimensionality_is_a_typed_error():
 def test_hit_rate_shape_mismatch():
     with pytest.raises(errors.InputError, match="must be"):
         mx.metrics.hit_rate(torch.zeros(2, 1, 4, 4), torch.zeros(3, 4, 4, dtype=torch.bool))
+
+
+# ---- issue 15: typed options, the target grammar, preprocessing, model errors: nothing written ---------
+class Strided3d(torch.nn.Module):
+    """A stride-2 encoder-decoder with a skip connection: sides must be even."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = torch.nn.Conv3d(1, 2, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose3d(2, 2, 2, stride=2)
+        self.skip = torch.nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        return self.up(self.down(x)) + self.skip(x)
+
+
+class Pair3d(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = TinyClassifier(3, cin=1)
+
+    def forward(self, x):
+        z = self.net(x)
+        return z, z
+
+
+class Background3d(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.copy_(torch.tensor([5.0, -5.0]))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def strided3d():
+    torch.manual_seed(0)
+    return Strided3d().eval()
+
+
+def pair3d():
+    torch.manual_seed(0)
+    return Pair3d().eval()
+
+
+def seg3d():
+    from conftest import TinySegmenter
+    torch.manual_seed(0)
+    return TinySegmenter(3, cin=1, k=2).eval()
+
+
+def background3d():
+    return Background3d().eval()
+
+
+def raising_factory():
+    raise RuntimeError("needs a GPU")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("h15")
+    rng = np.random.default_rng(0)
+    vol(d / "v.nii.gz", rng.random((S,) * 3, dtype=np.float32))
+    vol(d / "v9.nii.gz", rng.random((9,) * 3, dtype=np.float32))
+    vol(d / "two.nii.gz", rng.random((S, S, S, 2), dtype=np.float32))
+    vol(d / "empty.nii.gz", np.zeros((S,) * 3, np.uint8))
+    torch.jit.save(torch.jit.script(cls3d()), d / "cls.pt")
+    (d / "afile").write_text("keep me")
+    (d / "broken_h15.py").write_text("raise ValueError('bad config')\n")
+    (d / "cases.csv").write_text("image,intensity\nv.nii.gz,zcore\n")
+    (d / "ok.csv").write_text("image\nv.nii.gz\n")
+    return d
+
+
+V, CLS, SEG = "{d}/v.nii.gz", "test_bad_inputs:cls3d", "test_bad_inputs:seg3d"
+E = ["explain", V, "--model", CLS]
+CLI_CASES = {  # name -> (arguments without --out, typed error, words in the message)
+    "bool option not a bool": (E + ["-o", "abs=maybe"], errors.OptionError, "abs must be a boolean"),
+    "int option not a number": (E + ["--method", "integrated_gradients", "-o", "steps=abc"], errors.OptionError,
+                                "steps must be an integer, got 'abc'"),
+    "int option a fraction": (E + ["--method", "smoothgrad", "-o", "n_samples=2.5"], errors.OptionError,
+                              "n_samples must be an integer"),
+    "n_samples 0": (E + ["--method", "smoothgrad", "-o", "n_samples=0"], errors.OptionError, "n_samples must be >= 1"),
+    "chunk_size 0": (E + ["--method", "smoothgrad", "-o", "chunk_size=0"], errors.OptionError, "chunk_size must be >= 1"),
+    "chunk_size -3": (E + ["--method", "integrated_gradients", "-o", "chunk_size=-3"], errors.OptionError,
+                      "chunk_size must be >= 1"),
+    "steps 100000": (E + ["--method", "integrated_gradients", "-o", "steps=100000"], errors.OptionError, "74.5 GiB"),
+    "option misspelt": (E + ["--method", "smoothgrad", "-o", "n_sampels=3"], errors.OptionError,
+                        "Did you mean n_samples"),
+    "option without =": (E + ["-o", "steps"], errors.OptionError, "key=value"),
+    "layer misspelt, no CAM chosen": (E + ["--layer", "featurs.2"], errors.LayerNotFoundError, "features.2"),
+    "layer no chosen method takes": (E + ["--layer", "features.2"], errors.OptionError, "none of ['saliency'] takes"),
+    "target out of range": (E + ["--target", "7"], errors.TargetError, "out of range"),
+    "target not a class": (E + ["--target", "lung"], errors.TargetError, "class index"),
+    "region on a classifier": (E + ["--region", "predicted"], errors.TargetError, "--region is for segmentation"),
+    "region file missing": (["explain", V, "--model", SEG, "--region", "{d}/nomask.nii.gz"], errors.FileFormatError,
+                            "no such file"),
+    "region empty": (["explain", V, "--model", SEG, "--target", "1", "--region", "{d}/empty.nii.gz"],
+                     errors.EmptyRegionError, "is empty"),
+    "segmenter predicts background only": (["explain", V, "--model", "test_bad_inputs:background3d"],
+                                           errors.EmptyRegionError, "no foreground voxel"),
+    "activation unknown": (E + ["--activation", "softmaxx"], errors.TargetError, "must be one of"),
+    "intensity unknown": (E + ["--intensity", "zscor"], errors.OptionError, "unknown --intensity"),
+    "intensity percentiles reversed": (E + ["--intensity", "percentile:99,1"], errors.OptionError, "LOW < HIGH"),
+    "spacing not numbers": (E + ["--spacing", "a,b"], errors.OptionError, "--spacing must be numbers"),
+    "divisible-by 0": (E + ["--divisible-by", "0"], errors.OptionError, "positive"),
+    "orientation not axis codes": (E + ["--orientation", "XYZ"], errors.OptionError, "axis codes"),
+    "size and multiple together": (E + ["--spatial-size", "8", "--divisible-by", "4"], errors.OptionError, "not both"),
+    "spacing for the wrong dims": (E + ["--spacing", "1,2"], errors.OptionError, "2 values for an image with 3"),
+    "transform module missing": (E + ["--transform", "no_such_mod_h15:build"], errors.ModelLoadError,
+                                 "not found on sys.path"),
+    "transform module raises": (E + ["--transform", "broken_h15:build"], errors.ModelLoadError,
+                                "raised while importing: ValueError: bad config"),
+    "model attribute missing": (["explain", V, "--model", "test_bad_inputs:cls3"], errors.ModelLoadError,
+                                "has no attribute 'cls3'; did you mean cls3d"),
+    "model factory raises": (["explain", V, "--model", "test_bad_inputs:raising_factory"], errors.ModelLoadError,
+                             "calling the factory raised RuntimeError: needs a GPU"),
+    "two channels into a 1-channel TorchScript": (["explain", "{d}/two.nii.gz", "--model", "{d}/cls.pt"],
+                                                  errors.ModelError, "first layer takes 1 channel(s)"),
+    "odd sides into a stride-2 model": (["explain", "{d}/v9.nii.gz", "--model", "test_bad_inputs:strided3d"],
+                                        errors.ModelError, "add --divisible-by 2"),
+    "CAM on TorchScript": (["explain", V, "--model", "{d}/cls.pt", "--method", "saliency,gradcam"],
+                           errors.UnsupportedModelError, "Methods that apply:"),
+    "unknown method": (E + ["--method", "gradkam"], errors.UnknownMethodError, "Did you mean gradcam"),
+    "method listed twice": (E + ["--method", "saliency,Saliency"], errors.OptionError, "listed twice"),
+    "output index out of range": (["explain", V, "--model", "test_bad_inputs:pair3d", "--output", "5"],
+                                  errors.UnsupportedModelError, "out of range"),
+    "output key on a tuple": (["explain", V, "--model", "test_bad_inputs:pair3d", "--output", "main"],
+                              errors.UnsupportedModelError, "output='main'"),
+    "instances n_samples 0": (["instances", V, "--model", SEG, "--n-samples", "0"], errors.OptionError,
+                              "n_samples must be >= 1"),
+    "instances method": (["instances", V, "--model", SEG, "--method", "saliency"], errors.OptionError,
+                         "smoothgrad or gradcam++"),
+    "instances threshold": (["instances", V, "--model", SEG, "--threshold", "1.5"], errors.OptionError, "[0, 1]"),
+    "instances region all": (["instances", V, "--model", SEG, "--region", "all"], errors.TargetError, "need regions"),
+    "shapley activation": (["shapley", "{d}/two.nii.gz", "--model", SEG, "--activation", "softmaxx"],
+                           errors.TargetError, "must be one of"),
+    "run manifest preprocessing": (["run", "{d}/cases.csv", "--model", CLS], errors.FileFormatError,
+                                   "line 2: unknown --intensity 'zcore'"),
+    "run option type": (["run", "{d}/ok.csv", "--model", CLS, "--method", "smoothgrad", "-o", "n_samples=x"],
+                        errors.OptionError, "n_samples must be an integer"),
+}
+
+
+def _typed(res):
+    """The MedexplainError behind a CLI exit (the one handler re-raises it as typer.Exit)."""
+    e = res.exception
+    while e is not None and not isinstance(e, errors.MedexplainError):
+        e = e.__context__
+    return e
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_cli_bad_input_matrix(files, name, monkeypatch):
+    args, err, words = CLI_CASES[name]
+    monkeypatch.chdir(files)                                  # broken_h15.py is importable from here
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    out = files / f"out_{abs(hash(name))}"
+    res = CliRunner().invoke(app, [a.format(d=files) for a in args] + ["--out", str(out)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "error:" in text and "Traceback" not in text, (name, res.output)
+    assert isinstance(_typed(res), err), (name, type(_typed(res)), text)
+    assert words in text, (name, text)
+    assert not out.exists()                                   # nothing written, not even the folder
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+def test_cli_out_that_is_a_file(files, where):
+    res = CliRunner().invoke(app, [a.format(d=files) for a in E] + ["--out", str(files / where)])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.OutputPathError) and "is a file" in res.output
+    assert (files / "afile").read_text() == "keep me"
+
+
+def _api_cases(d):
+    from medexplain.pipelines import contrast_shapley, explain_image, explain_lesion_instances
+    model, x = cls3d(), torch.rand(1, 1, S, S, S)
+    return {
+        "n_samples as text": (lambda o: mx.explain(model, x, "smoothgrad", target=0, n_samples="10"), errors.OptionError,
+                              "n_samples must be an integer, got '10'"),
+        "abs as text": (lambda o: mx.explain(model, x, "saliency", target=0, abs="false"), errors.OptionError,
+                        "abs must be a boolean"),
+        "chunk_size 0": (lambda o: mx.explain(model, x, "integrated_gradients", target=0, chunk_size=0),
+                         errors.OptionError, ">= 1"),
+        "steps a fraction": (lambda o: mx.explain(model, x, "integrated_gradients", target=0, steps=2.5),
+                             errors.OptionError, "steps must be an integer"),
+        "explain_image option": (lambda o: explain_image(d / "v.nii.gz", model, "saliency", o, options={"abs": "maybe"}),
+                                 errors.OptionError, "abs must be a boolean"),
+        "explain_image region": (lambda o: explain_image(d / "v.nii.gz", seg3d(), "saliency", o, target=1,
+                                                         region=d / "empty.nii.gz"), errors.EmptyRegionError, "empty"),
+        "instances n_samples": (lambda o: explain_lesion_instances(d / "v.nii.gz", seg3d(), o, n_samples=0),
+                                errors.OptionError, ">= 1"),
+        "instances chunk_size": (lambda o: explain_lesion_instances(d / "v.nii.gz", seg3d(), o, chunk_size=0),
+                                 errors.OptionError, "chunk_size must be >= 1"),
+        "shapley activation": (lambda o: contrast_shapley(d / "two.nii.gz", [seg3d()], o, activation="soft"),
+                               errors.TargetError, "must be one of"),
+        "run options": (lambda o: run_manifest(d / "ok.csv", CLS, ["smoothgrad"], o, options={"n_samples": 0}),
+                        errors.OptionError, ">= 1"),
+    }
+
+
+@pytest.mark.parametrize("name", ["n_samples as text", "abs as text", "chunk_size 0", "steps a fraction",
+                                  "explain_image option", "explain_image region", "instances n_samples",
+                                  "instances chunk_size", "shapley activation", "run options"])
+def test_api_bad_input_matrix(files, name):
+    call, err, words = _api_cases(files)[name]
+    out = files / f"api_{abs(hash(name))}"
+    with pytest.raises(err) as e:
+        call(out)
+    assert words in str(e.value)
+    assert not out.exists()
+
+
+def test_matrix_has_at_least_30_cases():
+    assert len(CLI_CASES) + 2 + len(_api_cases(None)) >= 30

@@ -8,10 +8,12 @@ from conftest import image, make
 from medexplain.targets import Region
 
 captum = pytest.importorskip("captum.attr")
-BASELINES = ["saliency", "smoothgrad", "integrated_gradients", "occlusion", "gradcam", "gradcam++", "eigencam"]
+CAMS = ["gradcam", "gradcam++", "eigencam", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "scorecam",
+        "ablationcam"]
+BASELINES = ["saliency", "smoothgrad", "integrated_gradients", "occlusion"] + CAMS
 OPTS = {"smoothgrad": {"n_samples": 4}, "integrated_gradients": {"steps": 8}, "occlusion": {"window": 4},
-        "gradcam": {"layer": "features.2"}, "gradcam++": {"layer": "features.2"}, "eigencam": {"layer": "features.2"}}
-SEG_OPTS = dict(OPTS, gradcam={"layer": "body.2"}, **{"gradcam++": {"layer": "body.2"}, "eigencam": {"layer": "body.2"}})
+        **{m: {"layer": "features.2"} for m in CAMS}}
+SEG_OPTS = dict(OPTS, **{m: {"layer": "body.2"} for m in CAMS})
 
 
 def rel_err(a, b):
@@ -57,10 +59,10 @@ def test_gradcam_family_matches_monai(nd):
     model.features[3].inplace = False  # MONAI's backward hooks fail on an in-place op after the layer; ours do not
     ident = lambda m: m  # noqa: E731  (MONAI's default post-processing min-max normalises)
     ref = GradCAM(model, target_layers="features.2", postprocessing=ident)(x, class_idx=2)
-    ours = mx.explain(model, x, "gradcam", target=2, layer="features.2").map
+    ours = mx.explain(model, x, "gradcam", target=2, layer="features.2", upsample="bilinear").map
     assert rel_err(ours, ref) <= 1e-5
     ref = GradCAMpp(model, target_layers="features.2", postprocessing=ident)(x, class_idx=2)
-    ours = mx.explain(model, x, "gradcam++", target=2, layer="features.2", variant="monai").map
+    ours = mx.explain(model, x, "gradcam++", target=2, layer="features.2", variant="monai", upsample="bilinear").map
     assert rel_err(ours, ref) <= 1e-5
 
 

@@ -3,6 +3,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -29,7 +30,7 @@ def test_explain_nifti_writes_maps_on_the_input_affine(tmp_path):
     assert res.exit_code == 0, res.output
     m = nib.load(str(tmp_path / "out" / "vol_saliency.nii.gz"))
     assert m.shape == (10, 11, 12) and np.allclose(m.affine, affine)
-    info = json.loads((tmp_path / "out" / "info.json").read_text())
+    info = json.loads((tmp_path / "out" / "vol_info.json").read_text())
     assert info["methods"]["integrated_gradients"]["steps"] == 4
     assert (tmp_path / "out" / "vol_integrated_gradients.png").exists()
 
@@ -54,9 +55,9 @@ def test_explain_names_outputs_by_the_one_stem_rule(tmp_path):
     res = runner.invoke(app, ["explain", str(tmp_path / "pt1.scan.v2.nii.gz"), "--model", _scripted(tmp_path, 3),
                               "--method", "saliency", "--target", "1", "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["info.json", "pt1.scan.v2_saliency.nii.gz",
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pt1.scan.v2_info.json", "pt1.scan.v2_saliency.nii.gz",
                                                                       "pt1.scan.v2_saliency.png"]
-    assert json.loads((tmp_path / "out" / "info.json").read_text())["target"] == 1
+    assert json.loads((tmp_path / "out" / "pt1.scan.v2_info.json").read_text())["target"] == 1
 
 
 def test_every_command_reports_medexplain_errors_through_the_one_handler(tmp_path):
@@ -92,4 +93,75 @@ def test_explain_image_is_a_library_function(tmp_path):
     x = torch.from_numpy(nib.load(str(tmp_path / "v.nii")).get_fdata()).float()[None, None]
     assert res.target == int(net(x).argmax(1))
     assert {p.name for p in res.files} == {"v_saliency.nii.gz", "v_saliency.png", "v_gradcampp.nii.gz",
-                                           "v_gradcampp.png", "info.json"}
+                                           "v_gradcampp.png", "v_info.json"}
+
+
+# ---- issue 15: typed options, fail fast and keep what finished, estimates and progress -----------------
+def _vol(tmp_path, name="v.nii.gz", shape=(8, 9, 10)):
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random(shape).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
+             str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+def _info(out):
+    return json.loads(next(out.glob("*info.json")).read_text())
+
+
+def test_abs_false_gives_a_signed_map_and_abs_true_its_magnitude(tmp_path):
+    v, m = _vol(tmp_path), _scripted(tmp_path, 3)
+    for flag in ("false", "true"):
+        res = runner.invoke(app, ["explain", v, "--model", m, "-o", f"abs={flag}", "--out", str(tmp_path / flag)])
+        assert res.exit_code == 0, res.output
+    signed = nib.load(str(tmp_path / "false" / "v_saliency.nii.gz")).get_fdata()
+    mag = nib.load(str(tmp_path / "true" / "v_saliency.nii.gz")).get_fdata()
+    assert (signed < 0).any() and (signed > 0).any() and (mag >= 0).all()
+    np.testing.assert_allclose(mag, np.abs(signed), rtol=1e-6)
+
+
+def test_a_method_failing_late_keeps_the_finished_maps_and_records_the_error(tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["explain", _vol(tmp_path), "--model", _scripted(tmp_path, 3), "--method",
+                              "saliency,occlusion,smoothgrad", "-o", "occlusion.window=50", "-o", "n_samples=2",
+                              "--out", str(out)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "1 of 3 method(s) failed: occlusion" in text and "window" in text, text
+    info = _info(out)
+    assert set(info["methods"]) == {"saliency", "smoothgrad"} and "larger than the image" in info["failed"]["occlusion"]
+    assert (out / "v_saliency.nii.gz").exists() and (out / "v_smoothgrad.nii.gz").exists()
+    assert not list(out.glob("*occlusion*")) and not list(out.glob(".*"))      # no partial file
+
+
+def test_the_api_raises_partial_failure_with_the_result(tmp_path):
+    from medexplain.errors import PartialFailure
+    from medexplain.pipelines import explain_image
+    torch.manual_seed(0)
+    with pytest.raises(PartialFailure) as e:
+        explain_image(_vol(tmp_path), TinyClassifier(3, cin=1).eval(), "occlusion,saliency", tmp_path / "o",
+                      options={"occlusion.window": 50})
+    assert list(e.value.failed) == ["occlusion"] and set(e.value.result.attributions) == {"saliency"}
+
+
+def test_estimate_printed_for_long_calls_and_progress_over_passes(tmp_path, monkeypatch):
+    import medexplain.options as options
+    monkeypatch.setattr(options, "LONG_CALL_SECONDS", 0.0)
+    seen = []
+    from medexplain.pipelines import explain_image
+    torch.manual_seed(0)
+    explain_image(_vol(tmp_path), TinyClassifier(3, cin=1).eval(), "smoothgrad", tmp_path / "api",
+                  options={"n_samples": "5", "chunk_size": "2"}, on_progress=lambda m, d, t: seen.append((m, d, t)))
+    assert seen == [("smoothgrad", 2, 5), ("smoothgrad", 4, 5), ("smoothgrad", 5, 5)]
+    res = runner.invoke(app, ["explain", _vol(tmp_path), "--model", _scripted(tmp_path, 3), "--method", "smoothgrad",
+                              "-o", "n_samples=3", "--out", str(tmp_path / "o")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "estimate: smoothgrad: about 3 forward and 3 backward row(s)" in text, text
+    assert _info(tmp_path / "o")["methods"]["smoothgrad"]["estimate"]["n_forward"] == 3
+
+
+def test_every_explaining_command_shares_the_target_activation_and_preprocessing_options():
+    for cmd in ("explain", "instances", "shapley"):
+        text = " ".join(runner.invoke(app, [cmd, "--help"], terminal_width=400).output.split())
+        for flag in ("--target", "--activation", "--output", "--spacing", "--orientation", "--spatial-size",
+                     "--divisible-by", "--intensity", "--transform"):
+            assert flag in text, (cmd, flag)
+        assert "auto" in text.split("--activation")[1][:300], cmd
+    assert "--skip-unsupported" in runner.invoke(app, ["explain", "--help"]).output

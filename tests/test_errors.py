@@ -110,7 +110,7 @@ def test_file_errors(tmp_path):
         io.read_image(corrupt)
     dcm = tmp_path / "x.dcm"
     dcm.write_bytes(b"\x00" * 10)
-    with pytest.raises(errors.FileFormatError, match="dicom"):
+    with pytest.raises(errors.FileFormatError, match="(?i)dicom"):
         io.read_image(dcm)
 
 
@@ -126,3 +126,49 @@ def test_model_load_errors(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
     with pytest.raises(errors.ModelLoadError, match="does not fit"):
         load_model("conftest:TinySegmenter", weights=str(tmp_path / "w.pt"))
+
+
+# ---- issue 15: the model's own errors and factory imports, explained ---------------------------------
+class _Strided(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = torch.nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose2d(2, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(self.down(x)) + x
+
+
+def test_an_error_inside_the_forward_is_a_model_error_with_the_fix():
+    model = _Strided().double().eval()
+    x = torch.randn(1, 2, 11, 12, dtype=torch.float64)
+    with pytest.raises(errors.ModelError) as e:
+        mx.explain(model, x, "saliency", target=0)
+    msg = str(e.value)
+    assert "(1, 2, 11, 12)" in msg and "float64" in msg and "2 channel(s)" in msg and "--divisible-by 2" in msg
+    assert isinstance(e.value.__cause__, RuntimeError) and untouched(model)
+    with pytest.raises(errors.ModelError, match="first layer takes 2 channel"):
+        mx.explain(torch.jit.script(make("cls", 2)), torch.randn(1, 3, 12, 12, dtype=torch.float64), "saliency", target=0)
+
+
+def test_errors_outside_the_model_are_not_rewrapped():
+    from medexplain.models.loading import raised_in_model
+    model = make("cls", 2)
+    try:
+        raise ValueError("not the model")
+    except ValueError as e:
+        assert not raised_in_model(e, model)
+
+
+def test_factory_in_the_current_folder_needs_no_pythonpath(tmp_path, monkeypatch):
+    import sys
+    (tmp_path / "mynets_h15.py").write_text("import torch\n\ndef build():\n    return torch.nn.Conv2d(1, 1, 1)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert isinstance(load_model("mynets_h15:build"), torch.nn.Conv2d)
+    (tmp_path / "badnets_h15.py").write_text("import no_such_dependency_h15\n")
+    with pytest.raises(errors.ModelLoadError, match="was found .*badnets_h15.py.* but raised while importing: "
+                                                    "ModuleNotFoundError"):
+        load_model("badnets_h15:build")
+    with pytest.raises(errors.ModelLoadError, match="module 'nonexistent_h15' not found on sys.path"):
+        load_model("nonexistent_h15:build")

@@ -53,20 +53,60 @@ def test_png(tmp_path, mode, channels):
     assert img.shape == (channels, 10, 12)
 
 
-def test_overlays_2d_and_3d(tmp_path):
+def test_png_figure_of_2d_and_3d_maps(tmp_path):
     img2, m2 = torch.rand(1, 16, 16), torch.randn(1, 16, 16)
-    p = io.write_png_overlay(img2, m2, tmp_path / "o.png")
-    assert Image.open(p).size == (16, 16)
+    p = io.write_png_overlay(img2, m2, tmp_path / "o.png", title="saliency")
+    assert max(Image.open(p).size) >= 512                                   # readable, not 16 x 16
     m3 = torch.zeros(1, 9, 8, 8)
     m3[0, 6, 2:4, 2:4] = 1.0
-    p = io.write_png_overlay(torch.rand(2, 9, 8, 8), m3, tmp_path / "o3.png", n_slices=3)
-    assert Image.open(p).size == (3 * 10, 8)
-    assert io.representative_slices(m3, 3)[0] <= 6 and 6 in io.representative_slices(m3, 3)
+    p = io.write_png_overlay(torch.rand(2, 9, 8, 8), m3, tmp_path / "o3.png", affine=np.diag([2.0, 1, 1, 1]))
+    w, h = Image.open(p).size
+    assert w > 3 * 200 and h >= 200                                         # three planes side by side
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
 
 
-def test_diverging_colours_have_sign():
-    rgb = io.overlay_rgb(np.zeros((1, 1, 2)), np.array([[[1.0, -1.0]]]), alpha=1.0)
-    assert rgb[0, 0, 0] > rgb[0, 0, 2] and rgb[0, 1, 2] > rgb[0, 1, 0]  # red positive, blue negative
+def test_nifti_maps_carry_sform_qform_mm_and_channels_on_the_4th_axis(tmp_path):
+    import SimpleITK as sitk
+    affine = np.array([[0, 0, -1.2, 10], [-0.7, 0, 0, 5], [0, 0.9, 0, -3], [0, 0, 0, 1]])
+    x2 = torch.randn(3, 5, 6)                                               # per-channel maps of a 2D RGB image
+    io.write_nifti(x2, tmp_path / "rgb.nii.gz", affine, spatial_dims=2)
+    img = nib.load(str(tmp_path / "rgb.nii.gz"))
+    assert img.shape == (5, 6, 1, 3) and np.allclose(img.affine, affine)   # channels on the 4th axis, not on x
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    assert np.allclose(img.get_qform(), affine) and img.header.get_xyzt_units()[0] == "mm"
+    back, meta = io.read_image(tmp_path / "rgb.nii.gz")
+    assert torch.allclose(back, x2) and np.allclose(meta["affine"], affine)
+    im = sitk.ReadImage(str(tmp_path / "rgb.nii.gz"))                       # every channel on the image's grid
+    arr = sitk.GetArrayFromImage(im)
+    for r, c, ch in ((0, 0, 0), (4, 5, 2), (2, 3, 1)):
+        lps = np.array(im.TransformIndexToPhysicalPoint((r, c, 0, ch))[:3])
+        assert np.allclose(np.diag([-1, -1, 1]) @ lps, (affine @ [r, c, 0, 1])[:3], atol=1e-5)
+        assert arr[ch, 0, c, r] == pytest.approx(float(x2[ch, r, c]))
+    io.write_nifti(torch.randn(1, 5, 6), tmp_path / "one.nii.gz", affine, spatial_dims=2)
+    assert nib.load(str(tmp_path / "one.nii.gz")).shape == (5, 6, 1)
+    nib.save(nib.Nifti1Image(np.moveaxis(x2.numpy(), 0, -1)[:, :, None, None, :], affine), str(tmp_path / "u.nii.gz"))
+    assert torch.allclose(io.read_image(tmp_path / "u.nii.gz")[0], x2)      # NIfTI's 5th (u) axis read as channels
+    with pytest.raises(io.InputError, match="invertible"):
+        io.write_nifti(x2, tmp_path / "bad.nii.gz", np.diag([0.0, 1, 1, 1]), spatial_dims=2)
+
+
+def test_check_output_dir_names_what_it_would_replace(tmp_path):
+    from medexplain.errors import OutputPathError
+    (tmp_path / "a_saliency.png").write_text("mine")
+    io.check_output_dir(tmp_path / "new" / "sub", [tmp_path / "new" / "sub" / "x.png"])   # creatable: fine
+    with pytest.raises(OutputPathError, match=r"a_saliency\.png.*--overwrite"):
+        io.check_output_dir(tmp_path, [tmp_path / "a_saliency.png", tmp_path / "a_info.json"])
+    io.check_output_dir(tmp_path, [tmp_path / "a_saliency.png"], overwrite=True)
+    assert (tmp_path / "a_saliency.png").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
+def test_png_and_numpy_inputs_say_they_have_no_geometry(tmp_path):
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "v.npy", np.zeros((1, 3, 4, 5), np.float32))
+    for f, axes in (("a.png", ("row", "column")), ("v.npy", ("axis0", "axis1", "axis2"))):
+        _, meta = io.read_image(tmp_path / f)
+        assert np.array_equal(meta["affine"], np.eye(4)) and meta["axes"] == axes
+        assert meta["geometry"].startswith("none") and meta["oriented"] is False
 
 
 @pytest.mark.parametrize("name, stem", [

@@ -89,7 +89,7 @@ def test_lesion_instances_without_a_lesion_writes_the_probability_only(tmp_path)
 
     res = explain_lesion_instances(tmp_path / "v.nii.gz", Background(), tmp_path / "out")
     assert res.instances == [] and res.rows == []
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["instances.csv", "instances.nii.gz",
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["info.json", "instances.csv", "instances.nii.gz",
                                                                       "probability.nii.gz"]
     prob = nib.load(str(tmp_path / "out" / "probability.nii.gz")).get_fdata()
     assert np.allclose(prob, torch.softmax(torch.tensor([5.0, -5.0]), 0)[1].item(), atol=1e-6)

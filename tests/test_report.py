@@ -1,7 +1,11 @@
-"""The HTML report: self-contained, atomic, and checked in headless Chromium (images load, 3D slider works).
+"""The HTML report: self-contained, atomic, drawn by the one renderer, and checked in headless Chromium
+(images load; the 3D viewer's three planes load and each slider moves its plane and the crosshair of the
+other two).
 
 Screenshots are saved under tests/artifacts/ (gitignored) as test artifacts.
 """
+import base64
+import io as pyio
 import json
 import os
 import re
@@ -12,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from medexplain import data
-from medexplain.report import render_overlay, write_report
+from medexplain import data, render
+from medexplain.report import write_report
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+PLANES = ("axial", "coronal", "sagittal")
 
 
 def _cases_2d():
@@ -39,7 +45,8 @@ def _cases_2d():
 def _cases_3d():
     ds = data.lesion_volumes(n=1, size=16, seed=0)
     seg = ds.seg[0].float()[None]
-    return [{"image": ds.images[0], "mask": ds.masks[0], "title": "volume", "display_channel": 1,
+    affine = np.array([[0, 0, -1.2, 10], [-0.9, 0, 0, 5], [0, 1.0, 0, -3], [0, 0, 0, 1]])  # axes permuted and flipped
+    return [{"image": ds.images[0], "mask": ds.masks[0], "title": "volume", "display_channel": 1, "affine": affine,
              "maps": {"flair_map": torch.cat([0.1 * seg, seg]), "noise": torch.randn(2, 16, 16, 16)}}]
 
 
@@ -49,36 +56,75 @@ def _write(tmp_path, name, cases, methods):
     return Path(write_report(tmp_path / name, cases, methods, rows, title=f"test {name}", notes=["labels are planted"]))
 
 
+def _slices(doc):
+    return json.loads(re.search(r"id='mx-slices'>(.*?)</script>", doc).group(1))
+
+
 def test_report_is_self_contained_and_written_atomically(tmp_path):
     p2 = _write(tmp_path, "r2.html", _cases_2d(), ["signed", "positive"])
     p3 = _write(tmp_path, "r3.html", _cases_3d(), ["flair_map", "noise", "missing"])
     assert sorted(os.listdir(tmp_path)) == ["r2.html", "r3.html"]          # no temporary file left
-    for p, n_img in ((p2, 2 * 3), (p3, 1 * 3)):
+    for p, n_img in ((p2, 2 * 3), (p3, 3 * 3)):                          # 2D: image + 2 maps; 3D: 3 panels x 3 planes
         doc = p.read_text()
         assert len(re.findall(r"<img ", doc)) == n_img
         srcs = re.findall(r"<img src='([^']*)'", doc)
         assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
         assert not re.search(r"(src|href)=['\"](https?:)?//", doc)         # no CDN, nothing external
         assert "<link" not in doc and "n/a" in doc and "labels are planted" in doc
+        assert "99th percentile of |map|" in doc and "class='cbar'" in doc  # the scale, stated, with a colour bar
     doc3 = p3.read_text()
-    assert "type='range' class='mx-slider'" in doc3 and "no map for: missing" in doc3
+    assert doc3.count("class='mx-slider'") == 3 and "no map for: missing" in doc3
     assert "type='range'" not in p2.read_text()
-    slices = json.loads(re.search(r"id='mx-slices'>(.*?)</script>", doc3).group(1))
-    assert len(slices["c0"]["image"]) == 16 and len(set(slices["c0"]["flair_map"])) > 1
+    s = _slices(doc3)["c0"]
+    assert s["dims"] == [16, 16, 16] and set(s["panels"]) == {"image", "flair_map", "noise"}
+    assert all(len(s["panels"]["image"][p]) == 16 for p in PLANES) and len(set(s["panels"]["flair_map"]["axial"])) > 1
 
 
-def test_overlay_colours_follow_sign():
-    base = np.full((2, 2, 3), 128, np.uint8)
-    ov = render_overlay(base, np.array([[-1.0, 0.0], [0.0, 1.0]]))
-    assert ov[0, 0, 2] > ov[0, 0, 0] and ov[1, 1, 0] > ov[1, 1, 2]        # blue negative, red positive
-    assert tuple(ov[0, 1]) == (128, 128, 128)                              # zero stays transparent
+def _decode(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(pyio.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_report_panels_are_the_renderers(tmp_path):
+    """A 2D panel is render.overlay at the map's robust scale (upscaled); a 3D plane tile is render.plane of the
+    RAS-reoriented volume, with the mask outline drawn on top."""
+    case = _cases_2d()[0]
+    doc = _write(tmp_path, "r.html", [case], ["signed"]).read_text()
+    src = re.search(r"<img src='([^']*)' alt='c0:signed'", doc).group(1)
+    img, amap = case["image"].numpy(), case["maps"]["signed"][0].numpy()
+    want = render.overlay(render.image_rgb(img), amap, render.map_scale(amap))
+    got = _decode(src)
+    f = got.shape[0] // want.shape[0]
+    outline = np.any(got != np.repeat(np.repeat(want, f, 0), f, 1), axis=-1)
+    assert f == 8 and outline.mean() < 0.05                                 # only the mask's outline differs
+    assert np.array_equal(got[::f, ::f][~outline[::f, ::f]], want[~outline[::f, ::f]])
+    c3 = _cases_3d()[0]
+    s = _slices(_write(tmp_path, "r3.html", [c3], ["flair_map"]).read_text())["c0"]
+    vol_ras, _, _ = render.to_ras(c3["image"].numpy()[[1]], c3["affine"])
+    k = s["point"][2]
+    base = render.image_rgb(render.plane(vol_ras, "axial", k), render.image_window(vol_ras))
+    tile = _decode(s["panels"]["image"]["axial"][k])
+    f = tile.shape[0] // base.shape[0]
+    diff = np.any(tile[::f, ::f] != base, axis=-1)
+    assert diff.mean() < 0.2                                               # the green mask outline only
+    assert (tile[::f, ::f][diff] == [0, 255, 90]).all()
 
 
 def _chromium(args, tmp_path, timeout=90):
     profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
-    res = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                         timeout=timeout)
-    return res
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _screenshot(p, tmp_path, name, size="1100,800"):
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / name
+    if shot.exists():
+        shot.unlink()
+    _chromium([f"--window-size={size}", f"--screenshot={shot}", p.resolve().as_uri()], tmp_path)
+    assert shot.exists() and shot.stat().st_size > 5000
+    px = np.asarray(Image.open(shot).convert("RGB"))
+    w, h = (int(v) for v in size.split(","))
+    assert px.shape[:2] == (h, w) and px.std() > 10                         # a rendered page, not a blank one
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless browser test needs the Debian package chromium (/usr/bin/chromium)")
@@ -92,32 +138,18 @@ def test_report_in_headless_chromium(tmp_path, kind):
     m = re.search(r'<pre id="mx-selfcheck"[^>]*data-done="1"[^>]*>(.*?)</pre>', res.stdout, re.S)
     assert m, f"self-check did not run; chromium rc={res.returncode}, stderr tail: {res.stderr[-500:]}"
     check = json.loads(m.group(1))
-    assert check["images"] == (6 if kind == "2d" else 3)
+    assert check["images"] == (6 if kind == "2d" else 9)
     assert check["loaded"] == check["images"] and check["broken"] == []   # every <img> has naturalWidth > 0
     if kind == "3d":
-        (sl,) = check["sliders"]
-        assert sl["src_changed"] and sl["decoded"] and sl["from"] != sl["to"]
+        # the three planes of each of the 3 panels are there and loaded
+        assert sorted(check["planes"]) == sorted(f"c0:{p}" for p in PLANES for _ in range(3))
+        assert {s["plane"] for s in check["sliders"]} == set(PLANES)
+        other = {"axial": {"coronal:h", "sagittal:h"}, "coronal": {"axial:h", "sagittal:v"},
+                 "sagittal": {"axial:v", "coronal:v"}}
+        for s in check["sliders"]:
+            assert s["src_changed"] and s["decoded"] and s["from"] != s["to"], s
+            # the crosshair of the other two planes moved, in every panel (3 panels x 2 lines), and nothing else
+            assert set(s["crosshair_moved"]) == other[s["plane"]] and len(s["crosshair_moved"]) == 6, s
     else:
-        assert check["sliders"] == []
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / f"report_{kind}.png"
-    if shot.exists():
-        shot.unlink()
-    _chromium(["--window-size=1100,800", f"--screenshot={shot}", p.resolve().as_uri()], tmp_path)
-    assert shot.exists() and shot.stat().st_size > 5000
-    from PIL import Image
-    px = np.asarray(Image.open(shot).convert("RGB"))
-    assert px.shape[:2] == (800, 1100) and px.std() > 10                 # a rendered page, not a blank one
-
-
-def test_explain_png_and_report_share_one_colour_scheme(tmp_path):
-    from PIL import Image
-
-    from medexplain import io
-    from medexplain.report import render_image
-    g = torch.Generator().manual_seed(0)
-    img, amap = torch.rand(1, 12, 12, generator=g), torch.randn(1, 12, 12, generator=g)
-    want = render_overlay(render_image(img.numpy()), amap[0].numpy())
-    assert np.array_equal(io.overlay_rgb(img, amap), want)
-    p = io.write_png_overlay(img, amap, tmp_path / "o.png")
-    assert np.array_equal(np.asarray(Image.open(p).convert("RGB")), want)
+        assert check["sliders"] == [] and check["planes"] == []
+    _screenshot(p, tmp_path, f"report_{kind}.png", "1100,800" if kind == "2d" else "1250,1050")

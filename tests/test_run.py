@@ -259,3 +259,42 @@ def test_ray_backend_equals_local_backend(tmp_path):
     assert outputs(ray_run.out) == outputs(local.out)
     session = json.loads(ray_run.record.read_text())["sessions"][-1]
     assert session["backend"] == "ray" and session["workers"] == 2
+
+
+def test_a_case_that_cannot_be_written_is_an_error_row_and_resume_goes_on(tmp_path, monkeypatch):
+    """A per-case write failure (disk full, a bad affine, ...) is that case's error row, not the end of the
+    run; --resume then continues (the failed case kept as an error row), --retry-errors redoes it."""
+    import medexplain.run.store as store_mod
+    csv, model = volumes(tmp_path, n=3), scripted3d(tmp_path)
+    real = store_mod.io.write_nifti
+
+    def failing(arr, path, *a, **k):
+        if "00001_v1" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(arr, path, *a, **k)
+    monkeypatch.setattr(store_mod.io, "write_nifti", failing)
+    res = run_manifest(csv, model, ["saliency"], tmp_path / "out")
+    st = {r["case_id"]: r for r in res.rows}
+    assert [r["status"] for r in res.rows] == ["ok", "error", "ok"]
+    assert st["00001_v1"]["error"].startswith("write: OSError") and "No space left" in st["00001_v1"]["error"]
+    assert not (tmp_path / "out" / "cases" / "00001_v1" / "saliency.nii.gz").exists()
+    again = run_manifest(csv, model, ["saliency"], tmp_path / "out", resume=True)        # continues, no refusal
+    assert again.computed == 0 and again.skipped == 3 and again.n_error == 1
+    monkeypatch.setattr(store_mod.io, "write_nifti", real)
+    fixed = run_manifest(csv, model, ["saliency"], tmp_path / "out", resume=True, retry_errors=True)
+    assert fixed.computed == 1 and fixed.n_error == 0
+    # and a changed manifest is refused with the way to keep or redo a failed case instead
+    (tmp_path / "cases.csv").write_text("\n".join((tmp_path / "cases.csv").read_text().splitlines()[:3]) + "\n")
+    with pytest.raises(mx.errors.MedexplainError, match="--retry-errors redoes it"):
+        run_manifest(csv, model, ["saliency"], tmp_path / "out", resume=True)
+
+
+def test_real_cr_with_zero_pixel_spacing_runs_with_a_note(tmp_path):
+    import pydicom.data
+    path = pydicom.data.get_testdata_file("RG1_UNCR.dcm")
+    (tmp_path / "cases.csv").write_text(f"image\n{path}\n")
+    res = run_manifest(tmp_path / "cases.csv", "test_dicom:pooled2d", ["saliency"], tmp_path / "out")
+    (row,) = res.rows
+    assert row["status"] == "ok" and "1 mm assumed" in row["note"]
+    img = nib.load(str(res.out / row["map"]))
+    assert img.shape == (1955, 1841, 1) and np.allclose(img.header.get_zooms()[:2], 1.0)

@@ -104,6 +104,52 @@ def test_batches_return_one_list_per_sample_with_sample_indices():
     assert [[i.size for i in o] for o in alias] == [[i.size for i in o] for o in out]
 
 
+def test_rule_detection_by_any_predicted_voxel():
+    """A reference lesion touched only by a 2-voxel prediction (under min_size): medexplain reports it as
+    FN; the IES reference counts it detected (no FN). The small component is no instance in either."""
+    p = torch.zeros(12, 12)
+    p[1:4, 1:4] = 0.9                                   # lesion A fully predicted: TP
+    p[8, 8:10] = 0.9                                    # 2 voxels inside lesion B
+    ref = box((12, 12), (slice(1, 4), slice(1, 4)), (slice(7, 10), slice(7, 10)))
+    med = find_instances(p, reference=ref)
+    assert [(i.kind, i.size) for i in med] == [("TP", 9), ("FN", 9)]
+    assert torch.equal(med[1].mask, box((12, 12), (slice(7, 10), slice(7, 10))))
+    assert [(i.kind, i.size) for i in find_instances(p, reference=ref, rules="reference")] == [("TP", 9)]
+    assert [i.kind for i in find_instances(p, reference=ref, rules="medexplain")] == ["TP", "FN"]   # the default
+
+
+def test_rule_probability_equal_to_the_threshold():
+    """p == threshold is background for medexplain (p > t) and foreground for the reference (its code sets
+    p > t to 1 and p < t to 0, leaving p == t non-zero)."""
+    p = torch.zeros(12, 12, dtype=torch.float64)
+    p[1:4, 1:4] = 0.5
+    p[7:10, 7:10] = 0.75
+    ref = box((12, 12), (slice(1, 4), slice(1, 4)), (slice(7, 10), slice(7, 10)))
+    assert [(i.kind, i.size) for i in find_instances(p, reference=ref)] == [("TP", 9), ("FN", 9)]
+    assert [(i.kind, i.size) for i in find_instances(p, reference=ref, rules="reference")] == [("TP", 9), ("TP", 9)]
+    assert [i.size for i in find_instances(p, threshold=0.75, rules="reference")] == [9]
+    assert find_instances(p, threshold=0.75) == []
+
+
+def test_rule_reference_binarised_at_one():
+    """A soft reference: lesion A at 0.7, lesion B at 1.0, lesion C at 0.7 not predicted. medexplain
+    binarises it like the prediction (> 0.5: all three lesions); the IES reference at >= 1.0 (only B), so
+    the prediction over A becomes an FP and C is no FN. Integer label maps are the same under both."""
+    p = torch.zeros(12, 12)
+    p[1:4, 1:4] = p[7:10, 7:10] = 0.9
+    gt = torch.zeros(12, 12)
+    gt[1:4, 1:4] = 0.7
+    gt[7:10, 7:10] = 1.0
+    gt[1:4, 8:11] = 0.7
+    assert [i.kind for i in find_instances(p, reference=gt)] == ["TP", "TP", "FN"]
+    assert [i.kind for i in find_instances(p, reference=gt, rules="reference")] == ["FP", "TP"]
+    labels = (gt > 0).long() * 2                        # a label map: every label is a lesion under both rules
+    for rules in ("medexplain", "reference"):
+        assert [i.kind for i in find_instances(p, reference=labels, rules=rules)] == ["TP", "TP", "FN"]
+    with pytest.raises(InputError, match="rules"):
+        find_instances(p, rules="ies")
+
+
 def test_find_instances_errors():
     with pytest.raises(InputError, match="connectivity"):
         find_instances(torch.ones(4, 4), connectivity=6)
@@ -243,6 +289,37 @@ def test_gradcam_pp_per_instance_on_a_monai_unet_and_the_model_is_left_as_found(
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert all(not m._forward_hooks for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_gradcam_pp_monai_variant_equals_monai_gradcampp_on_the_lesion_score(nd):
+    """``variant="monai"`` is MONAI's GradCAMpp (what the IES reference code calls) with the lesion's summed
+    logits as the score: MONAI run on a wrapper whose single output is that sum. The layer runs on the
+    input grid, so no upsampling rule enters the comparison. The paper's formula (default) differs."""
+    from monai.visualize import GradCAMpp
+
+    class LesionScore(nn.Module):
+        def __init__(self, net, mask):
+            super().__init__()
+            self.net, self.mask = net, mask
+
+        def forward(self, x):
+            return (self.net(x)[:, 1] * self.mask).flatten(1).sum(1, keepdim=True)
+
+    model, x = seg_model(nd), img(nd)
+    s = x.shape[2:]
+    inst = mx.segmentation.Instance(box(tuple(s), tuple(slice(2, 5) for _ in s)), None, 3 ** nd)
+    ref = GradCAMpp(LesionScore(model, inst.mask), target_layers="net.body.2",
+                    postprocessing=lambda t: t)(x, class_idx=0)
+    attr = explain_instances(model, x, [inst], method="gradcam++", variant="monai", layer="body.2")
+    assert attr.info["variant"] == "monai"
+    torch.testing.assert_close(attr.map, ref.to(attr.map.dtype), rtol=1e-6, atol=1e-9)
+    paper = instance_saliency(model, x, [inst], method="gradcam++", layer="body.2")
+    assert (paper - attr.map).abs().max() > 0.1 * attr.map.abs().max()
+    with pytest.raises(InputError, match="variant"):
+        instance_saliency(model, x, [inst], method="gradcam++", variant="gradcam")
+    with pytest.raises(InputError, match="smoothgrad"):
+        instance_saliency(model, x, [inst], variant="monai")
 
 
 def test_instance_saliency_errors_leave_the_model_as_found():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import medexplain as mx
-from medexplain.errors import InputError
+from medexplain.errors import InputError, UnsupportedModelError
 from medexplain.models.loading import load_model
 from medexplain.models.trained import build_model, load_trained, train_to_folder
 from medexplain.registry import get_method
@@ -68,6 +68,12 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     for m in names:
         acc = get_method(m).options()
         opts = {k: v for k, v in TINY.items() if acc is None or k in acc}
+        if m in REUSED_NONLINEARITY:
+            # DynUNet calls some modules twice per forward; DeepLIFT and LRP rules cannot run then, and the
+            # adapter says so (a typed error found on the first forward), leaving the model as found
+            with pytest.raises(UnsupportedModelError, match="more than once"):
+                mx.explain(net, x[:1], method=m, target=mx.targets.Region(1, mask), output=head, **opts)
+            continue
         attr = mx.explain(net, x[:1], method=m, target=mx.targets.Region(1, mask), output=head, **opts)
         assert attr.map.shape[0] == 1 and attr.map.shape[2:] == (16, 16), m
         assert torch.isfinite(attr.map).all() and attr.map.abs().sum() > 0, m
@@ -75,6 +81,9 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     assert {n: m.training for n, m in net.named_modules()} == modes
     assert {n: p.requires_grad for n, p in net.named_parameters()} == grads
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in net.modules())
+
+
+REUSED_NONLINEARITY = {"deeplift", "deepliftshap", "lrp"}  # rules that need each module to run once
 
 
 def test_train_output_selects_a_tuple_element():

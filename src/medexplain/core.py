@@ -150,9 +150,13 @@ class LayerCapture:
     ``mode="detach"`` stores detached **clones** (an in-place op after the layer, e.g. ``ReLU(inplace=True)``,
     cannot alter them); ``"graph"`` stores clones that keep the autograd graph (to train through them);
     ``"leaf"`` replaces the layer's output by a detached copy that requires grad, so a backward stops at
-    the layer (:func:`layer_gradient`). ``calls`` counts how often the layer ran; ``order`` holds, for
-    each output, its position among all the calls recorded by the same :func:`capture_layers` (so the
-    layers of one capture can be put in call order).
+    the layer (:func:`layer_gradient`; a call fed by an earlier call of the same layer, a shared block
+    applied twice, is kept on the path instead, so gradients are total derivatives); ``"tap"`` stores
+    the output itself, on the autograd path (so the gradient of anything computed downstream can be
+    taken with respect to it, and its ``grad_fn`` says how it was computed), and hands the rest of the
+    forward a copy (so an in-place op after the layer cannot alter it). ``calls`` counts how often the
+    layer ran; ``order`` holds, for each output, its position among all the calls recorded by the same
+    :func:`capture_layers` (so the layers of one capture can be put in call order).
     """
 
     name: str
@@ -177,11 +181,16 @@ class LayerCapture:
 
 
 @contextlib.contextmanager
-def capture_layers(model: nn.Module, layers, mode: str = "detach") -> Iterator[dict[str, LayerCapture]]:
+def capture_layers(model: nn.Module, layers, mode: str = "detach", *, strict: bool = True,
+                   edit=None) -> Iterator[dict[str, LayerCapture]]:
     """The one forward-hook utility: record the outputs of ``layers`` (names or modules), removed on exit
-    (also on error). Returns ``{name: LayerCapture}`` in the order given; see :class:`LayerCapture`."""
-    if mode not in ("detach", "graph", "leaf"):
-        raise ValueError(f"capture mode must be 'detach', 'graph' or 'leaf', got {mode!r}")
+    (also on error). Returns ``{name: LayerCapture}`` in the order given; see :class:`LayerCapture`.
+
+    ``strict=False`` skips (does not record) calls that return something other than a tensor instead of
+    raising. ``edit(name, output) -> tensor`` replaces what the rest of the forward sees after each
+    recorded call (e.g. a channel ablation); it must return a new tensor, not modify its argument."""
+    if mode not in ("detach", "graph", "leaf", "tap"):
+        raise ValueError(f"capture mode must be 'detach', 'graph', 'leaf' or 'tap', got {mode!r}")
     require_hooks(model)
     layers = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
     caps: dict[str, LayerCapture] = {}
@@ -191,22 +200,41 @@ def capture_layers(model: nn.Module, layers, mode: str = "detach") -> Iterator[d
     def make_hook(cap):
         def hook(_mod, _inp, out):
             if not isinstance(out, torch.Tensor):
+                if not strict:
+                    return None
                 raise UnsupportedModelError(
                     f"layer {cap.name!r} returns {type(out).__name__}, not a tensor; choose another layer")
             cap.order.append(seen[0])
             seen[0] += 1
+            new = None
             if mode == "leaf":
-                leaf = out.detach().requires_grad_(True)
+                # a later call fed by an earlier one (a shared block applied twice) is kept on the path, so the
+                # earlier call's gradient is its total derivative
+                fed = out.requires_grad and bool(cap.outputs) and _reaches(out, cap.outputs)
+                leaf = out if fed else out.detach().requires_grad_(True)
                 cap.outputs.append(leaf)
-                return leaf * 1  # a non-leaf copy, so in-place ops after the layer leave the leaf intact
-            cap.outputs.append(out.clone() if mode == "graph" else out.detach().clone())
-            return None
+                new = leaf * 1  # a non-leaf copy, so in-place ops after the layer leave the leaf intact
+            elif mode == "tap":
+                cap.outputs.append(out)
+                new = out.clone()  # the forward goes on with a copy: in-place ops after the layer leave `out` intact
+            else:
+                cap.outputs.append(out.clone() if mode == "graph" else out.detach().clone())
+            if edit is not None:
+                new = edit(cap.name, out if new is None else new)
+            return new
         return hook
 
     try:
+        named = dict(unwrap(model).named_modules())             # one lookup for many layers
+        names = {id(m): n for n, m in reversed(list(named.items()))}
         for layer in layers:
-            module = find_layer(model, layer)
-            name = layer if isinstance(layer, str) else _module_name(model, module)
+            if isinstance(layer, str) and layer in named:
+                module, name = named[layer], layer
+            elif isinstance(layer, nn.Module) and id(layer) in names:
+                module, name = layer, names[id(layer)]
+            else:
+                module = find_layer(model, layer)               # a typed error with close matches
+                name = layer if isinstance(layer, str) else _module_name(model, module)
             caps[name] = LayerCapture(name)
             handles.append(module.register_forward_hook(make_hook(caps[name])))
         yield caps
@@ -225,17 +253,38 @@ def capture_layer(model: nn.Module, layer, grad: bool = False) -> Iterator[Layer
 def layer_gradient(score: torch.Tensor, cap: LayerCapture) -> torch.Tensor:
     """d score.sum() / d(the captured leaf), with a typed error when the layer does not affect the score
     (instead of autograd's "element 0 of tensors does not require grad")."""
-    a = cap.activation
-    if a is None:
+    if cap.activation is None:  # (a typed error when the layer ran several times)
         raise UnsupportedModelError(f"layer {cap.name!r} was not called in the forward pass")
+    return layer_gradients(score, cap)[0]
+
+
+def layer_gradients(score: torch.Tensor, cap: LayerCapture) -> list[torch.Tensor]:
+    """d score.sum() / d(each captured leaf), one per call in call order (a call the score does not
+    depend on gets zeros), with a typed error when no call affects the score."""
+    if not cap.outputs:
+        raise UnsupportedModelError(f"layer {cap.name!r} was not called in the forward pass")
+    no_effect = UnsupportedModelError(f"the target score does not depend on layer {cap.name!r}; choose a layer "
+                                      "on the path from the input to the explained output")
     if not score.requires_grad:
-        raise UnsupportedModelError(f"the target score does not depend on layer {cap.name!r}; choose a layer "
-                                    "on the path from the input to the explained output")
-    (g,) = torch.autograd.grad(score.sum(), a, allow_unused=True)
-    if g is None:
-        raise UnsupportedModelError(f"the target score does not depend on layer {cap.name!r}; choose a layer "
-                                    "on the path from the input to the explained output")
-    return g
+        raise no_effect
+    gs = torch.autograd.grad(score.sum(), cap.outputs, allow_unused=True)
+    if all(g is None for g in gs):
+        raise no_effect
+    return [torch.zeros_like(a) if g is None else g for a, g in zip(cap.outputs, gs)]
+
+
+def _reaches(t: torch.Tensor, leaves) -> bool:
+    """Whether the autograd graph of ``t`` reaches one of the tensors ``leaves``."""
+    ids, seen, stack = {id(v) for v in leaves}, set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(getattr(node, "variable", None)) in ids:
+            return True
+        stack.extend(f for f, _ in node.next_functions)
+    return False
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
@@ -327,8 +376,11 @@ def with_output(model, output=None):
 
 
 def unwrap(model):
-    """The user's model inside an :class:`OutputAdapter` (the model itself otherwise)."""
-    return model.model if isinstance(model, OutputAdapter) else model
+    """The user's model inside an :class:`OutputAdapter`, also inside nested adapters (e.g. a
+    sliding-window model around a counting adapter); the model itself otherwise."""
+    while isinstance(model, OutputAdapter):
+        model = model.model
+    return model
 
 
 def forward(model, x: torch.Tensor, cost: Cost | None = None, output=None) -> torch.Tensor:

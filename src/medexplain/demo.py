@@ -4,8 +4,10 @@ Builds the planted 2D chest set (real radiograph, planted nodules: the labels ar
 loads the zoo classifier, explains a handful of positive test images with every method that applies to
 it (:func:`medexplain.available_methods` with the model and the batch), scores each method's hit rate
 (the pointing game, CheXlocalize; :func:`medexplain.metrics.hit_rate`) against the planted masks beside
-the random baseline (the expected hit rate of a uniformly random point: the mask's area fraction), and
-writes ``report.html``, the maps (NIfTI) and ``metrics.json``, every file atomically.
+the random baseline (the expected hit rate of a uniformly random point: the mask's area fraction), the
+CAMs (methods with an ``upsample`` option) also with MONAI's bilinear upsampling beside the default
+receptive-field aligned one (``docs/cam.md``), and writes ``report.html``, the maps (NIfTI) and
+``metrics.json``, every file atomically.
 """
 from __future__ import annotations
 
@@ -92,14 +94,22 @@ def score_methods(model, x: torch.Tensor, masks: torch.Tensor, names, target: in
             res.skipped[name] = str(e)
             log(f"  [yellow]skipped {name}[/yellow]: {e}")
             continue
+        seconds = time.perf_counter() - t
         hits = hit_rate(attr.map, masks)
         res.maps[name] = attr.map
-        res.rows.append({"method": name, "hit rate": float(torch.nanmean(hits)), "random baseline": baseline,
-                         "hits": f"{int(hits.nansum())}/{int((~hits.isnan()).sum())}",
-                         "seconds": time.perf_counter() - t,
-                         "model evaluations": int(attr.info.get("n_forward", 0) + attr.info.get("n_backward", 0))})
-        r = res.rows[-1]
-        log(f"  {name:<22} hit rate {r['hit rate']:.3f} (random {baseline:.3f})  {r['seconds']:.1f} s")
+        row = {"method": name, "hit rate": float(torch.nanmean(hits)), "random baseline": baseline,
+               "hits": f"{int(hits.nansum())}/{int((~hits.isnan()).sum())}"}
+        if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
+            bil = hit_rate(explain(model, x, method=name, target=target,
+                                   **{**method_options(name, model, px), "upsample": "bilinear"}).map, masks)
+            row.update({"hit rate (bilinear upsampling)": float(torch.nanmean(bil)),
+                        "hits (bilinear upsampling)": f"{int(bil.nansum())}/{int((~bil.isnan()).sum())}"})
+        row.update({"seconds": seconds,
+                    "model evaluations": int(attr.info.get("n_forward", 0) + attr.info.get("n_backward", 0))})
+        res.rows.append(row)
+        also = (f", bilinear upsampling {row['hit rate (bilinear upsampling)']:.3f}"
+                if "hit rate (bilinear upsampling)" in row else "")
+        log(f"  {name:<22} hit rate {row['hit rate']:.3f}{also} (random {baseline:.3f})  {seconds:.1f} s")
     return res
 
 

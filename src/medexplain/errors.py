@@ -47,3 +47,25 @@ class FileFormatError(MedexplainError, ValueError):
 
 class ModelLoadError(MedexplainError, ValueError):
     """A model specification (TorchScript path or module:factory + weights) cannot be loaded."""
+
+
+class OptionError(MedexplainError, ValueError):
+    """A method option is unknown (the message lists close matches), of the wrong type, or out of range."""
+
+
+class ModelError(MedexplainError, RuntimeError):
+    """The model's own forward raised on the given input. The message names the input that was given
+    (shape, dtype, channels), what the model seems to expect, and the option that fixes it."""
+
+
+class OutputPathError(MedexplainError, ValueError):
+    """The output folder cannot be written (a file is in the way, or no write permission)."""
+
+
+class PartialFailure(MedexplainError):
+    """Some of several requested computations failed after others were written; ``failed`` maps each
+    failed item to its error message, ``result`` holds what was computed and written."""
+
+    def __init__(self, message: str, failed: dict, result=None):
+        super().__init__(message)
+        self.failed, self.result = failed, result

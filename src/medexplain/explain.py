@@ -12,7 +12,10 @@ from . import methods  # noqa: F401  (importing the package registers every expl
 from .attribution import Attribution
 from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks, with_output
 from .errors import MedexplainError
+from .options import check_options
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
+from .sliding import is_sliding, window_info, with_inferer
+from .sliding_cam import windowed_method
 from .targets import as_target
 
 
@@ -31,7 +34,7 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
 
 
 def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", target=None, output=None,
-            **options) -> Attribution:
+            inferer=None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
     ``x`` is ``(B, C, H, W)`` or ``(B, C, D, H, W)``; ``target`` an int, a list of ints (one per sample)
@@ -39,17 +42,26 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
     tuple, dict or stacked heads (:func:`medexplain.core.select_output`). ``options`` go to the method
     (see its docstring, e.g. ``layer=`` for CAMs, ``n_samples=`` for SmoothGrad, ``chunk_size=``: rows
     given to the model in one call). The model is left exactly as found, also when an error is raised.
+    ``inferer``: a ``monai.inferers.SlidingWindowInferer``; the model then runs window by window, with
+    the exact window-by-window gradient, and ``info`` counts windows (:mod:`medexplain.sliding`).
     """
     spec = get_method(method)
-    accepted = spec.options()
-    if accepted is not None and set(options) - set(accepted):
-        raise MedexplainError(f"method {spec.name!r} has no option(s) {sorted(set(options) - set(accepted))}; "
-                              f"it accepts {accepted}")
+    options = check_options(spec.name, spec.fn, options)   # names, types and ranges from the signature
     if spec.needs_hooks:
         require_hooks(model)
     x = check_input(x, **model_expectations(model))
     tgt = as_target(target) if (spec.needs_target or target is not None) else None
+    net = with_inferer(model, inferer, output)
+    fn = windowed_method(spec) if is_sliding(net) else spec.fn
     with model_guard(model):
         cost = Cost()
-        amap, extra = spec.fn(with_output(model, output), x, tgt, cost, **options)
-    return Attribution(amap.detach(), spec.name, tgt, cost.info(**extra))
+        try:
+            amap, extra = fn(net, x, tgt, cost, **options)
+        except MedexplainError:
+            raise
+        except Exception as e:  # raised inside the model's own forward: say what was given and expected
+            from .models.loading import model_error, raised_in_model
+            if not raised_in_model(e, model):
+                raise
+            raise model_error(model, x, e) from e
+    return Attribution(amap.detach(), spec.name, tgt, window_info(net, cost.info(**extra)))

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from .core import unwrap
 from .errors import InputError, TargetError
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
@@ -70,26 +71,75 @@ def dice(pred: torch.Tensor, ref: torch.Tensor, empty: float = 1.0) -> torch.Ten
     return torch.where(tot > 0, 2 * inter / tot.clamp_min(1e-300), torch.full_like(tot, float(empty)))
 
 
-def resolve_activation(out: torch.Tensor, activation: str | None) -> str:
-    """``auto`` -> ``softmax`` for more than one output channel, ``sigmoid`` for one; ``None`` = ``none``."""
+def _final_activation(model) -> str | None:
+    """``"softmax"``/``"sigmoid"`` when the model visibly ends in one: the last leaf module of an eager
+    model, or the returned value of a TorchScript model's code (``return torch.softmax(...)``)."""
+    if model is None:
+        return None
+    model = unwrap(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        try:
+            lines = [ln.strip() for ln in model.code.strip().splitlines() if ln.strip()]
+        except Exception:
+            return None
+        ret = lines[-1].removeprefix("return ").strip() if lines and lines[-1].startswith("return ") else ""
+        expr = next((ln.partition("=")[2].strip() for ln in reversed(lines[:-1]) if ln.startswith(f"{ret} =")), ret)
+        for name in ("softmax", "sigmoid"):
+            if expr.startswith(f"torch.{name}("):
+                return name
+    leaves = [m for m in model.modules() if not list(m.children())] if isinstance(model, torch.nn.Module) else []
+    last = getattr(leaves[-1], "original_name", type(leaves[-1]).__name__) if leaves else ""   # scripted: original_name
+    if last in ("Softmax", "Softmax2d"):
+        return "softmax"
+    if last == "Sigmoid":
+        return "sigmoid"
+    return None
+
+
+def detect_activation(out: torch.Tensor, model=None) -> tuple[str, str]:
+    """What ``activation="auto"`` means for this output: ``(activation, why)``.
+
+    Outputs already in [0, 1] that sum to 1 over the channels, or in [0, 1] from a model that ends in a
+    Softmax/Sigmoid (:func:`_final_activation`), are probabilities (``none``); otherwise logits:
+    ``softmax`` for more than one channel, ``sigmoid`` for one.
+    """
+    k = out.shape[1]
+    o = out.detach()
+    in_unit = bool(o.numel()) and float(o.min()) >= 0.0 and float(o.max()) <= 1.0
+    final = _final_activation(model)
+    if in_unit and final is not None:
+        return "none", f"the model ends in {final}: its outputs are probabilities"
+    if in_unit and k > 1:
+        tol = 1e-3 if o.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-6
+        if torch.allclose(o.sum(1).double(), torch.ones((), dtype=torch.float64), atol=tol, rtol=0):
+            return "none", f"the {k} output channels are in [0, 1] and sum to 1: already probabilities"
+    if k > 1:
+        return "softmax", f"{k} output channels of logits: softmax over the channels"
+    return "sigmoid", "one output channel of logits: sigmoid"
+
+
+def resolve_activation(out: torch.Tensor, activation: str | None, model=None) -> str:
+    """The output activation to apply: ``softmax``, ``sigmoid`` or ``none``. ``auto`` is detected from
+    the output values and, when given, the model (:func:`detect_activation`); ``None`` = ``none``."""
     activation = "none" if activation is None else activation
     if activation not in ACTIVATIONS:
         raise TargetError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if activation == "auto":
-        return "softmax" if out.shape[1] > 1 else "sigmoid"
+        return detect_activation(out, model)[0]
     return activation
 
 
-def probabilities(out: torch.Tensor, activation: str | None = "auto", channel: int | None = None) -> torch.Tensor:
+def probabilities(out: torch.Tensor, activation: str | None = "auto", channel: int | None = None,
+                  model=None) -> torch.Tensor:
     """The model's output probabilities ``(N, K, ...)``, or channel ``channel`` of them ``(N, ...)``.
 
     ``activation`` is the output activation (the one meaning of this word across medexplain):
     ``softmax`` over dim 1, ``sigmoid`` per channel, ``none`` (the output already is a probability), or
-    ``auto`` (:func:`resolve_activation`). Computed in the output's dtype.
+    ``auto`` (:func:`resolve_activation`, with ``model`` when given). Computed in the output's dtype.
     """
     if channel is not None and not 0 <= channel < out.shape[1]:
         raise TargetError(f"channel {channel} out of range for a model with {out.shape[1]} output channels")
-    act = resolve_activation(out, activation)
+    act = resolve_activation(out, activation, model)
     if act == "softmax":
         p = torch.softmax(out, 1)
         return p if channel is None else p[:, channel]

@@ -10,16 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from . import io
 from .attribution import Attribution
-from .core import check_input, forward, model_expectations, model_guard
-from .errors import InputError, TargetError
+from .core import check_input, model_expectations
+from .errors import InputError, OptionError, OutputPathError, PartialFailure, TargetError, UnsupportedModelError
 from .explain import explain
-from .models.loading import load_model
-from .ops import probabilities
-from .registry import route_options
+from .models.loading import checked_forward, load_model
+from .ops import ACTIVATIONS, detect_activation, probabilities
+from .options import CountingModel, check_options, estimate_cost
+from .registry import get_method, route_options
+from .sliding import as_inferer, inferer_settings, with_inferer
+from .targets import REGION_WORDS, Region, parse_target, resolve_target
+from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
 __all__ = ["ExplainedImage", "LesionInstances", "ContrastShapley", "predicted_class", "explain_image",
            "explain_lesion_instances", "contrast_shapley", "shapley_value_function", "SHAPLEY_VALUE_HELP"]
@@ -43,55 +48,325 @@ def predicted_class(out: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# preparation shared by the commands (issue 15): the output folder, the image through the model's
+# preprocessing, one checked forward, the output activation, the target grammar, the method plan
+# --------------------------------------------------------------------------------------------------
+def check_out_dir(out) -> Path:
+    """``out`` as a folder that can be created or written, else an :class:`~medexplain.errors.OutputPathError`
+    now (before any compute). Nothing is created here."""
+    import os
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is a file, not a folder; choose a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"--out {out}: {parent} is a file, so the folder cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"--out {out}: no permission to write in {parent}")
+    return out
+
+
+def _as_preprocessing(preprocessing) -> Preprocessing:
+    if preprocessing is None:
+        return Preprocessing()
+    if isinstance(preprocessing, Preprocessing):
+        return preprocessing
+    if isinstance(preprocessing, dict):
+        return Preprocessing(**preprocessing)
+    raise InputError(f"preprocessing must be a medexplain.transforms.Preprocessing or a dict, got "
+                     f"{type(preprocessing).__name__}")
+
+
+def warn_series(path, img: torch.Tensor) -> None:
+    """Warn when a 4D NIfTI that looks like a time series (time units in its header, or more than 8
+    volumes) is read as input channels (contrasts)."""
+    import warnings
+
+    name = str(path).lower()
+    if img.shape[0] < 2 or not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    try:
+        import nibabel as nib
+        hdr = nib.load(str(path)).header
+        timed = hdr.get_xyzt_units()[1] not in ("unknown", None) and int(hdr["dim"][0]) == 4
+    except Exception:
+        timed = False
+    if timed or img.shape[0] > 8:
+        warnings.warn(f"{Path(path).name}: the 4th axis ({img.shape[0]} volumes"
+                      + (", with time units in the header" if timed else "")
+                      + ") is read as input channels (contrasts); if it is a time series, explain one volume",
+                      stacklevel=2)
+
+
+@dataclass
+class PreparedInput:
+    """An image ready for the model: the original ``img`` ``(C, *spatial)`` and ``meta`` as read, the
+    ``prepared`` preprocessing record, the model input ``x`` ``(1, C, *s')``, the model's ``out``put
+    (``output=`` applied), the resolved ``activation`` with the reason, and the seconds per row of that
+    first forward pass."""
+
+    img: torch.Tensor
+    meta: dict
+    prepared: Prepared
+    preprocessor: Preprocessor
+    x: torch.Tensor
+    out: torch.Tensor
+    activation: str
+    activation_how: str
+    seconds_per_row: float
+
+    def invert(self, amap: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+        """A map ``(C_or_1, *s')`` on the model grid back on the image's own grid."""
+        return self.preprocessor.invert(amap, self.prepared, nearest=nearest)
+
+    def record(self) -> dict:
+        p = self.prepared
+        return {**self.preprocessor.prep.describe(), "model_grid": list(p.image.shape[1:]),
+                "model_affine": p.affine.tolist(), "image_grid": list(p.original_shape)}
+
+
+def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, output=None,
+                  activation: str = "auto", inferer=None) -> PreparedInput:
+    """Preprocess ``img`` (:class:`~medexplain.transforms.Preprocessing`), check it against the model,
+    run one forward (an error inside the model becomes a :class:`~medexplain.errors.ModelError` naming
+    what was given and expected) and resolve ``activation`` (``auto``: :func:`medexplain.ops.detect_activation`).
+    ``inferer``: a ``SlidingWindowInferer`` the forward runs through (:mod:`medexplain.sliding`)."""
+    import time
+
+    if activation not in ACTIVATIONS:
+        raise TargetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    pre = _as_preprocessing(preprocessing).build()
+    prepared = pre.apply(img, meta.get("affine", np.eye(4)))
+    x = _model_input(prepared.image, net)
+    t0 = time.perf_counter()
+    out = checked_forward(with_inferer(net, inferer, output), x)
+    spr = (time.perf_counter() - t0) / x.shape[0]
+    act, how = (detect_activation(out, net) if activation == "auto" else (activation, f"--activation {activation}"))
+    return PreparedInput(img, meta, prepared, pre, x, out, act, how, spr)
+
+
+def read_region(region, prep: PreparedInput):
+    """``--region``: ``None``/``"predicted"``/``"all"`` as is, or a mask file (NIfTI/PNG/NPY/DICOM, any
+    channel > 0 inside) read and resampled by its geometry onto the model's input grid
+    (:func:`medexplain.transforms.resample_to_grid`). Returns ``(region for resolve_target, name)``."""
+    if region is None or isinstance(region, torch.Tensor):
+        return region, None
+    if isinstance(region, str) and region.strip().lower() in REGION_WORDS:
+        return region.strip().lower(), None
+    mask, mmeta = io.read_image(region)
+    p = prep.prepared
+    m = resample_to_grid(mask, mmeta.get("affine", np.eye(4)), tuple(p.image.shape[1:]), p.affine)
+    if tuple(m.shape) != tuple(prep.out.shape[2:]):
+        raise TargetError(f"--region {region}: the model's output grid {tuple(prep.out.shape[2:])} differs from its "
+                          f"input grid {tuple(m.shape)}; give a mask on the output grid from Python")
+    return m[None], Path(region).name
+
+
+def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
+                 skip_unsupported: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The canonical names of ``methods`` that apply to ``net`` (whose output is ``out``) and
+    ``{name: reason}`` of those that do not (:meth:`medexplain.registry.Method.why_not`). A method that
+    does not apply is an :class:`~medexplain.errors.UnsupportedModelError` naming the methods that do,
+    unless ``skip_unsupported``. ``layer`` must exist and be taken by some chosen method."""
+    from .core import find_layer
+    from .registry import registered
+
+    names = [get_method(m).name for m in methods]
+    if not names:
+        raise OptionError("no method given")
+    if len(set(names)) != len(names):
+        raise OptionError(f"a method is listed twice: {list(methods)}")
+    why = {n: get_method(n).why_not(net, out) for n in names}
+    bad = {n: r for n, r in why.items() if r}
+    if bad and not skip_unsupported:
+        fits = sorted(n for n, m in registered().items() if m.applies_to(net, out))
+        raise UnsupportedModelError(
+            "; ".join(f"method {n!r} does not apply to this model: it {r}" for n, r in bad.items())
+            + f". Methods that apply: {', '.join(fits)}. Drop it, or pass --skip-unsupported to explain with the "
+            "others and record it as skipped")
+    run = [n for n in names if n not in bad]
+    if layer is not None:
+        find_layer(net, layer)
+        if not any((get_method(n).options() is None or "layer" in get_method(n).options()) for n in run):
+            raise OptionError(f"--layer {layer!r} is given but none of {run} takes a layer (CAM methods do)")
+    return run, bad
+
+
+# --------------------------------------------------------------------------------------------------
 # explain one image
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ExplainedImage:
-    """What :func:`explain_image` computed and wrote: the explained ``target``, one
-    :class:`~medexplain.Attribution` per method, and the files (``<stem>_<method>.nii.gz`` and ``.png``
-    per method, ``info.json``)."""
+    """What :func:`explain_image` computed and wrote: the explained ``target`` class, how it was chosen
+    (``target_info``: class, region, region voxels, how), one :class:`~medexplain.Attribution` per
+    method that ran (its map on the model's input grid), the methods ``skipped`` (not applicable, with
+    ``skip_unsupported``) and ``failed`` (with their errors), and the files (``<stem>_<method>.nii.gz``
+    and ``.png`` per method, ``<stem>_info.json``), and the reader's ``warnings`` (e.g. a zero pixel spacing
+    replaced by 1 mm)."""
 
     target: int
     attributions: dict[str, Attribution]
     files: list[Path] = field(default_factory=list)
+    target_info: dict = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: str | None = None, target=None,
-                  layer: str | None = None, options: dict | None = None, output=None,
-                  on_method: Callable[[str], None] | None = None) -> ExplainedImage:
+                  region=None, layer: str | None = None, options: dict | None = None, output=None,
+                  activation: str = "auto", threshold: float = 0.5, preprocessing=None,
+                  skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
+                  on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
+                  on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
+                  bundle=None) -> ExplainedImage:
     """Explain one image file with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``.
 
+    ``inferer``: a ``monai.inferers.SlidingWindowInferer`` or its settings as a dict (``roi_size``,
+    ``overlap``, ``sw_batch_size``, ``mode``): every method then runs through it, window by window
+    (:mod:`medexplain.sliding`). ``bundle``: a MONAI bundle folder (:func:`medexplain.models.bundle.load_bundle`)
+    instead of ``model``: its network, its preprocessing (inverted for the maps) and its inferer (unless
+    ``inferer`` is given) are used, and with a ``postprocessing`` the bundle's prediction on the image grid
+    is written as ``<stem>_prediction.nii.gz``.
+
     ``model``: a module or a specification for :func:`medexplain.models.loading.load_model` (with
-    ``weights``); ``target``: a class index, or None for the model's top class (:func:`predicted_class`);
-    ``options``: ``{"key": v}`` for every method accepting ``key`` or ``{"method.key": v}`` for one
-    (:func:`medexplain.registry.route_options`), ``layer`` for every method that takes one;
-    ``on_method(name)`` is called after each method. Option names are checked before any work, and nothing
-    is written unless every method succeeded. Files are named ``<file_stem(image)>_<method>``.
+    ``weights``). ``target``/``region``: the one target grammar (:func:`medexplain.targets.resolve_target`):
+    ``target`` a class index or ``None``/``"predicted"`` (a classifier's top class; a segmenter's
+    foreground class with the most predicted voxels), ``region`` for segmenters ``"predicted"``
+    (default), ``"all"`` or a mask file resampled onto the image grid by its geometry. ``activation``:
+    the output activation (``auto`` detects probabilities). ``preprocessing``: a
+    :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) applied before the model and
+    inverted for the maps, so they land on the input's own grid. ``options``: ``{"key": v}`` for every
+    method accepting ``key`` or ``{"method.key": v}`` for one, typed by each method's signature (text
+    parsed); ``layer`` for every method that takes one.
+
+    Everything that can fail before compute is checked first: option names and types, the output
+    folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
+    ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer and the target.
+    Then each method runs and its files and ``info.json`` are written at once; a method that fails is
+    recorded in ``info.json`` with its error and the others go on, and a
+    :class:`~medexplain.errors.PartialFailure` is raised at the end (its ``result`` is this function's
+    return value). ``on_estimate(CostEstimate)`` is called before each method, ``on_progress(method,
+    rows_done, rows_total_or_None)`` as rows pass through the model, ``on_method(name)`` after each.
+    Files are named ``<file_stem(image)>_<method>`` (a DICOM series folder: its name), plus
+    ``<file_stem(image)>_info.json`` (with the input's geometry and the reader's warnings); a file of this
+    call that already exists is refused before any compute unless ``overwrite``. ``series``: the
+    SeriesInstanceUID to read when ``image`` is a folder holding several DICOM series.
     """
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
+    methods = [get_method(m).name for m in methods]
     per_method = route_options(methods, options, layer)
-    img, meta = io.read_image(image)
+    out = check_out_dir(out)
+    info_path = _check_outputs(image, methods, out, overwrite)
+    inferer, bnd = as_inferer(inferer), None
+    if bundle is not None:
+        from .models.bundle import load_bundle
+        if model is not None or weights is not None or _as_preprocessing(preprocessing).active:
+            raise OptionError("--bundle gives the model, its weights and its preprocessing: drop --model, --weights "
+                              "and the preprocessing options")
+        bnd = load_bundle(bundle)
+        model, preprocessing, inferer = bnd.network, bnd.model_preprocessing(), inferer or bnd.inferer
+        pred_path = out / f"{io.file_stem(image)}_prediction.nii.gz"
+        io.check_output_dir(out, [pred_path], overwrite=overwrite)
+    elif model is None:
+        raise OptionError("give the model to explain (--model) or a MONAI bundle (--bundle)")
+    img, meta = io.read_image(image, series=series)
+    warn_series(image, img)
     net = _model(model, weights)
-    x = _model_input(img, net)
-    if target is None:
-        with torch.no_grad(), model_guard(net):
-            target = int(predicted_class(forward(net, x, output=output))[0])
-    results = {}
-    for m in methods:
-        results[m] = explain(net, x, method=m, target=int(target), output=output, **per_method[m])
+    prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
+                         inferer=inferer)
+    run, skipped = plan_methods(methods, net, prep.out, layer, skip_unsupported)
+    reg, reg_name = read_region(region, prep)
+    resolved = resolve_target(prep.out, target, reg, activation=activation, model=net, threshold=threshold,
+                              region_name=reg_name)
+    info = {"image": str(image), "model": model if isinstance(model, str) else type(model).__name__,
+            "target": resolved.class_index, "target_info": resolved.info(),
+            "output": output if output is None or isinstance(output, (int, str)) else repr(output),
+            "preprocessing": prep.record(), "methods": {}, "skipped": dict(skipped), "failed": {},
+            "input": io.geometry_record(meta), "warnings": list(meta.get("warnings", [])),
+            "inferer": inferer_settings(inferer) if inferer is not None else None,
+            "bundle": bnd.describe() if bnd is not None else None}
+    res = ExplainedImage(resolved.class_index, {}, [], info["target_info"], dict(skipped), {}, info["warnings"])
+    for m in run:
+        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row)
+        if on_estimate:
+            on_estimate(est)
+        done = [0]
+
+        def rows(n, m=m, est=est, done=done):
+            done[0] += n
+            if on_progress:
+                on_progress(m, done[0], est.n_forward)
+
+        try:
+            attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=resolved.target, inferer=inferer,
+                           **per_method[m])
+            amap = prep.invert(attr.map[0])
+        except Exception as e:  # recorded; the finished methods' files stay
+            res.failed[m] = info["failed"][m] = f"{type(e).__name__}: {e}"
+            io.write_json(info, info_path)
+            if on_method:
+                on_method(m)
+            continue
+        res.attributions[m] = attr
+        info["methods"][m] = {**attr.info, "estimate": est.as_dict()}
+        res.files += _write_method_files(img, amap, out, io.file_stem(image), m, meta, _figure_title(m, info))
+        io.write_json(info, info_path)
         if on_method:
             on_method(m)
-    out, stem = Path(out), io.file_stem(image)
-    files = []
-    info = {"image": str(image), "model": model if isinstance(model, str) else type(model).__name__,
-            "target": int(target), "methods": {}}
-    for m, attr in results.items():
-        files.append(io.write_nifti(attr.map[0], out / f"{stem}_{io.method_file(m)}.nii.gz", meta["affine"]))
-        files.append(io.write_png_overlay(img, attr.map[0], out / f"{stem}_{io.method_file(m)}.png"))
-        info["methods"][m] = attr.info
-    files.append(io.write_json(info, out / "info.json"))
-    return ExplainedImage(int(target), results, files)
+    if bnd is not None and bnd.postprocessing() is not None:  # the bundle's own prediction, on the image grid
+        res.files.append(io.write_nifti(bnd.postprocess(prep.out[0], prep.prepared), pred_path, meta["affine"],
+                                        spatial_dims=img.ndim - 1, xform_code=meta.get("xform_code", 1)))
+    if not run:
+        io.write_json(info, info_path)
+    res.files.append(info_path)
+    if res.failed:
+        raise PartialFailure(f"{len(res.failed)} of {len(methods)} method(s) failed: "
+                             + "; ".join(f"{m}: {e}" for m, e in res.failed.items())
+                             + f". The other maps and info.json (with the errors) are in {out}", res.failed, res)
+    return res
+
+
+def _output_names(image, methods: Sequence[str], out: Path) -> tuple[list[Path], Path]:
+    """The files :func:`explain_image` writes for ``image``: ``<stem>_<method>.nii.gz`` and ``.png`` per
+    method, and ``<stem>_info.json`` (stem: :func:`medexplain.io.file_stem`; a series folder: its name)."""
+    stem = io.file_stem(image)
+    maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in (".nii.gz", ".png")]
+    return maps, out / f"{stem}_info.json"
+
+
+def _check_outputs(image, methods: Sequence[str], out: Path, overwrite: bool) -> Path:
+    """Before any compute: refuse (naming them) files of this call that already exist, unless ``overwrite``;
+    returns the ``info.json`` path."""
+    maps, info_path = _output_names(image, methods, out)
+    io.check_output_dir(out, maps + [info_path], overwrite=overwrite)
+    return info_path
+
+
+def _figure_title(method: str, info: dict) -> tuple[str, str]:
+    """(title, subtitle) of a method's PNG figure: method, target and model; the input and its geometry."""
+    t = info.get("target_info") or {}
+    target = f"target {info.get('target')}" + (f", region {t['region']}" if t.get("region") not in (None, "") else "")
+    geo = info.get("input", {})
+    spacing = " x ".join(f"{v:.3g}" for v in geo.get("spacing", ())) + " mm" if geo.get("spacing") else ""
+    sub = " \u00b7 ".join(x for x in (Path(str(info.get("image", ""))).name, geo.get("modality") or "", spacing,
+                                       "; ".join(info.get("warnings", []))) if x)
+    return f"{method} \u00b7 {target} \u00b7 model {info.get('model')}", sub
+
+
+def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
+                        title: tuple[str, str] = ("", "")) -> list[Path]:
+    """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
+    affine (channels on the 4th axis, also for 2D) and as a PNG figure on the image, each written atomically."""
+    nd = img.ndim - 1
+    return [io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"], spatial_dims=nd,
+                           xform_code=meta.get("xform_code", 1)),
+            io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
+                                 oriented=meta.get("oriented", False), title=title[0], subtitle=title[1], label=method)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,52 +381,107 @@ class LesionInstances:
     rows: list[dict]
     seconds: float
     files: list[Path] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
 
 def explain_lesion_instances(images, model, out, *, weights: str | None = None, threshold: float = 0.5,
-                             method: str = "smoothgrad", aggregate: str = "mean", channel: int = 1,
+                             method: str = "smoothgrad", aggregate: str = "mean", channel: int | None = None,
                              n_samples: int = 50, sigma: float = 0.05, seed: int = 0, min_size: int = 6,
                              connectivity: int | None = None, reference=None, rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
-                             chunk_size: int | None = 10) -> LesionInstances:
+                             chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
+                             preprocessing=None, inferer=None,
+                             on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
-    The lesion probability (channel ``channel``; softmax over several output channels, sigmoid for one)
-    is thresholded into instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN
-    against ``reference``), each explained (:func:`medexplain.segmentation.explain_instances`) and
-    quantified. Writes into ``out``, NIfTI on the first input's affine: ``probability.nii.gz``,
-    ``instances.nii.gz``, ``instances.csv``, ``instance_<k>_<kind>.nii.gz``; with ``reference``
+    The lesion probability of class ``channel`` (the target grammar: ``None`` = the foreground class
+    with the most predicted voxels, :func:`medexplain.targets.resolve_target`), read with the output
+    ``activation`` (``auto`` detects a model that already outputs probabilities), is thresholded into
+    instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``),
+    each explained (:func:`medexplain.segmentation.explain_instances`) and quantified. ``region``: a
+    mask file whose connected components are the instances instead (resampled onto the image grid by
+    its geometry). ``preprocessing``: a :class:`~medexplain.transforms.Preprocessing` applied before
+    the model; the instances and the table are computed on the model's grid and every map is put back
+    on the input's grid. Every option is checked before anything is written. Writes into ``out``,
+    NIfTI on the first input's affine: ``probability.nii.gz``, ``instances.nii.gz``, ``instances.csv``,
+    ``instance_<k>_<kind>.nii.gz``, ``info.json`` (class, activation, preprocessing); with ``reference``
     ``statistics.csv``; with ``context`` > 0 ``context.csv`` (the context experiment up to that many dilations).
+    ``inferer``: a ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`); the model,
+    the saliency and the context experiment then run window by window (:mod:`medexplain.sliding`).
+    ``on_progress(method, rows_done, None)`` is called as the saliency's rows pass through the model.
     """
     from . import segmentation as seg
 
+    if method not in ("smoothgrad", "gradcam++"):
+        raise OptionError(f"instances --method must be smoothgrad or gradcam++, got {method!r}")
+    check_options("instances", seg.explain_instances, {"aggregate": aggregate, "n_samples": n_samples,
+                                                        "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
+    if aggregate not in ("mean", "max"):
+        raise OptionError(f"--aggregate must be mean or max, got {aggregate!r}")
+    if not 0 <= float(threshold) <= 1:
+        raise OptionError(f"--threshold is a probability in [0, 1], got {threshold}")
+    if isinstance(region, str) and region.strip().lower() == "all":
+        raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
+    out = check_out_dir(out)
     img, meta = io.read_channels(images)
+    warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
     net = _model(model, weights)
-    x = _model_input(img, net)
-    with torch.no_grad(), model_guard(net):
-        logits = forward(net, x)
-    if logits.ndim != x.ndim or not 0 <= channel < logits.shape[1]:
+    inferer = as_inferer(inferer)
+    prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
+                         inferer=inferer)
+    x, logits, act = prep.x, prep.out, prep.activation
+    if logits.ndim != x.ndim:
+        raise TargetError(f"the model output {tuple(logits.shape)} is not a segmentation (B, K, *spatial)")
+    if channel is None:
+        try:
+            channel = resolve_target(logits, None, "predicted", activation=act, threshold=threshold).class_index
+            how = "default: the foreground class with the most predicted voxels"
+        except TargetError:
+            channel = 1 if logits.shape[1] > 1 else 0
+            how = f"default: no foreground voxel is predicted, so class {channel}"
+    else:
+        how = "given"
+    if not 0 <= channel < logits.shape[1]:
         raise TargetError(f"the model output {tuple(logits.shape)} is not a segmentation with channel {channel}; "
-                          "set --channel")
-    prob = probabilities(logits, "auto", channel)[0]
+                          "set --target")
+    reg, _ = read_region(region, prep)
+    prob = probabilities(logits, act, channel)[0]
     ref = None
     if reference is not None:
-        ref = io.read_image(reference)[0][0] > 0.5
-    insts = seg.find_instances(prob, threshold=threshold, connectivity=connectivity, min_size=min_size, reference=ref)
-    out, affine = Path(out), meta["affine"]
-    files = [io.write_nifti(prob, out / "probability.nii.gz", affine),
-             io.write_nifti(seg.label_map(insts, tuple(prob.shape)).float(), out / "instances.nii.gz", affine)]
+        r_img, r_meta = io.read_image(reference)
+        ref = resample_to_grid((r_img > 0.5).float(), r_meta.get("affine", np.eye(4)), tuple(x.shape[2:]),
+                               prep.prepared.affine)
+    found = prob if reg is None or isinstance(reg, str) else reg[0]
+    insts = seg.find_instances(found, threshold=threshold, connectivity=connectivity, min_size=min_size, reference=ref)
+    affine = meta["affine"]
+    info = {"images": [str(p) for p in (images if isinstance(images, (list, tuple)) else [images])],
+            "model": model if isinstance(model, str) else type(model).__name__,
+            "class": int(channel), "how": how, "activation": act, "activation_how": prep.activation_how,
+            "region": "predicted" if reg is None or isinstance(reg, str) else str(region),
+            "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max())}
+    files = [io.write_nifti(prep.invert(prob[None])[0], out / "probability.nii.gz", affine),
+             io.write_nifti(prep.invert(seg.label_map(insts, tuple(prob.shape)).float()[None], nearest=True)[0],
+                            out / "instances.nii.gz", affine)]
     if not insts:
         seg.write_csv([], out / "instances.csv")
-        return LesionInstances([], [], 0.0, files + [out / "instances.csv"])
-    attr = seg.explain_instances(net, x, insts, method=method, aggregate=aggregate, channel=channel,
-                                 n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size, layer=layer)
+        files += [out / "instances.csv", io.write_json(info, out / "info.json")]
+        return LesionInstances([], [], 0.0, files, info)
+    done = [0]
+
+    def rows(n):
+        done[0] += n
+        if on_progress:
+            on_progress(method, done[0], None)
+
+    attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
+                                 channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
+                                 layer=layer, inferer=inferer)
     names = list(channel_names) if channel_names else None
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
     for k, (inst, m) in enumerate(zip(insts, attr.map), start=1):
-        files.append(io.write_nifti(m, out / f"instance_{k:03d}_{inst.kind or 'pred'}.nii.gz", affine))
+        files.append(io.write_nifti(prep.invert(m), out / f"instance_{k:03d}_{inst.kind or 'pred'}.nii.gz", affine))
     seg.write_csv(rows, out / "instances.csv")
     files.append(out / "instances.csv")
     if ref is not None:
@@ -160,10 +490,11 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     if context > 0:
         crow = [{"instance": k, "kind": inst.kind or "", **r} for k, inst in enumerate(insts, start=1)
                 for r in seg.context_experiment(net, x, inst, d_max=context, channel=channel, threshold=threshold,
-                                                connectivity=connectivity)]
+                                                connectivity=connectivity, activation=act, inferer=inferer)]
         seg.write_csv(crow, out / "context.csv")
         files.append(out / "context.csv")
-    return LesionInstances(insts, rows, float(attr.info["seconds"]), files)
+    files.append(io.write_json(info, out / "info.json"))
+    return LesionInstances(insts, rows, float(attr.info["seconds"]), files, info)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,24 +553,44 @@ class ContrastShapley:
 
 
 def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = (), contrasts: Sequence[str] | None = None,
-                     reference_ranking=None, value: str = "probability:1", seg=None, class_labels=None,
-                     activation: str = "softmax", channel: int | None = None, baseline="zero", method: str = "auto",
+                     reference_ranking=None, value: str | None = None, seg=None, class_labels=None,
+                     activation: str = "auto", channel: int | None = None, baseline="zero", method: str = "auto",
                      n_permutations: int = 200, seed: int = 0, chunk_size: int | None = 16,
-                     on_model: Callable[[int, object], None] | None = None) -> ContrastShapley:
+                     target=None, region=None, output=None, preprocessing=None,
+                     on_model: Callable[[int, object], None] | None = None,
+                     on_progress: Callable[[str, int, int | None], None] | None = None,
+                     inferer=None) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
     ``images``: one multi-channel file or one file per contrast (:func:`medexplain.io.read_channels`), fed
-    to the models as read (in each model's floating dtype). ``contrasts``: one name per channel;
-    ``value``: :func:`shapley_value_function` (``seg``: a label-map file for dice values); ``baseline``:
-    ``zero``, ``mean`` or a number. Writes ``values.csv``, ``coalitions.csv``, ``ranking.json``,
-    ``agreement.json`` (with ``reference_ranking``) and ``uncertainty.json`` (two or more models) into
-    ``out``. ``on_model(i, result)`` is called after each model.
+    to the models after ``preprocessing`` (a :class:`~medexplain.transforms.Preprocessing`; none by
+    default) in each model's floating dtype. ``contrasts``: one name per channel; ``value``:
+    :func:`shapley_value_function` (default ``probability:1``; ``seg``: a label-map file for dice values,
+    resampled onto the model grid by its geometry); ``target``/``region`` (the commands' one target
+    grammar, :func:`medexplain.targets.resolve_target` on the first model's output) make the value the
+    mean probability of that class inside that region (``region`` default ``all``). ``activation``: each
+    model's output activation (``auto`` detects models that output probabilities; the choice is
+    recorded in ``ranking.json``). ``baseline``: ``zero``, ``mean`` or a number. Writes ``values.csv``,
+    ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with ``reference_ranking``) and
+    ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
+    model, ``on_progress("model i", rows_done, None)`` as coalitions pass through it. ``inferer``: a
+    ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
     """
     from .metrics.ranking import resolve_ranking
-    from .shapley import channel_shapley, fold_consensus
+    from .shapley import channel_shapley, fold_consensus, mean_foreground_probability
 
-    img, _ = io.read_channels(images)
+    by_target = target is not None or region is not None
+    if by_target and value is not None and not value.strip().lower().startswith("prob"):
+        raise InputError(f"--target/--region define a probability value; they do not combine with --value {value}")
+    if activation not in ACTIVATIONS:
+        raise TargetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    value = value or "probability:1"
+    if by_target and ":" in value and parse_target(target) is not None and value.partition(":")[2].strip() != str(target):
+        raise InputError(f"--value {value} and --target {target} name different classes; give one of them")
+    out = check_out_dir(out)
+    img, meta = io.read_channels(images)
+    warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
     if len(names) != img.shape[0]:
         raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
@@ -247,26 +598,55 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     if weights and len(weights) != len(models):
         raise InputError(f"{len(weights)} --weights for {len(models)} --model: give one per model (or none)")
     ref = resolve_ranking(reference_ranking, len(names), names) if reference_ranking else None
-    seg_t = io.read_image(seg)[0][0].round().long()[None] if seg is not None else None
+    seg_img = io.read_image(seg) if seg is not None else None
     try:
         labels = [int(v) for v in class_labels] if class_labels else None
     except ValueError:
         raise InputError(f"--class-labels must be integers, got {list(class_labels)}") from None
-    value_fn = shapley_value_function(value, seg_t, labels, activation, channel)
+    check_activation = "softmax" if channel is None else "sigmoid"   # the value's syntax, before any model runs
+    shapley_value_function(value, torch.zeros(1, 1, dtype=torch.long) if seg_img is not None else None, labels,
+                           check_activation, channel)
     base = _baseline(baseline)
-    results = []
+    results, chosen, activations = [], None, []
     for i, spec in enumerate(models):
         net = _model(spec, weights[i] if weights else None)
-        results.append(channel_shapley(net, _model_input(img, net), value_fn, baseline=base, method=method,
-                                       n_permutations=n_permutations, seed=seed, chunk_size=chunk_size, players=names))
+        prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
+                             inferer=as_inferer(inferer))
+        seg_t = None
+        if seg_img is not None:
+            seg_t = resample_nearest(seg_img[0][:1], seg_img[1].get("affine", np.eye(4)), tuple(prep.x.shape[2:]),
+                                     prep.prepared.affine)[0].round().long()[None]
+        if by_target:
+            if chosen is None:  # one class and region for every fold, so their values are comparable
+                reg, reg_name = read_region("all" if region is None else region, prep)
+                chosen = resolve_target(prep.out, target, reg, activation=activation, model=net, region_name=reg_name)
+            mask = chosen.target.mask if isinstance(chosen.target, Region) else None
+            value_fn = mean_foreground_probability(chosen.class_index, prep.activation, mask)
+        else:
+            value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
+        activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
+        label = f"model {i + 1}/{len(models)}"
+        done = [0]
+
+        def rows(n, label=label, done=done):
+            done[0] += n
+            if on_progress:
+                on_progress(label, done[0], None)
+
+        results.append(channel_shapley(CountingModel(net, output, rows), prep.x, value_fn, baseline=base,
+                                       method=method, n_permutations=n_permutations, seed=seed, chunk_size=chunk_size,
+                                       players=names, inferer=as_inferer(inferer)))
         if on_model:
             on_model(i, results[-1])
     consensus = fold_consensus(results, ref)
-    files = _write_shapley(Path(out), models, names, results, consensus, value, images)
+    extra = {"activation": activations, "target": None if chosen is None else chosen.info(),
+             "preprocessing": _as_preprocessing(preprocessing).describe()}
+    files = _write_shapley(out, models, names, results, consensus, value if not by_target else
+                           f"probability:{chosen.class_index} in region {chosen.region}", images, extra)
     return ContrastShapley(names, results, consensus, files)
 
 
-def _write_shapley(out: Path, models, names, results, consensus, value, images) -> list[Path]:
+def _write_shapley(out: Path, models, names, results, consensus, value, images, extra=None) -> list[Path]:
     rows, crow = [], []
     for m, r in enumerate(results):
         spec = models[m] if isinstance(models[m], str) else type(models[m]).__name__
@@ -276,7 +656,7 @@ def _write_shapley(out: Path, models, names, results, consensus, value, images) 
         for code, v in sorted(r.coalitions.items()):
             crow.append([m, code, "+".join(p for j, p in enumerate(names) if code >> j & 1), float(v[0])])
     paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
-    ranking = {**consensus["ranking"], "value": value, "image": [str(p) for p in paths]}
+    ranking = {**consensus["ranking"], "value": value, "image": [str(p) for p in paths], **(extra or {})}
     files = [io.write_csv(rows, out / "values.csv", ["model", "spec", "contrast", "shapley_value", "rank", "stderr"]),
              io.write_csv(crow, out / "coalitions.csv", ["model", "bitmask", "contrasts_present", "value"]),
              io.write_json(ranking, out / "ranking.json")]

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from .core import is_scripted
-from .errors import MedexplainError, UnknownMethodError
+from .errors import OptionError, UnknownMethodError
+from .options import check_options, unknown_option_message
 
 #: Spellings users type for registered names.
 ALIASES = {"gradcampp": "gradcam++", "grad_cam": "gradcam", "ig": "integrated_gradients"}
@@ -101,10 +102,13 @@ def accepted_options(name: str) -> list[str] | None:
     return get_method(name).options()
 
 
-def route_options(methods: list[str], options: dict | None, layer: str | None = None) -> dict[str, dict]:
+def route_options(methods: list[str], options: dict | None, layer: str | None = None,
+                  text: bool = True) -> dict[str, dict]:
     """Options for several methods at once: ``{"key": v}`` goes to every method accepting ``key``,
     ``{"method.key": v}`` to that method only, ``layer`` to every method that takes one. An option no
-    chosen method accepts is an error, raised before any work."""
+    chosen method accepts is an error, raised before any work, and every value is typed by the method's
+    signature (:func:`medexplain.options.check_options`; ``text``: strings are parsed, as from the
+    command line or a manifest)."""
     options = dict(options or {})
     routed = {m: {} for m in methods}
     used = set()
@@ -119,5 +123,7 @@ def route_options(methods: list[str], options: dict | None, layer: str | None = 
             routed[m]["layer"] = layer
     unused = sorted(set(options) - used)
     if unused:
-        raise MedexplainError(f"no chosen method accepts option(s) {unused}; methods {methods}")
-    return routed
+        accepted = {o for m in methods for o in (accepted_options(m) or [])}
+        raise OptionError(unknown_option_message(f"no chosen method accepts option(s) {unused}; methods {methods}",
+                                                 unused, accepted, lead=False))
+    return {m: check_options(get_method(m).name, get_method(m).fn, routed[m], text=text) for m in methods}

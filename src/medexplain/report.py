@@ -1,12 +1,19 @@
 """One self-contained HTML report: images, each method's overlay side by side, the planted (or ground
-truth) mask outline, the model's prediction, and a metrics table per method. 3D inputs get a slice
-slider. No external resource: PNGs are embedded as base64 data URIs, CSS and JS are inline, so the file
-opens offline and can be mailed as is. Rendering uses numpy + PIL only.
+truth) mask outline, the model's prediction, and a metrics table per method. No external resource: PNGs
+are embedded as base64 data URIs, CSS and JS are inline, so the file opens offline and can be mailed as is.
 
-Colours are the one scheme of :mod:`medexplain.render` (shared with the ``explain`` PNGs): a map with
-negative values in a diverging blue-white-red colormap scaled symmetrically by max |map| (blue negative,
-red positive), a non-negative map in a sequential black-red-yellow colormap scaled by its maximum, opacity
-growing with |value|. Maps are shown raw per case (only this display scaling is applied).
+Every panel is drawn by :mod:`medexplain.render`, the renderer of the ``explain`` PNG figures: the same
+colormaps (matplotlib's ``RdBu_r`` for signed maps, centred at 0; a sequential ``hot`` for non-negative
+ones), the same robust colour limit (the 99th percentile of |map| over the case's whole map, stated under
+each panel with a colour bar), colour images in colour, the same opacity rule. Maps are shown raw per case
+(only this display scaling is applied).
+
+3D cases get a tri-planar viewer: the volume reoriented to the closest RAS axes (render's
+:func:`~medexplain.render.to_ras`), axial, coronal and sagittal planes in the radiological convention with
+R/L, A/P, S/I labels, one slider per plane and a crosshair linked across the planes and the panels (moving
+the axial slider moves the horizontal line of the coronal and sagittal planes; clicking a plane moves the
+other two). The viewer starts at the mask's centre voxel (else the first map's peak). A self-check for
+headless browsers runs when the URL ends in ``#selfcheck`` and writes its result into ``#mx-selfcheck``.
 """
 from __future__ import annotations
 
@@ -21,12 +28,14 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from . import render
 from .io import write_text
-from .render import image_rgb as render_image
-from .render import overlay as render_overlay
-from .render import slice_rgb
 
 __all__ = ["write_report", "render_overlay", "render_image"]
+
+#: The renderer's overlay and image functions, under the names this module exported before.
+render_overlay = render.overlay
+render_image = render.image_rgb
 
 _MASK_RGB = np.array([0, 255, 90], np.uint8)
 _MARKER_RGB = np.array([255, 230, 0], np.uint8)
@@ -38,10 +47,12 @@ def _np(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def _upscale(rgb: np.ndarray, px: int) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    f = max(1, int(round(px / max(h, w))))
+def _upscale(rgb: np.ndarray, f: int) -> np.ndarray:
     return np.repeat(np.repeat(rgb, f, 0), f, 1)
+
+
+def _factor(shape, px: int) -> int:
+    return max(1, int(round(px / max(shape[:2]))))
 
 
 def _outline(rgb: np.ndarray, mask: np.ndarray | None, colour: np.ndarray) -> np.ndarray:
@@ -62,7 +73,7 @@ def _outline(rgb: np.ndarray, mask: np.ndarray | None, colour: np.ndarray) -> np
 
 def _png(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=False, compress_level=6)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG", optimize=False, compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -90,19 +101,27 @@ def _table(rows) -> str:
     return f"<table class='metrics'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _case_panels(case: Mapping, methods: Sequence[str], px: int, channel: int | None):
-    """PNG data URIs per panel: {"image": [per slice], method: [per slice]} and the default slice."""
+def _colorbar(scale: render.Scale) -> str:
+    """A colour bar in CSS from the renderer's colormap, its end values and the scale's wording."""
+    stops = ", ".join(f"rgb{c} {100 * f:.0f}%" for f, c in render.colorbar_stops(scale))
+    lo, hi = (f"{-scale.limit:.3g}", f"{scale.limit:.3g}") if scale.signed else ("0", f"{scale.limit:.3g}")
+    mid = "<span>0</span>" if scale.signed else ""
+    return (f"<div class='cbar' style='background:linear-gradient(90deg, {stops})'></div>"
+            f"<div class='cbar-ticks'><span>{lo}</span>{mid}<span>{hi}</span></div>"
+            f"<div class='cbar-text'>{html.escape(scale.text())}</div>")
+
+
+def _case_arrays(case: Mapping, methods: Sequence[str], channel: int | None):
     img = _np(case["image"]).astype(np.float64)
     if img.ndim not in (3, 4):
         raise ValueError(f"case image must be (C, H, W) or (C, D, H, W), got shape {img.shape}")
-    three_d = img.ndim == 4
     ch = case.get("display_channel", channel)
     if img.shape[0] not in (1, 3) or ch is not None:
         img = img[[ch or 0]]
-    mask = case.get("mask")
-    mask = None if mask is None else _np(mask).astype(bool).reshape(img.shape[1:])
-    marker = case.get("marker_mask")
-    marker = None if marker is None else _np(marker).astype(bool).reshape(img.shape[1:])
+    masks = {}
+    for key in ("mask", "marker_mask"):
+        m = case.get(key)
+        masks[key] = None if m is None else _np(m).astype(bool).reshape(img.shape[1:])
     maps = {}
     for m in methods:
         a = case.get("maps", {}).get(m)
@@ -114,27 +133,120 @@ def _case_panels(case: Mapping, methods: Sequence[str], px: int, channel: int | 
         if a.shape != img.shape[1:]:
             raise ValueError(f"map of {m!r} has spatial shape {a.shape}, the image {img.shape[1:]}")
         maps[m] = a
-    n_sl = img.shape[1] if three_d else 1
-    if three_d and mask is not None and mask.any():
-        default = int(mask.reshape(n_sl, -1).sum(1).argmax())
-    else:
-        default = n_sl // 2
-    # one display scale per map over the whole volume, so slices are comparable
-    scales = {m: float(np.abs(a).max()) for m, a in maps.items()}
-    signed = {m: bool((a < 0).any()) for m, a in maps.items()}
-    panels = {"image": []}
-    for m in maps:
-        panels[m] = []
-    for s in range(n_sl):
-        im2 = img[:, s] if three_d else img
-        mk = None if mask is None else (mask[s] if three_d else mask)
-        mr = None if marker is None else (marker[s] if three_d else marker)
-        base = render_image(im2) if not three_d else slice_rgb(img, s)
-        panels["image"].append(_png(_outline(_outline(_upscale(base, px), mk, _MASK_RGB), mr, _MARKER_RGB)))
-        for m, a in maps.items():
-            ov = render_overlay(base, a[s] if three_d else a, scales[m], signed[m])
-            panels[m].append(_png(_outline(_outline(_upscale(ov, px), mk, _MASK_RGB), mr, _MARKER_RGB)))
-    return panels, default, three_d, signed
+    return img, masks, maps
+
+
+def _figure_html(cid, name, src, caption, width: int, scale=None) -> str:
+    cbar = _colorbar(scale) if scale is not None else ""
+    return (f"<figure style='width:{width + 2}px'><img src='{src}' alt='{cid}:{html.escape(name)}' data-case='{cid}' "
+            f"data-panel='{html.escape(name)}'><figcaption>{caption}</figcaption>{cbar}</figure>")
+
+
+def _caption(case, name, scale) -> str:
+    if name == "image":
+        return "image"
+    cap = html.escape(name) + (" (signed)" if scale.signed else "")
+    more = case.get("captions", {}).get(name)
+    return cap + (f"<br>{html.escape(str(more))}" if more else "")
+
+
+def _case_2d(cid, case, img, masks, maps, px) -> str:
+    base = render.image_rgb(img)
+    f = _factor(base.shape, px)
+
+    def dress(rgb):
+        return _outline(_outline(_upscale(rgb, f), masks["mask"], _MASK_RGB), masks["marker_mask"], _MARKER_RGB)
+
+    width = base.shape[1] * f
+    figs = [_figure_html(cid, "image", _png(dress(base)), "image", width)]
+    for m, a in maps.items():
+        scale = render.map_scale(a)
+        figs.append(_figure_html(cid, m, _png(dress(render.overlay(base, a, scale))), _caption(case, m, scale), width, scale))
+    return f"<div class='row'>{''.join(figs)}</div>"
+
+
+def _start_point(masks, maps, shape) -> tuple[int, int, int]:
+    mask = masks["mask"]
+    if mask is not None and mask.any():
+        idx = np.argwhere(mask)
+        return tuple(int(v) for v in idx[np.argmin(((idx - idx.mean(0)) ** 2).sum(1))])  # the mask voxel nearest its centre
+    if maps:
+        return render.peak_index(next(iter(maps.values())))
+    return tuple(s // 2 for s in shape)
+
+
+def _case_3d(cid, case, img, masks, maps, px) -> tuple[str, dict]:
+    """The tri-planar viewer of one 3D case: its HTML and its slices (data URIs) for the page's script."""
+    affine = case.get("affine")
+    oriented = bool(case.get("oriented", affine is not None))
+    start = case.get("point")
+    start = tuple(int(v) for v in start) if start is not None else _start_point(masks, maps, img.shape[1:])
+    layers = [img] + [m[None] for m in maps.values()] + [masks[k][None].astype(float) for k in masks if masks[k] is not None]
+    vol, aff, ornt = render.to_ras(np.concatenate(layers), affine)
+    nc = img.shape[0]
+    img_r = vol[:nc]
+    maps_r = {m: vol[nc + i] for i, m in enumerate(maps)}
+    rest = vol[nc + len(maps):]
+    masks_r = {}
+    for k in masks:
+        if masks[k] is not None:
+            masks_r[k], rest = rest[0] > 0.5, rest[1:]
+        else:
+            masks_r[k] = None
+    dims = img_r.shape[1:]
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    point = render.ras_index(start, ornt, img.shape[1:])
+    window = render.image_window(img_r)
+    scales = {m: render.map_scale(a) for m, a in maps_r.items()}
+    # one mm scale for the three planes: the largest plane's long side is px pixels
+    mm = {p: (dims[render.PLANES[p]["rows"]] * render.plane_spacing(spacing, p)[0],
+              dims[render.PLANES[p]["cols"]] * render.plane_spacing(spacing, p)[1]) for p in render.PLANES}
+    s = px / max(max(v) for v in mm.values())
+    slices: dict = {"dims": [int(d) for d in dims], "point": [int(v) for v in point], "affine": aff.round(6).tolist(),
+                    "panels": {}}
+    panels = {"image": None, **{m: maps_r[m] for m in maps_r}}
+    for name, amap in panels.items():
+        slices["panels"][name] = {}
+        for p, info in render.PLANES.items():
+            tiles = []
+            for k in range(dims[info["axis"]]):
+                base = render.image_rgb(render.plane(img_r, p, k), window)
+                rgb = base if amap is None else render.overlay(base, render.plane(amap[None], p, k)[0], scales[name])
+                f = _factor(rgb.shape, px)
+                mk = {key: None if v is None else render.plane(v[None], p, k)[0] for key, v in masks_r.items()}
+                rgb = _outline(_outline(_upscale(rgb, f), mk["mask"], _MASK_RGB), mk["marker_mask"], _MARKER_RGB)
+                tiles.append(_png(rgb))
+            slices["panels"][name][p] = tiles
+    names = {"sagittal": ("x", "R\u2013L"), "coronal": ("y", "A\u2013P"), "axial": ("z", "S\u2013I")}
+    sliders = "".join(
+        f"<label class='slider'>{p} <input type='range' class='mx-slider' data-case='{cid}' data-plane='{p}' "
+        f"min='0' max='{dims[render.PLANES[p]['axis']] - 1}' value='{point[render.PLANES[p]['axis']]}' "
+        f"aria-label='{p} slice'> <span class='mx-slice' data-case='{cid}' data-plane='{p}'>"
+        f"{point[render.PLANES[p]['axis']]}</span>/{dims[render.PLANES[p]['axis']] - 1} "
+        f"<span class='muted'>({names[p][0]}, {names[p][1]})</span></label>" for p in ("axial", "coronal", "sagittal"))
+    heads = "".join(f"<div class='tri-plane' style='width:{mm[p][1] * s:.0f}px'>{p}</div>" for p in render.PLANES)
+    rows = [f"<div class='tri-row'><div class='tri-name'></div>{heads}</div>"]
+    for name in panels:
+        cells = []
+        for p, info in render.PLANES.items():
+            h, w = mm[p][0] * s, mm[p][1] * s
+            labels = info["labels"] if oriented else ("", "", "", "")
+            lab = "".join(f"<span class='lab {pos}'>{t}</span>" for pos, t in zip(("l", "r", "t", "b"), labels) if t)
+            src = slices["panels"][name][p][point[info["axis"]]]
+            cells.append(
+                f"<div class='plane' data-case='{cid}' data-plane='{p}' style='width:{w:.0f}px;height:{h:.0f}px'>"
+                f"<img src='{src}' alt='{cid}:{html.escape(name)}:{p}' data-case='{cid}' data-panel='{html.escape(name)}' "
+                f"data-plane='{p}' style='width:{w:.0f}px;height:{h:.0f}px'>"
+                f"<div class='xh xh-v' data-case='{cid}' data-plane='{p}'></div>"
+                f"<div class='xh xh-h' data-case='{cid}' data-plane='{p}'></div>{lab}</div>")
+        scale = scales.get(name)
+        head = _caption(case, name, scale) if scale is not None else "image"
+        cbar = f"<div class='tri-cbar'>{_colorbar(scale)}</div>" if scale is not None else ""
+        rows.append(f"<div class='tri-row'><div class='tri-name'>{head}{cbar}</div>{''.join(cells)}</div>")
+    where = (f"<div class='muted'>RAS <span class='mx-ras' data-case='{cid}'></span> mm"
+             + ("" if oriented else " (no patient orientation given: voxel axes shown as R, A, S)") + "</div>")
+    doc = f"<div class='viewer' data-case='{cid}'><div class='sliders'>{sliders}</div>{where}{''.join(rows)}</div>"
+    return doc, slices
 
 
 _CSS = """
@@ -145,48 +257,103 @@ table.metrics{border-collapse:collapse;background:#fff;margin:8px 0}
 table.metrics th,table.metrics td{border:1px solid #ddd;padding:4px 10px;text-align:right}
 table.metrics th{background:#f0f0f0} table.metrics td:first-child,table.metrics th:first-child{text-align:left}
 .case{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:12px;margin:14px 0}
-.case h3{margin:0 0 6px;font-size:1em} .row{display:flex;flex-wrap:wrap;gap:10px}
+.case h3{margin:0 0 6px;font-size:1em} .row{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;text-align:center} figure img{display:block;image-rendering:pixelated;border:1px solid #ccc}
-figcaption{font-size:.8em;color:#333;max-width:200px} .legend span{display:inline-block;margin-right:14px}
+figcaption{font-size:.85em;color:#333;margin-top:2px} .legend span{display:inline-block;margin-right:14px}
 .sw{display:inline-block;width:12px;height:12px;vertical-align:middle;margin-right:4px;border:1px solid #999}
-.slider{margin:6px 0} .slider input{width:260px;vertical-align:middle}
+.cbar{height:10px;border:1px solid #999;margin-top:4px} .cbar-ticks{display:flex;justify-content:space-between;font-size:.72em}
+.cbar-text{font-size:.72em;color:#444;text-align:left}
+.sliders{display:flex;flex-wrap:wrap;gap:18px;margin:6px 0} .slider input{width:180px;vertical-align:middle}
+.tri-row{display:flex;align-items:center;gap:10px;margin:8px 0} .tri-name{width:190px;font-size:.85em}
+.tri-plane{flex:none;text-align:center;font-size:.85em;color:#333}
+.plane{position:relative;background:#000;flex:none;cursor:crosshair}
+.plane img{display:block;image-rendering:pixelated}
+.xh{position:absolute;background:rgba(0,229,255,.75);pointer-events:none}
+.xh-v{top:0;bottom:0;width:1px} .xh-h{left:0;right:0;height:1px}
+.lab{position:absolute;color:#fff;background:rgba(0,0,0,.55);font:bold 12px system-ui,sans-serif;padding:0 3px;
+  pointer-events:none}
+.lab.l{left:2px;top:50%;transform:translateY(-50%)} .lab.r{right:2px;top:50%;transform:translateY(-50%)}
+.lab.t{top:2px;left:50%;transform:translateX(-50%)} .lab.b{bottom:2px;left:50%;transform:translateX(-50%)}
 """
 
 _JS = """
 (function(){
   var DATA = JSON.parse(document.getElementById('mx-slices').textContent);
-  function show(cid, s){
+  // the planes of a RAS volume (as medexplain.render.PLANES): axis cut, axis along rows, axis along columns
+  var PLANES = {axial: {axis: 2, rows: 1, cols: 0}, coronal: {axis: 1, rows: 2, cols: 0},
+                sagittal: {axis: 0, rows: 2, cols: 1}};
+  function q(sel){ return Array.prototype.slice.call(document.querySelectorAll(sel)); }
+  function update(cid){
     var c = DATA[cid]; if(!c) return;
-    document.querySelectorAll('img[data-case="'+cid+'"]').forEach(function(img){
-      var p = c[img.getAttribute('data-panel')]; if(p) img.src = p[s];
+    var p = c.point, d = c.dims;
+    q('img[data-case="'+cid+'"][data-plane]').forEach(function(img){
+      var pl = img.getAttribute('data-plane'), tiles = c.panels[img.getAttribute('data-panel')][pl];
+      var src = tiles[p[PLANES[pl].axis]]; if(img.src !== src) img.src = src;
     });
-    var lab = document.getElementById('slice-label-'+cid); if(lab) lab.textContent = s;
+    Object.keys(PLANES).forEach(function(pl){
+      var P = PLANES[pl];
+      // displayed rows and columns are reversed (A or S up; R, or A for sagittal, on the left)
+      var col = (d[P.cols] - 1 - p[P.cols] + 0.5) / d[P.cols] * 100, row = (d[P.rows] - 1 - p[P.rows] + 0.5) / d[P.rows] * 100;
+      q('.xh-v[data-case="'+cid+'"][data-plane="'+pl+'"]').forEach(function(el){ el.style.left = col.toFixed(3) + '%'; });
+      q('.xh-h[data-case="'+cid+'"][data-plane="'+pl+'"]').forEach(function(el){ el.style.top = row.toFixed(3) + '%'; });
+      q('input.mx-slider[data-case="'+cid+'"][data-plane="'+pl+'"]').forEach(function(el){ el.value = p[P.axis]; });
+      q('.mx-slice[data-case="'+cid+'"][data-plane="'+pl+'"]').forEach(function(el){ el.textContent = p[P.axis]; });
+    });
+    var a = c.affine, ras = [0, 1, 2].map(function(r){ return a[r][0]*p[0] + a[r][1]*p[1] + a[r][2]*p[2] + a[r][3]; });
+    q('.mx-ras[data-case="'+cid+'"]').forEach(function(el){
+      el.textContent = '(' + ras.map(function(v){ return v.toFixed(1); }).join(', ') + ')'; });
   }
-  document.querySelectorAll('input.mx-slider').forEach(function(el){
-    el.addEventListener('input', function(){ show(el.getAttribute('data-case'), parseInt(el.value, 10)); });
+  q('input.mx-slider').forEach(function(el){
+    el.addEventListener('input', function(){
+      var cid = el.getAttribute('data-case'), pl = el.getAttribute('data-plane');
+      DATA[cid].point[PLANES[pl].axis] = parseInt(el.value, 10); update(cid);
+    });
   });
-  window.mxShowSlice = show;
+  q('.plane').forEach(function(el){
+    el.addEventListener('click', function(ev){
+      var cid = el.getAttribute('data-case'), P = PLANES[el.getAttribute('data-plane')], c = DATA[cid];
+      var r = el.getBoundingClientRect();
+      var fx = (ev.clientX - r.left) / r.width, fy = (ev.clientY - r.top) / r.height;
+      c.point[P.cols] = Math.max(0, Math.min(c.dims[P.cols] - 1, c.dims[P.cols] - 1 - Math.floor(fx * c.dims[P.cols])));
+      c.point[P.rows] = Math.max(0, Math.min(c.dims[P.rows] - 1, c.dims[P.rows] - 1 - Math.floor(fy * c.dims[P.rows])));
+      update(cid);
+    });
+  });
+  Object.keys(DATA).forEach(update);
+  window.mxUpdate = update;
   // Self-check for automated browser tests: results go into <pre id="mx-selfcheck"> as JSON.
-  // Image loading is always checked; the slider is exercised only when the URL ends in #selfcheck.
+  // Image loading is always checked; the sliders are exercised only when the URL ends in #selfcheck.
   function loaded(img){ return img.complete && img.naturalWidth > 0; }
   function finish(res){ var el = document.getElementById('mx-selfcheck'); el.textContent = JSON.stringify(res);
                         el.setAttribute('data-done', '1'); }
+  function lines(cid){
+    var out = {};
+    q('.xh[data-case="'+cid+'"]').forEach(function(el, i){
+      out[el.getAttribute('data-plane') + (el.classList.contains('xh-v') ? ':v' : ':h') + i] =
+        el.classList.contains('xh-v') ? el.style.left : el.style.top; });
+    return out;
+  }
   window.addEventListener('load', function(){
-    var imgs = Array.prototype.slice.call(document.images);
+    var imgs = q('img');
     var res = {images: imgs.length, loaded: imgs.filter(loaded).length,
                broken: imgs.filter(function(i){ return !loaded(i); }).map(function(i){ return i.alt; }),
+               planes: q('.plane').map(function(el){
+                 return el.getAttribute('data-case') + ':' + el.getAttribute('data-plane'); }),
                sliders: []};
-    var sliders = Array.prototype.slice.call(document.querySelectorAll('input.mx-slider'));
+    var sliders = q('input.mx-slider');
     if (location.hash !== '#selfcheck' || sliders.length === 0) { finish(res); return; }
     var jobs = sliders.map(function(el){
-      var cid = el.getAttribute('data-case');
-      var img = document.querySelector('img[data-case="'+cid+'"][data-panel="image"]');
-      var before = img.src, v0 = parseInt(el.value, 10);
+      var cid = el.getAttribute('data-case'), pl = el.getAttribute('data-plane');
+      var img = document.querySelector('img[data-case="'+cid+'"][data-panel="image"][data-plane="'+pl+'"]');
+      var before = img.src, v0 = parseInt(el.value, 10), l0 = lines(cid);
       var v1 = v0 > parseInt(el.min, 10) ? v0 - 1 : v0 + 1;
       el.value = v1; el.dispatchEvent(new Event('input'));
+      var l1 = lines(cid), moved = [];
+      Object.keys(l0).forEach(function(k){ if (l0[k] !== l1[k]) moved.push(k.split(':')[0] + ':' + k.split(':')[1][0]); });
       var changed = img.src !== before;
       return img.decode().then(function(){ return true; }, function(){ return false; }).then(function(ok){
-        var r = {case: cid, from: v0, to: v1, src_changed: changed, decoded: ok && img.naturalWidth > 0};
+        var r = {case: cid, plane: pl, from: v0, to: v1, src_changed: changed, decoded: ok && img.naturalWidth > 0,
+                 crosshair_moved: moved};
         el.value = v0; el.dispatchEvent(new Event('input'));
         return r;
       });
@@ -199,20 +366,23 @@ _JS = """
 
 def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics_table=None, *,
                  title: str = "medexplain report", summary: str | None = None, notes: Sequence[str] = (),
-                 display_px: int = 160, display_channel: int | None = None) -> str:
+                 display_px: int = 256, display_channel: int | None = None) -> str:
     """Write one self-contained HTML report to ``path`` (atomically: temporary file + ``os.replace``).
 
     Args:
         cases: one mapping per case with ``image`` ``(C, H, W)`` or ``(C, D, H, W)`` (C = 1 or 3 shown as
-            is; otherwise ``display_channel``, default 0, is shown), ``maps`` ``{method: (C_or_1, *spatial)}``
-            on the image grid (channel maps are summed for display), optional ``mask`` (planted evidence
-            / ground truth, outlined green), ``marker_mask`` (outlined yellow), ``title``, ``prediction``,
-            ``label`` (strings), ``captions`` ``{method: str}`` (e.g. the case's hit) and ``display_channel``.
+            is, 3 in colour; otherwise ``display_channel``, default 0, is shown), ``maps``
+            ``{method: (C_or_1, *spatial)}`` on the image grid (channel maps are summed for display),
+            optional ``mask`` (planted evidence / ground truth, outlined green), ``marker_mask`` (outlined
+            yellow), ``title``, ``prediction``, ``label`` (strings), ``captions`` ``{method: str}`` (e.g. the
+            case's hit), ``display_channel``; for 3D ``affine`` (tensor indices to RAS mm, default the
+            identity), ``oriented`` (whether to print R/L, A/P, S/I; default: an affine was given) and
+            ``point`` (the voxel the viewer starts at).
         methods: the column order of the overlays.
         metrics_table: rows ``[{"method": ..., metric: value}]`` or ``{method: {metric: value}}``.
         notes: short lines shown under the title (e.g. "the labels are planted", skipped methods).
-    Returns the path written. 3D cases get a slider over the first spatial axis (it starts at the slice
-    with the largest mask area).
+        display_px: the long side of a 2D panel, and of the largest plane of a 3D case, in pixels.
+    Returns the path written.
     """
     methods = list(methods)
     slices: dict[str, dict] = {}
@@ -221,37 +391,30 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
         parts.append(f"<p>{html.escape(summary)}</p>")
     parts += [f"<div class='note'>{html.escape(n)}</div>" for n in notes]
     parts.append("<h2>Metrics per method</h2>" + _table(metrics_table))
+    signed_bar = render.colorbar_stops(render.Scale(True, 1.0, 1.0, None), 5)
+    seq_bar = render.colorbar_stops(render.Scale(False, 1.0, 1.0, None), 5)
+    grad = lambda stops: ",".join(f"rgb{c}" for _, c in stops)  # noqa: E731
     parts.append("<p class='legend'><span><i class='sw' style='background:#00ff5a'></i>planted evidence / "
                  "ground truth outline</span><span><i class='sw' style='background:#ffe600'></i>marker outline</span>"
-                 "<span><i class='sw' style='background:linear-gradient(90deg,#053061,#f7f7f7,#67001f)'></i>signed map "
+                 f"<span><i class='sw' style='background:linear-gradient(90deg,{grad(signed_bar)})'></i>signed map "
                  "(blue &lt; 0 &lt; red)</span><span><i class='sw' "
-                 "style='background:linear-gradient(90deg,#000,#e62800,#ffc800)'></i>non-negative map</span></p>")
+                 f"style='background:linear-gradient(90deg,{grad(seq_bar)})'></i>non-negative map</span>"
+                 f"<span>colours saturate at the {render.PERCENTILE:g}th percentile of |map| of each case (stated under "
+                 "each panel)</span></p>")
     parts.append("<h2>Cases</h2>")
     for k, case in enumerate(cases):
         cid = f"c{k}"
-        panels, default, three_d, signed = _case_panels(case, methods, display_px, display_channel)
+        img, masks, maps = _case_arrays(case, methods, display_channel)
         head = html.escape(str(case.get("title", f"case {k}")))
         facts = [f"{lab}: <b>{html.escape(str(case[key]))}</b>" for key, lab in
                  (("label", "truth"), ("prediction", "prediction")) if case.get(key) is not None]
         block = [f"<div class='case' id='{cid}'><h3>{head}</h3><div class='muted'>{' &middot; '.join(facts)}</div>"]
-        if three_d:
-            n_sl = len(panels["image"])
-            slices[cid] = panels
-            block.append(f"<div class='slider'>slice <input type='range' class='mx-slider' data-case='{cid}' "
-                         f"min='0' max='{n_sl - 1}' value='{default}' aria-label='slice'> "
-                         f"<span id='slice-label-{cid}'>{default}</span> / {n_sl - 1}</div>")
-        block.append("<div class='row'>")
-        shown = ["image"] + [m for m in methods if m in panels]
-        for name in shown:
-            src = panels[name][default if three_d else 0]
-            cap = "image" if name == "image" else html.escape(name) + (" (signed)" if signed.get(name) else "")
-            extra = case.get("captions", {}).get(name) if name != "image" else None
-            if extra:
-                cap += f"<br>{html.escape(str(extra))}"
-            block.append(f"<figure><img src='{src}' alt='{cid}:{html.escape(name)}' data-case='{cid}' "
-                         f"data-panel='{html.escape(name)}'><figcaption>{cap}</figcaption></figure>")
-        missing = [m for m in methods if m not in panels]
-        block.append("</div>")
+        if img.ndim == 4:
+            doc, slices[cid] = _case_3d(cid, case, img, masks, maps, display_px)
+            block.append(doc)
+        else:
+            block.append(_case_2d(cid, case, img, masks, maps, display_px))
+        missing = [m for m in methods if m not in maps]
         if missing:
             block.append(f"<div class='muted'>no map for: {html.escape(', '.join(missing))}</div>")
         block.append("</div>")

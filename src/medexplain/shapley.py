@@ -36,6 +36,7 @@ from .core import Cost, check_input, chunks, forward, model_expectations, model_
 from .errors import InputError, TargetError
 from .ops import dice as dice_score
 from .ops import probabilities
+from .sliding import window_info, with_inferer
 from .targets import Target
 
 __all__ = ["BRATS_REGIONS", "ShapleyResult", "channel_shapley", "dice", "mean_foreground_probability",
@@ -100,7 +101,7 @@ class Dice(ValueFunction):
 
     def _prediction(self, outputs: torch.Tensor) -> torch.Tensor:
         """Hard (bool) or soft (float64 probability) prediction of the region, ``(N, *spatial)``."""
-        if self.activation != "softmax":  # one sigmoid (or probability) channel per region
+        if self.channel is not None:  # one sigmoid (or probability) channel per region
             p = _probabilities(outputs, self.channel, self.activation)
             return p if self.soft else p > self.threshold
         k = outputs.shape[1]
@@ -111,8 +112,8 @@ class Dice(ValueFunction):
         if not in_region.any():
             raise TargetError(f"no output channel predicts labels {self.labels} (class_labels={cl}); "
                               "pass class_labels=(label of channel 0, label of channel 1, ...)")
-        if self.soft:
-            return (probabilities(outputs.double(), "softmax") * in_region.view(1, k, *[1] * (outputs.ndim - 2))).sum(1)
+        if self.soft:  # softmax of logits, or outputs that already are class probabilities ("none")
+            return (probabilities(outputs.double(), self.activation) * in_region.view(1, k, *[1] * (outputs.ndim - 2))).sum(1)
         return in_region[outputs.argmax(1)]
 
     def __call__(self, outputs, rows):
@@ -137,7 +138,8 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
     (``class_labels`` defaults to ``0..K-1``; a 4-channel BraTS model predicting labels {0, 1, 2, 4}
     needs ``class_labels=(0, 1, 2, 4)``) and the region is where that label map falls in the label set.
     With ``activation="sigmoid"`` and ``channel`` (region-based models: one sigmoid channel per region)
-    it is ``sigmoid(z_channel) > threshold`` (``"none"``: the channel is already a probability).
+    it is ``sigmoid(z_channel) > threshold`` (``"none"`` with ``channel``: the channel is already a
+    probability; ``"none"`` without: the outputs are class probabilities, read as with softmax).
     ``soft=True`` uses the probabilities instead (soft Dice: ``2 sum(p g) / (sum p + sum g)``). Dice =
     ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`); ``empty`` (default 1) when both are
     empty, the BraTS convention. ``activation`` is the model's output activation (``docs/design.md``).
@@ -158,9 +160,10 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
         ref = ref.long()
     if activation not in ("softmax", "sigmoid", "none"):
         raise TargetError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
-    if (activation == "softmax") == (channel is not None):
-        raise TargetError("dice: give channel= (the output channel of this region) with activation='sigmoid' or "
-                          "'none', and not with 'softmax' (there the labels come from class_labels)")
+    if (activation == "softmax" and channel is not None) or (activation == "sigmoid" and channel is None):
+        raise TargetError("dice: give channel= (the output channel of this region) with activation='sigmoid' (or "
+                          "'none' for probability channels), and not with 'softmax' (there the labels come from "
+                          "class_labels)")
     name = f"dice_{label_or_region}" if isinstance(label_or_region, str) else "dice_" + "+".join(map(str, labels))
     return Dice(labels, ref, None if class_labels is None else tuple(int(c) for c in class_labels), activation,
                 channel, float(threshold), bool(soft), float(empty), name)
@@ -381,7 +384,7 @@ def _evaluator(model, x, base, value_fn, member_channels, always, chunk_size, co
 def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=None, baseline="zero",
                     method: str = "auto", n_permutations: int = 200, antithetic: bool = True, seed: int = 0,
                     chunk_size: int | None = 16, players: Sequence[str] | None = None,
-                    max_exact: int = 16) -> ShapleyResult:
+                    max_exact: int = 16, inferer=None) -> ShapleyResult:
     """Shapley values of input channels (MRI contrasts) or channel groups for a model's output, eq. (1).
 
     ``x`` (B, C, *spatial), 2D or 3D. ``value_fn``: see the module docstring (:func:`dice`,
@@ -394,9 +397,11 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
     players), ``"permutation"`` (``n_permutations`` sampled orders, as antithetic pairs when
     ``antithetic``: an odd count is rounded up; deterministic given ``seed``), or ``"auto"`` (exact up
     to 10 players). ``chunk_size`` bounds the rows per forward pass. The model runs in eval mode without
-    gradients and is left as found.
+    gradients and is left as found. ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run the
+    model through (:mod:`medexplain.sliding`); ``info`` then counts windows, ``n_evaluations`` still images.
     """
     x = check_input(x, **model_expectations(model))
+    model = with_inferer(model, inferer)
     b, c = x.shape[:2]
     names, idx = _players(groups, players, c)
     n = len(idx)
@@ -450,8 +455,9 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
             k = est.shape[1]
             stderr = est.std(1, correction=1) / math.sqrt(k) if k > 1 else torch.full_like(values, float("nan"))
     coalitions = {int(code): vals[:, j] for j, code in enumerate(codes.tolist())}
-    info = cost.info(baseline=baseline if isinstance(baseline, (str, int, float)) else "tensor",
-                     value_fn=getattr(value_fn, "name", getattr(value_fn, "__name__", type(value_fn).__name__)))
+    info = window_info(model, cost.info(baseline=baseline if isinstance(baseline, (str, int, float)) else "tensor",
+                                        value_fn=getattr(value_fn, "name", getattr(value_fn, "__name__",
+                                                                                   type(value_fn).__name__))))
     return ShapleyResult(values, names, idx, coalitions, method, cost.n_forward, stderr, m, info)
 
 

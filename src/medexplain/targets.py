@@ -8,13 +8,17 @@ contract; logits are explained, not probabilities.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from .core import forward, model_guard
 from .errors import EmptyRegionError, TargetError
+from .ops import detect_activation, probabilities, resolve_activation
 
 
 class Target:
@@ -238,3 +242,173 @@ def target_probability(output: torch.Tensor, target: Target, rows: torch.Tensor 
         frac = (pred_c.to(output.dtype) * m).flatten(1).sum(1) / n
         return log_p, p, (frac > 0.5).to(output.dtype)
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the one target grammar of the commands: --target class|predicted, --region predicted|all|<mask>
+# --------------------------------------------------------------------------------------------------
+#: A region with fewer voxels than this is explained with a warning (a few voxels rarely mean a finding).
+SMALL_REGION = 10
+
+REGION_WORDS = ("predicted", "all")
+
+
+def parse_target(value) -> int | None:
+    """``--target``: ``predicted`` (or ``None``) for the default, else a class index ``>= 0``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("predicted", "")):
+        return None
+    if isinstance(value, bool):
+        raise TargetError(f"target must be a class index or 'predicted', got {value!r}")
+    try:
+        k = int(value) if not isinstance(value, float) or float(value).is_integer() else None
+    except (TypeError, ValueError):
+        k = None
+    if k is None or k < 0:
+        raise TargetError(f"--target must be a class index (0, 1, ...) or 'predicted', got {value!r}")
+    return k
+
+
+@dataclass
+class ResolvedTarget:
+    """A target chosen by :func:`resolve_target`: what is explained and how it was chosen.
+
+    ``target`` is what ``mx.explain`` gets (:class:`Class` or :class:`Region`); ``classes`` the class
+    per sample; ``region`` ``None`` (a classifier), ``"predicted"``, ``"all"`` or the mask's name;
+    ``voxels`` the region's voxel count per sample; ``how`` one sentence; ``activation`` the output
+    activation the prediction was read with (``softmax``, ``sigmoid`` or ``none``)."""
+
+    target: Target
+    classes: list[int]
+    region: str | None
+    voxels: list[int] | None
+    how: str
+    activation: str
+
+    @property
+    def class_index(self) -> int:
+        return self.classes[0]
+
+    def info(self, sample: int = 0) -> dict:
+        """The record of sample ``sample`` for ``info.json``: class, region, voxel count, how chosen."""
+        return {"class": self.classes[sample], "region": self.region,
+                "region_voxels": None if self.voxels is None else self.voxels[sample],
+                "how": self.how, "activation": self.activation}
+
+
+def _exclusive(out: torch.Tensor, activation: str) -> bool:
+    """Whether the channels are mutually exclusive classes (argmax) rather than independent labels."""
+    if out.shape[1] == 1:
+        return False
+    if activation == "softmax":
+        return True
+    if activation == "none":
+        return bool(torch.allclose(out.detach().sum(1).double(), torch.ones((), dtype=torch.float64), atol=1e-3))
+    return False
+
+
+def predicted_masks(out: torch.Tensor, activation: str, threshold: float = 0.5) -> torch.Tensor:
+    """The model's own prediction per channel, bool ``(B, K, *spatial)``: ``argmax == k`` for mutually
+    exclusive classes (softmax, or probabilities that sum to 1), ``probability > threshold`` for
+    independent (sigmoid) channels. ``activation`` is a resolved one (``softmax|sigmoid|none``)."""
+    if _exclusive(out, activation):
+        return F.one_hot(out.argmax(1), out.shape[1]).movedim(-1, 1).bool()
+    return probabilities(out, activation) > threshold
+
+
+def resolve_target(out: torch.Tensor, target=None, region=None, *, activation: str = "auto", model=None,
+                   threshold: float = 0.5, region_name: str | None = None) -> ResolvedTarget:
+    """The target of the commands' one grammar, resolved on the model output ``out`` (``(B, K)`` or
+    ``(B, K, *spatial)``).
+
+    ``target``: a class index, or ``None``/``"predicted"``: for a classifier the top class; for a
+    segmenter the **foreground class with the most predicted voxels** (never the background, channel 0
+    of mutually exclusive classes, unless asked for by index). ``region`` (segmenters only):
+    ``"predicted"`` (default: the model's own predicted region of that class, :func:`predicted_masks`),
+    ``"all"`` (the class logits summed over the image, :class:`Class`), or a bool mask ``(B or 1,
+    *spatial)`` on the output grid (``region_name`` names it in the record). ``activation``
+    (``auto|softmax|sigmoid|none``) says how the prediction is read (:func:`medexplain.ops.resolve_activation`).
+    Warns when a region has fewer than :data:`SMALL_REGION` voxels; an empty one is an
+    :class:`~medexplain.errors.EmptyRegionError`.
+    """
+    if not isinstance(out, torch.Tensor) or out.ndim < 2:
+        raise TargetError(f"model output must be (B, K, ...); got {getattr(out, 'shape', type(out).__name__)}")
+    k_out, b = out.shape[1], out.shape[0]
+    act = resolve_activation(out, activation, model)
+    how_act = f"activation {act}: " + (detect_activation(out, model)[1] if activation == "auto" else "as given")
+    k = parse_target(target)
+    if out.ndim == 2:                                                    # a classifier
+        if region is not None and not (isinstance(region, str) and region == "all"):
+            raise TargetError(f"--region is for segmentation outputs (B, K, *spatial); this model returns "
+                              f"{tuple(out.shape)} (a classifier): give --target only")
+        if k is None:
+            classes = out.argmax(1).tolist() if k_out > 1 else [0] * b
+            how = "default: the top class (argmax of the outputs)" if k_out > 1 else "default: the single output"
+        else:
+            _check_range(torch.tensor([k]), k_out)
+            classes, how = [k] * b, "given"
+        how = f"{how}; {how_act}"
+        return ResolvedTarget(Class(classes if b > 1 else classes[0]), classes, None, None, how, act)
+
+    spatial = tuple(out.shape[2:])
+    exclusive = _exclusive(out, act)
+    pred = predicted_masks(out, act, threshold)                          # (B, K, *s)
+    counts = pred.flatten(2).sum(2)                                      # (B, K)
+    if k is None:
+        fg = list(range(1, k_out)) if exclusive else list(range(k_out))
+        if not fg:
+            raise TargetError("the model has one output channel of mutually exclusive classes; give --target")
+        best = counts[:, fg].argmax(1)
+        classes = [fg[int(i)] for i in best]
+        empty = [i for i in range(b) if int(counts[i, classes[i]]) == 0]
+        if empty:
+            what = "foreground voxel (every voxel is class 0)" if exclusive else f"voxel above {threshold}"
+            raise EmptyRegionError(f"the model predicts no {what} for sample(s) {empty}: give --target K "
+                                   "(with --region all to explain class K over the whole image, or a mask file)")
+        per = ", ".join(f"{c}: {int(n)}" for c, n in enumerate(counts[0].tolist()))
+        rule = "argmax over the channels" if exclusive else f"probability > {threshold}"
+        how = f"default: the foreground class with the most predicted voxels ({rule}; voxels per class {{{per}}})"
+    else:
+        _check_range(torch.tensor([k]), k_out)
+        classes, how = [k] * b, "given"
+    how = f"{how}; {how_act}"
+    region = "predicted" if region is None else region
+    if isinstance(region, str) and region == "all":
+        return ResolvedTarget(Class(classes if b > 1 else classes[0]), classes, "all",
+                              [math.prod(spatial)] * b, how, act)
+    if isinstance(region, str) and region == "predicted":
+        mask = pred[torch.arange(b), torch.tensor(classes)]              # (B, *s)
+        name = "predicted"
+    elif isinstance(region, str):
+        raise TargetError(f"region must be 'predicted', 'all' or a mask, got {region!r}")
+    else:
+        mask = torch.as_tensor(region)
+        if mask.ndim == len(spatial) + 2 and mask.shape[1] == 1:
+            mask = mask[:, 0]
+        if mask.ndim == len(spatial):
+            mask = mask[None]
+        if tuple(mask.shape[1:]) != spatial:
+            raise TargetError(f"the region mask has spatial shape {tuple(mask.shape[1:])}; the model output has "
+                              f"{spatial}")
+        mask = (mask > 0.5 if mask.is_floating_point() else mask.bool()).expand(b, *spatial)
+        name = region_name or "mask"
+    voxels = mask.flatten(1).sum(1).tolist()
+    empty = [i for i, n in enumerate(voxels) if n == 0]
+    if empty:
+        raise EmptyRegionError(f"the {name} region of class {classes[empty[0]]} is empty for sample(s) {empty}"
+                               + (": the model predicts no voxel of that class; use --region all or a mask file"
+                                  if name == "predicted" else ""))
+    small = [i for i, n in enumerate(voxels) if n < SMALL_REGION]
+    if small:
+        warnings.warn(f"the {name} region of class {classes[small[0]]} has only {voxels[small[0]]} voxel(s) "
+                      f"(fewer than {SMALL_REGION}): the explanation rests on very little", stacklevel=2)
+    return ResolvedTarget(Region(classes if b > 1 else classes[0], mask), classes, name, [int(v) for v in voxels],
+                          how, act)
+
+
+def resolve_default_target(model, x: torch.Tensor, output=None, activation: str = "auto", **kwargs) -> ResolvedTarget:
+    """:func:`resolve_target` on the model's own output for ``x`` (one forward without gradients, the
+    model guarded): the default target of every command. ``kwargs`` go to :func:`resolve_target`."""
+    with torch.no_grad(), model_guard(model):
+        out = forward(model, x, output=output)
+    return resolve_target(out, kwargs.pop("target", None), kwargs.pop("region", None), activation=activation,
+                          model=model, **kwargs)

@@ -1,12 +1,19 @@
-"""What every command shares: the one error handler, the error console and ``--option key=value`` parsing."""
+"""What every command shares: the one error handler (typed errors and warnings printed as one line),
+the error console, ``--option key=value`` parsing, and the options of the one target grammar, output
+activation, output selection and preprocessing that ``explain``, ``instances``, ``shapley`` and ``run``
+all take (declared once here so their names and help texts agree)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
+from typing import Optional
 
 import typer
 from rich.console import Console
 
 from ..errors import MedexplainError
+from ..options import parse_pairs
+from ..transforms import INTENSITY_HELP, Preprocessing
 
 #: Messages and progress go to stderr; tables and listings to stdout.
 console = Console(stderr=True)
@@ -15,31 +22,132 @@ console = Console(stderr=True)
 @contextlib.contextmanager
 def cli_errors():
     """The one CLI error handler: a :class:`~medexplain.errors.MedexplainError` raised in the body is printed
-    as one line (no traceback) and the command exits with status 2."""
-    try:
-        yield
-    except MedexplainError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(code=2) from None
+    as one line (no traceback) and the command exits with status 2. Warnings raised in the body (several
+    model outputs, a 4D series read as channels, a tiny region, ...) are printed as ``warning:`` lines."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        console.print(f"[bold yellow]warning:[/] {message}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        except MedexplainError as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(code=2) from None
 
 
 def parse_options(opts: list[str]) -> dict:
-    """``--option key=value`` pairs; values parsed as int, float, or kept as strings."""
-    out = {}
-    for o in opts:
-        if "=" not in o:
-            raise typer.BadParameter(f"--option expects key=value, got {o!r}")
-        k, v = o.split("=", 1)
-        for cast in (int, float):
-            try:
-                v = cast(v)
-                break
-            except ValueError:
-                pass
-        out[k] = v
-    return out
+    """``--option key=value`` pairs as ``{key: "value"}``; the values stay text, typed later by each
+    method's signature (:func:`medexplain.options.check_options`). A typed error for a pair without ``=``."""
+    return parse_pairs(opts)
+
+
+def parse_output(value: str | None):
+    """``--output``: a tuple index (``0``, ``-1``) or a dict key; ``None`` for the default."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value.strip()
+
+
+# ---- the options every explaining command shares -------------------------------------------------------
+TARGET_HELP = ("class index, or 'predicted': a classifier's top class; a segmenter's foreground class with the most "
+               "predicted voxels (never the background unless asked by index)")
+REGION_HELP = ("segmenters: 'predicted' (the model's own predicted region of the class; default), 'all' (the "
+               "class over the whole image), or a mask file (NIfTI/PNG/NPY/DICOM, resampled onto the image grid "
+               "by its geometry)")
+ACTIVATION_HELP = ("the model's output activation: auto (outputs in [0, 1] summing to 1 over channels, or a final "
+                   "Softmax/Sigmoid, are probabilities; else softmax for several channels, sigmoid for one), "
+                   "softmax, sigmoid, or none (already probabilities)")
+OUTPUT_HELP = "which model output to explain when it returns a tuple (index) or dict (key); default: the first"
+TRANSFORM_HELP = ("package.module:factory returning a MONAI Compose (dictionary or array transforms) applied before "
+                  "the model and inverted for the maps (the current folder is importable)")
+
+
+def target_option(default: str = "predicted"):
+    return typer.Option(default, "--target", help=TARGET_HELP)
+
+
+def region_option():
+    return typer.Option(None, "--region", help=REGION_HELP)
+
+
+def activation_option():
+    return typer.Option("auto", "--activation", help=ACTIVATION_HELP)
+
+
+def output_option():
+    return typer.Option(None, "--output", help=OUTPUT_HELP)
+
+
+def spacing_option():
+    return typer.Option(None, "--spacing", help="resample to this voxel spacing in mm (one value, or one per axis: 1,1,2)")
+
+
+def orientation_option():
+    return typer.Option(None, "--orientation", help="reorient to these axis codes first, e.g. RAS")
+
+
+def spatial_size_option():
+    return typer.Option(None, "--spatial-size", help="centred pad/crop to this size (e.g. 128,128,64)")
+
+
+def divisible_by_option():
+    return typer.Option(None, "--divisible-by", help="pad every side up to a multiple of N (the model's stride)")
+
+
+def intensity_option():
+    return typer.Option(None, "--intensity", help=f"intensity normalisation: {INTENSITY_HELP}")
+
+
+def transform_option():
+    return typer.Option(None, "--transform", help=TRANSFORM_HELP)
+
+
+def preprocessing(spacing: Optional[str], orientation: Optional[str], spatial_size: Optional[str],
+                  divisible_by: Optional[str], intensity: Optional[str], transform: Optional[str]) -> Preprocessing:
+    """The preprocessing flags as one :class:`~medexplain.transforms.Preprocessing` (parsed and checked
+    there; call inside :func:`cli_errors`)."""
+    return Preprocessing(spacing=spacing, orientation=orientation, spatial_size=spatial_size,
+                         divisible_by=divisible_by, intensity=intensity, transform=transform)
 
 
 def split_list(value: str | None) -> list[str]:
     """A comma-separated option as a list of its non-empty, stripped items."""
     return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+class _PassProgress:
+    """A Rich progress bar per method over the rows it sends through the model, and the cost estimate
+    printed before a call expected to take more than about a minute
+    (:attr:`medexplain.options.CostEstimate.long`)."""
+
+    def __init__(self, bar):
+        self.bar, self.tasks = bar, {}
+
+    def estimate(self, est) -> None:
+        if est.long:
+            console.print(f"[bold]estimate:[/] {est.describe()}")
+        self.tasks[est.method] = self.bar.add_task(est.method, total=est.n_forward)
+
+    def update(self, method: str, done: int, total: int | None) -> None:
+        task = self.tasks.get(method)
+        if task is None:
+            task = self.tasks[method] = self.bar.add_task(method, total=total)
+        self.bar.update(task, completed=done, total=total if total is None or done <= total else done)
+
+
+@contextlib.contextmanager
+def pass_progress():
+    """``with pass_progress() as p``: ``p.estimate`` and ``p.update`` are the ``on_estimate`` and
+    ``on_progress`` callbacks of the library pipelines."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        yield _PassProgress(bar)

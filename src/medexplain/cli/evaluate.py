@@ -1,6 +1,7 @@
 """``medexplain evaluate --maps DIR --masks DIR [--out DIR]``: CheXlocalize-style localisation evaluation
 (:func:`medexplain.evaluation.evaluate_localisation`; the pairing rule and the files written are
-described in :mod:`medexplain.evaluation`)."""
+described in :mod:`medexplain.evaluation`). Defaults follow CheXlocalize's published code except
+``--mode`` (MedicalPatchNet's TP+FP+FN mIoU)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,25 +22,42 @@ def evaluate(
     masks: Path = typer.Option(..., "--masks", help="folder of ground-truth masks, same layout"),
     out: Path = typer.Option(Path("eval_out"), "--out", help="where the CSV files go"),
     metric: str = typer.Option("all", help="hitrate, miou or all"),
-    mode: str = typer.Option("tp_fp_fn", help="mIoU mode: tp (CheXlocalize), tp_fp_fn (MedicalPatchNet) or tp_fn"),
-    threshold: str = typer.Option("otsu", help="otsu, a float on the min-max normalised map, or 'tuned'"),
+    mode: str = typer.Option("tp_fp_fn", help="mIoU mode: tp (CheXlocalize's default, true_pos_only=True), "
+                                              "tp_fp_fn (CheXlocalize's true_pos_only=False; MedicalPatchNet) or tp_fn"),
+    threshold: str = typer.Option("otsu", help="otsu (CheXlocalize's: uint8 Otsu, filled contours), otsu_float "
+                                               "(Otsu on the float map, no filling), a float on the min-max "
+                                               "normalised map, class=value pairs (nodule=0.4,marker=0.6), a CSV "
+                                               "threshold,task (the tuning_results.csv this command or CheXlocalize "
+                                               "writes), or 'tuned' (on --val-maps/--val-masks)"),
     val_maps: Optional[Path] = typer.Option(None, help="validation maps for --threshold tuned"),
     val_masks: Optional[Path] = typer.Option(None, help="validation masks for --threshold tuned"),
     probs: Optional[Path] = typer.Option(None, help="CSV img_id,<class>... of model probabilities (for --cutoff)"),
-    cutoff: Optional[float] = typer.Option(None, help="no predicted mask where the probability is below this"),
+    cutoff: Optional[str] = typer.Option(None, help="no predicted mask where the probability is below this: a float, "
+                                                    "class=value pairs, a CSV cutoff,task, or CheXlocalize's "
+                                                    "probability_tuning_results.csv (per class the cutoff of best mIoU)"),
     n_boot: int = typer.Option(1000, help="bootstrap replicates"),
     seed: int = typer.Option(0, help="bootstrap seed"),
+    ci: str = typer.Option("order-statistic", help="95% interval: order-statistic (CheXlocalize's: the 25th and "
+                                                   "975th of 1000 sorted replicates; default) or percentile "
+                                                   "(interpolated 2.5 and 97.5 percentiles)"),
+    mean: str = typer.Option("bootstrap", help="the summary's mean column: bootstrap (mean of the replicates, "
+                                               "CheXlocalize's; default) or point (mean over cases); both are "
+                                               "also written as bs_mean and point"),
     ties: str = typer.Option("first", help="hit rate ties: first (CheXlocalize's first maximum) or any (some "
                                            "maximal pixel in the mask; for piecewise-constant maps)"),
 ):
-    """Hit rate and mIoU with 95% bootstrap intervals, written as CheXlocalize's three CSV files per metric."""
+    """Hit rate and mIoU with 95% bootstrap intervals, written as CheXlocalize's three CSV files per metric.
+
+    Defaults reproduce CheXlocalize's published protocol (Otsu rule, order-statistic interval, bootstrap
+    mean), except --mode, which defaults to MedicalPatchNet's tp_fp_fn."""
     with cli_errors():
         res = evaluate_localisation(maps, masks, out, metric=metric, mode=mode, threshold=threshold,
                                     val_maps=val_maps, val_masks=val_masks, probs=probs, cutoff=cutoff,
-                                    n_boot=n_boot, seed=seed, ties=ties)
+                                    n_boot=n_boot, seed=seed, ties=ties, ci=ci, mean_of=mean)
     if res.unpaired_maps:
         console.print(f"[yellow]note:[/] {res.unpaired_maps} map(s) have no mask and are ignored")
-    table = Table(title=f"localisation ({len(res.cases)} cases, {len(res.classes)} classes)")
+    table = Table(title=f"localisation ({len(res.cases)} cases, {len(res.classes)} classes; mean = {mean}, "
+                        f"CI = {ci})")
     for col in ("metric", "class", "mean", "95% CI", "n"):
         table.add_column(col)
     for fname, boot in res.results.items():

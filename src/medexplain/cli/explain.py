@@ -10,43 +10,116 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import Progress
 
 from ..explain import available_methods
 from ..pipelines import explain_image
+from ..targets import parse_target
 from . import app
-from ._common import cli_errors, console, parse_options, split_list
+from ._common import (
+    activation_option,
+    cli_errors,
+    console,
+    divisible_by_option,
+    intensity_option,
+    orientation_option,
+    output_option,
+    parse_options,
+    parse_output,
+    pass_progress,
+    preprocessing,
+    region_option,
+    spacing_option,
+    spatial_size_option,
+    split_list,
+    target_option,
+    transform_option,
+)
 
 
-def parse_target(value: str) -> int | None:
-    """``predicted`` (None: the model's top class) or a class index."""
-    if value == "predicted":
+def roi_size_option():
+    return typer.Option(None, "--roi-size", help="run the model by sliding windows of this size (one value, or one per "
+                        "axis: 96,96,64), as MONAI's SlidingWindowInferer; gradients are taken window by window")
+
+
+def overlap_option():
+    return typer.Option(0.25, "--overlap", help="sliding-window overlap in [0, 1) (with --roi-size)")
+
+
+def sw_batch_size_option():
+    return typer.Option(1, "--sw-batch-size", help="windows per model call (with --roi-size)")
+
+
+def sw_mode_option():
+    return typer.Option("constant", "--sw-mode", help="blending of overlapping windows: constant or gaussian")
+
+
+def sliding_window(roi_size: Optional[str], overlap: float, sw_batch_size: int, sw_mode: str) -> dict | None:
+    """The sliding-window flags as the settings dict the pipelines take (None without --roi-size)."""
+    if roi_size is None:
         return None
     try:
-        return int(value)
+        roi = [int(v) for v in split_list(roi_size.replace("x", ","))]
     except ValueError:
-        raise typer.BadParameter(f"--target must be an int or 'predicted', got {value!r}") from None
+        raise typer.BadParameter(f"--roi-size must be integers separated by commas, got {roi_size!r}") from None
+    return {"roi_size": roi[0] if len(roi) == 1 else roi, "overlap": overlap, "sw_batch_size": sw_batch_size,
+            "mode": sw_mode}
 
 
 @app.command("explain")
 def explain_cmd(
-    image: Path = typer.Argument(..., help="PNG/JPEG, DICOM, NIfTI (4D = channels last) or .npy (C, *spatial)"),
-    model: str = typer.Option(..., "--model", "-m", help="TorchScript file, package.module:factory, or zoo:<task>"),
+    image: Path = typer.Argument(..., help="PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI "
+                                 "(4D = channels last) or .npy (C, *spatial)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="TorchScript file, package.module:factory, or "
+                                        "zoo:<task> (or give --bundle)"),
     weights: Optional[str] = typer.Option(None, help="state dict for a package.module:factory model"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="a MONAI bundle folder (configs/inference.json, "
+                                          "models/model.pt): its network, preprocessing and inferer"),
+    roi_size: Optional[str] = roi_size_option(),
+    overlap: float = overlap_option(),
+    sw_batch_size: int = sw_batch_size_option(),
+    sw_mode: str = sw_mode_option(),
     method: str = typer.Option("saliency", help="comma-separated method names (see `medexplain methods`)"),
-    target: str = typer.Option("predicted", help="class index, or 'predicted' for the model's top class"),
+    target: str = target_option(),
+    region: Optional[str] = region_option(),
     layer: Optional[str] = typer.Option(None, help="layer for CAM methods (dotted name); default: last conv"),
-    option: list[str] = typer.Option([], "--option", "-o", help="method option key=value (repeatable); "
-                                     "goes to every chosen method that accepts it, or method.key=value for one"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option key=value (repeatable), typed by the "
+                                     "method (-o abs=false, -o n_samples=20); goes to every chosen method that "
+                                     "accepts it, or method.key=value for one"),
+    activation: str = activation_option(),
+    output: Optional[str] = output_option(),
+    spacing: Optional[str] = spacing_option(),
+    orientation: Optional[str] = orientation_option(),
+    spatial_size: Optional[str] = spatial_size_option(),
+    divisible_by: Optional[str] = divisible_by_option(),
+    intensity: Optional[str] = intensity_option(),
+    transform: Optional[str] = transform_option(),
+    skip_unsupported: bool = typer.Option(False, "--skip-unsupported", help="explain with the methods that apply "
+                                          "to the model and record the others as skipped (default: fail before "
+                                          "any compute)"),
     out: Path = typer.Option(Path("medexplain_out"), help="output directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace this image's files already in --out "
+                                   "(default: refuse, naming them)"),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read when IMAGE is a folder "
+                                         "holding several DICOM series (the error lists them)"),
 ):
-    """Explain one image with one or more methods; writes NIfTI maps on the input's affine, PNG overlays
-    and info.json."""
-    methods, options, tgt = split_list(method), parse_options(option), parse_target(target)
-    with cli_errors(), Progress(console=console, transient=True) as bar:
-        task = bar.add_task("explaining", total=len(methods))
-        res = explain_image(image, model, methods, out, weights=weights, target=tgt, layer=layer, options=options,
-                            on_method=lambda _m: bar.advance(task))
+    """Explain one image with one or more methods; writes NIfTI maps on the input's own grid and affine,
+    PNG overlays and info.json (target, region, activation and preprocessing recorded). Everything is
+    checked before any compute; each method's files are written as soon as it finishes."""
+    with cli_errors(), pass_progress() as bar:
+        res = explain_image(image, model, split_list(method), out, weights=weights, target=parse_target(target),
+                            region=region, layer=layer, options=parse_options(option), output=parse_output(output),
+                            activation=activation, skip_unsupported=skip_unsupported,
+                            preprocessing=preprocessing(spacing, orientation, spatial_size, divisible_by, intensity,
+                                                        transform),
+                            on_estimate=bar.estimate, on_progress=bar.update, overwrite=overwrite, series=series,
+                            inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode), bundle=bundle)
+    t = res.target_info
+    console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
+                                                      if t.get("region") else "") + f" ({t['how']})")
+    for m, why in res.skipped.items():
+        console.print(f"skipped {m}: {why}")
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
     console.print(f"wrote {len(res.attributions)} map(s) to [bold]{out}[/]")
 
 

@@ -21,8 +21,26 @@ import typer
 from rich.table import Table
 
 from ..pipelines import explain_lesion_instances
+from ..targets import parse_target
 from . import app
-from ._common import cli_errors, console, split_list
+from ._common import (
+    activation_option,
+    cli_errors,
+    console,
+    divisible_by_option,
+    intensity_option,
+    orientation_option,
+    output_option,
+    parse_output,
+    pass_progress,
+    preprocessing,
+    spacing_option,
+    spatial_size_option,
+    split_list,
+    target_option,
+    transform_option,
+)
+from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_size_option, sw_mode_option
 
 
 @app.command("instances")
@@ -34,7 +52,18 @@ def instances_cmd(
     threshold: float = typer.Option(0.5, help="lesion probability threshold (reference: 0.3-0.4)"),
     method: str = typer.Option("smoothgrad", help="smoothgrad or gradcam++"),
     aggregate: str = typer.Option("mean", help="SmoothGrad aggregation over the lesion: mean or max"),
-    channel: int = typer.Option(1, help="output channel of the lesion class"),
+    target: str = target_option(),
+    channel: Optional[int] = typer.Option(None, help="the lesion class's output channel (the same as --target K)"),
+    region: Optional[str] = typer.Option(None, "--region", help="'predicted' (default: the thresholded prediction) "
+                                         "or a mask file whose connected components are the instances"),
+    activation: str = activation_option(),
+    output: Optional[str] = output_option(),
+    spacing: Optional[str] = spacing_option(),
+    orientation: Optional[str] = orientation_option(),
+    spatial_size: Optional[str] = spatial_size_option(),
+    divisible_by: Optional[str] = divisible_by_option(),
+    intensity: Optional[str] = intensity_option(),
+    transform: Optional[str] = transform_option(),
     n_samples: int = typer.Option(50, help="SmoothGrad noise samples"),
     sigma: float = typer.Option(0.05, help="noise sd as a fraction of the first channel's range"),
     seed: int = typer.Option(0, help="noise seed"),
@@ -46,14 +75,29 @@ def instances_cmd(
     layer: Optional[str] = typer.Option(None, help="Grad-CAM++ layer (default: decoder conv at half resolution)"),
     channel_names: Optional[str] = typer.Option(None, help="comma-separated input channel names for the table"),
     chunk_size: int = typer.Option(10, help="noise samples per forward pass"),
+    roi_size: Optional[str] = roi_size_option(),
+    overlap: float = overlap_option(),
+    sw_batch_size: int = sw_batch_size_option(),
+    sw_mode: str = sw_mode_option(),
 ):
-    """Find lesion instances in the model's segmentation and explain each one per input channel."""
-    with cli_errors(), console.status(f"finding and explaining lesion instances with {method}"):
+    """Find lesion instances in the model's segmentation and explain each one per input channel. The
+    probability is read with --activation (auto: a model that already outputs probabilities is not
+    softmaxed again); info.json records the class, activation and preprocessing."""
+    with cli_errors(), pass_progress() as bar:
+        tgt = parse_target(target)
         res = explain_lesion_instances(list(image), model, out, weights=weights, threshold=threshold, method=method,
-                                       aggregate=aggregate, channel=channel, n_samples=n_samples, sigma=sigma,
-                                       seed=seed, min_size=min_size, connectivity=connectivity, reference=reference,
-                                       rings=rings, context=context, layer=layer,
-                                       channel_names=split_list(channel_names) or None, chunk_size=chunk_size)
+                                       aggregate=aggregate, channel=channel if channel is not None else tgt,
+                                       n_samples=n_samples, sigma=sigma, seed=seed, min_size=min_size,
+                                       connectivity=connectivity, reference=reference, rings=rings, context=context,
+                                       layer=layer, channel_names=split_list(channel_names) or None,
+                                       chunk_size=chunk_size, activation=activation, output=parse_output(output),
+                                       region=region, preprocessing=preprocessing(spacing, orientation, spatial_size,
+                                                                                  divisible_by, intensity, transform),
+                                       inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode),
+                                       on_progress=bar.update)
+    i = res.info
+    console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "
+                  f"({i['activation_how']}): max {i['probability_max']:.4g}")
     if not res.instances:
         console.print(f"no lesion instance above threshold {threshold} (min size {min_size}); wrote "
                       f"the probability map to [bold]{out}[/]")

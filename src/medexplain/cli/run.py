@@ -19,7 +19,9 @@ from ._common import cli_errors, console, parse_options
 
 @app.command("run")
 def run_cmd(
-    manifest: Path = typer.Argument(..., help="CSV with columns image (required), mask, label, target, case_id"),
+    manifest: Path = typer.Argument(..., help="CSV with columns image (required), mask, label, target (class or "
+                                    "predicted), region (predicted, all or a mask file), case_id, and the "
+                                    "preprocessing columns spacing, orientation, spatial_size, divisible_by, intensity"),
     model: str = typer.Option(..., "--model", "-m", help="TorchScript file, package.module:factory, or zoo:<task>"),
     methods: str = typer.Option("saliency", "--methods", "--method", help="comma-separated method names"),
     out: Path = typer.Option(..., "--out", help="output folder (a run folder is continued with --resume)"),
@@ -39,9 +41,9 @@ def run_cmd(
     seed: int = typer.Option(0, help="seed of every method's randomness"),
 ):
     """Explain a dataset: every manifest case x every method, resumable, locally or on Ray."""
-    options = parse_options(option)
     with cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                 console=console, transient=True) as bar:
+        options = parse_options(option)   # text, typed by each method's signature
         task = bar.add_task("items", total=None)
         res = run_manifest(manifest, model, methods, out, weights=weights, options=options, layer=layer,
                            backend=backend, address=address, resume=resume, batch_size=batch_size,

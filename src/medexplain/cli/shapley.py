@@ -16,7 +16,24 @@ from rich.table import Table
 
 from ..pipelines import SHAPLEY_VALUE_HELP, contrast_shapley
 from . import app
-from ._common import cli_errors, console, split_list
+from ._common import (
+    ACTIVATION_HELP,
+    TARGET_HELP,
+    cli_errors,
+    console,
+    divisible_by_option,
+    intensity_option,
+    orientation_option,
+    output_option,
+    parse_output,
+    pass_progress,
+    preprocessing,
+    spacing_option,
+    spatial_size_option,
+    split_list,
+    transform_option,
+)
+from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_size_option, sw_mode_option
 
 
 @app.command("shapley")
@@ -32,31 +49,52 @@ def shapley_cmd(
     reference_ranking: Optional[str] = typer.Option(None, "--reference-ranking", help="contrasts most important "
                                                     "first (comma-separated), or ET, WT, TC, ED, NCR for the "
                                                     "clinician rankings of docs/shapley.md"),
-    value: str = typer.Option("probability:1", help=SHAPLEY_VALUE_HELP),
+    value: Optional[str] = typer.Option(None, help=SHAPLEY_VALUE_HELP),
+    target: Optional[str] = typer.Option(None, "--target", help="instead of --value: the mean probability of this "
+                                         f"class ({TARGET_HELP}) inside --region"),
+    region: Optional[str] = typer.Option(None, "--region", help="with --target: 'all' (default), 'predicted' (the "
+                                         "first model's predicted region of the class) or a mask file"),
     seg: Optional[Path] = typer.Option(None, help="reference label map (NIfTI/.npy) for dice values"),
     class_labels: Optional[str] = typer.Option(None, help="label of each output channel for dice, e.g. 0,1,2,4"),
-    activation: str = typer.Option("softmax", help="softmax over output channels, or sigmoid (one channel per region)"),
+    activation: str = typer.Option("auto", "--activation", help=ACTIVATION_HELP + "; sigmoid with --channel: one "
+                                   "channel per region"),
     channel: Optional[int] = typer.Option(None, help="output channel of the region for sigmoid dice"),
     baseline: str = typer.Option("zero", help="absent contrasts: zero (the mean of z-scored input), mean, or a number"),
     method: str = typer.Option("auto", help="exact (all 2^n coalitions), permutation, or auto (exact up to 10)"),
     n_permutations: int = typer.Option(200, help="sampled orders for method=permutation"),
     seed: int = typer.Option(0),
     chunk_size: int = typer.Option(16, help="rows per forward pass"),
+    output: Optional[str] = output_option(),
+    spacing: Optional[str] = spacing_option(),
+    orientation: Optional[str] = orientation_option(),
+    spatial_size: Optional[str] = spatial_size_option(),
+    divisible_by: Optional[str] = divisible_by_option(),
+    intensity: Optional[str] = intensity_option(),
+    transform: Optional[str] = transform_option(),
     out: Path = typer.Option(Path("medexplain_shapley"), help="output directory"),
+    roi_size: Optional[str] = roi_size_option(),
+    overlap: float = overlap_option(),
+    sw_batch_size: int = sw_batch_size_option(),
+    sw_mode: str = sw_mode_option(),
 ):
     """Contrast-level Shapley values of IMAGE for each model; writes values.csv, coalitions.csv,
-    ranking.json, agreement.json (with --reference-ranking) and uncertainty.json (two or more models).
-    The image is fed to the models as read (normalise it as they were trained)."""
+    ranking.json (with each model's output activation), agreement.json (with --reference-ranking) and
+    uncertainty.json (two or more models). The image is fed to the models as read unless preprocessing
+    options are given (normalise it as they were trained: e.g. --intensity zscore)."""
     def progress(i, r):
         console.print(f"model {i + 1}/{len(model)}: {r.n_evaluations} evaluations, {r.info['seconds']:.2f} s")
 
-    with cli_errors():
+    with cli_errors(), pass_progress() as bar:
         res = contrast_shapley(list(image), list(model), out, weights=list(weights),
                                contrasts=split_list(contrasts) or None, reference_ranking=reference_ranking, value=value,
                                seg=seg, class_labels=split_list(class_labels) or None, activation=activation,
                                channel=channel, baseline=baseline, method=method, n_permutations=n_permutations,
-                               seed=seed, chunk_size=chunk_size, on_model=progress)
-    table = Table(title=f"contrast Shapley values ({value})")
+                               seed=seed, chunk_size=chunk_size, target=target, region=region,
+                               output=parse_output(output), on_model=progress, on_progress=bar.update,
+                               preprocessing=preprocessing(spacing, orientation, spatial_size, divisible_by, intensity,
+                                                           transform),
+                               inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode))
+    table = Table(title=f"contrast Shapley values ({value or 'probability:1'})")
     table.add_column("contrast")
     for m in range(len(res.results)):
         table.add_column(f"model {m}", justify="right")

@@ -10,6 +10,7 @@ import torch
 from ..core import chunks, forward
 from ..errors import InputError
 from ..registry import register
+from ..sliding import forward_changed
 
 
 def _tuple(v, n, what):
@@ -33,7 +34,8 @@ def occlusion(model, x, target, cost, window=8, stride=None, baseline: float = 0
         raise InputError(f"occlusion window {win} larger than the image {spatial}")
     starts = list(itertools.product(*[range(0, s - w + 1, st) for s, w, st in zip(spatial, win, step)]))
     with torch.no_grad():
-        base_score = target.scores(forward(model, x, cost), None, b)
+        base_out = forward(model, x, cost)
+        base_score = target.scores(base_out, None, b)
         total = torch.zeros((b, 1, *spatial), dtype=x.dtype, device=x.device)
         count = torch.zeros((1, 1, *spatial), dtype=x.dtype, device=x.device)
         per = max(1, (chunk_size or len(starts) * b) // b)
@@ -43,7 +45,9 @@ def occlusion(model, x, target, cost, window=8, stride=None, baseline: float = 0
                 masks[(i, 0, 0, *[slice(s, s + w) for s, w in zip(st, win)])] = 1
             rows_x = (x.unsqueeze(0) * (1 - masks) + baseline * masks).reshape(-1, *x.shape[1:])
             rows = torch.arange(b, device=x.device).repeat(len(masks))
-            drop = base_score[rows] - target.scores(forward(model, rows_x, cost), rows, b)
+            boxes = [tuple(slice(s, s + w) for s, w in zip(st, win)) for st in starts[sl] for _ in range(b)]
+            # through a sliding-window inferer only the windows an occluder touches are re-run
+            drop = base_score[rows] - target.scores(forward_changed(model, x, base_out, rows_x, rows, boxes, cost), rows, b)
             total += (drop.view(-1, b, 1, *[1] * len(spatial)) * masks).sum(0)
             count += masks.sum(0)
     return total / count.clamp(min=1), {"windows": len(starts), "window": win, "stride": step}

@@ -4,7 +4,8 @@ All are N-D (2D and 3D) and batched over cases, torch in and out.
 """
 import importlib as _importlib
 
-_SUBMODULES = ("localisation", "faithfulness", "ranking", "sanity")
+_SUBMODULES = ("localisation", "faithfulness", "ranking", "sanity",
+               "meta", "perturbation", "robustness", "randomisation")  # the last four: peer metrics (issue 19)
 for _name in _SUBMODULES:
     try:
         _mod = _importlib.import_module(f"{__name__}.{_name}")

@@ -22,6 +22,7 @@ import torch
 from ..core import check_input, chunks, forward, model_guard, resize_to
 from ..errors import InputError
 from ..ops import normalize, total_variation
+from ..sliding import with_inferer
 from ..targets import as_target, target_probability
 
 __all__ = ["deletion_insertion", "DeletionInsertion", "smoothness", "sparseness"]
@@ -97,7 +98,7 @@ def _ranks(scores: torch.Tensor, tie_break: str, seed: int) -> torch.Tensor:
 
 def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, target, fractions: int = 26,
                        chunk_size: int | None = 64, baseline: float = 0.0, absolute: bool = False,
-                       tie_break: str = "random", seed: int = 0) -> DeletionInsertion:
+                       tie_break: str = "random", seed: int = 0, inferer=None) -> DeletionInsertion:
     """Deletion and insertion curves (SSplain paper section 5, "post-hoc accuracy").
 
     Voxels are ranked by the map (summed over map channels, resized to the input grid if needed; signed
@@ -107,9 +108,11 @@ def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, target, fract
     in chunks of ``chunk_size`` rows, without gradients, with the model guarded (eval mode, restored).
     Voxels of equal score (e.g. the zeros of a sparse mask) are ordered by a seeded random permutation
     by default (``tie_break="random"``), so a flat region is not deleted in raster order;
-    ``tie_break="first"`` keeps C order.
+    ``tie_break="first"`` keeps C order. ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run
+    the model through (:mod:`medexplain.sliding`).
     """
     x = check_input(x)
+    model = with_inferer(model, inferer)
     if fractions < 2:
         raise InputError("fractions must be >= 2 (0% and 100% at least)")
     tgt = as_target(target)

@@ -6,11 +6,16 @@ Every function is N-D (2D and 3D) and works for any label set: maps ``(B, K, *s)
 (case, class) pairs are NaN, so means are ``nanmean``s, as in CheXlocalize's pandas code.
 
 * :func:`hit_rate`: the pointing game (``eval.get_hit_rates``).
-* :func:`iou`: min-max normalise, binarise (Otsu, a fixed or a per-class tuned threshold), optional
-  probability cutoff (``heatmap_to_segmentation_probability_threshold.py``), IoU in TP-only or TP+FP+FN
-  mode; :func:`tune_thresholds` picks the per-class threshold on a validation split.
-* :func:`bootstrap_ci`: cases resampled jointly across classes (``eval.bootstrap_metric``), 95% percentile
-  interval; :func:`summarize` and :func:`write_results` produce CheXlocalize's three CSV files.
+* :func:`iou`: min-max normalise, binarise (:func:`binarize`: CheXlocalize's uint8 Otsu with filled
+  contours, a fixed or a per-class tuned threshold), optional probability cutoff
+  (``heatmap_to_segmentation.pkl_to_mask``), IoU in TP-only or TP+FP+FN mode (``eval.calculate_iou``);
+  :func:`tune_thresholds` picks the per-class threshold on a validation split.
+* :func:`bootstrap_ci`: cases resampled jointly across classes (``eval.bootstrap_metric``), 95% interval
+  by interpolated percentiles or CheXlocalize's order statistics (``eval.compute_cis``);
+  :func:`summarize` and :func:`write_results` produce CheXlocalize's three CSV files.
+
+Where medexplain departs from CheXlocalize's published code, the function says so (and
+``docs/patchnet.md``, "Differences from the reference code", lists every difference with its size).
 """
 from __future__ import annotations
 
@@ -27,9 +32,16 @@ from ..errors import InputError
 from ..ops import normalize
 
 __all__ = ["hit_rate", "iou", "binarize", "tune_thresholds", "bootstrap_ci", "BootstrapResult", "summarize",
-           "write_results"]
+           "write_results", "OTSU_RULES", "CI_METHODS", "MEAN_OF"]
 
 _MODES = ("tp", "tp_fp_fn", "tp_fn")
+#: ``binarize``'s automatic thresholds: CheXlocalize's published rule and medexplain's earlier float variant.
+OTSU_RULES = ("otsu", "otsu_float")
+#: Bootstrap interval rules (:func:`bootstrap_ci`); ``"chexlocalize"`` is accepted as the former name of
+#: ``"order-statistic"``.
+CI_METHODS = ("percentile", "order-statistic")
+#: What the ``mean`` column of a summary holds: the point estimate or the mean of the bootstrap replicates.
+MEAN_OF = ("point", "bootstrap")
 
 
 def _as_maps_masks(maps, masks):
@@ -88,8 +100,9 @@ def hit_rate(maps, masks, ties: str = "first") -> torch.Tensor:
     return _out(res, per_class)
 
 
-def _otsu(norm: torch.Tensor) -> torch.Tensor:
-    """skimage's Otsu threshold of each (case, class) map (256 bins, like CheXlocalize's uint8 Otsu)."""
+def _otsu_float(norm: torch.Tensor) -> torch.Tensor:
+    """skimage's Otsu threshold of each normalised float (case, class) map (``nbins=256`` equal-width bins
+    over the map's range); ``binarize(..., "otsu_float")``. Not CheXlocalize's rule (:func:`_otsu_filled`)."""
     from skimage.filters import threshold_otsu
     flat = norm.flatten(2).detach().cpu().double().numpy()
     t = np.empty(flat.shape[:2])
@@ -98,6 +111,48 @@ def _otsu(norm: torch.Tensor) -> torch.Tensor:
             v = flat[b, k]
             t[b, k] = v[0] if v.min() == v.max() else threshold_otsu(v)
     return torch.as_tensor(t, dtype=norm.dtype, device=norm.device)
+
+
+def _otsu_filled(maps: torch.Tensor) -> torch.Tensor:
+    """CheXlocalize's Otsu segmentation of each (case, class) map, ``(B, K, *s)`` bool.
+
+    The published rule (``heatmap_to_segmentation.cam_to_segmentation``, Saporta et al. 2022): ``u =
+    uint8(255 * (m - min) / max(m - min))`` (truncated, in the map's dtype), OpenCV's ``THRESH_OTSU`` on
+    ``u`` (keep ``u > t``), then every contour of ``findContours(RETR_TREE)`` with more than one point drawn
+    as a filled polygon. Done here with scikit-image and SciPy (OpenCV is not a dependency):
+
+    * ``skimage.filters.threshold_otsu`` on the uint8 map is OpenCV's integer Otsu threshold (256 levels,
+      first maximum of the between-class variance), except where that variance ties exactly between two
+      thresholds: the pick then depends on rounding, in OpenCV also on whether it runs Intel IPP, so no
+      implementation matches every OpenCV build (measured: 1 of 5000 few-level maps against this
+      machine's OpenCV, 0 with IPP off; ties need exactly symmetric histograms);
+    * filling every contour equals ``scipy.ndimage.binary_fill_holes`` (holes are background regions no
+      4-connected path links to the border, as OpenCV's contour hierarchy treats background), and the
+      one-point contours the reference skips are exactly the isolated foreground pixels (8-connected
+      components of one pixel), which are removed.
+
+    Equal to the OpenCV reference on every case of ``tests/reference_protocols.py`` other than such ties
+    (``tests/test_localisation.py`` checks it). 3D maps get the same rules in 3D (cavities filled,
+    isolated voxels under 26-connectivity removed); CheXlocalize itself is 2D only. A constant map gives an
+    empty mask.
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+    arr = maps.detach().cpu().numpy()
+    out = np.zeros(arr.shape, dtype=bool)
+    full = np.ones((3,) * (arr.ndim - 2), dtype=bool)
+    for b in range(arr.shape[0]):
+        for k in range(arr.shape[1]):
+            m = arr[b, k] - arr[b, k].min()
+            top = m.max()
+            if not top > 0:
+                continue                                   # constant map: nothing predicted
+            u = (255 * (m / top)).astype(np.uint8)          # np.uint8(255 * mask): truncation, as the reference
+            fg = u > threshold_otsu(u)
+            fg = ndimage.binary_fill_holes(fg)
+            lab, _ = ndimage.label(fg, structure=full)
+            out[b, k] = fg & (np.bincount(lab.ravel())[lab] > 1)
+    return torch.from_numpy(out).to(maps.device)
 
 
 def _cutoff_mask(prob, cutoff, b, k, device) -> torch.Tensor | None:
@@ -115,21 +170,41 @@ def _cutoff_mask(prob, cutoff, b, k, device) -> torch.Tensor | None:
 
 
 def binarize(maps, threshold="otsu", spatial=None) -> torch.Tensor:
-    """Min-max normalise each (case, class) map and binarise it: ``norm > t``.
+    """Binarise each (case, class) map as CheXlocalize does (``heatmap_to_segmentation.cam_to_segmentation``).
 
-    ``threshold``: ``"otsu"`` (per map), a float, or one float per class (a tuned threshold from
-    :func:`tune_thresholds`). ``spatial`` resizes the maps first (the mask grid). Returns bool ``(B, K, *s)``.
+    ``threshold``:
+
+    * ``"otsu"`` (default): CheXlocalize's published rule, uint8 Otsu plus filled contours
+      (:func:`_otsu_filled`: ``u = uint8(255 * minmax(map))``, keep ``u > otsu(u)``, fill holes, drop
+      isolated pixels). It is the default because it is the rule of CheXlocalize's published evaluation
+      code, with which CheXlocalize's (and MedicalPatchNet's) Otsu figures are computed.
+    * ``"otsu_float"``: medexplain's earlier rule, kept to reproduce earlier figures:
+      ``norm > threshold_otsu(norm)`` on the min-max normalised float map (256 equal-width bins), no
+      filling. It differs from the published rule at the margin (``docs/patchnet.md``, "Differences from
+      the reference code", has the measured size).
+    * a float, or one float per class (a tuned threshold from :func:`tune_thresholds`): ``norm > t`` on the
+      min-max normalised map, exactly CheXlocalize's ``mask > threshold``.
+
+    ``spatial`` resizes the maps first (the mask grid). A constant map gives an empty mask (for ``t >= 0``).
+    Returns bool ``(B, K, *s)``.
     """
     maps = torch.as_tensor(maps)
     maps = maps.float() if not torch.is_floating_point(maps) else maps
+    if maps.ndim < 3:
+        raise InputError(f"maps must be (B, K, *spatial), got shape {tuple(maps.shape)}")
+    if not torch.isfinite(maps).all():
+        raise InputError("maps contain NaN or Inf values")
     if spatial is not None:
         maps = resize_to(maps, tuple(spatial))
-    norm = normalize(maps, "minmax", start_dim=2)                       # per (case, class); constant -> 0
     b, k = maps.shape[:2]
     if isinstance(threshold, str):
-        if threshold != "otsu":
-            raise InputError(f"threshold must be 'otsu', a float or one float per class, got {threshold!r}")
-        t = _otsu(norm)
+        if threshold not in OTSU_RULES:
+            raise InputError(f"threshold must be one of {OTSU_RULES}, a float or one float per class, got {threshold!r}")
+        if threshold == "otsu":
+            return _otsu_filled(maps)
+    norm = normalize(maps, "minmax", start_dim=2)                       # per (case, class); constant -> 0
+    if isinstance(threshold, str):
+        t = _otsu_float(norm)
     else:
         t = torch.as_tensor(threshold, dtype=norm.dtype, device=norm.device).flatten()
         if t.numel() not in (1, k):
@@ -155,15 +230,18 @@ def iou(maps, masks, threshold="otsu", prob=None, cutoff=None, mode: str = "tp")
     """Per-(case, class) IoU of the binarised map with the mask (CheXlocalize ``eval.calculate_iou``).
 
     The map is resized to the mask grid, min-max normalised and binarised (:func:`binarize`:
-    ``threshold="otsu"``, a float, or one per class). With ``prob`` (``(B,)`` or ``(B, K)``, the model's
-    probabilities) and ``cutoff`` (float or per class), no mask is predicted where ``prob < cutoff``.
-    ``mode``:
+    ``threshold="otsu"`` (CheXlocalize's uint8 Otsu with filled contours), ``"otsu_float"``, a float, or
+    one per class). With ``prob`` (``(B,)`` or ``(B, K)``, the model's probabilities) and ``cutoff``
+    (float or per class), no mask is predicted where ``prob < cutoff`` (CheXlocalize's
+    ``pkl_to_mask`` keeps ``prob >= cutoff``). ``mode``:
 
-    * ``"tp"``: only true positives (both masks non-empty) count; others NaN (CheXlocalize default);
+    * ``"tp"``: only true positives (both masks non-empty) count; others NaN (CheXlocalize's default,
+      ``true_pos_only=True``);
     * ``"tp_fp_fn"``: also false positives (predicted mask, empty truth) and false negatives (no
-      predicted mask, non-empty truth), which score 0; both empty (true negatives) are NaN
-      (MedicalPatchNet's Table 2);
-    * ``"tp_fn"``: CheXlocalize's ``true_pos_only=False`` (NaN iff the truth is empty).
+      predicted mask, non-empty truth), which score 0; both empty (true negatives) are NaN. This is
+      CheXlocalize's ``true_pos_only=False`` (NaN iff the union is empty) and MedicalPatchNet's Table 2;
+    * ``"tp_fn"``: NaN iff the truth is empty (false positives excluded, false negatives score 0); a
+      medexplain mode with no CheXlocalize counterpart.
 
     Returns float64 ``(B, K)`` or ``(B,)`` as :func:`hit_rate`.
     """
@@ -215,10 +293,14 @@ def tune_thresholds(maps, masks, mode: str = "tp_fp_fn", candidates=None, prob=N
 
 @dataclass
 class BootstrapResult:
-    """Per-class point estimates (nanmean over cases), 95% bounds, and the bootstrap replicates.
+    """Per-class point estimates ``mean`` (nanmean over cases), the bounds ``lower``/``upper``, the mean of
+    the replicates ``bs_mean``, the case counts and the bootstrap replicates ``(n, K[+1])``.
 
     The last entry of every array is the mean over classes (``names[-1] == "mean"``) when there is more
-    than one class.
+    than one class. ``ci`` is the interval rule used; ``mean_of`` says what the ``mean`` column of
+    :meth:`rows` (and of the summary CSV) holds: ``"point"`` (the point estimate, ``self.mean``) or
+    ``"bootstrap"`` (the mean of the replicates, ``self.bs_mean``, which is what CheXlocalize's
+    ``eval.compute_cis`` reports as ``mean``).
     """
 
     names: list[str]
@@ -228,12 +310,31 @@ class BootstrapResult:
     bs_mean: np.ndarray
     n_cases: np.ndarray
     replicates: np.ndarray
+    ci: str = "percentile"
+    mean_of: str = "point"
+
+    @property
+    def summary_mean(self) -> np.ndarray:
+        """The values of the ``mean`` column: ``mean`` or ``bs_mean`` as ``mean_of`` says."""
+        return self.bs_mean if self.mean_of == "bootstrap" else self.mean
 
     def rows(self) -> list[dict]:
-        return [{"name": n, "mean": float(m), "lower": float(lo), "upper": float(up), "bs_mean": float(bm),
-                 "n_cases": int(c)}
-                for n, m, lo, up, bm, c in zip(self.names, self.mean, self.lower, self.upper, self.bs_mean,
-                                               self.n_cases)]
+        """One dict per class: ``name``, ``mean`` (as ``mean_of`` says), ``lower``, ``upper``, ``point``,
+        ``bs_mean``, ``n_cases``."""
+        return [{"name": n, "mean": float(s), "lower": float(lo), "upper": float(up), "point": float(m),
+                 "bs_mean": float(bm), "n_cases": int(c)}
+                for n, s, m, lo, up, bm, c in zip(self.names, self.summary_mean, self.mean, self.lower, self.upper,
+                                                  self.bs_mean, self.n_cases)]
+
+
+def _check_summary_options(method: str, mean_of: str) -> str:
+    """The interval rule's canonical name (``"chexlocalize"`` -> ``"order-statistic"``); typed errors."""
+    method = "order-statistic" if method == "chexlocalize" else method
+    if method not in CI_METHODS:
+        raise InputError(f"the interval method must be one of {', '.join(CI_METHODS)}, got {method!r}")
+    if mean_of not in MEAN_OF:
+        raise InputError(f"the mean column must be one of {', '.join(MEAN_OF)}, got {mean_of!r}")
+    return method
 
 
 def _nanmean(a: np.ndarray, axis) -> np.ndarray:
@@ -244,17 +345,28 @@ def _nanmean(a: np.ndarray, axis) -> np.ndarray:
 
 
 def bootstrap_ci(per_case_values, n: int = 1000, seed: int = 0, level: float = 0.95, names=None,
-                 method: str = "percentile") -> BootstrapResult:
-    """Bootstrap confidence intervals of per-class means (CheXlocalize ``eval.bootstrap_metric``).
+                 method: str = "percentile", mean_of: str = "point") -> BootstrapResult:
+    """Bootstrap confidence intervals of per-class means (CheXlocalize ``eval.bootstrap_metric`` and
+    ``eval.compute_cis``).
 
     ``per_case_values``: ``(B,)`` or ``(B, K)``, NaN = excluded (e.g. from :func:`hit_rate` or :func:`iou`).
-    Each of the ``n`` replicates draws ``B`` cases with replacement (``numpy.random.default_rng(seed)``),
-    the same rows for every class (cases resampled jointly), and takes the per-class nanmean; the class
-    mean of a replicate is the mean of its class means. The interval is the ``(1-level)/2`` and
-    ``(1+level)/2`` percentiles of the replicates (``method="percentile"``, linear interpolation) or
-    CheXlocalize's order statistics ``sorted[int(0.025 n) - 1]``, ``sorted[int(0.975 n) - 1]``
-    (``method="chexlocalize"``).
+    Each of the ``n`` replicates draws ``B`` cases with replacement (``numpy.random.default_rng(seed)``;
+    CheXlocalize draws with the legacy ``np.random.choice``, so single replicates differ, not their
+    distribution), the same rows for every class (cases resampled jointly), and takes the per-class
+    nanmean; the class mean of a replicate is the mean of its class means. The interval (``method``):
+
+    * ``"percentile"``: the ``(1-level)/2`` and ``(1+level)/2`` percentiles of the replicates (linear
+      interpolation);
+    * ``"order-statistic"`` (CheXlocalize's rule; ``"chexlocalize"`` is its former name): with ``c = 1 -
+      level``, the sorted replicates (NaN last, as pandas) at ``int(c/2 n) - 1`` and ``int((1 - c/2) n) - 1``
+      (975 and 25 of 1000: ``sorted[24]`` and ``sorted[974]``). Where ``int(c/2 n) = 0`` (``n < 40``)
+      CheXlocalize's index -1 picks the largest replicate; here the smallest.
+
+    ``mean_of`` chooses the ``mean`` column of the summary (:class:`BootstrapResult`): ``"point"`` or
+    ``"bootstrap"`` (CheXlocalize). Both values are always kept (``mean`` and ``bs_mean``). CheXlocalize
+    rounds its summary to 3 decimals; nothing is rounded here.
     """
+    method = _check_summary_options(method, mean_of)
     v = torch.as_tensor(per_case_values).detach().cpu().double().numpy() \
         if isinstance(per_case_values, torch.Tensor) else np.asarray(per_case_values, dtype=np.float64)
     if v.ndim == 1:
@@ -263,8 +375,6 @@ def bootstrap_ci(per_case_values, n: int = 1000, seed: int = 0, level: float = 0
         raise InputError(f"per_case_values must be (B,) or (B, K) with B >= 1, got shape {v.shape}")
     if n < 1 or not 0 < level < 1:
         raise InputError("n must be >= 1 and 0 < level < 1")
-    if method not in ("percentile", "chexlocalize"):
-        raise InputError(f"method must be 'percentile' or 'chexlocalize', got {method!r}")
     b, k = v.shape
     names = list(names) if names is not None else ([f"class_{i}" for i in range(k)] if k > 1 else ["value"])
     if len(names) != k:
@@ -278,32 +388,39 @@ def bootstrap_ci(per_case_values, n: int = 1000, seed: int = 0, level: float = 0
         point = np.append(point, _nanmean(point, 0))
         counts = np.append(counts, int((~np.isnan(v)).any(1).sum()))
         names = names + ["mean"]
-    alpha = (1 - level) / 2
     with warnings.catch_warnings(), np.errstate(invalid="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)                  # all-NaN classes give NaN bounds
         if method == "percentile":
+            alpha = (1 - level) / 2
             lo, up = (np.nanpercentile(reps, 100 * q, axis=0) for q in (alpha, 1 - alpha))
         else:
+            c = round(1 - level, 12)                                     # 0.05 exactly, CheXlocalize's literal
             srt = np.sort(reps, 0)                                       # NaN sort last, as pandas
-            lo, up = srt[max(int(alpha * n) - 1, 0)], srt[max(int((1 - alpha) * n) - 1, 0)]
+            lo, up = srt[max(int(c / 2 * n) - 1, 0)], srt[max(int((1 - c / 2) * n) - 1, 0)]
         bs_mean = _nanmean(reps, 0)
-    return BootstrapResult(names, point, np.asarray(lo), np.asarray(up), bs_mean, counts, reps)
+    return BootstrapResult(names, point, np.asarray(lo), np.asarray(up), bs_mean, counts, reps, method, mean_of)
 
 
-def summarize(per_case_values, names=None, n: int = 1000, seed: int = 0, level: float = 0.95) -> list[dict]:
-    """Summary rows ``{name, mean, lower, upper, bs_mean, n_cases}`` per class (and their mean)."""
-    return bootstrap_ci(per_case_values, n=n, seed=seed, level=level, names=names).rows()
+def summarize(per_case_values, names=None, n: int = 1000, seed: int = 0, level: float = 0.95,
+              method: str = "percentile", mean_of: str = "point") -> list[dict]:
+    """Summary rows ``{name, mean, lower, upper, point, bs_mean, n_cases}`` per class (and their mean);
+    options as :func:`bootstrap_ci`."""
+    return bootstrap_ci(per_case_values, n=n, seed=seed, level=level, names=names, method=method,
+                        mean_of=mean_of).rows()
 
 
 def write_results(per_case_values, out_dir, metric: str, names=None, case_ids=None, n: int = 1000,
-                  seed: int = 0, level: float = 0.95) -> BootstrapResult:
+                  seed: int = 0, level: float = 0.95, method: str = "order-statistic",
+                  mean_of: str = "bootstrap") -> BootstrapResult:
     """Write CheXlocalize's three files into ``out_dir``: ``{metric}_results.csv`` (one row per case, one
     column per class, empty = excluded), ``{metric}_bootstrap_results.csv`` (one row per replicate) and
-    ``{metric}_summary_results.csv`` (name, lower, mean, upper, bs_mean, n_cases), each atomically
-    (:func:`medexplain.io.atomic_path`)."""
+    ``{metric}_summary_results.csv`` (name, lower, mean, upper, point, bs_mean, n_cases), each atomically
+    (:func:`medexplain.io.atomic_path`). The interval ``method`` and the ``mean`` column (``mean_of``)
+    default to CheXlocalize's (``eval.compute_cis``: order statistics, mean of the replicates); see
+    :func:`bootstrap_ci`."""
     from ..io import atomic_path
 
-    res = bootstrap_ci(per_case_values, n=n, seed=seed, level=level, names=names)
+    res = bootstrap_ci(per_case_values, n=n, seed=seed, level=level, names=names, method=method, mean_of=mean_of)
     v = np.asarray(torch.as_tensor(per_case_values).double().cpu().numpy()) \
         if isinstance(per_case_values, torch.Tensor) else np.asarray(per_case_values, dtype=np.float64)
     v = v[:, None] if v.ndim == 1 else v
@@ -317,7 +434,7 @@ def write_results(per_case_values, out_dir, metric: str, names=None, case_ids=No
     def fmt(x):
         return "" if np.isnan(x) else repr(float(x))
 
-    summary = ["name", "lower", "mean", "upper", "bs_mean", "n_cases"]
+    summary = ["name", "lower", "mean", "upper", "point", "bs_mean", "n_cases"]
     tables = {"results": (["img_id", *cls], [[i, *[fmt(x) for x in row]] for i, row in zip(ids, v)]),
               "bootstrap_results": (res.names, [[fmt(x) for x in row] for row in res.replicates]),
               "summary_results": (summary, [[fmt(r[c]) if isinstance(r[c], float) else r[c] for c in summary]

@@ -54,7 +54,8 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def randomization_check(model, x, method: str, target=None, layers: list[str] | None = None,
-                        absolute: bool = True, seed: int = 0, cascade: bool = True, **options) -> RandomizationResult:
+                        absolute: bool = True, seed: int = 0, cascade: bool = True, inferer=None,
+                        **options) -> RandomizationResult:
     """Cascading randomisation from the top layer down (``layers`` default: every parameterised layer).
 
     ``cascade=False`` skips the intermediate steps and reports only the fully randomised model (one
@@ -62,12 +63,14 @@ def randomization_check(model, x, method: str, target=None, layers: list[str] | 
 
     Maps are summed over channels, optionally taken in absolute value (Adebayo et al. report both), and
     min-max normalised before SSIM. The user's model is never modified: a deep copy is randomised.
+    ``inferer``: a ``monai.inferers.SlidingWindowInferer``, passed to every explanation
+    (:func:`medexplain.explain`).
     """
     from ..explain import explain
     layers = list(reversed(layers or _parameterised_layers(model)))
 
     def flat_maps(net):
-        m = explain(net, x, method=method, target=target, **options).map.sum(1, keepdim=True)
+        m = explain(net, x, method=method, target=target, inferer=inferer, **options).map.sum(1, keepdim=True)
         return normalize(m.abs() if absolute else m, "minmax")[:, 0].double().cpu().numpy()
 
     ref = flat_maps(model)

@@ -7,7 +7,14 @@ Columns (header required, order free, names case-insensitive):
 - ``mask`` (optional): path of a binary mask of the evidence on the image grid (voxels > 0 are inside);
   when given, the run scores each map with the pointing game (:func:`medexplain.metrics.hit_rate`);
 - ``label`` (optional): the true class index, reported next to the prediction;
-- ``target`` (optional): the class index to explain; empty = the model's predicted class;
+- ``target`` (optional): the class index to explain; empty or ``predicted`` = the default of the one
+  target grammar (:func:`medexplain.targets.resolve_target`: a classifier's top class, a segmenter's
+  foreground class with the most predicted voxels);
+- ``region`` (optional, segmenters): ``predicted`` (default), ``all``, or a mask file (resampled onto the
+  image grid by its geometry) of the region to explain;
+- ``spacing``, ``orientation``, ``spatial_size``, ``divisible_by``, ``intensity`` (optional): the
+  preprocessing of the case, as the command line's ``--spacing`` etc.
+  (:class:`medexplain.transforms.Preprocessing`); the maps are put back on the image grid;
 - ``case_id`` (optional): a unique name for the case's output folder; default ``<row>_<image stem>``
   (the stem of :func:`medexplain.io.file_stem`).
 
@@ -25,7 +32,8 @@ from pathlib import Path
 from ..errors import FileFormatError
 from ..io import file_stem
 
-COLUMNS = ("image", "mask", "label", "target", "case_id")
+PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "divisible_by", "intensity")
+COLUMNS = ("image", "mask", "label", "target", "case_id", "region", *PREPROCESSING_COLUMNS)
 
 
 class ManifestError(FileFormatError):
@@ -42,6 +50,13 @@ class Case:
     mask: str | None = None
     label: int | None = None
     target: int | None = None
+    region: str | None = None
+    preprocessing: tuple = ()   # (column, cell) pairs of the preprocessing columns that are set
+
+    def preprocessing_spec(self):
+        """The case's :class:`medexplain.transforms.Preprocessing`."""
+        from ..transforms import Preprocessing
+        return Preprocessing(**dict(self.preprocessing))
 
 
 def _safe_id(s: str) -> str:
@@ -132,6 +147,20 @@ def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> C
         return str(Path(p) if Path(p).is_absolute() else (base / p))
 
     case_id = _safe_id(cells["case_id"]) if cells.get("case_id") else f"{i:0{width}d}_{_safe_id(file_stem(resolve(image)))}"
+    target = cells.get("target", "")
+    region = cells.get("region") or None
+    if region is not None:
+        region = region.lower() if region.lower() in ("predicted", "all") else resolve(region)
+    prep = tuple((c, cells[c]) for c in PREPROCESSING_COLUMNS if cells.get(c))
+    if prep:
+        from ..errors import MedexplainError
+        from ..transforms import Preprocessing
+        try:
+            Preprocessing(**dict(prep))
+        except MedexplainError as e:
+            raise ManifestError(f"line {line}: {e}") from None
     return Case(index=i, case_id=case_id, image=resolve(image), mask=resolve(mask) if mask else None,
                 label=_int_cell(cells.get("label", ""), "label", line),
-                target=_int_cell(cells.get("target", ""), "target", line))
+                target=None if target.strip().lower() == "predicted" else _int_cell(target, "target", line),
+                region=region,
+                preprocessing=prep)

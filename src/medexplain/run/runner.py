@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import MedexplainError
+from ..io import check_output_dir
 from ..models.loading import load_model
 from ..registry import accepted_options, route_options
 from . import backends
@@ -117,6 +118,7 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
         raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
+    check_output_dir(out)  # creatable and writable, before any work
     config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
               "model": model, "model_sha256": sha256_file(model) if Path(model).is_file() else None,
               "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
@@ -208,8 +210,10 @@ def _previous_run(out: Path, config: dict, resume: bool) -> dict | None:
     diff += [f"options of {m}: first run {old_opts[m]}, now {config['options'][m]}" for m in config["methods"]
              if m in old_opts and old_opts[m] != config["options"][m]]
     if diff:
+        hint = (" A case that failed need not leave the manifest: --resume keeps its error row and goes on, "
+                "--resume --retry-errors redoes it." if any(d.startswith("manifest_sha256") for d in diff) else "")
         raise MedexplainError(f"cannot resume {out}: the setup differs from the first run's ({'; '.join(diff)}); "
-                              "repeat the first run's options, or use a new --out")
+                              f"repeat the first run's options, or use a new --out.{hint}")
     return previous
 
 

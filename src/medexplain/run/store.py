@@ -83,7 +83,7 @@ class RunStore:
         path = self.map_path(case_id, method)
         arr = amap.detach().cpu().numpy().astype(np.float32)
         if self.map_format == "nifti":
-            io.write_nifti(arr, path, affine)
+            io.write_nifti(arr, path, affine, spatial_dims=arr.ndim - 1)  # (C_or_1, *spatial): channels first
         else:
             with io.atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, map=arr, affine=np.asarray(affine, dtype=np.float64))

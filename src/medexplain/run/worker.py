@@ -28,7 +28,8 @@ from ..metrics.localisation import hit_rate
 from ..models.loading import load_model
 from ..pipelines import predicted_class
 from ..registry import get_method
-from ..targets import Class
+from ..targets import Class, Region, ResolvedTarget, resolve_target
+from ..transforms import resample_to_grid
 from .manifest import Case
 from .store import RunStore
 
@@ -73,6 +74,7 @@ class CaseProcessor:
         expect = model_expectations(self.model)    # {} for TorchScript
         self.channels, self.spatial_dims = expect.get("channels"), expect.get("spatial_dims")
         self.store = RunStore(spec.out, spec.map_format)
+        self.warnings: dict[str, list[str]] = {}   # per case: the reader's warnings (e.g. a zero pixel spacing)
 
     def ping(self) -> str:
         return str(self.device)
@@ -93,9 +95,9 @@ class CaseProcessor:
         for c in cases:
             stage = "image"
             try:
-                x, affine = self._image(c)
+                x, affine, prep = self._image(c)
                 stage = "mask"
-                loaded[c.case_id] = (x, affine, self._mask(c, x))
+                loaded[c.case_id] = (x, affine, self._mask(c, prep.prepared.original_shape), prep)
             except Exception as e:  # a bad case is recorded and the run goes on
                 records += self._errors(c, todo[c.case_id], e, stage)
                 continue
@@ -105,18 +107,31 @@ class CaseProcessor:
         return records
 
     def _image(self, case: Case):
+        """The case's model input (after its manifest preprocessing, :class:`medexplain.transforms.Preprocessing`),
+        the image's affine, and the preprocessing record (to put the maps back on the image grid)."""
         img, meta = io.read_image(case.image)
-        x = check_input(img[None], spatial_dims=self.spatial_dims, channels=self.channels)
-        return x.to(self.device, self.dtype), meta["affine"]  # the model's dtype: float32 files, float64 models
+        self.warnings[case.case_id] = list(meta.get("warnings", []))
+        pre = case.preprocessing_spec().build()
+        prep = _CasePrep(pre, pre.apply(img, meta["affine"]))
+        x = check_input(prep.prepared.image[None], spatial_dims=self.spatial_dims, channels=self.channels)
+        return x.to(self.device, self.dtype), meta["affine"], prep  # the model's dtype: float32 files, float64 models
 
-    def _mask(self, case: Case, x: torch.Tensor):
+    def _mask(self, case: Case, shape: tuple):
         """The evidence mask as bool ``(*spatial)`` (any channel > 0), on the image grid."""
         if not case.mask:
             return None
         m, _ = io.read_image(case.mask)
-        if tuple(m.shape[1:]) != tuple(x.shape[2:]):
-            raise InputError(f"mask grid {tuple(m.shape[1:])} does not match the image grid {tuple(x.shape[2:])}")
+        if tuple(m.shape[1:]) != tuple(shape):
+            raise InputError(f"mask grid {tuple(m.shape[1:])} does not match the image grid {tuple(shape)}")
         return (m > 0).any(0)
+
+    def _region(self, case: Case, prep: "_CasePrep"):
+        """The manifest's ``region``: None / ``predicted`` / ``all``, or its mask file on the model's grid."""
+        if case.region in (None, "predicted", "all"):
+            return case.region
+        m, meta = io.read_image(case.region)
+        p = prep.prepared
+        return resample_to_grid(m, meta["affine"], tuple(p.image.shape[1:]), p.affine)[None]
 
     def _group(self, group: list[Case], loaded: dict, todo: dict) -> list[dict]:
         """Cases of one shape: predict, resolve targets, then explain the whole group per method."""
@@ -135,13 +150,12 @@ class CaseProcessor:
                         o = forward(self.model, loaded[c.case_id][0])
                 else:
                     o = outs[i:i + 1]
-                pred = int(predicted_class(o)[0])
+                pred = _default_class(o, self.model)
             except Exception as e:
                 records += self._errors(c, todo[c.case_id], e, "model")
                 continue
-            t = pred if c.target is None else c.target
-            try:
-                Class(t).validate(o, 1)
+            try:  # the one target grammar: a segmenter's default is its largest predicted foreground region
+                t = resolve_target(o, c.target, self._region(c, loaded[c.case_id][3]), model=self.model)
             except Exception as e:
                 records += self._errors(c, todo[c.case_id], e, "target", predicted=pred)
                 continue
@@ -164,15 +178,23 @@ class CaseProcessor:
                     records.append(self._write_error(base, res, "explain"))
                     continue
                 amap, info = res
-                records.append(self._write_ok(base, amap, info, loaded[c.case_id][1], loaded[c.case_id][2]))
+                try:
+                    amap = loaded[c.case_id][3].invert(amap)          # back on the image grid
+                except Exception as e:
+                    records.append(self._write_error(base, e, "preprocessing"))
+                    continue
+                try:
+                    records.append(self._write_ok(base, amap, info, loaded[c.case_id][1], loaded[c.case_id][2]))
+                except Exception as e:  # a map that cannot be written is the case's error row, not the run's end
+                    records.append(self._write_error(base, e, "write"))
         return records
 
-    def _explain(self, method: str, xb: torch.Tensor, targets: list[int], need: list[int]) -> dict:
+    def _explain(self, method: str, xb: torch.Tensor, targets: list[ResolvedTarget], need: list[int]) -> dict:
         """Maps of the whole group (reproducible batch); on failure, case by case to isolate bad ones."""
         opts = dict(self.spec.options.get(method, {}))
         torch.manual_seed(self.spec.seed)
         try:
-            attr = explain(self.model, xb, method, target=list(targets), **opts)
+            attr = explain(self.model, xb, method, target=_batch_target(targets), **opts)
             return {i: (attr.map[i], _per_case_info(attr.info, xb.shape[0], i)) for i in need}
         except Exception as group_error:
             if xb.shape[0] == 1:
@@ -181,7 +203,7 @@ class CaseProcessor:
         for i in need:
             torch.manual_seed(self.spec.seed)
             try:
-                attr = explain(self.model, xb[i:i + 1], method, target=[targets[i]], **opts)
+                attr = explain(self.model, xb[i:i + 1], method, target=targets[i].target, **opts)
                 out[i] = (attr.map[0], _per_case_info(attr.info, 1, 0))
             except Exception as e:
                 out[i] = e
@@ -189,9 +211,16 @@ class CaseProcessor:
 
     # --- records -----------------------------------------------------------------------------------
     def _base(self, c: Case, method: str, target=None, predicted=None) -> dict:
+        resolved = target if isinstance(target, ResolvedTarget) else None
+        target = resolved.class_index if resolved is not None else target
         source = None if target is None else ("manifest" if c.target is not None else "predicted")
-        return {"case_id": c.case_id, "index": c.index, "image": c.image, "mask": c.mask, "label": c.label,
-                "target": target, "target_source": source, "predicted": predicted, "method": method}
+        rec = {"case_id": c.case_id, "index": c.index, "image": c.image, "mask": c.mask, "label": c.label,
+               "target": target, "target_source": source, "predicted": predicted, "method": method}
+        if resolved is not None and resolved.region is not None:
+            rec.update(region=resolved.region, region_voxels=resolved.voxels[0])
+        if c.preprocessing:
+            rec["preprocessing"] = dict(c.preprocessing)
+        return rec
 
     def _errors(self, c: Case, methods: list[str], err: Exception, stage: str, predicted=None) -> list[dict]:
         return [self._write_error(self._base(c, m, c.target, predicted), err, stage) for m in methods]
@@ -208,13 +237,48 @@ class CaseProcessor:
                "map_sum": float(amap.double().sum()), "map_abs_max": float(amap.abs().max()),
                "seconds": info.pop("seconds"), "n_forward": info.pop("n_forward"),
                "n_backward": info.pop("n_backward"), "info": info}
+        notes = list(self.warnings.get(base["case_id"], []))
         if mask is not None:
             hit = float(hit_rate(amap[None], mask[None])[0])
             rec["hit_rate"] = None if math.isnan(hit) else hit
             if math.isnan(hit):
-                rec["note"] = "mask is empty: hit_rate undefined (excluded from means)"
+                notes.append("mask is empty: hit_rate undefined (excluded from means)")
+        if notes:
+            rec["note"] = "; ".join(notes)
         self.store.write_record(rec)                                                   # ... then the record
         return rec
+
+
+@dataclass
+class _CasePrep:
+    """A case's preprocessor and what it did to the image (:mod:`medexplain.transforms`)."""
+
+    pre: object
+    prepared: object
+
+    def invert(self, amap: torch.Tensor) -> torch.Tensor:
+        return self.pre.invert(amap, self.prepared)
+
+
+def _default_class(out: torch.Tensor, model=None) -> int | None:
+    """The class the one target grammar explains by default (``predicted``), or None when the model
+    predicts no foreground; recorded as ``predicted``."""
+    if out.ndim == 2:
+        return int(predicted_class(out)[0])
+    try:
+        return resolve_target(out, model=model).class_index
+    except MedexplainError:
+        return None
+
+
+def _batch_target(targets: list[ResolvedTarget]):
+    """One target for a group of cases: per-sample classes, or per-sample regions stacked."""
+    ts = [t.target for t in targets]
+    if all(isinstance(t, Class) for t in ts):
+        return Class([t.class_index for t in targets])
+    if all(isinstance(t, Region) for t in ts):
+        return Region([t.class_index for t in targets], torch.cat([t.mask for t in ts]))
+    raise MedexplainError("the cases of this group mix region and whole-image targets")  # explained one by one
 
 
 def _per_case_info(info: dict, b: int, i: int) -> dict:

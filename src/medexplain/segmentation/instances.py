@@ -7,10 +7,23 @@ Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis les
 at most 5 voxels are dropped (``min_size=6``: a component is kept when it has >= 6 voxels).
 
 With a reference (ground-truth) mask every kept prediction is a **TP** when it overlaps the reference and
-an **FP** when it does not; a reference component that no kept prediction touches is an **FN** and its
-footprint is the reference voxels. Predicted components smaller than ``min_size`` are treated as noise:
-they neither count as instances nor as a detection of a reference lesion; reference components smaller
-than ``min_size`` are not reported as FN either (the same size rule for every kind).
+an **FP** when it does not (the reference code's ``non_zero`` rule); a reference component that is not
+detected is an **FN** and its footprint is the reference voxels. Reference components smaller than
+``min_size`` are not reported as FN (the same size rule for every kind).
+
+Three edge rules, chosen with ``find_instances(..., rules=)`` (:data:`RULES`):
+
+============================  =====================================  ========================================
+rule                          ``rules="medexplain"`` (default)       ``rules="reference"`` (federicospagnolo/IES)
+============================  =====================================  ========================================
+a reference lesion detected   a *kept* prediction (>= ``min_size``)  any thresholded predicted voxel touches
+                              touches it                             it, also of components <= 5 voxels
+a probability ``p`` kept      ``p > threshold``                      ``p >= threshold`` (``p == threshold``
+                                                                     is never set to 0 there)
+the reference binarised       like the prediction (bool as is,       ``>= 1.0`` (``binarize_mask(gt, 1.)``)
+                              integers ``> 0``, floats               for every dtype
+                              ``> threshold``)
+============================  =====================================  ========================================
 """
 from __future__ import annotations
 
@@ -23,6 +36,8 @@ from scipy import ndimage
 from ..errors import InputError
 
 KINDS = ("TP", "FP", "FN")
+#: ``find_instances``' edge rules: medexplain's (default) and the IES reference code's.
+RULES = ("medexplain", "reference")
 
 # neighbour counts accepted for ``connectivity`` -> scipy rank, per spatial dimensionality
 _COUNTS = {2: {4: 1, 8: 2}, 3: {6: 1, 18: 2, 26: 3}}
@@ -114,12 +129,23 @@ def _batched(a: np.ndarray, spatial_dims: int | None, what: str) -> tuple[np.nda
                      f"(*spatial), (B, *spatial) or (B, 1, *spatial)")
 
 
-def _binarise(a: np.ndarray, threshold: float) -> np.ndarray:
+def _binarise(a: np.ndarray, threshold: float, rules: str = "medexplain") -> np.ndarray:
+    """The prediction's foreground: bool as is, integers ``> 0`` (a label map), probabilities ``> threshold``
+    (``rules="medexplain"``) or ``>= threshold`` (``"reference"``: the IES code sets ``p > t`` to 1 and
+    ``p < t`` to 0, so ``p == t`` stays non-zero, i.e. foreground)."""
     if a.dtype == bool:
         return a
     if np.issubdtype(a.dtype, np.integer):
         return a > 0                 # a label map: every non-zero label is foreground
-    return a > threshold             # a probability map (the reference keeps p > threshold)
+    return a >= threshold if rules == "reference" else a > threshold
+
+
+def _binarise_reference(a: np.ndarray, threshold: float, rules: str) -> np.ndarray:
+    """The ground truth's foreground: like the prediction (``"medexplain"``) or ``>= 1.0`` whatever the dtype
+    (``"reference"``: the IES code's ``binarize_mask(gt, 1.)``; a label map keeps every label >= 1)."""
+    if rules == "reference":
+        return a >= 1 if a.dtype != bool else a
+    return _binarise(a, threshold)
 
 
 def _components(fg: np.ndarray, struct: np.ndarray, min_size: int) -> tuple[np.ndarray, list[int], np.ndarray]:
@@ -137,7 +163,7 @@ def _instance(mask_np: np.ndarray, kind, sample: int, label: int, device) -> Ins
 
 
 def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None, min_size: int = 6,
-                   reference=None, spatial_dims: int | None = None, *, mask_or_prob=None):
+                   reference=None, spatial_dims: int | None = None, *, mask_or_prob=None, rules: str = "medexplain"):
     """Connected-component lesion instances, optionally labelled TP / FP / FN.
 
     Parameters
@@ -154,11 +180,23 @@ def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None,
     min_size : int
         Components with fewer voxels are dropped (6 = the paper's "more than 5 voxels").
     reference : tensor or array, optional
-        Ground-truth mask, same shape as ``prob_or_mask`` (bool, 0/1, label map or probability, binarised
-        like the prediction). Gives every instance a kind and adds the FN instances.
+        Ground-truth mask, same shape as ``prob_or_mask`` (bool, 0/1, label map or probability; binarised
+        as ``rules`` says). Gives every instance a kind and adds the FN instances.
     spatial_dims : int, optional
         2 or 3; needed only to read a 3-D array as a batch of 2-D maps.
     mask_or_prob : keyword alias of ``prob_or_mask`` (the name uses).
+    rules : ``"medexplain"`` (default) or ``"reference"``
+        The three edge rules of the module docstring's table. ``"reference"`` reproduces the IES code
+        (its ``get_lesion_types_masks(pred, gt, "non_zero")`` on ``binarize_mask(gt, 1.)``): a reference
+        lesion touched by any thresholded predicted voxel is detected (no FN), also when that voxel's
+        component is too small to be an instance; ``p == threshold`` is foreground; the ground truth is
+        foreground where ``>= 1.0``. ``"medexplain"`` is the default because its counts add up: every
+        reference lesion (>= ``min_size``) is either touched by a reported TP instance or reported as FN,
+        never dropped from all three groups by a component too small to be reported itself; its
+        probability rule is the ``p > threshold`` the ``threshold`` option states; and a soft or
+        resampled ground truth (e.g. a mask interpolated to the model's grid) keeps its partial voxels
+        instead of only those exactly 1. For exact 0/1 or label-map references and continuous
+        probabilities the two differ only through the first rule.
 
     Returns
     -------
@@ -171,6 +209,8 @@ def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None,
     prob_or_mask = prob_or_mask if prob_or_mask is not None else mask_or_prob
     if int(min_size) < 1:
         raise InputError(f"min_size must be >= 1, got {min_size}")
+    if rules not in RULES:
+        raise InputError(f"rules must be one of {RULES}, got {rules!r}")
     device = prob_or_mask.device if isinstance(prob_or_mask, torch.Tensor) else "cpu"
     pred, batched = _batched(_as_numpy(prob_or_mask, "prob_or_mask"), spatial_dims, "prob_or_mask")
     struct = structure(pred.ndim - 1, connectivity)
@@ -183,15 +223,16 @@ def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None,
                              f"{tuple(np.shape(prob_or_mask))}")
     out = []
     for b in range(pred.shape[0]):
-        lab, kept, _ = _components(_binarise(pred[b], threshold), struct, int(min_size))
-        gt = _binarise(ref[b], threshold) if ref is not None else None
+        fg = _binarise(pred[b], threshold, rules)
+        lab, kept, _ = _components(fg, struct, int(min_size))
+        gt = _binarise_reference(ref[b], threshold, rules) if ref is not None else None
         items = []
         for i in kept:
             m = lab == i
             kind = None if gt is None else ("TP" if (m & gt).any() else "FP")
             items.append(_instance(m, kind, b, len(items) + 1, device))
         if gt is not None:
-            detected = np.isin(lab, kept)
+            detected = fg if rules == "reference" else np.isin(lab, kept)
             glab, gkept, _ = _components(gt, struct, int(min_size))
             hit = np.zeros(len(gkept), bool)
             touched = np.unique(glab[detected])

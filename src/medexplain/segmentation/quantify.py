@@ -35,6 +35,7 @@ from ..core import check_input, chunks, forward, model_guard
 from ..errors import InputError
 from ..io import atomic_path
 from ..ops import probabilities
+from ..sliding import with_inferer
 from .instances import KINDS, Instance, flatten_instances, structure
 
 
@@ -148,7 +149,7 @@ def group_statistics(rows: list[dict], columns=None, groups=KINDS, by: str = "ki
 
 def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channel: int = 1,
                        threshold: float = 0.5, connectivity=None, activation: str = "auto",
-                       chunk_size: int | None = 4) -> list[dict]:
+                       chunk_size: int | None = 4, inferer=None) -> list[dict]:
     """How much context does the model need to keep detecting a lesion? (the reference's experiment)
 
     For ``d = 0..d_max`` the input of the instance's image is kept only inside the instance dilated
@@ -158,11 +159,13 @@ def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channe
     one-channel output; :func:`medexplain.ops.probabilities`) and ``detected`` (some instance voxel
     still has probability > ``threshold``). ``instance`` may be a list: then one list of rows per
     instance. The ``d_max + 1`` inputs go through the model ``chunk_size`` rows per call; the model is
-    left as found.
+    left as found. ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run the model through
+    (:mod:`medexplain.sliding`).
     """
     if not isinstance(instance, Instance):
-        return [context_experiment(model, x, i, d_max, channel, threshold, connectivity, activation, chunk_size)
-                for i in flatten_instances(instance)]
+        return [context_experiment(model, x, i, d_max, channel, threshold, connectivity, activation, chunk_size,
+                                   inferer) for i in flatten_instances(instance)]
+    model = with_inferer(model, inferer)
     x = check_input(x)
     if int(d_max) < 0:
         raise InputError(f"d_max must be >= 0, got {d_max}")

@@ -15,6 +15,8 @@ instance ``L`` (a set of voxels on the output grid):
   samples. One backward row per lesion voxel and noise sample.
 * **Instance Grad-CAM++**: Grad-CAM++ with the class score ``sum_{v in L} z_c(v)`` at a decoder layer
   (the reference uses the U-Net decoder block at half resolution), upsampled to the input.
+  ``variant="paper"`` (default) is Chattopadhay et al.'s eq. 19; ``variant="monai"`` is MONAI's
+  ``GradCAMpp`` formula, which the IES reference code calls (``methods/cam.py`` has both).
 
 Maps are kept per input channel (``(n_instances, C, *spatial)``; Grad-CAM++ gives one channel) and are
 raw and signed.
@@ -29,10 +31,12 @@ replicated per instance, one forward and backward of all rows). Max aggregation 
 cotangents of the lesion voxels in batches of ``backward_rows`` rows on the same forward.
 
 Differences from the reference code (federicospagnolo/IES): the mean map is divided by N (the reference
-also divides by the number of lesions, a constant factor); the max loop visits every lesion voxel (the
-reference skips the last one); noise is drawn per image from ``seed`` (:class:`medexplain.ops.NoiseSource`
-with ``scale="channel0"``, the one SmoothGrad noise rule) so results do not depend on the chunking or on
-which other instances are explained.
+also divides by the number of lesions, a constant factor); the max loop visits every lesion voxel (as the
+reference's latest version; earlier ones skipped the last one); noise is drawn per image from ``seed``
+(:class:`medexplain.ops.NoiseSource` with ``scale="channel0"``, the one SmoothGrad noise rule) so results
+do not depend on the chunking or on which other instances are explained. The instance rules and the
+Grad-CAM++ formula can follow the reference (``find_instances(..., rules="reference")``,
+``variant="monai"``); ``docs/instances.md`` lists every difference with its measured size.
 """
 from __future__ import annotations
 
@@ -57,11 +61,13 @@ from ..core import (
 )
 from ..errors import InputError, TargetError, UnsupportedModelError
 from ..ops import NoiseSource
+from ..sliding import is_sliding, window_info, with_inferer
 from ..targets import Region
 from .instances import Instance, flatten_instances
 
 METHODS = ("smoothgrad", "gradcam++")
 STRATEGIES = ("batched", "loop", "vmap", "replicate")
+GRADCAM_PP_VARIANTS = ("paper", "monai")
 
 
 def decoder_layer(model: nn.Module, x: torch.Tensor) -> str:
@@ -70,14 +76,20 @@ def decoder_layer(model: nn.Module, x: torch.Tensor) -> str:
     In a U-Net the encoder runs before the decoder, so the last such convolution called in the forward
     pass belongs to the decoder block at half resolution: the reference's Grad-CAM++ layer
     (``model.1.submodule.2.conv`` in MONAI's ``UNet``). Falls back to the last convolution when no
-    layer runs at half resolution. One forward of one image (no gradients) is spent to find it, with
-    every convolution (``core.CONV``, ``core.CONV_TRANSPOSE``) captured by the one layer hook.
+    layer runs at half resolution. Only convolutions the output depends on count, so a supervision head
+    that is computed but unused in eval (MONAI ``DynUNet(deep_supervision=True)``) is never chosen. One
+    forward and backward of one image are spent to find it, with every convolution (``core.CONV``,
+    ``core.CONV_TRANSPOSE``) recorded on the autograd path by the one layer hook (``mode="tap"``) and the
+    dependency read by :func:`medexplain.methods.cam_layers.dependent`.
     """
+    from ..methods.cam_layers import dependent
     half = tuple((s + 1) // 2 for s in x.shape[2:])
     convs = [n for n, m in unwrap(model).named_modules() if n and isinstance(m, CONV + CONV_TRANSPOSE)]
-    with torch.no_grad(), capture_layers(model, convs) as caps:
-        forward(model, x[:1])
-    seen = sorted(((i, n, tuple(o.shape[2:])) for n, c in caps.items() for i, o in zip(c.order, c.outputs)))
+    with torch.enable_grad(), capture_layers(model, convs, mode="tap") as caps:
+        out = forward(model, x[:1].detach().requires_grad_(True))
+    calls = [(i, n, o) for n, c in caps.items() for i, o in zip(c.order, c.outputs)]
+    used = dependent(out, [o for _, _, o in calls])
+    seen = sorted((i, n, tuple(o.shape[2:])) for (i, n, o), u in zip(calls, used) if u)
     if not seen:
         raise UnsupportedModelError("no convolution was called in the forward pass; pass layer= for Grad-CAM++")
     at_half = [n for _, n, s in seen if s == half]
@@ -170,6 +182,16 @@ def _vjp_mean(model, xn, masks, channel, strategy, cost, first, backward_rows):
     return total
 
 
+def _batched_grad(model, z, xn, cot, retain_graph):
+    """``(I, *xn.shape)``: the VJPs of the cotangents ``cot`` ``(I, *z.shape)``, batched
+    (``is_grads_batched``); through a sliding-window model one at a time (its window-by-window backward
+    reads each cotangent to skip the windows it does not touch, :mod:`medexplain.sliding`)."""
+    if not is_sliding(model):
+        return torch.autograd.grad(z, xn, grad_outputs=cot, is_grads_batched=True, retain_graph=retain_graph)[0]
+    return torch.stack([torch.autograd.grad(z, xn, grad_outputs=c, retain_graph=retain_graph or i < len(cot) - 1)[0]
+                        for i, c in enumerate(cot)])
+
+
 def _vjp_max(model, xn, masks, channel, cost, first, backward_rows):
     """Per noise row, the signed per-voxel gradient of largest magnitude over the lesion voxels;
     summed over the noise rows: ``(I, C, *s)``."""
@@ -186,7 +208,7 @@ def _vjp_max(model, xn, masks, channel, cost, first, backward_rows):
         v = vox[sl]
         cot = torch.zeros((len(v), n, *spatial), dtype=xn.dtype, device=xn.device)
         cot.view(len(v), n, -1)[torch.arange(len(v), device=v.device), :, v] = 1   # one-hot per lesion voxel
-        (g,) = torch.autograd.grad(z, xn, grad_outputs=cot, is_grads_batched=True, retain_graph=k < len(jobs) - 1)
+        g = _batched_grad(model, z, xn, cot, retain_graph=k < len(jobs) - 1)
         cost.n_backward += len(v) * n
         pick = g.abs().argmax(0, keepdim=True)        # first voxel on ties
         cand = g.gather(0, pick)[0]                   # (n, C, *s), signed
@@ -219,14 +241,15 @@ def _smoothgrad(model, x, flat, channel, aggregate, n_samples, sigma, seed, chun
     return maps
 
 
-def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost):
+def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost, variant="paper"):
     from ..explain import explain  # the registry's Grad-CAM++ (explain imports methods, never segmentation)
     maps = None
     for sl in chunks(len(flat), chunk_size):
         part = flat[sl]
         xr = x[[inst.sample for inst in part]].detach()
         masks = torch.stack([inst.mask for inst in part]).to(x.device)
-        attr = explain(model, xr, method="gradcam++", target=Region(channel, masks, reduce="sum"), layer=layer)
+        attr = explain(model, xr, method="gradcam++", target=Region(channel, masks, reduce="sum"), layer=layer,
+                       variant=variant)
         cost.n_forward += attr.info["n_forward"]
         cost.n_backward += attr.info["n_backward"]
         maps = attr.map if maps is None else torch.cat([maps, attr.map])
@@ -236,7 +259,8 @@ def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost):
 def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str = "smoothgrad",
                       aggregate: str = "mean", channel: int = 1, n_samples: int = 50, sigma: float = 0.05,
                       seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160, layer=None,
-                      strategy: str = "batched", noise: torch.Tensor | None = None) -> Attribution:
+                      strategy: str = "batched", noise: torch.Tensor | None = None,
+                      variant: str = "paper", inferer=None) -> Attribution:
     """Instance saliency maps as an :class:`~medexplain.Attribution` (``map``: ``(n_instances, C, *spatial)``).
 
     Parameters
@@ -264,18 +288,36 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         Upper bound on rows (instances or lesion voxels x noise samples) backpropagated in one batch.
     layer : str or module
         Grad-CAM++ layer; default :func:`decoder_layer` (decoder convolution at half resolution).
+    variant : ``"paper"`` (default) or ``"monai"``
+        Grad-CAM++ only: the paper's weights (Chattopadhay et al. 2018, eq. 19) or MONAI's ``GradCAMpp``
+        formula, which the IES reference code uses (``mx.explain(..., "gradcam++", variant=)``). The
+        paper's formula is the default because it is the published method; pick ``"monai"`` to compare
+        with the reference's maps (how much the two differ: ``docs/instances.md``).
     strategy : ``"batched"`` (default), ``"loop"``, ``"vmap"``, ``"replicate"``
         How mean-aggregated instances share a forward pass (see the module docstring); all give the same
         maps up to floating-point rounding.
+    inferer : ``monai.inferers.SlidingWindowInferer``, optional
+        Run the model window by window (:mod:`medexplain.sliding`): each instance is backpropagated
+        through the windows it touches only (``"batched"`` then runs as ``"loop"``, one backward per
+        instance on the shared forward; ``"vmap"`` is refused), and ``info`` counts windows.
     """
     if method not in METHODS:
         raise InputError(f"instance saliency method must be one of {METHODS}, got {method!r}")
     if aggregate not in ("mean", "max"):
         raise InputError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+    if variant not in GRADCAM_PP_VARIANTS:
+        raise InputError(f"variant must be one of {GRADCAM_PP_VARIANTS}, got {variant!r}")
+    if method != "gradcam++" and variant != "paper":
+        raise InputError("variant chooses the Grad-CAM++ formula; it does not apply to method='smoothgrad'")
     if method == "gradcam++" and aggregate != "mean":
         raise InputError("Grad-CAM++ explains the summed lesion logits; aggregate='max' is SmoothGrad only")
     if strategy not in STRATEGIES:
         raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    model = with_inferer(model, inferer)
+    if is_sliding(model):
+        if strategy == "vmap":
+            raise InputError("strategy='vmap' cannot run through a sliding-window inferer; use loop, batched or replicate")
+        strategy = "loop" if strategy == "batched" else strategy
     if int(n_samples) < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
     if sigma < 0:
@@ -301,9 +343,9 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         else:
             layer = layer if layer is not None else decoder_layer(model, x)
             find_layer(model, layer)
-            maps = _gradcam_pp(model, x, flat, channel, layer, chunk_size or len(flat), cost)
-            extra.update(layer=layer if isinstance(layer, str) else type(layer).__name__)
-    info = cost.info(**extra)
+            maps = _gradcam_pp(model, x, flat, channel, layer, chunk_size or len(flat), cost, variant)
+            extra.update(layer=layer if isinstance(layer, str) else type(layer).__name__, variant=variant)
+    info = window_info(model, cost.info(**extra))
     info["seconds"] = time.perf_counter() - t0
     return Attribution(maps.detach(), f"instance_{method}", flat, info)
 

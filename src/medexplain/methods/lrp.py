@@ -1,0 +1,305 @@
+"""Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019, "Layer-Wise Relevance
+Propagation: An Overview") on Captum's ``LRP``, N-D, with the standard composites.
+
+Captum 0.9's ``LRP`` has default rules only for 2D layers (``Conv2d``, ``AvgPool2d``, ``BatchNorm2d``, ...)
+and raises ``TypeError`` on a ``Conv3d``. Zennit has the composites but cannot be installed here: its
+package ``__init__`` imports torchvision, which would replace our torch. So this module assigns rules to
+every leaf layer through Captum's own mechanism (a ``rule`` attribute per layer, which Captum reads before
+its defaults) and lets Captum run the propagation; :func:`medexplain.methods.captum_methods.library_guard`
+removes every rule, hook and attribute afterwards and puts back any rule the user had set.
+
+Composites (the layer maps of Zennit's ``composites.py``, after Montavon et al. 2019, section 10.2):
+
+- ``epsilon``: Captum's defaults, extended to 1D/3D layers: LRP-epsilon on every linear, convolutional,
+  pooling and norm layer (Captum's ``EpsilonRule``, epsilon 1e-9 unless given). On a 2D model equal to
+  ``captum.attr.LRP`` (tests).
+- ``epsilon_plus_flat`` (Zennit ``EpsilonPlusFlat``): flat rule on the first linear/conv layer, z+ on the
+  other convolutions, epsilon (1e-6) on fully connected layers.
+- ``epsilon_gamma_box`` (Zennit ``EpsilonGammaBox``): z^B (box) rule on the first convolution with bounds
+  ``low``/``high`` (default: each sample's min and max), gamma (0.25, Captum's ``GammaRule``) on the
+  other convolutions, epsilon on fully connected layers.
+- ``epsilon_alpha2_beta1`` (Zennit ``EpsilonAlpha2Beta1``): alpha=2, beta=1 on convolutions, epsilon on
+  fully connected layers.
+
+In every composite, pooling, upsampling and reshaping layers get LRP-epsilon with a stabiliser only
+(Zennit's ``Norm`` rule); ReLU / Tanh / Dropout get Captum's pass-through; the other elementwise
+activations of :data:`medexplain.core.ACTIVATION`, norm layers (no canonizer merges a batch norm into the
+preceding layer, Zennit's ``SequentialMergeBatchNorm``) and identity layers (``nn.Identity``,
+``nn.Dropout3d`` in eval) pass relevance through unchanged (Zennit's ``Pass``). The exception is the batch
+norm under ``epsilon``, which keeps Captum's default (epsilon); LRP-epsilon on a mean-subtracting norm
+(instance, group, layer norm) would send almost no relevance through. Additions written in a model's
+``forward`` (residual connections) are not modules, so nothing splits relevance there: on residual networks
+relevance is not conserved (``docs/peers.md`` gives measured figures).
+
+The rules Captum lacks are written here as Captum ``PropagationRule`` subclasses: alpha-beta (with alpha=1,
+beta=0 it is z+ for signed inputs), flat and z^B compute the relevance of their layer's input with the
+layer's functional form (``F.linear``, ``_conv_forward``, ``F.conv_transpose``) under modified weights,
+following Montavon et al. 2019, eq. 4-9; the pass-through replaces Captum's ``IdentityRule``, which loses
+the relevance after an ``nn.Dropout`` (it does not mark the replaced gradient, so the Dropout's hook
+forwards the raw gradient).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import ACTIVATION, CONV, CONV_TRANSPOSE, NORM, POOL
+from ..errors import InputError, UnsupportedModelError
+from ..registry import register
+from .captum_methods import _stabilize, captum_call
+
+__all__ = ["lrp", "COMPOSITES", "lrp_rules"]
+
+COMPOSITES = ("epsilon", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1")
+#: Layers relevance passes through unchanged (elementwise), Captum's built-in nonlinear pass-through.
+_CAPTUM_PASS = (nn.ReLU, nn.Dropout, nn.Tanh)
+_ELEMENTWISE = ACTIVATION + (nn.Sigmoid,)
+#: Layers whose output is their input tensor itself in eval: relevance passes through them untouched.
+_SAME_TENSOR = (nn.Identity, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_NORM_LIKE = POOL + (nn.Flatten, nn.Unflatten, nn.Upsample)
+_WEIGHTED = CONV + CONV_TRANSPOSE + (nn.Linear,)
+
+
+def _layer_forward(module: nn.Module, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The layer's own function of ``a`` with ``weight``/``bias`` in place of its parameters (no hooks)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(a, weight, bias)
+    if isinstance(module, CONV):
+        return module._conv_forward(a, weight, bias)
+    if isinstance(module, CONV_TRANSPOSE):
+        fn = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+              nn.ConvTranspose3d: F.conv_transpose3d}[type(module)]
+        return fn(a, weight, bias, module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+    raise UnsupportedModelError(f"no LRP rule implementation for {type(module).__name__}")
+
+
+def _make_rule_classes():
+    from captum.attr._utils.lrp_rules import PropagationRule
+
+    class ModifiedRule(PropagationRule):
+        """A rule ``R_in = reduce_k(in_k * d/d in_k [z_k(in_k; theta_k) . s_k])`` with ``s_k = R_out / z``
+        (the general form of Montavon et al. 2019, eq. 8), computed in the backward hook of the layer
+        input from the layer output's relevance. Subclasses give the terms."""
+
+        def __init__(self, stabilizer: float = 1e-6):
+            self.stabilizer = stabilizer
+
+        def _manipulate_weights(self, module, inputs, outputs):  # the terms modify weights functionally
+            pass
+
+        def forward_hook(self, module, inputs, outputs):
+            self._module = module
+            return super().forward_hook(module, inputs, outputs)
+
+        def _create_backward_hook_output(self, outputs):
+            def hook(grad):
+                self._relevance_out = grad.detach()
+                self.relevance_output[grad.device] = grad.data
+                return grad
+            return hook
+
+        def _create_backward_hook_input(self, inputs):
+            def hook(grad):
+                rel = self.relevance(self._module, inputs, self._relevance_out)
+                if self._has_single_input:
+                    self.relevance_input[grad.device] = rel.data
+                grad.replace_out = rel
+                return rel
+            return hook
+
+        def _vjp(self, module, a, weight, bias, cotangent):
+            with torch.enable_grad():
+                a = a.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(_layer_forward(module, a, weight, bias), a, cotangent)
+            return g
+
+        @staticmethod
+        def _params(module):
+            w = module.weight.detach()
+            b = module.bias.detach() if getattr(module, "bias", None) is not None else None
+            return w, b
+
+    class AlphaBetaRule(ModifiedRule):
+        """LRP-alpha-beta (Bach et al. 2015, eq. 60; Montavon et al. 2019, eq. 9 for alpha=1, beta=0 = z+):
+        positive and negative contributions (``a+ w+ + a- w-`` and ``a+ w- + a- w+``, bias split by sign)
+        normalised separately, weighted ``alpha`` and ``-beta``; Zennit's ``AlphaBeta`` terms."""
+
+        def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
+            if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
+                raise InputError(f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1; got {alpha}, {beta}")
+            super().__init__(stabilizer)
+            self.alpha, self.beta = alpha, beta
+
+        def relevance(self, module, a, r):
+            w, b = self._params(module)
+            ap, an = a.clamp(min=0), a.clamp(max=0)
+            wp, wn = w.clamp(min=0), w.clamp(max=0)
+            bp = None if b is None else b.clamp(min=0)
+            bn = None if b is None else b.clamp(max=0)
+            zp = _layer_forward(module, ap, wp, bp) + _layer_forward(module, an, wn, None)
+            zn = _layer_forward(module, ap, wn, bn) + _layer_forward(module, an, wp, None)
+            sp, sn = r / _stabilize(zp, self.stabilizer), r / _stabilize(zn, self.stabilizer)
+            pos = ap * self._vjp(module, ap, wp, bp, sp) + an * self._vjp(module, an, wn, None, sp)
+            neg = ap * self._vjp(module, ap, wn, bn, sn) + an * self._vjp(module, an, wp, None, sn)
+            return self.alpha * pos - self.beta * neg
+
+    class FlatRule(ModifiedRule):
+        """LRP-flat (Lapuschkin et al. 2019, "Unmasking Clever Hans predictors", section "Methods"): relevance
+        spread uniformly over each output's receptive field, ``R_j = sum_k 1 / (sum_j' 1) R_k``."""
+
+        def relevance(self, module, a, r):
+            w, _ = self._params(module)
+            ones_w, ones_a = torch.ones_like(w), torch.ones_like(a)
+            z = _layer_forward(module, ones_a, ones_w, None)
+            return self._vjp(module, ones_a, ones_w, None, r / _stabilize(z, self.stabilizer))
+
+    class ZBoxRule(ModifiedRule):
+        """LRP-z^B for inputs bounded in ``[low, high]`` (Montavon et al. 2017, "Explaining nonlinear
+        classification decisions with deep Taylor decomposition", eq. for R_i with z^B; Montavon et al. 2019,
+        table 1): ``z = a w - l w+ - h w-``."""
+
+        def __init__(self, low, high, stabilizer: float = 1e-6):
+            super().__init__(stabilizer)
+            self.low, self.high = low, high
+
+        def relevance(self, module, a, r):
+            w, b = self._params(module)
+            low = torch.as_tensor(self.low, dtype=a.dtype, device=a.device).expand_as(a)
+            high = torch.as_tensor(self.high, dtype=a.dtype, device=a.device).expand_as(a)
+            wp, wn = w.clamp(min=0), w.clamp(max=0)
+            z = _layer_forward(module, a, w, b) - _layer_forward(module, low, wp, b) - _layer_forward(module, high, wn, b)
+            s = r / _stabilize(z, self.stabilizer)
+            return a * self._vjp(module, a, w, b, s) - low * self._vjp(module, low, wp, b, s) \
+                - high * self._vjp(module, high, wn, b, s)
+
+    class PassRule(ModifiedRule):
+        """Pass-through (Zennit's ``Pass``): ``R_in = R_out`` for elementwise layers. Captum's ``IdentityRule``
+        does the same but does not mark the replaced gradient (``replace_out``), so a Captum pass-through
+        layer before it (an ``nn.Dropout``) forwards the raw gradient instead of the relevance."""
+
+        def relevance(self, module, a, r):
+            return r
+
+    class TransparentRule(PropagationRule):
+        """For layers that return their input tensor itself in eval (``nn.Identity``, ``nn.Dropout2d``, ...):
+        no tensor hooks (an input and an output hook on the same tensor would run in the wrong order), only
+        a fresh output, so relevance flows through unchanged."""
+
+        def _manipulate_weights(self, module, inputs, outputs):
+            pass
+
+        def forward_hook(self, module, inputs, outputs):
+            return outputs.clone()
+
+    return AlphaBetaRule, FlatRule, ZBoxRule, PassRule, TransparentRule
+
+
+def _leaf_layers(module: nn.Module) -> list[nn.Module]:
+    """Leaf modules in Captum's order (children, recursively), as ``LRP._get_layers`` collects them."""
+    out = []
+    for child in module.children():
+        if len(list(child.children())) == 0:
+            out.append(child)
+        else:
+            out.extend(_leaf_layers(child))
+    return out
+
+
+def _user_rule(m: nn.Module):
+    """The rule a user set on ``m`` (``None``: none; a ``rule = None`` left on a layer by a Captum ``LRP`` call
+    that raised before cleaning up counts as none)."""
+    return getattr(m, "rule", None)
+
+
+def _unsupported(layers) -> list[str]:
+    return sorted({type(m).__name__ for m in layers
+                   if _user_rule(m) is None
+                   and not isinstance(m, _WEIGHTED + NORM + _NORM_LIKE + _SAME_TENSOR + _ELEMENTWISE + _CAPTUM_PASS)})
+
+
+def _lrp_applies(model, output) -> str | None:
+    bad = _unsupported(_leaf_layers(model))
+    return f"LRP has no rule for layer type(s) {bad}" if bad else None
+
+
+def lrp_rules(model: nn.Module, composite: str = "epsilon", epsilon: float | None = None, gamma: float = 0.25,
+              low=None, high=None) -> dict[nn.Module, object]:
+    """The rule each leaf layer of ``model`` gets under ``composite`` (layers Captum handles by itself and
+    layers with a user-set ``rule`` are left out)."""
+    from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
+    if composite not in COMPOSITES:
+        raise InputError(f"unknown LRP composite {composite!r}; choose one of {COMPOSITES}")
+    AlphaBetaRule, FlatRule, ZBoxRule, PassRule, TransparentRule = _make_rule_classes()
+    layers = _leaf_layers(model)
+    bad = _unsupported(layers)
+    if bad:
+        raise UnsupportedModelError(f"LRP has no rule for layer type(s) {bad}; set a Captum rule on them (layer.rule = ...)")
+    eps = (1e-9 if composite == "epsilon" else 1e-6) if epsilon is None else float(epsilon)
+    first = next((m for m in layers if isinstance(m, _WEIGHTED) and _user_rule(m) is None), None)
+    rules = {}
+    for m in layers:
+        if _user_rule(m) is not None or isinstance(m, _CAPTUM_PASS):
+            continue
+        if isinstance(m, _SAME_TENSOR):
+            rules[m] = TransparentRule()
+        elif isinstance(m, _ELEMENTWISE):
+            rules[m] = PassRule()
+        elif isinstance(m, NORM):  # Captum's default for BatchNorm2d in "epsilon"; else pass (no canonizer)
+            batch = isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+            rules[m] = EpsilonRule() if composite == "epsilon" and batch else PassRule()
+        elif isinstance(m, _NORM_LIKE):
+            rules[m] = EpsilonRule()
+        elif composite == "epsilon" or isinstance(m, nn.Linear) and m is not first:
+            rules[m] = EpsilonRule(epsilon=eps)
+        elif composite == "epsilon_plus_flat":
+            rules[m] = FlatRule() if m is first else AlphaBetaRule(1.0, 0.0)
+        elif composite == "epsilon_gamma_box":
+            if m is first and isinstance(m, CONV + CONV_TRANSPOSE):
+                rules[m] = ZBoxRule(low, high)
+            else:
+                rules[m] = GammaRule(gamma=gamma) if not isinstance(m, nn.Linear) else EpsilonRule(epsilon=eps)
+        else:  # epsilon_alpha2_beta1
+            rules[m] = AlphaBetaRule(2.0, 1.0) if not isinstance(m, nn.Linear) else EpsilonRule(epsilon=eps)
+    return rules
+
+
+@register("lrp", needs_hooks=True, applies_to=_lrp_applies)
+def lrp(model, x, target, cost, composite: str = "epsilon", epsilon: float | None = None, gamma: float = 0.25,
+        low=None, high=None, chunk_size: int | None = 64):
+    """LRP with a standard composite (see the module docstring), N-D (Conv1d/2d/3d, ConvTranspose, Linear,
+    pooling and norm layers of every dimensionality), on Captum's ``LRP``.
+
+    The explained score is the target's (a class logit, or a segmenter's logits summed over a ``Region``);
+    for a sum of outputs each output is seeded with its own relevance (``TargetScore(relevance_seed=True)``),
+    so relevance is conserved per output. ``low``/``high``: the input box of ``epsilon_gamma_box`` (scalars or
+    tensors broadcastable to ``x``; default each sample's min and max). ``chunk_size`` samples per call.
+    A layer that runs twice in one forward (a shared module) is refused, as Captum refuses it.
+    """
+    from captum.attr import LRP
+    if composite not in COMPOSITES:
+        raise InputError(f"unknown LRP composite {composite!r}; choose one of {COMPOSITES}")
+    b = x.shape[0]
+    lo = x.flatten(1).amin(1).view(-1, *[1] * (x.ndim - 1)) if low is None else torch.as_tensor(low).to(x)
+    hi = x.flatten(1).amax(1).view(-1, *[1] * (x.ndim - 1)) if high is None else torch.as_tensor(high).to(x)
+
+    def box(t, sl):
+        return t[sl] if t.ndim == x.ndim and t.shape[0] == b > 1 else t
+
+    def call(obj, xs, idx, sl):
+        rules = lrp_rules(model, composite, epsilon, gamma, box(lo, sl), box(hi, sl))
+        for m in _leaf_layers(model):  # Captum would read a leftover `rule = None` as a rule (put back on exit)
+            if "rule" in m.__dict__ and m.rule is None:
+                del m.rule
+        for m, rule in rules.items():
+            m.rule = rule
+        try:
+            return obj.attribute(xs, additional_forward_args=(idx,))
+        except RuntimeError as e:
+            if "more than once" in str(e):
+                raise UnsupportedModelError("LRP: a layer runs more than once in one forward pass (a shared module); "
+                                            "LRP needs one rule application per layer") from e
+            raise
+
+    m = captum_call(model, x, target, cost, LRP, call, 1, chunk_size, restore_values=True, relevance_seed=True)
+    return m, {"composite": composite}

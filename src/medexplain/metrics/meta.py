@@ -1,0 +1,80 @@
+"""What each peer-style metric is: its direction and what it applies to, declared once (as Quantus declares
+``score_direction``, ``evaluation_category`` and ``data_applicability`` on its metric classes).
+
+Every metric of :mod:`.perturbation`, :mod:`.robustness` and :mod:`.randomisation` is registered here with a
+:class:`MetricInfo`; :func:`available_metrics` lists them, optionally only those that apply to a target, so
+a bench or report does not special-case metric names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import TargetError
+from ..targets import Class, MultiLabel, Region, Target, as_target
+
+__all__ = ["MetricInfo", "METRICS", "available_metrics", "metric_info"]
+
+TARGET_KINDS = ("Class", "MultiLabel", "Region")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """``directions``: for each summary figure of the result, ``"higher"`` or ``"lower"`` is better;
+    ``primary`` names the figure a table shows. ``applies_to``: the target kinds the metric is defined for
+    (``Class`` on a classifier, ``MultiLabel``, ``Region`` on a segmenter). ``needs``: ``"maps"`` (scores
+    precomputed maps) or ``"method"`` (re-explains with a registered method). ``peer``: the reference
+    implementation the tests compare with."""
+
+    name: str
+    category: str
+    directions: dict
+    primary: str
+    applies_to: tuple
+    needs: str
+    reference: str
+    peer: str
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.directions[self.primary] == "higher"
+
+    def check(self, target) -> Target:
+        """The target as a :class:`Target`, or a :class:`TargetError` when the metric is not defined for it."""
+        t = as_target(target)
+        kind = _kind(t)
+        if kind not in self.applies_to:
+            raise TargetError(f"{self.name} is defined for {', '.join(self.applies_to)} targets, not {kind}")
+        return t
+
+
+def _kind(t: Target) -> str:
+    for cls in (Region, MultiLabel, Class):
+        if isinstance(t, cls):
+            return cls.__name__
+    base = getattr(t, "base", None)  # a RowTarget (noise tunnel) is its base's kind
+    return _kind(base) if isinstance(base, Target) else type(t).__name__
+
+
+METRICS: dict[str, MetricInfo] = {}
+
+
+def register_metric(info: MetricInfo):
+    def deco(fn):
+        METRICS[info.name] = info
+        fn.info = info
+        return fn
+    return deco
+
+
+def metric_info(name: str) -> MetricInfo:
+    if name not in METRICS:
+        raise KeyError(f"unknown metric {name!r}; available: {sorted(METRICS)}")
+    return METRICS[name]
+
+
+def available_metrics(target=None) -> list[str]:
+    """Names of the registered peer-style metrics; with ``target``, those defined for its kind."""
+    if target is None:
+        return sorted(METRICS)
+    kind = _kind(as_target(target))
+    return sorted(n for n, m in METRICS.items() if kind in m.applies_to)

@@ -1,0 +1,141 @@
+"""MONAI bundles (medexplain.models.bundle): a tiny bundle written on disk in MONAI's format (a small UNet with
+random weights, configs/inference.json with network_def, a preprocessing Compose, a SlidingWindowInferer and a
+postprocessing Compose), loaded with monai.bundle.ConfigParser and explained end to end from the command line."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import medexplain as mx
+from medexplain import io
+from medexplain.cli import app
+from medexplain.errors import ModelLoadError
+
+runner = CliRunner()
+AFFINE = np.array([[-1.0, 0, 0, 10], [0, 1.2, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 1]])   # LAS, anisotropic
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on 2 shared cores, OpenMP's threads make each tiny convolution ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def inference_config(roi=(8, 8, 8)):
+    """configs/inference.json as a MONAI Model Zoo bundle writes it (spleen_ct_segmentation's layout)."""
+    return {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "device": "$torch.device('cpu')",
+        "network_def": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 2, "out_channels": 2,
+                        "channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 1.5], "mode": "bilinear"},
+            {"_target_": "ScaleIntensityd", "keys": "image"},
+            {"_target_": "EnsureTyped", "keys": "image"}]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(roi), "sw_batch_size": 2, "overlap": 0.25,
+                    "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir"}]},
+    }
+
+
+def make_bundle(root, seed=0):
+    from monai.networks.nets import UNet
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    (root / "configs" / "inference.json").write_text(json.dumps(inference_config(), indent=2))
+    torch.manual_seed(seed)
+    net = UNet(3, 2, 2, channels=(4, 8), strides=(2,), num_res_units=0)
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return net
+
+
+def make_case(path):
+    img = np.random.default_rng(0).normal(size=(15, 13, 11, 2)).astype(np.float32)   # 2 contrasts, channels last
+    nib.save(nib.Nifti1Image(img, AFFINE), str(path))
+    return img
+
+
+def test_load_bundle_reads_network_weights_preprocessing_and_inferer(tmp_path):
+    from monai.inferers import SlidingWindowInferer
+    net = make_bundle(tmp_path / "b")
+    b = mx.models.load_bundle(tmp_path / "b")
+    assert all(torch.equal(p, q) for p, q in zip(b.network.state_dict().values(), net.state_dict().values()))
+    assert not b.network.training and isinstance(b.inferer, SlidingWindowInferer) and b.inferer.roi_size == [8, 8, 8]
+    assert [type(t).__name__ for t in b.preprocessing.transforms][:3] == ["LoadImaged", "EnsureChannelFirstd",
+                                                                          "Orientationd"]
+    assert "SaveImaged" not in [type(t).__name__ for t in b.postprocessing().transforms]   # nothing written behind our back
+
+
+def test_the_bundles_own_loader_gives_the_input_medexplain_prepares(tmp_path):
+    make_bundle(tmp_path / "b")
+    make_case(tmp_path / "case.nii.gz")
+    b = mx.models.load_bundle(tmp_path / "b")
+    img, meta = io.read_image(tmp_path / "case.nii.gz")
+    prepared = b.model_preprocessing().build().apply(img, meta["affine"])
+    theirs = b.preprocessing({"image": str(tmp_path / "case.nii.gz")})["image"]        # LoadImaged on the file
+    assert tuple(prepared.image.shape) == tuple(theirs.shape) == (2, 10, 11, 14)       # RAS, 1.5 mm
+    assert torch.equal(prepared.image, theirs.as_tensor())
+    assert np.allclose(prepared.affine, theirs.affine.numpy())
+
+
+def test_a_bundle_explained_from_the_command_line_gives_maps_on_the_input_grid_and_affine(tmp_path):
+    make_bundle(tmp_path / "b")
+    img = make_case(tmp_path / "case.nii.gz")
+    res = runner.invoke(app, ["explain", str(tmp_path / "case.nii.gz"), "--bundle", str(tmp_path / "b"),
+                              "--method", "saliency,gradcam", "--target", "1", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    for m in ("saliency", "gradcam"):
+        nii = nib.load(str(tmp_path / "out" / f"case_{m}.nii.gz"))
+        assert nii.shape[:3] == img.shape[:3] and np.allclose(nii.affine, AFFINE)
+        assert np.abs(np.asarray(nii.dataobj)).max() > 0
+    assert nib.load(str(tmp_path / "out" / "case_saliency.nii.gz")).shape == img.shape   # one map per contrast
+    pred = nib.load(str(tmp_path / "out" / "case_prediction.nii.gz"))                  # the bundle's postprocessing
+    assert pred.shape == img.shape[:3] and np.allclose(pred.affine, AFFINE)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0.0, 1.0}
+    info = json.loads((tmp_path / "out" / "case_info.json").read_text())
+    assert info["inferer"]["roi_size"] == [8, 8, 8] and info["bundle"]["network"] == "UNet"
+    sal = info["methods"]["saliency"]
+    assert sal["n_windows"] == 8 and 1 <= sal["n_backward"] <= 8
+    # the written map is medexplain's own explanation on the model grid, put back by the bundle's inverse
+    b = mx.models.load_bundle(tmp_path / "b")
+    x_img, meta = io.read_image(tmp_path / "case.nii.gz")
+    pre = b.model_preprocessing().build()
+    prepared = pre.apply(x_img, meta["affine"])
+    target = mx.targets.resolve_target(mx.sliding.with_inferer(b.network, b.inferer)(prepared.image[None]).detach(), 1,
+                                       "predicted").target
+    attr = mx.explain(b.network, prepared.image[None], "saliency", target=target, inferer=b.inferer)
+    back = pre.invert(attr.map[0], prepared).numpy()
+    written = np.moveaxis(np.asarray(nib.load(str(tmp_path / "out" / "case_saliency.nii.gz")).dataobj), -1, 0)
+    assert np.allclose(written, back, atol=1e-6 * np.abs(back).max())
+
+
+def test_bundle_errors_are_typed_and_come_before_any_work(tmp_path):
+    with pytest.raises(ModelLoadError, match="inference.json"):
+        mx.models.load_bundle(tmp_path)
+    make_bundle(tmp_path / "b")
+    cfg = inference_config()
+    cfg["network_def"]["channels"] = [4, 16]
+    (tmp_path / "b" / "configs" / "inference.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        mx.models.load_bundle(tmp_path / "b")
+    make_case(tmp_path / "case.nii.gz")
+    res = runner.invoke(app, ["explain", str(tmp_path / "case.nii.gz"), "--bundle", str(tmp_path / "b"),
+                              "--model", "zoo:lesion", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "--bundle" in res.output and not (tmp_path / "out").exists()
