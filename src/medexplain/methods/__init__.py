@@ -1,5 +1,5 @@
 """Explainers, one module per method family. Importing this package registers every method with the
 registry (:mod:`medexplain.registry`), so :func:`medexplain.explain` can find them; ``docs/design.md``
 lists what lives where."""
-from . import cam, gradient, medcam, occlusion, patchnet, ssplain  # noqa: F401  (each registers its methods)
-from . import captum_methods, lrp  # noqa: F401,E402  (Captum adapters and LRP, issue 19)
+# each module registers its methods; captum_methods and lrp adapt Captum (the peers' methods)
+from . import cam, captum_methods, gradient, lrp, medcam, occlusion, patchnet, ssplain  # noqa: F401
