@@ -36,7 +36,7 @@ from common import machine, markdown_table, write_result  # noqa: E402
 from medexplain import metrics as peer_metrics  # noqa: E402  (issue 19's peer metrics)
 from medexplain.errors import MedexplainError  # noqa: E402
 from medexplain.methods.cam_layers import default_layer  # noqa: E402
-from medexplain.metrics import bootstrap_ci, deletion_insertion, hit_rate, iou, randomization_check, smoothness, sparseness  # noqa: E402  # noqa: E402
+from medexplain.metrics import bootstrap_ci, deletion_insertion, hit_rate, iou, randomization_check, smoothness, sparseness  # noqa: E402
 from medexplain.models import zoo  # noqa: E402
 from medexplain.targets import Region  # noqa: E402
 
