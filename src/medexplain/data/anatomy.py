@@ -1,4 +1,4 @@
-"""Real anatomy that installs offline (``/work/shared/DATA.md``), loaded once and cached.
+"""Real anatomy that installs offline (``docs/data.md``), loaded once and cached.
 
 None of these images carries a diagnostic label; the generators in :mod:`medexplain.data.planted` plant
 the evidence. Every loader returns a float32 tensor scaled to roughly [0, 1].

@@ -1,4 +1,4 @@
-"""Planted-evidence generators on real anatomy (``/work/shared/DATA.md``; ``docs/data.md``).
+"""Planted-evidence generators on real anatomy (``docs/data.md``).
 
 The labels are **planted**: real images (a chest radiograph, a fundus photograph, a T1 brain) supply the
 background; a nodule, exudates, a marker or lesions are added at random positions that are recorded, so
