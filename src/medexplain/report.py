@@ -351,14 +351,24 @@ _JS = """
       var l1 = lines(cid), moved = [];
       Object.keys(l0).forEach(function(k){ if (l0[k] !== l1[k]) moved.push(k.split(':')[0] + ':' + k.split(':')[1][0]); });
       var changed = img.src !== before;
-      return img.decode().then(function(){ return true; }, function(){ return false; }).then(function(ok){
-        var r = {case: cid, plane: pl, from: v0, to: v1, src_changed: changed, decoded: ok && img.naturalWidth > 0,
-                 crosshair_moved: moved};
-        el.value = v0; el.dispatchEvent(new Event('input'));
-        return r;
+      // A fresh Image's onload rather than img.decode(): under a headless browser's virtual time decode()
+      // promises can stay pending past the budget, and the check then never reports at all.
+      var src = img.src;
+      el.value = v0; el.dispatchEvent(new Event('input'));
+      return new Promise(function(resolve){
+        var probe = new Image();
+        probe.onload = function(){ resolve(probe.naturalWidth > 0); };
+        probe.onerror = function(){ resolve(false); };
+        probe.src = src;
+      }).then(function(ok){
+        return {case: cid, plane: pl, from: v0, to: v1, src_changed: changed, decoded: ok, crosshair_moved: moved};
       });
     });
-    Promise.all(jobs).then(function(rs){ res.sliders = rs; finish(res); });
+    // Report whatever has finished after 5 s rather than nothing: a missing slider result then fails visibly.
+    var partial = [];
+    jobs.forEach(function(j, i){ j.then(function(r){ partial[i] = r; }); });
+    var timer = setTimeout(function(){ res.sliders = partial.filter(Boolean); res.timed_out = true; finish(res); }, 5000);
+    Promise.all(jobs).then(function(rs){ clearTimeout(timer); res.sliders = rs; finish(res); });
   });
 })();
 """
