@@ -1,4 +1,7 @@
 """Tiny models shared by the tests: 2D/3D classifiers and segmenters (float64 where exactness is asserted)."""
+import sys
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -50,3 +53,49 @@ def image(nd, b=3, seed=1, dtype=torch.float64, size=None):
 @pytest.fixture
 def tiny():
     return make, image
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on 2 shared cores, OpenMP's threads make each tiny convolution ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def import_pytorch_grad_cam():
+    """pytorch-grad-cam's CAM classes are pure torch; only its image utilities import torchvision, which is
+    not installed (it would replace the CPU torch): register a stub first, then import it (skip if absent)."""
+    for name, attrs in [("torchvision", {}), ("torchvision.transforms", dict(Compose=object, Normalize=object, ToTensor=object)),
+                        ("torchvision.transforms.functional", dict(resize=object))]:
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = []
+            mod.__dict__.update(attrs)
+            sys.modules[name] = mod
+    return pytest.importorskip("pytorch_grad_cam")
+
+
+def no_hooks(model) -> bool:
+    """No forward, forward-pre, backward or backward-pre hook left on any module."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in model.modules())
+
+
+def snapshot(model):
+    """What "the model is left exactly as found" compares: weights and buffers, each module's train/eval mode,
+    requires_grad and attribute names (a rule or cache left on a layer), and the parameters' storage."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, m.training, [p.requires_grad for p in m.parameters(recurse=False)], sorted(m.__dict__))
+             for n, m in model.named_modules()],
+            [p.data_ptr() for p in model.parameters()])
+
+
+def assert_untouched(model, snap):
+    before, flags, ptrs = snap
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == snapshot(model)[1]
+    assert ptrs == [p.data_ptr() for p in model.parameters()]
+    assert no_hooks(model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import medexplain as mx
-from conftest import image, make
+from conftest import assert_untouched, image, make, snapshot
 from medexplain.targets import Region
 
 captum = pytest.importorskip("captum.attr")
@@ -122,8 +122,7 @@ def test_matrix_batched_equals_unbatched_and_model_untouched(method, nd, kind):
     model, x = make(kind, nd), image(nd)
     model.train()  # a non-default mode that must come back as found
     model.head.requires_grad_(False) if kind == "seg" else model.fc.requires_grad_(False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()]
+    snap = snapshot(model)
     if kind == "cls":
         target, single = [0, 2, 1], lambda i: [0, 2, 1][i]
     else:
@@ -138,9 +137,7 @@ def test_matrix_batched_equals_unbatched_and_model_untouched(method, nd, kind):
     assert full.map.shape[1] in (1, x.shape[1])
     assert (full.map - parts).abs().max() <= 1e-6 * max(1.0, parts.abs().max().item())
     assert full.info["n_forward"] >= 3 and full.info["seconds"] > 0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert flags == [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()]
-    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert_untouched(model, snap)
 
 
 def test_region_target_is_the_gradient_of_the_region_logit_sum():

@@ -18,13 +18,7 @@ runner = CliRunner()
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, 1.2, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 1]])   # LAS, anisotropic
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on 2 shared cores, OpenMP's threads make each tiny convolution ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def inference_config(roi=(8, 8, 8)):

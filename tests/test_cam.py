@@ -3,8 +3,6 @@ aligned upsampling (exact cell centres, the impulse test), layer layouts (channe
 ``reshape=``), default layers on MONAI networks, layers called several times, equality with
 pytorch-grad-cam 1.5.7 and MONAI, and every member leaving the model as found."""
 import copy
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -12,29 +10,13 @@ import torch
 from torch import nn
 
 import medexplain as mx
+from conftest import assert_untouched, conv, import_pytorch_grad_cam, snapshot
 from medexplain import errors
 from medexplain.methods.cam_layers import layer_plan, upsample_cells
 from medexplain.targets import Function, Region
 
 FAMILY = ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigencam", "scorecam",
           "ablationcam"]
-
-
-def conv(nd):
-    return nn.Conv2d if nd == 2 else nn.Conv3d
-
-
-def untouched_state(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(n, m, m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for n, m in model.named_modules()])
-
-
-def assert_untouched(model, before):
-    state, flags = before
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    now = [(n, m, m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for n, m in model.named_modules()]
-    assert len(now) == len(flags) and all(a[0] == b[0] and a[1] is b[1] and a[2:] == b[2:] for a, b in zip(now, flags))
-    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def peak(m):
@@ -171,19 +153,6 @@ def test_bilinear_reproduces_monai_on_a_stride_2_layer_and_aligned_differs():
 
 
 # ------------------------------------------------------------------------------- pytorch-grad-cam 1.5.7
-def _import_pytorch_grad_cam():
-    """pytorch-grad-cam's CAM classes are pure torch; only its image utilities import torchvision, which is
-    not installed (it would replace the CPU torch): register a stub first."""
-    for name, attrs in [("torchvision", {}), ("torchvision.transforms", dict(Compose=object, Normalize=object, ToTensor=object)),
-                        ("torchvision.transforms.functional", dict(resize=object))]:
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = []
-            mod.__dict__.update(attrs)
-            sys.modules[name] = mod
-    return pytest.importorskip("pytorch_grad_cam")
-
-
 class HeadNet(nn.Module):
     """Stride-1 then stride-2 convolutions and a non-linear 1x1 head, so gradients vary over the cells."""
 
@@ -211,7 +180,7 @@ def test_every_member_equals_pytorch_grad_cam_in_2d():
     pytorch-grad-cam rectifies before resizing, so it is compared at a full-resolution layer and up to the
     SVD's arbitrary sign; Score-CAM's masks use pytorch-grad-cam's placement (``UpsamplingBilinear2d``:
     align_corners=True); Grad-CAM++ its +1e-6 (``variant="pytorch_grad_cam"``)."""
-    pgc = _import_pytorch_grad_cam()
+    pgc = import_pytorch_grad_cam()
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     torch.manual_seed(0)
     net = HeadNet().double().eval()
@@ -249,7 +218,7 @@ def test_every_member_runs_in_3d_batched_with_region_and_class_targets(method):
     torch.manual_seed(1)
     net = HeadNet(3).double().eval()
     x = torch.randn(3, 2, 8, 8, 8, dtype=torch.float64)
-    before = untouched_state(net)
+    before = snapshot(net)
     full = mx.explain(net, x, method, target=[0, 2, 1], layer="features.3", chunk_size=5) if method in (
         "scorecam", "ablationcam") else mx.explain(net, x, method, target=[0, 2, 1], layer="features.3")
     parts = torch.cat([mx.explain(net, x[i:i + 1], method, target=[0, 2, 1][i], layer="features.3").map for i in range(3)])
@@ -421,7 +390,7 @@ def test_gradcam_on_monai_networks_at_the_default_layer_and_a_named_block(net):
         out = mx.core.select_output(model.eval()(x), output)
     model.train(net.startswith("DynUNet"))   # (DynUNet: a user's model left in training mode, stacked heads)
     target = [1] * shape[0] if out.ndim == 2 else _region(shape[2:], shape[0])
-    before = untouched_state(model)
+    before = snapshot(model)
     for layer, (name, kind) in [(None, default), (named[0], named)]:
         a = mx.explain(model, x, "gradcam", target=target, output=output, layer=layer)
         assert a.map.shape == (shape[0], 1, *shape[2:]) and torch.isfinite(a.map).all(), (net, layer)
@@ -528,7 +497,7 @@ def test_a_layer_called_twice_combines_its_calls_and_never_returns_a_wrong_batch
     torch.manual_seed(0)
     net = Shared().double().eval()
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
-    before = untouched_state(net)
+    before = snapshot(net)
     rec = []
     h = net.block.register_forward_hook(lambda m, i, o: rec.append(o))
     try:
@@ -561,7 +530,7 @@ def test_model_left_as_found_by_every_member_also_after_an_error(method):
     net = HeadNet().double().train()
     net.fc.requires_grad_(False)
     x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
-    before = untouched_state(net)
+    before = snapshot(net)
     layers = dict(net.named_modules())
     mx.explain(net, x, method, target=[0, 1], layer="features.3")
     assert_untouched(net, before)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import medexplain as mx
+from conftest import no_hooks
 from medexplain import core
 from medexplain.errors import LayerNotFoundError, UnsupportedModelError
 
@@ -11,10 +12,6 @@ from medexplain.errors import LayerNotFoundError, UnsupportedModelError
 def _net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 3, padding=1)).eval()
-
-
-def _no_hooks(model):
-    return all(not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_detach_capture_is_a_clone_unaltered_by_inplace_relu():
@@ -25,7 +22,7 @@ def test_detach_capture_is_a_clone_unaltered_by_inplace_relu():
     assert conv_out.min() < 0                                   # the in-place ReLU would have changed it
     torch.testing.assert_close(caps["0"].activation, conv_out)
     assert caps["0"].calls == 1 and not caps["0"].activation.requires_grad
-    assert _no_hooks(net)
+    assert no_hooks(net)
 
 
 def test_graph_capture_keeps_the_graph_and_leaf_capture_stops_the_backward():
@@ -52,7 +49,7 @@ def test_capture_counts_calls_and_refuses_an_ambiguous_layer():
     assert caps["0"].calls == 2 and len(caps["0"].outputs) == 2
     with pytest.raises(UnsupportedModelError, match="called 2 times"):
         _ = caps["0"].activation
-    assert _no_hooks(net)
+    assert no_hooks(net)
 
 
 def test_layer_gradient_says_when_the_layer_does_not_affect_the_target():
@@ -72,7 +69,7 @@ def test_layer_gradient_says_when_the_layer_does_not_affect_the_target():
     with pytest.raises(LayerNotFoundError, match="Close matches"):
         with core.capture_layers(net, ["aa"]):
             pass
-    assert _no_hooks(net)
+    assert no_hooks(net)
 
 
 def test_hooks_removed_when_the_forward_raises():
@@ -80,7 +77,7 @@ def test_hooks_removed_when_the_forward_raises():
     with pytest.raises(RuntimeError):
         with core.capture_layers(net, ["0", "2"]):
             net(torch.randn(1, 3, 8, 8))                        # wrong channel count: conv raises
-    assert _no_hooks(net)
+    assert no_hooks(net)
 
 
 @pytest.mark.parametrize("output, expect", [(None, "first"), (1, "second"), (lambda o: o[1], "second")])
@@ -126,4 +123,4 @@ def test_explain_output_option_explains_the_chosen_head():
     torch.testing.assert_close(sal, ref)
     cam = mx.explain(net, x, "gradcam", target=1, output="b", layer="conv")  # layer names are the user's
     assert cam.map.shape == (2, 1, 8, 8)
-    assert _no_hooks(net) and not any(p.requires_grad is False for p in net.parameters())
+    assert no_hooks(net) and not any(p.requires_grad is False for p in net.parameters())

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import medexplain as mx
+from conftest import no_hooks
 from medexplain.errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
 from medexplain.methods import medcam as mc
 from medexplain.ops import total_variation
@@ -213,10 +214,6 @@ def test_option_and_model_errors():
         mx.explain(torch.jit.trace(model, x), x, "medcam", **FAST)
 
 
-def _no_hooks(model):
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
-
-
 def test_classifier_untouched_also_on_error():
     model, x = _cnn(), _img()
     model.train()
@@ -230,7 +227,7 @@ def test_classifier_untouched_also_on_error():
     assert model.training and all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
-    assert _no_hooks(model)
+    assert no_hooks(model)
 
 
 # ------------------------------------------------------------------------------ known minimal evidence

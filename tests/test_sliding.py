@@ -16,14 +16,7 @@ from medexplain.segmentation import Instance, explain_instances
 from medexplain.sliding import SlidingWindowModel, with_inferer
 from medexplain.targets import Region
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on 2 shared cores, OpenMP's threads make each tiny convolution ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 class MonaiSW(torch.nn.Module):

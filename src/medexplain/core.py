@@ -124,17 +124,6 @@ def find_layer(model: nn.Module, layer) -> nn.Module:
     return named[layer]
 
 
-def default_cam_layer(model: nn.Module) -> str:
-    """The last convolutional layer's name: the usual CAM layer when the user gives none."""
-    name = None
-    for n, m in unwrap(model).named_modules():
-        if isinstance(m, CONV[1:]):
-            name = n
-    if name is None:
-        raise LayerNotFoundError("<last conv>", [n for n, _ in unwrap(model).named_modules() if n])
-    return name
-
-
 def require_hooks(model) -> None:
     """Layer hooks need an eager model; say which methods work on a TorchScript one."""
     if is_scripted(model):

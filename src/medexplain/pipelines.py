@@ -16,7 +16,7 @@ import torch
 from . import io
 from .attribution import Attribution
 from .core import check_input, model_expectations
-from .errors import InputError, OptionError, OutputPathError, PartialFailure, TargetError, UnsupportedModelError
+from .errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from .explain import explain
 from .models.loading import checked_forward, load_model
 from .ops import ACTIVATIONS, detect_activation, probabilities
@@ -51,24 +51,6 @@ def predicted_class(out: torch.Tensor) -> torch.Tensor:
 # preparation shared by the commands (issue 15): the output folder, the image through the model's
 # preprocessing, one checked forward, the output activation, the target grammar, the method plan
 # --------------------------------------------------------------------------------------------------
-def check_out_dir(out) -> Path:
-    """``out`` as a folder that can be created or written, else an :class:`~medexplain.errors.OutputPathError`
-    now (before any compute). Nothing is created here."""
-    import os
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} is a file, not a folder; choose a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputPathError(f"--out {out}: {parent} is a file, so the folder cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"--out {out}: no permission to write in {parent}")
-    return out
-
-
 def _as_preprocessing(preprocessing) -> Preprocessing:
     if preprocessing is None:
         return Preprocessing()
@@ -260,7 +242,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
     per_method = route_options(methods, options, layer)
-    out = check_out_dir(out)
+    out = io.check_output_dir(out)
     info_path = _check_outputs(image, methods, out, overwrite)
     inferer, bnd = as_inferer(inferer), None
     if bundle is not None:
@@ -423,7 +405,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         raise OptionError(f"--threshold is a probability in [0, 1], got {threshold}")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
-    out = check_out_dir(out)
+    out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
     net = _model(model, weights)
@@ -588,7 +570,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     value = value or "probability:1"
     if by_target and ":" in value and parse_target(target) is not None and value.partition(":")[2].strip() != str(target):
         raise InputError(f"--value {value} and --target {target} name different classes; give one of them")
-    out = check_out_dir(out)
+    out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]

@@ -54,15 +54,16 @@ def unet_3d(in_channels: int, out_channels: int, channels=(8, 16, 32), strides=(
                 strides=tuple(strides), num_res_units=num_res_units)
 
 
-def cam_layer(model: nn.Module) -> str:
+def cam_layer(model: nn.Module, x=None) -> str:
     """The layer name to use for Grad-CAM-type methods on a zoo classifier: the last residual stage
-    (``layer4``, whose output is the last convolutional feature map before pooling). Falls back to the
-    last convolution for other models."""
-    names = dict(model.named_modules())
-    if "layer4" in names:
+    (``layer4``, whose output is the last convolutional feature map before pooling). Other models get the
+    CAM family's own default for inputs shaped like ``x`` (:func:`medexplain.methods.cam_layers.default_layer`)."""
+    if "layer4" in dict(model.named_modules()):
         return "layer4"
-    from ..core import default_cam_layer
-    return default_cam_layer(model)
+    if x is None:
+        raise ValueError("this model has no 'layer4': pass an input x so the default CAM layer can be found from it")
+    from ..methods.cam_layers import default_layer
+    return default_layer(model, x)
 
 
 # task -> {size: (data kwargs, train kwargs)}; the data generator and network are fixed per task.
