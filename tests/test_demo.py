@@ -49,6 +49,8 @@ def test_demo_small_writes_report_maps_and_metrics(tmp_path, monkeypatch):
                             for i in range(2)])[:, None, ..., 0]
         hits = mx.metrics.hit_rate(maps, masks)
         assert r["hits"] == f"{int(hits.sum())}/2" and r["hit rate"] == pytest.approx(float(hits.mean()))
+        anyp = mx.metrics.hit_rate(maps, masks, ties="any")
+        assert r["hits (any maximal pixel)"] == f"{int(anyp.sum())}/2" and (anyp >= hits).all()
         assert r["random baseline"] == res["random_baseline"] and maps.shape[-2:] == (32, 32)
         assert maps.abs().amax() > 0
     metrics = json.loads((out / "metrics.json").read_text())
