@@ -6,6 +6,7 @@ Output names derived from an input file use the one stem rule, :func:`medexplain
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +33,18 @@ __all__ = ["ExplainedImage", "LesionInstances", "ContrastShapley", "predicted_cl
 
 def _model(model, weights: str | None) -> torch.nn.Module:
     return load_model(model, weights) if isinstance(model, str) else model
+
+
+def _nnunet_parts(nnunet, model, weights, preprocessing, inferer):
+    """``nnunet=`` (a :class:`medexplain.models.nnunet.NnUNetModel` or its folder): the model, nnU-Net's
+    preprocessing and nnU-Net's sliding window, instead of ``model`` and the preprocessing/window options."""
+    from .models.nnunet import as_nnunet
+
+    if model or weights or _as_preprocessing(preprocessing).active or as_inferer(inferer) is not None:
+        raise OptionError("--nnunet gives the model, its preprocessing and its sliding window: drop --model, --weights, "
+                          "the preprocessing and the sliding-window options")
+    nnm = as_nnunet(nnunet)
+    return nnm, nnm.preprocessing, nnm.inferer
 
 
 def _model_input(img: torch.Tensor, net) -> torch.Tensor:
@@ -204,16 +217,20 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
-                  bundle=None) -> ExplainedImage:
-    """Explain one image file with each of ``methods`` and write NIfTI maps on the input's affine, PNG
-    overlays and ``info.json`` into ``out``.
+                  bundle=None, nnunet=None) -> ExplainedImage:
+    """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
+    overlays and ``info.json`` into ``out``. ``image``: one file (or DICOM series folder), or a list of
+    single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with
+    ``nnunet`` nnU-Net's ``CASE_0000.nii.gz`` names are ordered by their suffix and name the outputs ``CASE``).
 
     ``inferer``: a ``monai.inferers.SlidingWindowInferer`` or its settings as a dict (``roi_size``,
     ``overlap``, ``sw_batch_size``, ``mode``): every method then runs through it, window by window
     (:mod:`medexplain.sliding`). ``bundle``: a MONAI bundle folder (:func:`medexplain.models.bundle.load_bundle`)
     instead of ``model``: its network, its preprocessing (inverted for the maps) and its inferer (unless
     ``inferer`` is given) are used, and with a ``postprocessing`` the bundle's prediction on the image grid
-    is written as ``<stem>_prediction.nii.gz``.
+    is written as ``<stem>_prediction.nii.gz``. ``nnunet``: an nnU-Net v2 model
+    (:func:`medexplain.models.nnunet.load_nnunet`, or its folder) instead of ``model``: its networks (mirroring,
+    folds), nnU-Net's preprocessing (inverted for the maps) and its sliding window (``docs/nnunet.md``).
 
     ``model``: a module or a specification for :func:`medexplain.models.loading.load_model` (with
     ``weights``). ``target``/``region``: the one target grammar (:func:`medexplain.targets.resolve_target`):
@@ -243,21 +260,25 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     methods = [get_method(m).name for m in methods]
     per_method = route_options(methods, options, layer)
     out = io.check_output_dir(out)
-    info_path = _check_outputs(image, methods, out, overwrite)
-    inferer, bnd = as_inferer(inferer), None
-    if bundle is not None:
+    images, stem = _input_files(image, nnunet is not None)
+    info_path = _check_outputs(stem, methods, out, overwrite)
+    inferer, bnd, nnm = as_inferer(inferer), None, None
+    if nnunet is not None:
+        nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer)
+        model = nnm.network
+    elif bundle is not None:
         from .models.bundle import load_bundle
         if model is not None or weights is not None or _as_preprocessing(preprocessing).active:
             raise OptionError("--bundle gives the model, its weights and its preprocessing: drop --model, --weights "
                               "and the preprocessing options")
         bnd = load_bundle(bundle)
         model, preprocessing, inferer = bnd.network, bnd.model_preprocessing(), inferer or bnd.inferer
-        pred_path = out / f"{io.file_stem(image)}_prediction.nii.gz"
+        pred_path = out / f"{stem}_prediction.nii.gz"
         io.check_output_dir(out, [pred_path], overwrite=overwrite)
     elif model is None:
         raise OptionError("give the model to explain (--model) or a MONAI bundle (--bundle)")
-    img, meta = io.read_image(image, series=series)
-    warn_series(image, img)
+    img, meta = io.read_channels(images, series=series)
+    warn_series(images[0], img)
     net = _model(model, weights)
     prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
                          inferer=inferer)
@@ -265,13 +286,15 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     reg, reg_name = read_region(region, prep)
     resolved = resolve_target(prep.out, target, reg, activation=activation, model=net, threshold=threshold,
                               region_name=reg_name)
-    info = {"image": str(image), "model": model if isinstance(model, str) else type(model).__name__,
+    info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images],
+            "model": model if isinstance(model, str) else type(model).__name__,
             "target": resolved.class_index, "target_info": resolved.info(),
             "output": output if output is None or isinstance(output, (int, str)) else repr(output),
             "preprocessing": prep.record(), "methods": {}, "skipped": dict(skipped), "failed": {},
             "input": io.geometry_record(meta), "warnings": list(meta.get("warnings", [])),
             "inferer": inferer_settings(inferer) if inferer is not None else None,
-            "bundle": bnd.describe() if bnd is not None else None}
+            "bundle": bnd.describe() if bnd is not None else None,
+            "nnunet": nnm.describe() if nnm is not None else None}
     res = ExplainedImage(resolved.class_index, {}, [], info["target_info"], dict(skipped), {}, info["warnings"])
     for m in run:
         est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row)
@@ -296,7 +319,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             continue
         res.attributions[m] = attr
         info["methods"][m] = {**attr.info, "estimate": est.as_dict()}
-        res.files += _write_method_files(img, amap, out, io.file_stem(image), m, meta, _figure_title(m, info))
+        res.files += _write_method_files(img, amap, out, stem, m, meta, _figure_title(m, info))
         io.write_json(info, info_path)
         if on_method:
             on_method(m)
@@ -313,18 +336,33 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     return res
 
 
-def _output_names(image, methods: Sequence[str], out: Path) -> tuple[list[Path], Path]:
-    """The files :func:`explain_image` writes for ``image``: ``<stem>_<method>.nii.gz`` and ``.png`` per
-    method, and ``<stem>_info.json`` (stem: :func:`medexplain.io.file_stem`; a series folder: its name)."""
-    stem = io.file_stem(image)
+def _input_files(image, nnunet: bool) -> tuple[list, str]:
+    """``(files, stem)`` of :func:`explain_image`'s ``image``: a list of one file (or series folder) or of one
+    file per channel; the output stem is :func:`medexplain.io.file_stem` of the first, or the nnU-Net case
+    identifier (``CASE`` of ``CASE_0000.nii.gz``) when the files are an nnU-Net case's channels."""
+    if isinstance(image, (str, os.PathLike)):
+        return [image], io.file_stem(image)
+    images = list(image)
+    if not images:
+        raise InputError("no image file given")
+    if nnunet and len(images) > 1:
+        from .models.nnunet import case_stem, order_channel_files
+        images = order_channel_files(images)
+        return images, case_stem(images[0]) or io.file_stem(images[0])
+    return images, io.file_stem(images[0])
+
+
+def _output_names(stem: str, methods: Sequence[str], out: Path) -> tuple[list[Path], Path]:
+    """The files :func:`explain_image` writes under ``stem``: ``<stem>_<method>.nii.gz`` and ``.png`` per
+    method, and ``<stem>_info.json``."""
     maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in (".nii.gz", ".png")]
     return maps, out / f"{stem}_info.json"
 
 
-def _check_outputs(image, methods: Sequence[str], out: Path, overwrite: bool) -> Path:
+def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool) -> Path:
     """Before any compute: refuse (naming them) files of this call that already exist, unless ``overwrite``;
     returns the ``info.json`` path."""
-    maps, info_path = _output_names(image, methods, out)
+    maps, info_path = _output_names(stem, methods, out)
     io.check_output_dir(out, maps + [info_path], overwrite=overwrite)
     return info_path
 
@@ -372,7 +410,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              connectivity: int | None = None, reference=None, rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
-                             preprocessing=None, inferer=None,
+                             preprocessing=None, inferer=None, nnunet=None,
                              on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
@@ -391,6 +429,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     ``statistics.csv``; with ``context`` > 0 ``context.csv`` (the context experiment up to that many dilations).
     ``inferer``: a ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`); the model,
     the saliency and the context experiment then run window by window (:mod:`medexplain.sliding`).
+    ``nnunet``: an nnU-Net v2 model or its folder instead of ``model`` (:func:`explain_image`); its channel
+    files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
     ``on_progress(method, rows_done, None)`` is called as the saliency's rows pass through the model.
     """
     from . import segmentation as seg
@@ -405,6 +445,13 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         raise OptionError(f"--threshold is a probability in [0, 1], got {threshold}")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
+    nnm = None
+    if nnunet is not None:
+        from .models.nnunet import order_channel_files
+        nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer)
+        model, images = nnm.network, order_channel_files(images)
+    elif model is None:
+        raise OptionError("give the model to explain (--model) or an nnU-Net model folder (--nnunet)")
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
@@ -441,7 +488,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             "model": model if isinstance(model, str) else type(model).__name__,
             "class": int(channel), "how": how, "activation": act, "activation_how": prep.activation_how,
             "region": "predicted" if reg is None or isinstance(reg, str) else str(region),
-            "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max())}
+            "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max()),
+            "nnunet": nnm.describe() if nnm is not None else None}
     files = [io.write_nifti(prep.invert(prob[None])[0], out / "probability.nii.gz", affine),
              io.write_nifti(prep.invert(seg.label_map(insts, tuple(prob.shape)).float()[None], nearest=True)[0],
                             out / "instances.nii.gz", affine)]
@@ -541,7 +589,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
                      target=None, region=None, output=None, preprocessing=None,
                      on_model: Callable[[int, object], None] | None = None,
                      on_progress: Callable[[str, int, int | None], None] | None = None,
-                     inferer=None) -> ContrastShapley:
+                     inferer=None, nnunet=None) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
@@ -558,6 +606,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
     model, ``on_progress("model i", rows_done, None)`` as coalitions pass through it. ``inferer``: a
     ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
+    ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
+    nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
     """
     from .metrics.ranking import resolve_ranking
     from .shapley import channel_shapley, fold_consensus, mean_foreground_probability
@@ -568,11 +618,21 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     if activation not in ACTIVATIONS:
         raise TargetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     value = value or "probability:1"
+    nnm = None
+    if nnunet is not None:
+        from .models.nnunet import order_channel_files
+        nnm, preprocessing, inferer = _nnunet_parts(nnunet, list(models or []), list(weights or []), preprocessing,
+                                                    inferer)
+        models, images, contrasts = nnm.fold_networks(), order_channel_files(images), contrasts or nnm.channel_names
+    if not models:
+        raise OptionError("give the models (--model, one per fold) or an nnU-Net model folder (--nnunet)")
     if by_target and ":" in value and parse_target(target) is not None and value.partition(":")[2].strip() != str(target):
         raise InputError(f"--value {value} and --target {target} name different classes; give one of them")
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    if nnm is not None:
+        nnm.check_image(img)
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
     if len(names) != img.shape[0]:
         raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
@@ -622,7 +682,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
             on_model(i, results[-1])
     consensus = fold_consensus(results, ref)
     extra = {"activation": activations, "target": None if chosen is None else chosen.info(),
-             "preprocessing": _as_preprocessing(preprocessing).describe()}
+             "preprocessing": _as_preprocessing(preprocessing).describe(),
+             "nnunet": nnm.describe() if nnm is not None else None}
     files = _write_shapley(out, models, names, results, consensus, value if not by_target else
                            f"probability:{chosen.class_index} in region {chosen.region}", images, extra)
     return ContrastShapley(names, results, consensus, files)

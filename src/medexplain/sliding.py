@@ -173,7 +173,8 @@ def inferer_settings(inferer) -> dict:
     mode = getattr(inferer.mode, "value", inferer.mode)
     return {"roi_size": inferer.roi_size, "sw_batch_size": inferer.sw_batch_size, "overlap": inferer.overlap,
             "mode": str(mode), "sigma_scale": inferer.sigma_scale,
-            "padding_mode": str(getattr(inferer.padding_mode, "value", inferer.padding_mode)), "cval": inferer.cval}
+            "padding_mode": str(getattr(inferer.padding_mode, "value", inferer.padding_mode)), "cval": inferer.cval,
+            "windows": "nnU-Net" if hasattr(inferer, "window_layout") else "MONAI"}
 
 
 class _WindowedVJP(torch.autograd.Function):
@@ -259,14 +260,17 @@ class SlidingWindowModel(OutputAdapter):
         for k in range(nd - 1, -1, -1):  # F.pad order, last axis first (as sliding_window_inference pads)
             diff = max(roi[k] - spatial[k], 0)
             pad.extend([diff // 2, diff - diff // 2])
-        slices = m["dense_patch_slices"](image, roi, m["scan_interval"](image, roi, nd, overlap))
-        valid = m["get_valid_patch_size"](image, roi)
         device = inf.sw_device or x.device
-        if valid == roi and inf.roi_weight_map is not None:
-            imp = inf.roi_weight_map
+        if hasattr(inf, "window_layout"):  # an inferer that places its own windows (nnU-Net's, models/nnunet.py)
+            slices, imp = inf.window_layout(image, x.dtype, x.device)
         else:
-            imp = m["compute_importance_map"](valid, mode=inf.mode, sigma_scale=inf.sigma_scale, device=device,
-                                              dtype=x.dtype)
+            slices = m["dense_patch_slices"](image, roi, m["scan_interval"](image, roi, nd, overlap))
+            valid = m["get_valid_patch_size"](image, roi)
+            if valid == roi and inf.roi_weight_map is not None:
+                imp = inf.roi_weight_map
+            else:
+                imp = m["compute_importance_map"](valid, mode=inf.mode, sigma_scale=inf.sigma_scale, device=device,
+                                                  dtype=x.dtype)
         imp = torch.as_tensor(imp).to(dtype=x.dtype, device=x.device).reshape(1, 1, *roi)
         count = torch.zeros((1, 1, *image), dtype=x.dtype, device=x.device)
         for sl in slices:

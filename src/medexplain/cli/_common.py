@@ -117,6 +117,43 @@ def preprocessing(spacing: Optional[str], orientation: Optional[str], spatial_si
                          divisible_by=divisible_by, intensity=intensity, transform=transform)
 
 
+# ---- nnU-Net v2 model folders (medexplain.models.nnunet, docs/nnunet.md) ----------------------------------
+def nnunet_option():
+    return typer.Option(None, "--nnunet", help="an nnU-Net v2 trained-model folder (plans.json, dataset.json, "
+                        "fold_K/checkpoint_final.pth): its networks, preprocessing, sliding window and mirroring")
+
+
+def folds_option():
+    return typer.Option("0", "--folds", help="with --nnunet: comma-separated folds (the mean of their scores), e.g. "
+                        "0,1,2,3,4, or all (fold_all)")
+
+
+def no_mirroring_option():
+    return typer.Option(False, "--no-mirroring", help="with --nnunet: no mirroring test-time augmentation (default: "
+                        "the mean over the mirrored passes, as nnU-Net predicts)")
+
+
+def configuration_option():
+    return typer.Option("3d_fullres", "--configuration", help="with --nnunet: the plans' configuration the folder "
+                        "was trained with")
+
+
+def trust_checkpoint_option():
+    return typer.Option(False, "--trust-checkpoint", help="with --nnunet: unpickle checkpoints fully (as nnU-Net "
+                        "does); default: tensors and plain values only")
+
+
+def nnunet_model(folder, folds: str, no_mirroring: bool, configuration: str, trust_checkpoint: bool = False):
+    """The nnU-Net flags as a loaded :class:`~medexplain.models.nnunet.NnUNetModel` (None without --nnunet;
+    call inside :func:`cli_errors`)."""
+    if folder is None:
+        return None
+    from ..models.nnunet import load_nnunet
+
+    return load_nnunet(folder, configuration, split_list(folds), use_mirroring=not no_mirroring,
+                       trusted=trust_checkpoint)
+
+
 def split_list(value: str | None) -> list[str]:
     """A comma-separated option as a list of its non-empty, stripped items."""
     return [v.strip() for v in (value or "").split(",") if v.strip()]

@@ -18,9 +18,14 @@ from . import app
 from ._common import (
     activation_option,
     cli_errors,
+    configuration_option,
     console,
     divisible_by_option,
+    folds_option,
     intensity_option,
+    nnunet_model,
+    nnunet_option,
+    no_mirroring_option,
     orientation_option,
     output_option,
     parse_options,
@@ -33,6 +38,7 @@ from ._common import (
     split_list,
     target_option,
     transform_option,
+    trust_checkpoint_option,
 )
 
 
@@ -67,13 +73,19 @@ def sliding_window(roi_size: Optional[str], overlap: float, sw_batch_size: int, 
 
 @app.command("explain")
 def explain_cmd(
-    image: Path = typer.Argument(..., help="PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI "
-                                 "(4D = channels last) or .npy (C, *spatial)"),
+    image: list[Path] = typer.Argument(..., help="PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI "
+                                       "(4D = channels last) or .npy (C, *spatial); or one single-channel file per "
+                                       "input channel, on one grid (nnU-Net's CASE_0000.nii.gz names are ordered)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="TorchScript file, package.module:factory, or "
                                         "zoo:<task> (or give --bundle)"),
     weights: Optional[str] = typer.Option(None, help="state dict for a package.module:factory model"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="a MONAI bundle folder (configs/inference.json, "
                                           "models/model.pt): its network, preprocessing and inferer"),
+    nnunet: Optional[Path] = nnunet_option(),
+    folds: str = folds_option(),
+    no_mirroring: bool = no_mirroring_option(),
+    configuration: str = configuration_option(),
+    trust_checkpoint: bool = trust_checkpoint_option(),
     roi_size: Optional[str] = roi_size_option(),
     overlap: float = overlap_option(),
     sw_batch_size: int = sw_batch_size_option(),
@@ -102,17 +114,20 @@ def explain_cmd(
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read when IMAGE is a folder "
                                          "holding several DICOM series (the error lists them)"),
 ):
-    """Explain one image with one or more methods; writes NIfTI maps on the input's own grid and affine,
-    PNG overlays and info.json (target, region, activation and preprocessing recorded). Everything is
-    checked before any compute; each method's files are written as soon as it finishes."""
+    """Explain one image (one file, or one file per channel) with one or more methods; writes NIfTI maps
+    on the input's own grid and affine, PNG overlays and info.json (target, region, activation and
+    preprocessing recorded). Everything is checked before any compute; each method's files are written as
+    soon as it finishes."""
     with cli_errors(), pass_progress() as bar:
-        res = explain_image(image, model, split_list(method), out, weights=weights, target=parse_target(target),
-                            region=region, layer=layer, options=parse_options(option), output=parse_output(output),
+        res = explain_image(image[0] if len(image) == 1 else image, model, split_list(method), out, weights=weights,
+                            target=parse_target(target), region=region, layer=layer, options=parse_options(option),
+                            output=parse_output(output),
                             activation=activation, skip_unsupported=skip_unsupported,
                             preprocessing=preprocessing(spacing, orientation, spatial_size, divisible_by, intensity,
                                                         transform),
                             on_estimate=bar.estimate, on_progress=bar.update, overwrite=overwrite, series=series,
-                            inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode), bundle=bundle)
+                            inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode), bundle=bundle,
+                            nnunet=nnunet_model(nnunet, folds, no_mirroring, configuration, trust_checkpoint))
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
                                                       if t.get("region") else "") + f" ({t['how']})")

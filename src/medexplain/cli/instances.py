@@ -26,9 +26,14 @@ from . import app
 from ._common import (
     activation_option,
     cli_errors,
+    configuration_option,
     console,
     divisible_by_option,
+    folds_option,
     intensity_option,
+    nnunet_model,
+    nnunet_option,
+    no_mirroring_option,
     orientation_option,
     output_option,
     parse_output,
@@ -39,6 +44,7 @@ from ._common import (
     split_list,
     target_option,
     transform_option,
+    trust_checkpoint_option,
 )
 from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_size_option, sw_mode_option
 
@@ -46,7 +52,8 @@ from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_s
 @app.command("instances")
 def instances_cmd(
     image: List[Path] = typer.Argument(..., help="one NIfTI with channels last (X Y Z C), or one 3D file per channel"),
-    model: str = typer.Option(..., "--model", "-m", help="TorchScript file, package.module:factory, or zoo:<task>"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="TorchScript file, package.module:factory, or "
+                                        "zoo:<task> (or give --nnunet)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
     weights: Optional[str] = typer.Option(None, help="state dict for a package.module:factory model"),
     threshold: float = typer.Option(0.5, help="lesion probability threshold (reference: 0.3-0.4)"),
@@ -79,6 +86,11 @@ def instances_cmd(
     overlap: float = overlap_option(),
     sw_batch_size: int = sw_batch_size_option(),
     sw_mode: str = sw_mode_option(),
+    nnunet: Optional[Path] = nnunet_option(),
+    folds: str = folds_option(),
+    no_mirroring: bool = no_mirroring_option(),
+    configuration: str = configuration_option(),
+    trust_checkpoint: bool = trust_checkpoint_option(),
 ):
     """Find lesion instances in the model's segmentation and explain each one per input channel. The
     probability is read with --activation (auto: a model that already outputs probabilities is not
@@ -94,7 +106,8 @@ def instances_cmd(
                                        region=region, preprocessing=preprocessing(spacing, orientation, spatial_size,
                                                                                   divisible_by, intensity, transform),
                                        inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode),
-                                       on_progress=bar.update)
+                                       on_progress=bar.update,
+                                       nnunet=nnunet_model(nnunet, folds, no_mirroring, configuration, trust_checkpoint))
     i = res.info
     console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "
                   f"({i['activation_how']}): max {i['probability_max']:.4g}")

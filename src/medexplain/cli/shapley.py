@@ -20,9 +20,14 @@ from ._common import (
     ACTIVATION_HELP,
     TARGET_HELP,
     cli_errors,
+    configuration_option,
     console,
     divisible_by_option,
+    folds_option,
     intensity_option,
+    nnunet_model,
+    nnunet_option,
+    no_mirroring_option,
     orientation_option,
     output_option,
     parse_output,
@@ -32,6 +37,7 @@ from ._common import (
     spatial_size_option,
     split_list,
     transform_option,
+    trust_checkpoint_option,
 )
 from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_size_option, sw_mode_option
 
@@ -40,8 +46,8 @@ from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_s
 def shapley_cmd(
     image: list[Path] = typer.Argument(..., help="one multi-contrast image (4D NIfTI with channels last, or .npy "
                                        "(C, *spatial)), or one file per contrast in the order of --contrasts"),
-    model: list[str] = typer.Option(..., "--model", "-m", help="TorchScript file, package.module:factory, or "
-                                    "zoo:<task>; repeat for fold models"),
+    model: list[str] = typer.Option([], "--model", "-m", help="TorchScript file, package.module:factory, or "
+                                    "zoo:<task>; repeat for fold models (or give --nnunet: its folds)"),
     weights: list[str] = typer.Option([], "--weights", help="state dict per --model (package.module:factory models); "
                                       "repeat in the order of --model"),
     contrasts: Optional[str] = typer.Option(None, help="comma-separated contrast names, one per channel, "
@@ -76,13 +82,18 @@ def shapley_cmd(
     overlap: float = overlap_option(),
     sw_batch_size: int = sw_batch_size_option(),
     sw_mode: str = sw_mode_option(),
+    nnunet: Optional[Path] = nnunet_option(),
+    folds: str = folds_option(),
+    no_mirroring: bool = no_mirroring_option(),
+    configuration: str = configuration_option(),
+    trust_checkpoint: bool = trust_checkpoint_option(),
 ):
     """Contrast-level Shapley values of IMAGE for each model; writes values.csv, coalitions.csv,
     ranking.json (with each model's output activation), agreement.json (with --reference-ranking) and
     uncertainty.json (two or more models). The image is fed to the models as read unless preprocessing
     options are given (normalise it as they were trained: e.g. --intensity zscore)."""
     def progress(i, r):
-        console.print(f"model {i + 1}/{len(model)}: {r.n_evaluations} evaluations, {r.info['seconds']:.2f} s")
+        console.print(f"model {i + 1}: {r.n_evaluations} evaluations, {r.info['seconds']:.2f} s")
 
     with cli_errors(), pass_progress() as bar:
         res = contrast_shapley(list(image), list(model), out, weights=list(weights),
@@ -93,7 +104,8 @@ def shapley_cmd(
                                output=parse_output(output), on_model=progress, on_progress=bar.update,
                                preprocessing=preprocessing(spacing, orientation, spatial_size, divisible_by, intensity,
                                                            transform),
-                               inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode))
+                               inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode),
+                               nnunet=nnunet_model(nnunet, folds, no_mirroring, configuration, trust_checkpoint))
     table = Table(title=f"contrast Shapley values ({value or 'probability:1'})")
     table.add_column("contrast")
     for m in range(len(res.results)):
