@@ -1,6 +1,9 @@
 """One validity and speed table for every method on every planted task (issue 10).
 
-    .venv/bin/python bench/validity.py [--cases N] [--quick]
+    .venv/bin/python bench/validity.py [--cases N] [--tasks ...] [--methods ...] [--update]
+
+``--update`` reruns only some rows (a method after a fix): the other rows of the result file are kept and
+every command that made a row is listed, in order.
 
 For each planted task of the zoo (2D chest radiograph, fundus, shortcut, 3D lesions, 4-contrast volumes)
 and each method that applies to the task's model (``mx.available_methods(model=..., x=...)``): hit rate
@@ -22,6 +25,8 @@ Region target on the lesion class. The labels of every task are planted (docs/da
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import sys
 import time
 import warnings
@@ -167,10 +172,10 @@ def peer_metric_row(method, model, x, target, masks, cls, maps, opts, n_sub):
         "faithfulness_correlation": lambda: M.faithfulness_correlation(model, x, maps, target, subset_size=max(1, n_vox // 20)),
         "monotonicity": lambda: M.monotonicity(model, x, maps, target),
         "infidelity": lambda: M.infidelity(model, x, maps.sum(1, keepdim=True), target, patch_size=8, normalize=True),
-        "max_sensitivity": lambda: M.max_sensitivity(model, x[sub], method, sub_target, n_samples=5, radius=0.05, **opts),
-        "smooth_mprt": lambda: M.smooth_mprt(model, x[sub], method, sub_target, n_samples=5, cascade=False, **opts),
-        "efficient_mprt": lambda: M.efficient_mprt(model, x[sub], method, sub_target, **opts),
-        "random_logit": lambda: M.random_logit(model, x[sub], method, sub_target, **opts),
+        "max_sensitivity": lambda: M.max_sensitivity(model, x[sub], method, sub_target, n_samples=5, radius=0.05, method_options=opts),
+        "smooth_mprt": lambda: M.smooth_mprt(model, x[sub], method, sub_target, n_samples=5, cascade=False, method_options=opts),
+        "efficient_mprt": lambda: M.efficient_mprt(model, x[sub], method, sub_target, method_options=opts),
+        "random_logit": lambda: M.random_logit(model, x[sub], method, sub_target, method_options=opts),
     }
     out = {}
     for name, run in runs.items():
@@ -209,7 +214,11 @@ def main():
                     help="cases for the peer metrics that re-explain (0: skip those; maps-based ones use every case)")
     ap.add_argument("--no-peer-metrics", action="store_true", help="skip the peer-metric table (issue 19)")
     ap.add_argument("--name", default="validity", help="result file bench/results/<name>.md (partial runs elsewhere)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of bench/results/<name>.md and replace only the (task, method) rows this run makes")
     args = ap.parse_args()
+    command = ".venv/bin/python bench/validity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     chosen = args.methods.split(",") if args.methods else None
@@ -223,7 +232,7 @@ def main():
         applicable = mx.available_methods(model=model, x=x[:1])
         methods = [m for m in chosen if m in applicable] if chosen else applicable
         for method in methods:
-            print(f"{task}: {method} on {len(x)} cases", flush=True)
+            print(f"{task}: {method} on {len(x)} cases ({time.perf_counter() - start:.0f} s elapsed)", flush=True)
             try:
                 r = evaluate(task, method, model, x, target, masks, cls, args.sanity_cases)
             except MedexplainError as e:
@@ -239,25 +248,64 @@ def main():
     header = ["task", "method", "hit rate [95% CI]", "mIoU Otsu TP [95% CI]", "deletion AUC (lower better)",
               "insertion AUC (higher better)", "smoothness (TV/voxel)", "sparseness (Gini)",
               "sanity Spearman (full rand.)", "s/case", "time / peer", "cases"]
+    commands = [command]
+    if args.update:  # a rerun of some rows (e.g. one method after a fix): the other rows stay as the earlier runs made them
+        old_commands, old_rows, old_peer = read_result(args.name)
+        commands = old_commands + commands
+        rows, peer_rows = merge_rows(old_rows, rows), merge_rows(old_peer, peer_rows)
+    said = (f"Command: `{command}`" if len(commands) == 1 else
+            "Commands, in order (the rows a later run made replace the same task and method of the earlier ones): "
+            + "; ".join(f"`{c}`" for c in commands))
     text = (f"# Validity and speed of every method on the planted tasks ({machine()})\n\n"
-            f"Command: `.venv/bin/python bench/validity.py --cases {args.cases} --sanity-cases {args.sanity_cases}` "
-            f"({args.threads} torch thread(s); Med-CAM {MEDCAM_STEPS} steps per image). Hit rate on the shortcut task is "
+            f"{said} ({args.threads} torch thread(s); Med-CAM {MEDCAM_STEPS} steps per image; "
+            f"{time.perf_counter() - start:.0f} s for the last command). Hit rate on the shortcut task is "
             "against the marker (does the map find the shortcut?); deletion/insertion areas are accuracy "
             "for classifiers and mean lesion probability for the 3D segmenters. Peers: Captum Saliency, "
-            "NoiseTunnel, IntegratedGradients, Occlusion, LayerGradCam on the same cases.\n\n"
+            "NoiseTunnel, IntegratedGradients, Occlusion, LayerGradCam, and for issue 19's adapters InputXGradient, "
+            "GuidedBackprop, Deconvolution, DeepLift and LRP (2D only) called directly, on the same cases.\n\n"
             + markdown_table(header, rows))
     if peer_rows:
         peer_header = ["task", "method"] + [f"{h} ({peer_metrics.metric_info(m).directions[f]} better)"
                                             for m, f, h in PEER_COLUMNS]
-        text += ("\n\n## Peer metrics (issue 19)\n\n"
+        text += (f"\n\n{PEER_SECTION}\n\n"
                  f"ROAD at {ROAD_PERCENTAGES[0]}-{ROAD_PERCENTAGES[-1]}% in steps of 10 (MoRF/LeRF areas of the target "
                  "probability), average drop / increase in confidence (the image times the min-max map), faithfulness "
                  "correlation (100 subsets of 5% of the voxels), monotonicity (share of ~100 insertion steps that do "
                  "not lower the probability), infidelity (8-voxel blocks, Captum's normalised form), all on every case; "
-                 f"max-sensitivity (5 draws, radius 0.05), SmoothMPRT (5 samples, fully randomised model), "
-                 f"EfficientMPRT and random-logit SSIM on the first {args.metric_cases} case(s) "
-                 "(`--metric-cases`).\n\n" + markdown_table(peer_header, peer_rows))
+                 "max-sensitivity (5 draws, radius 0.05), SmoothMPRT (5 samples, fully randomised model), "
+                 "EfficientMPRT and random-logit SSIM on the first `--metric-cases` case(s).\n\n"
+                 + markdown_table(peer_header, peer_rows))
     write_result(args.name, text)
+
+
+PEER_SECTION = "## Peer metrics (issue 19)"
+
+
+def read_result(name: str):
+    """(commands, rows, peer rows) of an earlier bench/results/<name>.md, cells as the strings written."""
+    from common import RESULTS
+    text = (RESULTS / f"{name}.md").read_text()
+    main, _, peer_part = text.partition(PEER_SECTION)
+    prose = main.split("\n| ", 1)[0]  # every command the earlier file names before its table, in order
+    commands = list(dict.fromkeys(re.findall(r"`(\.venv/bin/python bench/validity\.py[^`]*)`", prose)))
+
+    def table(part):
+        lines = [ln for ln in part.splitlines() if ln.startswith("| ")]
+        return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[1:]]  # lines[0]: the header
+    return commands, table(main), table(peer_part)
+
+
+def merge_rows(old: list[list], new: list[list]) -> list[list]:
+    """``old`` with each (task, method) row of ``new`` put in its place, or after the last row of its task."""
+    out = [list(r) for r in old]
+    for row in new:
+        keys = [(r[0], r[1]) for r in out]
+        if (row[0], row[1]) in keys:
+            out[keys.index((row[0], row[1]))] = row
+        else:
+            same_task = [i for i, k in enumerate(keys) if k[0] == row[0]]
+            out.insert(same_task[-1] + 1 if same_task else len(out), row)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The peer methods (Captum adapters, LRP, noise tunnel; issue 19): the baseline matrix (2D/3D x class/region
 target x batch 3 == three batches of 1, model untouched, also after an error), equality with Captum on 2D
 classification with the same seeds, and LRP on Conv3d where Captum alone raises."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -426,3 +428,136 @@ def test_lrp_after_a_failed_captum_lrp_call_that_left_rules_behind():
     assert torch.isfinite(a).all() and a.abs().max() > 0
     assert_untouched(model, snap)
     assert model[1].rule is None
+
+
+# --------------------------------------------------------------------------------- LRP on residual networks
+
+
+def _debiased(model):
+    """Zero every bias and batch-norm mean (in place), so LRP-epsilon must conserve relevance exactly."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.zero_()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.zero_()
+    return model
+
+
+def _resnet(nd, block="basic", cin=2, k=3):
+    from monai.networks.nets import ResNet
+    torch.manual_seed(0)
+    net = ResNet(block=block, layers=[1, 1, 1, 1], block_inplanes=[2, 4, 4, 4], spatial_dims=nd, n_input_channels=cin,
+                 conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, num_classes=k, act=("relu", {"inplace": False}))
+    return _debiased(net.double().eval())
+
+
+def _modules_and_forwards(model):
+    return [(n, type(m).__name__, "forward" in m.__dict__) for n, m in model.named_modules()]
+
+
+# Tolerance: float64 nets with zero biases and epsilon 1e-12, so the only loss is the stabiliser (~1e-12 per
+# unit) and rounding; 1e-6 relative leaves room for the proportional splits of near-cancelling summands.
+@pytest.mark.parametrize("nd,block,composite", [(2, "basic", "epsilon"), (2, "basic", "epsilon_plus_flat"),
+                                                (3, "bottleneck", "epsilon")])
+def test_lrp_conserves_relevance_through_canonized_resnet_blocks(nd, block, composite):
+    model, x = _resnet(nd, block), image(nd, b=2)
+    if composite == "epsilon_plus_flat":  # z+ conserves where every z+ > 0: non-negative weights after the first conv
+        with torch.no_grad():
+            for m in list(model.modules())[2:]:
+                if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    m.weight.abs_()
+    snap, names = snapshot(model), _modules_and_forwards(model)
+    with torch.no_grad():
+        score = model(x)[[0, 1], [0, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # a canonized net must not warn
+        a = mx.explain(model, x, "lrp", target=[0, 2], composite=composite, epsilon=1e-12)
+    assert a.info["canonized_blocks"] == 4 and a.info["uncanonized_additions"] == 0
+    torch.testing.assert_close(a.map.flatten(1).sum(1), score, rtol=1e-6, atol=1e-9)
+    assert_untouched(model, snap)
+    assert _modules_and_forwards(model) == names
+
+
+def test_lrp_conserves_a_region_score_through_the_3d_unets_residual_units_and_skips():
+    from medexplain.models import zoo
+    torch.manual_seed(0)
+    model = _debiased(zoo.unet_3d(2, 2, channels=(4, 8), strides=(2,)).double().eval())
+    x = image(3, b=2)
+    mask = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
+    mask[:, 2:6, 1:4, 3:7] = True
+    with torch.no_grad():
+        score = (model(x)[:, 1] * mask).flatten(1).sum(1)
+    snap, names = snapshot(model), _modules_and_forwards(model)
+    a = mx.explain(model, x, "lrp", target=Region(1, mask), epsilon=1e-12)
+    assert a.info["canonized_blocks"] >= 3   # ResidualUnits and the SkipConnection
+    torch.testing.assert_close(a.map.flatten(1).sum(1), score, rtol=1e-6, atol=1e-9)
+    assert_untouched(model, snap)
+    assert _modules_and_forwards(model) == names
+
+
+def test_without_the_canonizer_relevance_explodes_and_an_uncovered_addition_warns(monkeypatch):
+    """The same ResNet with the canonizer switched off: Captum counts both summands (not conserved), and the
+    additions are named in a warning instead of a silently exploded map."""
+    import medexplain.methods.lrp as lrp_mod
+    model, x = _resnet(2), image(2, b=2)
+    with torch.no_grad():
+        score = model(x)[[0, 1], [0, 2]]
+    monkeypatch.setattr(lrp_mod, "_canonical_forward", lambda m: None)
+    with pytest.warns(UserWarning, match="4 pair\\(s\\) of computed tensors"):
+        a = mx.explain(model, x, "lrp", target=[0, 2], epsilon=1e-12)
+    assert a.info["uncanonized_additions"] == 4
+    assert (a.map.flatten(1).sum(1) - score).abs().max() > 0.1 * score.abs().max()
+
+
+class OwnResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.ReLU(), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.act(x + self.conv(x)).mean((2, 3)))
+
+
+def test_lrp_warns_on_an_addition_no_canonizer_covers():
+    model = OwnResidual().double().eval()
+    with pytest.warns(UserWarning, match="not conserved"):
+        a = mx.explain(model, image(2, b=1), "lrp", target=0)
+    assert a.info["uncanonized_additions"] == 1
+
+
+def test_canonized_blocks_compute_the_same_output_and_are_restored_after_an_error():
+    from medexplain.methods.lrp import residual_canonizer
+    from medexplain.models import zoo
+    unet = zoo.unet_3d(2, 2, channels=(4, 8), strides=(2,)).double().eval()
+    for model, x in [(_resnet(2), image(2, b=2)), (unet, image(3, b=2))]:
+        names = _modules_and_forwards(model)
+        with torch.no_grad():
+            ref = model(x)
+        with residual_canonizer(model) as blocks, torch.no_grad():
+            assert blocks and all("forward" in b.__dict__ for b in blocks)
+            torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-12)
+        assert _modules_and_forwards(model) == names
+    model, x = _resnet(2), image(2, b=2)
+    snap, names = snapshot(model), _modules_and_forwards(model)
+    with pytest.raises((RuntimeError, MedexplainError)):
+        mx.explain(model, x, "lrp", target=raising_target(2))
+    assert_untouched(model, snap)
+    assert _modules_and_forwards(model) == names
+
+
+def test_canonized_lrp_epsilon_equals_input_x_gradient_on_a_resnet_with_biases():
+    """LRP-0 on a piecewise-linear net equals input x gradient (Ancona et al. 2018, ICLR, proposition 1),
+    biases and batch-norm shifts included; it holds through the residual additions only once they are
+    canonized (without the canonizer both summands get the whole relevance)."""
+    model, x = _resnet(2), image(2, b=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.bias.normal_(0, 0.5, generator=g)
+        model.fc.bias.normal_(0, 0.5, generator=g)
+    lrp_map = mx.explain(model, x, "lrp", target=[0, 2], epsilon=1e-12).map
+    ixg = mx.explain(model, x, "inputxgradient", target=[0, 2]).map
+    assert rel_err(lrp_map, ixg) < 1e-6

@@ -309,3 +309,35 @@ def test_metric_metadata_declares_direction_and_applicability():
     model, x = make("cls", 2), image(2, b=1)
     with pytest.raises(TargetError, match="random_logit"):
         M.random_logit(model, x, "saliency", MultiLabel([0, 1]))
+
+
+def test_every_metric_takes_an_inferer_and_runs_the_model_window_by_window():
+    """``inferer=`` gives the result of the model wrapped in that sliding-window inferer (and not that of
+    the plain model, whose padding differs at the window borders)."""
+    from monai.inferers import SlidingWindowInferer
+
+    from medexplain.sliding import with_inferer
+    model, x = make("seg", 3, dtype=torch.float32), image(3, b=1, dtype=torch.float32)
+    inferer = SlidingWindowInferer(roi_size=(4, 4, 4), overlap=0.0)
+    mask = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    mask[:, 2:6, 2:6, 2:6] = True
+    tgt = Region(1, mask)
+    maps = mx.explain(model, x, "saliency", target=tgt).map
+    runs = {
+        "road": lambda m, **k: M.road(m, x, maps, tgt, percentages=[10, 50], **k).morf_score,
+        "average_drop_increase": lambda m, **k: M.average_drop_increase(m, x, maps, tgt, **k).drop,
+        "faithfulness_correlation": lambda m, **k: M.faithfulness_correlation(m, x, maps, tgt, n_runs=4, subset_size=32, **k),
+        "monotonicity": lambda m, **k: M.monotonicity(m, x, maps, tgt, features_in_step=128, **k).curves,
+        "infidelity": lambda m, **k: M.infidelity(m, x, maps, tgt, patch_size=4, **k),
+        "max_sensitivity": lambda m, **k: M.max_sensitivity(m, x, "saliency", tgt, n_samples=2, **k),
+        "smooth_mprt": lambda m, **k: M.smooth_mprt(m, x, "saliency", tgt, n_samples=2, cascade=False, **k).similarity,
+        "efficient_mprt": lambda m, **k: M.efficient_mprt(m, x, "saliency", tgt, **k).score,
+        "random_logit": lambda m, **k: M.random_logit(m, x, "saliency", tgt, **k),
+    }
+    assert set(runs) == set(M.available_metrics(tgt))
+    differs = []
+    for name, run in runs.items():
+        windowed = run(model, inferer=inferer)
+        torch.testing.assert_close(windowed, run(with_inferer(model, inferer)), msg=name)
+        differs.append(not torch.allclose(windowed.double(), run(model).double()))
+    assert sum(differs) >= 5, differs

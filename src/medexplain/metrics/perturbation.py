@@ -22,6 +22,8 @@ Quantus's element-wise convention. Scores are the target's (:meth:`medexplain.ta
 the logits (``activation="none"``) or on ``ops.probabilities(out, activation)``. Every random draw comes
 from a generator seeded with ``seed`` and is shared by the images of a batch, so a batch of 3 gives the
 results of three batches of 1. The model is guarded (eval mode, restored) and never differentiated.
+``inferer=`` (every metric): a ``monai.inferers.SlidingWindowInferer`` the model runs through
+(:func:`medexplain.sliding.with_inferer`), as in :func:`medexplain.metrics.deletion_insertion`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from ..core import check_input, chunks, forward, model_guard
 from ..errors import InputError
 from ..ops import normalize, probabilities
+from ..sliding import with_inferer
 from ..targets import target_probability
 from .faithfulness import _ranks, _voxel_scores
 from .meta import MetricInfo, register_metric
@@ -220,7 +223,7 @@ class ROADResult:
     "Rong et al. 2022 (ICML), ROAD", "quantus.ROAD"))
 def road(model, x: torch.Tensor, maps: torch.Tensor, target, percentages=None, orders=("morf", "lerf"),
          noise: float = 0.01, seed: int = 0, activation: str | None = "auto", absolute: bool = False,
-         chunk_size: int | None = 64, tol: float = 1e-10, max_iter: int | None = None) -> ROADResult:
+         chunk_size: int | None = 64, tol: float = 1e-10, max_iter: int | None = None, inferer=None) -> ROADResult:
     """ROAD: for each percentage ``p`` the ``int(N p / 100)`` most (MoRF) or least (LeRF) relevant voxels
     (``N`` voxels; all channels) are replaced by :func:`noisy_linear_imputation` with ``noise`` times the
     step's :func:`road_draws`, and the model is run on the result.
@@ -231,6 +234,7 @@ def road(model, x: torch.Tensor, maps: torch.Tensor, target, percentages=None, o
     percentage (``ROADResult.morf_accuracy``); its imputation is 2D only.
     """
     info = road.info
+    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
     tgt = info.check(target)
     x, vox = _check(model, x, maps, absolute)
     pct = list(range(1, 100, 2)) if percentages is None else [float(p) for p in percentages]
@@ -294,12 +298,13 @@ class AverageDrop:
     "average_drop", ("Class", "MultiLabel", "Region"), "maps", "Chattopadhay et al. 2018 (WACV), Grad-CAM++ eq. 20",
     "pytorch_grad_cam.metrics.cam_mult_image.DropInConfidence / IncreaseInConfidence"))
 def average_drop_increase(model, x: torch.Tensor, maps: torch.Tensor, target, activation: str | None = "auto",
-                          absolute: bool = False, chunk_size: int | None = 64) -> AverageDrop:
+                          absolute: bool = False, chunk_size: int | None = 64, inferer=None) -> AverageDrop:
     """Average drop / increase in confidence: Y = target score of ``x``, O = of ``x * E`` with
     ``E`` the map summed over channels, resized to the input grid and min-max normalised per sample
     (``ops.normalize``), applied to every channel. ``activation="auto"``: scores are probabilities
     (softmax over several classes, sigmoid for one), as in the paper; ``Region`` targets score the sum
     (or mean) of the region's class probabilities. ``drop`` is NaN where Y <= 0 (undefined)."""
+    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
     tgt = average_drop_increase.info.check(target)
     x, vox = _check(model, x, maps, absolute)
     e = normalize(vox, "minmax").view(x.shape[0], 1, *x.shape[2:])
@@ -334,12 +339,13 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ("Class", "MultiLabel", "Region"), "maps", "Bhatt et al. 2020 (IJCAI), eq. 2", "quantus.FaithfulnessCorrelation"))
 def faithfulness_correlation(model, x: torch.Tensor, maps: torch.Tensor, target, n_runs: int = 100,
                              subset_size: int = 224, baseline="min", activation: str | None = "none",
-                             absolute: bool = False, seed: int = 0, chunk_size: int | None = 64) -> torch.Tensor:
+                             absolute: bool = False, seed: int = 0, chunk_size: int | None = 64, inferer=None) -> torch.Tensor:
     """Faithfulness correlation ``(B,)``: over ``n_runs`` random subsets S of ``subset_size`` voxels
     (:func:`random_subsets`), the Pearson correlation of ``sum_{i in S} a_i`` with ``f(x) - f(x_S)``,
     where ``x_S`` has the subset set to ``baseline`` (``"min"``: each sample's minimum, Quantus's
     "black"). Scores are logits by default (Quantus's default ``softmax=False``). NaN where either series
     is constant."""
+    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
     tgt = faithfulness_correlation.info.check(target)
     x, vox = _check(model, x, maps, absolute)
     b, n = vox.shape
@@ -381,7 +387,7 @@ class MonotonicityResult:
     "quantus.Monotonicity (with an insertion perturb_func; see the docstring)"))
 def monotonicity(model, x: torch.Tensor, maps: torch.Tensor, target, features_in_step: int | None = None,
                  baseline="min", activation: str | None = "auto", absolute: bool = True,
-                 chunk_size: int | None = 64) -> MonotonicityResult:
+                 chunk_size: int | None = 64, inferer=None) -> MonotonicityResult:
     """Monotonicity: start from a ``baseline`` image (``"min"``: each sample's minimum everywhere) and
     insert the input's voxels ``features_in_step`` at a time in increasing order of (absolute, by default)
     attribution; the explanation is monotonic when the score never decreases (``diff >= 0``).
@@ -391,6 +397,7 @@ def monotonicity(model, x: torch.Tensor, maps: torch.Tensor, target, features_in
     over the baseline image at each step (its default perturbation replaces the selected entries of the
     *baseline* image by that image's minimum), so its input never changes and it returns True for any
     explanation; the tests compare with it after passing a perturbation that inserts the input's values."""
+    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
     tgt = monotonicity.info.check(target)
     x, vox = _check(model, x, maps, absolute)
     b, n = vox.shape
@@ -460,7 +467,7 @@ def infidelity_perturbations(x: torch.Tensor, perturbation: str = "blocks", patc
     "Yeh et al. 2019 (NeurIPS), definition 2.1", "quantus.Infidelity (blocks); captum.metrics.infidelity (noise)"))
 def infidelity(model, x: torch.Tensor, maps: torch.Tensor, target, perturbation: str = "blocks", patch_size: int = 4,
                n_samples: int = 10, sigma: float = 0.1, baseline="min", normalize: bool = False,
-               activation: str | None = "none", seed: int = 0, chunk_size: int | None = 64) -> torch.Tensor:
+               activation: str | None = "none", seed: int = 0, chunk_size: int | None = 64, inferer=None) -> torch.Tensor:
     """Infidelity ``(B,)``: mean over perturbations ``I_j`` (:func:`infidelity_perturbations`) of
     ``(sum(a * I_j) - (f(x) - f(x - I_j)))^2``, computed by Captum's ``captum.metrics.infidelity`` (the
     reference implementation of Yeh et al.), ``max_examples_per_batch`` from ``chunk_size``. ``maps`` are
@@ -468,6 +475,7 @@ def infidelity(model, x: torch.Tensor, maps: torch.Tensor, target, perturbation:
     Captum's optimal rescaling of the attributions (Yeh et al., section 2.3). Scores are logits by default
     (Quantus's default). Lower is better."""
     from captum.metrics import infidelity as captum_infidelity
+    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
     tgt = infidelity.info.check(target)
     x = check_input(x)
     maps = torch.as_tensor(maps).detach().to(x)

@@ -60,8 +60,10 @@ def randomised_models(model: torch.nn.Module, order: str = "bottom_up", seed: in
         raise InputError("the model has no layer with reset_parameters() to randomise")
     if order == "top_down":
         modules = modules[::-1]
+    # reset_parameters on a GPU draws from that device's generator, which manual_seed also reseeds: fork it too
+    devices = sorted({p.device.index or 0 for p in rand.parameters() if p.device.type == "cuda"})
     for name, module in modules:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(seed) + 1)
             module.reset_parameters()
         yield name, rand
@@ -113,14 +115,19 @@ class MPRTResult:
     "method", "Hedström et al. 2023 (XAI in Action workshop), section 4.1", "quantus.SmoothMPRT"))
 def smooth_mprt(model, x: torch.Tensor, method: str, target, n_samples: int = 50, noise_magnitude: float = 0.1,
                 seed: int = 42, noise_seed: int = 0, layer_order: str = "bottom_up", cascade: bool = True,
-                absolute: bool = True, chunk_size: int | None = 64, **options) -> MPRTResult:
+                absolute: bool = True, chunk_size: int | None = 64, method_options: dict | None = None,
+                inferer=None, **options) -> MPRTResult:
     """SmoothMPRT: the model parameter randomisation test on smoothed explanations (the mean over
     ``n_samples - 1`` noisy copies and the clean input, noise ``sd = noise_magnitude (max - min)``), which
     removes the noise that makes gradient maps decorrelate by chance. Similarity: Spearman of the
     (absolute) maps, flattened over channels and voxels. ``cascade=False`` scores only the fully randomised
     model (Quantus's ``skip_layers``). The noise draws (``noise_seed``) are the same for every model, so
-    ``original`` is exactly 1; Quantus draws fresh noise per explanation."""
+    ``original`` is exactly 1; Quantus draws fresh noise per explanation.
+    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
+    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
     tgt = smooth_mprt.info.check(target)
+    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
     x = check_input(x)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
@@ -168,11 +175,16 @@ class EfficientMPRTResult:
     "efficient_mprt", "randomisation", {"score": "higher"}, "score", ("Class", "MultiLabel", "Region"), "method",
     "Hedström et al. 2023 (XAI in Action workshop), section 4.2", "quantus.EfficientMPRT"))
 def efficient_mprt(model, x: torch.Tensor, method: str, target, n_bins: int = 100, seed: int = 42,
-                   layer_order: str = "bottom_up", absolute: bool = False, **options) -> EfficientMPRTResult:
+                   layer_order: str = "bottom_up", absolute: bool = False, method_options: dict | None = None,
+                inferer=None, **options) -> EfficientMPRTResult:
     """EfficientMPRT: compare the complexity (discrete entropy of a ``n_bins`` histogram of the map values)
     of the explanation before and after randomising every layer, in one extra explanation instead of one
-    per layer. ``absolute``: histogram of ``|map|`` (Quantus's default: signed)."""
+    per layer. ``absolute``: histogram of ``|map|`` (Quantus's default: signed).
+    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
+    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
     tgt = efficient_mprt.info.check(target)
+    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
     x = check_input(x)
     if n_bins < 1:
         raise InputError(f"n_bins must be >= 1, got {n_bins}")
@@ -211,7 +223,8 @@ def _off_target(tgt, off: torch.Tensor):
     "random_logit", "randomisation", {"similarity": "lower"}, "similarity", ("Class", "Region"), "method",
     "Sixt et al. 2020 (ICML), section 5.2", "quantus.RandomLogit"))
 def random_logit(model, x: torch.Tensor, method: str, target, num_classes: int | None = None, seed: int = 42,
-                 off_class=None, normalise: bool = True, flatten: bool = False, **options) -> torch.Tensor:
+                 off_class=None, normalise: bool = True, flatten: bool = False, method_options: dict | None = None,
+                inferer=None, **options) -> torch.Tensor:
     """Random-logit test ``(B,)``: SSIM between the explanation of the target class and that of another,
     randomly chosen class (for a ``Region``: another output channel over the same region). An explanation
     that explains the model's decision should change with the class (lower is better).
@@ -221,13 +234,18 @@ def random_logit(model, x: torch.Tensor, method: str, target, num_classes: int |
     given, an int or one per sample). ``normalise``: each map divided by its max ``|.|`` per sample
     (Quantus normalises by the max over the whole batch, which makes one sample's score depend on the
     others). ``flatten=True`` computes SSIM on the flattened maps as Quantus does; the default treats each
-    map as an image (2D or 3D)."""
+    map as an image (2D or 3D).
+    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
+    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
     tgt = random_logit.info.check(target)
+    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
     x = check_input(x)
     b = x.shape[0]
     with model_guard(model), torch.no_grad():
         from ..core import forward
-        k = num_classes or forward(model, x[:1]).shape[1]
+        from ..sliding import with_inferer
+        k = num_classes or forward(with_inferer(model, inferer), x[:1]).shape[1]
     if k < 2:
         raise TargetError("the random-logit test needs at least two classes (output channels)")
     y = tgt.class_index(b).to(x.device)

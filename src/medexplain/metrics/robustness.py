@@ -28,17 +28,22 @@ def sensitivity_draws(x: torch.Tensor, n: int, radius: float, seed: int = 0) -> 
     "max_sensitivity", "robustness", {"max_sensitivity": "lower"}, "max_sensitivity", ("Class", "MultiLabel", "Region"),
     "method", "Yeh et al. 2019 (NeurIPS), definition 3.1", "quantus.MaxSensitivity; captum.metrics.sensitivity_max"))
 def max_sensitivity(model, x: torch.Tensor, method: str, target, n_samples: int = 10, radius: float = 0.2,
-                    seed: int = 0, chunk_size: int | None = 64, **options) -> torch.Tensor:
+                    seed: int = 0, chunk_size: int | None = 64, method_options: dict | None = None,
+                    inferer=None, **options) -> torch.Tensor:
     """Max-sensitivity ``(B,)``: ``max_j ||Phi(x + d_j) - Phi(x)||_F / ||Phi(x)||_F`` over ``n_samples``
     uniform perturbations ``d_j`` in ``[-radius, radius]`` of every input element (:func:`sensitivity_draws`;
     Quantus's default radius 0.2), ``Phi`` the maps of ``method`` (raw, with ``options``). Computed by Captum's
     ``sensitivity_max``; ``chunk_size`` bounds the perturbed images explained in one call (Captum's
-    ``max_examples_per_batch``). A zero map has denominator 1 (Captum's convention). Lower is better."""
+    ``max_examples_per_batch``). A zero map has denominator 1 (Captum's convention). Lower is better.
+    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
+    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
     from captum.metrics import sensitivity_max
 
     from ..explain import explain
     from ..methods.captum_methods import RowTarget
     tgt = max_sensitivity.info.check(target)
+    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
     x = check_input(x)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
