@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import medexplain as mx
-from conftest import image, make
+from conftest import assert_untouched, image, make, snapshot
 from medexplain.errors import InputError, MedexplainError, UnsupportedModelError
 from medexplain.methods.captum_methods import feature_groups, reference_distribution
 from medexplain.targets import Region
@@ -27,22 +27,6 @@ OPTS = {"kernelshap": {"n_samples": 12, **GROUPS}, "lime": {"n_samples": 12, **G
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(m.training, [p.requires_grad for p in m.parameters(recurse=False)], sorted(m.__dict__)) for m in model.modules()],
-            [p.data_ptr() for p in model.parameters()])
-
-
-def assert_untouched(model, snap):
-    before, flags, ptrs = snap
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert flags == [(m.training, [p.requires_grad for p in m.parameters(recurse=False)], sorted(m.__dict__))
-                     for m in model.modules()]
-    assert ptrs == [p.data_ptr() for p in model.parameters()]
-    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks or m._backward_pre_hooks
-                   for m in model.modules())
 
 
 def targets(kind, nd, x):

@@ -1,7 +1,5 @@
 """The peer metrics (issue 19) against Quantus 0.6 (pytorch-grad-cam for average drop / increase in confidence)
 on 2D classification with the same perturbation draws, to 1e-5; then on a 3D segmenter with a Region target."""
-import sys
-import types
 import warnings
 
 import numpy as np
@@ -10,7 +8,7 @@ import torch
 from torch import nn
 
 import medexplain as mx
-from conftest import TinyClassifier, image, make
+from conftest import TinyClassifier, image, import_pytorch_grad_cam, make
 from medexplain import metrics as M
 from medexplain.errors import TargetError
 from medexplain.targets import MultiLabel, Region
@@ -171,17 +169,9 @@ def test_infidelity_blocks_equal_quantus_and_noise_equals_the_definition_by_hand
     close(noisy.numpy(), torch.stack(terms).mean(0).numpy())
 
 
-def test_average_drop_and_increase_equal_pytorch_grad_cam(case, monkeypatch):
-    """pytorch-grad-cam's metrics are pure torch; its package imports torchvision's transforms (not installed:
-    it would replace the CPU torch), so stub those names for the import."""
-    for name, attrs in [("torchvision", {}), ("torchvision.transforms", dict(Compose=object, Normalize=object, ToTensor=object)),
-                        ("torchvision.transforms.functional", dict(resize=object))]:
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = []
-            mod.__dict__.update(attrs)
-            monkeypatch.setitem(sys.modules, name, mod)
-    pytest.importorskip("pytorch_grad_cam")
+def test_average_drop_and_increase_equal_pytorch_grad_cam(case):
+    """Against pytorch-grad-cam's DropInConfidence / IncreaseInConfidence (imported past its torchvision import)."""
+    import_pytorch_grad_cam()
     from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
     model, x, y, a = case
