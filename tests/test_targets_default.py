@@ -279,3 +279,32 @@ def test_run_manifest_uses_the_target_grammar_and_preprocessing_columns(tmp_path
     for case in "abcd":
         img = nib.load(str(tmp_path / "out" / "cases" / case / "saliency.nii.gz"))
         assert img.shape == (8, 8, 8) and np.allclose(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+
+
+def test_run_level_preprocessing_defaults_fill_empty_cells_and_are_part_of_the_resume_fingerprint(tmp_path):
+    """`run --divisible-by 4` (preprocessing=) is the default of the manifest's column; a case's cell wins;
+    a bad setting is refused before anything is written; a resume with other defaults is refused."""
+    from medexplain.run import run_manifest
+    volume(tmp_path)
+    (tmp_path / "cases.csv").write_text("case_id,image,divisible_by,intensity\na,v.nii.gz,,\nb,v.nii.gz,3,zscore\n")
+    with pytest.raises(errors.OptionError, match="unknown preprocessing"):
+        run_manifest(tmp_path / "cases.csv", "test_targets_default:two_blobs", ["saliency"], tmp_path / "bad",
+                     preprocessing={"spacingg": "1"})
+    with pytest.raises(errors.OptionError, match="run preprocessing"):
+        run_manifest(tmp_path / "cases.csv", "test_targets_default:two_blobs", ["saliency"], tmp_path / "bad",
+                     preprocessing={"divisible_by": "zero"})
+    assert not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "cases.csv"), "--model", "test_targets_default:two_blobs",
+                                 "--out", str(tmp_path / "out"), "--divisible-by", "4"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["config"]["preprocessing"] == {"divisible_by": "4"}
+    rows = {c: json.loads((tmp_path / "out" / "cases" / c / "saliency.json").read_text()) for c in "ab"}
+    assert rows["a"]["preprocessing"] == {"divisible_by": "4"}
+    assert rows["b"]["preprocessing"] == {"divisible_by": "3", "intensity": "zscore"}
+    for c in "ab":
+        img = nib.load(str(tmp_path / "out" / "cases" / c / "saliency.nii.gz"))
+        assert img.shape == (8, 8, 8) and np.allclose(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(errors.MedexplainError, match="preprocessing"):
+        run_manifest(tmp_path / "cases.csv", "test_targets_default:two_blobs", ["saliency"], tmp_path / "out",
+                     resume=True, preprocessing={"divisible_by": "8"})

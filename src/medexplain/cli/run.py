@@ -14,7 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..run import run_manifest
 from . import app
-from ._common import cli_errors, console, parse_options
+from ._common import (
+    cli_errors,
+    console,
+    divisible_by_option,
+    intensity_option,
+    orientation_option,
+    parse_options,
+    spacing_option,
+    spatial_size_option,
+)
 
 
 @app.command("run")
@@ -39,8 +48,14 @@ def run_cmd(
                                               "(default: one per CPU, or per GPU)"),
     map_format: str = typer.Option("nifti", "--map-format", help="nifti (on the image affine) or npz"),
     seed: int = typer.Option(0, help="seed of every method's randomness"),
+    spacing: Optional[str] = spacing_option(),
+    orientation: Optional[str] = orientation_option(),
+    spatial_size: Optional[str] = spatial_size_option(),
+    divisible_by: Optional[str] = divisible_by_option(),
+    intensity: Optional[str] = intensity_option(),
 ):
-    """Explain a dataset: every manifest case x every method, resumable, locally or on Ray."""
+    """Explain a dataset: every manifest case x every method, resumable, locally or on Ray. The
+    preprocessing flags are run-wide defaults of the manifest's preprocessing columns (a case's cell wins)."""
     with cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                 console=console, transient=True) as bar:
         options = parse_options(option)   # text, typed by each method's signature
@@ -48,7 +63,9 @@ def run_cmd(
         res = run_manifest(manifest, model, methods, out, weights=weights, options=options, layer=layer,
                            backend=backend, address=address, resume=resume, batch_size=batch_size,
                            num_workers=num_workers, map_format=map_format, seed=seed, retry_errors=retry_errors,
-                           on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+                           on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+                           preprocessing={"spacing": spacing, "orientation": orientation, "spatial_size": spatial_size,
+                                          "divisible_by": divisible_by, "intensity": intensity})
     msg = (f"{len(res.rows)} item(s): [green]{res.n_ok} ok[/], "
            + (f"[red]{res.n_error} error(s)[/]" if res.n_error else "0 errors")
            + f"; computed {res.computed}, already complete {res.skipped}")

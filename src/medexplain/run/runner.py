@@ -16,7 +16,7 @@ import platform
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -27,13 +27,13 @@ from ..io import check_output_dir
 from ..models.loading import load_model
 from ..registry import accepted_options, route_options
 from . import backends
-from .manifest import Case, read_manifest, sha256_file
+from .manifest import PREPROCESSING_COLUMNS, Case, read_manifest, sha256_file
 from .store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
 from .worker import CaseProcessor, WorkerSpec, check_methods
 
 # What a resumed run must share with the run it continues (otherwise its items would mix two setups).
 FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
-               "map_format", "seed", "batch_size")
+               "map_format", "seed", "batch_size", "preprocessing")
 
 
 @dataclass
@@ -82,7 +82,8 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
                  layer: str | None = None, backend: str = "local", address: str | None = None,
                  resume: bool = False, batch_size: int = 4, num_workers: int | None = None,
                  map_format: str = "nifti", seed: int = 0, retry_errors: bool = False,
-                 on_progress: Callable[[int, int], None] | None = None) -> RunResult:
+                 on_progress: Callable[[int, int], None] | None = None,
+                 preprocessing: dict | None = None) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Args:
@@ -99,6 +100,9 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
         seed: seeds the global RNG before each batch and every method's ``seed`` option.
         retry_errors: with ``resume``, also redo items recorded as errors.
         on_progress: called as ``on_progress(items_done, items_total)`` after each chunk.
+        preprocessing: run-wide defaults of the manifest's preprocessing columns, ``{"spacing": "1,1,1",
+            ...}`` as the cells (or the command line's ``--spacing`` etc.) write them; a case's own cell
+            overrides its column.
 
     A bad case (missing, corrupt or NaN image, wrong channels, mask off-grid, target out of range, a
     method failing on it) becomes an error row; everything else raises a typed error before writing.
@@ -106,7 +110,8 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
     t_start, cpu_start, started = time.perf_counter(), time.process_time(), _now()
     # 1. checks that need no writes
     methods = _check_arguments(methods, backend, map_format, batch_size, num_workers, address)
-    cases = read_manifest(manifest)
+    preprocessing = {k: str(v) for k, v in (preprocessing or {}).items() if v not in (None, "")}
+    cases = with_default_preprocessing(read_manifest(manifest), preprocessing)
     net = load_model(model, weights)
     methods = check_methods(methods, net)
     routed = _method_options(methods, options, layer, seed)
@@ -124,7 +129,8 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
               "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
               "methods": methods, "options": _jsonable(routed), "layer": layer,
               "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
-              "address": address, "num_workers": num_workers, "retry_errors": retry_errors}
+              "address": address, "num_workers": num_workers, "retry_errors": retry_errors,
+              "preprocessing": dict(sorted((preprocessing or {}).items())) or None}
     previous = _previous_run(out, config, resume)
     if previous is not None:
         methods, routed = _extend_run(previous, config, methods, routed)
@@ -158,6 +164,28 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
     atomic_json(record, out / RUN_RECORD)
     return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=progress.computed,
                      skipped=progress.skipped, removed_partials=removed)
+
+
+def with_default_preprocessing(cases: list[Case], defaults: dict | None) -> list[Case]:
+    """``cases`` with the run-wide preprocessing ``defaults`` (column -> cell text) filled in where a case's
+    own column is empty; an unknown column or a bad value is an :class:`~medexplain.errors.OptionError` now."""
+    defaults = {k: str(v) for k, v in (defaults or {}).items() if v not in (None, "")}
+    if not defaults:
+        return cases
+    from ..errors import OptionError
+    from ..transforms import Preprocessing
+    unknown = sorted(set(defaults) - set(PREPROCESSING_COLUMNS))
+    if unknown:
+        raise OptionError(f"unknown preprocessing setting(s) {unknown}; choose from {list(PREPROCESSING_COLUMNS)}")
+    try:
+        Preprocessing(**defaults)
+    except MedexplainError as e:
+        raise OptionError(f"run preprocessing: {e}") from None
+    out = []
+    for c in cases:
+        cells = {**defaults, **dict(c.preprocessing)}
+        out.append(replace(c, preprocessing=tuple((k, cells[k]) for k in PREPROCESSING_COLUMNS if k in cells)))
+    return out
 
 
 def _check_arguments(methods, backend: str, map_format: str, batch_size, num_workers, address) -> list[str]:
