@@ -268,6 +268,7 @@ def test_cli_instances_and_shapley_write_on_the_input_grid(folder, case, tmp_pat
     assert r.exit_code == 0, r.output
     info = json.loads((tmp_path / "inst" / "info.json").read_text())
     assert info["nnunet"]["channels"] == ["T1", "CT"] and info["instances"] == 2
+    assert info["inferer"]["windows"] == "nnU-Net"     # the sliding window the maps were computed through
     maps = sorted((tmp_path / "inst").glob("instance_*.nii.gz"))
     assert len(maps) == 2
     for p in maps + [tmp_path / "inst" / "probability.nii.gz"]:

@@ -489,6 +489,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             "class": int(channel), "how": how, "activation": act, "activation_how": prep.activation_how,
             "region": "predicted" if reg is None or isinstance(reg, str) else str(region),
             "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max()),
+            "inferer": inferer_settings(inferer) if inferer is not None else None,
             "nnunet": nnm.describe() if nnm is not None else None}
     files = [io.write_nifti(prep.invert(prob[None])[0], out / "probability.nii.gz", affine),
              io.write_nifti(prep.invert(seg.label_map(insts, tuple(prob.shape)).float()[None], nearest=True)[0],
