@@ -155,7 +155,7 @@ def test_perturbation_adapters_equal_captum_with_the_same_groups_and_seeds():
 
 def test_lrp_epsilon_equals_captum_on_2d_and_composites_differ():
     model, x, t = make("cls", 2), image(2), [0, 2, 1]
-    ours = mx.explain(model, x, "lrp", target=t).map
+    ours = mx.explain(model, x, "lrp", target=t, composite="epsilon").map
     assert rel_err(ours, ca.LRP(model).attribute(x, target=t)) <= 1e-8
     maps = {c: mx.explain(model, x, "lrp", target=t, composite=c).map
             for c in ("epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1")}
@@ -218,7 +218,7 @@ def test_lrp_runs_on_conv3d_where_captum_alone_raises_and_conserves_relevance():
         ca.LRP(model).attribute(x, target=[0, 1])
     with torch.no_grad():
         logits = model(x)
-    a = mx.explain(model, x, "lrp", target=[0, 1], epsilon=1e-12)
+    a = mx.explain(model, x, "lrp", target=[0, 1], epsilon=1e-12, composite="epsilon")
     score = logits[[0, 1], [0, 1]]
     assert a.map.shape == x.shape
     torch.testing.assert_close(a.map.flatten(1).sum(1), score, rtol=1e-6, atol=1e-9)   # relevance conservation
@@ -237,9 +237,9 @@ def test_lrp_region_target_on_a_3d_segmenter_seeds_each_voxel_with_its_own_logit
     mask[0, 2:4, 3:5, 4:6] = True
     with torch.no_grad():
         z = model(x)[0, 1]
-    a = mx.explain(model, x, "lrp", target=Region(1, mask), epsilon=1e-12).map
+    a = mx.explain(model, x, "lrp", target=Region(1, mask), epsilon=1e-12, composite="epsilon").map
     torch.testing.assert_close(a.sum(), z[mask[0]].sum(), rtol=1e-6, atol=1e-9)
-    per_voxel = sum(mx.explain(model, x, "lrp", target=Region(1, one[None]), epsilon=1e-12).map
+    per_voxel = sum(mx.explain(model, x, "lrp", target=Region(1, one[None]), epsilon=1e-12, composite="epsilon").map
                     for one in _single_voxel_masks(mask[0]))
     torch.testing.assert_close(a, per_voxel, rtol=1e-6, atol=1e-10)
 
@@ -366,7 +366,7 @@ def test_lrp_passes_relevance_through_norms_dropout_and_activations_in_3d(mids):
     tgt = Region(1, mask)
     with torch.no_grad():
         score = tgt.scores(model(x))
-    a = mx.explain(model, x, "lrp", target=tgt, epsilon=1e-12).map
+    a = mx.explain(model, x, "lrp", target=tgt, epsilon=1e-12, composite="epsilon").map
     torch.testing.assert_close(a.flatten(1).sum(1), score, rtol=1e-6, atol=1e-9)
 
 
@@ -395,7 +395,7 @@ def test_torchscript_models_get_the_hook_free_adapters_only():
     eager = mx.explain(make("cls", 2), x, "inputxgradient", target=[0, 1]).map
     assert rel_err(mx.explain(scripted, x, "inputxgradient", target=[0, 1]).map, eager) <= 1e-12
     with pytest.raises(UnsupportedModelError):
-        mx.explain(scripted, x, "lrp", target=0)
+        mx.explain(scripted, x, "lrp", target=0, composite="epsilon")
 
 
 def test_lrp_after_a_failed_captum_lrp_call_that_left_rules_behind():
@@ -408,7 +408,7 @@ def test_lrp_after_a_failed_captum_lrp_call_that_left_rules_behind():
         ca.LRP(model).attribute(x, target=0)
     assert "rule" in model[1].__dict__ and model[1].rule is None            # Captum's leftover
     snap = snapshot(model)
-    a = mx.explain(model, x, "lrp", target=[0, 1]).map
+    a = mx.explain(model, x, "lrp", target=[0, 1], composite="epsilon").map
     assert torch.isfinite(a).all() and a.abs().max() > 0
     assert_untouched(model, snap)
     assert model[1].rule is None
@@ -473,7 +473,7 @@ def test_lrp_conserves_a_region_score_through_the_3d_unets_residual_units_and_sk
     with torch.no_grad():
         score = (model(x)[:, 1] * mask).flatten(1).sum(1)
     snap, names = snapshot(model), _modules_and_forwards(model)
-    a = mx.explain(model, x, "lrp", target=Region(1, mask), epsilon=1e-12)
+    a = mx.explain(model, x, "lrp", target=Region(1, mask), epsilon=1e-12, composite="epsilon")
     assert a.info["canonized_blocks"] >= 3   # ResidualUnits and the SkipConnection
     torch.testing.assert_close(a.map.flatten(1).sum(1), score, rtol=1e-6, atol=1e-9)
     assert_untouched(model, snap)
@@ -489,7 +489,7 @@ def test_without_the_canonizer_relevance_explodes_and_an_uncovered_addition_warn
         score = model(x)[[0, 1], [0, 2]]
     monkeypatch.setattr(lrp_mod, "_canonical_forward", lambda m: None)
     with pytest.warns(UserWarning, match="4 pair\\(s\\) of computed tensors"):
-        a = mx.explain(model, x, "lrp", target=[0, 2], epsilon=1e-12)
+        a = mx.explain(model, x, "lrp", target=[0, 2], epsilon=1e-12, composite="epsilon")
     assert a.info["uncanonized_additions"] == 4
     assert (a.map.flatten(1).sum(1) - score).abs().max() > 0.1 * score.abs().max()
 
@@ -525,7 +525,7 @@ def test_canonized_blocks_compute_the_same_output_and_are_restored_after_an_erro
     model, x = _resnet(2), image(2, b=2)
     snap, names = snapshot(model), _modules_and_forwards(model)
     with pytest.raises((RuntimeError, MedexplainError)):
-        mx.explain(model, x, "lrp", target=raising_target(2))
+        mx.explain(model, x, "lrp", target=raising_target(2), composite="epsilon")
     assert_untouched(model, snap)
     assert _modules_and_forwards(model) == names
 
@@ -542,6 +542,16 @@ def test_canonized_lrp_epsilon_equals_input_x_gradient_on_a_resnet_with_biases()
                 m.running_mean.normal_(0, 0.5, generator=g)
                 m.bias.normal_(0, 0.5, generator=g)
         model.fc.bias.normal_(0, 0.5, generator=g)
-    lrp_map = mx.explain(model, x, "lrp", target=[0, 2], epsilon=1e-12).map
+    lrp_map = mx.explain(model, x, "lrp", target=[0, 2], epsilon=1e-12, composite="epsilon").map
     ixg = mx.explain(model, x, "inputxgradient", target=[0, 2]).map
     assert rel_err(lrp_map, ixg) < 1e-6
+
+
+def test_lrp_default_composite_is_epsilon_plus_flat():
+    """Zennit's recommendation for CNNs is the default; the plain epsilon rules are one option away."""
+    model, x = make("cls", 2), image(2, b=2)
+    a = mx.explain(model, x, "lrp", target=[0, 1])
+    b = mx.explain(model, x, "lrp", target=[0, 1], composite="epsilon_plus_flat")
+    c = mx.explain(model, x, "lrp", target=[0, 1], composite="epsilon")
+    assert a.info["composite"] == "epsilon_plus_flat" and torch.equal(a.map, b.map)
+    assert (a.map - c.map).abs().max() > 1e-3 * c.map.abs().max()

@@ -13,7 +13,7 @@ Composites (the layer maps of Zennit's ``composites.py``, after Montavon et al. 
 - ``epsilon``: Captum's defaults, extended to 1D/3D layers: LRP-epsilon on every linear, convolutional,
   pooling and norm layer (Captum's ``EpsilonRule``, epsilon 1e-9 unless given). On a 2D model equal to
   ``captum.attr.LRP`` (tests).
-- ``epsilon_plus_flat`` (Zennit ``EpsilonPlusFlat``): flat rule on the first linear/conv layer, z+ on the
+- ``epsilon_plus_flat`` (Zennit ``EpsilonPlusFlat``; the default): flat rule on the first linear/conv layer, z+ on the
   other convolutions, epsilon (1e-6) on fully connected layers.
 - ``epsilon_gamma_box`` (Zennit ``EpsilonGammaBox``): z^B (box) rule on the first convolution with bounds
   ``low``/``high`` (default: each sample's min and max), gamma (0.25, Captum's ``GammaRule``) on the
@@ -385,10 +385,15 @@ def lrp_rules(model: nn.Module, composite: str = "epsilon", epsilon: float | Non
 
 
 @register("lrp", needs_hooks=True, applies_to=_lrp_applies)
-def lrp(model, x, target, cost, composite: str = "epsilon", epsilon: float | None = None, gamma: float = 0.25,
+def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: float | None = None, gamma: float = 0.25,
         low=None, high=None, chunk_size: int | None = 64):
     """LRP with a standard composite (see the module docstring), N-D (Conv1d/2d/3d, ConvTranspose, Linear,
     pooling and norm layers of every dimensionality), on Captum's ``LRP``.
+
+    The default composite is ``epsilon_plus_flat``, Zennit's recommendation for convolutional networks
+    (Montavon et al. 2019, section 10.2): on biased, trained networks plain LRP-epsilon (Captum's default,
+    ``composite="epsilon"``) is far from conserving relevance and reduces to input x gradient on
+    piecewise-linear ones (``docs/peers.md`` measures both on the zoo models).
 
     The explained score is the target's (a class logit, or a segmenter's logits summed over a ``Region``);
     for a sum of outputs each output is seeded with its own relevance (``TargetScore(relevance_seed=True)``),
