@@ -51,6 +51,8 @@ def test_demo_small_writes_report_maps_and_metrics(tmp_path, monkeypatch):
         assert r["hits"] == f"{int(hits.sum())}/2" and r["hit rate"] == pytest.approx(float(hits.mean()))
         anyp = mx.metrics.hit_rate(maps, masks, ties="any")
         assert r["hits (any maximal pixel)"] == f"{int(anyp.sum())}/2" and (anyp >= hits).all()
+        at_max = (maps.flatten(1) == maps.flatten(1).amax(1, keepdim=True)).sum(1).double()
+        assert r["maximal pixels (median)"] == float(at_max.median()) and r["pixels"] == 32 * 32
         assert r["random baseline"] == res["random_baseline"] and maps.shape[-2:] == (32, 32)
         assert maps.abs().amax() > 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -99,10 +99,14 @@ def score_methods(model, x: torch.Tensor, masks: torch.Tensor, names, target: in
         res.maps[name] = attr.map
         # Perturbation maps are constant over a patch or superpixel: the first maximal pixel (CheXlocalize's
         # rule) is the block's corner, which can miss a small nodule that the block covers; say how often.
+        # How many pixels share the maximum says how much that figure means (a constant map hits every mask).
         anyp = hit_rate(attr.map, masks, ties="any")
+        flat = attr.map.flatten(1)
+        at_max = (flat == flat.amax(1, keepdim=True)).sum(1).double()
         row = {"method": name, "hit rate": float(torch.nanmean(hits)), "random baseline": baseline,
                "hits": f"{int(hits.nansum())}/{int((~hits.isnan()).sum())}",
-               "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}"}
+               "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}",
+               "maximal pixels (median)": float(at_max.median()), "pixels": int(flat.shape[1])}
         if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
             bil = hit_rate(explain(model, x, method=name, target=target,
                                    **{**method_options(name, model, px), "upsample": "bilinear"}).map, masks)
@@ -163,7 +167,8 @@ def _notes(size: str, perf: dict, n_test: int, skipped: dict) -> list[str]:
              "hit rate of a uniformly random point, i.e. the mean mask area fraction. Hits (any maximal pixel): "
              "a hit if any pixel where the map reaches its maximum is in the mask; it differs from hits only for "
              "maps with a plateau at the top (perturbation methods' patches and superpixels), where the first "
-             "maximal pixel is the block's corner."]
+             "maximal pixel is the block's corner. Maximal pixels (median over the cases) says how large that plateau "
+             "is: where it approaches the image size (a constant map) the any-pixel figure means nothing."]
     return notes + [f"Skipped {k}: {v}" for k, v in skipped.items()]
 
 
