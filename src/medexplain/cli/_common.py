@@ -1,11 +1,16 @@
 """What every command shares: the one error handler (typed errors and warnings printed as one line),
 the error console, ``--option key=value`` parsing, and the options of the one target grammar, output
 activation, output selection and preprocessing that ``explain``, ``instances``, ``shapley`` and ``run``
-all take (declared once here so their names and help texts agree)."""
+all take (declared once here so their names and help texts agree), and :func:`model_input_options`, which
+gives ``explain``, ``instances`` and ``shapley`` the preprocessing, sliding-window and nnU-Net flags in one line."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -117,6 +122,36 @@ def preprocessing(spacing: Optional[str], orientation: Optional[str], spatial_si
                          divisible_by=divisible_by, intensity=intensity, transform=transform)
 
 
+# ---- sliding windows (medexplain.sliding, docs/sliding_window.md) -----------------------------------------
+def roi_size_option():
+    return typer.Option(None, "--roi-size", help="run the model by sliding windows of this size (one value, or one per "
+                        "axis: 96,96,64), as MONAI's SlidingWindowInferer; gradients are taken window by window")
+
+
+def overlap_option():
+    return typer.Option(0.25, "--overlap", help="sliding-window overlap in [0, 1) (with --roi-size)")
+
+
+def sw_batch_size_option():
+    return typer.Option(1, "--sw-batch-size", help="windows per model call (with --roi-size)")
+
+
+def sw_mode_option():
+    return typer.Option("constant", "--sw-mode", help="blending of overlapping windows: constant or gaussian")
+
+
+def sliding_window(roi_size: Optional[str], overlap: float, sw_batch_size: int, sw_mode: str) -> dict | None:
+    """The sliding-window flags as the settings dict the pipelines take (None without --roi-size)."""
+    if roi_size is None:
+        return None
+    try:
+        roi = [int(v) for v in split_list(roi_size.replace("x", ","))]
+    except ValueError:
+        raise typer.BadParameter(f"--roi-size must be integers separated by commas, got {roi_size!r}") from None
+    return {"roi_size": roi[0] if len(roi) == 1 else roi, "overlap": overlap, "sw_batch_size": sw_batch_size,
+            "mode": sw_mode}
+
+
 # ---- nnU-Net v2 model folders (medexplain.models.nnunet, docs/nnunet.md) ----------------------------------
 def nnunet_option():
     return typer.Option(None, "--nnunet", help="an nnU-Net v2 trained-model folder (plans.json, dataset.json, "
@@ -152,6 +187,57 @@ def nnunet_model(folder, folds: str, no_mirroring: bool, configuration: str, tru
 
     return load_nnunet(folder, configuration, split_list(folds), use_mirroring=not no_mirroring,
                        trusted=trust_checkpoint)
+
+
+# ---- the model-input flags of explain, instances and shapley, declared once --------------------------------
+#: (parameter, type, option factory): the flags that prepare the model's input and run the model on it.
+MODEL_INPUT_FLAGS = (
+    ("spacing", Optional[str], spacing_option), ("orientation", Optional[str], orientation_option),
+    ("spatial_size", Optional[str], spatial_size_option), ("divisible_by", Optional[str], divisible_by_option),
+    ("intensity", Optional[str], intensity_option), ("transform", Optional[str], transform_option),
+    ("roi_size", Optional[str], roi_size_option), ("overlap", float, overlap_option),
+    ("sw_batch_size", int, sw_batch_size_option), ("sw_mode", str, sw_mode_option),
+    ("nnunet", Optional[Path], nnunet_option), ("folds", str, folds_option),
+    ("no_mirroring", bool, no_mirroring_option), ("configuration", str, configuration_option),
+    ("trust_checkpoint", bool, trust_checkpoint_option),
+)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The :data:`MODEL_INPUT_FLAGS` of one call; :meth:`pipeline_kwargs` turns them into the pipelines'
+    ``preprocessing=``, ``inferer=`` and ``nnunet=`` (parsing, and loading an nnU-Net folder: call it inside
+    :func:`cli_errors`)."""
+
+    flags: dict
+
+    def pipeline_kwargs(self) -> dict:
+        f = self.flags
+        return {"preprocessing": preprocessing(f["spacing"], f["orientation"], f["spatial_size"], f["divisible_by"],
+                                               f["intensity"], f["transform"]),
+                "inferer": sliding_window(f["roi_size"], f["overlap"], f["sw_batch_size"], f["sw_mode"]),
+                "nnunet": nnunet_model(f["nnunet"], f["folds"], f["no_mirroring"], f["configuration"],
+                                       f["trust_checkpoint"])}
+
+
+def model_input_options(command):
+    """Decorate a command (below ``@app.command``) that takes ``inputs: ModelInputs``: Typer then sees the
+    command's own parameters followed by the :data:`MODEL_INPUT_FLAGS`, and the command is called with those
+    flags packed into ``inputs``. Typer reads a command's ``__signature__`` and type hints, which are rewritten
+    here (hints of the command's own parameters still resolve in its module, through ``__wrapped__``)."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "inputs"]
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=make(), annotation=t)
+             for n, t, make in MODEL_INPUT_FLAGS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        flags = {n: kwargs.pop(n) for n, _, _ in MODEL_INPUT_FLAGS}
+        return command(**kwargs, inputs=ModelInputs(flags))
+
+    wrapper.__signature__ = inspect.Signature(own + extra)
+    wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "inputs"},
+                               **{n: t for n, t, _ in MODEL_INPUT_FLAGS}}
+    return wrapper
 
 
 def split_list(value: str | None) -> list[str]:

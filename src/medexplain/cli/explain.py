@@ -16,62 +16,23 @@ from ..pipelines import explain_image
 from ..targets import parse_target
 from . import app
 from ._common import (
+    ModelInputs,
     activation_option,
     cli_errors,
-    configuration_option,
     console,
-    divisible_by_option,
-    folds_option,
-    intensity_option,
-    nnunet_model,
-    nnunet_option,
-    no_mirroring_option,
-    orientation_option,
+    model_input_options,
     output_option,
     parse_options,
     parse_output,
     pass_progress,
-    preprocessing,
     region_option,
-    spacing_option,
-    spatial_size_option,
     split_list,
     target_option,
-    transform_option,
-    trust_checkpoint_option,
 )
 
 
-def roi_size_option():
-    return typer.Option(None, "--roi-size", help="run the model by sliding windows of this size (one value, or one per "
-                        "axis: 96,96,64), as MONAI's SlidingWindowInferer; gradients are taken window by window")
-
-
-def overlap_option():
-    return typer.Option(0.25, "--overlap", help="sliding-window overlap in [0, 1) (with --roi-size)")
-
-
-def sw_batch_size_option():
-    return typer.Option(1, "--sw-batch-size", help="windows per model call (with --roi-size)")
-
-
-def sw_mode_option():
-    return typer.Option("constant", "--sw-mode", help="blending of overlapping windows: constant or gaussian")
-
-
-def sliding_window(roi_size: Optional[str], overlap: float, sw_batch_size: int, sw_mode: str) -> dict | None:
-    """The sliding-window flags as the settings dict the pipelines take (None without --roi-size)."""
-    if roi_size is None:
-        return None
-    try:
-        roi = [int(v) for v in split_list(roi_size.replace("x", ","))]
-    except ValueError:
-        raise typer.BadParameter(f"--roi-size must be integers separated by commas, got {roi_size!r}") from None
-    return {"roi_size": roi[0] if len(roi) == 1 else roi, "overlap": overlap, "sw_batch_size": sw_batch_size,
-            "mode": sw_mode}
-
-
 @app.command("explain")
+@model_input_options
 def explain_cmd(
     image: list[Path] = typer.Argument(..., help="PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI "
                                        "(4D = channels last) or .npy (C, *spatial); or one single-channel file per "
@@ -81,15 +42,6 @@ def explain_cmd(
     weights: Optional[str] = typer.Option(None, help="state dict for a package.module:factory model"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="a MONAI bundle folder (configs/inference.json, "
                                           "models/model.pt): its network, preprocessing and inferer"),
-    nnunet: Optional[Path] = nnunet_option(),
-    folds: str = folds_option(),
-    no_mirroring: bool = no_mirroring_option(),
-    configuration: str = configuration_option(),
-    trust_checkpoint: bool = trust_checkpoint_option(),
-    roi_size: Optional[str] = roi_size_option(),
-    overlap: float = overlap_option(),
-    sw_batch_size: int = sw_batch_size_option(),
-    sw_mode: str = sw_mode_option(),
     method: str = typer.Option("saliency", help="comma-separated method names (see `medexplain methods`)"),
     target: str = target_option(),
     region: Optional[str] = region_option(),
@@ -99,12 +51,6 @@ def explain_cmd(
                                      "accepts it, or method.key=value for one"),
     activation: str = activation_option(),
     output: Optional[str] = output_option(),
-    spacing: Optional[str] = spacing_option(),
-    orientation: Optional[str] = orientation_option(),
-    spatial_size: Optional[str] = spatial_size_option(),
-    divisible_by: Optional[str] = divisible_by_option(),
-    intensity: Optional[str] = intensity_option(),
-    transform: Optional[str] = transform_option(),
     skip_unsupported: bool = typer.Option(False, "--skip-unsupported", help="explain with the methods that apply "
                                           "to the model and record the others as skipped (default: fail before "
                                           "any compute)"),
@@ -113,6 +59,7 @@ def explain_cmd(
                                    "(default: refuse, naming them)"),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read when IMAGE is a folder "
                                          "holding several DICOM series (the error lists them)"),
+    inputs: ModelInputs = None,
 ):
     """Explain one image (one file, or one file per channel) with one or more methods; writes NIfTI maps
     on the input's own grid and affine, PNG overlays and info.json (target, region, activation and
@@ -121,13 +68,9 @@ def explain_cmd(
     with cli_errors(), pass_progress() as bar:
         res = explain_image(image[0] if len(image) == 1 else image, model, split_list(method), out, weights=weights,
                             target=parse_target(target), region=region, layer=layer, options=parse_options(option),
-                            output=parse_output(output),
-                            activation=activation, skip_unsupported=skip_unsupported,
-                            preprocessing=preprocessing(spacing, orientation, spatial_size, divisible_by, intensity,
-                                                        transform),
+                            output=parse_output(output), activation=activation, skip_unsupported=skip_unsupported,
                             on_estimate=bar.estimate, on_progress=bar.update, overwrite=overwrite, series=series,
-                            inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode), bundle=bundle,
-                            nnunet=nnunet_model(nnunet, folds, no_mirroring, configuration, trust_checkpoint))
+                            bundle=bundle, **inputs.pipeline_kwargs())
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
                                                       if t.get("region") else "") + f" ({t['how']})")

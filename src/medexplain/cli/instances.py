@@ -24,32 +24,21 @@ from ..pipelines import explain_lesion_instances
 from ..targets import parse_target
 from . import app
 from ._common import (
+    ModelInputs,
     activation_option,
     cli_errors,
-    configuration_option,
     console,
-    divisible_by_option,
-    folds_option,
-    intensity_option,
-    nnunet_model,
-    nnunet_option,
-    no_mirroring_option,
-    orientation_option,
+    model_input_options,
     output_option,
     parse_output,
     pass_progress,
-    preprocessing,
-    spacing_option,
-    spatial_size_option,
     split_list,
     target_option,
-    transform_option,
-    trust_checkpoint_option,
 )
-from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_size_option, sw_mode_option
 
 
 @app.command("instances")
+@model_input_options
 def instances_cmd(
     image: List[Path] = typer.Argument(..., help="one NIfTI with channels last (X Y Z C), or one 3D file per channel"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="TorchScript file, package.module:factory, or "
@@ -65,12 +54,6 @@ def instances_cmd(
                                          "or a mask file whose connected components are the instances"),
     activation: str = activation_option(),
     output: Optional[str] = output_option(),
-    spacing: Optional[str] = spacing_option(),
-    orientation: Optional[str] = orientation_option(),
-    spatial_size: Optional[str] = spatial_size_option(),
-    divisible_by: Optional[str] = divisible_by_option(),
-    intensity: Optional[str] = intensity_option(),
-    transform: Optional[str] = transform_option(),
     n_samples: int = typer.Option(50, help="SmoothGrad noise samples"),
     sigma: float = typer.Option(0.05, help="noise sd as a fraction of the first channel's range"),
     seed: int = typer.Option(0, help="noise seed"),
@@ -82,15 +65,7 @@ def instances_cmd(
     layer: Optional[str] = typer.Option(None, help="Grad-CAM++ layer (default: decoder conv at half resolution)"),
     channel_names: Optional[str] = typer.Option(None, help="comma-separated input channel names for the table"),
     chunk_size: int = typer.Option(10, help="noise samples per forward pass"),
-    roi_size: Optional[str] = roi_size_option(),
-    overlap: float = overlap_option(),
-    sw_batch_size: int = sw_batch_size_option(),
-    sw_mode: str = sw_mode_option(),
-    nnunet: Optional[Path] = nnunet_option(),
-    folds: str = folds_option(),
-    no_mirroring: bool = no_mirroring_option(),
-    configuration: str = configuration_option(),
-    trust_checkpoint: bool = trust_checkpoint_option(),
+    inputs: ModelInputs = None,
 ):
     """Find lesion instances in the model's segmentation and explain each one per input channel. The
     probability is read with --activation (auto: a model that already outputs probabilities is not
@@ -103,11 +78,7 @@ def instances_cmd(
                                        connectivity=connectivity, reference=reference, rings=rings, context=context,
                                        layer=layer, channel_names=split_list(channel_names) or None,
                                        chunk_size=chunk_size, activation=activation, output=parse_output(output),
-                                       region=region, preprocessing=preprocessing(spacing, orientation, spatial_size,
-                                                                                  divisible_by, intensity, transform),
-                                       inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode),
-                                       on_progress=bar.update,
-                                       nnunet=nnunet_model(nnunet, folds, no_mirroring, configuration, trust_checkpoint))
+                                       region=region, on_progress=bar.update, **inputs.pipeline_kwargs())
     i = res.info
     console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "
                   f"({i['activation_how']}): max {i['probability_max']:.4g}")

@@ -19,30 +19,19 @@ from . import app
 from ._common import (
     ACTIVATION_HELP,
     TARGET_HELP,
+    ModelInputs,
     cli_errors,
-    configuration_option,
     console,
-    divisible_by_option,
-    folds_option,
-    intensity_option,
-    nnunet_model,
-    nnunet_option,
-    no_mirroring_option,
-    orientation_option,
+    model_input_options,
     output_option,
     parse_output,
     pass_progress,
-    preprocessing,
-    spacing_option,
-    spatial_size_option,
     split_list,
-    transform_option,
-    trust_checkpoint_option,
 )
-from .explain import overlap_option, roi_size_option, sliding_window, sw_batch_size_option, sw_mode_option
 
 
 @app.command("shapley")
+@model_input_options
 def shapley_cmd(
     image: list[Path] = typer.Argument(..., help="one multi-contrast image (4D NIfTI with channels last, or .npy "
                                        "(C, *spatial)), or one file per contrast in the order of --contrasts"),
@@ -71,22 +60,8 @@ def shapley_cmd(
     seed: int = typer.Option(0),
     chunk_size: int = typer.Option(16, help="rows per forward pass"),
     output: Optional[str] = output_option(),
-    spacing: Optional[str] = spacing_option(),
-    orientation: Optional[str] = orientation_option(),
-    spatial_size: Optional[str] = spatial_size_option(),
-    divisible_by: Optional[str] = divisible_by_option(),
-    intensity: Optional[str] = intensity_option(),
-    transform: Optional[str] = transform_option(),
     out: Path = typer.Option(Path("medexplain_shapley"), help="output directory"),
-    roi_size: Optional[str] = roi_size_option(),
-    overlap: float = overlap_option(),
-    sw_batch_size: int = sw_batch_size_option(),
-    sw_mode: str = sw_mode_option(),
-    nnunet: Optional[Path] = nnunet_option(),
-    folds: str = folds_option(),
-    no_mirroring: bool = no_mirroring_option(),
-    configuration: str = configuration_option(),
-    trust_checkpoint: bool = trust_checkpoint_option(),
+    inputs: ModelInputs = None,
 ):
     """Contrast-level Shapley values of IMAGE for each model; writes values.csv, coalitions.csv,
     ranking.json (with each model's output activation), agreement.json (with --reference-ranking) and
@@ -102,10 +77,7 @@ def shapley_cmd(
                                channel=channel, baseline=baseline, method=method, n_permutations=n_permutations,
                                seed=seed, chunk_size=chunk_size, target=target, region=region,
                                output=parse_output(output), on_model=progress, on_progress=bar.update,
-                               preprocessing=preprocessing(spacing, orientation, spatial_size, divisible_by, intensity,
-                                                           transform),
-                               inferer=sliding_window(roi_size, overlap, sw_batch_size, sw_mode),
-                               nnunet=nnunet_model(nnunet, folds, no_mirroring, configuration, trust_checkpoint))
+                               **inputs.pipeline_kwargs())
     table = Table(title=f"contrast Shapley values ({value or 'probability:1'})")
     table.add_column("contrast")
     for m in range(len(res.results)):
