@@ -375,7 +375,7 @@ NETWORKS = {
     "DynUNet (deep supervision)": (_dynunet, ("skip_layers", "channels_first"), ("upsamples.0", "channels_first"), None),
     "DenseNet121": (_densenet, ("features", "channels_first"), ("features.denseblock4", "channels_first"), None),
     "SegResNet": (_segresnet, ("up_layers.1", "channels_first"), ("down_layers.2", "channels_first"), None),
-    "UNet": (_unet, ("model.1", "channels_first"), ("model.1.submodule", "channels_first"), None),
+    "UNet": (_unet, ("model.2.0", "channels_first"), ("model.1.submodule", "channels_first"), None),
     "ResNet (zoo)": (_resnet, ("layer4", "channels_first"), ("layer3", "channels_first"), None),
 }
 

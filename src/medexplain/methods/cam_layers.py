@@ -18,13 +18,10 @@ stride per axis), with at least two cells, (c) that is not a ``Linear`` projecti
 the explained output depends on (a nonzero gradient of a fixed random weighting of the output with
 respect to the grid part, so a ViT's last token layer, read only through its class token, is skipped,
 and so are deep-supervision heads unused in eval), (e) for dense outputs (segmenters), recorded before
-the last convolution the output depends on (the output head), (f) not a pointwise module (a norm,
-activation, dropout or identity) unless every candidate is one, and (g) for dense outputs, with more
-channels than the output unless no candidate has (a map with only the output's channels is part of the
-head: MONAI's ``UNet`` ends its decoder with a transposed convolution to the output channels, whose
-instance-normed two-channel map gives all-zero Grad-CAM++ and LayerCAM maps). For a classifier this is
-the last spatial feature map before global pooling; for an encoder-decoder the last decoder feature map
-before the output head.
+the last convolution the output depends on (the output head), and (f) not a pointwise module (a norm,
+activation, dropout or identity) unless every candidate is one. For a classifier this is the last
+spatial feature map before global pooling; for an encoder-decoder the last decoder feature map before
+the output head.
 
 **Receptive-field aligned upsampling.** A CAM is computed on the layer's cell grid and has to be brought
 to the input grid. Bilinear upsampling with ``align_corners=False`` (MONAI, pytorch-grad-cam's
@@ -548,8 +545,6 @@ def _default_plan(model, x, cost) -> LayerPlan:
             + (f" (before the output head at {next(r[1] for r in recs if r[0] == head)!r})" if head is not None else "")
             + "; pass layer=. Layers with grid-shaped outputs: " + (", ".join(grids) or "none"))
     cands.sort(key=lambda r: r[0])
-    if dense:   # (g) a map with no more channels than the output is part of the head (MONAI UNet's last up layer)
-        cands = [r for r in cands if r[4].channels > out.shape[1]] or cands
     proper = [r for r in cands if not isinstance(r[2], POINTWISE)]
     order, name, module, t, view = (proper or cands)[-1]
     centres, note = _geometry_for(view, t, probe, spatial)
