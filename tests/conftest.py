@@ -99,3 +99,37 @@ def assert_untouched(model, snap):
     assert flags == snapshot(model)[1]
     assert ptrs == [p.data_ptr() for p in model.parameters()]
     assert no_hooks(model)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def region_targets(x):
+    """A segmenter ``Region`` target over a batch of 3 and the per-sample targets it splits into."""
+    from medexplain.targets import Region
+    nd = x.ndim - 2
+    mask = torch.zeros((3,) + x.shape[2:], dtype=torch.bool)
+    mask[(slice(None),) + (slice(2, 5),) * nd] = True
+    mask[(1,) + (slice(5, 7),) * nd] = True
+    return Region(1, mask), lambda i: Region(1, mask[i:i + 1])
+
+
+def check_batch_matrix(method, nd, kind, opts):
+    """The baseline matrix: ``method`` on a tiny 2D/3D classifier (classes 0, 2, 1) or segmenter (a Region)
+    in train mode with a frozen head: a batch of 3 equals three batches of 1 (to 1e-6 relative), the map is
+    on the input grid, forwards are counted, and the model comes back exactly as found. Returns the batch
+    result for method-specific checks."""
+    import medexplain as mx
+    model, x = make(kind, nd), image(nd)
+    model.train()  # a non-default mode that must come back as found
+    model.head.requires_grad_(False) if kind == "seg" else model.fc.requires_grad_(False)
+    snap = snapshot(model)
+    target, single = ([0, 2, 1], lambda i: [0, 2, 1][i]) if kind == "cls" else region_targets(x)
+    full = mx.explain(model, x, method, target=target, **opts)
+    parts = torch.cat([mx.explain(model, x[i:i + 1], method, target=single(i), **opts).map for i in range(3)])
+    assert full.map.shape[0] == 3 and full.map.shape[2:] == x.shape[2:] and full.map.shape[1] in (1, x.shape[1])
+    assert (full.map - parts).abs().max() <= 1e-6 * max(1.0, parts.abs().max().item())
+    assert full.info["n_forward"] >= 3 and full.info["seconds"] > 0
+    assert_untouched(model, snap)
+    return full

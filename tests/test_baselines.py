@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import medexplain as mx
-from conftest import assert_untouched, image, make, snapshot
+from conftest import check_batch_matrix, image, make, rel_err
 from medexplain.targets import Region
 
 captum = pytest.importorskip("captum.attr")
@@ -14,10 +14,6 @@ BASELINES = ["saliency", "smoothgrad", "integrated_gradients", "occlusion"] + CA
 OPTS = {"smoothgrad": {"n_samples": 4}, "integrated_gradients": {"steps": 8}, "occlusion": {"window": 4},
         **{m: {"layer": "features.2"} for m in CAMS}}
 SEG_OPTS = dict(OPTS, **{m: {"layer": "body.2"} for m in CAMS})
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("nd", [2, 3])
@@ -119,25 +115,7 @@ def test_eigencam_projects_the_conv_output_not_the_inplace_relu_after_it():
 @pytest.mark.parametrize("nd", [2, 3])
 @pytest.mark.parametrize("kind", ["cls", "seg"])
 def test_matrix_batched_equals_unbatched_and_model_untouched(method, nd, kind):
-    model, x = make(kind, nd), image(nd)
-    model.train()  # a non-default mode that must come back as found
-    model.head.requires_grad_(False) if kind == "seg" else model.fc.requires_grad_(False)
-    snap = snapshot(model)
-    if kind == "cls":
-        target, single = [0, 2, 1], lambda i: [0, 2, 1][i]
-    else:
-        mask = torch.zeros((3,) + x.shape[2:], dtype=torch.bool)
-        mask[(slice(None),) + (slice(2, 5),) * nd] = True
-        mask[(1,) + (slice(5, 7),) * nd] = True
-        target, single = Region(1, mask), lambda i: Region(1, mask[i:i + 1])
-    opts = (OPTS if kind == "cls" else SEG_OPTS).get(method, {})
-    full = mx.explain(model, x, method, target=target, **opts)
-    parts = torch.cat([mx.explain(model, x[i:i + 1], method, target=single(i), **opts).map for i in range(3)])
-    assert full.map.shape[0] == 3 and full.map.shape[2:] == x.shape[2:]
-    assert full.map.shape[1] in (1, x.shape[1])
-    assert (full.map - parts).abs().max() <= 1e-6 * max(1.0, parts.abs().max().item())
-    assert full.info["n_forward"] >= 3 and full.info["seconds"] > 0
-    assert_untouched(model, snap)
+    check_batch_matrix(method, nd, kind, (OPTS if kind == "cls" else SEG_OPTS).get(method, {}))
 
 
 def test_region_target_is_the_gradient_of_the_region_logit_sum():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import medexplain as mx
-from conftest import assert_untouched, image, make, snapshot
+from conftest import assert_untouched, check_batch_matrix, image, make, rel_err, snapshot
 from medexplain.errors import InputError, MedexplainError, UnsupportedModelError
 from medexplain.methods.captum_methods import feature_groups, reference_distribution
 from medexplain.targets import Region
@@ -25,39 +25,15 @@ OPTS = {"kernelshap": {"n_samples": 12, **GROUPS}, "lime": {"n_samples": 12, **G
         "lrp": {"composite": "epsilon_gamma_box"}}
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def targets(kind, nd, x):
-    if kind == "cls":
-        return [0, 2, 1], lambda i: [0, 2, 1][i]
-    mask = torch.zeros((3,) + x.shape[2:], dtype=torch.bool)
-    mask[(slice(None),) + (slice(2, 5),) * nd] = True
-    mask[(1,) + (slice(5, 7),) * nd] = True
-    return Region(1, mask), lambda i: Region(1, mask[i:i + 1])
-
-
 @pytest.mark.parametrize("method", NEW)
 @pytest.mark.parametrize("nd", [2, 3])
 @pytest.mark.parametrize("kind", ["cls", "seg"])
 def test_matrix_batched_equals_unbatched_and_model_untouched(method, nd, kind):
-    model, x = make(kind, nd), image(nd)
-    model.train()  # a non-default mode that must come back as found
-    model.head.requires_grad_(False) if kind == "seg" else model.fc.requires_grad_(False)
-    snap = snapshot(model)
-    target, single = targets(kind, nd, x)
-    opts = OPTS.get(method, {})
-    full = mx.explain(model, x, method, target=target, **opts)
-    parts = torch.cat([mx.explain(model, x[i:i + 1], method, target=single(i), **opts).map for i in range(3)])
-    assert full.map.shape[0] == 3 and full.map.shape[2:] == x.shape[2:] and full.map.shape[1] in (1, x.shape[1])
+    full = check_batch_matrix(method, nd, kind, OPTS.get(method, {}))
     assert torch.isfinite(full.map).all()
     assert full.map.abs().max() > 0 or method == "lime"  # LIME's Lasso (alpha 0.01) may zero a tiny model's effects
-    assert (full.map - parts).abs().max() <= 1e-6 * max(1.0, parts.abs().max().item())
-    assert full.info["n_forward"] >= 3 and full.info["seconds"] > 0
     if mx.registry.get_method(method).needs_grad:
         assert full.info["n_backward"] >= 3
-    assert_untouched(model, snap)
 
 
 def raising_target(after_calls, cls=0):
