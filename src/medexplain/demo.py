@@ -102,11 +102,11 @@ def score_methods(model, x: torch.Tensor, masks: torch.Tensor, names, target: in
         # How many pixels share the maximum says how much that figure means (a constant map hits every mask).
         anyp = hit_rate(attr.map, masks, ties="any")
         flat = attr.map.flatten(1)
-        at_max = (flat == flat.amax(1, keepdim=True)).sum(1).double()
+        at_max = (flat == flat.amax(1, keepdim=True)).sum(1)   # torch.median: the lower middle element
         row = {"method": name, "hit rate": float(torch.nanmean(hits)), "random baseline": baseline,
                "hits": f"{int(hits.nansum())}/{int((~hits.isnan()).sum())}",
                "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}",
-               "maximal pixels (median)": float(at_max.median()), "pixels": int(flat.shape[1])}
+               "maximal pixels (median)": int(at_max.median()), "pixels": int(flat.shape[1])}
         if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
             bil = hit_rate(explain(model, x, method=name, target=target,
                                    **{**method_options(name, model, px), "upsample": "bilinear"}).map, masks)
