@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..errors import TargetError
 from ..targets import Class, MultiLabel, Region, Target, as_target
 
-__all__ = ["MetricInfo", "METRICS", "available_metrics", "metric_info"]
+__all__ = ["MetricInfo", "METRICS", "available_metrics", "metric_info", "explanation_options"]
 
 TARGET_KINDS = ("Class", "MultiLabel", "Region")
 
@@ -78,3 +78,10 @@ def available_metrics(target=None) -> list[str]:
         return sorted(METRICS)
     kind = _kind(as_target(target))
     return sorted(n for n, m in METRICS.items() if kind in m.applies_to)
+
+
+def explanation_options(method_options: dict | None, options: dict, inferer=None) -> dict:
+    """The options a metric that re-explains passes to every explanation: ``method_options`` (a dict, for
+    names the metric takes itself, such as ``n_samples``), then the other keyword arguments, and the
+    ``inferer`` (every explanation runs through the same sliding window as the model's output)."""
+    return {**(method_options or {}), **options, "inferer": inferer}

@@ -21,7 +21,7 @@ from ..core import check_input, model_guard
 from ..errors import InputError, TargetError
 from ..ops import NoiseSource
 from ..targets import Class, Region
-from .meta import MetricInfo, register_metric
+from .meta import MetricInfo, explanation_options, register_metric
 
 __all__ = ["smooth_mprt", "efficient_mprt", "random_logit", "MPRTResult", "EfficientMPRTResult", "spearman",
            "randomised_models"]
@@ -127,7 +127,7 @@ def smooth_mprt(model, x: torch.Tensor, method: str, target, n_samples: int = 50
     ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
     ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
     tgt = smooth_mprt.info.check(target)
-    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
+    options = explanation_options(method_options, options, inferer)
     x = check_input(x)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
@@ -184,7 +184,7 @@ def efficient_mprt(model, x: torch.Tensor, method: str, target, n_bins: int = 10
     ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
     ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
     tgt = efficient_mprt.info.check(target)
-    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
+    options = explanation_options(method_options, options, inferer)
     x = check_input(x)
     if n_bins < 1:
         raise InputError(f"n_bins must be >= 1, got {n_bins}")
@@ -239,7 +239,7 @@ def random_logit(model, x: torch.Tensor, method: str, target, num_classes: int |
     ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
     ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
     tgt = random_logit.info.check(target)
-    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
+    options = explanation_options(method_options, options, inferer)
     x = check_input(x)
     b = x.shape[0]
     with model_guard(model), torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 
 from ..core import check_input
 from ..errors import InputError
-from .meta import MetricInfo, register_metric
+from .meta import MetricInfo, explanation_options, register_metric
 
 __all__ = ["max_sensitivity", "sensitivity_draws"]
 
@@ -43,7 +43,7 @@ def max_sensitivity(model, x: torch.Tensor, method: str, target, n_samples: int 
     from ..explain import explain
     from ..methods.captum_methods import RowTarget
     tgt = max_sensitivity.info.check(target)
-    options = {**(method_options or {}), **options, "inferer": inferer}   # inferer: every explanation windowed
+    options = explanation_options(method_options, options, inferer)
     x = check_input(x)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
