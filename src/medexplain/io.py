@@ -39,7 +39,9 @@ channel as a plain 2D/3D image, several channels on NIfTI's 4th axis, a 2D image
 axis first), :func:`write_png_overlay` a figure of :mod:`medexplain.render`. Every write is atomic
 (:func:`atomic_path`: temporary file, then rename), so an interrupted run never leaves a half-written file;
 :func:`check_output_dir` refuses an output folder that is a file, is not writable, or already holds a file
-a call would write (unless ``overwrite``). :func:`file_stem` is the one rule for output names.
+a call would write (unless ``overwrite``). :func:`file_stem` is the one rule for output names derived from an
+input file, :func:`safe_file_name` (reversible percent-encoding of unsafe characters only) for names made
+from free text such as case ids.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ import torch
 from .errors import FileFormatError, InputError, MedexplainError, OutputPathError
 
 __all__ = ["IMAGE_SUFFIXES", "KNOWN_SUFFIXES", "read_image", "read_channels", "file_stem",
-           "method_file", "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_json",
+           "method_file", "safe_file_name", "original_name",
+           "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_json",
            "write_text", "write_csv", "ras_affine_from_itk", "dicom_series"]
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "png", ".jpeg": "png", ".dcm": "dicom", ".dicom": "dicom",
@@ -89,6 +92,32 @@ def file_stem(path) -> str:
         if low.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
+
+
+#: Characters never put in a file name as they are: path separators, the characters Windows reserves, and
+#: ``%`` (the escape character itself, so the rule stays reversible).
+_UNSAFE_NAME_CHARS = frozenset('/\\:*?"<>|%')
+
+
+def safe_file_name(name: str) -> str:
+    """The one reversible rule for a file or folder name made from free text (a case id): every character
+    stays as it is, Unicode letters included (``Müller`` stays ``Müller``), except control characters, path
+    separators, ``:*?"<>|``, ``%`` itself, and dots or spaces at either end, which are percent-encoded as
+    their UTF-8 bytes (``a/b`` -> ``a%2Fb``, ``..`` -> ``%2E%2E``). :func:`original_name` reverses it, so
+    two different names never share a file (issue 27: ``Müller`` and ``Möller`` both became ``M_ller``)."""
+    name = str(name)
+    if not name:
+        raise InputError("an empty name cannot be a file name")
+    last = len(name) - 1
+    return "".join("".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+                   if ch in _UNSAFE_NAME_CHARS or ord(ch) < 32 or ord(ch) == 127 or (ch in ". " and i in (0, last))
+                   else ch for i, ch in enumerate(name))
+
+
+def original_name(file_name: str) -> str:
+    """The name :func:`safe_file_name` was given (percent-decoding)."""
+    from urllib.parse import unquote
+    return unquote(file_name, errors="strict")
 
 
 def method_file(method: str) -> str:

@@ -407,7 +407,8 @@ class LesionInstances:
 def explain_lesion_instances(images, model, out, *, weights: str | None = None, threshold: float = 0.5,
                              method: str = "smoothgrad", aggregate: str = "mean", channel: int | None = None,
                              n_samples: int = 50, sigma: float = 0.05, seed: int = 0, min_size: int = 6,
-                             connectivity: int | None = None, reference=None, rings: int = 5, context: int = 0,
+                             connectivity: int | None = None, reference=None, reference_threshold: float | None = None,
+                             rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
                              preprocessing=None, inferer=None, nnunet=None,
@@ -418,7 +419,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     The lesion probability of class ``channel`` (the target grammar: ``None`` = the foreground class
     with the most predicted voxels, :func:`medexplain.targets.resolve_target`), read with the output
     ``activation`` (``auto`` detects a model that already outputs probabilities), is thresholded into
-    instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``),
+    instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``: a
+    label-map file, or a probability map with ``reference_threshold``; any other image is refused with the
+    values found, :func:`medexplain.segmentation.reference_foreground`),
     each explained (:func:`medexplain.segmentation.explain_instances`) and quantified. ``region``: a
     mask file whose connected components are the instances instead (resampled onto the image grid by
     its geometry). ``preprocessing``: a :class:`~medexplain.transforms.Preprocessing` applied before
@@ -441,8 +444,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                                                         "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
     if aggregate not in ("mean", "max"):
         raise OptionError(f"--aggregate must be mean or max, got {aggregate!r}")
-    if not 0 <= float(threshold) <= 1:
-        raise OptionError(f"--threshold is a probability in [0, 1], got {threshold}")
+    seg.check_threshold(threshold, "--threshold")
+    if reference_threshold is not None:
+        seg.check_threshold(reference_threshold, "--reference-threshold")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
     nnm = None
@@ -455,6 +459,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
+        r_img, r_meta = io.read_image(reference)
+        ref_fg = seg.reference_foreground(r_img.numpy(), reference_threshold, f"--reference {Path(reference).name}")
     net = _model(model, weights)
     inferer = as_inferer(inferer)
     prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
@@ -478,8 +485,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     prob = probabilities(logits, act, channel)[0]
     ref = None
     if reference is not None:
-        r_img, r_meta = io.read_image(reference)
-        ref = resample_to_grid((r_img > 0.5).float(), r_meta.get("affine", np.eye(4)), tuple(x.shape[2:]),
+        ref = resample_to_grid(torch.from_numpy(ref_fg).float(), r_meta.get("affine", np.eye(4)), tuple(x.shape[2:]),
                                prep.prepared.affine)
     found = prob if reg is None or isinstance(reg, str) else reg[0]
     insts = seg.find_instances(found, threshold=threshold, connectivity=connectivity, min_size=min_size, reference=ref)
