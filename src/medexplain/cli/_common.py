@@ -103,7 +103,14 @@ def spatial_size_option():
 
 
 def divisible_by_option():
-    return typer.Option(None, "--divisible-by", help="pad every side up to a multiple of N (the model's stride)")
+    return typer.Option(None, "--divisible-by", help="pad every side up to a multiple of N (the model's stride); "
+                        "with --min-spatial-size: at least that size and a multiple of N")
+
+
+def min_spatial_size_option():
+    return typer.Option(None, "--min-spatial-size", help="centred pad up to at least this size (one value, or one per axis; "
+                        "never crops); with --divisible-by K: at least this size and a multiple of K (e.g. --min-spatial-size "
+                        "128 --divisible-by 16)")
 
 
 def intensity_option():
@@ -115,11 +122,13 @@ def transform_option():
 
 
 def preprocessing(spacing: Optional[str], orientation: Optional[str], spatial_size: Optional[str],
-                  divisible_by: Optional[str], intensity: Optional[str], transform: Optional[str]) -> Preprocessing:
+                  divisible_by: Optional[str], intensity: Optional[str], transform: Optional[str],
+                  min_spatial_size: Optional[str] = None) -> Preprocessing:
     """The preprocessing flags as one :class:`~medexplain.transforms.Preprocessing` (parsed and checked
     there; call inside :func:`cli_errors`)."""
     return Preprocessing(spacing=spacing, orientation=orientation, spatial_size=spatial_size,
-                         divisible_by=divisible_by, intensity=intensity, transform=transform)
+                         divisible_by=divisible_by, intensity=intensity, transform=transform,
+                         min_spatial_size=min_spatial_size)
 
 
 # ---- sliding windows (medexplain.sliding, docs/sliding_window.md) -----------------------------------------
@@ -193,7 +202,9 @@ def nnunet_model(folder, folds: str, no_mirroring: bool, configuration: str, tru
 #: (parameter, type, option factory): the flags that prepare the model's input and run the model on it.
 MODEL_INPUT_FLAGS = (
     ("spacing", Optional[str], spacing_option), ("orientation", Optional[str], orientation_option),
-    ("spatial_size", Optional[str], spatial_size_option), ("divisible_by", Optional[str], divisible_by_option),
+    ("spatial_size", Optional[str], spatial_size_option),
+    ("min_spatial_size", Optional[str], min_spatial_size_option),
+    ("divisible_by", Optional[str], divisible_by_option),
     ("intensity", Optional[str], intensity_option), ("transform", Optional[str], transform_option),
     ("roi_size", Optional[str], roi_size_option), ("overlap", float, overlap_option),
     ("sw_batch_size", int, sw_batch_size_option), ("sw_mode", str, sw_mode_option),
@@ -214,7 +225,7 @@ class ModelInputs:
     def pipeline_kwargs(self) -> dict:
         f = self.flags
         return {"preprocessing": preprocessing(f["spacing"], f["orientation"], f["spatial_size"], f["divisible_by"],
-                                               f["intensity"], f["transform"]),
+                                               f["intensity"], f["transform"], f["min_spatial_size"]),
                 "inferer": sliding_window(f["roi_size"], f["overlap"], f["sw_batch_size"], f["sw_mode"]),
                 "nnunet": nnunet_model(f["nnunet"], f["folds"], f["no_mirroring"], f["configuration"],
                                        f["trust_checkpoint"])}

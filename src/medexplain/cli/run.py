@@ -19,6 +19,7 @@ from ._common import (
     console,
     divisible_by_option,
     intensity_option,
+    min_spatial_size_option,
     orientation_option,
     parse_options,
     spacing_option,
@@ -52,6 +53,7 @@ def run_cmd(
     orientation: Optional[str] = orientation_option(),
     spatial_size: Optional[str] = spatial_size_option(),
     divisible_by: Optional[str] = divisible_by_option(),
+    min_spatial_size: Optional[str] = min_spatial_size_option(),
     intensity: Optional[str] = intensity_option(),
 ):
     """Explain a dataset: every manifest case x every method, resumable, locally or on Ray. The
@@ -65,7 +67,8 @@ def run_cmd(
                            num_workers=num_workers, map_format=map_format, seed=seed, retry_errors=retry_errors,
                            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
                            preprocessing={"spacing": spacing, "orientation": orientation, "spatial_size": spatial_size,
-                                          "divisible_by": divisible_by, "intensity": intensity})
+                                          "divisible_by": divisible_by, "intensity": intensity,
+                                          "min_spatial_size": min_spatial_size})
     msg = (f"{len(res.rows)} item(s): [green]{res.n_ok} ok[/], "
            + (f"[red]{res.n_error} error(s)[/]" if res.n_error else "0 errors")
            + f"; computed {res.computed}, already complete {res.skipped}")

@@ -12,7 +12,7 @@ Columns (header required, order free, names case-insensitive):
   foreground class with the most predicted voxels);
 - ``region`` (optional, segmenters): ``predicted`` (default), ``all``, or a mask file (resampled onto the
   image grid by its geometry) of the region to explain;
-- ``spacing``, ``orientation``, ``spatial_size``, ``divisible_by``, ``intensity`` (optional): the
+- ``spacing``, ``orientation``, ``spatial_size``, ``min_spatial_size``, ``divisible_by``, ``intensity`` (optional): the
   preprocessing of the case, as the command line's ``--spacing`` etc.
   (:class:`medexplain.transforms.Preprocessing`); the maps are put back on the image grid;
 - ``case_id`` (optional): a unique name of the case, kept as written (Unicode included: ``Müller`` stays
@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import FileFormatError
 from ..io import file_stem, safe_file_name
 
-PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "divisible_by", "intensity")
+PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "min_spatial_size", "divisible_by", "intensity")
 COLUMNS = ("image", "mask", "label", "target", "case_id", "region", *PREPROCESSING_COLUMNS)
 
 
