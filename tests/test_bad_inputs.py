@@ -455,3 +455,130 @@ def test_api_bad_input_matrix(files, name):
 
 def test_matrix_has_at_least_30_cases():
     assert len(CLI_CASES) + 2 + len(_api_cases(None)) >= 30
+
+
+# ---- issue 27 (part B): zero raw crashes, zero silent results ------------------------------------------------
+@pytest.fixture(scope="module")
+def f27(tmp_path_factory):
+    d = tmp_path_factory.mktemp("i27")
+    rng = np.random.default_rng(27)
+    vol(d / "v.nii.gz", rng.random((S,) * 3, dtype=np.float32))
+    vol(d / "scan.nii.gz", (rng.random((S,) * 3) * 900 + 100).astype(np.float32))      # an intensity scan
+    vol(d / "mr16.nii.gz", rng.integers(0, 4000, (S,) * 3).astype(np.int16))            # integer, but an image
+    lab = np.zeros((S,) * 3, np.uint8)
+    lab[2:5, 2:5, 2:5] = 1
+    lab[6:8, 6:8, 6:8] = 2
+    vol(d / "labels.nii.gz", lab)
+    vol(d / "prob.nii.gz", np.where(lab > 0, 0.8, 0.1).astype(np.float32))
+    (d / "afile").write_text("keep me")
+    return d
+
+
+@pytest.mark.parametrize("ref,words", [("scan.nii.gz", "512 distinct values from 105.9 to 994.8"),
+                                       ("mr16.nii.gz", "non-zero labels, more than 100"),
+                                       ("prob.nii.gz", "2 distinct values from 0.1 to 0.8")])
+def test_regression_reference_must_be_a_label_map(f27, ref, words):
+    """Regression (issue 27): `instances --reference` accepted any image as ground truth (an intensity scan was
+    thresholded at 0 and TP/FP/FN written without a word); it is refused with the values found, before the model
+    runs, and nothing is written. A probability map needs --reference-threshold."""
+    out = f27 / f"out_ref_{ref}"
+    res = CliRunner().invoke(app, ["instances", str(f27 / "v.nii.gz"), "--model", SEG, "--reference", str(f27 / ref),
+                                   "--out", str(out)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.InputError), res.output
+    assert "is not a label map" in text and words in text and "--reference-threshold" in text, text
+    assert not out.exists()
+    with pytest.raises(errors.InputError, match="not a label map"):    # the API it calls
+        from medexplain.pipelines import explain_lesion_instances
+        explain_lesion_instances(f27 / "v.nii.gz", seg3d(), out, reference=f27 / ref)
+    assert not out.exists()
+
+
+def test_reference_label_map_and_thresholded_probability_map_are_accepted(f27):
+    from medexplain.segmentation import find_instances, reference_foreground
+    lab = nib.load(str(f27 / "labels.nii.gz")).get_fdata()                          # a label map stored as float
+    assert (reference_foreground(lab) == (lab > 0)).all()
+    prob = nib.load(str(f27 / "prob.nii.gz")).get_fdata()
+    assert (reference_foreground(prob, 0.5) == (lab > 0)).all()
+    with pytest.raises(errors.InputError, match="not a probability map"):
+        reference_foreground(lab * 3.5, 0.5)
+    pred = torch.from_numpy(lab > 0).float() * 0.9
+    kinds = [i.kind for i in find_instances(pred, reference=torch.from_numpy(prob), reference_threshold=0.5)]
+    assert kinds == ["TP", "TP"]
+    scan = nib.load(str(f27 / "scan.nii.gz")).get_fdata()
+    with pytest.raises(errors.InputError, match="not a label map: it holds 512 distinct values"):
+        find_instances(pred, reference=torch.from_numpy(scan))
+    for ref, extra in (("labels.nii.gz", []), ("prob.nii.gz", ["--reference-threshold", "0.5"])):
+        out = f27 / f"ok_{ref}"
+        res = CliRunner().invoke(app, ["instances", str(f27 / "v.nii.gz"), "--model", SEG, "--reference",
+                                       str(f27 / ref), *extra, "--n-samples", "1", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert (out / "info.json").exists()
+
+
+@pytest.mark.parametrize("t", [2.0, -0.1, float("nan")])
+def test_find_instances_threshold_is_a_probability_like_the_cli(t):
+    """Issue 27: find_instances(threshold=2.0) returned 0 instances silently; the CLI refuses it."""
+    from medexplain.segmentation import find_instances
+    with pytest.raises(errors.OptionError, match=r"threshold is a probability in \[0, 1\]"):
+        find_instances(torch.rand(S, S, S), threshold=t)
+
+
+def test_case_ids_keep_unicode_and_collisions_are_refused_by_name(tmp_path):
+    """Issue 27: `Müller` was rewritten `M_ller`, so Müller and Möller collided as duplicates. Ids are kept as
+    written; their folders are made safe by a reversible rule; ids that would share a folder are refused."""
+    from medexplain.io import original_name, safe_file_name
+    for name in ("Müller", "a/b", "50%", "..", " x.", "患者 7", 'c:d*e?f"g<h>i|j\\k\tl'):
+        safe = safe_file_name(name)
+        assert original_name(safe) == name and "/" not in safe and "\\" not in safe and not safe.startswith(".")
+    assert safe_file_name("Müller") == "Müller" and safe_file_name("a/b") == "a%2Fb"
+    vol(tmp_path / "a.nii.gz", np.random.default_rng(0).random((S,) * 3, dtype=np.float32))
+    (tmp_path / "cases.csv").write_text("image,case_id\na.nii.gz,Müller\na.nii.gz,Möller\na.nii.gz,M_ller\n",
+                                        encoding="utf-8")
+    cases = read_manifest(tmp_path / "cases.csv")
+    assert [c.case_id for c in cases] == ["Müller", "Möller", "M_ller"]
+    res = run_manifest(tmp_path / "cases.csv", CLS, ["saliency"], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "cases").iterdir()) == sorted(["Müller", "Möller", "M_ller"])
+    assert sorted(r["case_id"] for r in res.rows) == sorted(["Müller", "Möller", "M_ller"])
+    (tmp_path / "clash.csv").write_text("image,case_id\na.nii.gz,Müller\na.nii.gz,müller\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="line 3: case_id 'müller' and 'Müller' \\(line 2\\) would share"):
+        read_manifest(tmp_path / "clash.csv")
+
+
+def test_shapley_with_one_input_channel_is_refused_as_degenerate(f27):
+    """Issue 27: shapley over 5 folds of a one-channel network reported a rank variance of 0 as if meaningful.
+    The pipeline refuses before any model runs and points to the fold agreement of the maps."""
+    from medexplain.shapley import channel_shapley, fold_map_agreement, mean_foreground_probability
+    out = f27 / "out_shapley1"
+    res = CliRunner().invoke(app, ["shapley", str(f27 / "v.nii.gz"), "--model", SEG, "--model", SEG,
+                                   "--out", str(out)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.InputError), res.output
+    assert "two or more input channels" in text and "fold_map_agreement" in text and not out.exists()
+    with pytest.warns(UserWarning, match="one player"):
+        channel_shapley(seg3d(), torch.rand(1, 1, S, S, S), mean_foreground_probability(1))
+    m = torch.rand(1, S, S, S)
+    agree = fold_map_agreement([m, m.clone(), -m])
+    assert agree["pairs"][0][2] == pytest.approx(1.0) and agree["min"] == pytest.approx(-1.0)
+    with pytest.raises(errors.InputError, match="two or more"):
+        fold_map_agreement([m])
+
+
+def _out_cases_27(d):
+    bad = str(d / "afile" / "sub")
+    return {
+        "instances": ["instances", str(d / "v.nii.gz"), "--model", SEG, "--out", bad],
+        "shapley": ["shapley", str(d / "v.nii.gz"), str(d / "v.nii.gz"), "--model", SEG, "--out", bad],
+        "evaluate": ["evaluate", "--maps", str(d / "nomaps"), "--masks", str(d / "nomasks"), "--out", bad],
+        "train": ["train", "chest_xray", "--out", bad, "--n", "8", "--epochs", "1"],
+        "demo": ["demo", "--out", bad, "--size", "small"],
+    }
+
+
+@pytest.mark.parametrize("command", ["instances", "shapley", "evaluate", "train", "demo"])
+def test_out_that_cannot_be_created_is_refused_before_compute(f27, command):
+    """Issue 27: an --out that cannot be created was a traceback after the compute; every command checks it
+    (medexplain.io.check_output_dir) first: here its parent is a file, and even the inputs are not read."""
+    res = CliRunner().invoke(app, _out_cases_27(f27)[command])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.OutputPathError), (command, res.output)
+    assert "is a file" in res.output and (f27 / "afile").read_text() == "keep me"

@@ -643,6 +643,9 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
     if len(names) != img.shape[0]:
         raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
+    if img.shape[0] < 2:  # a ranking of one contrast is degenerate (rank variance 0 by construction)
+        from .shapley import ONE_PLAYER
+        raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
     weights = list(weights or [])
     if weights and len(weights) != len(models):
         raise InputError(f"{len(weights)} --weights for {len(models)} --model: give one per model (or none)")
