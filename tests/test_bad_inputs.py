@@ -582,3 +582,46 @@ def test_out_that_cannot_be_created_is_refused_before_compute(f27, command):
     res = CliRunner().invoke(app, _out_cases_27(f27)[command])
     assert res.exit_code == 2 and isinstance(_typed(res), errors.OutputPathError), (command, res.output)
     assert "is a file" in res.output and (f27 / "afile").read_text() == "keep me"
+
+
+class CallCounter(torch.nn.Module):
+    """Counts the rows of every forward (the probe row included)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, []
+
+    def forward(self, x):
+        self.rows.append(int(x.shape[0]))
+        return self.net(x)
+
+
+def test_memory_is_a_checked_cost_before_compute(tmp_path):
+    """Issue 27: integrated gradients on a full-size radiograph sent 64 steps through the model in one call and
+    was killed by the kernel with no message. Each method's plan measures one model call on a probe row, caps
+    chunk_size to the budget, and refuses before any compute when one row does not fit, naming --memory."""
+    from medexplain.options import MemoryBudgetError, probe_row_bytes
+    m, x = CallCounter(cls3d()), torch.rand(1, 1, S, S, S)
+    per_row = probe_row_bytes(m, x)
+    assert per_row > 2 * x.numel() * 4 and m.rows == [1]                      # one probe row, measured, cached
+    assert probe_row_bytes(m, x) == per_row and m.rows == [1]
+    with pytest.raises(MemoryBudgetError, match=r"--memory GB; memory= in Python"):
+        mx.explain(m, x, "integrated_gradients", target=0, memory=per_row / 2 / 1e9)
+    assert m.rows == [1]                                                        # nothing computed but the probe
+    free = mx.explain(cls3d(), x, "integrated_gradients", target=0, steps=8)
+    capped = mx.explain(m, x, "integrated_gradients", target=0, steps=8, memory=3.5 * per_row / 1e9)
+    assert capped.info["memory"]["rows_per_call"] == 3 and capped.info["memory"]["capped_chunk_size"]
+    assert max(m.rows[1:]) <= 3 and sum(m.rows[1:]) == capped.info["n_forward"]
+    assert torch.allclose(capped.map, free.map, atol=1e-6)                     # the same map, in smaller calls
+    with pytest.raises(errors.OptionError, match="budget in GB > 0"):
+        mx.explain(m, x, "saliency", target=0, memory=-1)
+    # the command line: a typed error naming the option, before any compute; nothing written
+    vol(tmp_path / "v.nii.gz", np.random.default_rng(0).random((S,) * 3, dtype=np.float32))
+    res = CliRunner().invoke(app, ["explain", str(tmp_path / "v.nii.gz"), "--model", CLS, "--method",
+                                   "saliency,integrated_gradients", "--memory", "1e-9", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and isinstance(_typed(res), MemoryBudgetError) and "--memory" in res.output, res.output
+    assert not (tmp_path / "o").exists()
+    # run: such cases are error rows, the run goes on
+    (tmp_path / "cases.csv").write_text("image\nv.nii.gz\n")
+    rr = run_manifest(tmp_path / "cases.csv", CLS, ["saliency"], tmp_path / "run", memory=1e-9)
+    assert [r["status"] for r in rr.rows] == ["error"] and "MemoryBudgetError" in rr.rows[0]["error_type"]

@@ -12,7 +12,7 @@ from . import methods  # noqa: F401  (importing the package registers every expl
 from .attribution import Attribution
 from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks, with_output
 from .errors import MedexplainError
-from .options import check_options
+from .options import check_options, plan_memory, probe_row_bytes
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
 from .sliding import is_sliding, window_info, with_inferer
 from .sliding_cam import windowed_method
@@ -34,7 +34,7 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
 
 
 def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", target=None, output=None,
-            inferer=None, **options) -> Attribution:
+            inferer=None, memory: float | None = None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
     ``x`` is ``(B, C, H, W)`` or ``(B, C, D, H, W)``; ``target`` an int, a list of ints (one per sample)
@@ -44,6 +44,11 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
     given to the model in one call). The model is left exactly as found, also when an error is raised.
     ``inferer``: a ``monai.inferers.SlidingWindowInferer``; the model then runs window by window, with
     the exact window-by-window gradient, and ``info`` counts windows (:mod:`medexplain.sliding`).
+    ``memory``: the budget in GB of one model call (default: half the memory available now). The peak of
+    one call is measured on a probe row (:func:`medexplain.options.probe_row_bytes`), ``chunk_size`` is
+    capped to the rows that fit, and a call that cannot fit even one row raises
+    :class:`~medexplain.options.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
+    ``info["memory"]`` records the plan. Not applied through an ``inferer`` (its calls are windows).
     """
     spec = get_method(method)
     options = check_options(spec.name, spec.fn, options)   # names, types and ranges from the signature
@@ -54,6 +59,10 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
     net = with_inferer(model, inferer, output)
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
     with model_guard(model):
+        plan = None
+        if not is_sliding(net):  # the memory of one model call, checked before any compute
+            options, plan = plan_memory(spec.name, spec.fn, x.shape, options, probe_row_bytes(model, x), memory,
+                                        x.device)
         cost = Cost()
         try:
             amap, extra = fn(net, x, tgt, cost, **options)
@@ -64,4 +73,6 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
             if not raised_in_model(e, model):
                 raise
             raise model_error(model, x, e) from e
+    if plan is not None:
+        extra = {**extra, "memory": plan.as_dict()}
     return Attribution(amap.detach(), spec.name, tgt, window_info(net, cost.info(**extra)))

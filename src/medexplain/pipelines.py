@@ -7,7 +7,7 @@ Output names derived from an input file use the one stem rule, :func:`medexplain
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +21,7 @@ from .errors import InputError, OptionError, PartialFailure, TargetError, Unsupp
 from .explain import explain
 from .models.loading import checked_forward, load_model
 from .ops import ACTIVATIONS, detect_activation, probabilities
-from .options import CountingModel, check_options, estimate_cost
+from .options import CountingModel, check_options, estimate_cost, plan_memory, probe_row_bytes
 from .registry import get_method, route_options
 from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
@@ -217,7 +217,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
-                  bundle=None, nnunet=None) -> ExplainedImage:
+                  bundle=None, nnunet=None, memory: float | None = None) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``. ``image``: one file (or DICOM series folder), or a list of
     single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with
@@ -245,7 +245,10 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
     Everything that can fail before compute is checked first: option names and types, the output
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
-    ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer and the target.
+    ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer, the target and
+    the memory of each method's model calls (``memory``: the budget in GB, default half the memory available;
+    :func:`medexplain.options.plan_memory`: ``chunk_size`` is capped to fit, and a method that cannot fit one
+    row refuses the call before any method runs).
     Then each method runs and its files and ``info.json`` are written at once; a method that fails is
     recorded in ``info.json`` with its error and the others go on, and a
     :class:`~medexplain.errors.PartialFailure` is raised at the end (its ``result`` is this function's
@@ -296,8 +299,13 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             "bundle": bnd.describe() if bnd is not None else None,
             "nnunet": nnm.describe() if nnm is not None else None}
     res = ExplainedImage(resolved.class_index, {}, [], info["target_info"], dict(skipped), {}, info["warnings"])
+    plans = {}
+    for m in run:  # the memory of every method's model calls, before any of them runs
+        per_method[m], plans[m] = ((per_method[m], None) if inferer is not None else
+                                   plan_memory(m, get_method(m).fn, prep.x.shape, per_method[m],
+                                               probe_row_bytes(net, prep.x), memory, prep.x.device))
     for m in run:
-        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row)
+        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
         if on_estimate:
             on_estimate(est)
         done = [0]
@@ -309,7 +317,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
         try:
             attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=resolved.target, inferer=inferer,
-                           **per_method[m])
+                           memory=memory, **per_method[m])
             amap = prep.invert(attr.map[0])
         except Exception as e:  # recorded; the finished methods' files stay
             res.failed[m] = info["failed"][m] = f"{type(e).__name__}: {e}"
@@ -412,7 +420,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
                              preprocessing=None, inferer=None, nnunet=None,
-                             on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
+                             on_progress: Callable[[str, int, int | None], None] | None = None,
+                             on_estimate: Callable | None = None, memory: float | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
@@ -434,7 +443,11 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     the saliency and the context experiment then run window by window (:mod:`medexplain.sliding`).
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``model`` (:func:`explain_image`); its channel
     files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
-    ``on_progress(method, rows_done, None)`` is called as the saliency's rows pass through the model.
+    ``on_estimate(CostEstimate)`` is called once the instances are found, before any file is written or
+    the saliency runs (the rows, time and memory it will take, as :func:`explain_image`'s); then
+    ``on_progress(method, rows_done, rows_total)`` as the saliency's rows pass through the model.
+    ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
+    capped to fit, refused before any compute if one row does not).
     """
     from . import segmentation as seg
 
@@ -489,6 +502,17 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                                prep.prepared.affine)
     found = prob if reg is None or isinstance(reg, str) else reg[0]
     insts = seg.find_instances(found, threshold=threshold, connectivity=connectivity, min_size=min_size, reference=ref)
+    est = None
+    if insts:  # what the saliency will cost (rows, time, memory of one call), before anything is written
+        opts, plan = ((({"chunk_size": chunk_size}), None) if inferer is not None else
+                      plan_memory("instances", seg.explain_instances, x.shape, {"chunk_size": chunk_size},
+                                  probe_row_bytes(net, x), memory, x.device))
+        chunk_size = opts["chunk_size"]
+        est = replace(estimate_cost("instances", None, x.shape, {"n_instances": len(insts), "method": method,
+                                                                 "n_samples": n_samples}, prep.seconds_per_row, plan),
+                      method=method)
+        if on_estimate:
+            on_estimate(est)
     affine = meta["affine"]
     info = {"images": [str(p) for p in (images if isinstance(images, (list, tuple)) else [images])],
             "model": model if isinstance(model, str) else type(model).__name__,
@@ -496,7 +520,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             "region": "predicted" if reg is None or isinstance(reg, str) else str(region),
             "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max()),
             "inferer": inferer_settings(inferer) if inferer is not None else None,
-            "nnunet": nnm.describe() if nnm is not None else None}
+            "nnunet": nnm.describe() if nnm is not None else None,
+            "estimate": est.as_dict() if est is not None else None}
     files = [io.write_nifti(prep.invert(prob[None])[0], out / "probability.nii.gz", affine),
              io.write_nifti(prep.invert(seg.label_map(insts, tuple(prob.shape)).float()[None], nearest=True)[0],
                             out / "instances.nii.gz", affine)]
@@ -509,7 +534,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     def rows(n):
         done[0] += n
         if on_progress:
-            on_progress(method, done[0], None)
+            on_progress(method, done[0], est.n_forward)
 
     attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
@@ -596,7 +621,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
                      target=None, region=None, output=None, preprocessing=None,
                      on_model: Callable[[int, object], None] | None = None,
                      on_progress: Callable[[str, int, int | None], None] | None = None,
-                     inferer=None, nnunet=None) -> ContrastShapley:
+                     inferer=None, nnunet=None, on_estimate: Callable | None = None,
+                     memory: float | None = None) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
@@ -611,7 +637,10 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     recorded in ``ranking.json``). ``baseline``: ``zero``, ``mean`` or a number. Writes ``values.csv``,
     ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with ``reference_ranking``) and
     ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
-    model, ``on_progress("model i", rows_done, None)`` as coalitions pass through it. ``inferer``: a
+    model, ``on_estimate(CostEstimate)`` before each model runs (its coalition rows, time and the memory of one
+    call; ``memory``: the budget in GB, :func:`medexplain.options.plan_memory` caps ``chunk_size`` to fit and
+    refuses before any compute if one row does not), ``on_progress("model i/k", rows_done, rows_total)`` as
+    coalitions pass through it. ``inferer``: a
     ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
     nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
@@ -678,16 +707,24 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
             value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
         activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
         label = f"model {i + 1}/{len(models)}"
+        opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
+                      plan_memory("shapley", channel_shapley, prep.x.shape, {"chunk_size": chunk_size},
+                                  probe_row_bytes(net, prep.x), memory, prep.x.device))
+        est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
+                                                                    "n_permutations": n_permutations},
+                                    prep.seconds_per_row, plan), method=label)
+        if on_estimate:
+            on_estimate(est)
         done = [0]
 
-        def rows(n, label=label, done=done):
+        def rows(n, label=label, done=done, est=est):
             done[0] += n
             if on_progress:
-                on_progress(label, done[0], None)
+                on_progress(label, done[0], est.n_forward)
 
         results.append(channel_shapley(CountingModel(net, output, rows), prep.x, value_fn, baseline=base,
-                                       method=method, n_permutations=n_permutations, seed=seed, chunk_size=chunk_size,
-                                       players=names, inferer=as_inferer(inferer)))
+                                       method=method, n_permutations=n_permutations, seed=seed,
+                                       chunk_size=opts["chunk_size"], players=names, inferer=as_inferer(inferer)))
         if on_model:
             on_model(i, results[-1])
     consensus = fold_consensus(results, ref)

@@ -149,6 +149,12 @@ def sw_mode_option():
     return typer.Option("constant", "--sw-mode", help="blending of overlapping windows: constant or gaussian")
 
 
+def memory_option():
+    return typer.Option(None, "--memory", help="memory budget in GB of one model call (default: half the memory "
+                        "available): the rows per call are capped to fit, and a method that cannot fit one row is "
+                        "refused before any compute")
+
+
 def sliding_window(roi_size: Optional[str], overlap: float, sw_batch_size: int, sw_mode: str) -> dict | None:
     """The sliding-window flags as the settings dict the pipelines take (None without --roi-size)."""
     if roi_size is None:
@@ -210,7 +216,7 @@ MODEL_INPUT_FLAGS = (
     ("sw_batch_size", int, sw_batch_size_option), ("sw_mode", str, sw_mode_option),
     ("nnunet", Optional[Path], nnunet_option), ("folds", str, folds_option),
     ("no_mirroring", bool, no_mirroring_option), ("configuration", str, configuration_option),
-    ("trust_checkpoint", bool, trust_checkpoint_option),
+    ("trust_checkpoint", bool, trust_checkpoint_option), ("memory", Optional[float], memory_option),
 )
 
 
@@ -228,7 +234,8 @@ class ModelInputs:
                                                f["intensity"], f["transform"], f["min_spatial_size"]),
                 "inferer": sliding_window(f["roi_size"], f["overlap"], f["sw_batch_size"], f["sw_mode"]),
                 "nnunet": nnunet_model(f["nnunet"], f["folds"], f["no_mirroring"], f["configuration"],
-                                       f["trust_checkpoint"])}
+                                       f["trust_checkpoint"]),
+                "memory": f["memory"]}
 
 
 def model_input_options(command):

@@ -82,7 +82,8 @@ def instances_cmd(
                                        reference_threshold=reference_threshold, rings=rings, context=context,
                                        layer=layer, channel_names=split_list(channel_names) or None,
                                        chunk_size=chunk_size, activation=activation, output=parse_output(output),
-                                       region=region, on_progress=bar.update, **inputs.pipeline_kwargs())
+                                       region=region, on_progress=bar.update, on_estimate=bar.estimate,
+                                       **inputs.pipeline_kwargs())
     i = res.info
     console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "
                   f"({i['activation_how']}): max {i['probability_max']:.4g}")

@@ -19,6 +19,7 @@ from ._common import (
     console,
     divisible_by_option,
     intensity_option,
+    memory_option,
     min_spatial_size_option,
     orientation_option,
     parse_options,
@@ -54,6 +55,7 @@ def run_cmd(
     spatial_size: Optional[str] = spatial_size_option(),
     divisible_by: Optional[str] = divisible_by_option(),
     min_spatial_size: Optional[str] = min_spatial_size_option(),
+    memory: Optional[float] = memory_option(),
     intensity: Optional[str] = intensity_option(),
 ):
     """Explain a dataset: every manifest case x every method, resumable, locally or on Ray. The
@@ -65,7 +67,7 @@ def run_cmd(
         res = run_manifest(manifest, model, methods, out, weights=weights, options=options, layer=layer,
                            backend=backend, address=address, resume=resume, batch_size=batch_size,
                            num_workers=num_workers, map_format=map_format, seed=seed, retry_errors=retry_errors,
-                           on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+                           on_progress=lambda d, t: bar.update(task, completed=d, total=t), memory=memory,
                            preprocessing={"spacing": spacing, "orientation": orientation, "spatial_size": spatial_size,
                                           "divisible_by": divisible_by, "intensity": intensity,
                                           "min_spatial_size": min_spatial_size})
