@@ -625,3 +625,31 @@ def test_memory_is_a_checked_cost_before_compute(tmp_path):
     (tmp_path / "cases.csv").write_text("image\nv.nii.gz\n")
     rr = run_manifest(tmp_path / "cases.csv", CLS, ["saliency"], tmp_path / "run", memory=1e-9)
     assert [r["status"] for r in rr.rows] == ["error"] and "MemoryBudgetError" in rr.rows[0]["error_type"]
+
+
+def test_instances_and_shapley_print_the_estimate_up_front(f27, monkeypatch):
+    """Issue 27: `instances --n-samples 1e8` printed nothing for minutes while explain estimated "~281 h" up
+    front. instances and shapley now give the same estimate (rows, time, memory of one call) before the
+    saliency runs, and progress with a total."""
+    import medexplain.segmentation as seg
+    from medexplain.pipelines import contrast_shapley
+
+    @__import__("functools").wraps(seg.explain_instances)   # same signature: same options, same plan
+    def stop(*a, **k):
+        raise errors.InputError("stopped by the test after the estimate")
+
+    monkeypatch.setattr(seg, "explain_instances", stop)
+    res = CliRunner().invoke(app, ["instances", str(f27 / "v.nii.gz"), "--model", SEG, "--region",
+                                   str(f27 / "labels.nii.gz"), "--n-samples", "100000000", "--out", str(f27 / "o_est")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "stopped by the test" in text, text
+    assert text.index("estimate: smoothgrad: about 100000000 forward and 200000000 backward") < text.index("stopped")
+    assert " h at " in text and "per model call of 10 row(s)" in text, text
+    ests, progress = [], []
+    vol(f27 / "two.nii.gz", np.random.default_rng(1).random((S, S, S, 2), dtype=np.float32))
+    from conftest import TinySegmenter
+    two = [TinySegmenter(3, cin=2, k=2).eval() for _ in range(2)]
+    contrast_shapley(f27 / "two.nii.gz", two, f27 / "o_shap", on_estimate=ests.append,
+                     on_progress=lambda *a: progress.append(a))
+    assert [(e.method, e.n_forward, e.n_backward) for e in ests] == [("model 1/2", 4, 0), ("model 2/2", 4, 0)]
+    assert progress[-1] == ("model 2/2", 4, 4) and ests[0].memory.rows_per_call == 16
