@@ -653,3 +653,50 @@ def test_instances_and_shapley_print_the_estimate_up_front(f27, monkeypatch):
                      on_progress=lambda *a: progress.append(a))
     assert [(e.method, e.n_forward, e.n_backward) for e in ests] == [("model 1/2", 4, 0), ("model 2/2", 4, 0)]
     assert progress[-1] == ("model 2/2", 4, 4) and ests[0].memory.rows_per_call == 16
+
+
+class Slow3d(torch.nn.Module):
+    """A classifier that takes a while per call, so a run can be stopped in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyClassifier(3, cin=1)
+
+    def forward(self, x):
+        import time
+        time.sleep(0.3)
+        return self.net(x)
+
+
+def slow3d():
+    torch.manual_seed(0)
+    return Slow3d().eval()
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_run_stopped_by_a_signal_says_resume_and_exits_128_plus_signal(tmp_path, sig, code):
+    """Issue 27: Ctrl-C/SIGTERM ended `run` with no "rerun with --resume" hint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    vol(tmp_path / "a.nii.gz", np.random.default_rng(0).random((S,) * 3, dtype=np.float32))
+    (tmp_path / "cases.csv").write_text("image\n" + "a.nii.gz\n" * 40)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(p) for p in (__import__("medexplain").__path__[0] + "/..",
+                                                                          os.path.dirname(__file__))]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from medexplain.cli import main; main()", "run",
+                             str(tmp_path / "cases.csv"), "--model", "test_bad_inputs:slow3d", "--batch-size", "1",
+                             "--out", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    t0 = time.time()
+    while not (tmp_path / "out" / "cases").exists() and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, (out, err)
+    assert "stopped; rerun with --resume to continue" in " ".join((out + err).split()) and "Traceback" not in err
+    left = [p.name for p in (tmp_path / "out").rglob(".*")]
+    assert left == []                                                   # no partial (temporary) file is left

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,31 @@ def cli_errors():
         except MedexplainError as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(code=2) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt (past every ``except Exception``, so the atomic writes
+    remove their temporary files and no error row is recorded for an item that was merely stopped)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def stop_signals(message: str = "stopped; rerun with --resume to continue"):
+    """SIGINT (Ctrl-C) and SIGTERM end the body with ``message`` and the shell's exit status for the
+    signal, 128 + its number (130, 143), instead of a traceback or Click's bare "Aborted!"."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        console.print(f"[bold yellow]{message}[/]")
+        raise typer.Exit(code=128 + int(getattr(e, "signum", signal.SIGINT))) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def parse_options(opts: list[str]) -> dict:

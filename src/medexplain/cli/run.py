@@ -25,6 +25,7 @@ from ._common import (
     parse_options,
     spacing_option,
     spatial_size_option,
+    stop_signals,
 )
 
 
@@ -59,9 +60,10 @@ def run_cmd(
     intensity: Optional[str] = intensity_option(),
 ):
     """Explain a dataset: every manifest case x every method, resumable, locally or on Ray. The
-    preprocessing flags are run-wide defaults of the manifest's preprocessing columns (a case's cell wins)."""
-    with cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=console, transient=True) as bar:
+    preprocessing flags are run-wide defaults of the manifest's preprocessing columns (a case's cell wins).
+    Ctrl-C (SIGINT) or SIGTERM stop it with "stopped; rerun with --resume to continue" and exit 130 / 143."""
+    with stop_signals(), cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(),
+                                                TimeRemainingColumn(), console=console, transient=True) as bar:
         options = parse_options(option)   # text, typed by each method's signature
         task = bar.add_task("items", total=None)
         res = run_manifest(manifest, model, methods, out, weights=weights, options=options, layer=layer,
