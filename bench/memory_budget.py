@@ -17,7 +17,8 @@ torch, MONAI, model, input), ``work = peak - base``:
 - ``forward``: the model's own forward of the one image, no gradients (the "model's own forward" of the goal);
 - ``forward+backward``: one saliency map (one row forward and backward), what the probe estimates;
 - ``IG, budget B``: ``mx.explain(model, x, "integrated_gradients", steps=S, memory=B)``;
-- ``IG, budget 1 GB``: below one row: refused before compute (:class:`~medexplain.options.MemoryBudgetError`).
+- ``IG, budget 1 GB``: below one row: refused before compute (:class:`~medexplain.options.MemoryBudgetError`),
+  on the probe of a centre crop alone.
 
 The goal: IG under a budget of B GB completes (or refuses before compute) with ``work <= B + work(forward)``.
 The uncapped call (``chunk_size=64``) is not run (it would take the estimated 64 x bytes per row, beyond this
@@ -145,7 +146,9 @@ model, input), `peak` = its `ru_maxrss`, `work = peak - base`.
 - Goal: work of IG under {args.budget:g} GB <= budget + the model's own forward ({fwd_work:.2f} GB):
   {ig_work:.2f} <= {args.budget + fwd_work:.2f}: **{'met' if ok else 'NOT met'}**.
 - Under 1 GB (less than one row) the call is refused before any compute, naming `--memory`, `--roi-size`
-  and `--spacing`; its cost is the probe's one row.
+  and `--spacing`; its cost is the probe of a centre crop (about a quarter of each side, scaled by the voxel
+  count: {got['IG, budget 1 GB'].get('outcome', '').split('needs ~')[-1].split(' in one')[0]} estimated for the
+  full row), so the refusal itself stays within the budget.
 """
     write_result("memory_budget", text)
 

@@ -700,3 +700,18 @@ def test_run_stopped_by_a_signal_says_resume_and_exits_128_plus_signal(tmp_path,
     assert "stopped; rerun with --resume to continue" in " ".join((out + err).split()) and "Traceback" not in err
     left = [p.name for p in (tmp_path / "out").rglob(".*")]
     assert left == []                                                   # no partial (temporary) file is left
+
+
+def test_a_large_row_is_refused_on_the_probe_of_a_crop():
+    """The refusal itself stays within the budget: a large row (here 1 x 1100 x 1000) is first probed on a centre
+    crop, scaled by the voxel count; when that exceeds the budget the full-size probe is never run. The scaled
+    estimate agrees with the full probe (activations scale with the voxels)."""
+    from medexplain.options import MemoryBudgetError, probe_row_bytes
+    torch.manual_seed(0)
+    m, x = CallCounter(TinyClassifier(2, cin=1).eval()), torch.rand(1, 1, 1100, 1000)
+    with pytest.raises(MemoryBudgetError, match="centre crop first"):
+        mx.explain(m, x, "saliency", target=0, memory=1e-3)
+    assert len(m.rows) == 1                                            # one probe, of the crop only
+    full = probe_row_bytes(CallCounter(m.net), x)                      # no limit: the full row
+    scaled = probe_row_bytes(CallCounter(m.net), x, limit=1)           # over the limit: the crop, scaled
+    assert 0.8 < scaled / full < 1.25, (scaled, full)

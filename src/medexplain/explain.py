@@ -12,7 +12,7 @@ from . import methods  # noqa: F401  (importing the package registers every expl
 from .attribution import Attribution
 from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks, with_output
 from .errors import MedexplainError
-from .options import check_options, plan_memory, probe_row_bytes
+from .options import check_options, plan_memory
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
 from .sliding import is_sliding, window_info, with_inferer
 from .sliding_cam import windowed_method
@@ -61,8 +61,7 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
     with model_guard(model):
         plan = None
         if not is_sliding(net):  # the memory of one model call, checked before any compute
-            options, plan = plan_memory(spec.name, spec.fn, x.shape, options, probe_row_bytes(model, x), memory,
-                                        x.device)
+            options, plan = plan_memory(spec.name, spec.fn, model, x, options, memory)
         cost = Cost()
         try:
             amap, extra = fn(net, x, tgt, cost, **options)

@@ -467,25 +467,10 @@ def _storage_key(t: torch.Tensor):
 _PROBES = weakref.WeakKeyDictionary()
 
 
-def probe_row_bytes(model, x: torch.Tensor) -> int | None:
-    """The peak memory, in bytes, of one model call on one row of ``x``, measured on a probe forward and
-    backward of ``x[:1]``: every tensor autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``,
-    each storage once, the model's own parameters and buffers excluded), plus the input, its gradient and every
-    output, plus twice the largest saved tensor (the backward's working gradients). Methods without gradients
-    keep less; the estimate is their upper bound. ``None`` when the probe cannot run (the method then raises
-    its own error) or sees no saved tensor of an output that needs gradients (a TorchScript graph executor
-    may save outside Python's reach). Cached per model and row shape. Runs under the model guard (eval mode,
-    frozen weights, everything restored)."""
+def _measure_row(inner, x1: torch.Tensor) -> int | None:
+    """Bytes of one model call on the one row ``x1`` (see :func:`probe_row_bytes`), or None."""
     from .core import model_guard
 
-    inner = unwrap(model)
-    key = (tuple(x.shape[1:]), x.dtype, str(x.device))
-    try:
-        cache = _PROBES.setdefault(inner, {})
-    except TypeError:  # not weak-referenceable
-        cache = {}
-    if key in cache:
-        return cache[key]
     own = {_storage_key(t)[0] for t in list(inner.parameters()) + list(inner.buffers())}
     seen, largest = {}, [0]
 
@@ -496,7 +481,7 @@ def probe_row_bytes(model, x: torch.Tensor) -> int | None:
             largest[0] = max(largest[0], n)
         return t
 
-    x1 = x[:1].detach().clone().requires_grad_(True)
+    x1 = x1.detach().clone().requires_grad_(True)
     try:  # as the methods run it: eval mode, weights frozen (no weight gradients saved for)
         with model_guard(inner), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = inner(x1)
@@ -510,9 +495,58 @@ def probe_row_bytes(model, x: torch.Tensor) -> int | None:
         return None
     if grad_outs and not seen:
         return None
-    row = sum(seen.values()) + 2 * largest[0] + 2 * x1.numel() * x1.element_size() + out_bytes
-    cache[key] = int(row)
-    return int(row)
+    return int(sum(seen.values()) + 2 * largest[0] + 2 * x1.numel() * x1.element_size() + out_bytes)
+
+
+#: Inputs of more voxels than this are first probed on a centre crop (see :func:`probe_row_bytes`).
+LARGE_ROW_VOXELS = 2 ** 20
+
+
+def _probe_crop(x1: torch.Tensor) -> torch.Tensor | None:
+    """A centre crop of the row ``x1`` about a quarter of each large side (a multiple of 32, so strided
+    networks still take it), or None when the row is small."""
+    spatial = [int(s) for s in x1.shape[2:]]
+    if math.prod(spatial) <= LARGE_ROW_VOXELS:
+        return None
+    new = [s if s < 256 else max(64, (s // 4) // 32 * 32) for s in spatial]
+    if new == spatial:
+        return None
+    return x1[(slice(None), slice(None), *[slice((s - n) // 2, (s - n) // 2 + n) for s, n in zip(spatial, new)])]
+
+
+def probe_row_bytes(model, x: torch.Tensor, limit: int | None = None) -> int | None:
+    """The peak memory, in bytes, of one model call on one row of ``x``, measured on a probe forward and
+    backward of ``x[:1]``: every tensor autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``,
+    each storage once, the model's own parameters and buffers excluded), plus the input, its gradient and every
+    output, plus twice the largest saved tensor (the backward's working gradients). Methods without gradients
+    keep less; the estimate is their upper bound. ``None`` when the probe cannot run (the method then raises
+    its own error) or sees no saved tensor of an output that needs gradients (a TorchScript graph executor
+    may save outside Python's reach). Runs under the model guard (eval mode, frozen weights, everything
+    restored); cached per model and row shape.
+
+    ``limit`` (bytes, the budget): a large row (more than :data:`LARGE_ROW_VOXELS` voxels) is first probed on
+    a centre crop of about a quarter of each side and scaled by the voxel count (activations scale with it);
+    when that already exceeds ``limit``, it is returned without the full-size probe, which would not fit
+    either. So a call that is refused never takes more than the crop's memory."""
+    from .core import unwrap
+
+    inner = unwrap(model)
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device))
+    try:
+        cache = _PROBES.setdefault(inner, {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    if key in cache:
+        return cache[key]
+    if limit is not None:
+        crop = _probe_crop(x[:1])
+        small = _measure_row(inner, crop) if crop is not None else None
+        if small is not None and small * (x[:1].numel() / crop.numel()) > limit:
+            return int(small * (x[:1].numel() / crop.numel()))
+    row = _measure_row(inner, x[:1])
+    if row is not None:
+        cache[key] = row
+    return row
 
 
 @dataclass
@@ -549,21 +583,26 @@ class MemoryBudgetError(OptionError):
     """Even the smallest model call of a method does not fit the memory budget (raised before any compute)."""
 
 
-def plan_memory(method: str, fn: Callable, x_shape, options: dict, bytes_per_row: int | None, memory=None,
-                device=None, hint: str = "") -> tuple[dict, MemoryPlan | None]:
-    """Check ``method``'s model calls against the memory budget before any compute, and cap its rows per
-    call to fit. Returns ``(options, plan)``: ``options`` with ``chunk_size`` lowered to the rows that fit when
-    the method takes one (``None`` there means every row in one call), and the :class:`MemoryPlan` (``None``
-    when ``bytes_per_row`` is unknown). A single-pass method sends the batch in one call. A
-    :class:`MemoryBudgetError` names the options that help when even one row (or the batch of a single-pass
-    method) does not fit: a larger ``--memory``, a smaller input (``--spacing``, ``--roi-size``) or batch."""
+def plan_memory(method: str, fn: Callable, model, x: torch.Tensor, options: dict, memory=None,
+                hint: str = "") -> tuple[dict, MemoryPlan | None]:
+    """Check ``method``'s model calls on ``x`` against the memory budget (:func:`memory_budget`: ``memory`` GB,
+    or by default half the memory available) before any compute, and cap its rows per call to fit: the one
+    memory plan of ``mx.explain`` and the pipelines. ``fn`` is the function whose ``chunk_size`` option sets
+    the rows per call. The peak of one row is :func:`probe_row_bytes` (with the budget as its ``limit``).
+    Returns ``(options, plan)``: ``options`` with ``chunk_size`` lowered to the rows that fit when ``fn``
+    takes one (``None`` there means every row in one call), and the :class:`MemoryPlan` (``None`` when the
+    probe cannot tell). A single-pass method sends the batch in one call. A :class:`MemoryBudgetError`
+    names the options that help when even one row (or the batch of a single-pass method) does not fit: a
+    larger ``--memory``, a smaller input (``--spacing``, ``--roi-size``) or batch."""
+    budget, how = memory_budget(memory, x.device)
+    bytes_per_row = probe_row_bytes(model, x, limit=budget)
     if bytes_per_row is None or bytes_per_row <= 0:
         return options, None
-    budget, how = memory_budget(memory, device)
     rows_fit = budget // bytes_per_row
-    b = int(x_shape[0])
-    shape = "x".join(str(int(s)) for s in x_shape[1:])
-    need = f"one row ({shape}) needs ~{size_text(bytes_per_row)} in one model call (measured on a probe row)"
+    b = int(x.shape[0])
+    shape = "x".join(str(int(s)) for s in x.shape[1:])
+    need = (f"one row ({shape}) needs ~{size_text(bytes_per_row)} in one model call (probed on one row; a large "
+            "row on its centre crop first, scaled by its size)")
     helps = ("raise the budget (--memory GB; memory= in Python), or give the model a smaller input: sliding windows "
              "(--roi-size; inferer= in Python) or a coarser grid (--spacing)" + hint)
     if rows_fit < 1:

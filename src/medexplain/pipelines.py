@@ -21,7 +21,7 @@ from .errors import InputError, OptionError, PartialFailure, TargetError, Unsupp
 from .explain import explain
 from .models.loading import checked_forward, load_model
 from .ops import ACTIVATIONS, detect_activation, probabilities
-from .options import CountingModel, check_options, estimate_cost, plan_memory, probe_row_bytes
+from .options import CountingModel, check_options, estimate_cost, plan_memory
 from .registry import get_method, route_options
 from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
@@ -302,8 +302,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     plans = {}
     for m in run:  # the memory of every method's model calls, before any of them runs
         per_method[m], plans[m] = ((per_method[m], None) if inferer is not None else
-                                   plan_memory(m, get_method(m).fn, prep.x.shape, per_method[m],
-                                               probe_row_bytes(net, prep.x), memory, prep.x.device))
+                                   plan_memory(m, get_method(m).fn, net, prep.x, per_method[m], memory))
     for m in run:
         est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
         if on_estimate:
@@ -505,8 +504,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     est = None
     if insts:  # what the saliency will cost (rows, time, memory of one call), before anything is written
         opts, plan = ((({"chunk_size": chunk_size}), None) if inferer is not None else
-                      plan_memory("instances", seg.explain_instances, x.shape, {"chunk_size": chunk_size},
-                                  probe_row_bytes(net, x), memory, x.device))
+                      plan_memory("instances", seg.explain_instances, net, x, {"chunk_size": chunk_size}, memory))
         chunk_size = opts["chunk_size"]
         est = replace(estimate_cost("instances", None, x.shape, {"n_instances": len(insts), "method": method,
                                                                  "n_samples": n_samples}, prep.seconds_per_row, plan),
@@ -708,8 +706,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
         activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
         label = f"model {i + 1}/{len(models)}"
         opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
-                      plan_memory("shapley", channel_shapley, prep.x.shape, {"chunk_size": chunk_size},
-                                  probe_row_bytes(net, prep.x), memory, prep.x.device))
+                      plan_memory("shapley", channel_shapley, net, prep.x, {"chunk_size": chunk_size}, memory))
         est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
                                                                     "n_permutations": n_permutations},
                                     prep.seconds_per_row, plan), method=label)
