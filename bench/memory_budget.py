@@ -75,7 +75,7 @@ def worker(cfg: dict) -> dict:
             res.update(n_forward=attr.info["n_forward"], rows_per_call=attr.info["memory"]["rows_per_call"],
                        bytes_per_row=attr.info["memory"]["bytes_per_row"], outcome="completed")
         except MemoryBudgetError as e:
-            res.update(outcome=f"refused before compute: {str(e).split(';')[0]}")
+            res.update(outcome=f"refused before compute: {str(e).split('; nothing was computed')[0]}")
     res.update(seconds=time.perf_counter() - t0, base_gb=base, peak_gb=maxrss_gb())
     return res
 

@@ -449,7 +449,7 @@ def memory_budget(memory=None, device=None) -> tuple[int, str]:
     :data:`MEMORY_FRACTION` of :func:`available_memory`."""
     if memory is None:
         avail = available_memory(device)
-        return int(MEMORY_FRACTION * avail), f"{MEMORY_FRACTION:.0%} of the {size_text(avail)} available"
+        return int(MEMORY_FRACTION * avail), f"{MEMORY_FRACTION:.0%} of the memory available ({size_text(avail)} now)"
     if isinstance(memory, bool) or not isinstance(memory, numbers.Real) or not math.isfinite(memory) or memory <= 0:
         raise OptionError(f"memory (--memory) is a budget in GB > 0, got {memory!r}")
     return int(float(memory) * GB), f"memory={float(memory):g} GB"
@@ -575,8 +575,13 @@ class MemoryPlan:
                 f"{size_text(self.budget)} ({self.how})")
 
     def as_dict(self) -> dict:
-        return {"bytes_per_row": self.bytes_per_row, "budget_bytes": self.budget, "budget": self.how,
-                "rows_per_call": self.rows_per_call, "peak_bytes": self.peak_bytes, "capped_chunk_size": self.capped}
+        """The plan for ``info``; the default budget is named, not its size (the memory available now differs
+        from run to run, and records of a resumed run must equal an uninterrupted one's)."""
+        explicit = not self.how.startswith(f"{MEMORY_FRACTION:.0%} of the memory available")
+        return {"bytes_per_row": self.bytes_per_row, "rows_per_call": self.rows_per_call,
+                "peak_bytes": self.peak_bytes, "capped_chunk_size": self.capped,
+                "budget": self.how if explicit else f"{MEMORY_FRACTION:.0%} of the memory available",
+                "budget_bytes": self.budget if explicit else None}
 
 
 class MemoryBudgetError(OptionError):

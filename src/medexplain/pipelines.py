@@ -503,7 +503,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     insts = seg.find_instances(found, threshold=threshold, connectivity=connectivity, min_size=min_size, reference=ref)
     est = None
     if insts:  # what the saliency will cost (rows, time, memory of one call), before anything is written
-        opts, plan = ((({"chunk_size": chunk_size}), None) if inferer is not None else
+        opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
                       plan_memory("instances", seg.explain_instances, net, x, {"chunk_size": chunk_size}, memory))
         chunk_size = opts["chunk_size"]
         est = replace(estimate_cost("instances", None, x.shape, {"n_instances": len(insts), "method": method,
