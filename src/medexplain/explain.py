@@ -68,6 +68,8 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
     x = m.to_input(check_input(x, **expected))
     tgt = as_target(target) if (spec.needs_target or target is not None) else None
     net = m.runner
+    if is_sliding(net):
+        net.reset()   # a Model keeps its sliding-window module: count this explanation's windows only
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
     notes: dict = {}
     with model_guard(m, policy=m.eval_policy, notes=notes):

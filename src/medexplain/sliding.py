@@ -240,6 +240,11 @@ class SlidingWindowModel(OutputAdapter):
         self._geo: dict = {}
         self._base = None
 
+    def reset(self) -> None:
+        """Start counting windows afresh (one explanation's ``info``) and drop the cached window outputs."""
+        self.stats = WindowStats()
+        self._base = None
+
     # ---------------------------------------------------------------------------------------------
     def geometry(self, x: torch.Tensor) -> WindowGeometry:
         """The windows of ``x``'s grid (cached per shape, dtype and device)."""

@@ -107,7 +107,7 @@ def capture_passes(model, plan: LayerPlan, mode: str):
             leaves.append(net)
     modules = [find_layer(n, plan.name) for n in leaves]
     known = find_passes(model)
-    aligned = bool(getattr(known, "aligned_calls", False))
+    aligned = bool(getattr(known if known is not None else model, "aligned_calls", False))
     with capture_layers(model, modules, mode=mode) as caps:
         def calls(rows: int, single: bool) -> list[PassCall]:
             if single and len(sched) > 1:

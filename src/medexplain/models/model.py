@@ -263,7 +263,8 @@ def load_model(source, weights: str | None = None, *, flip_axes=None, output=Non
       flips (unless ``use_mirroring=False``), its sliding window and preprocessing
       (:func:`medexplain.models.nnunet.load_nnunet`; ``loader_options``: ``folds``, ``configuration``,
       ``use_mirroring``, ``tile_step_size``, ...);
-    - a list of any of these: an ensemble (the first source's preprocessing and inferer).
+    - a list of any of these: an ensemble (the first source's preprocessing and inferer; ``weights`` then is a
+      list with one entry, or None, per member).
 
     Settings given here (``flip_axes``, ``inferer``, ``preprocessing``, ...) override the source's own.
     Every problem is a typed error (:class:`~medexplain.errors.ModelLoadError`) before any work.
@@ -278,7 +279,11 @@ def load_model(source, weights: str | None = None, *, flip_axes=None, output=Non
     if isinstance(source, (list, tuple)):
         if not source:
             raise ModelLoadError("an ensemble needs at least one model")
-        parts = [load_model(s, weights, map_location=map_location, **loader_options) for s in source]
+        ws = list(weights) if isinstance(weights, (list, tuple)) else [None] * len(source) if weights is None else None
+        if ws is None or len(ws) != len(source):
+            raise ModelLoadError(f"an ensemble of {len(source)} models takes weights= as a list, one entry (or None) "
+                                 "per member")
+        parts = [load_model(s, w, map_location=map_location, **loader_options) for s, w in zip(source, ws)]
         first = parts[0]
         return Model([n for p in parts for n in p.networks], flip_axes=flip_axes if flip_axes is not None else
                      first.flip_axes or None, inferer=inferer if inferer is not None else first.inferer,
