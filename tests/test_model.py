@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinySegmenter, assert_untouched, snapshot
 from torch import nn
 
 import medexplain as mx
+from conftest import TinySegmenter, assert_untouched, snapshot
 from medexplain import errors
 from medexplain.targets import Region
 
@@ -64,7 +64,7 @@ def by_hand(nets, x, axes, layer):
     for net in nets:
         for dims in subsets(axes):
             rec = []
-            h = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: rec.append(o))
+            h = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o, rec=rec: rec.append(o))
             try:
                 y = net(torch.flip(x, dims) if dims else x)
             finally:
