@@ -361,3 +361,20 @@ def test_explain_keyword_arguments_still_build_the_model_and_available_methods_t
     assert via_kw.info["n_windows"] == 1
     names = mx.available_methods(mx.Model(net, flip_axes=(0,)), x)
     assert "gradcam" in names and names == mx.available_methods(net, x)
+
+
+def test_wrappers_keep_an_ensemble_whole():
+    """The pipelines' counting adapter and output adapters around an ensemble with flips keep every pass
+    (layer names resolve on the first network; the passes are not dropped)."""
+    from medexplain.core import Passes, with_output
+    from medexplain.options import CountingModel
+
+    nets, x = members(), volume(1)
+    passes = Passes(nets, (0, 1))
+    rows = []
+    counted = CountingModel(passes, None, rows.append)
+    ref = mx.explain(mx.Model(nets, flip_axes=(0, 1)), x, "gradcam", target=region(x), layer="fuse")
+    got = mx.explain(counted, x, "gradcam", target=region(x), layer="fuse")
+    torch.testing.assert_close(got.map, ref.map, rtol=0, atol=1e-12)
+    assert got.info["calls"] == 8 and rows
+    torch.testing.assert_close(with_output(passes, lambda o: o[:, 1:])(x), passes(x)[:, 1:])

@@ -101,7 +101,8 @@ def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None 
     """Run explanations with the model's train/eval modes set by ``policy`` and its parameters frozen;
     restore everything after (modes, ``requires_grad`` and buffers), also when the body raises.
 
-    ``policy`` (``mx.Model(eval=...)``; ``None``: ``"auto"``, or ``"never"`` when ``eval_mode=False``):
+    ``policy`` (``None``: the policy of an ``mx.Model`` given as ``model``, ``mx.Model(eval=...)``, else
+    ``"auto"``, or ``"never"`` when ``eval_mode=False``):
 
     - ``"auto"``: a model entirely in training mode is switched to eval (as the peers do; ``notes["eval"]``
       says so); a model whose modules are in *mixed* modes (a network whose author keeps its normalisation
@@ -117,7 +118,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None 
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    policy = policy or ("auto" if eval_mode else "never")
+    policy = policy or getattr(model, "eval_policy", None) or ("auto" if eval_mode else "never")   # an mx.Model's own
     if policy not in EVAL_POLICIES:
         raise InputError(f"eval must be one of {EVAL_POLICIES}, got {policy!r}")
     modes = [(m, m.training) for m in model.modules()]
@@ -415,7 +416,7 @@ class OutputAdapter(nn.Module):
 
 def with_output(model, output=None):
     """``model`` itself when ``output`` is None, else an :class:`OutputAdapter` around it."""
-    return model if output is None else OutputAdapter(unwrap(model), output)
+    return model if output is None else OutputAdapter(peel_adapters(model), output)
 
 
 def unwrap(model):
@@ -522,7 +523,9 @@ class Passes(nn.Module):
         return total if n == 1 else total / n
 
 
-def _peel(model):
+def peel_adapters(model):
+    """``model`` without its :class:`OutputAdapter` wrappers; unlike :func:`unwrap` it stops at a
+    :class:`Passes` (an ensemble or flips stay whole)."""
     while isinstance(model, OutputAdapter):
         model = model.model
     return model
@@ -530,7 +533,7 @@ def _peel(model):
 
 def find_passes(model) -> Passes | None:
     """The :class:`Passes` a model runs (inside output adapters, e.g. a sliding-window model), or None."""
-    model = _peel(model)
+    model = peel_adapters(model)
     return model if isinstance(model, Passes) else None
 
 
@@ -538,7 +541,7 @@ def pass_schedule(model, dims: frozenset = frozenset()) -> list[tuple[nn.Module,
     """Every pass of one forward of ``model`` in call order, as ``(network, flipped dims)``: one entry for a
     plain model; the members x flips of a :class:`Passes` (nested ones composed: flips commute and are
     their own inverse, so the dims flipped twice cancel)."""
-    inner = _peel(model)
+    inner = peel_adapters(model)
     if not isinstance(inner, Passes):
         return [(inner, dims)]
     return [entry for net in inner.networks for f in inner.flips for entry in pass_schedule(net, dims ^ frozenset(f))]
