@@ -378,3 +378,30 @@ def test_wrappers_keep_an_ensemble_whole():
     torch.testing.assert_close(got.map, ref.map, rtol=0, atol=1e-12)
     assert got.info["calls"] == 8 and rows
     torch.testing.assert_close(with_output(passes, lambda o: o[:, 1:])(x), passes(x)[:, 1:])
+
+
+def test_a_classifier_with_flips_averages_its_class_scores_and_unflips_its_cams():
+    from conftest import make
+
+    net = make("cls", 2)
+    x = torch.randn((2, 2, 12, 10), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = mx.Model(net, flip_axes=(1,))
+    xr = x.clone().requires_grad_(True)
+    out = (net(xr) + net(torch.flip(xr, (3,)))) / 2
+    (ref,) = torch.autograd.grad(out[:, 1].sum(), xr)
+    torch.testing.assert_close(mx.explain(model, x, "saliency", target=1).map, ref, rtol=0, atol=1e-10)
+    rec = []
+
+    def keep(_m, _i, o):   # a copy on the path, so the in-place ReLU after the layer leaves it intact
+        rec.append(o.clone())
+        return rec[-1] * 1
+    h = net.features[2].register_forward_hook(keep)
+    try:
+        out = (net(x) + net(torch.flip(x, (3,)))) / 2
+    finally:
+        h.remove()
+    gs = torch.autograd.grad(out[:, 1].sum(), rec)
+    terms = [(g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True) for a, g in zip(rec, gs)]
+    cells = torch.relu(terms[0] + torch.flip(terms[1], (3,))).detach()   # the flipped pass's cells flipped back
+    cam = mx.explain(model, x, "gradcam", target=1, layer="features.2", upsample="bilinear")
+    torch.testing.assert_close(cam.map, cells, rtol=1e-8, atol=1e-12)

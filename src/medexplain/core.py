@@ -512,11 +512,12 @@ class Passes(nn.Module):
         for net in self.networks:
             for dims in self.flips:
                 y = self._member(net, torch.flip(x, dims) if dims else x)
-                if dims:  # a dense output on a grid of the input's axes is flipped back; class scores are not
+                if dims and y.ndim > 2:  # a dense output on the input's axes is flipped back; class scores are not
                     if y.ndim != x.ndim:
                         raise UnsupportedModelError(
-                            f"test-time flips need a dense output (B, K, *spatial) to flip back; the model returned "
-                            f"{tuple(y.shape)} for an input {tuple(x.shape)}: give flip_axes=None")
+                            f"test-time flips need class scores (B, K) or a dense output (B, K, *spatial) to flip "
+                            f"back; the model returned {tuple(y.shape)} for an input {tuple(x.shape)}: give "
+                            "flip_axes=None")
                     y = torch.flip(y, dims)
                 total = y if total is None else total + y
                 n += 1

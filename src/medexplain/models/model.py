@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import EVAL_POLICIES, OutputAdapter, Passes, check_input, is_scripted, n_passes
+from ..core import EVAL_POLICIES, OutputAdapter, Passes, check_input, find_passes, is_scripted, n_passes
 from ..errors import InputError, ModelLoadError, UnsupportedModelError
 
 __all__ = ["Model", "load_model", "as_model", "resolve_device"]
@@ -119,7 +119,6 @@ class Model(OutputAdapter):
         inferer = as_inferer(inferer)
         runner = passes if inferer is None else SlidingWindowModel(passes, inferer)
         super().__init__(runner, None)
-        self.passes = passes
         self.inferer, self.activation, self.preprocessing = inferer, activation, preprocessing
         self.eval_policy, self.probabilities, self.aligned_calls = eval, bool(probabilities), bool(aligned_calls)
         self._dtype_given = dt
@@ -129,6 +128,11 @@ class Model(OutputAdapter):
                               aligned_calls=aligned_calls, source=self.source)
 
     # ------------------------------------------------------------------ what it is
+    @property
+    def passes(self) -> Passes:
+        """The members x flips (:class:`medexplain.core.Passes`) inside the runner (registered once, there)."""
+        return find_passes(self.model)
+
     @property
     def runner(self) -> nn.Module:
         """The module the methods run: the passes, through the sliding window when there is an inferer."""
