@@ -4,6 +4,7 @@ logits at a final Softmax/Sigmoid, device and dtype, and building a Model from e
 import copy
 import itertools
 import sys
+import warnings
 
 import pytest
 import torch
@@ -219,7 +220,9 @@ def test_mixed_modes_are_used_as_given_and_buffers_restored():
     buffers = {k: v.clone() for k, v in net.state_dict().items()}
     modes = [m.training for m in net.modules()]
     torch.testing.assert_close(mx.Model(net).predict(x), y.detach(), rtol=0, atol=1e-12)
-    a = mx.explain(net, x, "saliency", target=region(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # eval="auto" uses it as given: no warning
+        a = mx.explain(net, x, "saliency", target=region(x))
     torch.testing.assert_close(a.map, ref, rtol=0, atol=1e-10)
     assert "mixed" in a.info["eval"]
     assert all(torch.equal(buffers[k], v) for k, v in net.state_dict().items())   # running stats, batch counter

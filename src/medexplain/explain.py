@@ -1,8 +1,10 @@
 """The stable entry points: ``mx.explain`` and ``mx.available_methods`` over the method registry.
 
 ``explain`` does what is common to every registered method (:mod:`medexplain.registry`): option
-checks, the output adapter (``output=``), input checks, target parsing, the model guard (eval mode,
-frozen weights, restored afterwards), cost counting, and the :class:`Attribution`.
+checks, the model object (:class:`medexplain.models.model.Model`: a bare ``nn.Module`` with ``output=`` /
+``inferer=`` is wrapped in one), input checks (and the one move to the model's device), target parsing,
+the model guard (the Model's train/eval policy, frozen weights, buffers restored afterwards), cost
+counting, and the :class:`Attribution` (map on the CPU, ``info`` with the model's description).
 """
 from __future__ import annotations
 
