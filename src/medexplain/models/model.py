@@ -86,8 +86,9 @@ class Model(OutputAdapter):
     - ``preprocessing``: a :class:`medexplain.transforms.Preprocessing` (or nnU-Net's), carried for the
       pipelines (:meth:`prepare`);
     - ``device``: ``None`` (where the networks are), ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda[:N]"``:
-      the networks are moved there; inputs are moved there once per explanation and maps come back on the CPU;
-    - ``dtype``: the networks' floating dtype (moved when given; inputs are cast to it);
+      the networks are moved there (``nn.Module.to``, in place); inputs are moved there once per explanation
+      and maps come back on the CPU;
+    - ``dtype``: the networks' floating dtype (cast in place when given; inputs are cast to it);
     - ``eval``: ``"auto"`` | ``"always"`` | ``"never"`` (:func:`medexplain.core.model_guard`);
     - ``aligned_calls``: a CAM layer called several times in one pass on same-shaped inputs by the user's
       own code is refused (:class:`~medexplain.errors.RepeatedLayerCallError`) unless this says the calls
@@ -103,7 +104,8 @@ class Model(OutputAdapter):
         nets = list(network) if isinstance(network, (list, tuple, nn.ModuleList)) else [network]
         for n in nets:
             if not isinstance(n, nn.Module):
-                raise UnsupportedModelError(f"a network must be a torch.nn.Module, got {type(n).__name__}")
+                raise UnsupportedModelError(f"a network must be a torch.nn.Module, got {type(n).__name__} (build a Model "
+                                            "from a path, an nnU-Net folder or a bundle with mx.load_model)")
         if eval not in EVAL_POLICIES:
             raise InputError(f"eval must be one of {EVAL_POLICIES}, got {eval!r}")
         from ..ops import ACTIVATIONS
@@ -171,7 +173,7 @@ class Model(OutputAdapter):
         unknown = set(changes) - set(self._settings) - {"device", "dtype"}
         if unknown:
             raise InputError(f"Model has no setting(s) {sorted(unknown)}; settings: {sorted(self._settings)}")
-        return Model(self.networks, **{**self._settings, **changes})
+        return Model(self.networks, **{**self._settings, "dtype": self._dtype_given, **changes})
 
     def describe(self) -> dict:
         """The model's settings as JSON-able values (for ``info`` and records)."""
