@@ -408,3 +408,22 @@ def test_a_classifier_with_flips_averages_its_class_scores_and_unflips_its_cams(
     cells = torch.relu(terms[0] + torch.flip(terms[1], (3,))).detach()   # the flipped pass's cells flipped back
     cam = mx.explain(model, x, "gradcam", target=1, layer="features.2", upsample="bilinear")
     torch.testing.assert_close(cam.map, cells, rtol=1e-8, atol=1e-12)
+
+
+def test_the_model_carries_its_preprocessing_and_inverse():
+    import numpy as np
+
+    from medexplain.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    net = TinySegmenter(nd=2).double().eval()
+    model = mx.Model(net, preprocessing=Preprocessing(divisible_by=8, intensity="zscore"))
+    img = torch.randn((2, 10, 13), generator=torch.Generator().manual_seed(1))
+    prep = model.prepare(img, np.eye(4))
+    assert tuple(prep.image.shape) == (2, 16, 16)
+    x = prep.image[None].double()
+    a = mx.explain(model, x, "saliency", target=Region(1, torch.ones((1, 16, 16), dtype=torch.bool)))
+    back = model.invert(a.map[0], prep)
+    assert tuple(back.shape) == (2, 10, 13)
+    # DivisiblePad pads symmetrically (the smaller half first): its inverse crops the image's own voxels back
+    torch.testing.assert_close(back.double(), a.map[0][:, 3:13, 1:14].double())

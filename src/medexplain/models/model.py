@@ -204,12 +204,20 @@ class Model(OutputAdapter):
         with model_guard(self, policy=self.eval_policy):
             return self(x).detach().cpu()
 
-    def prepare(self, image: torch.Tensor, affine):
-        """The model's preprocessing of an image read by medexplain (:class:`medexplain.transforms.Prepared`)."""
+    def _preprocessor(self):
         from ..transforms import Preprocessing
 
-        prep = self.preprocessing if self.preprocessing is not None else Preprocessing()
-        return prep.build().apply(image, affine)
+        return (self.preprocessing if self.preprocessing is not None else Preprocessing()).build()
+
+    def prepare(self, image: torch.Tensor, affine):
+        """The model's preprocessing of an image ``(C, *s)`` read by medexplain
+        (:class:`medexplain.transforms.Prepared`: the model's input ``image`` and the record to invert)."""
+        return self._preprocessor().apply(image, affine)
+
+    def invert(self, amap: torch.Tensor, prepared, nearest: bool = False) -> torch.Tensor:
+        """A map ``(C_or_1, *s')`` on the model's grid back onto the image's own grid (the preprocessing's
+        inverse; ``nearest`` for label maps)."""
+        return self._preprocessor().invert(amap, prepared, nearest)
 
     def info(self, notes: dict | None = None) -> dict:
         """What ``info`` says about the model after an explanation (``notes``: the model guard's)."""
