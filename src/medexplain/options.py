@@ -32,6 +32,7 @@ import difflib
 import inspect
 import math
 import numbers
+import threading
 import types
 import typing
 import weakref
@@ -40,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from .core import OutputAdapter, select_output, unwrap
+from .core import OutputAdapter, peel_adapters, select_output
 from .errors import OptionError
 
 #: Lower bounds of the options whose meaning is fixed across medexplain: ``(bound, inclusive)``.
@@ -385,12 +386,12 @@ class CountingModel(OutputAdapter):
     Being an :class:`~medexplain.core.OutputAdapter`, layer names still resolve on the user's model."""
 
     def __init__(self, model, output=None, on_rows: Callable[[int], None] | None = None):
-        super().__init__(unwrap(model), output)
+        super().__init__(peel_adapters(model), output)   # an ensemble / flips (core.Passes) stays whole
         self.on_rows = on_rows
 
     def forward(self, x, *args, **kwargs):
         out = select_output(self.model(x, *args, **kwargs), self.output)
-        if self.on_rows is not None and isinstance(x, torch.Tensor):
+        if self.on_rows is not None and isinstance(x, torch.Tensor) and not _PROBING.active:
             self.on_rows(int(x.shape[0]))
         return out
 
@@ -467,6 +468,11 @@ def _storage_key(t: torch.Tensor):
 _PROBES = weakref.WeakKeyDictionary()
 
 
+#: Set while a probe row runs: :class:`CountingModel` does not report it as progress.
+_PROBING = threading.local()
+_PROBING.active = False
+
+
 def _measure_row(inner, x1: torch.Tensor) -> int | None:
     """Bytes of one model call on the one row ``x1`` (see :func:`probe_row_bytes`), or None."""
     from .core import model_guard
@@ -482,7 +488,8 @@ def _measure_row(inner, x1: torch.Tensor) -> int | None:
         return t
 
     x1 = x1.detach().clone().requires_grad_(True)
-    try:  # as the methods run it: eval mode, weights frozen (no weight gradients saved for)
+    _PROBING.active = True
+    try:  # as the methods run it: its train/eval policy, weights frozen (no weight gradients saved for)
         with model_guard(inner), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = inner(x1)
             outs = [o for o in (out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple))
@@ -493,6 +500,8 @@ def _measure_row(inner, x1: torch.Tensor) -> int | None:
                 torch.autograd.grad(sum(o.sum() for o in grad_outs), x1, allow_unused=True)
     except Exception:
         return None
+    finally:
+        _PROBING.active = False
     if grad_outs and not seen:
         return None
     return int(sum(seen.values()) + 2 * largest[0] + 2 * x1.numel() * x1.element_size() + out_bytes)
@@ -527,13 +536,16 @@ def probe_row_bytes(model, x: torch.Tensor, limit: int | None = None) -> int | N
     ``limit`` (bytes, the budget): a large row (more than :data:`LARGE_ROW_VOXELS` voxels) is first probed on
     a centre crop of about a quarter of each side and scaled by the voxel count (activations scale with it);
     when that already exceeds ``limit``, it is returned without the full-size probe, which would not fit
-    either. So a call that is refused never takes more than the crop's memory."""
-    from .core import unwrap
+    either. So a call that is refused never takes more than the crop's memory.
 
-    inner = unwrap(model)
-    key = (tuple(x.shape[1:]), x.dtype, str(x.device))
+    ``model``: what the methods call (an ``mx.Model``'s runner: its passes, every ensemble member and flip of
+    one call measured together), an ``mx.Model`` or an ``nn.Module``. The cache is kept per user network."""
+    from .core import n_passes, unwrap
+
+    inner = getattr(model, "runner", model)      # an mx.Model: what its methods call
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), n_passes(inner))
     try:
-        cache = _PROBES.setdefault(inner, {})
+        cache = _PROBES.setdefault(unwrap(inner), {})
     except TypeError:  # not weak-referenceable
         cache = {}
     if key in cache:
