@@ -615,6 +615,8 @@ def test_memory_is_a_checked_cost_before_compute(tmp_path):
     assert torch.allclose(capped.map, free.map, atol=1e-6)                     # the same map, in smaller calls
     with pytest.raises(errors.OptionError, match="budget in GB > 0"):
         mx.explain(m, x, "saliency", target=0, memory=-1)
+    flips = mx.Model(cls3d(), flip_axes=(0, 1))          # 4 passes in one call: their saved tensors all count
+    assert probe_row_bytes(flips, x) > 2 * probe_row_bytes(cls3d(), x)
     # the command line: a typed error naming the option, before any compute; nothing written
     vol(tmp_path / "v.nii.gz", np.random.default_rng(0).random((S,) * 3, dtype=np.float32))
     res = CliRunner().invoke(app, ["explain", str(tmp_path / "v.nii.gz"), "--model", CLS, "--method",
