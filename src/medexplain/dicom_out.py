@@ -28,6 +28,7 @@ reference series is given; the map is then resampled onto that series' grid (nea
 from __future__ import annotations
 
 import io as _bytesio
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -289,8 +290,10 @@ def parametric_map(src: DicomSource, amap, names: _Names, series_number: int = 9
         unit=codes.UCUM.NoUnits, value_range=(lo, hi if hi > lo else lo + 1.0), slope=1.0, intercept=0.0,
         quantity_definition=concept)
     kw = dict(contains_recognizable_visual_features=False, real_world_value_mappings=[rwvm],
-              voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2,
-                                                               window_width=max(hi - lo, 1e-6))],
+              # LINEAR_EXACT: the window is the map's exact range, which may be far below 1 (gradients)
+              voi_lut_transformations=[hd.VOILUTTransformation(
+                  window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6), voi_lut_function="LINEAR_EXACT",
+                  window_explanation="map range")],
               content_description=_text(names.what(), 64), content_label="EXPLANATION",
               series_description=names.description("PM"), **_geometry_kwargs(src), **_equipment())
     args = (_source_images(src), frames, hd.UID(), series_number, hd.UID(), 1)
@@ -416,9 +419,11 @@ def write_dicom_objects(src: DicomSource, img, amap, meta: dict, out: Path, stem
         m = resample_nearest(m.sum(0, keepdim=True), meta["affine"], src.shape, src.affine)
     names = _Names(method, str(target), Path(str(model)).name)
     pm_path, seg_path, sc_path = dicom_output_names(Path(out), stem, method)
-    objs = [(pm_path, parametric_map(src, m, names))] if src.oriented else []
-    objs += [(seg_path, segmentation(src, m, names, threshold)),
-             (sc_path, secondary_capture(src, figure_rgb(img, amap, meta, title, method), names))]
+    with warnings.catch_warnings():   # highdicom's note on a one-component patient name: the source's, kept as is
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        objs = [(pm_path, parametric_map(src, m, names))] if src.oriented else []
+        objs += [(seg_path, segmentation(src, m, names, threshold)),
+                 (sc_path, secondary_capture(src, figure_rgb(img, amap, meta, title, method), names))]
     for p, ds in objs:
         _series_attributes(ds, src)
         with io.atomic_path(p, suffix=".dcm") as tmp:
