@@ -90,12 +90,14 @@ def pacs_session(url: str, *, netrc: str | os.PathLike | None = None, ca_bundle:
 
 @dataclass
 class Pacs:
-    """A DICOMweb PACS: ``url`` the DICOMweb root (Orthanc: ``http://host:8042/dicom-web``)."""
+    """A DICOMweb PACS: ``url`` the DICOMweb root (Orthanc: ``http://host:8042/dicom-web``); ``netrc``,
+    ``ca_bundle`` and ``env`` as :func:`pacs_session`; each request is tried up to ``attempts`` times."""
 
     url: str
     netrc: str | None = None
     ca_bundle: str | None = None
     env: dict | None = None
+    attempts: int = 3
     auth: str = field(init=False, default="none")
 
     def __post_init__(self):
@@ -106,6 +108,9 @@ class Pacs:
 
         session, self.auth = pacs_session(self.url, netrc=self.netrc, ca_bundle=self.ca_bundle, env=self.env)
         self.client = DICOMwebClient(url=self.url.rstrip("/"), session=session)
+        # dicomweb-client retries every failed request (also a refused connection) 5 times over 30 s; a PACS
+        # that is down is reported after ``attempts`` tries, 0.5 s, 1 s, ... apart
+        self.client.set_http_retry_params(retry=True, max_attempts=self.attempts, wait_exponential_multiplier=250)
 
     def _call(self, what: str, fn, *args, **kw):
         """``fn(*args, **kw)`` with the HTTP and connection errors as one :class:`PacsError` line."""
