@@ -272,3 +272,20 @@ def test_existing_dicom_outputs_are_not_overwritten(tmp_path, one_thread):
                               str(tmp_path / "o")])
     assert res.exit_code == 2 and "MR_small_saliency_seg.dcm" in res.output
     assert (tmp_path / "o" / "MR_small_saliency_seg.dcm").read_bytes() == b"keep"
+
+
+def test_pm_and_seg_carry_the_cid217_code_or_a_plain_description(tmp_path, one_thread):
+    path = pydicom.data.get_testdata_file("MR_small.dcm")
+    res = runner.invoke(app, ["explain", path, "--model", "test_dicom:_tiny2d", "--method", "gradcam,inputxgradient",
+                              "--layer", "features.2", "--format", "dicom", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    for method, code in (("gradcam", "130403"), ("inputxgradient", None)):
+        pm = pydicom.dcmread(str(tmp_path / "o" / f"MR_small_{method}_pm.dcm"))
+        rwvm = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        assert method in rwvm.LUTExplanation and rwvm.LUTLabel == method
+        quantity = [c.ConceptCodeSequence[0].CodeValue for c in rwvm.get("QuantityDefinitionSequence", [])
+                    if "ConceptCodeSequence" in c]
+        assert quantity == ([code] if code else [])
+        seg = pydicom.dcmread(str(tmp_path / "o" / f"MR_small_{method}_seg.dcm")).SegmentSequence[0]
+        assert seg.SegmentedPropertyTypeCodeSequence[0].CodeValue == (code or "C85402")
+        assert seg.SegmentLabel.startswith(method)

@@ -323,8 +323,8 @@ def _geometry_kwargs(src: DicomSource) -> dict:
 def segmentation(src: DicomSource, amap, names: _Names, threshold="otsu", series_number: int = 902):
     """The map thresholded by :func:`medexplain.metrics.localisation.binarize` (``"otsu"``: CheXlocalize's
     rule, as the localisation metrics) as a binary highdicom ``Segmentation`` with one segment (the method
-    and target; coded from CID 217 where a code exists, else "Region of interest" with the method in the
-    segment label), on ``src``'s grid."""
+    and target; coded from CID 217 where a code exists, else a generic region with the method in the
+    segment label: NCIt C85402 "Imaging Region of Interest" from pydicom's dictionary), on ``src``'s grid."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -332,7 +332,7 @@ def segmentation(src: DicomSource, amap, names: _Names, threshold="otsu", series
 
     frames = _as_frames(amap, src.shape)
     mask = binarize(torch.from_numpy(frames)[None, None], threshold)[0, 0].numpy().astype(np.uint8)
-    concept = method_concept(names.method) or codes.DCM.RegionOfInterest
+    concept = method_concept(names.method) or codes.NCIt.ImagingRegionOfInterest
     algo = hd.AlgorithmIdentificationSequence(name="medexplain", version=_equipment()["software_versions"],
                                               family=codes.cid7162.ArtificialIntelligence)
     seg = hd.seg.SegmentDescription(
