@@ -67,7 +67,7 @@ NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS - research explanation of a neural networ
 TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 LPS = np.diag([-1.0, -1.0, 1.0])   # RAS <-> LPS (its own inverse)
-BANNER_PX = 40
+BANNER_LINE_PX = 22
 
 
 def parse_formats(value) -> tuple[str, ...]:
@@ -360,17 +360,22 @@ def figure_rgb(img, amap, meta: dict, title: tuple[str, str], label: str) -> np.
 
 
 def _banner(width: int) -> np.ndarray:
-    """The burned-in banner under the figure: :data:`NOT_FOR_DIAGNOSIS`, white on dark red."""
+    """The burned-in banner under the figure: :data:`NOT_FOR_DIAGNOSIS`, white on dark red, wrapped to the
+    figure's width (:data:`BANNER_LINE_PX` per line)."""
+    import textwrap
+
     from matplotlib.figure import Figure
     from PIL import Image
 
     dpi = 100
-    fig = Figure(figsize=(width / dpi, BANNER_PX / dpi), dpi=dpi, facecolor="#8b0000")
-    fig.text(0.01, 0.5, NOT_FOR_DIAGNOSIS, color="white", fontsize=11, fontweight="bold", va="center", ha="left")
+    lines = textwrap.wrap(NOT_FOR_DIAGNOSIS, max(20, int((width - 20) / 9.5)))   # under 9.5 px per bold 11 pt character
+    height = BANNER_LINE_PX * len(lines) + 16
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="#8b0000")
+    fig.text(10 / width, 0.5, "\n".join(lines), color="white", fontsize=11, fontweight="bold", va="center",
+             ha="left", linespacing=1.4)
     buf = _bytesio.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    arr = np.asarray(Image.open(buf).convert("RGB"))
-    return arr[:BANNER_PX, :width]
+    return np.asarray(Image.open(buf).convert("RGB"))[:height, :width]
 
 
 def secondary_capture(src: DicomSource, rgb: np.ndarray, names: _Names, series_number: int = 903):
