@@ -290,3 +290,31 @@ def test_pm_and_seg_carry_the_cid217_code_or_a_plain_description(tmp_path, one_t
         seg = pydicom.dcmread(str(tmp_path / "o" / f"MR_small_{method}_seg.dcm")).SegmentSequence[0]
         assert seg.SegmentedPropertyTypeCodeSequence[0].CodeValue == (code or "C85402")
         assert seg.SegmentLabel.startswith(method)
+
+
+def test_a_map_on_another_grid_is_put_on_the_reference_series_grid(tmp_path):
+    """A NIfTI holding slices 2..6 of the reference series: the PM has the reference's 9 frames, slices 2..6 the
+    NIfTI map's values (found by geometry), the others 0."""
+    write_series(tmp_path / "oblique")
+    from medexplain import io
+    img, meta = io.read_image(tmp_path / "oblique")
+    shift = np.eye(4)
+    shift[0, 3] = 2
+    io.write_nifti(img[:, 2:7], tmp_path / "part.nii.gz", meta["affine"] @ shift)
+    explain_image(tmp_path / "part.nii.gz", Counting(), "saliency", tmp_path / "o", formats="nifti,dicom",
+                  dicom_reference=tmp_path / "oblique")
+    pm = pydicom.dcmread(str(tmp_path / "o" / "part_saliency_pm.dcm"))
+    nii = np.asarray(nib.load(str(tmp_path / "o" / "part_saliency.nii.gz")).dataobj)
+    positions = _source_positions(_source_datasets(tmp_path / "oblique"))
+    arr = pm.pixel_array.reshape(9, 6, 7)
+    assert int(pm.NumberOfFrames) == 9 and np.abs(nii).max() > 0
+    slices = [LPS @ (meta["affine"] @ [j, 0, 0, 1])[:3] for j in range(9)]   # slice j of the series as read
+    seen = set()
+    for k in range(9):   # PM frames (in highdicom's order): on a source slice; on slices 2..6 the NIfTI's values
+        ipp = _frame_geometry(pm, k)[0]
+        assert min(np.abs(ipp - p).max() for p in positions) < 1e-4
+        j = int(np.argmin([np.abs(ipp - p).max() for p in slices]))
+        seen.add(j)
+        want = nii[j - 2] if 2 <= j < 7 else np.zeros((6, 7))
+        assert np.allclose(arr[k], want, rtol=1e-6, atol=0), k
+    assert seen == set(range(9))

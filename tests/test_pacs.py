@@ -66,6 +66,8 @@ def test_round_trip_through_orthanc(orthanc, tmp_path, one_thread):
         assert tags["StudyInstanceUID"] == study and tags["SeriesInstanceUID"] != str(src.SeriesInstanceUID)
         if kind != "SC":
             assert tags["FrameOfReferenceUID"] == str(src.FrameOfReferenceUID)
+    # a second run on the study still finds the one image series (the stored objects are not counted)
+    assert Pacs(orthanc.dicomweb, env=_env()).choose_series(study) == str(src.SeriesInstanceUID)
     # every SOP instance the objects reference exists on the PACS (and is the source series')
     for p in sorted(out.glob("*.dcm")):
         obj = pydicom.dcmread(str(p))

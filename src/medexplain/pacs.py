@@ -146,18 +146,17 @@ class Pacs:
             raise PacsError(f"PACS {self.url}: study {study} not found (no series)")
         return out
 
-    def choose_series(self, study: str, series: str | None = None, exclude_modalities=("SEG", "OT")) -> str:
+    def choose_series(self, study: str, series: str | None = None) -> str:
         """The one series to explain: ``series`` (checked to be in the study), or the study's only image
-        series; several: an :class:`InputError` listing them (choose with ``--series``). Series of
-        ``exclude_modalities`` (earlier explanations: SEG, secondary captures) are not counted, nor
-        Parametric Maps (a description starting with ``PM ``)."""
+        series; several: an :class:`InputError` listing them (choose with ``--series``). Segmentations and
+        medexplain's own earlier objects (series descriptions starting ``PM `` or ``SC ``) are not counted."""
         found = self.series(study)
         if series is not None:
             if series not in {s["uid"] for s in found}:
                 raise InputError(f"PACS {self.url}: study {study} has no series {series}; it has: {_listing(found)}")
             return series
-        images = [s for s in found if s["modality"] not in exclude_modalities
-                  and not str(s["description"] or "").startswith("PM ")]
+        images = [s for s in found if s["modality"] != "SEG"
+                  and not str(s["description"] or "").startswith(("PM ", "SC "))]
         if len(images) != 1:
             raise InputError(f"PACS {self.url}: study {study} has {len(images)} image series; choose one with --series "
                              f"UID: {_listing(found)}")
