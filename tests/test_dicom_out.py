@@ -12,6 +12,7 @@ geometry.
 """
 import shutil
 import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -48,7 +49,6 @@ def _sources(tmp_path):
 
 
 def _source_datasets(path):
-    from pathlib import Path
     p = Path(path)
     files = sorted(p.iterdir()) if p.is_dir() else [p]
     return [pydicom.dcmread(str(f)) for f in files]
@@ -112,14 +112,34 @@ def dciodvfy_errors(path) -> set:
     return {line.strip() for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")}
 
 
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """``explain --method saliency --format nifti,png,dicom`` once per source (and ``--format dicom`` for the
+    radiograph): ``{name: (source path, model, out folder, stem)}``."""
+    tmp = tmp_path_factory.mktemp("dicom_out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = {**_sources(tmp), "radiograph": (pydicom.data.get_testdata_file("RG1_UNCR.dcm"), "test_dicom:pooled2d")}
+        done = {}
+        for name, (src, model) in cases.items():
+            out = tmp / f"out_{name}"
+            formats = "dicom" if name == "radiograph" else "nifti,png,dicom"
+            res = runner.invoke(app, ["explain", src, "--model", model, "--method", "saliency", "--format", formats,
+                                      "--out", str(out)])
+            assert res.exit_code == 0, (name, res.output)
+            stem = next(out.glob("*_info.json")).name[:-len("_info.json")]
+            done[name] = (src, model, out, stem)
+        return done
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_dicom_objects_lie_on_the_source_slices_in_the_source_study(tmp_path, one_thread):
-    for name, (src, model) in _sources(tmp_path).items():
-        out = tmp_path / f"out_{name}"
-        res = runner.invoke(app, ["explain", src, "--model", model, "--method", "saliency", "--format", "nifti,png,dicom",
-                                  "--out", str(out)])
-        assert res.exit_code == 0, (name, res.output)
-        stem = next(out.glob("*_saliency.nii.gz")).name[:-len("_saliency.nii.gz")]
+def test_dicom_objects_lie_on_the_source_slices_in_the_source_study(written):
+    for name, (src, model, out, stem) in written.items():
+        if name == "radiograph":
+            continue
         dss = _source_datasets(src)
         s0, sops = dss[0], {str(d.SOPInstanceUID) for d in dss}
         positions = _source_positions(dss)
@@ -147,29 +167,35 @@ def test_dicom_objects_lie_on_the_source_slices_in_the_source_study(tmp_path, on
             if kind == "pm":
                 assert_pm_equals_nifti(obj, out / f"{stem}_saliency.nii.gz")
         assert len(uids) == 3
-        if shutil.which("dciodvfy"):
-            source_errors = set().union(*[dciodvfy_errors(f) for f in ([src] if not src.endswith("oblique") else
-                                                                        sorted((tmp_path / "oblique").iterdir())[:1])])
-            for kind in ("pm", "seg", "sc"):
-                extra = dciodvfy_errors(out / f"{stem}_saliency_{kind}.dcm") - source_errors
-                assert not extra, (name, kind, sorted(extra))
 
 
 @pytest.mark.slow
-def test_radiograph_without_geometry_gets_seg_and_sc(tmp_path, one_thread):
-    path = pydicom.data.get_testdata_file("RG1_UNCR.dcm")
-    res = runner.invoke(app, ["explain", path, "--model", "test_dicom:pooled2d", "--format", "dicom", "--out",
-                              str(tmp_path / "out")])
-    assert res.exit_code == 0, res.output
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed; .ci/run installs it")
+def test_dciodvfy_reports_no_error_beyond_the_sources(written):
+    """No dciodvfy error on any object beyond the errors it reports on the source instance (the accepted
+    warnings are listed and explained in docs/dicom.md)."""
+    for name, (src, _, out, _stem) in written.items():
+        first = sorted(Path(src).iterdir())[0] if Path(src).is_dir() else src
+        source_errors = dciodvfy_errors(first)
+        objects = sorted(out.glob("*.dcm"))
+        assert len(objects) == (2 if name == "radiograph" else 3)
+        for obj in objects:
+            extra = dciodvfy_errors(obj) - source_errors
+            assert not extra, (name, obj.name, sorted(extra))
+
+
+@pytest.mark.slow
+def test_radiograph_without_geometry_gets_seg_and_sc(written):
+    path, _, out, stem = written["radiograph"]
+    names = sorted(p.name for p in out.iterdir())
     # no Parametric Map: its IOD needs a Frame of Reference and plane positions, which a CR does not have
     assert names == ["RG1_UNCR_info.json", "RG1_UNCR_saliency_sc.dcm", "RG1_UNCR_saliency_seg.dcm"]
     src = pydicom.dcmread(path)
     for kind in ("seg", "sc"):
-        obj = pydicom.dcmread(str(tmp_path / "out" / f"RG1_UNCR_saliency_{kind}.dcm"))
+        obj = pydicom.dcmread(str(out / f"RG1_UNCR_saliency_{kind}.dcm"))
         assert obj.StudyInstanceUID == src.StudyInstanceUID and _referenced_sops(obj) == {str(src.SOPInstanceUID)}
-        if shutil.which("dciodvfy"):
-            assert not dciodvfy_errors(tmp_path / "out" / f"RG1_UNCR_saliency_{kind}.dcm") - dciodvfy_errors(path)
+    seg = pydicom.dcmread(str(out / "RG1_UNCR_saliency_seg.dcm"))
+    assert "FrameOfReferenceUID" not in seg and (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
 
 
 def test_resampled_model_grid_writes_frames_on_the_source_slices(tmp_path, one_thread):
