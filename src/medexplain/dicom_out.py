@@ -100,7 +100,10 @@ class DicomSource:
 
     @property
     def oriented(self) -> bool:
-        return "FrameOfReferenceUID" in self.datasets[0]
+        """Whether the source places its pixels in the patient (a Frame of Reference and ImagePositionPatient /
+        plane positions; highdicom's rule): then the objects get plane positions and a Parametric Map."""
+        from highdicom.spatial import get_image_coordinate_system
+        return get_image_coordinate_system(self.datasets[0]) is not None
 
     @property
     def study_uid(self) -> str:
@@ -108,13 +111,7 @@ class DicomSource:
 
     @property
     def frame_of_reference_uid(self) -> str | None:
-        return str(self.datasets[0].FrameOfReferenceUID) if self.oriented else None
-
-
-def _is_dicom_path(path: Path) -> bool:
-    if path.is_dir():
-        return True
-    return path.suffix.lower() in (".dcm", ".dicom") or (not path.suffix and io._is_dicom(path))
+        return str(self.datasets[0].FrameOfReferenceUID) if "FrameOfReferenceUID" in self.datasets[0] else None
 
 
 def load_source(path, series: str | None = None, meta: dict | None = None) -> DicomSource:
@@ -184,7 +181,7 @@ def dicom_source_for(image, meta: dict, formats: Sequence[str], reference=None, 
         src.is_reference = True
         return src
     first = Path(image[0] if isinstance(image, (list, tuple)) else image)
-    if not str(meta.get("format", "")).startswith("dicom") and not _is_dicom_path(first):
+    if not str(meta.get("format", "")).startswith("dicom"):
         raise InputError(f"--format dicom: {first.name} is not DICOM ({meta.get('format', 'unknown format')}), so there "
                          "is no study to join; give the DICOM series it was made from with --dicom-reference DIR, or "
                          "drop dicom from --format")
@@ -415,7 +412,8 @@ def write_dicom_objects(src: DicomSource, img, amap, meta: dict, out: Path, stem
     :func:`dicom_output_names`. With a reference series (``src.is_reference``) the map is first put on
     its grid by geometry (nearest neighbour). A 2D projection without Frame of Reference (a radiograph) gets
     no Parametric Map (its IOD requires a Frame of Reference and plane positions, which such an image does not
-    have), only the SEG (in its pixel matrix) and the SC. Returns the paths written."""
+    have; also when it has a Frame of Reference UID but no ImagePositionPatient), only the SEG (in its pixel
+    matrix) and the SC. Returns the paths written."""
     from .transforms import resample_nearest
 
     m = amap if isinstance(amap, torch.Tensor) else torch.as_tensor(amap)
