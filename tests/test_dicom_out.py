@@ -289,6 +289,14 @@ def test_sources_the_objects_cannot_reference_fail_before_compute(tmp_path):
     with pytest.raises(FileFormatError, match="mixes 2 frames of reference"):
         explain_image(tmp_path / "mixed", Counting(), "saliency", tmp_path / "o", formats="dicom")
     assert Counting.calls == 0 and not (tmp_path / "o").exists()
+    write_series(tmp_path / "no_position")
+    f = sorted((tmp_path / "no_position").iterdir())[4]
+    ds = pydicom.dcmread(str(f))
+    del ds.ImagePositionPatient
+    ds.save_as(str(f))
+    with pytest.raises(FileFormatError, match="without ImagePositionPatient"):
+        explain_image(tmp_path / "no_position", Counting(), "saliency", tmp_path / "o", formats="dicom")
+    assert Counting.calls == 0 and not (tmp_path / "o").exists()
 
 
 def test_existing_dicom_outputs_are_not_overwritten(tmp_path, one_thread):
