@@ -146,3 +146,15 @@ def test_credentials_come_from_the_environment_or_netrc_never_a_flag(tmp_path):
 def test_pacs_error_is_a_typed_error():
     from medexplain.errors import MedexplainError
     assert issubclass(PacsError, MedexplainError)
+
+
+def test_image_or_pacs_and_study_flags_are_checked(tmp_path):
+    cases = [([], "give the IMAGE file(s), or --pacs URL --study UID"),
+             (["--pacs", "http://127.0.0.1:9/dicom-web"], "--pacs needs --study UID"),
+             (["--study", "1.2.3", "scan.nii.gz"], "--study is for --pacs"),
+             (["--pacs", "http://127.0.0.1:9/dicom-web", "--study", "1.2.3", "scan.nii.gz"], "not both")]
+    for args, message in cases:
+        res = runner.invoke(app, ["explain", "--model", "test_dicom:one_voxel", "--out", str(tmp_path / "o"), *args],
+                            env=_env())
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+    assert not (tmp_path / "o").exists()
