@@ -209,6 +209,7 @@ class ExplainedImage:
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)   # SOP Instance UIDs sent to a PACS (medexplain.pacs.explain_pacs)
 
 
 def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: str | None = None, target=None,

@@ -92,7 +92,7 @@ def explain_cmd(
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"wrote {len(res.attributions)} map(s) to [bold]{out}[/]")
-    if getattr(res, "stored", None):
+    if res.stored:
         console.print(f"stored {len(res.stored)} DICOM object(s) in study {outputs.flags['study']} on the PACS")
 
 
