@@ -17,7 +17,7 @@ torch, MONAI, model, input), ``work = peak - base``:
 - ``forward``: the model's own forward of the one image, no gradients (the "model's own forward" of the goal);
 - ``forward+backward``: one saliency map (one row forward and backward), what the probe estimates;
 - ``IG, budget B``: ``mx.explain(model, x, "integrated_gradients", steps=S, memory=B)``;
-- ``IG, budget 1 GB``: below one row: refused before compute (:class:`~medexplain.options.MemoryBudgetError`),
+- ``IG, budget 1 GB``: below one row: refused before compute (:class:`~medexplain.errors.MemoryBudgetError`),
   on the probe of a centre crop alone.
 
 The goal: IG under a budget of B GB completes (or refuses before compute) with ``work <= B + work(forward)``.

@@ -62,7 +62,7 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
     ``memory``: the budget in GB of one model call (default: half the memory available now). The peak of
     one call (all its passes) is measured on a probe row (:func:`medexplain.options.probe_row_bytes`),
     ``chunk_size`` is capped to the rows that fit, and a call that cannot fit even one row raises
-    :class:`~medexplain.options.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
+    :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
     ``info["memory"]`` records the plan. Not applied through an ``inferer`` (its calls are windows).
     """
     spec = get_method(method)

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from .core import OutputAdapter, peel_adapters, select_output
-from .errors import OptionError
+from .errors import MemoryBudgetError, OptionError  # noqa: F401  (MemoryBudgetError re-exported)
 
 #: Lower bounds of the options whose meaning is fixed across medexplain: ``(bound, inclusive)``.
 RANGES: dict[str, tuple[float, bool]] = {
@@ -594,10 +594,6 @@ class MemoryPlan:
                 "peak_bytes": self.peak_bytes, "capped_chunk_size": self.capped,
                 "budget": self.how if explicit else f"{MEMORY_FRACTION:.0%} of the memory available",
                 "budget_bytes": self.budget if explicit else None}
-
-
-class MemoryBudgetError(OptionError):
-    """Even the smallest model call of a method does not fit the memory budget (raised before any compute)."""
 
 
 def plan_memory(method: str, fn: Callable, model, x: torch.Tensor, options: dict, memory=None,
