@@ -455,3 +455,45 @@ def test_api_bad_input_matrix(files, name):
 
 def test_matrix_has_at_least_30_cases():
     assert len(CLI_CASES) + 2 + len(_api_cases(None)) >= 30
+
+
+# ---- issue 27 (part A): output selection, checkpoints, API validation, messages -------------------------
+class LogitsDict3d(torch.nn.Module):
+    """A classifier returning a one-key dict, as many training codes do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyClassifier(3, cin=1)
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+def logits_dict3d():
+    torch.manual_seed(0)
+    return LogitsDict3d().eval()
+
+
+def test_output_index_on_a_plain_tensor_is_a_typed_error(files):
+    """output=0 on a model returning one tensor used to index its channel axis silently (out[:, 0])."""
+    model, x = cls3d(), torch.rand(1, 1, S, S, S)
+    with pytest.raises(errors.UnsupportedModelError, match="not stacked heads") as e:
+        mx.explain(model, x, "saliency", target=0, output=0)
+    assert "give it as the target" in str(e.value) and "o.ndim == x.ndim + 1" in str(e.value)
+    out = files / "out_output_index"
+    res = CliRunner().invoke(app, ["explain", V.format(d=files), "--model", CLS, "--output", "0", "--out", str(out)])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.UnsupportedModelError), res.output
+    assert not out.exists()
+
+
+def test_regression_one_key_dict_output_is_its_value_with_a_note():
+    """Regression (issue 27): a model returning {"logits": ...} was refused until output="logits"."""
+    model, x = logits_dict3d(), torch.rand(2, 1, S, S, S)
+    attr = mx.explain(model, x, "saliency", target=1)
+    ref = mx.explain(model.net, x, "saliency", target=1)
+    torch.testing.assert_close(attr.map, ref.map)
+    assert "'logits'" in attr.info["output_note"] and "output_note" not in ref.info
+    assert "saliency" in mx.available_methods(model=model, x=x[:1])
+    two = {"a": torch.zeros(1, 2), "b": torch.zeros(1, 2)}
+    with pytest.raises(errors.UnsupportedModelError, match=r"keys \['a', 'b'\]"):
+        mx.core.select_output(two)

@@ -40,8 +40,8 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     net = dynunet()
     x, y = lesion_set()
     # DynUNet with deep supervision stacks its heads in training mode, (B, heads, K, *s); in eval mode it returns
-    # the main output (B, K, *s). select_output(out, 0) is out[:, 0]: the full-resolution head in training mode,
-    # but channel 0 in eval mode. A callable handles both modes.
+    # the main output (B, K, *s). output=0 takes head 0 of the stacked heads in training mode and is refused in eval
+    # mode (it would be channel 0); the documented callable (core.DEEP_SUPERVISION_HINT) handles both modes.
     net.train()
     assert net(x).shape == (4, 2, 2, 16, 16)
     net.eval()
@@ -49,7 +49,7 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     head = lambda o: o[:, 0] if o.ndim == x.ndim + 1 else o  # noqa: E731
     with pytest.raises(InputError, match="in training mode"):         # without output= a typed error, not the loss's
         train(net, (x, y), epochs=1, batch_size=2, progress=False)
-    with pytest.raises(InputError, match="in eval mode"):              # output=0 is wrong in eval mode (a channel)
+    with pytest.raises(UnsupportedModelError, match="not stacked heads"):  # output=0 in eval mode would be a channel
         train(net, (x, y), (x, y), epochs=1, batch_size=2, progress=False, output=0)
     torch.manual_seed(0)
     net = dynunet()

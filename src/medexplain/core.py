@@ -7,6 +7,7 @@ probabilities, SmoothGrad noise) lives in :mod:`medexplain.ops`. ``docs/design.m
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -308,14 +309,44 @@ class Cost:
                 "seconds": time.perf_counter() - self.t0, **extra}
 
 
-def select_output(out, output=None) -> torch.Tensor:
+#: Notes on how the output was read (a one-key dict taken as its value), collected by :func:`output_notes`.
+_NOTES: contextvars.ContextVar[list | None] = contextvars.ContextVar("medexplain_output_notes", default=None)
+
+
+@contextlib.contextmanager
+def output_notes() -> Iterator[list[str]]:
+    """Collect, inside the ``with``, the notes :func:`select_output` makes on how it read the model's
+    output (each note once), e.g. for ``Attribution.info["output_note"]``."""
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def _note(text: str) -> None:
+    notes = _NOTES.get()
+    if notes is not None and text not in notes:
+        notes.append(text)
+
+
+#: The call that explains (and trains) a deep-supervision model which stacks its heads on dim 1 in training
+#: mode only (MONAI ``DynUNet``): head 0 in training mode, the one tensor it returns in eval mode.
+DEEP_SUPERVISION_HINT = "output=lambda o: o[:, 0] if o.ndim == x.ndim + 1 else o"
+
+
+def select_output(out, output=None, x_ndim: int | None = None) -> torch.Tensor:
     """The one model-output adapter: the tensor ``(B, K, ...)`` to explain from whatever the model returns.
 
     ``output``: ``None`` (a tensor as is; a tuple/list, e.g. deep-supervision heads, gives its first
-    element, with a warning when there are several; a dict is an error listing its keys), an ``int``
-    (that element of a tuple/list; for a tensor, ``out[:, i]``, e.g. the full-resolution head of MONAI
-    ``DynUNet``'s stacked training output ``(B, heads, K, *spatial)``), a ``str`` (that key of a dict)
-    or a callable ``output(out) -> tensor``.
+    element, with a warning when there are several; a dict of one entry gives its value, noted for
+    ``info`` (:func:`output_notes`); a dict of several is an error listing its keys), an ``int`` (that
+    element of a tuple/list, or that head of stacked heads: a tensor with one axis more than the input,
+    ``(B, heads, K, *spatial)``, as MONAI ``DynUNet`` returns in training mode; ``x_ndim`` is the input's
+    ``ndim``), a ``str`` (that key of a dict) or a callable ``output(out) -> tensor``. An ``int`` on any other
+    tensor is a typed error: it would silently pick a class channel (choose classes with the target). For
+    a model that stacks heads in training mode only, :data:`DEEP_SUPERVISION_HINT` works in both modes.
     """
     if callable(output):
         out = output(out)
@@ -325,13 +356,7 @@ def select_output(out, output=None) -> torch.Tensor:
             raise UnsupportedModelError(f"output={output!r}: the model returned {keys}")
         out = out[output]
     elif isinstance(output, int) and not isinstance(output, bool):
-        if isinstance(out, (tuple, list)):
-            n = len(out)
-        else:
-            n = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim > 1 else 0
-        if not -n <= output < n:
-            raise UnsupportedModelError(f"output={output} out of range: the model returned {n} output(s) to choose from")
-        out = out[output] if isinstance(out, (tuple, list)) else out[:, output]
+        out = _select_index(out, output, x_ndim)
     elif output is not None:
         raise UnsupportedModelError(f"output must be None, an int, a str or a callable, got {type(output).__name__}")
     elif isinstance(out, (tuple, list)) and out:
@@ -340,10 +365,34 @@ def select_output(out, output=None) -> torch.Tensor:
                           stacklevel=3)
         out = out[0]
     elif isinstance(out, dict):
-        raise UnsupportedModelError(f"the model returned a dict with keys {sorted(out)}; choose one with output=")
+        if len(out) != 1:
+            raise UnsupportedModelError(f"the model returned a dict with keys {sorted(out)}; choose one with output=")
+        (key, out), = out.items()
+        _note(f"the model returned a dict with the one key {key!r}; its value is explained")
     if not isinstance(out, torch.Tensor):
         raise UnsupportedModelError(f"model returned {type(out).__name__}; medexplain needs a tensor (B, K, ...)")
     return out
+
+
+def _select_index(out, i: int, x_ndim: int | None):
+    """``output=i``: element ``i`` of a tuple/list, or head ``i`` of stacked heads; a typed error otherwise."""
+    if isinstance(out, (tuple, list)):
+        if not -len(out) <= i < len(out):
+            raise UnsupportedModelError(f"output={i} out of range: the model returned {len(out)} output(s) to choose "
+                                        "from")
+        return out[i]
+    if isinstance(out, torch.Tensor) and x_ndim is not None and out.ndim == x_ndim + 1:
+        if not -out.shape[1] <= i < out.shape[1]:
+            raise UnsupportedModelError(f"output={i} out of range: the model returned {out.shape[1]} stacked heads "
+                                        f"{tuple(out.shape)} (B, heads, K, *spatial)")
+        return out[:, i]
+    what = (f"one tensor of shape {tuple(out.shape)}" + (f" for an input with {x_ndim} dims" if x_ndim else "")
+            if isinstance(out, torch.Tensor) else f"a {type(out).__name__}")
+    raise UnsupportedModelError(
+        f"output={i} selects an element of a tuple/list or a head of stacked heads (B, heads, K, *spatial); the "
+        f"model returned {what}, not stacked heads. To explain a class, give it as the target; drop output= to "
+        "explain the tensor. A deep-supervision model that stacks its heads in training mode only (MONAI DynUNet "
+        f"returns its main head alone in eval mode) is read in both modes with {DEEP_SUPERVISION_HINT}")
 
 
 class OutputAdapter(nn.Module):
@@ -356,7 +405,8 @@ class OutputAdapter(nn.Module):
         self.model, self.output = model, output
 
     def forward(self, *args, **kwargs):
-        return select_output(self.model(*args, **kwargs), self.output)
+        x_ndim = args[0].ndim if args and isinstance(args[0], torch.Tensor) else None
+        return select_output(self.model(*args, **kwargs), self.output, x_ndim)
 
 
 def with_output(model, output=None):
@@ -377,7 +427,7 @@ def forward(model, x: torch.Tensor, cost: Cost | None = None, output=None) -> to
     out = model(x)
     if cost is not None:
         cost.n_forward += x.shape[0]
-    return select_output(out, output)
+    return select_output(out, output, x.ndim)
 
 
 def input_gradient(model, x: torch.Tensor, target, rows: torch.Tensor, batch: int, cost: Cost) -> torch.Tensor:

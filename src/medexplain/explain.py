@@ -10,7 +10,7 @@ import torch
 
 from . import methods  # noqa: F401  (importing the package registers every explainer)
 from .attribution import Attribution
-from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks, with_output
+from .core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks, with_output
 from .errors import MedexplainError
 from .options import check_options
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
@@ -53,7 +53,7 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
     tgt = as_target(target) if (spec.needs_target or target is not None) else None
     net = with_inferer(model, inferer, output)
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
-    with model_guard(model):
+    with model_guard(model), output_notes() as notes:
         cost = Cost()
         try:
             amap, extra = fn(net, x, tgt, cost, **options)
@@ -64,4 +64,5 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
             if not raised_in_model(e, model):
                 raise
             raise model_error(model, x, e) from e
-    return Attribution(amap.detach(), spec.name, tgt, window_info(net, cost.info(**extra)))
+    info = cost.info(**extra, **({"output_note": "; ".join(notes)} if notes else {}))
+    return Attribution(amap.detach(), spec.name, tgt, window_info(net, info))

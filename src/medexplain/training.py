@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import select_output
+from .core import DEEP_SUPERVISION_HINT, select_output
 from .errors import FileFormatError, InputError, ModelLoadError
 from .io import atomic_path, read_image
 from .ops import dice
@@ -102,7 +102,7 @@ def evaluate(model: nn.Module, ds, batch_size: int = 64, task: str | None = None
     model.eval()
     dev = next(model.parameters()).device
     try:
-        outs = torch.cat([select_output(model(x[i:i + batch_size].to(dev)), output).float().cpu()
+        outs = torch.cat([select_output(model(x[i:i + batch_size].to(dev)), output, x.ndim).float().cpu()
                           for i in range(0, len(x), batch_size)])
     finally:
         model.train(was)
@@ -184,8 +184,8 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         checkpoint: path; the weights are written after every epoch (:func:`save_weights`, with
             ``epoch`` and ``history``).
         output: the output trained on, for models returning a tuple, a dict or stacked heads
-            (:func:`medexplain.core.select_output`; applied in training and in eval mode alike, e.g. a
-            callable taking MONAI ``DynUNet``'s full-resolution head in training mode).
+            (:func:`medexplain.core.select_output`; applied in training and in eval mode alike: for MONAI
+            ``DynUNet``, which stacks its heads in training mode only, :data:`medexplain.core.DEEP_SUPERVISION_HINT`).
     Returns:
         ``{"loss": [...], "val_accuracy": [...], "val_auroc": [...]}`` or ``{"loss", "val_dice"}``, plus
         ``"seconds"``, ``"epochs"``, ``"steps"``. The model is left in eval mode.
@@ -203,7 +203,7 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         was = model.training
         model.eval()
         try:
-            probe = select_output(model(x[:1].to(dev)), output)
+            probe = select_output(model(x[:1].to(dev)), output, x.ndim)
         finally:
             model.train(was)
     _check_output(probe, x[:1], seg, "eval")
@@ -232,7 +232,7 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
                     xb, yb = augment(xb, yb, gen) if aug_takes_gen else augment(xb, yb)
                 xb, yb = xb.to(dev), yb.to(dev)
                 opt.zero_grad(set_to_none=True)
-                out = select_output(model(xb), output)
+                out = select_output(model(xb), output, xb.ndim)
                 if ep == 0 and s == 0:
                     _check_output(out, xb, seg, "training")
                 lval = crit(out, yb)
@@ -266,7 +266,7 @@ def _check_output(out: torch.Tensor, xb: torch.Tensor, seg: bool, mode: str) -> 
             f"in {mode} mode the model's output (after output=) has shape {tuple(out.shape)} for a batch "
             f"{tuple(xb.shape)}; training needs {'(B, K, *spatial)' if seg else '(B, K)'}. Choose what is trained "
             "with output= (a deep-supervision model such as MONAI DynUNet stacks its heads on dim 1 in training "
-            "mode only: output=lambda o: o[:, 0] if o.ndim == x.ndim + 1 else o)")
+            f"mode only: {DEEP_SUPERVISION_HINT})")
 
 
 def _progress(enabled: bool):
