@@ -497,3 +497,40 @@ def test_regression_one_key_dict_output_is_its_value_with_a_note():
     two = {"a": torch.zeros(1, 2), "b": torch.zeros(1, 2)}
     with pytest.raises(errors.UnsupportedModelError, match=r"keys \['a', 'b'\]"):
         mx.core.select_output(two)
+
+
+def tiny_cls3d():
+    return TinyClassifier(3, cin=1).eval()
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "model", "model_state_dict", "network_weights", "plain"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_regression_checkpoint_layouts_load_as_weights(tmp_path, layout, parallel):
+    """Regression (issue 27): a {'state_dict': ..., 'epoch': 3} checkpoint, what most training loops save, was
+    refused as --weights. Each common layout loads (weights_only=True), DataParallel's 'module.' prefix removed,
+    and a warning says which entry was read."""
+    from medexplain.models.loading import load_model
+    torch.manual_seed(1)
+    src = cls3d()
+    sd = {("module." if parallel else "") + k: v for k, v in src.state_dict().items()}
+    torch.save(sd if layout == "plain" else {layout: sd, "epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "w.pt")
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = load_model("test_bad_inputs:tiny_cls3d", str(tmp_path / "w.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), src.state_dict().values()))
+    said = " ".join(str(w.message) for w in caught)
+    if layout != "plain":
+        assert f"loaded the {layout!r} entry of the checkpoint (other entries: epoch, optimizer)" in said
+    assert ("'module.' removed" in said) == parallel
+    if layout == "plain" and not parallel:
+        assert "--weights" not in said
+
+
+def test_weights_not_fitting_or_not_weights_write_nothing(tmp_path, files):
+    torch.save({"epoch": 3, "weights": cls3d().state_dict()}, tmp_path / "w.pt")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["explain", V.format(d=files), "--model", "test_bad_inputs:tiny_cls3d",
+                                   "--weights", str(tmp_path / "w.pt"), "--out", str(out)])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.ModelLoadError) and "model_state_dict" in res.output
+    assert not out.exists()
