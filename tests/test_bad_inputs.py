@@ -534,3 +534,34 @@ def test_weights_not_fitting_or_not_weights_write_nothing(tmp_path, files):
                                    "--weights", str(tmp_path / "w.pt"), "--out", str(out)])
     assert res.exit_code == 2 and isinstance(_typed(res), errors.ModelLoadError) and "model_state_dict" in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method, key", [("integrated_gradients", "baseline"), ("deeplift", "baselines"),
+                                         ("feature_ablation", "baselines")])
+def test_api_baseline_of_the_wrong_shape_is_a_typed_error(method, key):
+    if method not in mx.available_methods():
+        pytest.skip(f"{method} not registered")
+    model, x = cls3d(), torch.rand(2, 1, S, S, S)
+    for bad, words in [(torch.zeros(1, 1, S + 1, S, S), "does not broadcast"), (torch.zeros(3, 1, S, S, S), "does not broadcast"),
+                       (torch.full((1, 1, S, S, S), float("nan")), "NaN"), ("zero", "a number or a tensor")]:
+        with pytest.raises(errors.InputError, match=words):
+            mx.explain(model, x, method, target=0, **{key: bad})
+    one = mx.explain(model, x, method, target=0, **{key: torch.zeros(1, 1, S, S, S)}).map   # one image: broadcast
+    torch.testing.assert_close(one, mx.explain(model, x, method, target=0, **{key: 0.0}).map)
+
+
+def test_api_available_methods_on_an_input_too_small_is_the_model_error():
+    """16^3 into MONAI's BasicUNet (its bottleneck instance norm gets one voxel): the raw ValueError passed through."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    net = nets.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(2, 2, 2, 2, 2, 2)).eval()
+    with pytest.raises(errors.ModelError, match=r"failed on the input \(1, 1, 16, 16, 16\)") as e:
+        mx.available_methods(model=net, x=torch.rand(1, 1, 16, 16, 16))
+    assert "--divisible-by 32" in str(e.value)            # the padding that runs, found by probing
+    assert "saliency" in mx.available_methods(model=net, x=torch.rand(1, 1, 32, 32, 32))
+
+
+def test_api_normalize_unknown_mode_is_a_typed_error_with_a_close_match():
+    with pytest.raises(errors.OptionError, match="did you mean 'minmax'"):
+        mx.normalize(torch.rand(1, 1, 4, 4), "min-max")
+    assert issubclass(errors.OptionError, ValueError)

@@ -57,6 +57,31 @@ def check_input(x, spatial_dims: int | None = None, channels: int | None = None,
     return x
 
 
+def check_baseline(baseline, x: torch.Tensor, name: str = "baseline"):
+    """A reference input (IG's baseline, DeepLIFT's and occlusion's baselines) checked against ``x``: a
+    number (returned as a float), or a finite tensor that broadcasts to ``x`` with 1 or ``B`` samples
+    (returned in ``x``'s dtype and device). Anything else is an :class:`~medexplain.errors.InputError`."""
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if baseline != baseline or abs(baseline) == float("inf"):
+            raise InputError(f"{name} must be finite, got {baseline}")
+        return float(baseline)
+    try:
+        b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{name} must be a number or a tensor broadcastable to the input {tuple(x.shape)}, "
+                         f"got {type(baseline).__name__}") from e
+    try:
+        torch.broadcast_shapes(b.shape, x.shape)
+    except RuntimeError as e:
+        raise InputError(f"{name} of shape {tuple(b.shape)} does not broadcast to the input {tuple(x.shape)}; "
+                         "give a number, one image (1, C, *spatial) or one per sample") from e
+    if b.ndim > x.ndim or (b.ndim == x.ndim and b.shape[0] not in (1, x.shape[0])):
+        raise InputError(f"{name} has {b.shape[0]} samples for a batch of {x.shape[0]}")
+    if not torch.isfinite(b).all():
+        raise InputError(f"{name} contains NaN or Inf values")
+    return b
+
+
 def model_expectations(model) -> dict:
     """What an eager model's first convolution says about its input: ``channels``, ``spatial_dims`` and
     the parameters' floating ``dtype`` (keys absent when unknown, e.g. TorchScript or an MLP first)."""

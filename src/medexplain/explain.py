@@ -10,7 +10,7 @@ import torch
 
 from . import methods  # noqa: F401  (importing the package registers every explainer)
 from .attribution import Attribution
-from .core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks, with_output
+from .core import Cost, check_input, model_expectations, model_guard, output_notes, require_hooks, with_output
 from .errors import MedexplainError
 from .options import check_options
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
@@ -28,8 +28,8 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
         return sorted(methods_)
     out = None
     if x is not None:
-        with model_guard(model), torch.no_grad():
-            out = forward(with_output(model, output), check_input(x, **model_expectations(model)))
+        from .models.loading import checked_forward  # the model's own error explained, as explain() does
+        out = checked_forward(with_output(model, output), check_input(x, **model_expectations(model)))
     return sorted(n for n, m in methods_.items() if m.applies_to(model, out))
 
 
