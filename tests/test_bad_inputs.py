@@ -565,3 +565,16 @@ def test_api_normalize_unknown_mode_is_a_typed_error_with_a_close_match():
     with pytest.raises(errors.OptionError, match="did you mean 'minmax'"):
         mx.normalize(torch.rand(1, 1, 4, 4), "min-max")
     assert issubclass(errors.OptionError, ValueError)
+
+
+def test_medcam_on_a_vit_says_what_it_needs():
+    """ViT + Med-CAM said "layer '<activation layer>' not found"."""
+    nets = pytest.importorskip("monai.networks.nets")
+    from medexplain.methods.medcam import MedCAMConfig
+    torch.manual_seed(0)
+    vit = nets.ViT(1, img_size=16, patch_size=8, hidden_size=12, mlp_dim=12, num_layers=1, num_heads=2,
+                   classification=True, num_classes=2, spatial_dims=2, post_activation=None).eval()
+    with pytest.raises(errors.UnsupportedModelError, match=r"spatial map \(B, C, \*spatial\)") as e:
+        mx.explain(vit, torch.rand(1, 1, 16, 16), "medcam", target=0, output=0, steps=1)
+    assert "layers=" in str(e.value) and "<activation layer>" not in str(e.value)
+    assert MedCAMConfig.build(layers="a.1, b.2").layers == ("a.1", "b.2")     # the command line's comma list
