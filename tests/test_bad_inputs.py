@@ -578,3 +578,12 @@ def test_medcam_on_a_vit_says_what_it_needs():
         mx.explain(vit, torch.rand(1, 1, 16, 16), "medcam", target=0, output=0, steps=1)
     assert "layers=" in str(e.value) and "<activation layer>" not in str(e.value)
     assert MedCAMConfig.build(layers="a.1, b.2").layers == ("a.1", "b.2")     # the command line's comma list
+
+
+@pytest.mark.parametrize("args, words", [(["--upsample", "bilinear"], "do not apply to --method smoothgrad"),
+                                         (["--method", "gradcam++", "--upsample", "nearest"], "aligned or bilinear")])
+def test_cli_instances_upsample_is_checked_before_anything_is_written(files, args, words):
+    out = files / f"out_up_{abs(hash(tuple(args)))}"
+    res = CliRunner().invoke(app, ["instances", V.format(d=files), "--model", SEG, *args, "--out", str(out)])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.OptionError) and words in " ".join(res.output.split())
+    assert not out.exists()

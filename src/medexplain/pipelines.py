@@ -410,7 +410,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              connectivity: int | None = None, reference=None, rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
-                             preprocessing=None, inferer=None, nnunet=None,
+                             preprocessing=None, inferer=None, nnunet=None, variant: str = "paper",
+                             upsample: str | None = None,
                              on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
@@ -431,6 +432,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     the saliency and the context experiment then run window by window (:mod:`medexplain.sliding`).
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``model`` (:func:`explain_image`); its channel
     files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
+    ``variant`` / ``upsample``: Grad-CAM++'s formula and upsampling (:func:`medexplain.segmentation.explain_instances`).
     ``on_progress(method, rows_done, None)`` is called as the saliency's rows pass through the model.
     """
     from . import segmentation as seg
@@ -441,6 +443,12 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                                                         "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
     if aggregate not in ("mean", "max"):
         raise OptionError(f"--aggregate must be mean or max, got {aggregate!r}")
+    if variant not in seg.saliency.GRADCAM_PP_VARIANTS or upsample not in (None, "aligned", "bilinear"):
+        raise OptionError(f"the Grad-CAM++ variant must be one of {seg.saliency.GRADCAM_PP_VARIANTS} and --upsample aligned or "
+                          f"bilinear, got {variant!r} and {upsample!r}")
+    if method != "gradcam++" and (variant != "paper" or upsample is not None):
+        raise OptionError("--upsample (and variant) choose how Grad-CAM++ is computed; they do not apply to "
+                          "--method smoothgrad")
     if not 0 <= float(threshold) <= 1:
         raise OptionError(f"--threshold is a probability in [0, 1], got {threshold}")
     if isinstance(region, str) and region.strip().lower() == "all":
@@ -507,7 +515,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
 
     attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
-                                 layer=layer, inferer=inferer)
+                                 layer=layer, inferer=inferer,
+                                 **({"variant": variant, "upsample": upsample} if method == "gradcam++" else {}))
     names = list(channel_names) if channel_names else None
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
