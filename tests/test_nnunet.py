@@ -389,6 +389,7 @@ def test_a_folder_trained_by_nnunet_itself_for_one_epoch_is_explained(tmp_path, 
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     from medexplain.cli import app
 
@@ -396,7 +397,7 @@ def test_a_folder_trained_by_nnunet_itself_for_one_epoch_is_explained(tmp_path, 
     if not os.path.exists(os.path.join(bin_dir, "nnUNetv2_train")):
         pytest.skip("nnU-Net's command-line entry points are not installed next to this Python")
     env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
-           "nnUNet_results": str(tmp_path / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+           "nnUNet_results": str(tmp_path / "res"), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
            "nnUNet_compile": "f", "OMP_NUM_THREADS": "1"}
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, env[k])
@@ -413,10 +414,18 @@ def test_a_folder_trained_by_nnunet_itself_for_one_epoch_is_explained(tmp_path, 
         nib.save(nib.Nifti1Image(lab, np.eye(4)), raw / "labelsTr" / f"case{i:03d}.nii.gz")
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "labels": {"background": 0,
                                                   "lesion": 1}, "numTraining": 6, "file_ending": ".nii.gz"}))
-    for cmd in (["nnUNetv2_plan_and_preprocess", "-d", "998", "-c", "3d_fullres", "-np", "1"],
-                ["nnUNetv2_train", "998", "3d_fullres", "0", "-tr", "nnUNetTrainer_1epoch", "-device", "cpu"]):
-        r = subprocess.run([os.path.join(bin_dir, cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True,
-                           timeout=900)
+    # nnUNetv2_train looks its trainer up with nnunetv2's recursive lookup, which imports every trainer module and
+    # dies on the Primus trainers' timm import when timm is not installed (the bug medexplain works around): its
+    # entry point is run with that lookup replaced by medexplain's find_trainer_class, everything else nnU-Net's
+    train = ("import sys, nnunetv2.run.run_training as rt; from medexplain.models.nnunet import find_trainer_class; "
+             "rt.recursive_find_trainer_class_by_name = find_trainer_class; sys.argv[1:] = ['998', '3d_fullres', '0', "
+             "'-tr', 'nnUNetTrainer_1epoch', '-device', 'cpu']; rt.run_training_entry()")
+    src = str(Path(mx.__file__).resolve().parents[1])
+    for cmd, extra in (([os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d", "998", "-c", "3d_fullres",
+                         "-np", "1"], {}),
+                       ([sys.executable, "-c", train], {"nnUNet_n_proc_DA": "0",
+                                                        "PYTHONPATH": os.pathsep.join([src, env.get("PYTHONPATH", "")])})):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**env, **extra})
         assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
     root = tmp_path / "res" / "Dataset998_Tiny" / "nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres"
     assert (root / "fold_0" / "checkpoint_final.pth").is_file(), sorted(p.name for p in root.iterdir())
