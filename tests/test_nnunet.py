@@ -406,9 +406,9 @@ def test_a_folder_trained_by_nnunet_itself_for_one_epoch_is_explained(tmp_path, 
     (raw / "labelsTr").mkdir()
     g = np.random.default_rng(0)
     for i in range(6):                                    # a bright cube on noise; the label is the cube
-        lab = np.zeros((20, 20, 20), np.uint8)
-        c = g.integers(4, 12, 3)
-        lab[c[0]:c[0] + 6, c[1]:c[1] + 6, c[2]:c[2] + 6] = 1
+        lab = np.zeros((16, 16, 16), np.uint8)
+        c = g.integers(3, 9, 3)
+        lab[c[0]:c[0] + 5, c[1]:c[1] + 5, c[2]:c[2] + 5] = 1
         im = (g.normal(size=lab.shape) + 3 * lab).astype(np.float32)
         nib.save(nib.Nifti1Image(im, np.eye(4)), raw / "imagesTr" / f"case{i:03d}_0000.nii.gz")
         nib.save(nib.Nifti1Image(lab, np.eye(4)), raw / "labelsTr" / f"case{i:03d}.nii.gz")
@@ -445,4 +445,34 @@ def test_a_folder_trained_by_nnunet_itself_for_one_epoch_is_explained(tmp_path, 
                             "--out", str(out)])
     assert r.exit_code == 0, r.output
     maps = list(out.glob("*saliency*.nii.gz"))
-    assert maps and nib.load(maps[0]).shape[:3] == (20, 20, 20)
+    assert maps and nib.load(maps[0]).shape[:3] == (16, 16, 16)
+
+
+def test_gradcam_through_mirroring_and_two_folds_by_the_model_mechanism(folder, case):
+    """(6) An nnU-Net folder with mirroring and two folds gets Grad-CAM (it was refused, and with one fold's
+    layer named it was that fold's map alone): the folds are the Model's ensemble and the mirroring axes its
+    flips (core.Passes), each pass's cells flipped back, summed over the folds; every pass is counted."""
+    _, img, _ = case
+    m = mx.models.load_nnunet(folder, folds=(0, 1), use_mirroring=True, dtype=torch.float64)
+    x = m.prepare(img, AFFINE).image[None].double()
+    mask = torch.zeros(x.shape[2:], dtype=torch.bool)
+    mask[2:6, 3:7, 4:8] = True
+    tgt = Region(1, mask[None])
+    pipeline = mx.explain(m.network, x, "gradcam", target=tgt, inferer=m.inferer)   # how the pipelines call it
+    model = mx.load_model(folder, folds=(0, 1), dtype=torch.float64)
+    assert model.n_passes == 16 and model.flip_axes == (0, 1, 2) and len(model.networks) == 2
+    a = mx.explain(model, x, "gradcam", target=tgt)
+    assert a.map.shape == x[:, :1].shape and a.map.abs().max() > 0
+    torch.testing.assert_close(a.map, pipeline.map, rtol=1e-10, atol=1e-12)
+    assert a.info["calls"] == 16
+    # every pass counted: 16 per window of the blended forward and of the layer forward
+    one = mx.explain(mx.load_model(folder, folds=(0,), use_mirroring=False, dtype=torch.float64), x, "gradcam",
+                     target=tgt)
+    assert a.info["n_forward"] == 16 * one.info["n_forward"] and a.info["n_windows"] == one.info["n_windows"] > 1
+    # both folds count: Grad-CAM element-wise is linear in the passes' cells, so the ensemble's map is the mean of
+    # the folds' own maps (with their own 8 mirrored passes each), neither of them alone
+    per_fold = [mx.explain(mx.load_model(folder, folds=(f,), dtype=torch.float64), x, "gradcam_elementwise",
+                           target=tgt).map for f in (0, 1)]
+    both = mx.explain(model, x, "gradcam_elementwise", target=tgt).map
+    torch.testing.assert_close(both, (per_fold[0] + per_fold[1]) / 2, rtol=1e-8, atol=1e-12)
+    assert (both - per_fold[1]).abs().max() > 1e-3 * both.abs().max()

@@ -202,6 +202,8 @@ def _make_rule_classes():
         ``IdentityRule`` does not mark the replaced gradient (``replace_out``), so a Captum pass-through layer
         before it (an ``nn.Dropout``) forwarded the raw gradient instead of the relevance."""
 
+        tensor_hooks = False
+
         def _manipulate_weights(self, module, inputs, outputs):
             pass
 
@@ -231,6 +233,8 @@ def _make_rule_classes():
         """For layers that return their input tensor itself in eval (``nn.Identity``, ``nn.Dropout2d``, ...):
         no tensor hooks (an input and an output hook on the same tensor would run in the wrong order), only
         a fresh output, so relevance flows through unchanged."""
+
+        tensor_hooks = False
 
         def _manipulate_weights(self, module, inputs, outputs):
             pass
@@ -384,8 +388,8 @@ def _own_inputs(module, args):
 
 def _hooks_inputs(rule) -> bool:
     """Whether the rule puts a backward hook on its layer's input tensor (Captum's rules and the modified
-    rules do; the pass-through and transparent rules do not)."""
-    return type(rule).__name__ not in ("PassRule", "TransparentRule")
+    rules do; the pass-through and transparent rules, ``tensor_hooks = False``, do not)."""
+    return getattr(rule, "tensor_hooks", True)
 
 
 def _leaf_layers(module: nn.Module) -> list[nn.Module]:
