@@ -1,6 +1,14 @@
 """Full-resolution explanations through sliding-window inference (issue 17): peak memory and time.
 
     .venv/bin/python bench/sliding_window.py [--sizes 64 112 160] [--roi 64] [--threads 1]
+    .venv/bin/python bench/sliding_window.py --budgets [--size 160] [--rounds 2]   (issue 26: memory=)
+
+``--budgets``: whole-volume saliency at one size under ``memory=`` budgets from "everything" (every window
+graph kept) through "half" and "one window" (the four full-volume arrays plus about one window call) to
+"memmap" (below the arrays: they are memory-mapped files), against autograd through MONAI's
+``sliding_window_inference``, in rounds (each round runs every configuration once, in a fresh process each),
+medians over rounds. Its section of ``bench/results/sliding_window.md`` (after ``## Memory budgets``) is
+replaced; the size sweep above it is kept.
 
 A MONAI UNet of realistic depth (5 levels, channels 8-16-32-64-128, strides 2, 2 residual units per level:
 the architecture of MONAI's spleen CT bundle at half its widths; random weights) on 1 x 4 x S^3 volumes,
@@ -65,7 +73,8 @@ def worker(cfg: dict) -> dict:
     base = maxrss_mb()
     t0 = time.perf_counter()
     if cfg["engine"] == "windows":
-        attr = mx.explain(model, x, cfg["method"], target=target, inferer=SlidingWindowInferer(**kw))
+        attr = mx.explain(model, x, cfg["method"], target=target, inferer=SlidingWindowInferer(**kw),
+                          memory=cfg.get("memory"))
     elif cfg["engine"] == "monai":
         class MonaiSW(torch.nn.Module):
             def __init__(self, net):
@@ -82,7 +91,7 @@ def worker(cfg: dict) -> dict:
     return {**cfg, "seconds": seconds, "base_mb": base, "peak_mb": maxrss_mb(), "n_forward": info.get("n_forward"),
             "n_backward": info.get("n_backward"), "n_windows": info.get("n_windows"),
             "windows": len(info["windows"]) if isinstance(info.get("windows"), list) else None,
-            "layer": info.get("layer"), "map_max": float(attr.map.abs().max())}
+            "layer": info.get("layer"), "map_max": float(attr.map.abs().max()), "memory_plan": info.get("memory")}
 
 
 def run(cfg: dict, timeout: float) -> dict:
@@ -108,8 +117,82 @@ def mem_available_mb() -> float:
     return float("inf")
 
 
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def budgets(args) -> None:
+    """The ``--budgets`` section (module docstring)."""
+    sys.path.insert(0, str(HERE))
+    from common import machine, markdown_table
+
+    t_all = time.perf_counter()
+    common = {"roi": args.roi, "threads": args.threads, "method": "saliency", "target": "region"}
+    one = run({**common, "size": args.roi, "engine": "whole"}, args.timeout)
+    every = run({**common, "size": args.size, "engine": "windows", "memory": 64.0}, args.timeout)
+    plan = every["memory_plan"]
+    arrays, probe, call = plan["volume_arrays_bytes"], plan["window_call_probe_bytes"], plan["window_call_bytes"]
+    n = every["n_windows"]
+    configs = {"everything (64 GB)": 64.0, "half the graphs": (arrays + call * (n // 2 + 1)) / 1e9,
+               "one window": (arrays + 1.2 * probe) / 1e9, "memmap": 1.2 * probe / 1e9, "monai": None}
+    results: dict = {k: [] for k in configs}
+    load = []
+    for _ in range(args.rounds):
+        for name, gb in configs.items():
+            load.append(os.getloadavg()[0])
+            cfg = {**common, "size": args.size, "engine": "monai" if name == "monai" else "windows"}
+            if gb is not None:
+                cfg["memory"] = gb
+            results[name].append(run(cfg, args.timeout))
+    total = time.perf_counter() - t_all
+    one_work = one["peak_mb"] - one["base_mb"]
+    t_monai = median([r["seconds"] for r in results["monai"] if "error" not in r])
+    rows = []
+    for name, gb in configs.items():
+        ok = [r for r in results[name] if "error" not in r]
+        if not ok:
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-", "-", results[name][0]["error"]])
+            continue
+        p = ok[0].get("memory_plan") or {}
+        peak, work = median([r["peak_mb"] for r in ok]), median([r["peak_mb"] - r["base_mb"] for r in ok])
+        sec = median([r["seconds"] for r in ok])
+        rows.append([name, "-" if gb is None else f"{gb * 1e3:.0f}", p.get("kept_window_rows", "-"),
+                     p.get("recomputed_window_rows", "-"), p.get("memmap", "-"), f"{peak:.0f}", f"{work:.0f}",
+                     f"{one_work + arrays / 1e6:.0f}", f"{sec:.1f}",
+                     f"{min(r['seconds'] for r in ok):.1f}-{max(r['seconds'] for r in ok):.1f}", f"{sec / t_monai:.2f}"])
+    header = ["budget", "memory= MB", "kept window rows", "recomputed", "memmap", "peak RSS MB (median)",
+              "work MB (median)", "one window's work + 4 arrays, MB", "seconds (median)", "seconds (range)",
+              "time / MONAI autograd"]
+    text = f"""## Memory budgets
+
+Command: `.venv/bin/python bench/sliding_window.py --budgets --size {args.size} --roi {args.roi} --threads {args.threads} --rounds {args.rounds}`
+(total {total:.0f} s). Machine: {machine()}; {args.threads} torch thread(s) per measurement; load average
+{min(load):.1f}-{max(load):.1f} on the 2 cores while it ran (other engineers' jobs), so times are noisy: medians of
+{args.rounds} interleaved rounds, each configuration in a fresh process.
+
+Whole-volume saliency (class 1 summed over every voxel) of the model above at S = {args.size} ({n} windows of
+{args.roi}^3, `sw_batch_size=1`) under `memory=`: `everything` keeps every window graph from the forward (no
+recompute), `half the graphs` about half of them, `one window` = the four full-volume arrays (input, output,
+cotangent, gradient: {arrays / 1e6:.0f} MB here) plus 1.2 x one window call's probe ({probe / 1e6:.0f} MB),
+`memmap` = 1.2 x one window call (below the arrays: the engine's gradient array is a memory-mapped file);
+`monai` = autograd through MONAI's `sliding_window_inference`. `one window's work` = the work MB of the network's
+forward + backward on one {args.roi}^3 input ({one_work:.0f} MB, fresh process).
+
+{markdown_table(header, rows)}
+"""
+    path = HERE / "results" / "sliding_window.md"
+    old = path.read_text() if path.exists() else ""
+    head = old.split("## Memory budgets")[0].rstrip()
+    path.write_text((head + "\n\n" if head else "") + text)
+    print(text)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", action="store_true", help="the memory= section (module docstring)")
+    ap.add_argument("--size", type=int, default=160)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 112, 160])
     ap.add_argument("--roi", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -118,6 +201,9 @@ def main():
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.budgets:
+        budgets(args)
         return
     sys.path.insert(0, str(HERE))
     from common import machine, markdown_table, write_result

@@ -11,7 +11,7 @@ from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from monai.networks.nets import UNet
 
 import medexplain as mx
-from medexplain.errors import InputError, UnsupportedModelError
+from medexplain.errors import InputError, MemoryBudgetError, UnsupportedModelError
 from medexplain.segmentation import Instance, explain_instances
 from medexplain.sliding import SlidingWindowModel, with_inferer
 from medexplain.targets import Region
@@ -212,3 +212,54 @@ def test_bad_settings_are_typed_errors_before_any_work():
     with pytest.raises(InputError, match="vmap"):
         explain_instances(model, x, [Instance(t.mask, "TP", 8)], n_samples=1, strategy="vmap",
                           inferer=SlidingWindowInferer((4, 4, 4)))
+
+
+def test_memory_budget_keeps_recomputes_or_memory_maps_with_the_same_gradient():
+    """``memory=`` through windows: a budget that holds every window graph keeps them all (no recompute),
+    one that holds the four volume arrays and one window call recomputes every window, and one below that
+    memory-maps the arrays; the gradient is the same in all three, and autograd's through MONAI."""
+    shape = (8, 8, 8)
+    model, x = unet(), volume(shape)
+    kw = dict(roi_size=(4, 4, 4), sw_batch_size=2, overlap=0.5, mode="gaussian")
+    inf = SlidingWindowInferer(**kw)
+    target = Region(1, box(shape, slice(0, 5), slice(2, 8), slice(1, 8)))
+    ref = mx.explain(MonaiSW(model, **kw), x, "saliency", target=target).map
+    every = mx.explain(model, x, "saliency", target=target, inferer=inf, memory=100.0)
+    mem = every.info["memory"]
+    n_rows = x.shape[0] * every.info["n_windows"]
+    assert mem["kept_window_rows"] == n_rows and mem["recomputed_window_rows"] == 0 and not mem["memmap"]
+    assert every.info["n_forward"] == n_rows                       # one forward per window, none recomputed
+    window, arrays = mem["window_call_bytes"], mem["volume_arrays_bytes"]
+    assert window > 0 and arrays == x.shape[0] * 8 ** 3 * (2 * 2 + 2 * 2) * 8
+    one = mx.explain(model, x, "saliency", target=target, inferer=inf, memory=(arrays + 1.5 * window) / 1e9)
+    probe = mem["window_call_probe_bytes"]                          # what the plan checks before compute
+    assert probe < arrays
+    low = mx.explain(model, x, "saliency", target=target, inferer=inf, memory=1.1 * probe / 1e9)
+    assert one.info["memory"]["kept_window_rows"] == 0 and not one.info["memory"]["memmap"]
+    assert low.info["memory"]["kept_window_rows"] == 0 and low.info["memory"]["memmap"]
+    touched = windows_touching(SlidingWindowModel(model, inf), x, target.mask)
+    assert one.info["memory"]["recomputed_window_rows"] == x.shape[0] * len(touched)
+    assert every.map.abs().max() > 1e-3
+    assert (every.map - ref).abs().max() <= 1e-12
+    for a in (one, low):
+        assert (a.map - every.map).abs().max() <= 1e-12
+        assert a.info["windows"] == every.info["windows"] == touched
+
+
+def test_a_memory_budget_below_one_window_call_is_refused_before_compute():
+    model, x = unet(), volume((8, 8, 8))
+    inf = SlidingWindowInferer(roi_size=(4, 4, 4), sw_batch_size=2, overlap=0.5)
+    target = Region(1, box((8, 8, 8), slice(0, 5), slice(0, 5), slice(0, 5)))
+    with pytest.raises(MemoryBudgetError, match="one sliding-window call"):
+        mx.explain(model, x, "saliency", target=target, inferer=inf, memory=1e-9)
+
+
+def test_volume_arrays_are_memory_mapped_files_removed_at_once(tmp_path, monkeypatch):
+    import tempfile
+
+    from medexplain.sliding import _volume_array
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a = _volume_array((2, 3, 4), torch.float64, "cpu", memmap=True)
+    a += 1.5
+    assert a.dtype == torch.float64 and float(a.sum()) == 1.5 * 24
+    assert list(tmp_path.iterdir()) == []      # nothing left on disk

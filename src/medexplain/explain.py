@@ -17,7 +17,7 @@ from .errors import MedexplainError
 from .models.model import as_model
 from .options import check_options, plan_memory
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
-from .sliding import is_sliding, window_info
+from .sliding import is_sliding, plan_window_memory, window_info
 from .sliding_cam import windowed_method
 from .targets import as_target
 
@@ -72,7 +72,9 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
     one call (all its passes) is measured on a probe row (:func:`medexplain.options.probe_row_bytes`),
     ``chunk_size`` is capped to the rows that fit, and a call that cannot fit even one row raises
     :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
-    ``info["memory"]`` records the plan. Not applied through an ``inferer`` (its calls are windows).
+    ``info["memory"]`` records the plan. Through an ``inferer`` it bounds the peak of the whole explanation
+    instead: window graphs are kept while they fit, recomputed when not, and the full-volume arrays are
+    memory-mapped when even they do not fit (:func:`medexplain.sliding.plan_window_memory`).
     """
     spec = get_method(method)
     options = check_options(spec.name, spec.fn, options)   # names, types and ranges from the signature
@@ -90,8 +92,9 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
     notes: dict = {}
     with model_guard(m, policy=m.eval_policy, notes=notes), output_notes() as read:
-        plan = None
-        if not is_sliding(net):  # the memory of one model call, checked before any compute
+        if is_sliding(net):   # the peak of the whole explanation through windows
+            plan = plan_window_memory(net, x, memory)
+        else:                 # the memory of one model call, checked before any compute
             options, plan = plan_memory(spec.name, spec.fn, net, x, options, memory)
         cost = Cost()
         try:

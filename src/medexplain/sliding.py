@@ -39,18 +39,23 @@ describes the design and the bench.
 """
 from __future__ import annotations
 
+import math
+import os
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .core import Cost, OutputAdapter, chunks, forward, n_passes, select_output, with_output
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, MemoryBudgetError, UnsupportedModelError
 
 __all__ = ["SlidingWindowModel", "WindowGeometry", "with_inferer", "forward_changed", "make_inferer", "as_inferer",
-           "is_sliding", "window_info"]
+           "is_sliding", "window_info", "plan_window_memory", "WindowMemoryPlan"]
 
 
 def _monai():
@@ -162,10 +167,20 @@ class WindowStats:
     n_backward: int = 0
     windows: set = field(default_factory=set)
     n_windows: int = 0
+    kept: int = 0            # window rows whose graph was kept from the forward (backpropagated without recompute)
+    recomputed: int = 0      # window rows recomputed with a graph for the backward
+    window_bytes: int = 0    # the largest graph of one model call on windows, measured (bytes)
+    arrays_bytes: int = 0    # the full-volume arrays (input, output, cotangent, gradient) of the last backward
+    memmap: bool = False     # whether the engine's full-volume arrays were memory-mapped files
 
     def info(self, inferer) -> dict:
         return {"n_forward": self.n_forward, "n_backward": self.n_backward, "windows": sorted(self.windows),
                 "n_windows": self.n_windows, "inferer": inferer_settings(inferer)}
+
+    def memory(self) -> dict:
+        return {"kept_window_rows": self.kept, "recomputed_window_rows": self.recomputed,
+                "window_call_bytes": self.window_bytes, "volume_arrays_bytes": self.arrays_bytes,
+                "memmap": self.memmap}
 
 
 def inferer_settings(inferer) -> dict:
@@ -182,18 +197,20 @@ class _WindowedVJP(torch.autograd.Function):
 
     @staticmethod
     def forward(x, net):
-        return net.blend(x)
+        return net.blend(x, keep=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, net = inputs
         ctx.save_for_backward(x)
         ctx.net = net
+        ctx.kept, net._kept = net._kept, None   # the window graphs live (and die) with this node
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return ctx.net.input_vjp(x, grad), None
+        kept, ctx.kept = ctx.kept, None
+        return ctx.net.input_vjp(x, grad, kept), None
 
 
 def _nonzero(t: torch.Tensor) -> bool:
@@ -205,6 +222,91 @@ def _nonzero(t: torch.Tensor) -> bool:
         raise UnsupportedModelError("a sliding-window model cannot be backpropagated with batched cotangents "
                                     "(torch.autograd.grad(..., is_grads_batched=True) or torch.func.vmap); "
                                     "backpropagate one cotangent at a time") from e
+
+
+def _graph_bytes(own: set):
+    """A ``saved_tensors_hooks`` pack function counting the bytes autograd saves (each storage once, the
+    model's own parameters and buffers excluded), and a function reading the count."""
+    from .options import _storage_key
+    seen: dict = {}
+
+    def pack(t):
+        k, n = _storage_key(t)
+        if k not in own:
+            seen.setdefault(k, n)
+        return t
+    return pack, lambda: sum(seen.values())
+
+
+class _KeptGraphs:
+    """The window graphs kept from one forward with gradients (module docstring, "Memory"): MONAI's inferer
+    calls :meth:`predictor` with its windows in its order (row ``r`` of all its calls is window
+    ``r % n_windows`` of sample ``r // n_windows``; every call's windows are checked against the input, and
+    any mismatch drops what is kept); each call runs with a graph, which is kept while the kept graphs fit in
+    ``room`` bytes, and from the first call that does not fit on the rest run without one (and are recomputed
+    in the backward)."""
+
+    def __init__(self, net: "SlidingWindowModel", x: torch.Tensor, geo: WindowGeometry):
+        self.net, self.geo, self.x = net, geo, x
+        self.xp = geo.pad_input(x) if geo.padded else x
+        self.row, self.used, self.keeping = 0, 0, True
+        self.graphs: list[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, int]] = []
+        self.own = {p.untyped_storage().data_ptr() for p in list(net.parameters()) + list(net.buffers())}
+
+    def _matches(self, win: torch.Tensor, keys) -> bool:
+        return all(torch.equal(win[i:i + 1].to(self.xp.device), self.xp[(slice(b, b + 1), slice(None), *self.geo.slices[w])])
+                   for i, (b, w) in enumerate(keys))
+
+    def predictor(self, win: torch.Tensor) -> torch.Tensor:
+        nw, n = len(self.geo.slices), int(win.shape[0])
+        keys = [(r // nw, r % nw) for r in range(self.row, self.row + n)]
+        self.row += n
+        if not self.keeping:
+            return self.net.predict(win)
+        if not self._matches(win, keys):   # an inferer that does not call in MONAI's order: keep nothing
+            self.keeping, self.graphs, self.used = False, [], 0
+            return self.net.predict(win)
+        leaf = win.detach().requires_grad_(True)
+        pack, nbytes = _graph_bytes(self.own)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self.net.predict(leaf)
+        size = nbytes() + out.numel() * out.element_size() + leaf.numel() * leaf.element_size()
+        stats = self.net.stats
+        stats.window_bytes = max(stats.window_bytes, size)
+        arrays = _volume_arrays_bytes(self.x, out.shape[1], self.geo)
+        # kept graphs + this one + the working space of one more window call (about this one) + the arrays
+        if out.requires_grad and self.net.budget is not None and \
+                arrays + self.net._live_kept() + 2 * size <= self.net.budget:
+            self.graphs.append((keys, leaf, out, size))
+            self.used += size
+            stats.kept += n
+        else:
+            self.keeping = False   # the graph just built is dropped: from here on, recompute in the backward
+        return out.detach()
+
+
+def _volume_arrays_bytes(x: torch.Tensor, k: int, geo: WindowGeometry) -> int:
+    """Bytes of the four full-volume arrays of a sliding-window gradient: input and gradient (``C``
+    channels), output and cotangent (``k`` channels), on the padded grid, in ``x``'s dtype."""
+    return int(x.shape[0] * math.prod(geo.image) * (2 * x.shape[1] + 2 * k) * x.element_size())
+
+
+def _volume_array(shape, dtype: torch.dtype, device, memmap: bool) -> torch.Tensor:
+    """A zero full-volume array: in memory, or (``memmap``, on the CPU, a dtype numpy has) backed by a
+    memory-mapped file in a temporary folder; the file is unlinked at once (the mapping keeps its pages
+    until the tensor is freed, and nothing is left on disk)."""
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}.get(dtype)
+    if not memmap or np_dtype is None or torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    folder = tempfile.mkdtemp(prefix="medexplain-sw-")
+    path = os.path.join(folder, "array.bin")
+    try:
+        arr = np.memmap(path, dtype=np_dtype, mode="w+", shape=tuple(int(s) for s in shape))   # zero-filled
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(folder)
+    return torch.from_numpy(arr)
 
 
 class SlidingWindowModel(OutputAdapter):
@@ -239,6 +341,15 @@ class SlidingWindowModel(OutputAdapter):
         self.stats = WindowStats()
         self._geo: dict = {}
         self._base = None
+        #: The memory budget of one explanation, in bytes (:func:`plan_window_memory`); ``None``: keep no
+        #: window graph (every window is recomputed in the backward, the smallest peak).
+        self.budget: int | None = None
+        self._kept = None
+        self._keepers: weakref.WeakSet = weakref.WeakSet()
+
+    def _live_kept(self) -> int:
+        """Bytes of the window graphs kept by forwards whose backward has not run yet."""
+        return sum(k.used for k in list(self._keepers))
 
     def reset(self) -> None:
         """Start counting windows afresh (one explanation's ``info``) and drop the cached window outputs."""
@@ -296,11 +407,16 @@ class SlidingWindowModel(OutputAdapter):
                 f"returned {tuple(out.shape)} for a window {tuple(win.shape)}")
         return out
 
-    def blend(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. (1), by MONAI's inferer itself (no graph)."""
-        self.geometry(x)  # typed errors before MONAI's own
+    def blend(self, x: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """Eq. (1), by MONAI's inferer itself (no graph for the blend). ``keep``: keep the window graphs that
+        fit the budget for the backward (:class:`_KeptGraphs`, left in ``self._kept``)."""
+        geo = self.geometry(x)  # typed errors before MONAI's own
+        kept = _KeptGraphs(self, x, geo) if keep and self.budget is not None else None
+        if kept is not None:
+            self._keepers.add(kept)
         with torch.no_grad():
-            out = self.inferer(x, self.predict)
+            out = self.inferer(x, self.predict if kept is None else kept.predictor)
+        self._kept = kept
         return out.as_tensor() if hasattr(out, "as_tensor") else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,22 +432,60 @@ class SlidingWindowModel(OutputAdapter):
         device = self.inferer.sw_device or xp.device
         return torch.cat([xp[(slice(r, r + 1), slice(None), *sl)] for r, sl in items]).to(device)
 
-    def input_vjp(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def _window_cotangent(self, gp: torch.Tensor, geo: WindowGeometry, items) -> torch.Tensor:
+        """``g * (P_w^T ds/dO) / (P_w^T c)`` of eq. (2) for each ``(b, slices)``, stacked."""
+        return torch.cat([gp[(slice(b, b + 1), slice(None), *sl)] * geo.importance
+                          / geo.count[(slice(None), slice(None), *sl)] for b, sl in items])
+
+    def input_vjp(self, x: torch.Tensor, grad: torch.Tensor, kept: _KeptGraphs | None = None) -> torch.Tensor:
         """Eq. (2): the input gradient for the output cotangent ``grad`` ``(B, K, *spatial)``, one window
-        VJP per window with a non-zero cotangent, ``sw_batch_size`` windows per network call."""
+        VJP per window with a non-zero cotangent: through the graphs ``kept`` from the forward where there
+        are some, the other windows recomputed ``sw_batch_size`` per network call. The gradient (and the
+        padded copies, if any) are memory-mapped files when the budget cannot hold the four full-volume
+        arrays beside one window call (:func:`_volume_array`)."""
         geo = self.geometry(x)
+        arrays = _volume_arrays_bytes(x, grad.shape[1], geo)
+        self.stats.arrays_bytes = arrays
+        memmap = self.budget is not None and arrays + self.stats.window_bytes + self._live_kept() > self.budget
+        self.stats.memmap = self.stats.memmap or (memmap and x.device.type == "cpu")
         with torch.enable_grad():
             xd = x.detach().requires_grad_(geo.padded)
             xp = geo.pad_input(xd)
-        gp = geo.pad_output(grad)
-        dxp = torch.zeros(xp.shape, dtype=x.dtype, device=x.device)
+        if geo.padded:
+            gp = _volume_array((grad.shape[0], grad.shape[1], *geo.image), grad.dtype, grad.device, memmap)
+            gp[(slice(None), slice(None), *geo.crop)] = grad
+        else:
+            gp = grad
+        dxp = _volume_array(xp.shape, x.dtype, x.device, memmap)
         jobs = [(b, w) for b in range(x.shape[0]) for w, sl in enumerate(geo.slices)
                 if _nonzero(gp[(slice(b, b + 1), slice(None), *sl)])]
+        if kept is not None and kept.graphs:   # windows whose graph was kept: no recompute
+            todo = set(jobs)
+            graphs, kept.graphs = kept.graphs, []
+            while graphs:   # each graph is freed once used
+                keys, leaf, out, size = graphs.pop(0)
+                hit = [k in todo for k in keys]
+                # a kept call backpropagates all its windows (a backward costs about two forwards): when few
+                # of them have a cotangent, recomputing those few costs less, and the cost follows the target
+                if any(hit) and 3 * sum(hit) >= 2 * len(keys):
+                    cot = self._window_cotangent(gp, geo, [(b, geo.slices[w]) for b, w in keys])
+                    (gx,) = torch.autograd.grad(out, leaf, cot.to(dtype=out.dtype, device=out.device))
+                    gx = gx.to(device=x.device, dtype=x.dtype)
+                    for i, (b, w) in enumerate(keys):
+                        if hit[i]:
+                            dxp[(slice(b, b + 1), slice(None), *geo.slices[w])] += gx[i:i + 1]
+                    self.stats.n_backward += len(keys) * n_passes(self.model)
+                    self.stats.windows.update(w for (_, w), h in zip(keys, hit) if h)
+                    todo.difference_update(keys)
+                kept.used -= size
+                del keys, leaf, out
+            kept.used = 0
+            jobs = [j for j in jobs if j in todo]
         for part in chunks(len(jobs), int(self.inferer.sw_batch_size)):
             items = [(b, geo.slices[w]) for b, w in jobs[part]]
             xin = self._window_rows(xp.detach(), items).requires_grad_(True)
-            cot = torch.cat([gp[(slice(b, b + 1), slice(None), *sl)] * geo.importance / geo.count[(slice(None), slice(None), *sl)]
-                             for b, sl in items])
+            cot = self._window_cotangent(gp, geo, items)
+            self.stats.recomputed += len(items)
             with torch.enable_grad():
                 out = self.predict(xin)
                 if not out.requires_grad:
@@ -405,6 +559,55 @@ def with_inferer(model, inferer=None, output=None):
     if inferer is None:
         return with_output(model, output)
     return SlidingWindowModel(model, inferer, output)
+
+
+@dataclass
+class WindowMemoryPlan:
+    """The memory budget of one sliding-window explanation (:func:`plan_window_memory`) and, once it ran,
+    what the engine did with it (:meth:`WindowStats.memory`)."""
+
+    net: "SlidingWindowModel"
+    budget: int
+    how: str
+    explicit: bool
+    window_probe_bytes: int | None = None
+
+    def as_dict(self) -> dict:
+        from .options import MEMORY_FRACTION
+        return {"budget": self.how if self.explicit else f"{MEMORY_FRACTION:.0%} of the memory available",
+                "budget_bytes": self.budget if self.explicit else None, "sliding_window": True,
+                "window_call_probe_bytes": self.window_probe_bytes, **self.net.stats.memory()}
+
+
+def plan_window_memory(net: SlidingWindowModel, x: torch.Tensor, memory=None) -> WindowMemoryPlan:
+    """The budget of a sliding-window explanation of ``x`` (``memory`` GB, ``--memory``; by default half the
+    memory available, :func:`medexplain.options.memory_budget`), set on ``net`` (``net.budget``).
+
+    The peak of an explanation through windows is the four full-volume arrays (input, output, cotangent and
+    gradient, each held once, in the model's dtype) plus the window graphs alive. The forward keeps each
+    window call's graph while the kept graphs and the four arrays fit in the budget (those windows are not
+    recomputed in the backward: the time of autograd through MONAI's inferer), and recomputes the others
+    one call at a time (Chen et al. 2016); when even the four arrays and one window call do not fit, the
+    engine's full-volume arrays are memory-mapped files (:func:`_volume_array`). With an explicit
+    ``memory``, one window call (``sw_batch_size`` windows) is probed first (:func:`medexplain.options.probe_row_bytes`)
+    and a :class:`~medexplain.errors.MemoryBudgetError` raised before any compute when it does not fit."""
+    from .options import memory_budget, probe_row_bytes, size_text
+    budget, how = memory_budget(memory, x.device)
+    net.budget = budget
+    plan = WindowMemoryPlan(net, budget, how, memory is not None)
+    if memory is not None:
+        geo = net.geometry(x)
+        row = probe_row_bytes(net.model, x.new_zeros((1, x.shape[1], *geo.roi)))
+        if row is not None:
+            call = row * int(net.inferer.sw_batch_size)
+            plan.window_probe_bytes = call
+            if call > budget:
+                raise MemoryBudgetError(
+                    f"one sliding-window call ({net.inferer.sw_batch_size} window(s) of {'x'.join(map(str, geo.roi))}) "
+                    f"needs ~{size_text(call)}, more than the memory budget of {size_text(budget)} ({how}); nothing "
+                    "was computed. Raise the budget (--memory GB; memory= in Python), or use smaller windows "
+                    "(--roi-size) or fewer windows per call (--sw-batch-size)")
+    return plan
 
 
 def window_info(model, info: dict | None = None) -> dict:
