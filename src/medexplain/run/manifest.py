@@ -12,9 +12,10 @@ Columns (header required, order free, names case-insensitive):
   foreground class with the most predicted voxels);
 - ``region`` (optional, segmenters): ``predicted`` (default), ``all``, or a mask file (resampled onto the
   image grid by its geometry) of the region to explain;
-- ``spacing``, ``orientation``, ``spatial_size``, ``divisible_by``, ``intensity`` (optional): the
-  preprocessing of the case, as the command line's ``--spacing`` etc.
+- ``spacing``, ``orientation``, ``spatial_size``, ``divisible_by``, ``intensity``, ``transform`` (optional):
+  the preprocessing of the case, as the command line's ``--spacing`` etc.
   (:class:`medexplain.transforms.Preprocessing`); the maps are put back on the image grid;
+- ``series`` (optional): the SeriesInstanceUID to read when the image is a folder of several DICOM series;
 - ``case_id`` (optional): a unique name for the case's output folder; default ``<row>_<image stem>``
   (the stem of :func:`medexplain.io.file_stem`).
 
@@ -32,8 +33,8 @@ from pathlib import Path
 from ..errors import FileFormatError
 from ..io import file_stem
 
-PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "divisible_by", "intensity")
-COLUMNS = ("image", "mask", "label", "target", "case_id", "region", *PREPROCESSING_COLUMNS)
+PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "divisible_by", "intensity", "transform")
+COLUMNS = ("image", "mask", "label", "target", "case_id", "region", "series", *PREPROCESSING_COLUMNS)
 
 
 class ManifestError(FileFormatError):
@@ -51,6 +52,7 @@ class Case:
     label: int | None = None
     target: int | None = None
     region: str | None = None
+    series: str | None = None
     preprocessing: tuple = ()   # (column, cell) pairs of the preprocessing columns that are set
 
     def preprocessing_spec(self):
@@ -162,5 +164,5 @@ def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> C
     return Case(index=i, case_id=case_id, image=resolve(image), mask=resolve(mask) if mask else None,
                 label=_int_cell(cells.get("label", ""), "label", line),
                 target=None if target.strip().lower() == "predicted" else _int_cell(target, "target", line),
-                region=region,
+                region=region, series=cells.get("series") or None,
                 preprocessing=prep)
