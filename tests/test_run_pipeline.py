@@ -1,0 +1,137 @@
+"""``run`` is ``explain`` over a manifest (issue 23): both go through the one case pipeline
+(:func:`medexplain.pipelines.explain_case`), so a manifest of nnU-Net cases, of MONAI-bundle cases and of
+sliding-window cases gives, case by case, the very bytes ``medexplain explain`` writes with the same flags, in
+process and on Ray."""
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from medexplain.cli import app
+from medexplain.io import method_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+runner = CliRunner()
+AFFINE = np.diag([1.5, 1.2, 2.0, 1.0])
+
+
+def tinyseg():
+    """A two-class 3D segmenter in plain PyTorch (module:factory form for the run)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 1)).eval()
+
+
+def volumes(tmp: Path, shape, n: int = 2, channels: int = 1) -> list[Path]:
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(n):
+        arr = rng.normal(size=(*shape, channels) if channels > 1 else shape).astype(np.float32)
+        paths.append(tmp / f"case{i}.nii.gz")
+        nib.save(nib.Nifti1Image(arr, AFFINE), str(paths[-1]))
+    return paths
+
+
+def manifest(tmp: Path, images: list[Path]) -> Path:
+    with open(tmp / "cases.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "case_id"])
+        w.writerows([[str(p), f"c{i}"] for i, p in enumerate(images)])
+    return tmp / "cases.csv"
+
+
+def explain_then_run(tmp: Path, images: list[Path], flags: list[str], methods: str, run_flags=()) -> None:
+    """``explain`` on each case and ``run`` on their manifest with the same flags; the maps must be the same bytes."""
+    for i, img in enumerate(images):
+        res = runner.invoke(app, ["explain", str(img), "--method", methods, *flags, "--out", str(tmp / f"e{i}")])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["run", str(manifest(tmp, images)), "--method", methods, *flags, *run_flags,
+                              "--out", str(tmp / "run")])
+    assert res.exit_code == 0, res.output
+    for i, img in enumerate(images):
+        stem = img.name.split(".")[0]
+        for m in methods.split(","):
+            ran = (tmp / "run" / "cases" / f"c{i}" / f"{method_file(m)}.nii.gz").read_bytes()
+            explained = (tmp / f"e{i}" / f"{stem}_{method_file(m)}.nii.gz").read_bytes()
+            assert ran == explained, (img, m)
+            assert np.abs(np.asarray(nib.load(tmp / f"e{i}" / f"{stem}_{method_file(m)}.nii.gz").dataobj)).max() > 0
+
+
+SLIDING = ["--model", "test_run_pipeline:tinyseg", "--roi-size", "4", "--overlap", "0.25", "--sw-mode", "gaussian",
+           "--target", "1", "--region", "all", "-o", "steps=3"]
+
+
+def test_run_equals_explain_on_sliding_window_cases(tmp_path):
+    explain_then_run(tmp_path, volumes(tmp_path, (7, 8, 6)), SLIDING, "saliency,integrated_gradients,gradcam")
+
+
+def _bundle(tmp: Path):
+    from test_bundle import make_bundle
+    make_bundle(tmp / "bundle")
+    return ["--bundle", str(tmp / "bundle"), "--target", "1"]
+
+
+def test_run_equals_explain_on_bundle_cases(tmp_path):
+    flags = _bundle(tmp_path)
+    explain_then_run(tmp_path, volumes(tmp_path, (12, 10, 9), channels=2), flags, "saliency")
+
+
+@pytest.fixture(scope="module")
+def nnunet_folder(tmp_path_factory):
+    """The tiny nnU-Net v2 folder of tests/test_nnunet.py (two folds, two channels)."""
+    tn = pytest.importorskip("test_nnunet")
+    return tn.folder.__wrapped__(tmp_path_factory)
+
+
+def _nnunet(folder):
+    return ["--nnunet", str(folder), "--folds", "0,1", "--no-mirroring", "--target", "1"]
+
+
+def test_run_equals_explain_on_nnunet_cases(tmp_path, nnunet_folder):
+    explain_then_run(tmp_path, volumes(tmp_path, (13, 11, 12), channels=2), _nnunet(nnunet_folder), "saliency")
+
+
+def test_run_refuses_preprocessing_columns_with_a_model_that_brings_its_own(tmp_path, nnunet_folder):
+    images = volumes(tmp_path, (13, 11, 12), n=1, channels=2)
+    (tmp_path / "m.csv").write_text(f"image,spacing\n{images[0]},2\n")
+    res = runner.invoke(app, ["run", str(tmp_path / "m.csv"), *_nnunet(nnunet_folder), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "preprocessing" in res.output and not (tmp_path / "r").exists()
+
+
+def test_run_records_methods_that_do_not_apply_as_skipped(tmp_path):
+    """--skip-unsupported means the same in run: the method is that case's skipped item, the others are written;
+    without it, a method that does not apply is refused before any work, as explain refuses it."""
+    images = volumes(tmp_path, (6, 6, 6), n=1)
+    res = runner.invoke(app, ["run", str(manifest(tmp_path, images)), "--model", "test_run_pipeline:tinyseg",
+                              "--method", "saliency,patchnet", "--skip-unsupported", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    from medexplain.run import read_table
+    rows = {r["method"]: r for r in read_table(tmp_path / "r" / "results.csv")}
+    assert rows["saliency"]["status"] == "ok" and rows["patchnet"]["status"] == "skipped"
+    res = runner.invoke(app, ["run", str(manifest(tmp_path, images)), "--model", "test_run_pipeline:tinyseg",
+                              "--method", "saliency,patchnet", "--out", str(tmp_path / "r2")])
+    assert res.exit_code == 2 and "'patchnet' does not apply" in res.output and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.slow
+def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp_path, nnunet_folder):
+    ray = pytest.importorskip("ray")
+    import os
+    import sys
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys([os.getcwd(), *sys.path]))}})
+    try:
+        ray_flags = ["--backend", "ray", "--num-workers", "2", "--batch-size", "1"]
+        for name, flags, shape, channels, methods in (
+                ("sliding", SLIDING, (7, 8, 6), 1, "saliency,integrated_gradients"),
+                ("bundle", _bundle(tmp_path), (12, 10, 9), 2, "saliency"),
+                ("nnunet", _nnunet(nnunet_folder), (13, 11, 12), 2, "saliency")):
+            (tmp_path / name).mkdir(exist_ok=True)
+            explain_then_run(tmp_path / name, volumes(tmp_path / name, shape, channels=channels), flags, methods,
+                             ray_flags)
+    finally:
+        ray.shutdown()
