@@ -10,8 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from medexplain.cli import app
-from medexplain.cli import params
+from medexplain.cli import app, params
 
 runner = CliRunner()
 SRC = str(Path(__file__).resolve().parents[1] / "src")

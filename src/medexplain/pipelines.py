@@ -302,13 +302,13 @@ def method_options(methods: Sequence[str], options: dict | None, layer: str | No
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class CaseState:
-    """What :func:`explain_case` knows about one case as it goes: the ``stage`` it is at (``read``,
+    """What :func:`explain_case` knows about one case as it goes: the ``stage`` it is at (``image``,
     ``model``, ``plan``, ``target``, ``explain``, ``write``: an error says where it happened), the image
     and its ``meta``, the :class:`PreparedInput`, the methods to ``run`` and those ``skipped``, the resolved
     target and the ``info`` record (what ``info.json`` holds)."""
 
     images: list
-    stage: str = "read"
+    stage: str = "image"
     img: torch.Tensor | None = None
     meta: dict | None = None
     prep: PreparedInput | None = None
@@ -369,7 +369,7 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     on; an error before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
     ``per_method``: each method's options (:func:`method_options`)."""
     st = state if state is not None else CaseState(list(images))
-    st.stage = "read"
+    st.stage = "image"
     st.img, st.meta = io.read_channels(images, series=series)
     warn_series(images[0], st.img)
     st.stage = "model"
