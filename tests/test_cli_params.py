@@ -140,3 +140,13 @@ def test_help_prints_without_torch(command):
     if command in ("explain", "run"):
         assert "--device" in res.stdout and "--overwrite" in res.stdout and "--no-overwrite" in res.stdout
     assert set(commands()) == {"explain", "run", "instances", "shapley", "evaluate", "demo", "train", "methods"}
+
+
+def test_every_flag_in_the_cli_and_run_docs_exists():
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    flags = {f for cmd in commands().values() for p in cmd.params if p.param_type_name == "option"
+             for f in (*p.opts, *p.secondary_opts)} | {"--help", "--no-deps"}   # --no-deps: pip's
+    for name in ("cli.md", "run.md"):
+        text = re.sub(r"(?m)^ray .*$", "", (docs / name).read_text())     # `ray start --head ...` lines: Ray's flags
+        used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+        assert used and used <= flags, (name, sorted(used - flags))
