@@ -36,29 +36,45 @@ def volumes(tmp: Path, shape, n: int = 2, channels: int = 1) -> list[Path]:
     return paths
 
 
-def manifest(tmp: Path, images: list[Path]) -> Path:
+def manifest(tmp: Path, cases: list) -> Path:
+    """A manifest of ``cases`` (each a file, or a list of one file per channel: the cell joins them with |)."""
     with open(tmp / "cases.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "case_id"])
-        w.writerows([[str(p), f"c{i}"] for i, p in enumerate(images)])
+        w.writerows([["|".join(map(str, c)) if isinstance(c, list) else str(c), f"c{i}"] for i, c in enumerate(cases)])
     return tmp / "cases.csv"
 
 
-def explain_then_run(tmp: Path, images: list[Path], flags: list[str], methods: str, run_flags=()) -> None:
-    """``explain`` on each case and ``run`` on their manifest with the same flags; the maps must be the same bytes."""
-    for i, img in enumerate(images):
-        res = runner.invoke(app, ["explain", str(img), "--method", methods, *flags, "--out", str(tmp / f"e{i}")])
+def explain_then_run(tmp: Path, cases: list, flags: list[str], methods: str, run_flags=(), stems=None) -> None:
+    """``explain`` on each case and ``run`` on their manifest with the same flags; the maps must be the same bytes.
+    ``stems``: the names explain gives each case's files (default: the image's name up to its first dot)."""
+    stems = stems or [Path(c).name.split(".")[0] for c in cases]
+    for i, case in enumerate(cases):
+        files = [str(p) for p in (case if isinstance(case, list) else [case])]
+        res = runner.invoke(app, ["explain", *files, "--method", methods, *flags, "--out", str(tmp / f"e{i}")])
         assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["run", str(manifest(tmp, images)), "--method", methods, *flags, *run_flags,
+    res = runner.invoke(app, ["run", str(manifest(tmp, cases)), "--method", methods, *flags, *run_flags,
                               "--out", str(tmp / "run")])
     assert res.exit_code == 0, res.output
-    for i, img in enumerate(images):
-        stem = img.name.split(".")[0]
+    for i, stem in enumerate(stems):
         for m in methods.split(","):
             ran = (tmp / "run" / "cases" / f"c{i}" / f"{method_file(m)}.nii.gz").read_bytes()
             explained = (tmp / f"e{i}" / f"{stem}_{method_file(m)}.nii.gz").read_bytes()
-            assert ran == explained, (img, m)
+            assert ran == explained, (i, m)
             assert np.abs(np.asarray(nib.load(tmp / f"e{i}" / f"{stem}_{method_file(m)}.nii.gz").dataobj)).max() > 0
+
+
+def channel_files(tmp: Path, shape, n: int = 2) -> list:
+    """n nnU-Net cases as one file per channel (``caseK_0000.nii.gz``, ``caseK_0001.nii.gz``), listed out of order."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for k in range(n):
+        files = []
+        for c in range(2):
+            files.append(tmp / f"case{k}_{c:04d}.nii.gz")
+            nib.save(nib.Nifti1Image(rng.normal(size=shape).astype(np.float32), AFFINE), str(files[-1]))
+        cases.append(files[::-1])
+    return cases
 
 
 SLIDING = ["--model", "test_run_pipeline:tinyseg", "--roi-size", "4", "--overlap", "0.25", "--sw-mode", "gaussian",
@@ -92,7 +108,12 @@ def _nnunet(folder):
 
 
 def test_run_equals_explain_on_nnunet_cases(tmp_path, nnunet_folder):
+    """4D files, and nnU-Net's one file per channel (given out of order: ordered by the _0000 suffix, as explain
+    orders them)."""
     explain_then_run(tmp_path, volumes(tmp_path, (13, 11, 12), channels=2), _nnunet(nnunet_folder), "saliency")
+    (tmp_path / "files").mkdir()
+    explain_then_run(tmp_path / "files", channel_files(tmp_path / "files", (13, 11, 12)), _nnunet(nnunet_folder),
+                     "saliency", stems=["case0", "case1"])
 
 
 def test_run_refuses_preprocessing_columns_with_a_model_that_brings_its_own(tmp_path, nnunet_folder):
@@ -129,7 +150,7 @@ def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp
         for name, flags, shape, channels, methods in (
                 ("sliding", SLIDING, (7, 8, 6), 1, "saliency,integrated_gradients"),
                 ("bundle", _bundle(tmp_path), (12, 10, 9), 2, "saliency"),
-                ("nnunet", _nnunet(nnunet_folder), (13, 11, 12), 2, "saliency")):
+                ("nnunet", _nnunet(nnunet_folder), (13, 11, 12), 2, "saliency,integrated_gradients")):
             (tmp_path / name).mkdir(exist_ok=True)
             explain_then_run(tmp_path / name, volumes(tmp_path / name, shape, channels=channels), flags, methods,
                              ray_flags)

@@ -28,8 +28,9 @@ from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
 __all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "load_setup", "method_options", "on_device",
-           "resolve_device", "write_map", "ExplainedImage", "LesionInstances", "ContrastShapley", "predicted_class",
-           "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function", "SHAPLEY_VALUE_HELP"]
+           "resolve_device", "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
+           "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
+           "SHAPLEY_VALUE_HELP"]
 
 
 def _model(model, weights: str | None) -> torch.nn.Module:
@@ -524,7 +525,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     methods = [get_method(m).name for m in methods]
     per_method = method_options(methods, options, layer, seed)
     out = io.check_output_dir(out)
-    images, stem = _input_files(image, nnunet is not None)
+    images, stem = input_files(image, nnunet is not None)
     _check_outputs(stem, methods, out, overwrite)
     if bundle is not None and nnunet is None:
         io.check_output_dir(out, [out / f"{stem}_prediction.nii.gz"], overwrite=overwrite)
@@ -543,7 +544,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     return res
 
 
-def _input_files(image, nnunet: bool) -> tuple[list, str]:
+def input_files(image, nnunet: bool) -> tuple[list, str]:
     """``(files, stem)`` of :func:`explain_image`'s ``image``: a list of one file (or series folder) or of one
     file per channel; the output stem is :func:`medexplain.io.file_stem` of the first, or the nnU-Net case
     identifier (``CASE`` of ``CASE_0000.nii.gz``) when the files are an nnU-Net case's channels."""

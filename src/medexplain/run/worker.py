@@ -23,7 +23,7 @@ import torch
 from .. import io
 from ..errors import InputError, MedexplainError
 from ..metrics.localisation import hit_rate
-from ..pipelines import CaseState, CaseWriter, explain_case, load_setup, model_device
+from ..pipelines import CaseState, CaseWriter, explain_case, input_files, load_setup, model_device
 from ..targets import ResolvedTarget
 from .manifest import Case
 from .store import RunStore
@@ -110,9 +110,10 @@ class CaseProcessor:
         if case.preprocessing:
             setup = replace(setup, preprocessing=case.preprocessing_spec())
         writer = _RunWriter(self, case)
-        state = CaseState([case.image])
+        state = CaseState(case.images)
         try:
-            explain_case(setup, [case.image], methods, writer, per_method=spec.options, target=case.target,
+            images = input_files(case.images, setup.nnunet is not None)[0]   # as explain orders them
+            explain_case(setup, images, methods, writer, per_method=spec.options, target=case.target,
                          region=case.region, layer=spec.layer, output=spec.output, activation=spec.activation,
                          skip_unsupported=spec.skip_unsupported, series=case.series, seed=spec.seed, state=state)
         except Exception as e:  # a bad case is recorded and the run goes on
