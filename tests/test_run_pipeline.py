@@ -123,19 +123,43 @@ def test_run_refuses_preprocessing_columns_with_a_model_that_brings_its_own(tmp_
     assert res.exit_code == 2 and "preprocessing" in res.output and not (tmp_path / "r").exists()
 
 
-def test_run_records_methods_that_do_not_apply_as_skipped(tmp_path):
-    """--skip-unsupported means the same in run: the method is that case's skipped item, the others are written;
-    without it, a method that does not apply is refused before any work, as explain refuses it."""
+def test_run_plans_methods_on_each_cases_output_as_explain_does(tmp_path):
+    """A method that does not apply to a case's output (medcam explains classifier logits; this is a segmenter) is
+    that case's skipped item with --skip-unsupported and the others are written; without it, the case is an error
+    row naming the reason (explain refuses the call). A method that does not apply to the model at all (patchnet)
+    is refused before any work, as explain refuses it."""
+    from medexplain.run import read_table
     images = volumes(tmp_path, (6, 6, 6), n=1)
-    res = runner.invoke(app, ["run", str(manifest(tmp_path, images)), "--model", "test_run_pipeline:tinyseg",
-                              "--method", "saliency,patchnet", "--skip-unsupported", "--out", str(tmp_path / "r")])
+    base = ["run", str(manifest(tmp_path, images)), "--model", "test_run_pipeline:tinyseg"]
+    res = runner.invoke(app, [*base, "--method", "saliency,medcam", "--skip-unsupported", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    rows = {r["method"]: r for r in read_table(tmp_path / "r" / "results.csv")}
+    assert rows["saliency"]["status"] == "ok" and rows["medcam"]["status"] == "skipped"
+    assert "classifiers" in rows["medcam"]["error"]
+    res = runner.invoke(app, [*base, "--method", "saliency,medcam", "--out", str(tmp_path / "r2")])
+    rows = {r["method"]: r for r in read_table(tmp_path / "r2" / "results.csv")}
+    assert {r["status"] for r in rows.values()} == {"error"} and "'medcam' does not apply" in rows["saliency"]["error"]
+    res = runner.invoke(app, [*base, "--method", "saliency,patchnet", "--out", str(tmp_path / "r3")])
+    assert res.exit_code == 2 and "'patchnet' does not apply" in res.output and not (tmp_path / "r3").exists()
+
+
+def strided():
+    """A segmenter whose output grid is half its input grid."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(1, 2, 3, stride=2, padding=1)).eval()
+
+
+def test_a_region_mask_off_the_output_grid_is_the_same_error_in_run_as_in_explain(tmp_path):
+    images = volumes(tmp_path, (8, 8, 8), n=1)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), AFFINE), str(tmp_path / "mask.nii.gz"))
+    flags = ["--model", "test_run_pipeline:strided", "--target", "1", "--region", str(tmp_path / "mask.nii.gz")]
+    res = runner.invoke(app, ["explain", str(images[0]), *flags, "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "output grid" in res.output
+    res = runner.invoke(app, ["run", str(manifest(tmp_path, images)), *flags, "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     from medexplain.run import read_table
-    rows = {r["method"]: r for r in read_table(tmp_path / "r" / "results.csv")}
-    assert rows["saliency"]["status"] == "ok" and rows["patchnet"]["status"] == "skipped"
-    res = runner.invoke(app, ["run", str(manifest(tmp_path, images)), "--model", "test_run_pipeline:tinyseg",
-                              "--method", "saliency,patchnet", "--out", str(tmp_path / "r2")])
-    assert res.exit_code == 2 and "'patchnet' does not apply" in res.output and not (tmp_path / "r2").exists()
+    (row,) = read_table(tmp_path / "r" / "results.csv")
+    assert row["status"] == "error" and row["error"].startswith("target: --region") and "output grid" in row["error"]
 
 
 @pytest.mark.slow
