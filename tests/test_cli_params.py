@@ -150,3 +150,15 @@ def test_every_flag_in_the_cli_and_run_docs_exists():
         text = re.sub(r"(?m)^ray .*$", "", (docs / name).read_text())     # `ray start --head ...` lines: Ray's flags
         used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
         assert used and used <= flags, (name, sorted(used - flags))
+
+
+def test_flags_are_checked_without_torch():
+    """Parsing (method names, choices, devices) imports nothing heavy: a bad value is refused in the process
+    where torch cannot be imported."""
+    for args, words in ((["explain", "x.nii", "--method", "saliency,gradkam"], "Did you mean gradcam"),
+                        (["run", "m.csv", "--activation", "tanh"], "is not one of"),
+                        (["instances", "x.nii", "--device", "gpu"], "cuda:N")):
+        res = subprocess.run([sys.executable, "-c", BLOCK, *args], capture_output=True, text=True, timeout=60,
+                             env={"PYTHONPATH": SRC, "COLUMNS": "300", "PATH": "/usr/bin:/bin"})
+        out = " ".join(re.sub(r"[\u2500-\u257f]", " ", res.stdout + res.stderr).split())
+        assert res.returncode == 2 and words in out and "blocked" not in out, (args, out)

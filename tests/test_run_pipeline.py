@@ -162,6 +162,20 @@ def test_a_region_mask_off_the_output_grid_is_the_same_error_in_run_as_in_explai
     assert row["status"] == "error" and row["error"].startswith("target: --region") and "output grid" in row["error"]
 
 
+def test_run_overwrite_recomputes_a_run_and_excludes_resume(tmp_path):
+    images = volumes(tmp_path, (6, 6, 6), n=2)
+    args = ["run", str(manifest(tmp_path, images)), "--model", "test_run_pipeline:tinyseg", "--out", str(tmp_path / "r")]
+    assert runner.invoke(app, args).exit_code == 0
+    before = (tmp_path / "r" / "cases" / "c0" / "saliency.nii.gz").read_bytes()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    res = runner.invoke(app, [*args, "--overwrite"])
+    assert res.exit_code == 0 and "computed 2, already complete 0" in res.output, res.output
+    assert (tmp_path / "r" / "cases" / "c0" / "saliency.nii.gz").read_bytes() == before
+    res = runner.invoke(app, [*args, "--overwrite", "--resume"])
+    assert res.exit_code == 2 and "give one" in res.output
+
+
 @pytest.mark.slow
 def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp_path, nnunet_folder):
     ray = pytest.importorskip("ray")
