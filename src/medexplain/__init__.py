@@ -12,11 +12,12 @@ from . import errors
 
 __version__ = "0.1.0"
 
-__all__ = ["Attribution", "available_methods", "errors", "explain", "normalize", "register", "targets"]
+__all__ = ["Attribution", "Model", "available_methods", "errors", "explain", "load_model", "normalize", "register",
+           "targets"]
 
 #: Public names and the module that defines each (loaded on first use).
 _NAMES = {"Attribution": "attribution", "available_methods": "explain", "explain": "explain", "normalize": "ops",
-          "register": "registry", "channel_shapley": "shapley"}
+          "register": "registry", "channel_shapley": "shapley", "Model": "models.model", "load_model": "models.model"}
 #: Sub-packages and modules reachable as attributes (``mx.metrics``), loaded on first use.
 _MODULES = ("targets", "metrics", "segmentation", "models", "data", "io", "report", "shapley", "run", "training",
             "demo", "evaluation", "pipelines", "render", "ops", "core", "registry")
