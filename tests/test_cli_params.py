@@ -104,11 +104,11 @@ def test_old_spellings_are_hidden_aliases():
 def test_devices_are_checked_before_any_work(tmp_path):
     import torch
 
-    from medexplain.errors import OptionError
-    from medexplain.pipelines import resolve_device
+    from medexplain.errors import InputError
+    from medexplain.models.model import resolve_device  # the one device rule, which the pipelines use
     assert resolve_device(None) is None and resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(OptionError, match="CUDA device"):
+    with pytest.raises(InputError, match="CUDA device"):
         resolve_device(f"cuda:{torch.cuda.device_count() + 3}")
     res = runner.invoke(app, ["explain", str(tmp_path / "x.nii"), "--model", "zoo:chest_xray", "--device",
                               f"cuda:{torch.cuda.device_count() + 3}", "--out", str(tmp_path / "o")])

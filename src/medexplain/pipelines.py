@@ -20,6 +20,7 @@ from .core import check_input, model_expectations
 from .errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from .explain import explain
 from .models.loading import checked_forward, load_model
+from .models.model import resolve_device
 from .ops import ACTIVATIONS, detect_activation, probabilities
 from .options import CountingModel, check_options, estimate_cost
 from .registry import get_method, route_options
@@ -28,7 +29,7 @@ from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
 __all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "load_setup", "method_options", "on_device",
-           "resolve_device", "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
+           "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
            "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
            "SHAPLEY_VALUE_HELP"]
 
@@ -197,29 +198,11 @@ def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
 # --------------------------------------------------------------------------------------------------
 # the model of a call, and the device it runs on
 # --------------------------------------------------------------------------------------------------
-def resolve_device(device) -> torch.device | None:
-    """``device``: ``None`` (leave the model where it is), ``"auto"`` (CUDA when present, else the CPU),
-    ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``; a device this machine lacks is an
-    :class:`~medexplain.errors.OptionError`."""
-    if device is None:
-        return None
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
-    except (RuntimeError, TypeError):
-        raise OptionError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise OptionError(f"--device {device}: this machine has {n} CUDA device(s); use --device cpu or auto")
-    return dev
-
-
 def on_device(net, device):
-    """The one place a pipeline puts its model on a device (``.to``; the model object of issue 23 will take it
-    instead). ``None`` leaves the model where it is; inputs follow the model (:func:`model_device`)."""
+    """The one place a pipeline puts its model on a device (``.to``), chosen by the model object's rule
+    (:func:`medexplain.models.model.resolve_device`: ``None`` leaves the model where it is, ``"auto"`` is CUDA
+    when present, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; a device this machine lacks is a typed error). Inputs
+    follow the model (:func:`model_device`)."""
     dev = resolve_device(device)
     return net if dev is None else net.to(dev)
 
