@@ -176,6 +176,34 @@ def test_run_overwrite_recomputes_a_run_and_excludes_resume(tmp_path):
     assert res.exit_code == 2 and "give one" in res.output
 
 
+def tinyseg_b():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 1)).eval()
+
+
+ENSEMBLE = ["--model", "test_run_pipeline:tinyseg", "--model", "test_run_pipeline:tinyseg_b", "--flip-axes", "0,1,2",
+            "--target", "1", "--region", "all"]
+
+
+def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_path):
+    """Two --model and --flip-axes build mx.load_model([a, b], flip_axes=...): explain's map is mx.explain on that
+    model object (16 passes counted), and run writes the same bytes."""
+    import json
+
+    import medexplain as mx
+    from medexplain.targets import Region
+    images = volumes(tmp_path, (6, 7, 5))
+    explain_then_run(tmp_path, images, ENSEMBLE, "saliency,gradcam")
+    model = mx.load_model([tinyseg(), tinyseg_b()], flip_axes=(0, 1, 2))
+    x = torch.from_numpy(np.asarray(nib.load(images[0]).dataobj))[None, None]
+    for m in ("saliency", "gradcam"):
+        want = mx.explain(model, x, m, target=Region([1], torch.ones(1, 6, 7, 5, dtype=torch.bool))).map[0, 0]
+        got = torch.from_numpy(np.asarray(nib.load(tmp_path / "e0" / f"case0_{m}.nii.gz").dataobj))
+        assert torch.allclose(got, want.float(), rtol=1e-5, atol=1e-7 * float(want.abs().max())), m
+    info = json.loads((tmp_path / "e0" / "case0_info.json").read_text())
+    assert info["methods"]["saliency"]["n_forward"] == 16 and "+" in info["model"]
+
+
 @pytest.mark.slow
 def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp_path, nnunet_folder):
     ray = pytest.importorskip("ray")
@@ -187,6 +215,7 @@ def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp
         ray_flags = ["--backend", "ray", "--num-workers", "2", "--batch-size", "1"]
         for name, flags, shape, channels, methods in (
                 ("sliding", SLIDING, (7, 8, 6), 1, "saliency,integrated_gradients"),
+                ("ensemble", ENSEMBLE, (6, 7, 5), 1, "saliency,gradcam"),
                 ("bundle", _bundle(tmp_path), (12, 10, 9), 2, "saliency"),
                 ("nnunet", _nnunet(nnunet_folder), (13, 11, 12), 2, "saliency,integrated_gradients")):
             (tmp_path / name).mkdir(exist_ok=True)

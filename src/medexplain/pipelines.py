@@ -20,7 +20,8 @@ from .core import check_input, model_expectations
 from .errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from .explain import explain
 from .models.loading import checked_forward, load_model
-from .models.model import resolve_device
+from .models.model import Model, resolve_device
+from .models.model import load_model as load_model_object
 from .ops import ACTIVATIONS, detect_activation, probabilities
 from .options import CountingModel, check_options, estimate_cost
 from .registry import get_method, route_options
@@ -233,20 +234,25 @@ class ModelSetup:
                 "nnunet": self.nnunet.describe() if self.nnunet is not None else None}
 
 
-def load_setup(model=None, weights: str | None = None, *, bundle=None, nnunet=None, nnunet_options: dict | None = None,
-               preprocessing=None, inferer=None, device=None) -> ModelSetup:
+def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_options: dict | None = None,
+               preprocessing=None, inferer=None, device=None, flip_axes=None, eval: str = "auto") -> ModelSetup:
     """The model of a call from what the commands take: ``model`` (a module, or a specification for
     :func:`medexplain.models.loading.load_model` with ``weights``), or a MONAI ``bundle`` folder
     (:func:`medexplain.models.bundle.load_bundle`: its network, preprocessing and inferer, unless ``inferer``
     is given), or an ``nnunet`` model or folder (:func:`medexplain.models.nnunet.load_nnunet` with
     ``nnunet_options``: its networks, preprocessing and sliding window). ``preprocessing``/``inferer``: a
     :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) and a sliding window (or its
-    settings as a dict). ``device``: :func:`on_device`. Contradicting sources are an
-    :class:`~medexplain.errors.OptionError` before anything loads."""
+    settings as a dict). ``device``: :func:`on_device`. Several ``model`` specifications (with a list of
+    ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` build the model object
+    (:func:`medexplain.models.model.load_model`: an ensemble, test-time flips, the train/eval policy).
+    Contradicting sources are an :class:`~medexplain.errors.OptionError` before anything loads."""
     inferer = as_inferer(inferer)
     bnd = nnm = None
     if nnunet is not None and bundle is not None:
         raise OptionError("give one of --nnunet and --bundle")
+    if flip_axes and (nnunet is not None or bundle is not None):
+        raise OptionError("--flip-axes flips a --model; an nnU-Net folder's own flips are its mirroring (--mirroring), "
+                          "a bundle's are its own")
     if nnunet is not None:
         nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer, nnunet_options)
         net, name = nnm.network, type(nnm.network).__name__
@@ -262,8 +268,21 @@ def load_setup(model=None, weights: str | None = None, *, bundle=None, nnunet=No
         raise OptionError("give the model to explain (--model), a MONAI bundle (--bundle) or an nnU-Net model folder "
                           "(--nnunet)")
     else:
-        net, name = _model(model, weights), (model if isinstance(model, str) else type(model).__name__)
+        names = [m if isinstance(m, str) else type(m).__name__ for m in (model if isinstance(model, list) else [model])]
+        net, name = model_object(model, weights, flip_axes, eval), "+".join(names)
+    if eval != "auto" and not isinstance(net, Model):
+        net = Model(net, eval=eval)
     return ModelSetup(on_device(net, device), name, preprocessing, inferer, bnd, nnm)
+
+
+def model_object(model, weights=None, flip_axes=None, eval: str = "auto"):
+    """``model`` (a module or a specification, with ``weights``) as loaded; several of them (with a list of
+    ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` give the model object
+    (:func:`medexplain.models.model.load_model`)."""
+    if isinstance(model, (list, tuple)) or flip_axes or eval != "auto":
+        return load_model_object(list(model) if isinstance(model, (list, tuple)) else model, weights,
+                                 flip_axes=tuple(flip_axes) if flip_axes else None, eval=eval)
+    return _model(model, weights)
 
 
 def method_options(methods: Sequence[str], options: dict | None, layer: str | None = None,
@@ -466,7 +485,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
                   bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
-                  seed: int | None = None) -> ExplainedImage:
+                  seed: int | None = None, flip_axes=None, eval: str = "auto") -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
     uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
@@ -475,7 +494,9 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
     The model: ``model`` (a module or a specification for :func:`medexplain.models.loading.load_model` with
     ``weights``), a MONAI ``bundle`` folder or an ``nnunet`` model or folder (with ``nnunet_options``), placed
-    on ``device`` (:func:`load_setup`; ``None``: where it is). With a bundle's ``postprocessing`` the bundle's
+    on ``device`` (:func:`load_setup`; ``None``: where it is); several models (a list, with a list of
+    ``weights``), ``flip_axes`` and ``eval`` give the model object (an ensemble, test-time flips, the train/eval
+    policy: :func:`medexplain.models.model.load_model`). With a bundle's ``postprocessing`` the bundle's
     prediction on the image grid is written as ``<stem>_prediction.nii.gz``. ``inferer``: a
     ``monai.inferers.SlidingWindowInferer`` or its settings as a dict (``roi_size``, ``overlap``,
     ``sw_batch_size``, ``mode``): every method then runs through it, window by window (:mod:`medexplain.sliding`).
@@ -513,7 +534,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     if bundle is not None and nnunet is None:
         io.check_output_dir(out, [out / f"{stem}_prediction.nii.gz"], overwrite=overwrite)
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options,
-                       preprocessing=preprocessing, inferer=inferer, device=device)
+                       preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
     writer = FileWriter(setup, out, stem, on_method)
     st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
                       output=output, activation=activation, threshold=threshold, skip_unsupported=skip_unsupported,
@@ -602,7 +623,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
                              preprocessing=None, inferer=None, nnunet=None, nnunet_options: dict | None = None,
-                             device=None, on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
+                             device=None, flip_axes=None, eval: str = "auto",
+                             on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
@@ -640,7 +662,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         from .models.nnunet import order_channel_files
         images = order_channel_files(images)
     setup = load_setup(model, weights, nnunet=nnunet, nnunet_options=nnunet_options, preprocessing=preprocessing,
-                       inferer=inferer, device=device)
+                       inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
     nnm, net, preprocessing, inferer = setup.nnunet, setup.net, setup.preprocessing, setup.inferer
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
@@ -778,7 +800,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
                      target=None, region=None, output=None, preprocessing=None,
                      on_model: Callable[[int, object], None] | None = None,
                      on_progress: Callable[[str, int, int | None], None] | None = None,
-                     inferer=None, nnunet=None, nnunet_options: dict | None = None, device=None) -> ContrastShapley:
+                     inferer=None, nnunet=None, nnunet_options: dict | None = None, device=None, flip_axes=None,
+                     eval: str = "auto") -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
@@ -840,7 +863,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     base = _baseline(baseline)
     results, chosen, activations = [], None, []
     for i, spec in enumerate(models):
-        net = on_device(_model(spec, weights[i] if weights else None), device)
+        net = on_device(model_object(spec, weights[i] if weights else None, flip_axes, eval), device)
         prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
                              inferer=as_inferer(inferer))
         seg_t = None

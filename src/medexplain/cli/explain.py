@@ -25,7 +25,7 @@ def explain_kwargs(flags: Flags) -> dict:
     passes the same ones to :func:`medexplain.run.run_manifest`)."""
     from ..targets import parse_target
 
-    return {"weights": flags.one("weights"), "target": parse_target(flags.target or "predicted"),
+    return {"weights": flags.models("weights"), "target": parse_target(flags.target or "predicted"),
             "region": flags.region, "layer": flags.layer, "options": parse_options(flags.option),
             "output": parse_output(flags.output), "activation": flags.activation,
             "skip_unsupported": flags.skip_unsupported, "overwrite": flags.overwrite, "series": flags.series,
@@ -42,7 +42,7 @@ def explain_cmd(image: list[Path] = typer.Argument(..., help=IMAGE_HELP), flags:
     from ..pipelines import explain_image
 
     with cli_errors(), pass_progress() as bar:
-        res = explain_image(image[0] if len(image) == 1 else image, flags.one("model"), flags.methods("saliency"),
+        res = explain_image(image[0] if len(image) == 1 else image, flags.models("model"), flags.methods("saliency"),
                             flags.out, on_estimate=bar.estimate, on_progress=bar.update, **explain_kwargs(flags))
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"

@@ -57,7 +57,7 @@ def instances_cmd(
         raise typer.BadParameter("instances takes one method: smoothgrad or gradcam++", param_hint="--method")
     with cli_errors(), pass_progress() as bar:
         chunk = {} if flags.chunk_size is None else {"chunk_size": flags.chunk_size}
-        res = explain_lesion_instances(list(image), flags.one("model"), flags.out, weights=flags.one("weights"),
+        res = explain_lesion_instances(list(image), flags.models("model"), flags.out, weights=flags.models("weights"),
                                        threshold=threshold, method=methods[0], aggregate=aggregate,
                                        channel=parse_target(flags.target), n_samples=n_samples, sigma=sigma,
                                        seed=flags.seed, min_size=min_size, connectivity=connectivity,

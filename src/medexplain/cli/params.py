@@ -117,11 +117,18 @@ _METHOD_LIST = ", ".join(METHOD_NAMES)
 OPTIONS: dict[str, Opt] = {
     # -- the model --
     "model": Opt(("--model", "-m"), List[str], [], "the model: a TorchScript file, package.module:factory (with "
-                 "--weights) or zoo:<task>; shapley takes several (repeat: one per fold), the others one", panel=MODEL),
+                 "--weights) or zoo:<task>; repeated: an ensemble, the mean of their scores (shapley: one value per "
+                 "model, e.g. per fold)", panel=MODEL),
     "weights": Opt(("--weights",), List[str], [], "state dict of a package.module:factory --model (repeat in the "
                    "order of --model)", panel=MODEL),
     "bundle": Opt(("--bundle",), Optional[Path], None, "a MONAI bundle folder (configs/inference.json, "
                   "models/model.pt) instead of --model: its network, preprocessing and inferer", panel=MODEL),
+    "flip_axes": Opt(("--flip-axes",), Optional[str], None, "test-time flips over these spatial axes (0-based, "
+                     "comma-separated, e.g. 0,1,2): the mean over the plain pass and every flipped pass (2^n), as "
+                     "nnU-Net's mirroring; gradients and CAMs are exact through them (mx.Model)", panel=MODEL),
+    "eval": Opt(("--eval",), Literal["auto", "always", "never"], "auto", "train/eval policy: auto (a model entirely "
+                "in training mode is switched to eval; one in mixed modes is used as given), always, or never",
+                panel=MODEL),
     "device": Opt(("--device",), str, "auto", "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N",
                   {"parser": parse_device, "metavar": "auto|cpu|cuda[:N]"}, panel=MODEL),
     # -- nnU-Net v2 --
@@ -208,7 +215,7 @@ OPTIONS: dict[str, Opt] = {
 PREPROCESSING = ("spacing", "orientation", "spatial_size", "divisible_by", "intensity", "transform")
 SLIDING_WINDOW = ("roi_size", "overlap", "sw_batch_size", "sw_mode")
 NNUNET_FLAGS = ("nnunet", "folds", "mirroring", "configuration", "trust_checkpoint")
-MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device")
+MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device", "flip_axes", "eval")
 #: Everything ``explain`` takes besides its images; ``run`` takes all of it too.
 EXPLAIN = ("model", "weights", "bundle", "method", "target", "region", "layer", "option", "activation", "output",
            "skip_unsupported", "seed", "series", "out", "overwrite", *MODEL_INPUT)
@@ -246,16 +253,19 @@ class Flags(dict):
 
     def model_inputs(self) -> dict:
         """The pipelines' keyword arguments of the model-input flags: preprocessing, inferer, nnU-Net, device."""
+        try:
+            flips = [int(a) for a in split_list(self["flip_axes"])] or None
+        except ValueError:
+            raise typer.BadParameter(f"must be axis numbers separated by commas, got {self['flip_axes']!r}",
+                                     param_hint="--flip-axes") from None
         return {"preprocessing": self.preprocessing() or None, "inferer": self.inferer(), "nnunet": self["nnunet"],
-                "nnunet_options": self.nnunet_options(), "device": self["device"]}
+                "nnunet_options": self.nnunet_options(), "device": self["device"], "flip_axes": flips,
+                "eval": self["eval"]}
 
-    def one(self, name: str) -> str | None:
-        """A repeatable option the command takes once (``--model``, ``--weights``): its value or None."""
+    def models(self, name: str = "model"):
+        """``--model`` (or ``--weights``) as the library takes it: None, one value, or a list (an ensemble)."""
         values = list(self[name] or [])
-        if len(values) > 1:
-            raise typer.BadParameter(f"this command takes one, got {len(values)}: {values}",
-                                     param_hint=OPTIONS[name].decls[0])
-        return values[0] if values else None
+        return None if not values else values[0] if len(values) == 1 else values
 
 
 def split_list(value: str | None) -> list[str]:

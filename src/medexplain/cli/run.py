@@ -50,7 +50,7 @@ def run_cmd(
                                 console=console, transient=True) as bar:
         kwargs = explain_kwargs(flags)
         task = bar.add_task("items", total=None)
-        res = run_manifest(manifest, flags.one("model"), flags.methods("saliency"), flags.out, backend=backend,
+        res = run_manifest(manifest, flags.models("model"), flags.methods("saliency"), flags.out, backend=backend,
                            address=address, resume=resume, batch_size=flags.batch_size or 4, num_workers=num_workers,
                            map_format=map_format, retry_errors=retry_errors,
                            on_progress=lambda d, t: bar.update(task, completed=d, total=t), **kwargs)

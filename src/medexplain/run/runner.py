@@ -34,7 +34,7 @@ from .worker import CaseProcessor, WorkerSpec
 # What a resumed run must share with the run it continues (otherwise its items would mix two setups).
 FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
                "map_format", "seed", "batch_size", "preprocessing", "bundle", "nnunet", "nnunet_options", "inferer",
-               "activation", "output", "target", "region", "series", "layer")
+               "activation", "output", "target", "region", "series", "layer", "flip_axes", "eval")
 
 
 @dataclass
@@ -86,7 +86,8 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
                  on_progress: Callable[[int, int], None] | None = None, preprocessing: dict | None = None,
                  target=None, region=None, activation: str = "auto", output=None, skip_unsupported: bool = False,
                  overwrite: bool = False, series: str | None = None, bundle=None, nnunet=None,
-                 nnunet_options: dict | None = None, inferer: dict | None = None, device=None) -> RunResult:
+                 nnunet_options: dict | None = None, inferer: dict | None = None, device=None, flip_axes=None,
+                 eval: str = "auto") -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Every case goes through ``explain``'s one case pipeline (:func:`medexplain.pipelines.explain_case`), so a
@@ -96,7 +97,8 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
     Args:
         manifest: CSV path (columns: image, mask, label, target, region, series, case_id and the preprocessing
             columns; see :mod:`.manifest`).
-        model: TorchScript path, ``package.module:factory`` (+ ``weights``), or ``zoo:<task>``; or give ``bundle``
+        model: TorchScript path, ``package.module:factory`` (+ ``weights``), or ``zoo:<task>``; a list of them (with
+            a list of ``weights``) is an ensemble; ``flip_axes`` and ``eval`` as for ``explain``; or give ``bundle``
             (a MONAI bundle folder) or ``nnunet`` (an nnU-Net v2 folder, with ``nnunet_options``: ``folds``,
             ``use_mirroring``, ``configuration``, ``trusted``).
         methods: names (list or comma-separated) from :func:`medexplain.available_methods`.
@@ -137,19 +139,18 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
     if (bundle is not None or nnunet is not None) and any(c.preprocessing for c in cases):
         raise OptionError("--bundle and --nnunet give the model's preprocessing: drop the preprocessing options and "
                           "the manifest's preprocessing columns")
-    if model is not None and Path(str(model)).is_file():  # absolute, so a resume from elsewhere and remote workers find it
-        model = str(Path(model).resolve())
-    weights = str(Path(weights).resolve()) if weights else None
+    model, weights = _absolute(model), _absolute(weights)  # so a resume from elsewhere and remote workers find them
+    flip_axes = [int(a) for a in flip_axes] if flip_axes else None
     bundle = str(Path(bundle).resolve()) if bundle is not None else None
     nnunet = str(Path(nnunet).resolve()) if nnunet is not None else None
     nnunet_options = _jsonable(nnunet_options) if nnunet is not None and nnunet_options else None
     inferer = _jsonable(inferer) if inferer is not None and inferer.get("roi_size") is not None else None
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options, inferer=inferer,
-                       device=device)
+                       device=device, flip_axes=flip_axes, eval=eval)
     plan_methods(methods, setup.net, None, layer, skip_unsupported)   # hooks, the layer: before any case
     routed = method_options(methods, options, layer, seed)
     if backend == "ray":
-        if model is not None and not isinstance(model, str):
+        if any(m is not None and not isinstance(m, str) for m in (model if isinstance(model, list) else [model])):
             raise OptionError("the ray backend loads the model in each worker: give it as a file or "
                               "package.module:factory, not as a module object")
         backends.ray_module()
@@ -157,11 +158,9 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
     if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
         raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
     check_output_dir(out)  # creatable and writable, before any work
-    is_file = model is not None and Path(str(model)).is_file()
     config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
-              "model": model if model is None or isinstance(model, str) else type(model).__name__,
-              "model_sha256": sha256_file(model) if is_file else None,
-              "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
+              "model": _spec(model), "model_sha256": _sha(model), "weights": weights, "weights_sha256": _sha(weights),
+              "flip_axes": flip_axes, "eval": eval,
               "bundle": bundle, "nnunet": nnunet, "nnunet_options": nnunet_options, "inferer": inferer,
               "methods": methods, "options": _jsonable(routed), "layer": layer, "activation": activation,
               "output": output, "target": target, "region": region, "series": series,
@@ -185,7 +184,7 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
               "started": (previous or {}).get("started", started), "ended": None,
               "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
     atomic_json(record, out / RUN_RECORD)
-    spec = WorkerSpec(model=model if isinstance(model, str) or model is None else None, methods=methods, out=str(out),
+    spec = WorkerSpec(model=_spec(model), methods=methods, out=str(out), flip_axes=flip_axes, eval=eval,
                       options=routed, weights=weights, map_format=map_format, seed=seed, retry_errors=retry_errors,
                       device=None if device is None else str(device), bundle=bundle, nnunet=nnunet,
                       nnunet_options=nnunet_options, inferer=inferer, layer=layer, activation=activation, output=output,
@@ -206,6 +205,27 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
     atomic_json(record, out / RUN_RECORD)
     return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=progress.computed,
                      skipped=progress.skipped, removed_partials=removed)
+
+
+def _absolute(spec):
+    """A model or weights specification (or a list of them) with existing files made absolute."""
+    if isinstance(spec, (list, tuple)):
+        return [_absolute(s) for s in spec]
+    return str(Path(spec).resolve()) if isinstance(spec, (str, Path)) and Path(spec).is_file() else spec
+
+
+def _spec(model):
+    """A model specification as recorded (a module by its class name)."""
+    if isinstance(model, (list, tuple)):
+        return [_spec(m) for m in model]
+    return model if model is None or isinstance(model, str) else type(model).__name__
+
+
+def _sha(spec):
+    """SHA-256 of a specification's file(s) (None for what is not a file)."""
+    if isinstance(spec, (list, tuple)):
+        return [_sha(s) for s in spec]
+    return sha256_file(spec) if isinstance(spec, str) and Path(spec).is_file() else None
 
 
 def with_defaults(cases: list[Case], preprocessing: dict | None = None, **columns) -> list[Case]:

@@ -35,11 +35,11 @@ class WorkerSpec:
     weights, a bundle folder or an nnU-Net folder with its options), the run-wide settings of the case
     pipeline, and the run's layout."""
 
-    model: str | None
+    model: str | list | None
     methods: list[str]
     out: str
     options: dict[str, dict] = field(default_factory=dict)
-    weights: str | None = None
+    weights: str | list | None = None
     map_format: str = "nifti"
     seed: int = 0
     retry_errors: bool = False
@@ -54,11 +54,14 @@ class WorkerSpec:
     output: object = None
     skip_unsupported: bool = False
     redo: bool = False             # --overwrite: recompute items that are complete
+    flip_axes: list | None = None
+    eval: str = "auto"
 
     def setup(self):
         """The model, as every worker loads it (:func:`medexplain.pipelines.load_setup`)."""
         return load_setup(self.model, self.weights, bundle=self.bundle, nnunet=self.nnunet,
-                          nnunet_options=self.nnunet_options, inferer=self.inferer, device=self.device)
+                          nnunet_options=self.nnunet_options, inferer=self.inferer, device=self.device,
+                          flip_axes=self.flip_axes, eval=self.eval)
 
 
 def error_message(err: BaseException, stage: str) -> str:
