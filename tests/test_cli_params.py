@@ -162,3 +162,24 @@ def test_flags_are_checked_without_torch():
                              env={"PYTHONPATH": SRC, "COLUMNS": "300", "PATH": "/usr/bin:/bin"})
         out = " ".join(re.sub(r"[\u2500-\u257f]", " ", res.stdout + res.stderr).split())
         assert res.returncode == 2 and words in out and "blocked" not in out, (args, out)
+
+
+def test_every_command_line_in_the_docs_uses_existing_flags():
+    """`medexplain <command> ...` lines (with their backslash continuations) in docs/*.md and the README."""
+    root = Path(__file__).resolve().parents[1]
+    flags = {f for cmd in commands().values() for p in cmd.params if p.param_type_name == "option"
+             for f in (*p.opts, *p.secondary_opts)} | {"--help"}
+    seen = 0
+    for doc in [*sorted((root / "docs").glob("*.md")), root / "README.md"]:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not re.search(r"\bmedexplain (" + "|".join(commands()) + r")\b", line):
+                continue
+            block, j = line, i
+            while block.rstrip().endswith("\\") and j + 1 < len(lines):
+                j += 1
+                block += lines[j]
+            unknown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", block)) - flags
+            assert not unknown, (doc.name, unknown, block)
+            seen += 1
+    assert seen > 10
