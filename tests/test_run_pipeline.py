@@ -204,6 +204,36 @@ def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_pa
     assert info["methods"]["saliency"]["n_forward"] == 16 and "+" in info["model"]
 
 
+def bn_train():
+    """A segmenter left entirely in training mode, with a BatchNorm (batch statistics in training mode)."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv3d(1, 3, 3, padding=1), nn.BatchNorm3d(3), nn.Tanh(), nn.Conv3d(3, 2, 1)).train()
+
+
+def test_the_eval_policy_reaches_the_model_object(tmp_path):
+    """explain_image(..., eval=policy) (the CLI's --eval) explains mx.Model(network, eval=policy): a network left in
+    training mode is used as given with never, switched to eval with always. (The loaders of a file or factory
+    switch what they load to eval mode themselves, so from the command line --eval matters for what they keep.)"""
+    import medexplain as mx
+    from medexplain.pipelines import explain_image
+    from medexplain.targets import Region
+    (image,) = volumes(tmp_path, (5, 6, 4), n=1)
+    x = torch.from_numpy(np.asarray(nib.load(image).dataobj))[None, None]
+    maps = {}
+    for policy in ("always", "never"):
+        net = bn_train()
+        res = explain_image(image, net, "saliency", tmp_path / policy, target=1, region="all", eval=policy)
+        maps[policy] = res.attributions["saliency"].map
+        want = mx.explain(mx.Model(bn_train(), eval=policy), x, "saliency",
+                          target=Region([1], torch.ones(1, 5, 6, 4, dtype=torch.bool))).map
+        assert torch.allclose(maps[policy], want, rtol=1e-5, atol=1e-8), policy
+        assert net.training and net[1].training    # the network is left as it was given
+    assert not torch.allclose(maps["always"], maps["never"])
+    res = runner.invoke(app, ["explain", str(image), "--model", "test_run_pipeline:bn_train", "--eval", "never",
+                              "--target", "1", "--region", "all", "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+
+
 @pytest.mark.slow
 def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp_path, nnunet_folder):
     ray = pytest.importorskip("ray")

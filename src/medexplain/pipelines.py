@@ -406,8 +406,12 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=st.resolved.target,
-                           inferer=setup.inferer, **per_method[m])
+            if isinstance(net, Model):  # as given: a counting wrapper would hide its settings (the eval policy)
+                attr = explain(net, prep.x, method=m, target=st.resolved.target, output=output, inferer=setup.inferer,
+                               **per_method[m])
+            else:
+                attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=st.resolved.target,
+                               inferer=setup.inferer, **per_method[m])
             st.stage = "preprocessing"
             amap = prep.invert(attr.map[0].detach().cpu())
         except Exception as e:  # recorded; the finished methods' files stay
