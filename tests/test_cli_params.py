@@ -80,6 +80,8 @@ def test_static_lists_equal_the_library():
     assert params.INTENSITY_HELP == transforms.INTENSITY_HELP
     assert tuple(params.ACTIVATIONS) == tuple(ops.ACTIVATIONS)
     assert SHAPLEY_VALUE_HELP == LIB_VALUE_HELP
+    from medexplain import dicom_out
+    assert params.FORMATS == dicom_out.FORMATS
 
 
 def test_run_accepts_every_option_of_explain():
@@ -88,6 +90,9 @@ def test_run_accepts_every_option_of_explain():
     run = {p.name: p for p in cmds["run"].params if p.param_type_name == "option"}
     assert len(explain) > 30
     for name, p in explain.items():
+        if name in params.DICOM_OUTPUT:   # DICOM outputs and PACS studies: not in run yet (docs/dicom.md, "Not done")
+            assert name not in run, name
+            continue
         assert name in run, name
         assert signature(run[name]) == signature(p), name
     # and the nnU-Net, bundle, sliding-window, target, transform and device flags are among them

@@ -335,9 +335,13 @@ class CaseState:
 
 
 class CaseWriter:
-    """Where :func:`explain_case` puts a case's results: ``ready`` once the target is resolved, ``method``
+    """Where :func:`explain_case` puts a case's results: ``read`` once the image is read (checks of what will be
+    written that need the image, before any compute), ``ready`` once the target is resolved, ``method``
     after each method (the map on the image grid), ``failed`` for a method that raised, ``finish`` at the end.
     ``explain`` writes NIfTI, PNG and ``info.json`` (:class:`FileWriter`); ``run`` writes its map and record."""
+
+    def read(self, state: CaseState) -> None:
+        pass
 
     def ready(self, state: CaseState) -> None:
         pass
@@ -375,6 +379,7 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     st.stage = "image"
     st.img, st.meta = io.read_channels(images, series=series)
     warn_series(images[0], st.img)
+    writer.read(st)
     st.stage = "model"
     net = setup.net
     st.prep = prep = prepare_input(st.img, st.meta, net, preprocessing=setup.preprocessing, output=output,
@@ -445,22 +450,45 @@ class ExplainedImage:
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)   # SOP Instance UIDs sent to a PACS (medexplain.pacs.explain_pacs)
 
 
 class FileWriter(CaseWriter):
-    """``explain``'s files of one case in ``out``: per method ``<stem>_<method>.nii.gz`` (:func:`write_map`) and
-    ``.png``, ``<stem>_info.json`` rewritten after every method, and a bundle's own prediction."""
+    """``explain``'s files of one case in ``out``: per method ``<stem>_<method>.nii.gz`` (:func:`write_map`),
+    ``.png`` and the DICOM objects, as ``formats`` asks (:func:`_write_method_files`,
+    :func:`medexplain.dicom_out.write_dicom_objects`), ``<stem>_info.json`` rewritten after every method, and a
+    bundle's own prediction."""
 
-    def __init__(self, setup: ModelSetup, out: Path, stem: str, on_method: Callable[[str], None] | None = None):
+    def __init__(self, setup: ModelSetup, out: Path, stem: str, on_method: Callable[[str], None] | None = None, *,
+                 formats=("nifti", "png"), dicom_reference=None, dicom_threshold="otsu", series: str | None = None):
         self.setup, self.out, self.stem, self.on_method = setup, out, stem, on_method
+        self.formats, self.dicom_reference, self.dicom_threshold, self.series = (formats, dicom_reference,
+                                                                                 dicom_threshold, series)
         self.info_path = out / f"{stem}_info.json"
         self.files: list[Path] = []
         self.attributions: dict[str, Attribution] = {}
+        self.dicom_src = None
+
+    def read(self, state):
+        from .dicom_out import dicom_source_for  # the DICOM study the objects join, checked before any compute
+
+        self.dicom_src = dicom_source_for(state.images, state.meta, self.formats, self.dicom_reference, self.series)
+
+    def ready(self, state):
+        src = self.dicom_src
+        state.info.update(formats=list(self.formats), dicom=None if src is None else {
+            "study": src.study_uid, "source": str(src.path), "frame_of_reference": src.frame_of_reference_uid,
+            "threshold": self.dicom_threshold})
 
     def method(self, state, method, attr, amap):
         self.attributions[method] = attr
-        self.files += _write_method_files(state.img, amap, self.out, self.stem, method, state.meta,
-                                          _figure_title(method, state.info))
+        title = _figure_title(method, state.info)
+        self.files += _write_method_files(state.img, amap, self.out, self.stem, method, state.meta, title, self.formats)
+        if self.dicom_src is not None:
+            from .dicom_out import write_dicom_objects
+            self.files += write_dicom_objects(self.dicom_src, state.img, amap, state.meta, self.out, self.stem, method,
+                                              target=state.resolved.class_index, model=state.info["model"],
+                                              title=title, threshold=self.dicom_threshold)
         io.write_json(state.info, self.info_path)
         if self.on_method:
             self.on_method(method)
@@ -489,7 +517,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
                   bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
-                  seed: int | None = None, flip_axes=None, eval: str = "auto") -> ExplainedImage:
+                  seed: int | None = None, flip_axes=None, eval: str = "auto", formats=None, dicom_reference=None,
+                  dicom_threshold="otsu") -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
     uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
@@ -528,18 +557,27 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     ``<file_stem(image)>_info.json`` (with the input's geometry and the reader's warnings); a file of this
     call that already exists is refused before any compute unless ``overwrite``. ``series``: the
     SeriesInstanceUID to read when ``image`` is a folder holding several DICOM series.
+
+    ``formats``: any of ``nifti``, ``png``, ``dicom`` (a list or comma-separated; default ``nifti,png``).
+    ``dicom`` writes each map as a Parametric Map, a Segmentation (thresholded by ``dicom_threshold``, the
+    ``metrics`` rule) and a Secondary Capture in the source study (:mod:`medexplain.dicom_out`,
+    ``docs/dicom.md``); a non-DICOM ``image`` needs ``dicom_reference``, the DICOM series it was made from.
     """
+    from .dicom_out import parse_formats
+
+    formats = parse_formats(formats)
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
     per_method = method_options(methods, options, layer, seed)
     out = io.check_output_dir(out)
     images, stem = input_files(image, nnunet is not None)
-    _check_outputs(stem, methods, out, overwrite)
+    _check_outputs(stem, methods, out, overwrite, formats)
     if bundle is not None and nnunet is None:
         io.check_output_dir(out, [out / f"{stem}_prediction.nii.gz"], overwrite=overwrite)
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options,
                        preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
-    writer = FileWriter(setup, out, stem, on_method)
+    writer = FileWriter(setup, out, stem, on_method, formats=formats, dicom_reference=dicom_reference,
+                        dicom_threshold=dicom_threshold, series=series)
     st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
                       output=output, activation=activation, threshold=threshold, skip_unsupported=skip_unsupported,
                       series=series, seed=seed, on_estimate=on_estimate, on_progress=on_progress)
@@ -568,17 +606,22 @@ def input_files(image, nnunet: bool) -> tuple[list, str]:
     return images, io.file_stem(images[0])
 
 
-def _output_names(stem: str, methods: Sequence[str], out: Path) -> tuple[list[Path], Path]:
-    """The files :func:`explain_image` writes under ``stem``: ``<stem>_<method>.nii.gz`` and ``.png`` per
-    method, and ``<stem>_info.json``."""
-    maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in (".nii.gz", ".png")]
+def _output_names(stem: str, methods: Sequence[str], out: Path, formats=("nifti", "png")) -> tuple[list[Path], Path]:
+    """The files :func:`explain_image` writes under ``stem``: per method ``<stem>_<method>.nii.gz`` (``nifti``),
+    ``.png`` (``png``) and ``_pm.dcm``, ``_seg.dcm``, ``_sc.dcm`` (``dicom``), and ``<stem>_info.json``."""
+    from .dicom_out import dicom_output_names
+
+    exts = [e for f, e in (("nifti", ".nii.gz"), ("png", ".png")) if f in formats]
+    maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in exts]
+    if "dicom" in formats:
+        maps += [p for m in methods for p in dicom_output_names(out, stem, m)]
     return maps, out / f"{stem}_info.json"
 
 
-def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool) -> Path:
+def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool, formats=("nifti", "png")) -> Path:
     """Before any compute: refuse (naming them) files of this call that already exist, unless ``overwrite``;
     returns the ``info.json`` path."""
-    maps, info_path = _output_names(stem, methods, out)
+    maps, info_path = _output_names(stem, methods, out, formats)
     io.check_output_dir(out, maps + [info_path], overwrite=overwrite)
     return info_path
 
@@ -595,14 +638,19 @@ def _figure_title(method: str, info: dict) -> tuple[str, str]:
 
 
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
-                        title: tuple[str, str] = ("", "")) -> list[Path]:
+                        title: tuple[str, str] = ("", ""), formats=("nifti", "png")) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
-    affine (channels on the 4th axis, also for 2D) and as a PNG figure on the image, each written atomically."""
+    affine (channels on the 4th axis, also for 2D; ``nifti`` in ``formats``) and as a PNG figure on the image
+    (``png``), each written atomically."""
     nd = img.ndim - 1
-    return [io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"], spatial_dims=nd,
-                           xform_code=meta.get("xform_code", 1)),
-            io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
-                                 oriented=meta.get("oriented", False), title=title[0], subtitle=title[1], label=method)]
+    files = []
+    if "nifti" in formats:
+        files.append(write_map(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta, spatial_dims=nd))
+    if "png" in formats:
+        files.append(io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
+                                          oriented=meta.get("oriented", False), title=title[0], subtitle=title[1],
+                                          label=method))
+    return files
 
 
 # --------------------------------------------------------------------------------------------------

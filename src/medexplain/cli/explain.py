@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from . import app
 from ._common import cli_errors, console, parse_options, parse_output, pass_progress
-from .params import EXPLAIN, Flags, takes
+from ._dicom import output_kwargs, pacs_of
+from .params import DICOM_OUTPUT, EXPLAIN, Flags, takes
 
 IMAGE_HELP = ("PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI (4D = channels last) or .npy "
               "(C, *spatial); or one single-channel file per input channel, on one grid (nnU-Net's CASE_0000.nii.gz "
-              "names are ordered)")
+              "names are ordered); none with --pacs")
 
 
 def explain_kwargs(flags: Flags) -> dict:
@@ -33,8 +35,8 @@ def explain_kwargs(flags: Flags) -> dict:
 
 
 @app.command("explain")
-@takes(*EXPLAIN)
-def explain_cmd(image: list[Path] = typer.Argument(..., help=IMAGE_HELP), flags: Flags = None):
+@takes(*EXPLAIN, *DICOM_OUTPUT)
+def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HELP), flags: Flags = None):
     """Explain one image (one file, or one file per channel) with one or more methods; writes NIfTI maps
     on the input's own grid and affine, PNG overlays and info.json (target, region, activation and
     preprocessing recorded). Everything is checked before any compute; each method's files are written as
@@ -42,8 +44,17 @@ def explain_cmd(image: list[Path] = typer.Argument(..., help=IMAGE_HELP), flags:
     from ..pipelines import explain_image
 
     with cli_errors(), pass_progress() as bar:
-        res = explain_image(image[0] if len(image) == 1 else image, flags.models("model"), flags.methods("saliency"),
-                            flags.out, on_estimate=bar.estimate, on_progress=bar.update, **explain_kwargs(flags))
+        pacs = pacs_of(flags)
+        if (pacs is None) == (not image):
+            raise typer.BadParameter("give the IMAGE file(s), or --pacs URL --study UID (not both)")
+        kw = {**explain_kwargs(flags), **output_kwargs(flags), "on_estimate": bar.estimate, "on_progress": bar.update}
+        if pacs is not None:
+            from ..pacs import explain_pacs
+            kw.pop("dicom_reference")
+            res = explain_pacs(pacs, flags.study, flags.models("model"), flags.methods("saliency"), flags.out, **kw)
+        else:
+            res = explain_image(image[0] if len(image) == 1 else image, flags.models("model"),
+                                flags.methods("saliency"), flags.out, **kw)
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
                                                       if t.get("region") else "") + f" ({t['how']})")
@@ -52,6 +63,8 @@ def explain_cmd(image: list[Path] = typer.Argument(..., help=IMAGE_HELP), flags:
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"wrote {len(res.attributions)} map(s) to [bold]{flags.out}[/]")
+    if res.stored:
+        console.print(f"stored {len(res.stored)} DICOM object(s) in study {flags.study} on the PACS")
 
 
 @app.command("methods")

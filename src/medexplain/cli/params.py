@@ -76,6 +76,16 @@ def parse_device(value) -> str:
     raise typer.BadParameter(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N", param_hint="--device")
 
 
+def parse_formats(value) -> str:
+    """``--format``: comma-separated names of :data:`FORMATS`."""
+    items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
+    bad = [v for v in items if v not in FORMATS]
+    if bad or not items:
+        raise typer.BadParameter(f"unknown format(s) {bad or [value]}; choose any of {', '.join(FORMATS)} "
+                                 "(comma-separated)", param_hint="--format")
+    return ",".join(items)
+
+
 def parse_overlap(value) -> float:
     """``--overlap``: a number in [0, 1)."""
     try:
@@ -109,8 +119,11 @@ class Opt:
                             **{k: v for k, v in self.settings.items() if k in ("parser", "min", "max")})
 
 
-MODEL, PREP, SLIDING, NNUNET, TARGET, METHODS, OUTPUT = ("model", "preprocessing", "sliding window", "nnU-Net v2",
-                                                        "target", "methods", "output")
+MODEL, PREP, SLIDING, NNUNET, TARGET, METHODS, OUTPUT, DICOM = ("model", "preprocessing", "sliding window",
+                                                               "nnU-Net v2", "target", "methods", "output",
+                                                               "DICOM output and PACS")
+#: medexplain.dicom_out.FORMATS (a test checks they agree).
+FORMATS = ("nifti", "png", "dicom")
 _METHOD_LIST = ", ".join(METHOD_NAMES)
 
 #: Every shared option, by parameter name.
@@ -204,6 +217,25 @@ OPTIONS: dict[str, Opt] = {
                      panel=TARGET),
     "batch_size": Opt(("--batch-size",), Optional[int], None, "samples per batch (default: run 4 cases per chunk of "
                       "work; train 32 images per step)", {"min": 1}),
+    # -- DICOM outputs and the PACS (docs/dicom.md) --
+    "format": Opt(("--format",), str, "nifti,png", "outputs, comma-separated: nifti (maps on the input's affine), png "
+                  "(figures), dicom (a Parametric Map, a Segmentation and a Secondary Capture per map in the source "
+                  "study; docs/dicom.md)", {"parser": parse_formats, "metavar": "nifti,png,dicom"}, panel=DICOM),
+    "dicom_reference": Opt(("--dicom-reference",), Optional[Path], None, "with --format dicom and a NIfTI/PNG input: "
+                           "the DICOM series (folder or file) it was made from, whose study and frame of reference the "
+                           "objects join (the map is resampled onto it)", panel=DICOM),
+    "dicom_threshold": Opt(("--dicom-threshold",), str, "otsu", "the SEG's binarisation, as the metrics: otsu "
+                           "(CheXlocalize's), otsu_float, or a number in [0, 1] on the min-max normalised map",
+                           panel=DICOM),
+    "pacs": Opt(("--pacs",), Optional[str], None, "a DICOMweb URL (e.g. https://pacs/dicom-web): read --study "
+                "[--series] from it and store the DICOM objects back; credentials from MEDEXPLAIN_PACS_TOKEN, "
+                "MEDEXPLAIN_PACS_USER + MEDEXPLAIN_PACS_PASSWORD (or *_FILE) or a netrc entry, never a flag",
+                panel=DICOM),
+    "study": Opt(("--study",), Optional[str], None, "with --pacs: the StudyInstanceUID", panel=DICOM),
+    "pacs_netrc": Opt(("--pacs-netrc",), Optional[Path], None, "with --pacs: a netrc file holding the PACS host's "
+                      "login (default ~/.netrc)", panel=DICOM),
+    "pacs_ca_bundle": Opt(("--pacs-ca-bundle",), Optional[Path], None, "with --pacs: the CA certificates to verify "
+                          "the PACS's TLS certificate with", panel=DICOM),
     # -- output --
     "out": Opt(("--out",), Path, Path("medexplain_out"), "output folder, created (run: a run folder, continued with "
                "--resume)", panel=OUTPUT),
@@ -216,7 +248,9 @@ PREPROCESSING = ("spacing", "orientation", "spatial_size", "divisible_by", "inte
 SLIDING_WINDOW = ("roi_size", "overlap", "sw_batch_size", "sw_mode")
 NNUNET_FLAGS = ("nnunet", "folds", "mirroring", "configuration", "trust_checkpoint")
 MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device", "flip_axes", "eval")
-#: Everything ``explain`` takes besides its images; ``run`` takes all of it too.
+#: The DICOM-output and PACS options (issue 24): ``explain`` takes them; ``run`` does not yet (docs/dicom.md).
+DICOM_OUTPUT = ("format", "dicom_reference", "dicom_threshold", "pacs", "study", "pacs_netrc", "pacs_ca_bundle")
+#: Everything ``explain`` takes besides its images and :data:`DICOM_OUTPUT`; ``run`` takes all of it too.
 EXPLAIN = ("model", "weights", "bundle", "method", "target", "region", "layer", "option", "activation", "output",
            "skip_unsupported", "seed", "series", "out", "overwrite", *MODEL_INPUT)
 
