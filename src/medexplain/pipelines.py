@@ -7,7 +7,7 @@ Output names derived from an input file use the one stem rule, :func:`medexplain
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,7 +23,7 @@ from .models.loading import checked_forward, load_model
 from .models.model import Model, resolve_device
 from .models.model import load_model as load_model_object
 from .ops import ACTIVATIONS, detect_activation, probabilities
-from .options import CountingModel, check_options, estimate_cost
+from .options import CountingModel, check_options, estimate_cost, plan_memory
 from .registry import get_method, route_options
 from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
@@ -365,7 +365,8 @@ def write_map(amap: torch.Tensor, path, meta: dict, spatial_dims: int) -> Path:
 def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer: CaseWriter, *,
                  per_method: dict[str, dict], target=None, region=None, layer: str | None = None, output=None,
                  activation: str = "auto", threshold: float = 0.5, skip_unsupported: bool = False,
-                 series: str | None = None, seed: int | None = None, state: CaseState | None = None,
+                 series: str | None = None, seed: int | None = None, memory: float | None = None,
+                 state: CaseState | None = None,
                  on_estimate: Callable | None = None,
                  on_progress: Callable[[str, int, int | None], None] | None = None) -> CaseState:
     """The one case pipeline: read ``images`` (one file or DICOM folder, or one file per channel), prepare them
@@ -374,7 +375,9 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     explain with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put
     back on the image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go
     on; an error before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
-    ``per_method``: each method's options (:func:`method_options`)."""
+    ``per_method``: each method's options (:func:`method_options`). ``memory``: the budget in GB of one model call
+    (default half the memory available; :func:`medexplain.options.plan_memory`: ``chunk_size`` is capped to fit,
+    and a method that cannot fit one row refuses the case before any method runs)."""
     st = state if state is not None else CaseState(list(images))
     st.stage = "image"
     st.img, st.meta = io.read_channels(images, series=series)
@@ -395,10 +398,15 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
                "output": output if output is None or isinstance(output, (int, str)) else repr(output),
                "preprocessing": prep.record(), "methods": {}, "skipped": dict(st.skipped), "failed": {},
                "input": io.geometry_record(st.meta), "warnings": list(st.meta.get("warnings", [])), **setup.describe()}
+    st.stage = "memory"
+    per_method, plans = dict(per_method), {}
+    for m in st.run:  # the memory of every method's model calls, before any of them runs
+        per_method[m], plans[m] = ((per_method[m], None) if setup.inferer is not None else
+                                   plan_memory(m, get_method(m).fn, net, prep.x, per_method[m], memory))
     writer.ready(st)
     for m in st.run:
         st.stage = "explain"
-        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row)
+        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
         if on_estimate:
             on_estimate(est)
         done = [0]
@@ -413,10 +421,10 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
                 torch.manual_seed(seed)
             if isinstance(net, Model):  # as given: a counting wrapper would hide its settings (the eval policy)
                 attr = explain(net, prep.x, method=m, target=st.resolved.target, output=output, inferer=setup.inferer,
-                               **per_method[m])
+                               memory=memory, **per_method[m])
             else:
                 attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=st.resolved.target,
-                               inferer=setup.inferer, **per_method[m])
+                               inferer=setup.inferer, memory=memory, **per_method[m])
             st.stage = "preprocessing"
             amap = prep.invert(attr.map[0].detach().cpu())
         except Exception as e:  # recorded; the finished methods' files stay
@@ -518,7 +526,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
                   bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
                   seed: int | None = None, flip_axes=None, eval: str = "auto", formats=None, dicom_reference=None,
-                  dicom_threshold="otsu") -> ExplainedImage:
+                  dicom_threshold="otsu", memory: float | None = None) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
     uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
@@ -547,7 +555,10 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
     Everything that can fail before compute is checked first: option names and types, the output
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
-    ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer and the target.
+    ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer, the target and
+    the memory of each method's model calls (``memory``: the budget in GB, default half the memory available;
+    :func:`medexplain.options.plan_memory`: ``chunk_size`` is capped to fit, and a method that cannot fit one
+    row refuses the call before any method runs).
     Then each method runs and its files and ``info.json`` are written at once; a method that fails is
     recorded in ``info.json`` with its error and the others go on, and a
     :class:`~medexplain.errors.PartialFailure` is raised at the end (its ``result`` is this function's
@@ -580,7 +591,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                         dicom_threshold=dicom_threshold, series=series)
     st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
                       output=output, activation=activation, threshold=threshold, skip_unsupported=skip_unsupported,
-                      series=series, seed=seed, on_estimate=on_estimate, on_progress=on_progress)
+                      series=series, seed=seed, memory=memory, on_estimate=on_estimate, on_progress=on_progress)
     res = ExplainedImage(st.resolved.class_index, writer.attributions, writer.files, st.info["target_info"],
                          dict(st.skipped), dict(st.info["failed"]), st.info["warnings"])
     if res.failed:
@@ -671,19 +682,23 @@ class LesionInstances:
 def explain_lesion_instances(images, model, out, *, weights: str | None = None, threshold: float = 0.5,
                              method: str = "smoothgrad", aggregate: str = "mean", channel: int | None = None,
                              n_samples: int = 50, sigma: float = 0.05, seed: int = 0, min_size: int = 6,
-                             connectivity: int | None = None, reference=None, rings: int = 5, context: int = 0,
+                             connectivity: int | None = None, reference=None, reference_threshold: float | None = None,
+                             rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
                              preprocessing=None, inferer=None, nnunet=None, nnunet_options: dict | None = None,
                              device=None, flip_axes=None, eval: str = "auto",
-                             on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
+                             on_progress: Callable[[str, int, int | None], None] | None = None,
+                             on_estimate: Callable | None = None, memory: float | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
     The lesion probability of class ``channel`` (the target grammar: ``None`` = the foreground class
     with the most predicted voxels, :func:`medexplain.targets.resolve_target`), read with the output
     ``activation`` (``auto`` detects a model that already outputs probabilities), is thresholded into
-    instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``),
+    instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``: a
+    label-map file, or a probability map with ``reference_threshold``; any other image is refused with the
+    values found, :func:`medexplain.segmentation.reference_foreground`),
     each explained (:func:`medexplain.segmentation.explain_instances`) and quantified. ``region``: a
     mask file whose connected components are the instances instead (resampled onto the image grid by
     its geometry). ``preprocessing``: a :class:`~medexplain.transforms.Preprocessing` applied before
@@ -696,7 +711,11 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     the saliency and the context experiment then run window by window (:mod:`medexplain.sliding`).
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``model`` (:func:`explain_image`); its channel
     files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
-    ``on_progress(method, rows_done, None)`` is called as the saliency's rows pass through the model.
+    ``on_estimate(CostEstimate)`` is called once the instances are found, before any file is written or
+    the saliency runs (the rows, time and memory it will take, as :func:`explain_image`'s); then
+    ``on_progress(method, rows_done, rows_total)`` as the saliency's rows pass through the model.
+    ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
+    capped to fit, refused before any compute if one row does not).
     """
     from . import segmentation as seg
 
@@ -706,8 +725,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                                                         "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
     if aggregate not in ("mean", "max"):
         raise OptionError(f"--aggregate must be mean or max, got {aggregate!r}")
-    if not 0 <= float(threshold) <= 1:
-        raise OptionError(f"--threshold is a probability in [0, 1], got {threshold}")
+    seg.check_threshold(threshold, "--threshold")
+    if reference_threshold is not None:
+        seg.check_threshold(reference_threshold, "--reference-threshold")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
     if nnunet is not None:
@@ -719,6 +739,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
+        r_img, r_meta = io.read_image(reference)
+        ref_fg = seg.reference_foreground(r_img.numpy(), reference_threshold, f"--reference {Path(reference).name}")
     prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
                          inferer=inferer)
     x, logits, act = prep.x, prep.out, prep.activation
@@ -740,11 +763,20 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     prob = probabilities(logits, act, channel)[0]
     ref = None
     if reference is not None:
-        r_img, r_meta = io.read_image(reference)
-        ref = resample_to_grid((r_img > 0.5).float(), r_meta.get("affine", np.eye(4)), tuple(x.shape[2:]),
+        ref = resample_to_grid(torch.from_numpy(ref_fg).float(), r_meta.get("affine", np.eye(4)), tuple(x.shape[2:]),
                                prep.prepared.affine)
     found = prob if reg is None or isinstance(reg, str) else reg[0]
     insts = seg.find_instances(found, threshold=threshold, connectivity=connectivity, min_size=min_size, reference=ref)
+    est = None
+    if insts:  # what the saliency will cost (rows, time, memory of one call), before anything is written
+        opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
+                      plan_memory("instances", seg.explain_instances, net, x, {"chunk_size": chunk_size}, memory))
+        chunk_size = opts["chunk_size"]
+        est = replace(estimate_cost("instances", None, x.shape, {"n_instances": len(insts), "method": method,
+                                                                 "n_samples": n_samples}, prep.seconds_per_row, plan),
+                      method=method)
+        if on_estimate:
+            on_estimate(est)
     affine = meta["affine"]
     info = {"images": [str(p) for p in (images if isinstance(images, (list, tuple)) else [images])],
             "model": setup.name,
@@ -752,7 +784,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             "region": "predicted" if reg is None or isinstance(reg, str) else str(region),
             "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max()),
             "inferer": inferer_settings(inferer) if inferer is not None else None,
-            "nnunet": nnm.describe() if nnm is not None else None}
+            "nnunet": nnm.describe() if nnm is not None else None,
+            "estimate": est.as_dict() if est is not None else None}
     files = [io.write_nifti(prep.invert(prob[None])[0], out / "probability.nii.gz", affine),
              io.write_nifti(prep.invert(seg.label_map(insts, tuple(prob.shape)).float()[None], nearest=True)[0],
                             out / "instances.nii.gz", affine)]
@@ -765,7 +798,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     def rows(n):
         done[0] += n
         if on_progress:
-            on_progress(method, done[0], None)
+            on_progress(method, done[0], est.n_forward)
 
     attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
@@ -853,7 +886,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
                      on_model: Callable[[int, object], None] | None = None,
                      on_progress: Callable[[str, int, int | None], None] | None = None,
                      inferer=None, nnunet=None, nnunet_options: dict | None = None, device=None, flip_axes=None,
-                     eval: str = "auto") -> ContrastShapley:
+                     eval: str = "auto", on_estimate: Callable | None = None,
+                     memory: float | None = None) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
@@ -868,7 +902,10 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     recorded in ``ranking.json``). ``baseline``: ``zero``, ``mean`` or a number. Writes ``values.csv``,
     ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with ``reference_ranking``) and
     ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
-    model, ``on_progress("model i", rows_done, None)`` as coalitions pass through it. ``inferer``: a
+    model, ``on_estimate(CostEstimate)`` before each model runs (its coalition rows, time and the memory of one
+    call; ``memory``: the budget in GB, :func:`medexplain.options.plan_memory` caps ``chunk_size`` to fit and
+    refuses before any compute if one row does not), ``on_progress("model i/k", rows_done, rows_total)`` as
+    coalitions pass through it. ``inferer``: a
     ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
     nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
@@ -900,6 +937,9 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
     if len(names) != img.shape[0]:
         raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
+    if img.shape[0] < 2:  # a ranking of one contrast is degenerate (rank variance 0 by construction)
+        from .shapley import ONE_PLAYER
+        raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
     weights = list(weights or [])
     if weights and len(weights) != len(models):
         raise InputError(f"{len(weights)} --weights for {len(models)} --model: give one per model (or none)")
@@ -932,16 +972,23 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
             value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
         activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
         label = f"model {i + 1}/{len(models)}"
+        opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
+                      plan_memory("shapley", channel_shapley, net, prep.x, {"chunk_size": chunk_size}, memory))
+        est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
+                                                                    "n_permutations": n_permutations},
+                                    prep.seconds_per_row, plan), method=label)
+        if on_estimate:
+            on_estimate(est)
         done = [0]
 
-        def rows(n, label=label, done=done):
+        def rows(n, label=label, done=done, est=est):
             done[0] += n
             if on_progress:
-                on_progress(label, done[0], None)
+                on_progress(label, done[0], est.n_forward)
 
         results.append(channel_shapley(CountingModel(net, output, rows), prep.x, value_fn, baseline=base,
-                                       method=method, n_permutations=n_permutations, seed=seed, chunk_size=chunk_size,
-                                       players=names, inferer=as_inferer(inferer)))
+                                       method=method, n_permutations=n_permutations, seed=seed,
+                                       chunk_size=opts["chunk_size"], players=names, inferer=as_inferer(inferer)))
         if on_model:
             on_model(i, results[-1])
     consensus = fold_consensus(results, ref)

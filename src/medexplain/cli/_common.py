@@ -1,5 +1,6 @@
 """What every command shares at run time: the one error handler (typed errors and warnings printed as one
-line), the error console, ``--option key=value`` and ``--output`` parsing and the progress bars. The shared
+line), the stop on SIGINT/SIGTERM, the error console, ``--option key=value`` and ``--output`` parsing and the
+progress bars. The shared
 options themselves are declared once in :mod:`medexplain.cli.params`.
 
 Nothing here imports torch or a medexplain module that does at import time (``medexplain --help`` stays
@@ -7,6 +8,8 @@ fast): those imports happen inside the functions, when a command runs."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import warnings
 
 import typer
@@ -37,6 +40,31 @@ def cli_errors():
         except MedexplainError as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(code=2) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt (past every ``except Exception``, so the atomic writes
+    remove their temporary files and no error row is recorded for an item that was merely stopped)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def stop_signals(message: str = "stopped; rerun with --resume to continue"):
+    """SIGINT (Ctrl-C) and SIGTERM end the body with ``message`` and the shell's exit status for the
+    signal, 128 + its number (130, 143), instead of a traceback or Click's bare "Aborted!"."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        console.print(f"[bold yellow]{message}[/]")
+        raise typer.Exit(code=128 + int(getattr(e, "signum", signal.SIGINT))) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def parse_options(opts: list[str]) -> dict:

@@ -38,7 +38,10 @@ def instances_cmd(
     sigma: float = typer.Option(0.05, min=0, help="noise sd as a fraction of the first channel's range"),
     min_size: int = typer.Option(6, min=0, help="drop components with fewer voxels"),
     connectivity: Optional[int] = typer.Option(None, help="rank 1..3 or neighbours 6/18/26 (default 18)"),
-    reference: Optional[Path] = typer.Option(None, help="ground-truth mask: labels instances TP/FP/FN"),
+    reference: Optional[Path] = typer.Option(None, help="ground-truth label map (integer or binary values): labels "
+                                             "instances TP/FP/FN; another image is refused"),
+    reference_threshold: Optional[float] = typer.Option(None, "--reference-threshold", help="read --reference as "
+                                                        "a probability map in [0, 1], inside where > this"),
     rings: int = typer.Option(5, min=1, help="ring profile distances 1..R"),
     context: int = typer.Option(0, min=0, help="context experiment up to this many dilations (0: skip)"),
     flags: Flags = None,
@@ -61,10 +64,12 @@ def instances_cmd(
                                        threshold=threshold, method=methods[0], aggregate=aggregate,
                                        channel=parse_target(flags.target), n_samples=n_samples, sigma=sigma,
                                        seed=flags.seed, min_size=min_size, connectivity=connectivity,
-                                       reference=reference, rings=rings, context=context, layer=flags.layer,
+                                       reference=reference, reference_threshold=reference_threshold, rings=rings,
+                                       context=context, layer=flags.layer,
                                        channel_names=split_list(flags.contrasts) or None, activation=flags.activation,
                                        output=parse_output(flags.output), region=flags.region,
-                                       on_progress=bar.update, **chunk, **flags.model_inputs())
+                                       on_progress=bar.update, on_estimate=bar.estimate, **chunk,
+                                       **flags.model_inputs())
     out = flags.out
     i = res.info
     console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "

@@ -142,6 +142,9 @@ OPTIONS: dict[str, Opt] = {
     "eval": Opt(("--eval",), Literal["auto", "always", "never"], "auto", "train/eval policy: auto (a model entirely "
                 "in training mode is switched to eval; one in mixed modes is used as given), always, or never",
                 panel=MODEL),
+    "memory": Opt(("--memory",), Optional[float], None, "memory budget in GB of one model call (default: half the "
+                  "memory available): the rows per call are capped to fit, and a method that cannot fit one row is "
+                  "refused before any compute", panel=MODEL),
     "device": Opt(("--device",), str, "auto", "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N",
                   {"parser": parse_device, "metavar": "auto|cpu|cuda[:N]"}, panel=MODEL),
     # -- nnU-Net v2 --
@@ -163,8 +166,11 @@ OPTIONS: dict[str, Opt] = {
                        panel=PREP),
     "spatial_size": Opt(("--spatial-size",), Optional[str], None, "centred pad/crop to this size (e.g. 128,128,64)",
                         panel=PREP),
+    "min_spatial_size": Opt(("--min-spatial-size",), Optional[str], None, "centred pad up to at least this size (one "
+                            "value, or one per axis; never crops); with --divisible-by K: at least this size and a "
+                            "multiple of K (e.g. --min-spatial-size 128 --divisible-by 16)", panel=PREP),
     "divisible_by": Opt(("--divisible-by",), Optional[str], None, "pad every side up to a multiple of N (the model's "
-                        "stride)", panel=PREP),
+                        "stride); with --min-spatial-size: at least that size and a multiple of N", panel=PREP),
     "intensity": Opt(("--intensity",), Optional[str], None, f"intensity normalisation: {INTENSITY_HELP}", panel=PREP),
     "transform": Opt(("--transform",), Optional[str], None, "package.module:factory returning a MONAI Compose "
                      "(dictionary or array transforms) applied before the model and inverted for the maps (the "
@@ -244,10 +250,10 @@ OPTIONS: dict[str, Opt] = {
 }
 
 #: Named groups of options.
-PREPROCESSING = ("spacing", "orientation", "spatial_size", "divisible_by", "intensity", "transform")
+PREPROCESSING = ("spacing", "orientation", "spatial_size", "min_spatial_size", "divisible_by", "intensity", "transform")
 SLIDING_WINDOW = ("roi_size", "overlap", "sw_batch_size", "sw_mode")
 NNUNET_FLAGS = ("nnunet", "folds", "mirroring", "configuration", "trust_checkpoint")
-MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device", "flip_axes", "eval")
+MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device", "flip_axes", "eval", "memory")
 #: The DICOM-output and PACS options (issue 24): ``explain`` takes them; ``run`` does not yet (docs/dicom.md).
 DICOM_OUTPUT = ("format", "dicom_reference", "dicom_threshold", "pacs", "study", "pacs_netrc", "pacs_ca_bundle")
 #: Everything ``explain`` takes besides its images and :data:`DICOM_OUTPUT`; ``run`` takes all of it too.
@@ -294,7 +300,7 @@ class Flags(dict):
                                      param_hint="--flip-axes") from None
         return {"preprocessing": self.preprocessing() or None, "inferer": self.inferer(), "nnunet": self["nnunet"],
                 "nnunet_options": self.nnunet_options(), "device": self["device"], "flip_axes": flips,
-                "eval": self["eval"]}
+                "eval": self["eval"], "memory": self["memory"]}
 
     def models(self, name: str = "model"):
         """``--model`` (or ``--weights``) as the library takes it: None, one value, or a list (an ensemble)."""

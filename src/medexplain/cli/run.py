@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import typer
 
 from . import app
-from ._common import cli_errors, console
+from ._common import cli_errors, console, stop_signals
 from .explain import explain_kwargs
 from .params import EXPLAIN, Flags, takes
 
@@ -25,8 +25,8 @@ from .params import EXPLAIN, Flags, takes
 def run_cmd(
     manifest: Path = typer.Argument(..., help="CSV with columns image (required), mask, label, target (class or "
                                     "predicted), region (predicted, all or a mask file), series, case_id, and the "
-                                    "preprocessing columns spacing, orientation, spatial_size, divisible_by, "
-                                    "intensity, transform"),
+                                    "preprocessing columns spacing, orientation, spatial_size, min_spatial_size, "
+                                    "divisible_by, intensity, transform"),
     backend: Literal["local", "ray"] = typer.Option("local", help="local (in-process) or ray"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (HOST:6379, or auto on a cluster node); "
                                           "default: start a local Ray cluster"),
@@ -41,13 +41,14 @@ def run_cmd(
     flags: Flags = None,
 ):
     """Explain a dataset: every manifest case x every method, resumable, locally or on Ray. Each case goes through
-    explain's pipeline with the same options, so its maps are the ones explain writes."""
+    explain's pipeline with the same options, so its maps are the ones explain writes. Ctrl-C (SIGINT) or SIGTERM
+    stop it with "stopped; rerun with --resume to continue" and exit 130 / 143."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..run import run_manifest
 
-    with cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=console, transient=True) as bar:
+    with stop_signals(), cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(),
+                                                TimeRemainingColumn(), console=console, transient=True) as bar:
         kwargs = explain_kwargs(flags)
         task = bar.add_task("items", total=None)
         res = run_manifest(manifest, flags.models("model"), flags.methods("saliency"), flags.out, backend=backend,

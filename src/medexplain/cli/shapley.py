@@ -66,7 +66,7 @@ def shapley_cmd(
                                activation=flags.activation, channel=channel, baseline=baseline, method=sampling,
                                n_permutations=n_permutations, seed=flags.seed, target=flags.target,
                                region=flags.region, output=parse_output(flags.output), on_model=progress,
-                               on_progress=bar.update, **chunk, **flags.model_inputs())
+                               on_progress=bar.update, on_estimate=bar.estimate, **chunk, **flags.model_inputs())
     table = Table(title=f"contrast Shapley values ({value or 'probability:1'})")
     table.add_column("contrast")
     for m in range(len(res.results)):

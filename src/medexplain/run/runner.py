@@ -24,6 +24,7 @@ from typing import Callable
 
 from ..errors import MedexplainError, OptionError
 from ..io import check_output_dir
+from ..options import memory_budget
 from ..pipelines import load_setup, method_options, plan_methods
 from ..registry import get_method, route_options
 from . import backends
@@ -87,7 +88,7 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
                  target=None, region=None, activation: str = "auto", output=None, skip_unsupported: bool = False,
                  overwrite: bool = False, series: str | None = None, bundle=None, nnunet=None,
                  nnunet_options: dict | None = None, inferer: dict | None = None, device=None, flip_axes=None,
-                 eval: str = "auto") -> RunResult:
+                 eval: str = "auto", memory: float | None = None) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Every case goes through ``explain``'s one case pipeline (:func:`medexplain.pipelines.explain_case`), so a
@@ -124,6 +125,9 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
         seed: seeds the global RNG before each method of each case, and every method's ``seed`` option.
         retry_errors: with ``resume``, also redo items recorded as errors.
         on_progress: called as ``on_progress(items_done, items_total)`` after each chunk.
+        memory: the budget in GB of one model call (default: half the memory available to the worker);
+            ``chunk_size`` is capped to fit, and a case whose one row does not fit is an error row
+            (:func:`medexplain.options.plan_memory`).
 
     A bad case (missing, corrupt or NaN image, wrong channels, mask off-grid, target out of range, a
     method failing on it) becomes an error row; everything else raises a typed error before writing.
@@ -148,6 +152,7 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options, inferer=inferer,
                        device=device, flip_axes=flip_axes, eval=eval)
     plan_methods(methods, setup.net, None, layer, skip_unsupported)   # hooks, the layer: before any case
+    memory_budget(memory)  # a bad --memory is an OptionError now
     routed = method_options(methods, options, layer, seed)
     if backend == "ray":
         if any(m is not None and not isinstance(m, str) for m in (model if isinstance(model, list) else [model])):
@@ -167,7 +172,7 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
               "skip_unsupported": skip_unsupported, "device": None if device is None else str(device),
               "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
               "address": address, "num_workers": num_workers, "retry_errors": retry_errors,
-              "preprocessing": dict(sorted((preprocessing or {}).items())) or None}
+              "preprocessing": dict(sorted((preprocessing or {}).items())) or None, "memory": memory}
     previous = _previous_run(out, config, resume, overwrite)
     if previous is not None and not overwrite:
         methods, routed = _extend_run(previous, config, methods, routed)
@@ -188,7 +193,7 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
                       options=routed, weights=weights, map_format=map_format, seed=seed, retry_errors=retry_errors,
                       device=None if device is None else str(device), bundle=bundle, nnunet=nnunet,
                       nnunet_options=nnunet_options, inferer=inferer, layer=layer, activation=activation, output=output,
-                      skip_unsupported=skip_unsupported, redo=overwrite)
+                      skip_unsupported=skip_unsupported, redo=overwrite, memory=memory)
     progress = _Progress(store, cases, methods, retry_errors, on_progress, redo=overwrite)
     workers = _execute(progress.pending(batch_size), spec, setup, backend, num_workers, address, progress.on_chunk)
 

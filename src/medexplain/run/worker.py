@@ -56,6 +56,7 @@ class WorkerSpec:
     redo: bool = False             # --overwrite: recompute items that are complete
     flip_axes: list | None = None
     eval: str = "auto"
+    memory: float | None = None    # GB per model call (None: half the memory available here)
 
     def setup(self):
         """The model, as every worker loads it (:func:`medexplain.pipelines.load_setup`)."""
@@ -118,7 +119,8 @@ class CaseProcessor:
             images = input_files(case.images, setup.nnunet is not None)[0]   # as explain orders them
             explain_case(setup, images, methods, writer, per_method=spec.options, target=case.target,
                          region=case.region, layer=spec.layer, output=spec.output, activation=spec.activation,
-                         skip_unsupported=spec.skip_unsupported, series=case.series, seed=spec.seed, state=state)
+                         skip_unsupported=spec.skip_unsupported, series=case.series, seed=spec.seed, memory=spec.memory,
+                         state=state)
         except Exception as e:  # a bad case is recorded and the run goes on
             if writer.predicted is None and state.prep is not None:
                 try:
