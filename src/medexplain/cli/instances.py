@@ -44,6 +44,9 @@ def instances_cmd(
                                                         "a probability map in [0, 1], inside where > this"),
     rings: int = typer.Option(5, min=1, help="ring profile distances 1..R"),
     context: int = typer.Option(0, min=0, help="context experiment up to this many dilations (0: skip)"),
+    upsample: Optional[Literal["aligned", "bilinear"]] = typer.Option(None, help="Grad-CAM++: how the layer's map "
+                                                                      "reaches the input grid: aligned (receptive-field "
+                                                                      "aligned; default) or bilinear (MONAI's)"),
     flags: Flags = None,
 ):
     """Find lesion instances in the model's segmentation and explain each one per input channel (--method
@@ -65,7 +68,7 @@ def instances_cmd(
                                        channel=parse_target(flags.target), n_samples=n_samples, sigma=sigma,
                                        seed=flags.seed, min_size=min_size, connectivity=connectivity,
                                        reference=reference, reference_threshold=reference_threshold, rings=rings,
-                                       context=context, layer=flags.layer,
+                                       context=context, layer=flags.layer, upsample=upsample,
                                        channel_names=split_list(flags.contrasts) or None, activation=flags.activation,
                                        output=parse_output(flags.output), region=flags.region,
                                        on_progress=bar.update, on_estimate=bar.estimate, **chunk,

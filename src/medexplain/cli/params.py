@@ -197,8 +197,9 @@ OPTIONS: dict[str, Opt] = {
                       "(outputs in [0, 1] summing to 1 over channels, or a final Softmax/Sigmoid, are probabilities; "
                       "else softmax for several channels, sigmoid for one), softmax, sigmoid, or none (already "
                       "probabilities)", panel=TARGET),
-    "output": Opt(("--output",), Optional[str], None, "which model output to explain when it returns a tuple (index) "
-                  "or dict (key); default: the first", panel=TARGET),
+    "output": Opt(("--output",), Optional[str], None, "which model output to explain when it returns a tuple (index), "
+                  "stacked heads (B, heads, K, ...; index) or a dict (key); default: the first element, a one-key "
+                  "dict's value", panel=TARGET),
     "series": Opt(("--series",), Optional[str], None, "SeriesInstanceUID to read when an image is a folder holding "
                   "several DICOM series (the error lists them)", panel=TARGET),
     # -- methods --
