@@ -611,3 +611,24 @@ def test_lrp_reason_reads_after_it():
     odd = nn.Sequential(nn.Conv2d(1, 2, 3), Odd(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2)).eval()
     reason = mx.registry.get_method("lrp").why_not(odd, None)
     assert reason.startswith("has layer type(s) ['Odd'] that no LRP rule covers")
+
+
+def test_kernelshap_and_lime_fill_each_model_call_across_the_samples():
+    """The seeded surrogates draw per sample, but their model calls are pooled across the batch:
+    ceil(B n_samples / chunk_size) calls of chunk_size rows (one sample at a time would make
+    B ceil(n_samples / chunk_size)), and the maps are those of one sample at a time."""
+    import math
+    model, x, t = make("cls", 2), image(2), [0, 2, 1]
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        for name in ("kernelshap", "lime"):
+            calls.clear()
+            ours = mx.explain(model, x, name, target=t, n_features=16, n_samples=16, seed=3, chunk_size=7)
+            rows = [n for n in calls if n != 1]   # without the registry's probe rows
+            assert sum(rows) == 3 * 16 and len(rows) == math.ceil(3 * 16 / 7) and max(rows) == 7, name
+            alone = torch.cat([mx.explain(model, x[i:i + 1], name, target=t[i], n_features=16, n_samples=16, seed=3,
+                                          chunk_size=7).map for i in range(3)])
+            assert torch.equal(ours.map, alone) or rel_err(ours.map, alone) <= 1e-10, name
+    finally:
+        handle.remove()

@@ -91,6 +91,54 @@ class TargetScore(nn.Module):
         return s
 
 
+class _PooledScore(TargetScore):
+    """:class:`TargetScore` whose model calls are pooled across samples (:func:`captum_call`'s ``pool_rows``):
+    in ``record`` mode each call's rows are queued (a placeholder score is returned; the draws of the
+    methods that use it do not depend on it) and sent to the model ``pool_rows`` rows at a time; in
+    ``replay`` mode each call returns the scores its rows got, in the order they were recorded."""
+
+    def start(self, pool_rows: int) -> None:
+        self.mode, self.pool_rows = "record", max(1, int(pool_rows))
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.sizes: list[int] = []
+        self.scores: list[torch.Tensor] = []
+        self.calls, self.n_pending = 0, 0
+
+    def _evaluate(self, rows: int) -> None:
+        """Send the first ``rows`` queued rows to the model in one call."""
+        xs, ids, left, take = [], [], [], rows
+        for xq, iq in self.pending:
+            n = min(take, xq.shape[0])
+            if n:
+                xs.append(xq[:n])
+                ids.append(iq[:n])
+            if n < xq.shape[0]:
+                left.append((xq[n:], iq[n:]))
+            take -= n
+        self.pending, self.n_pending = left, self.n_pending - rows
+        with torch.no_grad():
+            self.scores.append(TargetScore.forward(self, torch.cat(xs), torch.cat(ids)).detach())
+
+    def flush(self) -> None:
+        while self.n_pending:
+            self._evaluate(min(self.pool_rows, self.n_pending))
+        self.scores = list(torch.cat(self.scores).split(self.sizes)) if self.scores else []
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.mode == "record":
+            self.pending.append((x.detach().clone(), idx.detach().reshape(-1)))
+            self.sizes.append(int(x.shape[0]))
+            self.n_pending += int(x.shape[0])
+            while self.n_pending >= self.pool_rows:
+                self._evaluate(self.pool_rows)
+            return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        s = self.scores[self.calls]
+        if s.shape[0] != x.shape[0]:   # the seeded draws did not repeat: never expected
+            raise UnsupportedModelError("the pooled model calls did not replay in order")
+        self.calls += 1
+        return s
+
+
 def _stabilize(t: torch.Tensor, eps: float) -> torch.Tensor:
     """``t + eps`` with the sign of ``t`` (``+eps`` at 0): the LRP stabiliser (Montavon et al. 2019, eq. 5)."""
     return t + ((t == 0).to(t) + t.sign()) * eps
@@ -196,20 +244,27 @@ def _library_error(e: Exception, what: str) -> MedexplainError:
 
 def captum_call(model, x, target, cost, make: Callable, call: Callable, rows_per_sample: int = 1,
                 chunk_size: int | None = None, seed: int | None = None, restore_values: bool = False,
-                relevance_seed: bool = False) -> torch.Tensor:
+                relevance_seed: bool = False, pool_rows: int | None = None) -> torch.Tensor:
     """Run a Captum attribution over ``x`` on medexplain's terms; returns the maps ``(B, C, *s)``.
 
     ``make(forward_module)`` builds the Captum object over a :class:`TargetScore`; ``call(obj, x_chunk,
     idx_chunk, chunk_slice)`` runs it on a chunk of samples with ``additional_forward_args=(idx,)``.
     Chunks hold ``chunk_size // rows_per_sample`` samples (at least one), or one sample when ``seed`` is
     given (the global RNGs are seeded per sample). Everything runs inside :func:`library_guard`.
+
+    ``pool_rows`` (with ``seed``, a method whose draws do not depend on the model's outputs: KernelSHAP,
+    LIME): the samples' perturbed rows are pooled across the batch into model calls of ``pool_rows`` rows
+    (:class:`_PooledScore`): a first pass over the samples, each under its seeded RNG, records the rows
+    Captum asks for; they go through the model ``pool_rows`` at a time, across samples; a second pass makes
+    the same seeded draws and reads the scores back. The maps are those of one sample at a time.
     """
     b = x.shape[0]
-    module = TargetScore(model, target, b, cost, relevance_seed=relevance_seed)
+    pooled = seed is not None and pool_rows is not None and b > 1
+    module = (_PooledScore if pooled else TargetScore)(model, target, b, cost, relevance_seed=relevance_seed)
     per = 1 if seed is not None else max(1, (chunk_size or rows_per_sample * b) // max(1, rows_per_sample))
-    maps = []
-    with library_guard(model, restore_values=restore_values), _quiet():
-        obj = make(module)
+
+    def run_all(obj):
+        maps = []
         for sl in chunks(b, per):
             idx = torch.arange(sl.start, sl.stop, device=x.device)
             with seeded_rng(seed, x.device):
@@ -220,7 +275,17 @@ def captum_call(model, x, target, cost, make: Callable, call: Callable, rows_per
                 except (RuntimeError, TypeError, AssertionError, ValueError) as e:
                     raise _library_error(e, type(obj).__name__) from e
             maps.append(a.detach())
-    return torch.cat(maps)
+        return torch.cat(maps)
+
+    with library_guard(model, restore_values=restore_values), _quiet():
+        obj = make(module)
+        if not pooled:
+            return run_all(obj)
+        module.start(pool_rows)
+        run_all(obj)            # record: every sample's perturbed rows, pooled into calls of pool_rows rows
+        module.flush()
+        module.mode = "replay"  # the same seeded draws again, the model's scores read back in order
+        return run_all(obj)
 
 
 def _slice_baseline(baselines, x: torch.Tensor, sl: slice):
@@ -461,7 +526,7 @@ def _surrogate(name, model, x, target, cost, features, n_features, compactness, 
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
                                                        n_samples=int(n_samples), perturbations_per_eval=max(1, chunk_size or 1),
                                                        additional_forward_args=(idx,)),
-                    1, None, seed=seed)
+                    1, None, seed=seed, pool_rows=chunk_size or int(n_samples) * x.shape[0])
     return m[:, :1], {**_groups_info(groups, features), "n_samples": n_samples, "seed": seed}
 
 
@@ -470,7 +535,8 @@ def kernelshap(model, x, target, cost, features="slic", n_features: int = 64, co
                n_samples: int = 200, baselines=0.0, seed: int = 0, chunk_size: int | None = 64):
     """Kernel SHAP (Lundberg & Lee 2017, theorem 2: the Shapley kernel weighted linear regression) over
     :func:`feature_groups`; Captum's ``KernelShap`` (coalitions from the global RNG, so each sample runs
-    alone in an RNG seeded with ``seed``), ``perturbations_per_eval = chunk_size``. Absent features take
+    alone in an RNG seeded with ``seed``), ``perturbations_per_eval = chunk_size``; the model calls are filled
+    to ``chunk_size`` rows across the samples of the batch (:func:`captum_call`'s ``pool_rows``). Absent features take
     the baseline. Maps are ``(B, 1, *s)``, constant on each group."""
     return _surrogate("kernelshap", model, x, target, cost, features, n_features, compactness, n_samples, baselines,
                       seed, chunk_size)

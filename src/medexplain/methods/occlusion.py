@@ -25,7 +25,8 @@ def occlusion(model, x, target, cost, window=8, stride=None, baseline: float = 0
     """Map = mean over covering windows of f(x) - f(x with the window set to ``baseline``).
 
     ``window`` and ``stride`` are ints or one per spatial axis (stride defaults to the window). Voxels
-    no window covers get 0. Matches Captum's Occlusion with a window spanning all channels.
+    no window covers get 0. Matches Captum's Occlusion with a window spanning all channels. ``chunk_size``:
+    rows given to the model in one call, filled with (window, sample) pairs across the batch.
     """
     b, spatial = x.shape[0], tuple(x.shape[2:])
     win = _tuple(window, len(spatial), "window")
@@ -38,16 +39,16 @@ def occlusion(model, x, target, cost, window=8, stride=None, baseline: float = 0
         base_score = target.scores(base_out, None, b)
         total = torch.zeros((b, 1, *spatial), dtype=x.dtype, device=x.device)
         count = torch.zeros((1, 1, *spatial), dtype=x.dtype, device=x.device)
-        per = max(1, (chunk_size or len(starts) * b) // b)
-        for sl in chunks(len(starts), per):
-            masks = torch.zeros((sl.stop - sl.start, 1, 1, *spatial), dtype=x.dtype, device=x.device)
-            for i, st in enumerate(starts[sl]):
-                masks[(i, 0, 0, *[slice(s, s + w) for s, w in zip(st, win)])] = 1
-            rows_x = (x.unsqueeze(0) * (1 - masks) + baseline * masks).reshape(-1, *x.shape[1:])
-            rows = torch.arange(b, device=x.device).repeat(len(masks))
-            boxes = [tuple(slice(s, s + w) for s, w in zip(st, win)) for st in starts[sl] for _ in range(b)]
+        for sl in chunks(len(starts) * b, chunk_size):   # (window, sample) rows, window-major, filled across samples
+            j = torch.arange(sl.start, sl.stop, device=x.device)
+            wins, rows = (j // b).tolist(), j % b
+            masks = torch.zeros((len(wins), 1, *spatial), dtype=x.dtype, device=x.device)
+            for i, w in enumerate(wins):
+                masks[(i, 0, *[slice(s, s + n) for s, n in zip(starts[w], win)])] = 1
+            rows_x = x[rows] * (1 - masks) + baseline * masks
+            boxes = [tuple(slice(s, s + n) for s, n in zip(starts[w], win)) for w in wins]
             # through a sliding-window inferer only the windows an occluder touches are re-run
             drop = base_score[rows] - target.scores(forward_changed(model, x, base_out, rows_x, rows, boxes, cost), rows, b)
-            total += (drop.view(-1, b, 1, *[1] * len(spatial)) * masks).sum(0)
-            count += masks.sum(0)
+            total.index_add_(0, rows, drop.view(-1, 1, *[1] * len(spatial)) * masks)
+            count += masks[rows == 0].sum(0, keepdim=True)   # each window once
     return total / count.clamp(min=1), {"windows": len(starts), "window": win, "stride": step}
