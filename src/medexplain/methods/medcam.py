@@ -456,8 +456,8 @@ def _train_masks(model, x, y, logits_x, cost, cfg: MedCAMConfig, layers, acts_x,
         return functional_call(base, (p, bf), (xi.unsqueeze(0),)).squeeze(0)
 
     gens = [torch.Generator(device=x.device).manual_seed(cfg.seed + 1) for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool)
-    steps_taken = torch.zeros(b, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=x.device)
+    steps_taken = torch.zeros(b, dtype=torch.long, device=x.device)
     final_soft = torch.zeros((b, 1, *spatial), dtype=x.dtype, device=x.device)
     final_terms: dict[str, torch.Tensor] = {}
     kept_soft, kept = final_soft.clone(), torch.zeros(b, dtype=torch.bool, device=x.device)
