@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-from conftest import image, make, region_targets, rel_err
 from typer.testing import CliRunner
 
 import medexplain as mx
+from conftest import image, make, region_targets, rel_err
 from medexplain.cli import app
 from medexplain.errors import InputError
 from medexplain.options import option_types
