@@ -248,6 +248,20 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert record["status"] == "complete" and len(record["sessions"]) == started + 1 and record["sessions"][-1]["resumed"]
 
 
+def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
+    """The local backend's worker processes (spawned, each loading the model) write byte-identical maps to
+    one in-process worker, whatever the number of workers."""
+    csv = volumes(tmp_path, n=4)
+    model = scripted3d(tmp_path)
+    one = run_manifest(csv, model, ["saliency", "integrated_gradients"], tmp_path / "one", options={"steps": 4},
+                       batch_size=1, num_workers=1)
+    two = run_manifest(csv, model, ["saliency", "integrated_gradients"], tmp_path / "two", options={"steps": 4},
+                       batch_size=1, num_workers=2)
+    assert outputs(two.out) == outputs(one.out)
+    sessions = [json.loads(r.record.read_text())["sessions"][-1] for r in (one, two)]
+    assert sessions[0]["workers"] == 1 and sessions[1]["workers"] == 2 and sessions[1]["processes"]
+
+
 @pytest.mark.slow
 def test_ray_backend_equals_local_backend(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'medexplain[ray]')")

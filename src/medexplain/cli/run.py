@@ -34,8 +34,9 @@ def run_cmd(
                                 "rest"),
     retry_errors: bool = typer.Option(False, "--retry-errors/--no-retry-errors", help="with --resume, also redo "
                                       "error rows"),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="local: torch threads; ray: actors "
-                                              "(default: one per CPU, or per GPU)"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="local: worker processes, each with its "
+                                              "share of the cores as threads; ray: actors (default: one per CPU, or "
+                                              "per GPU)"),
     map_format: Literal["nifti", "npz"] = typer.Option("nifti", "--map-format", help="nifti (on the image affine, "
                                                          "as explain writes it) or npz"),
     flags: Flags = None,

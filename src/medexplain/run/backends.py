@@ -1,6 +1,9 @@
 """Backends execute chunks of cases with :class:`~medexplain.run.worker.CaseProcessor`.
 
-- ``local`` (default): one processor in this process; ``num_workers`` sets torch's intra-op threads.
+- ``local`` (default): worker processes on this machine, one per core by default (``num_workers``), each
+  loading the model once and running torch with its share of the cores as threads, taking chunks as it
+  frees up; one worker (or a model given as a module object, which cannot be sent to a process) runs in
+  this process. A CUDA run defaults to one worker per GPU.
 - ``ray``: one Ray actor per worker, each loading the model once and taking chunks as it frees up.
   Without an address Ray starts its own local cluster; with ``address`` (``HOST:6379``, or ``auto`` on
   a cluster node; ``ray://HOST:10001`` with Ray Client installed) it joins an existing one. Each actor
@@ -35,6 +38,70 @@ def run_local(chunks: list, spec: WorkerSpec, on_chunk: Callable[[list], None] |
         recs = proc.process(chunk)
         if on_chunk:
             on_chunk(recs)
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or ``taskset``'s share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def local_workers(spec: WorkerSpec, num_workers: int | None, n_chunks: int) -> tuple[int, int]:
+    """``(processes, threads per process)`` of the local backend: ``num_workers`` processes (default one per
+    core, or one per GPU for a run on CUDA), no more than there are chunks, sharing the cores as threads."""
+    n = cores()
+    on_gpu = spec.device != "cpu" and torch.cuda.is_available() and (spec.device or "auto") != "cpu"
+    if num_workers is None:
+        num_workers = max(1, torch.cuda.device_count()) if on_gpu else n
+    workers = max(1, min(int(num_workers), n_chunks or 1))
+    return workers, max(1, n // workers)
+
+
+_PROCESSOR: CaseProcessor | None = None
+
+
+def _start_worker(spec: WorkerSpec) -> None:
+    global _PROCESSOR
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles ^C and stops the pool
+    _PROCESSOR = CaseProcessor(spec)
+
+
+def _process(chunk: list) -> list:
+    return _PROCESSOR.process(chunk)
+
+
+def run_processes(chunks: list, spec: WorkerSpec, workers: int, threads: int,
+                  on_chunk: Callable[[list], None] | None = None) -> dict:
+    """Process the chunks on ``workers`` local processes (spawned: a forked torch can deadlock), each with
+    ``threads`` torch threads, loading the model once, taking chunks as it frees up; ``on_chunk`` runs here
+    as each chunk finishes. Returns the workers summary."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    wspec = WorkerSpec(**{**spec.__dict__, "threads": threads})
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                               initargs=(wspec,))
+    try:
+        queue, pending = list(chunks), set()
+        while queue or pending:
+            while queue and len(pending) < workers:   # one chunk per worker in flight: the rest wait here
+                pending.add(pool.submit(_process, queue.pop(0)))
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                try:
+                    recs = f.result()
+                except BrokenProcessPool as e:
+                    raise BackendError("a local worker process died; finished items are saved, rerun with --resume: "
+                                       f"{e}") from e
+                if on_chunk:
+                    on_chunk(recs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return {"workers": workers, "threads_per_worker": threads, "processes": True}
 
 
 def ray_module():

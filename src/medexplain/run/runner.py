@@ -120,7 +120,9 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
         resume: skip items whose record exists, redo the rest; the setup must match the first run's.
         overwrite: recompute every item, also those a run in ``out`` completed (not with ``resume``).
         batch_size: cases per chunk of work (a Ray task).
-        num_workers: local: torch threads; Ray: actors (default: one per CPU, or per GPU).
+        num_workers: local: worker processes (default one per core, each with its share of the cores as torch
+            threads; one per GPU on CUDA; a model given as a module object runs in this process with
+            ``num_workers`` torch threads); Ray: actors (default: one per CPU, or per GPU).
         map_format: ``"nifti"`` (on the image's affine) or ``"npz"`` (``map`` and ``affine`` arrays).
         seed: seeds the global RNG before each method of each case, and every method's ``seed`` option.
         retry_errors: with ``resume``, also redo items recorded as errors.
@@ -195,7 +197,8 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
                       nnunet_options=nnunet_options, inferer=inferer, layer=layer, activation=activation, output=output,
                       skip_unsupported=skip_unsupported, redo=overwrite, memory=memory)
     progress = _Progress(store, cases, methods, retry_errors, on_progress, redo=overwrite)
-    workers = _execute(progress.pending(batch_size), spec, setup, backend, num_workers, address, progress.on_chunk)
+    workers = _execute(progress.pending(batch_size), spec, setup, backend, num_workers, address, progress.on_chunk,
+                       _sendable(model))
 
     # 3. the table and the record, rebuilt from the items
     rows = store.collect(cases, methods)
@@ -358,12 +361,22 @@ class _Progress:
             self.on_progress(self.done, self.total)
 
 
-def _execute(pending: list, spec: WorkerSpec, setup, backend: str, num_workers, address, on_chunk) -> dict:
+def _sendable(model) -> bool:
+    """Whether worker processes can load ``model`` themselves (a file or ``package.module:factory``; None with a
+    bundle or an nnU-Net folder); a module object given in Python cannot be sent."""
+    return all(m is None or isinstance(m, str) for m in (model if isinstance(model, (list, tuple)) else [model]))
+
+
+def _execute(pending: list, spec: WorkerSpec, setup, backend: str, num_workers, address, on_chunk,
+             sendable: bool = False) -> dict:
     """Process the pending chunks on the backend; returns the workers summary of the session."""
     if not pending:
         return {"workers": 1}
     if backend == "local":
-        spec.threads = num_workers
+        workers, threads = backends.local_workers(spec, num_workers, len(pending))
+        if workers > 1 and sendable:
+            return backends.run_processes(pending, spec, workers, threads, on_chunk)
+        spec.threads = num_workers   # in this process (one worker, or a module object): torch threads
         proc = CaseProcessor(spec, setup=setup)  # reuses the model loaded for the checks
         backends.run_local(pending, spec, on_chunk=on_chunk, processor=proc)
         return {"workers": 1}
