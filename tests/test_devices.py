@@ -63,3 +63,22 @@ def test_cuda_without_a_gpu_is_a_typed_error_before_any_work(tmp_path):
     res = CliRunner().invoke(app, ["explain", str(tmp_path / "x.nii"), "--model", "zoo:chest_xray", "--device", "cuda",
                                    "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no such CUDA device" in res.output and not (tmp_path / "o").exists()
+
+
+def test_mixed_precision_is_an_option_of_the_model_and_stays_close_for_gradients_and_cams():
+    """``mx.Model(amp=True)`` runs the networks' forward under autocast (bfloat16 on the CPU); the output and
+    the maps stay in the input's dtype, close to full precision for a tolerant method, and the model is left
+    as found; without amp the maps are exactly those of the plain network."""
+    net, x = make("cls", 2, dtype=torch.float32), image(2, dtype=torch.float32)
+    full = mx.Model(copy.deepcopy(net))
+    amp = mx.Model(copy.deepcopy(net), amp=True)
+    assert amp.describe()["amp"] is True and "amp" not in full.describe()
+    for method, opts in [("saliency", {}), ("gradcam", {"layer": "features.2"})]:
+        a = mx.explain(amp, x, method, target=[0, 2, 1], **opts)
+        f = mx.explain(full, x, method, target=[0, 2, 1], **opts)
+        assert a.map.dtype == torch.float32 and torch.isfinite(a.map).all()
+        assert not torch.equal(a.map, f.map)                        # it did run in lower precision
+        cos = torch.nn.functional.cosine_similarity(a.map.flatten(), f.map.flatten(), dim=0)
+        assert cos >= 0.98, (method, float(cos))                     # bfloat16 keeps 8 bits of mantissa
+    assert torch.equal(mx.explain(full, x, "saliency", target=0).map, mx.explain(net, x, "saliency", target=0).map)
+    assert amp.replace(eval="always").passes.amp

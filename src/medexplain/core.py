@@ -541,7 +541,8 @@ class Passes(nn.Module):
     cells before combining them (``docs/cam.md``). ``aligned_calls``: see ``mx.Model``.
     """
 
-    def __init__(self, networks, flip_axes=None, output=None, logits: bool = True, aligned_calls: bool = False):
+    def __init__(self, networks, flip_axes=None, output=None, logits: bool = True, aligned_calls: bool = False,
+                 amp: bool = False):
         super().__init__()
         networks = list(networks) if isinstance(networks, (list, tuple, nn.ModuleList)) else [networks]
         if not networks:
@@ -553,6 +554,7 @@ class Passes(nn.Module):
         self.flip_axes = tuple(sorted({int(a) for a in (flip_axes or ())}))
         self.flips = flip_passes(self.flip_axes)
         self.output, self.logits, self.aligned_calls = output, bool(logits), bool(aligned_calls)
+        self.amp = bool(amp)   # mixed precision for the networks' forward (mx.Model(amp=True))
         self.ended_in: str | None = None
 
     @property
@@ -583,6 +585,15 @@ class Passes(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amp and x.is_floating_point():
+            # autocast: convolutions and matrix products in float16 (CUDA) or bfloat16 (CPU); the mean over
+            # the passes, and everything the methods do with it, in the input's dtype
+            half = torch.float16 if x.device.type == "cuda" else torch.bfloat16
+            with torch.autocast(device_type=x.device.type, dtype=half):
+                return self._passes(x).to(x.dtype)
+        return self._passes(x)
+
+    def _passes(self, x: torch.Tensor) -> torch.Tensor:
         total, n = None, 0
         for net in self.networks:
             for dims in self.flips:

@@ -112,4 +112,6 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
         info["memory"] = plan.as_dict()
     if read:   # how the model's output was read (a one-key dict taken as its value)
         info["output_note"] = "; ".join(read)
+    if m.passes.amp and amap.is_floating_point():   # cells captured under autocast are half precision
+        amap = amap.to(x.dtype)
     return Attribution(amap.detach().cpu(), spec.name, tgt, info)

@@ -74,7 +74,7 @@ def _dtype(dtype) -> torch.dtype | None:
 
 class Model(OutputAdapter):
     """One model object (module docstring): ``Model(network_or_networks, output=, activation=,
-    preprocessing=, inferer=, flip_axes=, device=, dtype=, eval=, probabilities=, aligned_calls=)``.
+    preprocessing=, inferer=, flip_axes=, device=, dtype=, eval=, probabilities=, aligned_calls=, amp=)``.
 
     - ``network``: an ``nn.Module`` or a list of them (an ensemble, mean of their outputs);
     - ``flip_axes``: spatial axes (0-based) for test-time flips (all non-empty subsets plus the plain pass);
@@ -92,12 +92,15 @@ class Model(OutputAdapter):
     - ``eval``: ``"auto"`` | ``"always"`` | ``"never"`` (:func:`medexplain.core.model_guard`);
     - ``aligned_calls``: a CAM layer called several times in one pass on same-shaped inputs by the user's
       own code is refused (:class:`~medexplain.errors.RepeatedLayerCallError`) unless this says the calls
-      are aligned (e.g. a shared block on several aligned inputs), in which case their cells are summed.
+      are aligned (e.g. a shared block on several aligned inputs), in which case their cells are summed;
+    - ``amp``: mixed precision for the networks' forward (``torch.autocast``: float16 on CUDA, bfloat16 on the
+      CPU); the output is cast back to the input's dtype, so targets, gradients' accumulation and maps stay in
+      it. Which methods tolerate it: ``docs/devices.md``. Off by default; exactness tests run without it.
     """
 
     def __init__(self, network, *, output=None, activation: str = "auto", preprocessing=None, inferer=None,
                  flip_axes=None, device=None, dtype=None, eval: str = "auto", probabilities: bool = False,
-                 aligned_calls: bool = False, source: dict | None = None):
+                 aligned_calls: bool = False, amp: bool = False, source: dict | None = None):
         if isinstance(network, Model):
             raise UnsupportedModelError("network is already a medexplain Model; change its settings with "
                                         "model.replace(...)")
@@ -116,7 +119,7 @@ class Model(OutputAdapter):
             nets = [n if is_scripted(n) else n.to(dtype=dt) for n in nets]
         if dev is not None:
             nets = [n.to(dev) for n in nets]
-        passes = Passes(nets, flip_axes, output, logits=not probabilities, aligned_calls=aligned_calls)
+        passes = Passes(nets, flip_axes, output, logits=not probabilities, aligned_calls=aligned_calls, amp=amp)
         from ..sliding import SlidingWindowModel, as_inferer
         inferer = as_inferer(inferer)
         runner = passes if inferer is None else SlidingWindowModel(passes, inferer)
@@ -127,7 +130,7 @@ class Model(OutputAdapter):
         self.source = dict(source or {})
         self._settings = dict(output=output, activation=activation, preprocessing=preprocessing, inferer=inferer,
                               flip_axes=flip_axes, eval=eval, probabilities=probabilities,
-                              aligned_calls=aligned_calls, source=self.source)
+                              aligned_calls=aligned_calls, amp=bool(amp), source=self.source)
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -182,6 +185,7 @@ class Model(OutputAdapter):
         return {"networks": len(self.passes.networks), "flip_axes": list(self.flip_axes), "passes": self.n_passes,
                 "eval": self.eval_policy, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "score": "probabilities" if self.probabilities else "logits",
+                **({"amp": True} if self.passes.amp else {}),
                 "inferer": inferer_settings(self.inferer) if self.inferer is not None else None, **self.source}
 
     # ------------------------------------------------------------------ using it
