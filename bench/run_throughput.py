@@ -1,4 +1,4 @@
-"""Throughput of ``medexplain run``: the Ray backend against the local (in-process) backend at equal cores.
+"""Throughput of ``medexplain run``: the Ray backend against the local backend at equal cores.
 
     .venv/bin/python bench/run_throughput.py [--cases 32] [--cores 2] [--repeat 3]
 
@@ -7,18 +7,20 @@ pydicom's ``RG1_UNCR.dcm`` with a planted nodule; 64x64, written as 2D NIfTI wit
 small MONAI ResNet classifier (untrained: throughput does not depend on the weights), methods saliency,
 Grad-CAM (``layer4``) and integrated gradients (16 steps), batch size 4, hit rate against the masks.
 
-Equal cores: local = one process with ``cores`` torch threads; Ray = ``cores`` actors of one CPU and one
-thread each, on a local Ray cluster limited to ``cores`` CPUs. Ray's throughput is measured on an already
+Equal cores: local = ``cores`` worker processes of one torch thread each (the local backend's default on a
+machine of ``cores`` cores); Ray = ``cores`` actors of one CPU and one thread each, on a local Ray cluster
+limited to ``cores`` CPUs. Ray's throughput is measured on an already
 started cluster (as with ``--address``: the cluster outlives runs), actor start-up and model loading
 included; the one-off cluster start is reported on its own. ``repeat`` runs each, alternating; best and
 median wall time, and cases per CPU-second (robust to other load on a shared machine).
-The goal (issue 9): Ray >= 0.8x local cases/s. Both backends' outputs are checked to be identical.
+The goal (issue 26): local within 10% of Ray's cases/s. Both backends' outputs are checked to be identical.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -56,14 +58,19 @@ def write_cases(folder: Path, n: int) -> Path:
 
 
 def one_run(csv, out: Path, backend: str, cores: int) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (this process + the Ray workers; Ray's own daemons not counted)."""
+    """Wall seconds and CPU seconds (this process + its worker processes or the Ray workers; Ray's own daemons
+    not counted)."""
     shutil.rmtree(out, ignore_errors=True)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child0 = children.ru_utime + children.ru_stime
     t0 = time.perf_counter()
     res = run_manifest(csv, "run_throughput:model", METHODS, out, options=OPTIONS, layer="layer4", batch_size=4,
                        backend=backend, num_workers=cores)
     wall = time.perf_counter() - t0
     session = json.loads(res.record.read_text())["sessions"][-1]
-    return wall, session["cpu_seconds"] + session.get("worker_cpu_seconds", 0.0)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    local_workers = children.ru_utime + children.ru_stime - child0 if backend == "local" else 0.0
+    return wall, session["cpu_seconds"] + session.get("worker_cpu_seconds", 0.0) + local_workers
 
 
 def differences(a: Path, b: Path) -> list[str]:
@@ -108,7 +115,7 @@ def main():
         med = {k: float(np.median([w for w, _ in v])) for k, v in runs.items()}
         cpu = {k: min(c for _, c in v) for k, v in runs.items()}
         rows = []
-        for k, label, cores in (("local", "local (in-process)", f"1 process x {args.cores} threads"),
+        for k, label, cores in (("local", "local (worker processes)", f"{args.cores} processes x 1 thread"),
                                 ("ray", "ray, running cluster", f"{args.cores} actors x 1 thread")):
             rows.append([label, cores, best[k], n / best[k], (n / best[k]) / (n / best["local"]), med[k],
                          (n / med[k]) / (n / med["local"]), n / cpu[k], (n / cpu[k]) / (n / cpu["local"]),
@@ -117,16 +124,18 @@ def main():
                      best["local"] / cold, cold, med["local"] / cold, n / cold_cpu, cpu["local"] / cold_cpu, f"{cold:.1f}"])
         table = markdown_table(["backend", "cores", "best wall s", "cases/s (best)", "x local (best)", "median wall s",
                                 "x local (median)", "cases per CPU-s", "x local (CPU)", "all runs s"], rows)
-        ratio = best["local"] / best["ray"]
-        verdict = "meets" if ratio >= 0.8 else "misses"
+        ratio = best["ray"] / best["local"]   # local cases/s relative to Ray's
+        verdict = "meets" if ratio >= 0.9 else "misses"
         text = (f"# medexplain run: Ray vs local backend at equal cores\n\n"
+                f"Command: `.venv/bin/python bench/run_throughput.py --cases {n} --cores {args.cores} --repeat {args.repeat}`\n\n"
                 f"{n} chest-radiograph cases (64x64, planted nodule) x {len(METHODS)} methods "
                 f"({', '.join(METHODS)}; IG 16 steps), batch size 4, MONAI ResNet (zoo.classifier_2d). "
                 f"Machine: {machine()}; {args.cores} cores for each backend; {args.repeat} runs each, alternating.\n\n"
                 f"{table}\n\n"
                 f"Ray cluster start (one-off, not in the running-cluster rows): {t_cluster:.1f} s. "
-                f"Goal Ray >= 0.8x local (best wall time, running cluster): {verdict} ({ratio:.2f}x). "
-                f"CPU seconds: this process plus the Ray workers (Ray's daemons not counted), a measure that "
+                f"Goal local >= 0.9x Ray's cases/s (best wall time, running cluster): {verdict} ({ratio:.2f}x). "
+                f"CPU seconds: this process plus its worker processes or the Ray workers (Ray's daemons not "
+                f"counted; local includes the workers' spawn and imports), a measure that "
                 f"does not depend on how busy the machine is. "
                 f"Outputs of both backends identical (maps byte for byte, table but timing): {not diffs}"
                 + (f" (differences: {'; '.join(diffs[:8])})" if diffs else "") + ". "

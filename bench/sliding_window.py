@@ -135,7 +135,7 @@ def budgets(args) -> None:
     arrays, probe, call = plan["volume_arrays_bytes"], plan["window_call_probe_bytes"], plan["window_call_bytes"]
     n = every["n_windows"]
     configs = {"everything (64 GB)": 64.0, "half the graphs": (arrays + call * (n // 2 + 1)) / 1e9,
-               "one window": (arrays + 1.2 * probe) / 1e9, "memmap": 1.2 * probe / 1e9, "monai": None}
+               "one window": (arrays + 1.2 * max(probe, call)) / 1e9, "memmap": 1.2 * probe / 1e9, "monai": None}
     results: dict = {k: [] for k in configs}
     load = []
     for _ in range(args.rounds):
@@ -174,8 +174,9 @@ Command: `.venv/bin/python bench/sliding_window.py --budgets --size {args.size} 
 Whole-volume saliency (class 1 summed over every voxel) of the model above at S = {args.size} ({n} windows of
 {args.roi}^3, `sw_batch_size=1`) under `memory=`: `everything` keeps every window graph from the forward (no
 recompute), `half the graphs` about half of them, `one window` = the four full-volume arrays (input, output,
-cotangent, gradient: {arrays / 1e6:.0f} MB here) plus 1.2 x one window call's probe ({probe / 1e6:.0f} MB),
-`memmap` = 1.2 x one window call (below the arrays: the engine's gradient array is a memory-mapped file);
+cotangent, gradient: {arrays / 1e6:.0f} MB here) plus 1.2 x one window call (the larger of its probe before
+compute, {probe / 1e6:.0f} MB, and its graph measured in the forward, {call / 1e6:.0f} MB), `memmap` = 1.2 x the
+probe (below the arrays: the engine's gradient array is a memory-mapped file);
 `monai` = autograd through MONAI's `sliding_window_inference`. `one window's work` = the work MB of the network's
 forward + backward on one {args.roi}^3 input ({one_work:.0f} MB, fresh process).
 
