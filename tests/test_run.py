@@ -32,6 +32,12 @@ def tiny2d():
     return TinyClassifier(2, cin=1).eval()
 
 
+def tiny3d():
+    """A 1-channel 3D classifier with hooks (module:factory form: worker processes import it)."""
+    torch.manual_seed(0)
+    return TinyClassifier(3, cin=1).eval()
+
+
 def scripted3d(tmp: Path) -> str:
     torch.manual_seed(0)
     torch.jit.save(torch.jit.script(TinyClassifier(3, cin=1).eval()), tmp / "model.pt")
@@ -252,10 +258,10 @@ def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
     """The local backend's worker processes (spawned, each loading the model) write byte-identical maps to
     one in-process worker, whatever the number of workers."""
     csv = volumes(tmp_path, n=4)
-    model = scripted3d(tmp_path)
-    one = run_manifest(csv, model, ["saliency", "integrated_gradients"], tmp_path / "one", options={"steps": 4},
+    model = "test_run:tiny3d"     # with hooks (Grad-CAM's layer plan is probed once per process)
+    one = run_manifest(csv, model, ["saliency", "gradcam", "integrated_gradients"], tmp_path / "one", options={"steps": 4},
                        batch_size=1, num_workers=1)
-    two = run_manifest(csv, model, ["saliency", "integrated_gradients"], tmp_path / "two", options={"steps": 4},
+    two = run_manifest(csv, model, ["saliency", "gradcam", "integrated_gradients"], tmp_path / "two", options={"steps": 4},
                        batch_size=1, num_workers=2)
     assert outputs(two.out) == outputs(one.out)
     sessions = [json.loads(r.record.read_text())["sessions"][-1] for r in (one, two)]

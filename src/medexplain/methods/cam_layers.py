@@ -70,6 +70,7 @@ from ..core import (
     CONV,
     CONV_TRANSPOSE,
     NORM,
+    Cost,
     capture_layers,
     find_layer,
     forward,
@@ -458,8 +459,10 @@ def _structure(model) -> int:
 
 def layer_plan(model, x: torch.Tensor, layer=None, layout: str = "auto", reshape=None, cost=None) -> LayerPlan:
     """The :class:`LayerPlan` of ``layer`` (``None``: :func:`default_layer`) for inputs shaped like ``x``:
-    one probe forward of a seeded noise image (counted in ``cost``), cached per (model, layer, input
-    size, dtype, layout, reshape, output adapter)."""
+    one probe forward of a seeded noise image, cached per (model, layer, input size, dtype, layout, reshape,
+    output adapter). The probe is not counted in ``cost`` (cached or not), so a record's ``n_forward`` is the
+    method's own rows and does not depend on what ran before in the process (a run's worker processes or
+    actors take the cases in any order)."""
     if layout not in LAYOUTS:
         raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layer is None and (layout != "auto" or reshape is not None):
@@ -469,12 +472,13 @@ def layer_plan(model, x: torch.Tensor, layer=None, layout: str = "auto", reshape
     key = (_structure(model), getattr(model, "output", None) if model is not user else None, tuple(x.shape[1:]),
            x.dtype, str(x.device), module, layout, reshape)
     per_model = _CACHE.setdefault(user, {})
-    if key in per_model:
-        return per_model[key]
-    with model_guard(user):   # eval mode, frozen weights: the probe changes nothing (also when called directly)
-        plan = _default_plan(model, x, cost) if layer is None else _named_plan(model, x, layer, module, layout, reshape, cost)
-    per_model[key] = plan
-    return plan
+    if key not in per_model:
+        probe_cost = Cost()
+        with model_guard(user):   # eval mode, frozen weights: the probe changes nothing (also when called directly)
+            plan = (_default_plan(model, x, probe_cost) if layer is None
+                    else _named_plan(model, x, layer, module, layout, reshape, probe_cost))
+        per_model[key] = plan
+    return per_model[key]
 
 
 def _named(model, module) -> str:
