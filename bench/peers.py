@@ -84,7 +84,9 @@ def pairs(nd: int, model, x, layer: str, cnn, quick: bool):
                                                              nt_samples_batch_size=n_noise, stdevs=0.15, target=t, abs=False)),
         (f"integrated_gradients {steps} steps", "Captum IntegratedGradients",
          lambda: mx.explain(model, x, "integrated_gradients", target=tl, steps=steps, chunk_size=b * steps),
-         lambda: ca.IntegratedGradients(model).attribute(x, target=t, n_steps=steps, internal_batch_size=b * steps)),
+         # ours reports the completeness error (one forward of x and the baseline): the peer computes it too
+         lambda: ca.IntegratedGradients(model).attribute(x, target=t, n_steps=steps, internal_batch_size=b * steps,
+                                                         return_convergence_delta=True)),
         ("inputxgradient", "Captum InputXGradient", lambda: mx.explain(model, x, "inputxgradient", target=tl),
          lambda: ca.InputXGradient(model).attribute(x, target=t)),
         (f"gradientshap {n_noise} samples", "Captum GradientShap",
@@ -148,6 +150,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=0, help="uncounted rounds first")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smaller inputs and fewer samples (a smoke run)")
+    ap.add_argument("--only", help="only the methods whose name contains this (written to peers_only.md)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from monai.networks.nets import resnet10, resnet18
@@ -159,7 +162,8 @@ def main():
               torch.randn(4, 1, s2, s2), "layer4", PlainCNN().eval()),
              (f"3D resnet10 2x{s3}^3", 3, resnet10(spatial_dims=3, n_input_channels=1, num_classes=2).eval(),
               torch.randn(2, 1, s3, s3, s3), "layer4", None)]
-    jobs = [(name, *p) for name, nd, model, x, layer, cnn in cases for p in pairs(nd, model, x, layer, cnn, args.quick)]
+    jobs = [(name, *p) for name, nd, model, x, layer, cnn in cases for p in pairs(nd, model, x, layer, cnn, args.quick)
+            if not args.only or args.only in p[0]]
     ratios = {i: [] for i in range(len(jobs))}
     secs = {i: ([], []) for i in range(len(jobs))}
     load = []
@@ -187,7 +191,7 @@ def main():
               "<= 1.05"]
     text = f"""# medexplain against the peers (bench/peers.py)
 
-Command: `.venv/bin/python bench/peers.py --rounds {args.rounds} --warmup {args.warmup} --threads {args.threads}{' --quick' if args.quick else ''}`
+Command: `.venv/bin/python bench/peers.py --rounds {args.rounds} --warmup {args.warmup} --threads {args.threads}{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}`
 (total {total:.0f} s). Machine: {machine()}; {args.threads} torch thread(s); load average {min(load):.1f}-{max(load):.1f}
 on the 2 cores during the run (other engineers' jobs): absolute seconds are noisy, the ratios of back-to-back runs
 less so. {args.rounds} counted rounds after {args.warmup} warm-up round(s); in each round ours and the peer run back to back, the
@@ -197,7 +201,7 @@ eval mode, float32; LRP on a plain 3-conv CNN (Captum's LRP has no rule for a re
 
 {markdown_table(header, rows)}
 """
-    write_result("peers", text)
+    write_result("peers_only" if args.only else "peers", text)
     print("\nREADME table:\n" + markdown_table(["case", "method", "peer", "ours / peer"], short))
 
 
