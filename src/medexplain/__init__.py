@@ -18,7 +18,7 @@ def __getattr__(name):
     # Sub-packages load on first use so `import medexplain` stays fast (no MONAI import for the core).
     import importlib
     if name in ("metrics", "segmentation", "models", "data", "io", "report", "shapley", "run", "training", "demo",
-                "evaluation", "pipelines", "render", "ops", "core", "registry"):
+                "evaluation", "pipelines", "render", "ops", "core", "registry", "examples"):
         return importlib.import_module(f".{name}", __name__)
     if name == "channel_shapley":
         return importlib.import_module(".shapley", __name__).channel_shapley
