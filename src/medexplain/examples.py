@@ -48,7 +48,7 @@ GENERATED = {
     "nnunet": "Dataset999_Tiny/nnUNetTrainer__nnUNetPlans__3d_fullres/: an nnU-Net v2 model folder (plans.json, "
               "dataset.json, fold_0, fold_1) with 2 channels (T1, CT) and 2 foreground labels; needs the nnunet "
               "extra (docs/nnunet.md)",
-    "cases.csv": "a run manifest of 3 CT/MR/radiograph slices (image, label, case_id), the images beside it",
+    "cases.csv": "a run manifest of 2 slices (CT_small.dcm, MR_small.dcm; columns image, label, case_id), the images beside it",
 }
 
 
@@ -271,7 +271,7 @@ def _write_nnunet(folder: Path) -> Path:
 
 def _write_manifest(folder: Path) -> Path:
     rows = ["image,label,case_id"]
-    for name, label in (("ct_small", 0), ("mr_small", 1), ("chest_xray", 1)):
+    for name, label in (("ct_small", 0), ("mr_small", 1)):
         rows.append(f"{_copy(name, folder).name},{label},{name}")
     (folder / "cases.csv").write_text("\n".join(rows) + "\n")
     return folder / "cases.csv"
