@@ -85,7 +85,8 @@ def path(name: str) -> Path:
 def write(folder=".", which=None) -> dict[str, Path]:
     """Write the examples ``which`` (default: all that are available; names of :func:`names`) into ``folder``
     and return ``{name: path}``. Installed files are copied under their own file names (``CT_small.dcm``,
-    ``RG1_UNCR.dcm``, ``anatomical.nii``, ...; deepbet's model as ``deepbet.pt``); existing files are replaced, so call it on a folder of its own."""
+    ``RG1_UNCR.dcm``, ``anatomical.nii``, ...; deepbet's model as ``deepbet.pt``); existing files are replaced,
+    so call it on a folder of its own."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     explicit = which is not None

@@ -442,6 +442,9 @@ def _dicom_meta(ds, sitk_info, files: int, arr_shape, what: str) -> tuple[np.nda
             "series_uid": str(getattr(ds, "SeriesInstanceUID", "")), "n_files": files,
             "transfer_syntax": str(ts.name) if ts is not None else None, "modality": str(getattr(ds, "Modality", "")),
             "photometric": str(getattr(ds, "PhotometricInterpretation", ""))}
+    po = getattr(ds, "PatientOrientation", None)
+    if po is not None and len(po) == 2:        # projection images: the figure's edge letters (render)
+        meta["patient_orientation"] = tuple(str(v) for v in po)
     if source and not source.startswith("PixelSpacing"):
         meta["spacing_source"] = source
     return affine, meta
@@ -680,15 +683,18 @@ def write_nifti(array, path, affine=None, *, spatial_dims: int | None = None, xf
 
 
 def write_png_overlay(image, amap, path, *, affine=None, oriented: bool = True, title: str = "", subtitle: str = "",
-                      label: str = "map", point=None, signed: bool | None = None, percentile: float | None = None) -> Path:
+                      label: str = "map", point=None, signed: bool | None = None, percentile: float | None = None,
+                      **figure_options) -> Path:
     """The figure of :func:`medexplain.render.figure` (the map over the image, colour bar, title; a
-    tri-planar view through the map's peak or ``point`` for volumes) as a PNG, written atomically.
-    ``affine``: the image's affine (tensor indices to RAS mm) for the voxel aspect and, when ``oriented``
-    (``meta["oriented"]`` of :func:`read_image`), the patient-direction labels."""
+    tri-planar view through the explained region, the map's peak or ``point`` for volumes) as a PNG, written
+    atomically. ``affine``: the image's affine (tensor indices to RAS mm) for the voxel aspect and, when
+    ``oriented`` (``meta["oriented"]`` of :func:`read_image`), the patient-direction labels;
+    ``figure_options``: the other options of :func:`medexplain.render.figure` (``region``, ``alpha``,
+    ``cmap``, ``planes``, ``patient_orientation``, ``caption``)."""
     from . import render
     kw = {} if percentile is None else {"percentile": percentile}
     fig = render.figure(image, amap, affine=affine, oriented=oriented, title=title, subtitle=subtitle, label=label,
-                        point=point, signed=signed, **kw)
+                        point=point, signed=signed, **kw, **figure_options)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
     return Path(path)

@@ -217,7 +217,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
-                  bundle=None, nnunet=None) -> ExplainedImage:
+                  bundle=None, nnunet=None, figure: dict | None = None) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``. ``image``: one file (or DICOM series folder), or a list of
     single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with
@@ -241,7 +241,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) applied before the model and
     inverted for the maps, so they land on the input's own grid. ``options``: ``{"key": v}`` for every
     method accepting ``key`` or ``{"method.key": v}`` for one, typed by each method's signature (text
-    parsed); ``layer`` for every method that takes one.
+    parsed); ``layer`` for every method that takes one. ``figure``: options of the PNG figures
+    (:func:`medexplain.render.figure_options`: ``alpha``, ``percentile``, ``cmap``, ``planes``, ``point``).
 
     Everything that can fail before compute is checked first: option names and types, the output
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
@@ -259,6 +260,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
     per_method = route_options(methods, options, layer)
+    from . import render
+    figure = render.figure_options(figure)
     out = io.check_output_dir(out)
     images, stem = _input_files(image, nnunet is not None)
     info_path = _check_outputs(stem, methods, out, overwrite)
@@ -319,7 +322,9 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             continue
         res.attributions[m] = attr
         info["methods"][m] = {**attr.info, "estimate": est.as_dict()}
-        res.files += _write_method_files(img, amap, out, stem, m, meta, _figure_title(m, info))
+        res.files += _write_method_files(img, amap, out, stem, m, meta, _figure_title(m, info),
+                                         {**figure, "region": _figure_region(resolved.target, prep),
+                                          "caption": _figure_caption(attr.info)})
         io.write_json(info, info_path)
         if on_method:
             on_method(m)
@@ -378,15 +383,36 @@ def _figure_title(method: str, info: dict) -> tuple[str, str]:
     return f"{method} \u00b7 {target} \u00b7 model {info.get('model')}", sub
 
 
+def _figure_region(target, prep):
+    """The explained region of a :class:`~medexplain.targets.Region` target on the image grid (bool), for the
+    figure's planes and outline; None for class targets (or when it cannot be put back on the image grid)."""
+    mask = getattr(target, "mask", None)
+    if mask is None:
+        return None
+    m = mask[0]
+    m = m[0] if m.ndim == prep.x.ndim - 1 else m
+    try:
+        return prep.invert(m[None].float(), nearest=True)[0] > 0.5
+    except Exception:  # a figure annotation only: the map and its files do not depend on it
+        return None
+
+
+def _figure_caption(info: dict) -> str:
+    """What a method's figure must say beyond the scale: a perturbation method's baseline."""
+    return f"Perturbed regions replaced by the {info['baseline']} baseline." if info.get("baseline") else ""
+
+
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
-                        title: tuple[str, str] = ("", "")) -> list[Path]:
+                        title: tuple[str, str] = ("", ""), figure: dict | None = None) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
-    affine (channels on the 4th axis, also for 2D) and as a PNG figure on the image, each written atomically."""
+    affine (channels on the 4th axis, also for 2D) and as a PNG figure on the image (``figure``: options of
+    :func:`medexplain.render.figure`), each written atomically."""
     nd = img.ndim - 1
     return [io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"], spatial_dims=nd,
                            xform_code=meta.get("xform_code", 1)),
             io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
-                                 oriented=meta.get("oriented", False), title=title[0], subtitle=title[1], label=method)]
+                                 oriented=meta.get("oriented", False), title=title[0], subtitle=title[1], label=method,
+                                 patient_orientation=meta.get("patient_orientation"), **(figure or {}))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,6 +459,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
     ``on_progress(method, rows_done, None)`` is called as the saliency's rows pass through the model.
     """
+    from . import render
     from . import segmentation as seg
 
     if method not in ("smoothgrad", "gradcam++"):
@@ -513,6 +540,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
     for k, (inst, m) in enumerate(zip(insts, attr.map), start=1):
         files.append(io.write_nifti(prep.invert(m), out / f"instance_{k:03d}_{inst.kind or 'pred'}.nii.gz", affine))
+    files += render.write_instance_figures(out, img, [prep.invert(m) for m in attr.map], [prep.invert(i.mask[None].float(), nearest=True)[0] > 0.5 for i in insts], [i.kind for i in insts], affine=affine, oriented=meta.get("oriented", False), channel_names=names)  # noqa: E501
     seg.write_csv(rows, out / "instances.csv")
     files.append(out / "instances.csv")
     if ref is not None:

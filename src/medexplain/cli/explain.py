@@ -59,6 +59,9 @@ def explain_cmd(
                                    "(default: refuse, naming them)"),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read when IMAGE is a folder "
                                          "holding several DICOM series (the error lists them)"),
+    figure: list[str] = typer.Option([], "--figure", help="PNG figure option key=value (repeatable): alpha=0.4 "
+                                     "(opacity), percentile=99.5 (colour limit), cmap=viridis, planes=axial,coronal, "
+                                     "point=I,J,K (voxel the volume planes cut through)"),
     inputs: ModelInputs = None,
 ):
     """Explain one image (one file, or one file per channel) with one or more methods; writes NIfTI maps
@@ -70,7 +73,7 @@ def explain_cmd(
                             target=parse_target(target), region=region, layer=layer, options=parse_options(option),
                             output=parse_output(output), activation=activation, skip_unsupported=skip_unsupported,
                             on_estimate=bar.estimate, on_progress=bar.update, overwrite=overwrite, series=series,
-                            bundle=bundle, **inputs.pipeline_kwargs())
+                            bundle=bundle, figure=figure, **inputs.pipeline_kwargs())
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
                                                       if t.get("region") else "") + f" ({t['how']})")
