@@ -341,6 +341,21 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     return res
 
 
+def method_table(model=None, *, weights: str | None = None, image=None) -> list[dict]:
+    """``medexplain methods``: :func:`medexplain.registry.describe_methods` for ``model`` (a module or a
+    specification, with ``weights``); ``image``: a file the model is run on once (no gradients) so that
+    classifier-only methods are judged on its real output."""
+    from .registry import describe_methods
+    if model is None:
+        return describe_methods()
+    net = _model(model, weights)
+    out = None
+    if image is not None:
+        img, _ = io.read_image(image)
+        out = checked_forward(net, _model_input(img, net))
+    return describe_methods(net, out)
+
+
 def _input_files(image, nnunet: bool) -> tuple[list, str]:
     """``(files, stem)`` of :func:`explain_image`'s ``image``: a list of one file (or series folder) or of one
     file per channel; the output stem is :func:`medexplain.io.file_stem` of the first, or the nnU-Net case

@@ -85,6 +85,30 @@ def explain_cmd(
 
 
 @app.command("methods")
-def methods_cmd():
-    """List the available explanation methods."""
-    sys.stdout.write("\n".join(available_methods()) + "\n")
+def methods_cmd(model: Optional[str] = typer.Option(None, "--model", "-m", help="say which methods apply to this "
+                                                    "model (TorchScript file, package.module:factory, zoo:<task>)"),
+                weights: Optional[str] = typer.Option(None, help="state dict for a package.module:factory model"),
+                image: Optional[Path] = typer.Option(None, "--image", help="an input for the model (one forward "
+                                                     "tells a classifier from a segmenter)"),
+                names: bool = typer.Option(False, "--names", help="only the names, one a line")):
+    """The explanation methods: name, family, what it computes (its docstring), the models it explains, and with
+    --model whether it applies to that model and why not."""
+    from rich.table import Table
+
+    from ..pipelines import method_table
+    if names:
+        sys.stdout.write("\n".join(available_methods()) + "\n")
+        return
+    with cli_errors():
+        rows = method_table(model, weights=weights, image=image)
+    tab = Table(title="explanation methods" + (f" for {model}" if model else ""), show_lines=False)
+    cols = ["method", "family", "models", "what it computes"] + (["applies to the model"] if model else [])
+    for c in cols:
+        tab.add_column(c, overflow="fold")
+    for r in rows:
+        cells = [r["name"], r["family"], r["models"], r["description"]]
+        if model:
+            cells.append("yes" if r["applies"] else f"no: {r['why_not']}")
+        tab.add_row(*cells)
+    from rich.console import Console
+    Console(width=max(Console().width, 160)).print(tab)

@@ -90,7 +90,7 @@ def _tuple(v, n, what):
 
 @register("occlusion", needs_grad=False)
 def occlusion(model, x, target, cost, window=8, stride=None, baseline: float | str = 0.0, chunk_size: int | None = 64):
-    """Map = mean over covering windows of f(x) - f(x with the window set to ``baseline``).
+    """Occlusion (Zeiler & Fergus 2014): map = mean over covering windows of f(x) - f(x with the window set to the baseline).
 
     ``window`` and ``stride`` are ints or one per spatial axis (stride defaults to the window). Voxels
     no window covers get 0. ``baseline``: a number (default 0, Captum's), ``"mean"``, ``"median"`` or
