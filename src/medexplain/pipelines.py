@@ -297,7 +297,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             "input": io.geometry_record(meta), "warnings": list(meta.get("warnings", [])),
             "inferer": inferer_settings(inferer) if inferer is not None else None,
             "bundle": bnd.describe() if bnd is not None else None,
-            "nnunet": nnm.describe() if nnm is not None else None}
+            "nnunet": nnm.describe() if nnm is not None else None,
+            "zoo": getattr(net, "zoo_info", {}).get("card")}
     res = ExplainedImage(resolved.class_index, {}, [], info["target_info"], dict(skipped), {}, info["warnings"])
     for m in run:
         est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row)
