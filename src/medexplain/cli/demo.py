@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -19,13 +20,15 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="folder for re
          n_cases: int = typer.Option(8, "--n-cases", help="positive test images to explain"),
          methods: str = typer.Option("", help="comma-separated methods (default: every method that applies)"),
          size: str = typer.Option("demo", help="'demo' or 'small' (seconds; for smoke tests)"),
-         retrain: bool = typer.Option(False, help="ignore cached weights and train again")):
+         retrain: bool = typer.Option(False, help="ignore cached weights and train again"),
+         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="progress bars on stderr "
+                                                 "(default: only when stderr is a terminal)")):
     """Planted-nodule demo: train (or load) a classifier, explain it with every method, write report.html."""
     console = Console()
     console.print("[bold]medexplain demo[/bold]: planted nodules on a real chest radiograph (labels are planted)")
     with cli_errors():
         res = run_demo(out, seed=seed, size=size, n_cases=n_cases, methods=split_list(methods) or None,
-                       retrain=retrain, log=console.print)
+                       retrain=retrain, log=console.print, progress=progress)
     tab = Table(title="hit rate against the planted nodule masks")
     for c in ("method", "hit rate", "hits", "hits, any maximal pixel (median pixels at max)", "bilinear (MONAI) hit rate",
               "random baseline", "seconds"):
