@@ -17,8 +17,13 @@ def test_colour_limit_is_a_high_percentile_not_the_single_largest_value():
     assert f"{s.limit:.3g}" in s.text() and f"{s.abs_max:.3g}" in s.text() and "99th percentile" in s.text()
     # visible (> 20 % of full colour): with max scaling 1 voxel of 4096 (0.02 %), with the percentile 5.5 %
     assert (grad / s.abs_max > 0.2).mean() < 0.001 and (np.clip(grad / s.limit, 0, 1) > 0.2).mean() > 0.04
+    sparse = np.zeros((100, 100))
+    sparse[:5, :10] = np.linspace(0.01, 1.0, 50).reshape(5, 10)   # non-zero on 0.5 %: percentile of the support
+    s2 = render.map_scale(sparse)
+    assert s2.of_nonzero and s2.limit == pytest.approx(np.percentile(sparse[sparse > 0], 99))
+    assert "over its non-zero pixels" in s2.text()
     one = np.zeros((50, 50))
-    one[3, 4] = -2.0                                      # non-zero on < 1 %: the percentile is 0 -> the max
+    one[3, 4] = -2.0                                      # a single non-zero voxel: the max
     s1 = render.map_scale(one)
     assert s1.signed and s1.limit == 2.0 and s1.percentile is None and "maximum" in s1.text()
     assert render.map_scale(np.zeros((3, 3))).text() == "the map is zero everywhere"
@@ -126,7 +131,7 @@ def test_a_sparse_map_on_a_full_size_radiograph_stays_visible():
     assert seen.sum() >= 0.9 * len(blocks), (seen.sum(), len(blocks))
     assert seen.mean() < 0.05                                              # ... and not the whole panel
     texts = " ".join(t.get_text() for t in fig.texts)
-    assert "reduced by 2x2 blocks, each showing its largest |map| value" in texts
+    assert "reduced by 2x2 blocks" in texts and "largest |map| value" in texts          # the caption says so
 
 
 def test_block_reduce_keeps_the_signed_value_of_largest_magnitude():
@@ -151,7 +156,11 @@ def test_volume_planes_pass_through_the_region_centre_and_mark_a_peak_elsewhere(
     panels, where = render._panels_3d(vol, amap, affine, None, True, region, tuple(render.PLANES))
     assert [p["name"].split("(")[1] for p in panels] == ["z = 8)", "y = 7)", "x = 6)"]
     assert render.region_centre(region) == (6, 7, 8)
-    assert "centre of the explained region" in where and "peak of |map| lies outside these planes" in where
+    assert "centre of the explained region" in where
+    assert "lies outside the axial and coronal and sagittal planes" in where
+    two = region.copy()
+    two[14:16, 1:3, 1:3] = True                                              # a second, smaller part far away
+    assert render.region_centre(two) == (6, 7, 8)                            # the largest part's centre
     assert all(p["peak"] is not None for p in panels) and all(p["region"].any() for p in panels)
     fig = render.figure(vol, amap[None], affine=affine, region=region)
     rings = [ln for ax in fig.axes[:3] for ln in ax.lines if ln.get_marker() == "o"]

@@ -7,7 +7,8 @@ back to the maps.
 
 - **Colour scale** (:func:`map_scale`): robust, the 99th percentile of |map| over the whole map (volume),
   so one hot voxel of a gradient map does not turn the rest invisible; values beyond it saturate. When that
-  percentile is 0 (a map non-zero on under 1 % of its voxels) the maximum is used instead. The limit and
+  percentile is 0 (a map non-zero on under 1 % of its voxels) it is taken over the map's non-zero voxels
+  (the maximum for a single one). The limit and
   what it is are printed on the colour bar. Signed maps (any value < 0) use the diverging map centred at 0
   (blue negative, red positive); non-negative maps the sequential one.
 - **Overlay** (:func:`overlay`): colour blended over the image with an opacity growing with |value|
@@ -98,6 +99,7 @@ class Scale:
     limit: float
     abs_max: float
     percentile: float | None        # the percentile of |map| ``limit`` is; None when it is the maximum
+    of_nonzero: bool = False        # the percentile is over the map's non-zero voxels (a sparse map)
 
     @property
     def vmin(self) -> float:
@@ -108,8 +110,8 @@ class Scale:
         if self.abs_max == 0:
             return "the map is zero everywhere"
         pm = "\u00b1" if self.signed else ""
-        what = (f"the {self.percentile:g}th percentile of |map|" if self.percentile is not None
-                else "the maximum of |map|")
+        what = (f"the {self.percentile:g}th percentile of |map|{' over its non-zero pixels' if self.of_nonzero else ''}"
+                if self.percentile is not None else "the maximum of |map|")
         return f"colours saturate at {pm}{self.limit:.3g} = {what} (max {self.abs_max:.3g})"
 
 
@@ -122,11 +124,16 @@ def map_scale(amap, percentile: float = PERCENTILE, signed: bool | None = None) 
     signed = bool((finite < 0).any()) if signed is None else bool(signed)
     limit = float(np.percentile(a, percentile)) if a.size else 0.0
     pct: float | None = float(percentile)
+    nonzero = False
+    if limit <= 0 and (a > 0).sum() > 1:
+        # a sparse map (non-zero on under 1 - percentile of the voxels, e.g. the saliency of a max-pooled network
+        # on a full-size radiograph): the same percentile over its support, so its bulk is not drawn transparent
+        limit, nonzero = float(np.percentile(a[a > 0], percentile)), True
     if limit <= 0:
-        limit, pct = abs_max, None
+        limit, pct, nonzero = abs_max, None, False
     if limit <= 0:
         limit = 1.0
-    return Scale(signed, limit, abs_max, pct)
+    return Scale(signed, limit, abs_max, pct, nonzero)
 
 
 def image_window(img) -> tuple[float, float]:
@@ -223,11 +230,16 @@ def peak_index(amap) -> tuple[int, ...]:
 
 
 def region_centre(region) -> tuple[int, ...] | None:
-    """The voxel nearest the centre of mass of a region (bool, any dims) that lies in the region (the centre
-    of mass itself when it does; a ring's centre is not in it), or None for an empty region."""
+    """The centre of a region (bool, any dims): of its largest connected part when it has several (a predicted
+    region of two lesions has its centre of mass between them), the voxel nearest that part's centre of mass
+    that lies in it (the centre itself when it does; a ring's centre is not in it); None for an empty region."""
+    from scipy import ndimage
     r = _np(region).astype(bool)
     if not r.any():
         return None
+    labels, n = ndimage.label(r)
+    if n > 1:
+        r = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     idx = np.argwhere(r)
     com = idx.mean(0)
     c = tuple(int(v) for v in np.rint(com))
@@ -314,10 +326,11 @@ def _panels_3d(img, m, affine, point, labelled, region, planes):
     what = ("the chosen voxel" if point is not None else
             "the centre of the explained region (green outline)" if centre is not None else "the peak of |map|")
     where = f"planes through {what}: RAS ({ras[0]:.1f}, {ras[1]:.1f}, {ras[2]:.1f}) mm"
-    if centre is not None and any(pn["peak"] is not None for pn in panels):
+    off = [name for name, pn in zip(planes, panels) if pn["peak"] is not None]
+    if off:
         pr = aff @ np.array([*peak, 1.0])
-        where += (f"; the peak of |map| lies outside these planes, at RAS ({pr[0]:.1f}, {pr[1]:.1f}, {pr[2]:.1f}) mm "
-                  "(cyan ring: its projection)")
+        where += (f"; the peak of |map|, at RAS ({pr[0]:.1f}, {pr[1]:.1f}, {pr[2]:.1f}) mm, lies outside the "
+                  f"{' and '.join(off)} plane{'s' if len(off) > 1 else ''} (cyan ring: its projection)")
     import nibabel.affines as naf
     obl = float(np.degrees(np.max(naf.obliquity(np.asarray(aff)))))
     if not labelled:
@@ -479,7 +492,7 @@ def figure(image, amap, *, affine=None, oriented: bool = True, title: str = "", 
         foot += f" Shown reduced by {reduced}x{reduced} blocks, each showing its largest |map| value."
     if caption:
         foot += f" {caption}"
-    for i, line in enumerate(textwrap.wrap(foot, max(40, int((width - left - 20) / 6.3)))[:2][::-1]):
+    for i, line in enumerate(textwrap.wrap(foot, max(40, int((width - left - 20) / 7.2)))[:2][::-1]):
         fig.text(left / width, (6 + 15 * i) / height, line, fontsize=10, va="bottom", ha="left")
     fig.text(left / width, 1 - 12 / height, title, fontsize=15, fontweight="bold", va="top", ha="left")
     for i, line in enumerate(sub_lines):
