@@ -93,4 +93,5 @@ def test_the_baseline_is_in_info_json_and_the_figure_caption(tmp_path):
                             options={"window": 8, "baseline": "blur"})
     info = json.loads((tmp_path / "out" / "cxr_info.json").read_text())
     assert info["methods"]["occlusion"]["baseline"].startswith("blur (the image under a Gaussian")
-    assert pipelines._figure_caption(info["methods"]["occlusion"]).startswith("Perturbed regions replaced by the blur")
+    caption = pipelines._figure_caption(info["methods"]["occlusion"])
+    assert caption.startswith("Perturbation baseline (what replaced each removed region): blur")

@@ -415,7 +415,7 @@ def _figure_region(target, prep):
 
 def _figure_caption(info: dict) -> str:
     """What a method's figure must say beyond the scale: a perturbation method's baseline."""
-    return f"Perturbed regions replaced by the {info['baseline']} baseline." if info.get("baseline") else ""
+    return f"Perturbation baseline (what replaced each removed region): {info['baseline']}." if info.get("baseline") else ""
 
 
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
