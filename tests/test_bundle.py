@@ -133,3 +133,24 @@ def test_bundle_errors_are_typed_and_come_before_any_work(tmp_path):
     res = runner.invoke(app, ["explain", str(tmp_path / "case.nii.gz"), "--bundle", str(tmp_path / "b"),
                               "--model", "zoo:lesion", "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "--bundle" in res.output and not (tmp_path / "out").exists()
+
+
+def test_load_model_builds_one_model_object_from_a_bundle(tmp_path):
+    """mx.load_model on a bundle folder: its network, sliding window and preprocessing in one mx.Model, which
+    explains as the network with the bundle's inferer does (and takes flips on top)."""
+    from medexplain.targets import Region
+
+    net = make_bundle(tmp_path / "b")
+    make_case(tmp_path / "case.nii.gz")
+    model = mx.load_model(tmp_path / "b")
+    assert isinstance(model, mx.Model) and model.inferer.roi_size == [8, 8, 8] and model.source["source"] == "bundle"
+    img, meta = io.read_image(tmp_path / "case.nii.gz")
+    x = model.prepare(img, meta["affine"]).image[None]
+    assert tuple(x.shape) == (1, 2, 10, 11, 14)
+    tgt = Region(1, torch.ones((1, 10, 11, 14), dtype=torch.bool))
+    a = mx.explain(model, x, "saliency", target=tgt)
+    b = mx.explain(net.eval(), x, "saliency", target=tgt, inferer=model.inferer)
+    torch.testing.assert_close(a.map, b.map, rtol=0, atol=0)
+    flipped = mx.load_model(tmp_path / "b", flip_axes=(0,))
+    c = mx.explain(flipped, x, "saliency", target=tgt)
+    assert c.info["n_forward"] == 2 * a.info["n_forward"] and c.info["model"]["passes"] == 2

@@ -161,29 +161,43 @@ def test_oblique_shuffled_series_folder(tmp_path):
     assert all(np.degrees(np.arccos(np.abs(v).max())) > 20 for v in (ROW_DIR, COL_DIR, NORMAL))   # really oblique
 
 
-def test_enhanced_multiframe_with_functional_groups(tmp_path):
-    rot = _rotation([0.2, 1.0, 0.4], 40)
-    row, col = rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 0, -1.0])          # an oblique coronal frame
-    normal, origin, n, gap = np.cross(row, col), np.array([5.0, -12.0, 30.0]), 5, 2.1
+ENH_N, ENH_GAP, ENH_ORIGIN = 5, 2.1, np.array([5.0, -12.0, 30.0])
+ENH_ROT = _rotation([0.2, 1.0, 0.4], 40)
+ENH_ROW, ENH_COL = ENH_ROT @ np.array([1.0, 0, 0]), ENH_ROT @ np.array([0, 0, -1.0])   # an oblique coronal frame
+
+
+def write_enhanced(path):
+    """An enhanced multi-frame MR of ENH_N oblique 6 x 7 frames with shared / per-frame functional groups
+    (PixelSpacing 0.9 x 0.7, ENH_GAP mm apart); returns the volume (ENH_N, 6, 7)."""
+    row, col, n, gap = ENH_ROW, ENH_COL, ENH_N, ENH_GAP
+    normal, origin = np.cross(row, col), ENH_ORIGIN
     ds = _dataset("1.2.840.10008.5.1.4.1.1.4.1", 6, 7)
     ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.NumberOfFrames = generate_uid(), generate_uid(), n
+    ds.StudyInstanceUID = generate_uid()
     measures, orient = Dataset(), Dataset()
     measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [0.9, 0.7], gap, gap
-    orient.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+    orient.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
     shared = Dataset()
     shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orient])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     frames = []
     for k in range(n):
         f, pos, content = Dataset(), Dataset(), Dataset()
-        pos.ImagePositionPatient = [float(v) for v in origin + k * gap * normal]
+        pos.ImagePositionPatient = [f"{v:.6f}" for v in origin + k * gap * normal]
         content.InStackPositionNumber = k + 1
         f.PlanePositionSequence, f.FrameContentSequence = Sequence([pos]), Sequence([content])
         frames.append(f)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     vol = np.random.default_rng(1).integers(0, 1000, (n, 6, 7)).astype(np.uint16)
     ds.PixelData = vol.tobytes()
-    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    ds.save_as(path, enforce_file_format=True)
+    return vol
+
+
+def test_enhanced_multiframe_with_functional_groups(tmp_path):
+    vol = write_enhanced(tmp_path / "enhanced.dcm")
+    row, col, n, gap = ENH_ROW, ENH_COL, ENH_N, ENH_GAP
+    normal, origin = np.cross(row, col), ENH_ORIGIN
     img, meta = io.read_image(tmp_path / "enhanced.dcm")
     assert img.shape == (1, n, 6, 7) and np.array_equal(img[0].numpy(), vol) and meta["warnings"] == []
     ref = sitk.ReadImage(str(tmp_path / "enhanced.dcm"))

@@ -326,3 +326,33 @@ def test_missing_nnunetv2_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nnunetv2", None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps nnunetv2"):
         mx.models.load_nnunet(tmp_path)
+
+
+def test_gradcam_through_mirroring_and_two_folds_by_the_model_mechanism(folder, case):
+    """(6) An nnU-Net folder with mirroring and two folds gets Grad-CAM (it was refused, and with one fold's
+    layer named it was that fold's map alone): the folds are the Model's ensemble and the mirroring axes its
+    flips (core.Passes), each pass's cells flipped back, summed over the folds; every pass is counted."""
+    _, img, _ = case
+    m = mx.models.load_nnunet(folder, folds=(0, 1), use_mirroring=True, dtype=torch.float64)
+    x = m.prepare(img, AFFINE).image[None].double()
+    mask = torch.zeros(x.shape[2:], dtype=torch.bool)
+    mask[2:6, 3:7, 4:8] = True
+    tgt = Region(1, mask[None])
+    pipeline = mx.explain(m.network, x, "gradcam", target=tgt, inferer=m.inferer)   # how the pipelines call it
+    model = mx.load_model(folder, folds=(0, 1), dtype=torch.float64)
+    assert model.n_passes == 16 and model.flip_axes == (0, 1, 2) and len(model.networks) == 2
+    a = mx.explain(model, x, "gradcam", target=tgt)
+    assert a.map.shape == x[:, :1].shape and a.map.abs().max() > 0
+    torch.testing.assert_close(a.map, pipeline.map, rtol=1e-10, atol=1e-12)
+    assert a.info["calls"] == 16
+    # every pass counted: 16 per window of the blended forward and of the layer forward
+    one = mx.explain(mx.load_model(folder, folds=(0,), use_mirroring=False, dtype=torch.float64), x, "gradcam",
+                     target=tgt)
+    assert a.info["n_forward"] == 16 * one.info["n_forward"] and a.info["n_windows"] == one.info["n_windows"] > 1
+    # both folds count: Grad-CAM element-wise is linear in the passes' cells, so the ensemble's map is the mean of
+    # the folds' own maps (with their own 8 mirrored passes each), neither of them alone
+    per_fold = [mx.explain(mx.load_model(folder, folds=(f,), dtype=torch.float64), x, "gradcam_elementwise",
+                           target=tgt).map for f in (0, 1)]
+    both = mx.explain(model, x, "gradcam_elementwise", target=tgt).map
+    torch.testing.assert_close(both, (per_fold[0] + per_fold[1]) / 2, rtol=1e-8, atol=1e-12)
+    assert (both - per_fold[1]).abs().max() > 1e-3 * both.abs().max()

@@ -6,12 +6,14 @@
 from . import errors, targets
 from .attribution import Attribution
 from .explain import available_methods, explain
+from .models.model import Model, load_model
 from .ops import normalize
 from .registry import register
 
 __version__ = "0.1.0"
 
-__all__ = ["Attribution", "available_methods", "errors", "explain", "normalize", "register", "targets"]
+__all__ = ["Attribution", "Model", "available_methods", "errors", "explain", "load_model", "normalize", "register",
+           "targets"]
 
 
 def __getattr__(name):

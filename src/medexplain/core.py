@@ -7,6 +7,7 @@ probabilities, SmoothGrad noise) lives in :mod:`medexplain.ops`. ``docs/design.m
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -84,25 +85,75 @@ def is_scripted(model) -> bool:
     return isinstance(unwrap(model), torch.jit.ScriptModule)
 
 
-@contextlib.contextmanager
-def model_guard(model: nn.Module, eval_mode: bool = True):
-    """Run explanations with the model in eval mode and its parameters frozen; restore everything after.
+#: The train/eval policies of :func:`model_guard` (``mx.Model(eval=...)``).
+EVAL_POLICIES = ("auto", "always", "never")
 
-    Freezing parameters (``requires_grad=False``) means autograd never computes weight gradients: we only
-    differentiate w.r.t. inputs or activations. Every module's ``training`` flag and every parameter's
-    ``requires_grad`` are restored, also when the body raises.
+
+def _uses_batch_statistics(m: nn.Module) -> bool:
+    """A normalisation layer that, in training mode, normalises with the statistics of its input (batch or
+    instance) and in eval mode with its stored running statistics: switching it to eval changes the output."""
+    return isinstance(m, NORM) and m.training and bool(getattr(m, "track_running_stats", False)) \
+        and getattr(m, "running_mean", None) is not None
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None = None, notes: dict | None = None):
+    """Run explanations with the model's train/eval modes set by ``policy`` and its parameters frozen;
+    restore everything after (modes, ``requires_grad`` and buffers), also when the body raises.
+
+    ``policy`` (``None``: the policy of an ``mx.Model`` given as ``model``, ``mx.Model(eval=...)``, else
+    ``"auto"``, or ``"never"`` when ``eval_mode=False``):
+
+    - ``"auto"``: a model entirely in training mode is switched to eval (as the peers do; ``notes["eval"]``
+      says so); a model whose modules are in *mixed* modes (a network whose author keeps its normalisation
+      layers in training mode for per-image statistics) is used exactly as given; a model in eval stays so;
+    - ``"always"``: ``model.eval()``; each normalisation layer that thereby switches from batch/instance
+      statistics to its stored running statistics is named in a warning (its output changes);
+    - ``"never"``: the modes as given.
+
+    Buffers a training-mode layer updates during a forward (``running_mean``/``running_var``,
+    ``num_batches_tracked``) are copied before and written back after, so the model is left exactly as
+    found. Freezing parameters (``requires_grad=False``) means autograd never computes weight gradients:
+    we only differentiate w.r.t. inputs or activations.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    policy = policy or getattr(model, "eval_policy", None) or ("auto" if eval_mode else "never")   # an mx.Model's own
+    if policy not in EVAL_POLICIES:
+        raise InputError(f"eval must be one of {EVAL_POLICIES}, got {policy!r}")
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = []
     try:
-        if eval_mode:
+        flags = {t for _, t in modes}
+        if policy == "always":
+            switching = [n for n, m in model.named_modules() if _uses_batch_statistics(m)]
+            if switching:
+                warnings.warn(f"eval='always' switches {len(switching)} normalisation layer(s) in training mode from "
+                              f"batch/instance statistics to their stored running statistics, which changes the "
+                              f"model's output: {', '.join(switching[:8])}{' ...' if len(switching) > 8 else ''} "
+                              "(eval='auto' uses a model in mixed modes as given)", stacklevel=3)
             model.eval()
+            if notes is not None and True in flags:
+                notes["eval"] = "eval='always': the model was switched to eval mode"
+        elif policy == "auto" and flags == {True}:
+            model.eval()
+            if notes is not None:
+                notes["eval"] = "the model was entirely in training mode: switched to eval mode (eval='auto')"
+        elif notes is not None and flags == {True, False}:
+            notes["eval"] = (f"the model's modules are in mixed train/eval modes: used as given (eval={policy!r}); "
+                             f"{sum(t for _, t in modes)} of {len(modes)} in training mode")
+        # a training-mode module may update its buffers in a forward (running statistics): keep copies
+        buffers = [(b, b.detach().clone()) for m in model.modules() if m.training
+                   for b in m.buffers(recurse=False) if b is not None]
         for p, _ in grads:
             p.requires_grad_(False)
         yield model
     finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
         for m, t in modes:
             m.training = t
         for p, r in grads:
@@ -151,6 +202,7 @@ class LayerCapture:
     name: str
     outputs: list = field(default_factory=list)
     order: list = field(default_factory=list)
+    fed: list = field(default_factory=list)   # mode="leaf": whether each call was fed by an earlier call
 
     @property
     def calls(self) -> int:
@@ -202,6 +254,7 @@ def capture_layers(model: nn.Module, layers, mode: str = "detach", *, strict: bo
                 fed = out.requires_grad and bool(cap.outputs) and _reaches(out, cap.outputs)
                 leaf = out if fed else out.detach().requires_grad_(True)
                 cap.outputs.append(leaf)
+                cap.fed.append(fed)
                 new = leaf * 1  # a non-leaf copy, so in-place ops after the layer leave the leaf intact
             elif mode == "tap":
                 cap.outputs.append(out)
@@ -216,6 +269,8 @@ def capture_layers(model: nn.Module, layers, mode: str = "detach", *, strict: bo
     try:
         named = dict(unwrap(model).named_modules())             # one lookup for many layers
         names = {id(m): n for n, m in reversed(list(named.items()))}
+        if isinstance(model, nn.Module):   # the other members of an ensemble, by their place in the whole model
+            names.update({id(m): n for n, m in reversed(list(model.named_modules())) if id(m) not in names})
         for layer in layers:
             if isinstance(layer, str) and layer in named:
                 module, name = named[layer], layer
@@ -361,22 +416,175 @@ class OutputAdapter(nn.Module):
 
 def with_output(model, output=None):
     """``model`` itself when ``output`` is None, else an :class:`OutputAdapter` around it."""
-    return model if output is None else OutputAdapter(unwrap(model), output)
+    return model if output is None else OutputAdapter(peel_adapters(model), output)
 
 
 def unwrap(model):
-    """The user's model inside an :class:`OutputAdapter`, also inside nested adapters (e.g. a
-    sliding-window model around a counting adapter); the model itself otherwise."""
+    """The user's network inside an :class:`OutputAdapter` (also inside nested adapters, e.g. a
+    sliding-window model around a counting adapter) and inside :class:`Passes` (its first network: layer
+    names are the user's, and name the same layer in every member of an ensemble); the model itself
+    otherwise."""
+    while True:
+        if isinstance(model, OutputAdapter):
+            model = model.model
+        elif isinstance(model, Passes):
+            model = model.networks[0]
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------------------------------
+# the passes of one prediction: ensemble members x test-time flips (mx.Model, nnU-Net)
+# --------------------------------------------------------------------------------------------------
+FINAL_ACTIVATIONS = (nn.Softmax, nn.Softmax2d, nn.Sigmoid)
+
+
+def flip_passes(flip_axes) -> list[tuple[int, ...]]:
+    """The test-time flips of spatial axes ``flip_axes`` (0-based, as nnU-Net stores its mirroring axes) as
+    tensor dims: the plain pass ``()`` and every non-empty subset of the axes, as nnU-Net's
+    ``_internal_maybe_mirror_and_predict`` (``2^n`` passes for ``n`` axes)."""
+    axes = sorted({int(a) for a in (flip_axes or ())})
+    if any(a < 0 or a > 2 for a in axes):
+        raise InputError(f"flip axes are spatial axes 0, 1 or 2; got {list(flip_axes)}")
+    dims = [a + 2 for a in axes]
+    return [()] + [c for i in range(len(dims)) for c in itertools.combinations(dims, i + 1)]
+
+
+class Passes(nn.Module):
+    """The network of one prediction as nnU-Net and most challenge winners compute it: the mean over
+    ``networks`` (an ensemble, e.g. folds) and over test-time flips (:func:`flip_passes` of ``flip_axes``)
+    of ``flip(f_m(flip(x)))``, each member's output adapted by :func:`select_output` (``output``).
+
+    ``logits=True``: where a member ends in a ``Softmax``/``Sigmoid`` module (the module that returned the
+    member's output), the score is taken at that module's input, the logits (what the peers
+    differentiate; gradients of saturated probabilities vanish). Found per forward by a hook on those
+    modules that records the last call's input (removed when the forward returns), so it holds for any
+    ``forward``, not only ``nn.Sequential``. ``ended_in`` names the module after a forward.
+
+    Every pass runs on the whole batch, so a gradient through the mean is exact, and a layer of member
+    ``m`` is called once per pass of ``m`` (:func:`pass_schedule`), which is how CAMs un-flip each pass's
+    cells before combining them (``docs/cam.md``). ``aligned_calls``: see ``mx.Model``.
+    """
+
+    def __init__(self, networks, flip_axes=None, output=None, logits: bool = True, aligned_calls: bool = False):
+        super().__init__()
+        networks = list(networks) if isinstance(networks, (list, tuple, nn.ModuleList)) else [networks]
+        if not networks:
+            raise UnsupportedModelError("an ensemble needs at least one network")
+        for n in networks:
+            if not isinstance(n, nn.Module):
+                raise UnsupportedModelError(f"a network must be a torch.nn.Module, got {type(n).__name__}")
+        self.networks = nn.ModuleList(networks)
+        self.flip_axes = tuple(sorted({int(a) for a in (flip_axes or ())}))
+        self.flips = flip_passes(self.flip_axes)
+        self.output, self.logits, self.aligned_calls = output, bool(logits), bool(aligned_calls)
+        self.ended_in: str | None = None
+
+    @property
+    def n_passes(self) -> int:
+        return len(pass_schedule(self))
+
+    def _member(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        finals = [] if not self.logits or is_scripted(net) else \
+            [(n, m) for n, m in net.named_modules() if isinstance(m, FINAL_ACTIVATIONS)]
+        if not finals:
+            return select_output(net(x), self.output)
+        last = {}
+
+        def record(name):
+            def hook(mod, inp, out):
+                last.update(name=name, mod=mod, inp=inp[0] if inp else None, out=out)
+            return hook
+
+        handles = [m.register_forward_hook(record(n)) for n, m in finals]
+        try:
+            out = select_output(net(x), self.output)
+        finally:
+            for h in handles:
+                h.remove()
+        if last and last["out"] is out and isinstance(last["inp"], torch.Tensor):
+            self.ended_in = f"{last['name']} ({type(last['mod']).__name__})"
+            return last["inp"]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total, n = None, 0
+        for net in self.networks:
+            for dims in self.flips:
+                y = self._member(net, torch.flip(x, dims) if dims else x)
+                if dims and y.ndim > 2:  # a dense output on the input's axes is flipped back; class scores are not
+                    if y.ndim != x.ndim:
+                        raise UnsupportedModelError(
+                            f"test-time flips need class scores (B, K) or a dense output (B, K, *spatial) to flip "
+                            f"back; the model returned {tuple(y.shape)} for an input {tuple(x.shape)}: give "
+                            "flip_axes=None")
+                    y = torch.flip(y, dims)
+                total = y if total is None else total + y
+                n += 1
+        return total if n == 1 else total / n
+
+
+def peel_adapters(model):
+    """``model`` without its :class:`OutputAdapter` wrappers; unlike :func:`unwrap` it stops at a
+    :class:`Passes` (an ensemble or flips stay whole)."""
     while isinstance(model, OutputAdapter):
         model = model.model
     return model
 
 
+def find_passes(model) -> Passes | None:
+    """The :class:`Passes` a model runs (inside output adapters, e.g. a sliding-window model), or None."""
+    model = peel_adapters(model)
+    return model if isinstance(model, Passes) else None
+
+
+def pass_schedule(model, dims: frozenset = frozenset()) -> list[tuple[nn.Module, frozenset]]:
+    """Every pass of one forward of ``model`` in call order, as ``(network, flipped dims)``: one entry for a
+    plain model; the members x flips of a :class:`Passes` (nested ones composed: flips commute and are
+    their own inverse, so the dims flipped twice cancel)."""
+    inner = peel_adapters(model)
+    if not isinstance(inner, Passes):
+        return [(inner, dims)]
+    return [entry for net in inner.networks for f in inner.flips for entry in pass_schedule(net, dims ^ frozenset(f))]
+
+
+def n_passes(model) -> int:
+    """Rows through the network(s) per input row: the passes of :func:`pass_schedule` (1 for a plain model)."""
+    return len(pass_schedule(model)) if find_passes(model) is not None else 1
+
+
+def plain_pass(model):
+    """The model with one pass: the first network of its :class:`Passes`, unflipped, with the output
+    adapters and the logits rule met on the way to it (where a CAM finds its layer and the layer's cell
+    geometry); ``model`` itself when it has one pass."""
+    if n_passes(model) == 1:
+        return model
+    outputs, logits, m = [], True, model
+    while True:
+        if isinstance(m, OutputAdapter):
+            outputs.append(m.output)
+            m = m.model
+        elif isinstance(m, Passes):
+            outputs.append(m.output)
+            logits = logits and m.logits
+            m = m.networks[0]
+        else:
+            break
+    outputs = [o for o in reversed(outputs) if o is not None]   # the innermost adapter applies first
+
+    def output(out, chain=tuple(outputs)):
+        for o in chain:
+            out = select_output(out, o)
+        return out
+    return Passes([m], None, output if outputs else None, logits, find_passes(model).aligned_calls)
+
+
 def forward(model, x: torch.Tensor, cost: Cost | None = None, output=None) -> torch.Tensor:
-    """Run the model, count the rows, and return the explained output tensor (:func:`select_output`)."""
+    """Run the model, count the rows (every pass of an ensemble or test-time flip counts), and return
+    the explained output tensor (:func:`select_output`)."""
     out = model(x)
     if cost is not None:
-        cost.n_forward += x.shape[0]
+        cost.n_forward += x.shape[0] * n_passes(model)
     return select_output(out, output)
 
 
@@ -390,5 +598,5 @@ def input_gradient(model, x: torch.Tensor, target, rows: torch.Tensor, batch: in
             raise UnsupportedModelError("the model output does not depend differentiably on the input; "
                                         "gradient methods cannot run (try occlusion)")
         (g,) = torch.autograd.grad(s.sum(), x)
-    cost.n_backward += x.shape[0]
+    cost.n_backward += x.shape[0] * n_passes(model)
     return g

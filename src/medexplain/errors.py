@@ -37,6 +37,13 @@ class UnsupportedModelError(MedexplainError, TypeError):
     """The model cannot provide what a method needs (hooks, gradients)."""
 
 
+class RepeatedLayerCallError(UnsupportedModelError):
+    """A CAM layer ran several times in one forward on same-shaped inputs by code medexplain does not know
+    (a user's own test-time augmentation or ensemble wrapper): its calls may see flipped or different
+    inputs, and summing their cells would mix orientations. The message names the number of calls and
+    the ``mx.Model`` options (``flip_axes=``, an ensemble) that do it right, or ``aligned_calls=True``."""
+
+
 class UnknownMethodError(MedexplainError, ValueError):
     """No explainer is registered under that name."""
 

@@ -1,8 +1,10 @@
 """The stable entry points: ``mx.explain`` and ``mx.available_methods`` over the method registry.
 
 ``explain`` does what is common to every registered method (:mod:`medexplain.registry`): option
-checks, the output adapter (``output=``), input checks, target parsing, the model guard (eval mode,
-frozen weights, restored afterwards), cost counting, and the :class:`Attribution`.
+checks, the model object (:class:`medexplain.models.model.Model`: a bare ``nn.Module`` with ``output=`` /
+``inferer=`` is wrapped in one), input checks (and the one move to the model's device), target parsing,
+the model guard (the Model's train/eval policy, frozen weights, buffers restored afterwards), cost
+counting, and the :class:`Attribution` (map on the CPU, ``info`` with the model's description).
 """
 from __future__ import annotations
 
@@ -10,50 +12,69 @@ import torch
 
 from . import methods  # noqa: F401  (importing the package registers every explainer)
 from .attribution import Attribution
-from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks, with_output
+from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks
 from .errors import MedexplainError
+from .models.model import as_model
 from .options import check_options
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
-from .sliding import is_sliding, window_info, with_inferer
+from .sliding import is_sliding, window_info
 from .sliding_cam import windowed_method
 from .targets import as_target
 
 
 def available_methods(model=None, x: torch.Tensor | None = None, output=None) -> list[str]:
-    """Names accepted by :func:`explain`; with ``model``, only the methods that apply to it (hooks for
-    CAMs, PatchNet saliency for PatchNets, classifier-only methods). With ``x`` one forward (no
-    gradients, model guarded) tells classifiers from segmenters."""
+    """Names accepted by :func:`explain`; with ``model`` (an ``nn.Module`` or an :class:`mx.Model
+    <medexplain.models.model.Model>`), only the methods that apply to it (hooks for CAMs, PatchNet saliency
+    for PatchNets, classifier-only methods). With ``x`` one forward (no gradients, model guarded) tells
+    classifiers from segmenters."""
     methods_ = registered()
     if model is None:
         return sorted(methods_)
+    m = as_model(model, output=output)
     out = None
     if x is not None:
-        with model_guard(model), torch.no_grad():
-            out = forward(with_output(model, output), check_input(x, **model_expectations(model)))
-    return sorted(n for n, m in methods_.items() if m.applies_to(model, out))
+        with model_guard(m, policy=m.eval_policy), torch.no_grad():
+            out = forward(m.runner, m.to_input(check_input(x, **model_expectations(m))))
+    return sorted(n for n, spec in methods_.items() if spec.applies_to(m.runner, out))
 
 
-def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", target=None, output=None,
+def explain(model, x: torch.Tensor, method: str = "saliency", target=None, output=None,
             inferer=None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
-    ``x`` is ``(B, C, H, W)`` or ``(B, C, D, H, W)``; ``target`` an int, a list of ints (one per sample)
-    or a :mod:`medexplain.targets` object. ``output`` selects what is explained when the model returns a
-    tuple, dict or stacked heads (:func:`medexplain.core.select_output`). ``options`` go to the method
-    (see its docstring, e.g. ``layer=`` for CAMs, ``n_samples=`` for SmoothGrad, ``chunk_size=``: rows
-    given to the model in one call). The model is left exactly as found, also when an error is raised.
-    ``inferer``: a ``monai.inferers.SlidingWindowInferer``; the model then runs window by window, with
-    the exact window-by-window gradient, and ``info`` counts windows (:mod:`medexplain.sliding`).
+    ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (the network or an ensemble, test-time
+    flips, output adapter, inferer, device, dtype, train/eval policy), or an ``nn.Module``, which is wrapped
+    in one (``mx.Model(model, output=output, inferer=inferer)``). ``x`` is ``(B, C, H, W)`` or
+    ``(B, C, D, H, W)``; ``target`` an int, a list of ints (one per sample) or a :mod:`medexplain.targets`
+    object. ``output`` selects what is explained when the model returns a tuple, dict or stacked heads
+    (:func:`medexplain.core.select_output`). ``options`` go to the method (see its docstring, e.g. ``layer=``
+    for CAMs, ``n_samples=`` for SmoothGrad, ``chunk_size=``: rows given to the model in one call). The
+    model is left exactly as found, also when an error is raised. ``inferer``: a
+    ``monai.inferers.SlidingWindowInferer``; the model then runs window by window, with the exact
+    window-by-window gradient, and ``info`` counts windows (:mod:`medexplain.sliding`).
+
+    Every method explains the Model's prediction, the mean over its passes (members x flips): gradients
+    are exact through the mean, ``info["n_forward"]`` / ``["n_backward"]`` count every pass, CAMs flip
+    each pass's layer cells back before combining (``docs/cam.md``). ``info["model"]`` describes the
+    Model, ``info["score"]`` says when logits are taken at the input of a final Softmax/Sigmoid, and
+    ``info["eval"]`` when the train/eval policy changed or kept a mode. Maps come back on the CPU.
     """
     spec = get_method(method)
     options = check_options(spec.name, spec.fn, options)   # names, types and ranges from the signature
+    m = as_model(model, output=output, inferer=inferer)
     if spec.needs_hooks:
-        require_hooks(model)
-    x = check_input(x, **model_expectations(model))
+        require_hooks(m)
+    expected = model_expectations(m)
+    if m._dtype_given is not None:   # the Model casts inputs to its dtype
+        expected.pop("dtype", None)
+    x = m.to_input(check_input(x, **expected))
     tgt = as_target(target) if (spec.needs_target or target is not None) else None
-    net = with_inferer(model, inferer, output)
+    net = m.runner
+    if is_sliding(net):
+        net.reset()   # a Model keeps its sliding-window module: count this explanation's windows only
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
-    with model_guard(model):
+    notes: dict = {}
+    with model_guard(m, policy=m.eval_policy, notes=notes):
         cost = Cost()
         try:
             amap, extra = fn(net, x, tgt, cost, **options)
@@ -61,7 +82,9 @@ def explain(model: torch.nn.Module, x: torch.Tensor, method: str = "saliency", t
             raise
         except Exception as e:  # raised inside the model's own forward: say what was given and expected
             from .models.loading import model_error, raised_in_model
-            if not raised_in_model(e, model):
+            if not raised_in_model(e, m):
                 raise
-            raise model_error(model, x, e) from e
-    return Attribution(amap.detach(), spec.name, tgt, window_info(net, cost.info(**extra)))
+            raise model_error(m, x, e) from e
+    info = window_info(net, cost.info(**extra))
+    info.update(m.info(notes))
+    return Attribution(amap.detach().cpu(), spec.name, tgt, info)

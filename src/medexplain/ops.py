@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from .core import unwrap
+from .core import find_passes, unwrap
 from .errors import InputError, TargetError
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
@@ -107,6 +107,9 @@ def detect_activation(out: torch.Tensor, model=None) -> tuple[str, str]:
     o = out.detach()
     in_unit = bool(o.numel()) and float(o.min()) >= 0.0 and float(o.max()) <= 1.0
     final = _final_activation(model)
+    passes = find_passes(model) if model is not None else None
+    if final is not None and passes is not None and passes.logits:   # mx.Model takes the score before it
+        return final, f"the model ends in {final}; its logits (the {final}'s input) are explained: {final}"
     if in_unit and final is not None:
         return "none", f"the model ends in {final}: its outputs are probabilities"
     if in_unit and k > 1:

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from .core import OutputAdapter, select_output, unwrap
+from .core import OutputAdapter, peel_adapters, select_output
 from .errors import OptionError
 
 #: Lower bounds of the options whose meaning is fixed across medexplain: ``(bound, inclusive)``.
@@ -364,7 +364,7 @@ class CountingModel(OutputAdapter):
     Being an :class:`~medexplain.core.OutputAdapter`, layer names still resolve on the user's model."""
 
     def __init__(self, model, output=None, on_rows: Callable[[int], None] | None = None):
-        super().__init__(unwrap(model), output)
+        super().__init__(peel_adapters(model), output)   # an ensemble / flips (core.Passes) stays whole
         self.on_rows = on_rows
 
     def forward(self, x, *args, **kwargs):

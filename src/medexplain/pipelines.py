@@ -209,6 +209,7 @@ class ExplainedImage:
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)   # SOP Instance UIDs sent to a PACS (medexplain.pacs.explain_pacs)
 
 
 def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: str | None = None, target=None,
@@ -217,7 +218,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
-                  bundle=None, nnunet=None, figure: dict | None = None) -> ExplainedImage:
+                  bundle=None, nnunet=None, formats=None, dicom_reference=None,
+                  dicom_threshold="otsu", figure: dict | None = None) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``. ``image``: one file (or DICOM series folder), or a list of
     single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with
@@ -256,7 +258,15 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     ``<file_stem(image)>_info.json`` (with the input's geometry and the reader's warnings); a file of this
     call that already exists is refused before any compute unless ``overwrite``. ``series``: the
     SeriesInstanceUID to read when ``image`` is a folder holding several DICOM series.
+
+    ``formats``: any of ``nifti``, ``png``, ``dicom`` (a list or comma-separated; default ``nifti,png``).
+    ``dicom`` writes each map as a Parametric Map, a Segmentation (thresholded by ``dicom_threshold``, the
+    ``metrics`` rule) and a Secondary Capture in the source study (:mod:`medexplain.dicom_out`,
+    ``docs/dicom.md``); a non-DICOM ``image`` needs ``dicom_reference``, the DICOM series it was made from.
     """
+    from .dicom_out import dicom_source_for, parse_formats, write_dicom_objects
+
+    formats = parse_formats(formats)
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
     per_method = route_options(methods, options, layer)
@@ -264,7 +274,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     figure = render.figure_options(figure)
     out = io.check_output_dir(out)
     images, stem = _input_files(image, nnunet is not None)
-    info_path = _check_outputs(stem, methods, out, overwrite)
+    info_path = _check_outputs(stem, methods, out, overwrite, formats)
     inferer, bnd, nnm = as_inferer(inferer), None, None
     if nnunet is not None:
         nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer)
@@ -282,6 +292,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
         raise OptionError("give the model to explain (--model) or a MONAI bundle (--bundle)")
     img, meta = io.read_channels(images, series=series)
     warn_series(images[0], img)
+    dicom_src = dicom_source_for(images, meta, formats, dicom_reference, series)
     net = _model(model, weights)
     prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
                          inferer=inferer)
@@ -297,7 +308,10 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             "input": io.geometry_record(meta), "warnings": list(meta.get("warnings", [])),
             "inferer": inferer_settings(inferer) if inferer is not None else None,
             "bundle": bnd.describe() if bnd is not None else None,
-            "nnunet": nnm.describe() if nnm is not None else None,
+            "nnunet": nnm.describe() if nnm is not None else None, "formats": list(formats),
+            "dicom": None if dicom_src is None else {"study": dicom_src.study_uid, "source": str(dicom_src.path),
+                                                     "frame_of_reference": dicom_src.frame_of_reference_uid,
+                                                     "threshold": dicom_threshold},
             "zoo": getattr(net, "zoo_info", {}).get("card")}
     res = ExplainedImage(resolved.class_index, {}, [], info["target_info"], dict(skipped), {}, info["warnings"])
     for m in run:
@@ -323,9 +337,13 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             continue
         res.attributions[m] = attr
         info["methods"][m] = {**attr.info, "estimate": est.as_dict()}
-        res.files += _write_method_files(img, amap, out, stem, m, meta, _figure_title(m, info),
+        title = _figure_title(m, info)
+        res.files += _write_method_files(img, amap, out, stem, m, meta, title, formats,
                                          {**figure, "region": _figure_region(resolved.target, prep),
                                           "caption": _figure_caption(attr.info)})
+        if dicom_src is not None:
+            res.files += write_dicom_objects(dicom_src, img, amap, meta, out, stem, m, target=resolved.class_index,
+                                             model=info["model"], title=title, threshold=dicom_threshold)
         io.write_json(info, info_path)
         if on_method:
             on_method(m)
@@ -373,17 +391,22 @@ def _input_files(image, nnunet: bool) -> tuple[list, str]:
     return images, io.file_stem(images[0])
 
 
-def _output_names(stem: str, methods: Sequence[str], out: Path) -> tuple[list[Path], Path]:
-    """The files :func:`explain_image` writes under ``stem``: ``<stem>_<method>.nii.gz`` and ``.png`` per
-    method, and ``<stem>_info.json``."""
-    maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in (".nii.gz", ".png")]
+def _output_names(stem: str, methods: Sequence[str], out: Path, formats=("nifti", "png")) -> tuple[list[Path], Path]:
+    """The files :func:`explain_image` writes under ``stem``: per method ``<stem>_<method>.nii.gz`` (``nifti``),
+    ``.png`` (``png``) and ``_pm.dcm``, ``_seg.dcm``, ``_sc.dcm`` (``dicom``), and ``<stem>_info.json``."""
+    from .dicom_out import dicom_output_names
+
+    exts = [e for f, e in (("nifti", ".nii.gz"), ("png", ".png")) if f in formats]
+    maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in exts]
+    if "dicom" in formats:
+        maps += [p for m in methods for p in dicom_output_names(out, stem, m)]
     return maps, out / f"{stem}_info.json"
 
 
-def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool) -> Path:
+def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool, formats=("nifti", "png")) -> Path:
     """Before any compute: refuse (naming them) files of this call that already exist, unless ``overwrite``;
     returns the ``info.json`` path."""
-    maps, info_path = _output_names(stem, methods, out)
+    maps, info_path = _output_names(stem, methods, out, formats)
     io.check_output_dir(out, maps + [info_path], overwrite=overwrite)
     return info_path
 
@@ -419,16 +442,21 @@ def _figure_caption(info: dict) -> str:
 
 
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
-                        title: tuple[str, str] = ("", ""), figure: dict | None = None) -> list[Path]:
+                        title: tuple[str, str] = ("", ""), formats=("nifti", "png"), figure: dict | None = None) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
-    affine (channels on the 4th axis, also for 2D) and as a PNG figure on the image (``figure``: options of
-    :func:`medexplain.render.figure`), each written atomically."""
+    affine (channels on the 4th axis, also for 2D; ``nifti`` in ``formats``) and as a PNG figure on the image
+    (``png``; ``figure``: options of :func:`medexplain.render.figure`), each written atomically."""
     nd = img.ndim - 1
-    return [io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"], spatial_dims=nd,
-                           xform_code=meta.get("xform_code", 1)),
-            io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
-                                 oriented=meta.get("oriented", False), title=title[0], subtitle=title[1], label=method,
-                                 patient_orientation=meta.get("patient_orientation"), **(figure or {}))]
+    files = []
+    if "nifti" in formats:
+        files.append(io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"],
+                                    spatial_dims=nd, xform_code=meta.get("xform_code", 1)))
+    if "png" in formats:
+        files.append(io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
+                                          oriented=meta.get("oriented", False), title=title[0], subtitle=title[1],
+                                          label=method, patient_orientation=meta.get("patient_orientation"),
+                                          **(figure or {})))
+    return files
 
 
 # --------------------------------------------------------------------------------------------------

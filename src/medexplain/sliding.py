@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Cost, OutputAdapter, chunks, forward, select_output, with_output
+from .core import Cost, OutputAdapter, chunks, forward, n_passes, select_output, with_output
 from .errors import InputError, UnsupportedModelError
 
 __all__ = ["SlidingWindowModel", "WindowGeometry", "with_inferer", "forward_changed", "make_inferer", "as_inferer",
@@ -240,6 +240,11 @@ class SlidingWindowModel(OutputAdapter):
         self._geo: dict = {}
         self._base = None
 
+    def reset(self) -> None:
+        """Start counting windows afresh (one explanation's ``info``) and drop the cached window outputs."""
+        self.stats = WindowStats()
+        self._base = None
+
     # ---------------------------------------------------------------------------------------------
     def geometry(self, x: torch.Tensor) -> WindowGeometry:
         """The windows of ``x``'s grid (cached per shape, dtype and device)."""
@@ -284,7 +289,7 @@ class SlidingWindowModel(OutputAdapter):
     def predict(self, win: torch.Tensor) -> torch.Tensor:
         """The network on a batch of windows: the explained tensor ``(n, K, *roi)``, counted."""
         out = select_output(self.model(win), self.output)
-        self.stats.n_forward += win.shape[0]
+        self.stats.n_forward += win.shape[0] * n_passes(self.model)
         if out.ndim != win.ndim or tuple(out.shape[2:]) != tuple(win.shape[2:]):
             raise UnsupportedModelError(
                 f"sliding-window explanations need a dense output on each window's grid {tuple(win.shape[2:])}; the model "
@@ -336,7 +341,7 @@ class SlidingWindowModel(OutputAdapter):
             gx = gx.to(device=x.device, dtype=x.dtype)
             for i, (b, sl) in enumerate(items):
                 dxp[(slice(b, b + 1), slice(None), *sl)] += gx[i:i + 1]
-            self.stats.n_backward += len(items)
+            self.stats.n_backward += len(items) * n_passes(self.model)
             self.stats.windows.update(w for _, w in jobs[part])
         if not geo.padded:
             return dxp

@@ -44,7 +44,7 @@ import inspect
 import torch
 from torch import nn
 
-from .core import Cost, capture_layers
+from .core import Cost, n_passes
 from .errors import UnsupportedModelError
 from .methods import cam
 from .sliding import SlidingWindowModel
@@ -70,64 +70,66 @@ def windowed_method(spec):
 
 
 class _UnionOfWindows(nn.Module):
-    """Stand-in for the blended model at its CAM layer (module docstring): ``cells`` outputs ``A``
-    ``(B, K, *grid_all)``; the output ``(B, 1)`` has the value ``S`` and, with respect to ``cells``'s
-    output, the gradient ``G``."""
+    """Stand-in for the blended model at its CAM layer (module docstring): ``cells`` is called once per
+    pass ``c`` of the model (ensemble members x test-time flips; one for a plain model) and outputs
+    ``A_c`` ``(B, K, *grid_all)``, the pass's cells flipped back to the input's orientation; the output
+    ``(B, 1)`` has the value ``S`` and, with respect to call ``c`` of ``cells``, the gradient ``G_c``."""
+
+    aligned_calls = True   # the calls are the passes, already flipped back
 
     def __init__(self, a: torch.Tensor, g: torch.Tensor, score: torch.Tensor):
         super().__init__()
         self.cells = nn.Identity()
-        self.a, self.g, self.score = a, g, score
+        self.a, self.g, self.score = a, g, score          # (calls, B, K, *grid_all)
 
     def forward(self, x):
-        a = self.cells(self.a + 0 * x)
-        linear = (a * self.g).flatten(1).sum(1)
-        return (linear + (self.score - (self.a * self.g).flatten(1).sum(1))).unsqueeze(1)
+        linear = sum((self.cells(self.a[c] + 0 * x) * self.g[c]).flatten(1).sum(1) for c in range(self.a.shape[0]))
+        return (linear + (self.score - (self.a * self.g).flatten(2).sum(2).sum(0))).unsqueeze(1)
 
 
 def _layer_windows(net: SlidingWindowModel, x, grad_out, plan, want_grad: bool):
-    """``(A, G, n_windows)``: the plan's layer on every window of every sample and (``want_grad``) the
-    gradient of the blended target score at it (module docstring), the windows side by side along the
-    last grid axis, ``(B, K, *grid[:-1], W * grid[-1])`` each (written in place: one copy of each)."""
+    """``(A, G, n_windows)``: the plan's layer on every window of every sample, per pass of the model
+    (members x flips, each flipped back: :func:`medexplain.methods.cam.capture_passes`) and (``want_grad``)
+    the gradient of the blended target score at it (module docstring), the windows side by side along the
+    last grid axis, ``(calls, B, K, *grid[:-1], W * grid[-1])`` each (written in place: one copy of each)."""
     geo = net.geometry(x)
     xp = geo.pad_input(x.detach())
     gp = geo.pad_output(grad_out) if grad_out is not None else None
     b, n_win = x.shape[0], len(geo.slices)
     jobs = [(s, w) for s in range(b) for w in range(n_win)]
     acts = grads = None
+    passes = n_passes(net.model)
     for part in range(0, len(jobs), int(net.inferer.sw_batch_size)):
         items = jobs[part:part + int(net.inferer.sw_batch_size)]
         xin = net._window_rows(xp, [(s, geo.slices[w]) for s, w in items])
         cot = None
+        live = torch.zeros(len(items), dtype=torch.bool)
         if want_grad:
             cot = torch.cat([gp[(slice(s, s + 1), slice(None), *geo.slices[w])] * geo.importance
                              / geo.count[(slice(None), slice(None), *geo.slices[w])] for s, w in items])
             live = cot.flatten(1).ne(0).any(1)
-        with capture_layers(net.model, [plan.name], mode="leaf" if want_grad else "detach") as caps, \
+        with cam.capture_passes(net.model, plan, "leaf" if want_grad else "detach") as recorded, \
                 torch.set_grad_enabled(want_grad and bool(live.any())):
             out = net.predict(xin)
-            cap = caps[plan.name]
-            if cap.calls != 1 or cap.outputs[0].shape[0] != len(items):
-                raise UnsupportedModelError(
-                    f"layer {plan.name!r} ran {cap.calls} time(s) on a batch of {len(items)} window(s); a CAM "
-                    "through windows needs a layer that runs once per window forward")
-            leaf = cap.outputs[0]
-            g = torch.zeros_like(leaf)
+            calls = recorded(len(items), False)
+            gs = [torch.zeros_like(c.tensor) for c in calls]
             if want_grad and bool(live.any()):
                 if not out.requires_grad:
                     raise UnsupportedModelError(f"the target score does not depend on layer {plan.name!r}")
-                (g,) = torch.autograd.grad(out, leaf, cot.to(dtype=out.dtype, device=out.device), allow_unused=True)
-                g = torch.zeros_like(leaf) if g is None else g
-                net.stats.n_backward += int(live.sum())
+                found = torch.autograd.grad(out, [c.tensor for c in calls], cot.to(dtype=out.dtype, device=out.device),
+                                            allow_unused=True)
+                gs = [z if g is None else g for z, g in zip(gs, found)]
+                net.stats.n_backward += int(live.sum()) * passes
                 net.stats.windows.update(w for (_, w), on in zip(items, live.tolist()) if on)
-        a, g = plan.view(leaf.detach()), plan.view(g.detach())
-        k, *grid = a.shape[1:]
+        a = torch.stack([cam.unflip(plan.view(c.tensor.detach()), c.dims) for c in calls])
+        g = torch.stack([cam.unflip(plan.view(t.detach()), c.dims) for t, c in zip(gs, calls)])
+        k, *grid = a.shape[2:]
         if acts is None:
-            acts = torch.zeros((b, k, *grid[:-1], n_win * grid[-1]), dtype=a.dtype, device=x.device)
+            acts = torch.zeros((len(calls), b, k, *grid[:-1], n_win * grid[-1]), dtype=a.dtype, device=x.device)
             grads = torch.zeros_like(acts)
         for i, (s, w) in enumerate(items):
-            place = (s, Ellipsis, slice(w * grid[-1], (w + 1) * grid[-1]))
-            acts[place], grads[place] = a[i].to(x.device), g[i].to(x.device)
+            place = (slice(None), s, Ellipsis, slice(w * grid[-1], (w + 1) * grid[-1]))
+            acts[place], grads[place] = a[:, i].to(x.device), g[:, i].to(x.device)
     return acts, grads, n_win
 
 
@@ -154,10 +156,10 @@ def windowed_cam(spec):
                 raise UnsupportedModelError("the target score does not depend on the model output")
             score = s.detach()
         acts, grads, n_win = _layer_windows(net, x, grad_out, plan, spec.needs_grad)
-        b, grid = acts.shape[0], [*acts.shape[2:-1], acts.shape[-1] // n_win]
+        b, grid = acts.shape[1], [*acts.shape[3:-1], acts.shape[-1] // n_win]
         stand_in = _UnionOfWindows(acts, grads, score if score is not None else acts.new_zeros(b))
         del acts, grads
-        dummy = stand_in.a.new_zeros((b, 1, *stand_in.a.shape[2:]))
+        dummy = stand_in.a.new_zeros((b, 1, *stand_in.a.shape[3:]))
         cells, extra = spec.fn(stand_in, dummy, Class(0), Cost(), layer="cells", upsample=upsample,
                                layout="channels_first", **options)
         cells = cells.reshape(b, cells.shape[1], *grid[:-1], n_win, grid[-1]).movedim(-2, 1)   # (B, W, 1, *grid)
@@ -166,8 +168,8 @@ def windowed_cam(spec):
             up = cam.upsample_cells(cells[:, w], geo.roi, plan.centres, upsample)
             total[(slice(None), slice(None), *sl)] += geo.importance * up.to(x.dtype)
         amap = (total / geo.count)[(slice(None), slice(None), *geo.crop)]
-        cost.n_forward += x.shape[0]
-        cost.n_backward += x.shape[0] if spec.needs_grad else 0
+        cost.n_forward += x.shape[0] * n_passes(net.model)
+        cost.n_backward += x.shape[0] * n_passes(net.model) if spec.needs_grad else 0
         info = {k: v for k, v in extra.items() if k not in ("layer", "layout", "cell_centres", "geometry", "layer_choice")}
         return amap, {**plan.info(), **info, "upsample": upsample, "definition": "the CAM of the blended model: "
                       "its formula over the union of the windows' layer cells, maps blended as the output"}

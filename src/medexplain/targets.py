@@ -31,7 +31,7 @@ class Target:
             raise TargetError(f"model output must be (B, K, ...); got shape {tuple(output.shape)}")
         per_sample = self.resolve(output, batch)
         if rows is not None:
-            per_sample = [p[rows] for p in per_sample]
+            per_sample = [p[rows.to(p.device)] for p in per_sample]
         return self.reduce(output, *per_sample)
 
     def validate(self, output: torch.Tensor, batch: int) -> None:

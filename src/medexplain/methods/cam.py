@@ -29,11 +29,14 @@ the input-gradient term, so it is not a one-layer CAM and does not fit this temp
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from ..core import capture_layers, chunks, forward, layer_gradients
-from ..errors import InputError, UnsupportedModelError
+from ..core import capture_layers, chunks, find_layer, find_passes, forward, n_passes, pass_schedule, plain_pass
+from ..errors import InputError, RepeatedLayerCallError, UnsupportedModelError
 from ..registry import register
 from .cam_layers import LAYOUTS, UPSAMPLE, LayerPlan, layer_plan, upsample_cells
 
@@ -49,18 +52,25 @@ def _check_options(upsample, layout, *more):
 
 
 def plan_for(model, x, cost, layer=None, layout="auto", reshape=None) -> LayerPlan:
-    """The layer plan of a CAM call (:func:`medexplain.methods.cam_layers.layer_plan`)."""
-    return layer_plan(model, x, layer, layout, reshape, cost)
+    """The layer plan of a CAM call (:func:`medexplain.methods.cam_layers.layer_plan`), found on the model's
+    plain pass (:func:`medexplain.core.plain_pass`: its first network, unflipped)."""
+    return layer_plan(plain_pass(model), x, layer, layout, reshape, cost)
 
 
-def _check_calls(cap, plan: LayerPlan, rows: int, single: bool) -> None:
+def _check_calls(cap, plan: LayerPlan, rows: int, single: bool, passes: int = 1) -> None:
     n = cap.calls
     if n == 0:
         raise UnsupportedModelError(f"layer {plan.name!r} was not called in the forward pass")
     shapes = [tuple(o.shape) for o in cap.outputs]
-    if single and n > 1:
-        raise UnsupportedModelError(f"layer {plan.name!r} was called {n} times in one forward pass (a shared module); "
-                                    "this method needs a layer that runs once")
+    if single and (n > 1 or passes > 1):
+        if passes > 1:
+            raise UnsupportedModelError(
+                f"layer {plan.name!r} ran in {passes} passes of the model (its test-time flips / ensemble members); "
+                "this method needs a layer that runs once: use a gradient CAM (gradcam, gradcam++, hirescam, "
+                "xgradcam, layercam, gradcam_elementwise), or a Model without flips and with one network")
+        raise UnsupportedModelError(f"layer {plan.name!r} was called {n} times in one forward pass (a shared module, "
+                                    "or a test-time augmentation / ensemble inside the model: give those to mx.Model "
+                                    "as flip_axes= / an ensemble instead); this method needs a layer that runs once")
     bad = [s for s in shapes if s[0] != rows or s[1:] != plan.view.row_shape]
     if bad:
         raise UnsupportedModelError(
@@ -70,24 +80,95 @@ def _check_calls(cap, plan: LayerPlan, rows: int, single: bool) -> None:
             "network itself on each window)")
 
 
+@dataclass
+class PassCall:
+    """One call of a CAM layer in one forward: its output (as recorded), the input dims its pass flipped
+    (``()`` for the plain pass), its index among the calls of its pass, and whether an earlier call of the
+    same layer fed it (a shared block applied twice)."""
+
+    tensor: torch.Tensor
+    dims: tuple
+    index: int
+    fed: bool
+
+
+@contextlib.contextmanager
+def capture_passes(model, plan: LayerPlan, mode: str):
+    """The plan's layer recorded in every network of the model's passes (:func:`medexplain.core.pass_schedule`:
+    ensemble members x test-time flips; one network and one pass for a plain model), by the one layer hook
+    (:func:`medexplain.core.capture_layers`). Yields a function that, after the forward, returns every call
+    as a :class:`PassCall` in schedule order, with typed errors for a layer that is not called once per
+    pass on the whole batch, and (``mode="leaf"``) for one called several times on same-shaped inputs by
+    code medexplain does not know (:class:`~medexplain.errors.RepeatedLayerCallError`)."""
+    sched = pass_schedule(model)
+    leaves = []
+    for net, _ in sched:
+        if not any(net is n for n in leaves):
+            leaves.append(net)
+    modules = [find_layer(n, plan.name) for n in leaves]
+    known = find_passes(model)
+    aligned = bool(getattr(known if known is not None else model, "aligned_calls", False))
+    with capture_layers(model, modules, mode=mode) as caps:
+        def calls(rows: int, single: bool) -> list[PassCall]:
+            if single and len(sched) > 1:
+                _check_calls(next(iter(caps.values())), plan, rows, True, len(sched))
+            out = []
+            for net, cap in zip(leaves, caps.values()):
+                entries = [tuple(sorted(d)) for n, d in sched if n is net]
+                _check_calls(cap, plan, rows, single, len(sched))
+                if cap.calls % len(entries):
+                    raise UnsupportedModelError(f"layer {plan.name!r} ran {cap.calls} times in {len(entries)} passes of "
+                                                "the model; a CAM needs the same number of calls in every pass")
+                k = cap.calls // len(entries)
+                fed = cap.fed or [False] * cap.calls
+                if k > 1 and mode == "leaf" and not aligned and not all(fed[j] for j in range(cap.calls) if j % k):
+                    raise RepeatedLayerCallError(
+                        f"layer {plan.name!r} was called {k} times in one forward{' pass' if len(entries) == 1 else ''}"
+                        f" on same-shaped inputs, not one call feeding the next: code inside the model runs it on "
+                        "several inputs (a test-time augmentation or an ensemble wrapper?), which may flip them, and "
+                        "summing the calls' cells would mix orientations. Give the plain network to mx.Model with "
+                        "flip_axes=(...) for test-time flips or a list of networks for an ensemble (each pass is then "
+                        "un-flipped before combining), or say the calls are aligned: mx.Model(net, aligned_calls=True)")
+                out += [PassCall(t, entries[j // k], j % k, fed[j]) for j, t in enumerate(cap.outputs)]
+            return out
+        yield calls
+
+
 def layer_cells(model, x, target, cost, plan: LayerPlan, grad: bool = True, single: bool = False):
     """``(A, dS/dA, output)``: per call of the plan's layer, ``A`` as ``(B, K, *grid)`` and, if ``grad``,
-    the gradient of the target scores (lists in call order; ``None`` without ``grad``)."""
+    the gradient of the target scores (lists in call order; ``None`` without ``grad``). Through test-time
+    flips each pass's ``A`` and ``dS/dA`` are flipped back on the pass's axes (the layer's grid axes
+    follow the input's), so every call is in the input's orientation (``docs/cam.md``)."""
     b = x.shape[0]
-    with capture_layers(model, [plan.name], mode="leaf" if grad else "detach") as caps, torch.set_grad_enabled(grad):
+    with capture_passes(model, plan, "leaf" if grad else "detach") as recorded, torch.set_grad_enabled(grad):
         out = forward(model, x, cost)
-        cap = caps[plan.name]
-        _check_calls(cap, plan, b, single)
-        gs = layer_gradients(target.scores(out, None, b), cap) if grad else None
+        calls = recorded(b, single)
+        if grad:
+            score = target.scores(out, None, b)
+            no_effect = UnsupportedModelError(f"the target score does not depend on layer {plan.name!r}; choose a "
+                                              "layer on the path from the input to the explained output")
+            if not score.requires_grad:
+                raise no_effect
+            gs = torch.autograd.grad(score.sum(), [c.tensor for c in calls], allow_unused=True)
+            if all(g is None for g in gs):
+                raise no_effect
+            gs = [torch.zeros_like(c.tensor) if g is None else g for c, g in zip(calls, gs)]
     if grad:
-        cost.n_backward += b
+        cost.n_backward += b * n_passes(model)
         grids = [plan.view(g) for g in gs]
         if plan.view.drop and all(not g.any() for g in grids) and any(g.any() for g in gs):
             raise UnsupportedModelError(
                 f"the target score depends on layer {plan.name!r} only through its class token, which a CAM drops "
                 "(a ViT's last block is read through the class token alone); choose an earlier block")
-    acts = [plan.view(a.detach()) for a in cap.outputs]
+        grids = [unflip(g, c.dims) for g, c in zip(grids, calls)]
+    acts = [unflip(plan.view(c.tensor.detach()), c.dims) for c in calls]
     return acts, (grids if grad else None), out.detach()
+
+
+def unflip(t: torch.Tensor, dims) -> torch.Tensor:
+    """A pass's layer cells ``(B, K, *grid)`` back in the input's orientation: the flip of the input's spatial
+    axes ``dims`` is the flip of the same grid axes of a feature map whose grid resamples the input grid."""
+    return torch.flip(t, tuple(dims)) if dims else t
 
 
 def to_input(cells: torch.Tensor, plan: LayerPlan, x: torch.Tensor, upsample: str) -> torch.Tensor:

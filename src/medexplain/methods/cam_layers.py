@@ -77,7 +77,7 @@ from ..core import (
     resize_to,
     unwrap,
 )
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError, RepeatedLayerCallError, UnsupportedModelError
 
 LAYOUTS = ("auto", "channels_first", "channels_last", "tokens")
 UPSAMPLE = ("aligned", "bilinear", "align_corners")
@@ -539,6 +539,14 @@ def _default_plan(model, x, cost) -> LayerPlan:
     cands = [r for r, d in zip(recs, deps) if d and r[4] is not None and math.prod(r[4].grid) > 1
              and not isinstance(r[2], nn.Linear) and (head is None or r[0] < head)]
     if not cands:
+        repeated = [(n, cap.calls) for (n, m), cap in zip(named, caps.values()) if cap.calls > 1
+                    and not isinstance(m, POINTWISE) and len({tuple(o.shape) for o in cap.outputs}) == 1]
+        if repeated:
+            raise RepeatedLayerCallError(
+                f"no layer of the model runs once per forward: {', '.join(f'{n!r} ({c} calls)' for n, c in repeated[-3:])} "
+                "run several times on same-shaped inputs (a test-time augmentation or an ensemble inside the model?). "
+                "Give the plain network to mx.Model with flip_axes=(...) for test-time flips or a list of networks for "
+                "an ensemble, or pass layer= (with mx.Model(net, aligned_calls=True) if the calls are aligned)")
         grids = [f"{r[1]} {tuple(r[3].shape)}" for r in recs if r[3].ndim in (3, x.ndim)][-8:]
         raise UnsupportedModelError(
             "no layer of the model gives a feature map on the input grid that the output depends on"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import capture_layers, chunks, forward, unwrap
+from ..core import capture_layers, chunks, forward, n_passes, unwrap
 from ..errors import InputError, MedexplainError, UnsupportedModelError
 from ..ops import NoiseSource
 from ..registry import get_method, register
@@ -83,7 +83,7 @@ class TargetScore(nn.Module):
         if self.relevance_seed:
             s = _relevance_seeded(out, s, self.target, idx, self.batch)
         if s.requires_grad:
-            cost, n = self.cost, x.shape[0]
+            cost, n = self.cost, x.shape[0] * n_passes(self.model)
 
             def count(_grad):
                 cost.n_backward += n

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import ACTIVATION, CONV, CONV_TRANSPOSE, capture_layers, chunks, forward, is_scripted, unwrap
+from ..core import ACTIVATION, CONV, CONV_TRANSPOSE, capture_layers, chunks, forward, is_scripted, n_passes, unwrap
 from ..errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
 from ..ops import probabilities, total_variation
 from ..registry import classifier_only, register
@@ -476,7 +476,7 @@ def _train_masks(model, x, y, logits_x, cost, cfg: MedCAMConfig, layers, acts_x,
             loss = sum(w[k] * v for k, v in terms.items())        # (b,) one loss per image
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
-        cost.n_backward += 2 * b
+        cost.n_backward += 2 * b * n_passes(model)
         live = ~done
         hard = (soft.detach() > cfg.threshold)
         final_soft[live] = soft.detach()[live]

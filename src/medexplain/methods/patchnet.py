@@ -8,7 +8,7 @@ this module only registers ``"patchnet"``, which applies to PatchNet models alon
 """
 from __future__ import annotations
 
-from ..core import unwrap
+from ..core import n_passes, unwrap
 from ..errors import UnsupportedModelError
 from ..models.patchnet import PatchNet
 from ..registry import register
@@ -16,6 +16,8 @@ from ..registry import register
 
 def is_patchnet(model, output=None) -> str | None:
     """``applies_to`` predicate: None for a :class:`PatchNet` (also inside ``output=``'s adapter), else why not."""
+    if isinstance(unwrap(model), PatchNet) and n_passes(model) > 1:
+        return "explains one PatchNet by its own patch logits, not an ensemble or test-time flips of it"
     if isinstance(unwrap(model), PatchNet):
         return None
     return "explains a medexplain.models.PatchNet only (its own patch logits); use a post-hoc method for other models"
@@ -28,6 +30,8 @@ def patchnet(model, x, target, cost, kind: str = "raw", offset=None, border: str
     (:meth:`PatchNet.saliency`: ``kind`` raw or scaled, shift ``offset``, ``border``, ``chunk_size`` rows
     per model call, output ``activation`` for the scaled map)."""
     net = unwrap(model)
+    if n_passes(model) > 1:
+        raise UnsupportedModelError(f"method 'patchnet' {is_patchnet(model)}; use a post-hoc method such as saliency")
     if not isinstance(net, PatchNet):
         raise UnsupportedModelError("method 'patchnet' explains a medexplain.models.PatchNet; for another model "
                                     "use a post-hoc method such as gradcam")

@@ -59,7 +59,7 @@ from typing import Sequence
 
 import torch
 
-from ..core import chunks, forward
+from ..core import chunks, forward, n_passes
 from ..errors import InputError, TargetError
 from ..ops import total_variation
 from ..registry import register
@@ -195,7 +195,7 @@ def _solve(model, x, sup, k, m0, loss_fn, rows, batch, cost, iterations, adam_st
                 per_sample = loss_fn(out, rows, batch) + lambda_tv * total_variation(mt) + 0.5 * rho * penalty
                 # the sum keeps each sample's gradient its own: masks never interact
                 per_sample.sum().backward(inputs=[m])
-            cost.n_backward += x.shape[0]
+            cost.n_backward += x.shape[0] * n_passes(model)
             opt.step()
         with torch.no_grad():  # projections (eq. 9) and dual ascent (eq. 5c), reference order
             m1 = keep_top_k(m + u1, sup, k)

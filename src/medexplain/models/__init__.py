@@ -6,13 +6,14 @@ import importlib as _importlib
 _LAZY = {"PatchNet": ("patchnet", "PatchNet"), "load_model": ("loading", "load_model"),
          "load_trained": ("trained", "load_trained"), "build_model": ("trained", "build_model"),
          "load_bundle": ("bundle", "load_bundle"), "Bundle": ("bundle", "Bundle"),
-         "load_nnunet": ("nnunet", "load_nnunet"), "NnUNetModel": ("nnunet", "NnUNetModel")}
+         "load_nnunet": ("nnunet", "load_nnunet"), "NnUNetModel": ("nnunet", "NnUNetModel"),
+         "Model": ("model", "Model")}
 
 
 def __getattr__(name):
     if name in _LAZY:
         mod, attr = _LAZY[name]
         return getattr(_importlib.import_module(f"{__name__}.{mod}"), attr)
-    if name in ("zoo", "patchnet", "loading", "trained", "bundle", "nnunet"):
+    if name in ("zoo", "patchnet", "loading", "trained", "bundle", "nnunet", "model"):
         return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -136,6 +136,8 @@ def raised_in_model(err: BaseException, model) -> bool:
     the scripted module's own call frame)."""
     try:
         mods = {id(m) for m in unwrap(model).modules()} | {id(model)}
+        if isinstance(model, nn.Module):   # every member of an ensemble
+            mods |= {id(m) for m in model.modules()}
     except Exception:
         return False
     tb = err.__traceback__

@@ -39,7 +39,6 @@ configuration on a 3D volume and the cascade are refused), the readers named abo
 """
 from __future__ import annotations
 
-import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core import Passes
 from ..errors import InputError, ModelLoadError, UnsupportedModelError
 from ..transforms import Prepared, Preprocessing, Preprocessor
 
@@ -102,26 +102,24 @@ def case_stem(path) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # the window network: mirroring and folds
 # --------------------------------------------------------------------------------------------------
-class NnUNetNetwork(nn.Module):
+class NnUNetNetwork(Passes):
     """nnU-Net's prediction of one window (module docstring): the mean over ``networks`` (folds) and over
     the plain pass and every mirrored pass over the non-empty subsets of ``mirror_axes`` (spatial axes,
-    0-based, as nnU-Net stores them; ``None``: no mirroring)."""
+    0-based, as nnU-Net stores them; ``None``: no mirroring). It is :class:`medexplain.core.Passes`, the
+    members x flips of every ``mx.Model``, so gradients, pass counts and CAMs (each pass's cells flipped
+    back, summed over the folds: ``docs/cam.md``) go through the one mechanism. nnU-Net explains logits
+    (its networks end in a convolution); a deep-supervision list gives its full-resolution head."""
 
     def __init__(self, networks: Sequence[nn.Module], mirror_axes: Sequence[int] | None = None):
-        super().__init__()
-        self.folds = nn.ModuleList(networks)
-        axes = [int(a) + 2 for a in (mirror_axes or ())]
-        self.passes = [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+        super().__init__(list(networks), mirror_axes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for net in self.folds:
-            for axes in self.passes:
-                y = net(torch.flip(x, axes) if axes else x)
-                y = y[0] if isinstance(y, (list, tuple)) else y  # a deep-supervision list: the full-resolution head
-                y = torch.flip(y, axes) if axes else y
-                total = y if total is None else total + y
-        return total / (len(self.folds) * len(self.passes))
+    @property
+    def folds(self) -> nn.ModuleList:
+        return self.networks
+
+    @property
+    def passes(self) -> list:
+        return self.flips
 
 
 # --------------------------------------------------------------------------------------------------
