@@ -207,7 +207,7 @@ def test_instance_figures_one_png_per_lesion_through_its_centre(tmp_path):
     masks[0][2:5, 2:5, 2:5] = True
     masks[1][10:14, 9:12, 11:15] = True
     maps = [np.random.default_rng(k).random((2, 16, 16, 16)) for k in range(2)]
-    paths = render.write_instance_figures(tmp_path, img, maps, masks, ["TP", "FP"], affine=np.eye(4),
-                                          channel_names=["T1", "FLAIR"])
+    paths = [io.write_figure(fig, tmp_path / name) for name, fig in
+             render.instance_figures(img, maps, masks, ["TP", "FP"], affine=np.eye(4), channel_names=["T1", "FLAIR"])]
     assert [p.name for p in paths] == ["instance_001_TP.png", "instance_002_FP.png"]
     assert all(Image.open(p).size[0] > 1000 for p in paths)

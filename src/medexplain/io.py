@@ -54,7 +54,7 @@ import torch
 from .errors import FileFormatError, InputError, MedexplainError, OutputPathError
 
 __all__ = ["IMAGE_SUFFIXES", "KNOWN_SUFFIXES", "read_image", "read_channels", "file_stem",
-           "method_file", "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_json",
+           "method_file", "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_figure", "write_json",
            "write_text", "write_csv", "ras_affine_from_itk", "dicom_series"]
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "png", ".jpeg": "png", ".dcm": "dicom", ".dicom": "dicom",
@@ -695,6 +695,11 @@ def write_png_overlay(image, amap, path, *, affine=None, oriented: bool = True, 
     kw = {} if percentile is None else {"percentile": percentile}
     fig = render.figure(image, amap, affine=affine, oriented=oriented, title=title, subtitle=subtitle, label=label,
                         point=point, signed=signed, **kw, **figure_options)
+    return write_figure(fig, path)
+
+
+def write_figure(fig, path) -> Path:
+    """A matplotlib figure (of :mod:`medexplain.render`) as a PNG at its own dpi, written atomically."""
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
     return Path(path)

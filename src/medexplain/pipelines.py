@@ -584,7 +584,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
     for k, (inst, m) in enumerate(zip(insts, attr.map), start=1):
         files.append(io.write_nifti(prep.invert(m), out / f"instance_{k:03d}_{inst.kind or 'pred'}.nii.gz", affine))
-    files += render.write_instance_figures(out, img, [prep.invert(m) for m in attr.map], [prep.invert(i.mask[None].float(), nearest=True)[0] > 0.5 for i in insts], [i.kind for i in insts], affine=affine, oriented=meta.get("oriented", False), channel_names=names)  # noqa: E501
+    files += [io.write_figure(fig, out / name) for name, fig in render.instance_figures(img, [prep.invert(m) for m in attr.map], [prep.invert(i.mask[None].float(), nearest=True)[0] > 0.5 for i in insts], [i.kind for i in insts], affine=affine, oriented=meta.get("oriented", False), channel_names=names)]  # noqa: E501
     seg.write_csv(rows, out / "instances.csv")
     files.append(out / "instances.csv")
     if ref is not None:

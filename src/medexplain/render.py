@@ -42,7 +42,7 @@ import numpy as np
 __all__ = ["ALPHA", "PERCENTILE", "MIN_PX", "MAX_PX", "PLANES", "Scale", "map_scale", "image_window", "image_rgb",
            "overlay", "colormap", "to_ras", "ras_index", "plane", "plane_spacing", "crosshair", "peak_index",
            "region_centre", "edge_labels", "patient_orientation_labels", "block_reduce", "figure", "figure_options",
-           "colorbar_stops", "write_instance_figures"]
+           "colorbar_stops", "instance_figures"]
 
 #: Opacity of a map value at (or beyond) the colour limit.
 ALPHA = 0.7
@@ -500,17 +500,13 @@ def figure(image, amap, *, affine=None, oriented: bool = True, title: str = "", 
     return fig
 
 
-def write_instance_figures(out, image, maps, masks, kinds=None, *, affine=None, oriented: bool = True,
-                           channel_names=None, title: str = "", **options) -> list:
-    """One PNG per lesion instance, ``instance_<k>_<kind>.png`` in ``out`` (k from 1, as the instance NIfTIs):
-    the instance's saliency ``maps[k]`` ``(C, *spatial)`` (channels summed; the per-channel split is in the
-    table) over ``image`` with the lesion ``masks[k]`` (bool, image grid) outlined and the planes through its
-    centre (:func:`figure` with ``region``). Written atomically; returns the paths."""
-    from pathlib import Path
-
-    from .io import atomic_path
-    out = Path(out)
-    paths = []
+def instance_figures(image, maps, masks, kinds=None, *, affine=None, oriented: bool = True, channel_names=None,
+                     title: str = "", **options) -> list:
+    """``[(file name, Figure)]``, one per lesion instance, ``instance_<k>_<kind>.png`` (k from 1, as the instance
+    NIfTIs): the instance's saliency ``maps[k]`` ``(C, *spatial)`` (channels summed; the per-channel split is in
+    the table) over ``image`` with the lesion ``masks[k]`` (bool, image grid) outlined and the planes through
+    its centre (:func:`figure` with ``region``). Written by :func:`medexplain.io.write_figure`."""
+    out = []
     kinds = list(kinds) if kinds is not None else [None] * len(maps)
     for k, (m, mask, kind) in enumerate(zip(maps, masks, kinds), start=1):
         size = int(_np(mask).astype(bool).sum())
@@ -519,8 +515,5 @@ def write_instance_figures(out, image, maps, masks, kinds=None, *, affine=None, 
         fig = figure(image, m, affine=affine, oriented=oriented, region=mask,
                      title=f"{lead}lesion {k} ({kind or 'predicted'}, {size} voxels)",
                      subtitle=f"instance saliency of this lesion alone{chans}", label="instance saliency", **options)
-        path = out / f"instance_{k:03d}_{kind or 'pred'}.png"
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=fig.dpi)
-        paths.append(path)
-    return paths
+        out.append((f"instance_{k:03d}_{kind or 'pred'}.png", fig))
+    return out
