@@ -154,10 +154,12 @@ def check_norun(block: Block):
 
 def run_page(path: Path, workdir: Path, slow: bool, name: str | None = None) -> list[Block]:
     """Run the page's blocks in order in ``workdir``; ``slow``: also the blocks marked slow. Returns the blocks run."""
+    import sys
+
     blocks = parse(path, name)
     ns = {"__name__": "__docs__"}
     ran = []
-    old = Path.cwd()
+    old, old_path, old_modules = Path.cwd(), list(sys.path), set(sys.modules)
     os.chdir(workdir)
     try:
         for b in blocks:
@@ -176,6 +178,14 @@ def run_page(path: Path, workdir: Path, slow: bool, name: str | None = None) -> 
             ran.append(b)
     finally:
         os.chdir(old)
+        # modules the page imported from its folder (mynets.py of medexplain examples) must not shadow another
+        # test's module of the same name
+        sys.path[:] = old_path
+        root = str(Path(workdir).resolve())
+        for m in set(sys.modules) - old_modules:
+            f = getattr(sys.modules[m], "__file__", None) or ""
+            if f and str(Path(f).resolve()).startswith(root):
+                del sys.modules[m]
     return ran
 
 
