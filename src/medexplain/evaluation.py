@@ -32,7 +32,7 @@ import torch
 
 from .core import resize_to
 from .errors import FileFormatError, InputError
-from .io import IMAGE_SUFFIXES, file_stem, read_image, write_csv
+from .io import IMAGE_SUFFIXES, check_output_dir, file_stem, read_image, write_csv
 from .metrics.localisation import (
     CI_METHODS,
     MEAN_OF,
@@ -74,16 +74,21 @@ def index_folder(root) -> dict[tuple[str, str], Path]:
 
 
 def load_array(path) -> torch.Tensor:
-    """A map or mask as a float64 tensor, without assumptions on a channel axis for NumPy files."""
+    """A map or mask as a floating tensor in the file's own precision, without assumptions on a channel axis
+    for NumPy files: a float32 (or float16) NumPy map stays float32, a float64 one float64, integer and bool
+    arrays become float64 (exact); the other formats are read by :func:`medexplain.io.read_image` (float32).
+    The precision matters: resizing and Otsu on a near-constant map give different masks in float32 and
+    float64, and CheXlocalize and the API compute in the map's own dtype."""
     path = Path(path)
     if path.name.lower().endswith((".npy", ".npz")):
         try:
             data = np.load(path, allow_pickle=False)
-            arr = data[list(data.keys())[0]] if isinstance(data, np.lib.npyio.NpzFile) else data
+            arr = np.asarray(data[list(data.keys())[0]] if isinstance(data, np.lib.npyio.NpzFile) else data)
         except Exception as e:
             raise FileFormatError(f"{path}: cannot read: {type(e).__name__}: {e}") from e
-        return torch.as_tensor(np.asarray(arr, dtype=np.float64))
-    return read_image(path)[0].double()
+        dtype = np.float64 if arr.dtype == np.float64 or not np.issubdtype(arr.dtype, np.floating) else np.float32
+        return torch.as_tensor(np.asarray(arr, dtype=dtype))
+    return read_image(path)[0]
 
 
 def pair(map_arr: torch.Tensor, mask_arr: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +334,7 @@ def evaluate_localisation(maps, masks, out, metric: str = "all", mode: str = "tp
     if (probs is None) != (cutoff is None):
         raise InputError("--probs and --cutoff go together")
     cut = _per_class_option(cutoff, "--cutoff", "cutoff")
-    out = Path(out)
+    out = check_output_dir(out)  # before any map is read (issue 27)
     metrics = METRICS if metric == "all" else (metric,)
     thr = _threshold(threshold, val_maps, val_masks, mode)
     files = []

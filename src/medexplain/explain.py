@@ -12,10 +12,10 @@ import torch
 
 from . import methods  # noqa: F401  (importing the package registers every explainer)
 from .attribution import Attribution
-from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks
+from .core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks
 from .errors import MedexplainError
 from .models.model import as_model
-from .options import check_options
+from .options import check_options, plan_memory
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
 from .sliding import is_sliding, window_info
 from .sliding_cam import windowed_method
@@ -34,12 +34,21 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
     out = None
     if x is not None:
         with model_guard(m, policy=m.eval_policy), torch.no_grad():
-            out = forward(m.runner, m.to_input(check_input(x, **model_expectations(m))))
+            xm = m.to_input(check_input(x, **model_expectations(m)))
+            try:
+                out = forward(m.runner, xm)
+            except MedexplainError:
+                raise
+            except Exception as e:   # the model's own error explained, as explain() does
+                from .models.loading import model_error, raised_in_model
+                if not raised_in_model(e, m):
+                    raise
+                raise model_error(m, xm, e) from e
     return sorted(n for n, spec in methods_.items() if spec.applies_to(m.runner, out))
 
 
 def explain(model, x: torch.Tensor, method: str = "saliency", target=None, output=None,
-            inferer=None, **options) -> Attribution:
+            inferer=None, memory: float | None = None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
     ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (the network or an ensemble, test-time
@@ -58,6 +67,12 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
     each pass's layer cells back before combining (``docs/cam.md``). ``info["model"]`` describes the
     Model, ``info["score"]`` says when logits are taken at the input of a final Softmax/Sigmoid, and
     ``info["eval"]`` when the train/eval policy changed or kept a mode. Maps come back on the CPU.
+
+    ``memory``: the budget in GB of one model call (default: half the memory available now). The peak of
+    one call (all its passes) is measured on a probe row (:func:`medexplain.options.probe_row_bytes`),
+    ``chunk_size`` is capped to the rows that fit, and a call that cannot fit even one row raises
+    :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
+    ``info["memory"]`` records the plan. Not applied through an ``inferer`` (its calls are windows).
     """
     spec = get_method(method)
     options = check_options(spec.name, spec.fn, options)   # names, types and ranges from the signature
@@ -74,7 +89,10 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
         net.reset()   # a Model keeps its sliding-window module: count this explanation's windows only
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
     notes: dict = {}
-    with model_guard(m, policy=m.eval_policy, notes=notes):
+    with model_guard(m, policy=m.eval_policy, notes=notes), output_notes() as read:
+        plan = None
+        if not is_sliding(net):  # the memory of one model call, checked before any compute
+            options, plan = plan_memory(spec.name, spec.fn, net, x, options, memory)
         cost = Cost()
         try:
             amap, extra = fn(net, x, tgt, cost, **options)
@@ -87,4 +105,8 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
             raise model_error(m, x, e) from e
     info = window_info(net, cost.info(**extra))
     info.update(m.info(notes))
+    if plan is not None:
+        info["memory"] = plan.as_dict()
+    if read:   # how the model's output was read (a one-key dict taken as its value)
+        info["output_note"] = "; ".join(read)
     return Attribution(amap.detach().cpu(), spec.name, tgt, info)

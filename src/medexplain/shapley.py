@@ -405,6 +405,9 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
     b, c = x.shape[:2]
     names, idx = _players(groups, players, c)
     n = len(idx)
+    if n == 1:
+        import warnings
+        warnings.warn(ONE_PLAYER, stacklevel=2)
     if method == "auto":
         method = "exact" if n <= AUTO_EXACT_MAX else "permutation"
     if method not in ("exact", "permutation"):
@@ -459,6 +462,33 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
                                         value_fn=getattr(value_fn, "name", getattr(value_fn, "__name__",
                                                                                    type(value_fn).__name__))))
     return ShapleyResult(values, names, idx, coalitions, method, cost.n_forward, stderr, m, info)
+
+
+#: Why one player (one input channel, or one channel group) makes a contrast ranking meaningless.
+ONE_PLAYER = ("one player (a single input channel or group): its Shapley value is just v(all) - v(none), its rank is "
+              "1 for every model, so a ranking and its rank variance across folds (always 0) say nothing. To compare "
+              "the folds, explain each fold's map (e.g. `medexplain explain --nnunet DIR --folds K` per fold) and "
+              "measure their agreement with medexplain.shapley.fold_map_agreement")
+
+
+def fold_map_agreement(maps: Sequence[torch.Tensor]) -> dict:
+    """The agreement of several models' (the folds of a cross-validation) saliency maps of one case, where a
+    contrast ranking is degenerate (one input channel, :data:`ONE_PLAYER`): the Spearman rank correlation of
+    every pair of maps over the voxels (:func:`medexplain.metrics.randomisation.spearman`, ties averaged),
+    ``{"pairs": [[i, j, rho], ...], "mean": ..., "min": ..., "n_models": F}``. ``maps``: F >= 2 maps of
+    equal shape (any, e.g. ``Attribution.map[0]``)."""
+    from .metrics.randomisation import spearman
+
+    maps = [torch.as_tensor(m).detach().double().cpu() for m in maps]
+    if len(maps) < 2:
+        raise InputError(f"fold_map_agreement needs the maps of two or more models, got {len(maps)}")
+    if len({tuple(m.shape) for m in maps}) != 1:
+        raise InputError(f"fold_map_agreement: the maps differ in shape: {[tuple(m.shape) for m in maps]}")
+    pairs = [[i, j, float(spearman(maps[i].reshape(1, -1), maps[j].reshape(1, -1))[0])]
+             for i in range(len(maps)) for j in range(i + 1, len(maps))]
+    rho = [p[2] for p in pairs]
+    return {"pairs": pairs, "mean": float(sum(rho) / len(rho)), "min": float(min(rho)), "n_models": len(maps),
+            "definition": "Spearman rank correlation of every pair of maps over the voxels"}
 
 
 def fold_consensus(results: Sequence[ShapleyResult], reference_ranking=None, case: int = 0) -> dict:

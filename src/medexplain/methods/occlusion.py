@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from ..core import chunks, forward
+from ..core import check_baseline, chunks, forward
 from ..errors import InputError
 from ..registry import register
 from ..sliding import forward_changed
@@ -58,7 +58,7 @@ def perturbation_baseline(x: torch.Tensor, baseline) -> tuple[float | torch.Tens
         except ValueError:
             pass
     if isinstance(baseline, (int, float)):
-        v = float(baseline)
+        v = check_baseline(baseline, x, "baseline")
         return v, "zero" if v == 0 else f"constant {v:g}"
     if isinstance(baseline, str):
         dims = tuple(range(2, x.ndim))
@@ -73,11 +73,7 @@ def perturbation_baseline(x: torch.Tensor, baseline) -> tuple[float | torch.Tens
             sigma = max(1.0, 0.05 * min(x.shape[2:]))
             return _gaussian_blur(x, sigma), f"blur (the image under a Gaussian of sigma {sigma:.3g} voxels)"
         raise InputError(f"baseline must be a number or one of {BASELINES}, got {baseline!r}")
-    b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
-    try:
-        torch.broadcast_shapes(b.shape, x.shape)
-    except RuntimeError as e:
-        raise InputError(f"baseline of shape {tuple(b.shape)} does not broadcast to the input {tuple(x.shape)}") from e
+    b = check_baseline(baseline, x, "baseline")
     return b, f"given tensor {tuple(b.shape)}"
 
 

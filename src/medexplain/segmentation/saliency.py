@@ -16,7 +16,8 @@ instance ``L`` (a set of voxels on the output grid):
 * **Instance Grad-CAM++**: Grad-CAM++ with the class score ``sum_{v in L} z_c(v)`` at a decoder layer
   (the reference uses the U-Net decoder block at half resolution), upsampled to the input.
   ``variant="paper"`` (default) is Chattopadhay et al.'s eq. 19; ``variant="monai"`` is MONAI's
-  ``GradCAMpp`` formula, which the IES reference code calls (``methods/cam.py`` has both).
+  ``GradCAMpp`` formula, which the IES reference code calls (``methods/cam.py`` has both), with MONAI's
+  bilinear upsampling unless ``upsample=`` says otherwise.
 
 Maps are kept per input channel (``(n_instances, C, *spatial)``; Grad-CAM++ gives one channel) and are
 raw and signed.
@@ -60,6 +61,7 @@ from ..core import (
     unwrap,
 )
 from ..errors import InputError, TargetError, UnsupportedModelError
+from ..methods.cam_layers import UPSAMPLE
 from ..ops import NoiseSource
 from ..sliding import is_sliding, window_info, with_inferer
 from ..targets import Region
@@ -241,7 +243,7 @@ def _smoothgrad(model, x, flat, channel, aggregate, n_samples, sigma, seed, chun
     return maps
 
 
-def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost, variant="paper"):
+def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost, variant="paper", upsample="aligned"):
     from ..explain import explain  # the registry's Grad-CAM++ (explain imports methods, never segmentation)
     maps = None
     for sl in chunks(len(flat), chunk_size):
@@ -249,7 +251,7 @@ def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost, variant="paper
         xr = x[[inst.sample for inst in part]].detach()
         masks = torch.stack([inst.mask for inst in part]).to(x.device)
         attr = explain(model, xr, method="gradcam++", target=Region(channel, masks, reduce="sum"), layer=layer,
-                       variant=variant)
+                       variant=variant, upsample=upsample)
         cost.n_forward += attr.info["n_forward"]
         cost.n_backward += attr.info["n_backward"]
         maps = attr.map if maps is None else torch.cat([maps, attr.map])
@@ -260,7 +262,7 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
                       aggregate: str = "mean", channel: int = 1, n_samples: int = 50, sigma: float = 0.05,
                       seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160, layer=None,
                       strategy: str = "batched", noise: torch.Tensor | None = None,
-                      variant: str = "paper", inferer=None) -> Attribution:
+                      variant: str = "paper", upsample: str | None = None, inferer=None) -> Attribution:
     """Instance saliency maps as an :class:`~medexplain.Attribution` (``map``: ``(n_instances, C, *spatial)``).
 
     Parameters
@@ -293,6 +295,11 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         formula, which the IES reference code uses (``mx.explain(..., "gradcam++", variant=)``). The
         paper's formula is the default because it is the published method; pick ``"monai"`` to compare
         with the reference's maps (how much the two differ: ``docs/instances.md``).
+    upsample : ``"aligned"``, ``"bilinear"`` or None
+        Grad-CAM++ only: how the layer's map is brought to the input grid (``mx.explain(..., "gradcam++",
+        upsample=)``: receptive-field aligned, or MONAI's bilinear / trilinear placement). Default: MONAI's
+        bilinear with ``variant="monai"`` (so the map is MONAI's ``GradCAMpp``, as the reference calls it),
+        aligned otherwise.
     strategy : ``"batched"`` (default), ``"loop"``, ``"vmap"``, ``"replicate"``
         How mean-aggregated instances share a forward pass (see the module docstring); all give the same
         maps up to floating-point rounding.
@@ -309,6 +316,12 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         raise InputError(f"variant must be one of {GRADCAM_PP_VARIANTS}, got {variant!r}")
     if method != "gradcam++" and variant != "paper":
         raise InputError("variant chooses the Grad-CAM++ formula; it does not apply to method='smoothgrad'")
+    if upsample is not None and method != "gradcam++":
+        raise InputError("upsample places the Grad-CAM++ map on the input grid; it does not apply to "
+                         "method='smoothgrad'")
+    if upsample is not None and upsample not in UPSAMPLE[:2]:
+        raise InputError(f"upsample must be one of {UPSAMPLE[:2]}, got {upsample!r}")
+    upsample = upsample or ("bilinear" if variant == "monai" else "aligned")
     if method == "gradcam++" and aggregate != "mean":
         raise InputError("Grad-CAM++ explains the summed lesion logits; aggregate='max' is SmoothGrad only")
     if strategy not in STRATEGIES:
@@ -343,8 +356,9 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         else:
             layer = layer if layer is not None else decoder_layer(model, x)
             find_layer(model, layer)
-            maps = _gradcam_pp(model, x, flat, channel, layer, chunk_size or len(flat), cost, variant)
-            extra.update(layer=layer if isinstance(layer, str) else type(layer).__name__, variant=variant)
+            maps = _gradcam_pp(model, x, flat, channel, layer, chunk_size or len(flat), cost, variant, upsample)
+            extra.update(layer=layer if isinstance(layer, str) else type(layer).__name__, variant=variant,
+                         upsample=upsample)
     info = window_info(model, cost.info(**extra))
     info["seconds"] = time.perf_counter() - t0
     return Attribution(maps.detach(), f"instance_{method}", flat, info)
