@@ -2,23 +2,23 @@
 (:func:`medexplain.examples.write`)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from ..examples import GENERATED, INSTALLED, write
 from . import app
 from ._common import cli_errors, console
+from .params import Flags, takes
 
 
 @app.command("examples")
+@takes("out")
 def examples_cmd(names: list[str] = typer.Argument(None, help="which examples (default: all that are installed): "
                                                    + ", ".join([*INSTALLED, *GENERATED])),
-                 out: Path = typer.Option(Path("."), "--out", help="folder to write them into")):
+                 flags: Flags = None):
     """Write example inputs (pydicom's CT/MR slices and chest radiograph, nibabel's T1) and tiny models (TorchScript,
     a factory module, a MONAI bundle, an nnU-Net folder, a run manifest) that the docs' commands run on."""
     with cli_errors():
-        written = write(out, names or None)
+        written = write(flags.out, names or None)
     for name, p in written.items():
         what = INSTALLED[name][0] if name in INSTALLED else GENERATED[name]
         console.print(f"{p}  [dim]{what}[/dim]")

@@ -230,8 +230,10 @@ def _slice_baseline(baselines, x: torch.Tensor, sl: slice):
     return baselines
 
 
-def _check_baselines(baselines, x: torch.Tensor):
-    if isinstance(baselines, str):   # "zero", "mean", "median", "blur": the one rule of the perturbation methods
+def _check_baselines(baselines, x: torch.Tensor, named: bool = False):
+    """``baselines`` checked (:func:`medexplain.core.check_baseline`); ``named``: the perturbation methods also take
+    the named baselines ("zero", "mean", "median", "blur") of :func:`medexplain.methods.occlusion.perturbation_baseline`."""
+    if named and isinstance(baselines, str):
         from .occlusion import perturbation_baseline
         return perturbation_baseline(x, baselines)[0]
     return check_baseline(baselines, x, "baselines")
@@ -432,7 +434,7 @@ def feature_ablation(model, x, target, cost, features="slic", n_features: int = 
     ``perturbations_per_eval = chunk_size // B``. Maps are ``(B, 1, *s)``."""
     from captum.attr import FeatureAblation
     groups = feature_groups(x, features, n_features, compactness)
-    base = _check_baselines(baselines, x)
+    base = _check_baselines(baselines, x, named=True)
     ppe = max(1, (chunk_size or x.shape[0]) // x.shape[0])
     m = captum_call(model, x, target, cost, FeatureAblation,
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
@@ -467,7 +469,7 @@ def _surrogate(name, model, x, target, cost, features, n_features, compactness, 
     if few:
         raise InputError(f"{name}: the feature groups of sample(s) {few} hold a single feature; a surrogate needs at "
                          "least two (raise n_features, or use features='grid')")
-    base = _check_baselines(baselines, x)
+    base = _check_baselines(baselines, x, named=True)
     cls = KernelShap if name == "kernelshap" else Lime
     m = captum_call(model, x, target, cost, cls,
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
