@@ -189,8 +189,9 @@ def dicom_source_for(image, meta: dict, formats: Sequence[str], reference=None, 
 
 
 def dicom_output_names(out: Path, stem: str, method: str) -> list[Path]:
-    """The files :func:`write_dicom_objects` writes for one method: ``<stem>_<method>_{pm,seg,sc}.dcm``."""
-    return [out / f"{stem}_{io.method_file(method)}_{k}.dcm" for k in DICOM_KINDS]
+    """The files :func:`write_dicom_objects` writes for one method: ``<stem>_<method>_{pm,seg,sc}.dcm``
+    (``<method>_{pm,seg,sc}.dcm`` with an empty ``stem``: a run's case folder)."""
+    return [out / f"{stem + '_' if stem else ''}{io.method_file(method)}_{k}.dcm" for k in DICOM_KINDS]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
-__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "load_setup", "method_options", "on_device",
-           "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
+__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "write_method_outputs", "load_setup", "method_options",
+           "on_device", "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
            "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
            "SHAPLEY_VALUE_HELP"]
 
@@ -490,13 +490,8 @@ class FileWriter(CaseWriter):
 
     def method(self, state, method, attr, amap):
         self.attributions[method] = attr
-        title = _figure_title(method, state.info)
-        self.files += _write_method_files(state.img, amap, self.out, self.stem, method, state.meta, title, self.formats)
-        if self.dicom_src is not None:
-            from .dicom_out import write_dicom_objects
-            self.files += write_dicom_objects(self.dicom_src, state.img, amap, state.meta, self.out, self.stem, method,
-                                              target=state.resolved.class_index, model=state.info["model"],
-                                              title=title, threshold=self.dicom_threshold)
+        self.files += write_method_outputs(state, method, amap, self.out, self.stem, self.formats, self.dicom_src,
+                                           self.dicom_threshold)
         io.write_json(state.info, self.info_path)
         if self.on_method:
             self.on_method(method)
@@ -648,17 +643,35 @@ def _figure_title(method: str, info: dict) -> tuple[str, str]:
     return f"{method} \u00b7 {target} \u00b7 model {info.get('model')}", sub
 
 
+def write_method_outputs(state: CaseState, method: str, amap: torch.Tensor, out: Path, stem: str, formats,
+                         dicom_src=None, dicom_threshold="otsu") -> list[Path]:
+    """One method's outputs as ``formats`` asks, the one writer of ``explain`` (:class:`FileWriter`) and ``run``
+    (its case folder, ``stem`` empty): the NIfTI map and PNG figure (:func:`_write_method_files`) and, with
+    ``dicom_src`` (:func:`medexplain.dicom_out.dicom_source_for`, found before any compute), the Parametric Map,
+    Segmentation (thresholded by ``dicom_threshold``) and Secondary Capture
+    (:func:`medexplain.dicom_out.write_dicom_objects`). Returns the paths written."""
+    title = _figure_title(method, state.info)
+    files = _write_method_files(state.img, amap, out, stem, method, state.meta, title, formats)
+    if dicom_src is not None:
+        from .dicom_out import write_dicom_objects
+        files += write_dicom_objects(dicom_src, state.img, amap, state.meta, out, stem, method,
+                                     target=state.resolved.class_index, model=state.info["model"], title=title,
+                                     threshold=dicom_threshold)
+    return files
+
+
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
                         title: tuple[str, str] = ("", ""), formats=("nifti", "png")) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
     affine (channels on the 4th axis, also for 2D; ``nifti`` in ``formats``) and as a PNG figure on the image
-    (``png``), each written atomically."""
+    (``png``), each written atomically, named ``<stem>_<method>`` (``<method>`` with an empty ``stem``)."""
     nd = img.ndim - 1
     files = []
+    name = f"{stem + '_' if stem else ''}{io.method_file(method)}"
     if "nifti" in formats:
-        files.append(write_map(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta, spatial_dims=nd))
+        files.append(write_map(amap, out / f"{name}.nii.gz", meta, spatial_dims=nd))
     if "png" in formats:
-        files.append(io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
+        files.append(io.write_png_overlay(img, amap, out / f"{name}.png", affine=meta["affine"],
                                           oriented=meta.get("oriented", False), title=title[0], subtitle=title[1],
                                           label=method))
     return files
