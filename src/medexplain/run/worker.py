@@ -146,7 +146,7 @@ class CaseProcessor:
                     state.stage = "pacs"
                     folder, writer.series = fetch_case(self.pacs, case.study, case.series, tmp)
                     images = [str(folder)]
-                images = input_files(images, setup.nnunet is not None)[0]   # as explain orders them
+                state.images = images = input_files(images, setup.nnunet is not None)[0]   # as explain orders them
                 explain_case(setup, images, methods, writer, per_method=spec.options, target=case.target,
                              region=case.region, layer=spec.layer, output=spec.output, activation=spec.activation,
                              skip_unsupported=spec.skip_unsupported, series=writer.series, seed=spec.seed,
