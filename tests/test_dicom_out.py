@@ -440,3 +440,54 @@ def test_run_non_dicom_case_with_format_dicom_is_an_error_row(tmp_path, one_thre
     assert by_case["a"]["status"] == "ok" and (tmp_path / "run" / "cases" / "a" / "saliency_pm.dcm").is_file()
     assert by_case["b"]["status"] == "error" and "no study to join" in by_case["b"]["error"]
     assert not list((tmp_path / "run" / "cases" / "b").glob("*.dcm")) if (tmp_path / "run" / "cases" / "b").exists() else True
+
+
+# --- instances --format dicom: each lesion instance's map as explain's objects (issue 24) -------------------------
+class Bright(torch.nn.Module):
+    """A segmenter of bright voxels: logits (-(x - 700), x - 700) / 100, so the lesions are the voxels above 700."""
+
+    def forward(self, x):
+        z = (x[:, :1] - 700.0) / 100.0
+        return torch.cat([-z, z], 1)
+
+
+def bright():
+    return Bright().eval()
+
+
+@pytest.mark.slow
+def test_instances_format_dicom_writes_each_instance_map_on_the_source_slices(tmp_path, one_thread):
+    write_series(tmp_path / "oblique")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["instances", str(tmp_path / "oblique"), "--model", "test_dicom_out:bright", "--n-samples",
+                              "2", "--min-size", "2", "--format", "nifti,dicom", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    maps = sorted(out.glob("instance_*.nii.gz"))
+    assert maps
+    src = _source_datasets(tmp_path / "oblique")
+    positions = _source_positions(src)
+    for k, nifti in enumerate(maps, start=1):
+        stem = nifti.name[:-len(".nii.gz")]
+        img = nib.load(str(nifti))
+        summed = tmp_path / f"{stem}_sum.nii.gz"   # the PM holds the map summed over channels, as explain's
+        data = np.asarray(img.dataobj)
+        nib.save(nib.Nifti1Image(data.sum(-1) if data.ndim == 4 else data, img.affine), str(summed))
+        for kind in ("pm", "seg", "sc"):
+            obj = pydicom.dcmread(str(out / f"{stem}_smoothgrad_{kind}.dcm"))
+            assert obj.StudyInstanceUID == src[0].StudyInstanceUID and f"instance {k}" in obj.SeriesDescription
+            assert _referenced_sops(obj) == {str(d.SOPInstanceUID) for d in src}
+        pm = pydicom.dcmread(str(out / f"{stem}_smoothgrad_pm.dcm"))
+        assert pm.FrameOfReferenceUID == src[0].FrameOfReferenceUID and int(pm.NumberOfFrames) == len(positions)
+        assert_pm_equals_nifti(pm, summed)
+        seg = pydicom.dcmread(str(out / f"{stem}_smoothgrad_seg.dcm"))
+        assert len(seg.SegmentSequence) == 1 and f"instance {k}" in seg.SegmentSequence[0].SegmentLabel
+
+
+def test_instances_format_checks_come_before_any_compute(tmp_path):
+    import nibabel as nib_
+    nib_.save(nib_.Nifti1Image(np.zeros((6, 7, 5), np.float32), np.eye(4)), str(tmp_path / "scan.nii.gz"))
+    for fmt, message in (("dicom", "no study to join"), ("nifti,png", "instances writes no figures")):
+        res = runner.invoke(app, ["instances", str(tmp_path / "scan.nii.gz"), "--model", "test_dicom_out:bright",
+                                  "--format", fmt, "--out", str(tmp_path / "o")])
+        assert res.exit_code != 0 and message in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -703,7 +703,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              device=None, flip_axes=None, eval: str = "auto", variant: str = "paper",
                              upsample: str | None = None,
                              on_progress: Callable[[str, int, int | None], None] | None = None,
-                             on_estimate: Callable | None = None, memory: float | None = None) -> LesionInstances:
+                             on_estimate: Callable | None = None, memory: float | None = None, formats=None,
+                             dicom_reference=None, dicom_threshold="otsu") -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
@@ -731,9 +732,19 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
     capped to fit, refused before any compute if one row does not).
     ``variant`` / ``upsample``: Grad-CAM++'s formula and upsampling (:func:`medexplain.segmentation.explain_instances`).
+    ``formats``: the instance maps as ``nifti`` (default) and/or ``dicom``: per instance map
+    ``instance_<k>_<kind>_<method>_{pm,seg,sc}.dcm`` (:func:`medexplain.dicom_out.write_dicom_objects`, ``explain``'s
+    objects: a Parametric Map of the map summed over channels, a SEG with one segment, the map thresholded by
+    ``dicom_threshold``, and a Secondary Capture, each naming the instance), in the study of the DICOM input
+    (or of ``dicom_reference``); the probability and instance label maps stay NIfTI. A non-DICOM input without
+    ``dicom_reference`` is refused before any compute.
     """
     from . import segmentation as seg
+    from .dicom_out import dicom_source_for, parse_formats
 
+    formats = parse_formats(formats) if formats is not None else ("nifti",)
+    if "png" in formats:
+        raise OptionError("instances writes no figures: --format takes nifti and/or dicom here")
     if method not in ("smoothgrad", "gradcam++"):
         raise OptionError(f"instances --method must be smoothgrad or gradcam++, got {method!r}")
     check_options("instances", seg.explain_instances, {"aggregate": aggregate, "n_samples": n_samples,
@@ -760,6 +771,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    listed = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    dicom_src = dicom_source_for(listed, meta, formats, dicom_reference)   # the study the objects join, before compute
     if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
         r_img, r_meta = io.read_image(reference)
         ref_fg = seg.reference_foreground(r_img.numpy(), reference_threshold, f"--reference {Path(reference).name}")
@@ -829,7 +842,15 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
     for k, (inst, m) in enumerate(zip(insts, attr.map), start=1):
-        files.append(io.write_nifti(prep.invert(m), out / f"instance_{k:03d}_{inst.kind or 'pred'}.nii.gz", affine))
+        stem, m = f"instance_{k:03d}_{inst.kind or 'pred'}", prep.invert(m)
+        if "nifti" in formats:
+            files.append(io.write_nifti(m, out / f"{stem}.nii.gz", affine))
+        if dicom_src is not None:
+            from .dicom_out import write_dicom_objects
+            label = f"{method} instance {k} {inst.kind or 'pred'}"
+            files += write_dicom_objects(dicom_src, img, m, meta, out, stem, method, target=int(channel), model=setup.name,
+                                         title=(f"{label} \u00b7 class {channel} \u00b7 model {setup.name}", ""),
+                                         threshold=dicom_threshold, label=label)
     seg.write_csv(rows, out / "instances.csv")
     files.append(out / "instances.csv")
     if ref is not None:
