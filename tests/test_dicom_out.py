@@ -491,3 +491,16 @@ def test_instances_format_checks_come_before_any_compute(tmp_path):
                                   "--format", fmt, "--out", str(tmp_path / "o")])
         assert res.exit_code != 0 and message in " ".join(res.output.split()), res.output
         assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_manifest_study_rows(tmp_path):
+    from medexplain.run.manifest import ManifestError, read_manifest
+    (tmp_path / "m.csv").write_text("image,study,series\n,1.2.3,1.2.3.4\nscan.nii.gz,,\n")
+    study, local = read_manifest(tmp_path / "m.csv")
+    assert (study.study, study.series, study.image, study.case_id) == ("1.2.3", "1.2.3.4", "", "00000_1.2.3")
+    assert local.study is None and local.image.endswith("scan.nii.gz")
+    for body, message in (("image,study\nscan.nii.gz,1.2.3\n", "not both"), ("study\n1.2.abc\n", "StudyInstanceUID"),
+                          ("image,study\n,\n", "image cell is empty")):
+        (tmp_path / "m.csv").write_text(body)
+        with pytest.raises(ManifestError, match=message):
+            read_manifest(tmp_path / "m.csv")
