@@ -122,6 +122,16 @@ def _uses_batch_statistics(m: nn.Module) -> bool:
         and getattr(m, "running_mean", None) is not None
 
 
+def _user_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of the user's networks: medexplain's own wrappers (an ``mx.Model``, output adapters, a
+    sliding window, :class:`Passes` and its list of members) are left out, so their ``training`` flags never
+    make an all-eval network look like one in mixed modes."""
+    wrappers = {id(m) for m in model.modules() if isinstance(m, (OutputAdapter, Passes))}
+    wrappers |= {id(m.networks) for m in model.modules() if isinstance(m, Passes)}
+    user = [m for m in model.modules() if id(m) not in wrappers]
+    return user or list(model.modules())
+
+
 @contextlib.contextmanager
 def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None = None, notes: dict | None = None):
     """Run explanations with the model's train/eval modes set by ``policy`` and its parameters frozen;
@@ -151,7 +161,8 @@ def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None 
     grads = [(p, p.requires_grad) for p in model.parameters()]
     buffers = []
     try:
-        flags = {t for _, t in modes}
+        user = _user_modules(model)
+        flags = {m.training for m in user}
         if policy == "always":
             switching = [n for n, m in model.named_modules() if _uses_batch_statistics(m)]
             if switching:
@@ -168,7 +179,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None 
                 notes["eval"] = "the model was entirely in training mode: switched to eval mode (eval='auto')"
         elif notes is not None and flags == {True, False}:
             notes["eval"] = (f"the model's modules are in mixed train/eval modes: used as given (eval={policy!r}); "
-                             f"{sum(t for _, t in modes)} of {len(modes)} in training mode")
+                             f"{sum(m.training for m in user)} of {len(user)} in training mode")
         # a training-mode module may update its buffers in a forward (running statistics): keep copies
         buffers = [(b, b.detach().clone()) for m in model.modules() if m.training
                    for b in m.buffers(recurse=False) if b is not None]

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from ..core import check_input, chunks, forward, model_guard
 from ..errors import InputError
-from ..ops import normalize, probabilities
 from ..models.model import as_model
+from ..ops import normalize, probabilities
 from ..targets import target_probability
 from .faithfulness import _ranks, _voxel_scores
 from .meta import MetricInfo, register_metric
