@@ -111,6 +111,26 @@ def is_scripted(model) -> bool:
     return isinstance(unwrap(model), torch.jit.ScriptModule)
 
 
+def resolve_device(device) -> torch.device | None:
+    """``None`` (keep the networks where they are), ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` or a ``torch.device``; a typed error for anything else or a missing GPU."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"device {device!r}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                         "use device='auto' or 'cpu'")
+    return dev
+
+
 #: The train/eval policies of :func:`model_guard` (``mx.Model(eval=...)``).
 EVAL_POLICIES = ("auto", "always", "never")
 

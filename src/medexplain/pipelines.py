@@ -20,12 +20,12 @@ from .core import check_input, model_expectations
 from .errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from .explain import explain
 from .models.loading import checked_forward, load_model
-from .models.model import Model, resolve_device
+from .models.model import Model, as_model, resolve_device
 from .models.model import load_model as load_model_object
 from .ops import ACTIVATIONS, detect_activation, probabilities
-from .options import CountingModel, check_options, estimate_cost, plan_memory
+from .options import check_options, counting, estimate_cost, plan_memory
 from .registry import get_method, route_options
-from .sliding import as_inferer, inferer_settings, with_inferer
+from .sliding import as_inferer, inferer_settings
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
@@ -132,9 +132,10 @@ class PreparedInput:
 def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, output=None,
                   activation: str = "auto", inferer=None) -> PreparedInput:
     """Preprocess ``img`` (:class:`~medexplain.transforms.Preprocessing`), check it against the model,
-    run one forward (an error inside the model becomes a :class:`~medexplain.errors.ModelError` naming
-    what was given and expected) and resolve ``activation`` (``auto``: :func:`medexplain.ops.detect_activation`).
-    ``inferer``: a ``SlidingWindowInferer`` the forward runs through (:mod:`medexplain.sliding`)."""
+    run one forward of the model object (:func:`medexplain.models.model.as_model` of ``net`` with ``output``
+    and ``inferer``: the prediction the methods explain, under the Model's train/eval policy; an error inside
+    the model becomes a :class:`~medexplain.errors.ModelError` naming what was given and expected) and resolve
+    ``activation`` (``auto``: :func:`medexplain.ops.detect_activation`)."""
     import time
 
     if activation not in ACTIVATIONS:
@@ -143,9 +144,10 @@ def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, out
     prepared = pre.apply(img, meta.get("affine", np.eye(4)))
     x = _model_input(prepared.image, net)
     t0 = time.perf_counter()
-    out = checked_forward(with_inferer(net, inferer, output), x)
+    model = as_model(net, output=output, inferer=inferer)
+    out = checked_forward(model, x)
     spr = (time.perf_counter() - t0) / x.shape[0]
-    act, how = (detect_activation(out, net) if activation == "auto" else (activation, f"--activation {activation}"))
+    act, how = (detect_activation(out, model) if activation == "auto" else (activation, f"--activation {activation}"))
     return PreparedInput(img, meta, prepared, pre, x, out, act, how, spr)
 
 
@@ -419,12 +421,9 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            if isinstance(net, Model):  # as given: a counting wrapper would hide its settings (the eval policy)
-                attr = explain(net, prep.x, method=m, target=st.resolved.target, output=output, inferer=setup.inferer,
-                               memory=memory, **per_method[m])
-            else:
-                attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=st.resolved.target,
-                               inferer=setup.inferer, memory=memory, **per_method[m])
+            # the model object with its passes counted: every setting of a Model (the eval policy) is kept
+            attr = explain(counting(net, rows, output, setup.inferer), prep.x, method=m, target=st.resolved.target,
+                           memory=memory, **per_method[m])
             st.stage = "preprocessing"
             amap = prep.invert(attr.map[0].detach().cpu())
         except Exception as e:  # recorded; the finished methods' files stay
@@ -808,9 +807,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         if on_progress:
             on_progress(method, done[0], est.n_forward)
 
-    attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
+    attr = seg.explain_instances(counting(net, rows, output, inferer), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
-                                 layer=layer, inferer=inferer,
+                                 layer=layer,
                                  **({"variant": variant, "upsample": upsample} if method == "gradcam++" else {}))
     names = list(channel_names) if channel_names else None
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
@@ -824,8 +823,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         files.append(out / "statistics.csv")
     if context > 0:
         crow = [{"instance": k, "kind": inst.kind or "", **r} for k, inst in enumerate(insts, start=1)
-                for r in seg.context_experiment(net, x, inst, d_max=context, channel=channel, threshold=threshold,
-                                                connectivity=connectivity, activation=act, inferer=inferer)]
+                for r in seg.context_experiment(as_model(net, output=output, inferer=inferer).replace(activation=act),
+                                                x, inst, d_max=context, channel=channel, threshold=threshold,
+                                                connectivity=connectivity)]
         seg.write_csv(crow, out / "context.csv")
         files.append(out / "context.csv")
     files.append(io.write_json(info, out / "info.json"))
@@ -995,9 +995,9 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
             if on_progress:
                 on_progress(label, done[0], est.n_forward)
 
-        results.append(channel_shapley(CountingModel(net, output, rows), prep.x, value_fn, baseline=base,
-                                       method=method, n_permutations=n_permutations, seed=seed,
-                                       chunk_size=opts["chunk_size"], players=names, inferer=as_inferer(inferer)))
+        results.append(channel_shapley(counting(net, rows, output, as_inferer(inferer)), prep.x, value_fn,
+                                       baseline=base, method=method, n_permutations=n_permutations, seed=seed,
+                                       chunk_size=opts["chunk_size"], players=names))
         if on_model:
             on_model(i, results[-1])
     consensus = fold_consensus(results, ref)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import DEEP_SUPERVISION_HINT, Passes, model_guard, select_output
+from .core import DEEP_SUPERVISION_HINT, Passes, model_guard, resolve_device, select_output
 from .errors import FileFormatError, InputError, ModelLoadError
 from .io import atomic_path, check_output_dir, read_image
 from .ops import dice
@@ -220,7 +220,7 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         check_output_dir(Path(checkpoint).parent)
     seg = y.ndim == x.ndim - 1
     loss = loss or ("dice_ce" if seg else "ce")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device) or next(model.parameters()).device   # auto, cpu, cuda[:N] (core.resolve_device)
     model.to(dev)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
