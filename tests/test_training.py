@@ -137,7 +137,7 @@ def test_read_training_manifest(tmp_path):
 
 def test_train_to_folder_and_load_back_without_the_cli(tmp_path):
     res = train_to_folder(str(_manifest(tmp_path)), tmp_path / "out", image_size=16, epochs=1, batch_size=4,
-                          augment=False, progress=False)
+                          augment=False, progress=False, device="cpu")
     assert res.kind == "image-level" and res.n_val == 2 and set(res.final) == {"accuracy", "auroc"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "history.json", "model.pt"]
     blob = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
@@ -153,4 +153,6 @@ def test_train_to_folder_and_load_back_without_the_cli(tmp_path):
         train_to_folder("chest_xray", tmp_path / "x", patch_size=5, image_size=32)
     with pytest.raises(InputError, match="DATA must be"):
         train_to_folder("mnist", tmp_path / "x")
+    with pytest.raises(InputError, match="device"):                   # --device: a typed error before any write
+        train_to_folder("chest_xray", tmp_path / "x", device="tpu")
     assert not (tmp_path / "x").exists()                                # checks come before any write

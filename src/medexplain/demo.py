@@ -183,8 +183,8 @@ def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8
     present, ``"cpu"``, ``"cuda[:N]"``; :func:`medexplain.core.resolve_device`); maps come back on the CPU."""
     say = log or (lambda _s: None)
     t0 = time.perf_counter()
-    out = check_output_dir(out)  # before the training and the explanations (issue 27)
     dev = resolve_device(device)   # a device this machine lacks is a typed error before any work
+    out = check_output_dir(out)  # before the training and the explanations (issue 27)
     model, ds = zoo.pretrained("chest_xray", seed=seed, size=size, progress=progress, retrain=retrain)
     if dev is not None:
         model.to(dev)   # the zoo's classifier, in place: explain moves each batch to it

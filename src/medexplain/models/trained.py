@@ -90,8 +90,8 @@ def train_to_folder(data: str, out, *, patch_size: int | None = None, image_size
     weights are written from the CPU either way. Every check runs before anything is written."""
     if patch_size is not None and (patch_size < 1 or image_size % patch_size):
         raise InputError(f"--patch-size {patch_size} must divide --image-size {image_size}")
+    dev = resolve_device(device)   # a device this machine lacks is a typed error before anything is written
     check_output_dir(out)  # before the training (issue 27)
-    dev = resolve_device(device)   # a device this machine lacks is a typed error before the data is built
     td = training_data(data, image_size, n, seed, val_frac)
     loss = loss or ("bce" if td.multilabel or data in PLANTED else "ce")
     if td.multilabel and loss != "bce":
