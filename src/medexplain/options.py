@@ -310,6 +310,8 @@ def estimate_passes(method: str, fn: Callable, x_shape, options: dict) -> tuple[
     if method == "ssplain":
         n = int(_opt(fn, options, "iterations", 20)) * int(_opt(fn, options, "adam_steps", 1))
         return (n + 2) * b, n * b
+    if method in ("kernelshap", "lime"):             # n_samples coalitions per sample, no extra pass
+        return int(_opt(fn, options, "n_samples", 200)) * b, 0
     if method == "medcam":
         n = int(_opt(fn, options, "steps", 200))
         backgrounds = _opt(fn, options, "backgrounds", ("zeros", "gaussian", "uniform"))
