@@ -407,6 +407,15 @@ def chunks(n: int, size: int | None) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def storage_key(t: torch.Tensor):
+    """``(data pointer, bytes)`` of ``t``'s storage, to count each storage once (memory probes)."""
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except Exception:  # a tensor without storage (sparse, functional wrappers): its own size
+        return id(t), t.numel() * t.element_size()
+
+
 @dataclass
 class Cost:
     """Counts sample evaluations (rows through the model) and wall time for ``Attribution.info``."""

@@ -15,9 +15,9 @@ from .attribution import Attribution
 from .core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks
 from .errors import MedexplainError
 from .models.model import as_model
-from .options import check_options, plan_memory
+from .options import check_options, plan_memory, plan_window_memory
 from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
-from .sliding import is_sliding, plan_window_memory, window_info
+from .sliding import is_sliding, window_info
 from .sliding_cam import windowed_method
 from .targets import as_target
 
@@ -74,7 +74,7 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
     :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
     ``info["memory"]`` records the plan. Through an ``inferer`` it bounds the peak of the whole explanation
     instead: window graphs are kept while they fit, recomputed when not, and the full-volume arrays are
-    memory-mapped when even they do not fit (:func:`medexplain.sliding.plan_window_memory`).
+    memory-mapped when even they do not fit (:func:`medexplain.options.plan_window_memory`).
     """
     spec = get_method(method)
     options = check_options(spec.name, spec.fn, options)   # names, types and ranges from the signature

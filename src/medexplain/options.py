@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from .core import OutputAdapter, peel_adapters, select_output
+from .core import storage_key as _storage_key
 from .errors import MemoryBudgetError, OptionError  # noqa: F401  (MemoryBudgetError re-exported)
 
 #: Lower bounds of the options whose meaning is fixed across medexplain: ``(bound, inclusive)``.
@@ -475,14 +476,6 @@ def memory_budget(memory=None, device=None) -> tuple[int, str]:
     return int(float(memory) * GB), f"memory={float(memory):g} GB"
 
 
-def _storage_key(t: torch.Tensor):
-    try:
-        s = t.untyped_storage()
-        return s.data_ptr(), s.nbytes()
-    except Exception:  # a tensor without storage (sparse, functional wrappers): its own size
-        return id(t), t.numel() * t.element_size()
-
-
 #: Probed bytes per row, per model: ``{(shape of one row, dtype, device): bytes}``; weights change nothing here.
 _PROBES = weakref.WeakKeyDictionary()
 
@@ -653,3 +646,51 @@ def plan_memory(method: str, fn: Callable, model, x: torch.Tensor, options: dict
                                 f"({need}), more than the memory budget of {size_text(budget)} ({how}); nothing was "
                                 f"computed. Explain at most {rows_fit} image(s) per call, or {helps}")
     return options, MemoryPlan(method, bytes_per_row, budget, how, int(rows_fit), b)
+
+
+@dataclass
+class WindowMemoryPlan:
+    """The memory budget of one sliding-window explanation (:func:`plan_window_memory`) and, once it ran,
+    what the engine did with it (:meth:`medexplain.sliding.WindowStats.memory`)."""
+
+    net: object   # a medexplain.sliding.SlidingWindowModel
+    budget: int
+    how: str
+    explicit: bool
+    window_probe_bytes: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"budget": self.how if self.explicit else f"{MEMORY_FRACTION:.0%} of the memory available",
+                "budget_bytes": self.budget if self.explicit else None, "sliding_window": True,
+                "window_call_probe_bytes": self.window_probe_bytes, **self.net.stats.memory()}
+
+
+def plan_window_memory(net, x: torch.Tensor, memory=None) -> WindowMemoryPlan:
+    """The budget of a sliding-window explanation of ``x`` (``memory`` GB, ``--memory``; by default half the
+    memory available, :func:`memory_budget`), set on ``net`` (a :class:`medexplain.sliding.SlidingWindowModel`,
+    ``net.budget``).
+
+    The peak of an explanation through windows is the four full-volume arrays (input, output, cotangent and
+    gradient, each held once, in the model's dtype) plus the window graphs alive. The forward keeps each
+    window call's graph while the kept graphs and the four arrays fit in the budget (those windows are not
+    recomputed in the backward: the time of autograd through MONAI's inferer), and recomputes the others
+    one call at a time (Chen et al. 2016); when even the four arrays and one window call do not fit, the
+    engine's full-volume arrays are memory-mapped files (:func:`medexplain.sliding._volume_array`). With an explicit
+    ``memory``, one window call (``sw_batch_size`` windows) is probed first (:func:`probe_row_bytes`)
+    and a :class:`~medexplain.errors.MemoryBudgetError` raised before any compute when it does not fit."""
+    budget, how = memory_budget(memory, x.device)
+    net.budget = budget
+    plan = WindowMemoryPlan(net, budget, how, memory is not None)
+    if memory is not None:
+        geo = net.geometry(x)
+        row = probe_row_bytes(net.model, x.new_zeros((1, x.shape[1], *geo.roi)))
+        if row is not None:
+            call = row * int(net.inferer.sw_batch_size)
+            plan.window_probe_bytes = call
+            if call > budget:
+                raise MemoryBudgetError(
+                    f"one sliding-window call ({net.inferer.sw_batch_size} window(s) of {'x'.join(map(str, geo.roi))}) "
+                    f"needs ~{size_text(call)}, more than the memory budget of {size_text(budget)} ({how}); nothing "
+                    "was computed. Raise the budget (--memory GB; memory= in Python), or use smaller windows "
+                    "(--roi-size) or fewer windows per call (--sw-batch-size)")
+    return plan

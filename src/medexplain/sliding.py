@@ -51,11 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Cost, OutputAdapter, chunks, forward, n_passes, select_output, with_output
-from .errors import InputError, MemoryBudgetError, UnsupportedModelError
+from .core import Cost, OutputAdapter, chunks, forward, n_passes, select_output, storage_key, with_output
+from .errors import InputError, UnsupportedModelError
 
 __all__ = ["SlidingWindowModel", "WindowGeometry", "with_inferer", "forward_changed", "make_inferer", "as_inferer",
-           "is_sliding", "window_info", "plan_window_memory", "WindowMemoryPlan"]
+           "is_sliding", "window_info"]
 
 
 def _monai():
@@ -227,11 +227,10 @@ def _nonzero(t: torch.Tensor) -> bool:
 def _graph_bytes(own: set):
     """A ``saved_tensors_hooks`` pack function counting the bytes autograd saves (each storage once, the
     model's own parameters and buffers excluded), and a function reading the count."""
-    from .options import _storage_key
     seen: dict = {}
 
     def pack(t):
-        k, n = _storage_key(t)
+        k, n = storage_key(t)
         if k not in own:
             seen.setdefault(k, n)
         return t
@@ -341,7 +340,7 @@ class SlidingWindowModel(OutputAdapter):
         self.stats = WindowStats()
         self._geo: dict = {}
         self._base = None
-        #: The memory budget of one explanation, in bytes (:func:`plan_window_memory`); ``None``: keep no
+        #: The memory budget of one explanation, in bytes (:func:`medexplain.options.plan_window_memory`); ``None``: keep no
         #: window graph (every window is recomputed in the backward, the smallest peak).
         self.budget: int | None = None
         self._kept = None
@@ -559,55 +558,6 @@ def with_inferer(model, inferer=None, output=None):
     if inferer is None:
         return with_output(model, output)
     return SlidingWindowModel(model, inferer, output)
-
-
-@dataclass
-class WindowMemoryPlan:
-    """The memory budget of one sliding-window explanation (:func:`plan_window_memory`) and, once it ran,
-    what the engine did with it (:meth:`WindowStats.memory`)."""
-
-    net: "SlidingWindowModel"
-    budget: int
-    how: str
-    explicit: bool
-    window_probe_bytes: int | None = None
-
-    def as_dict(self) -> dict:
-        from .options import MEMORY_FRACTION
-        return {"budget": self.how if self.explicit else f"{MEMORY_FRACTION:.0%} of the memory available",
-                "budget_bytes": self.budget if self.explicit else None, "sliding_window": True,
-                "window_call_probe_bytes": self.window_probe_bytes, **self.net.stats.memory()}
-
-
-def plan_window_memory(net: SlidingWindowModel, x: torch.Tensor, memory=None) -> WindowMemoryPlan:
-    """The budget of a sliding-window explanation of ``x`` (``memory`` GB, ``--memory``; by default half the
-    memory available, :func:`medexplain.options.memory_budget`), set on ``net`` (``net.budget``).
-
-    The peak of an explanation through windows is the four full-volume arrays (input, output, cotangent and
-    gradient, each held once, in the model's dtype) plus the window graphs alive. The forward keeps each
-    window call's graph while the kept graphs and the four arrays fit in the budget (those windows are not
-    recomputed in the backward: the time of autograd through MONAI's inferer), and recomputes the others
-    one call at a time (Chen et al. 2016); when even the four arrays and one window call do not fit, the
-    engine's full-volume arrays are memory-mapped files (:func:`_volume_array`). With an explicit
-    ``memory``, one window call (``sw_batch_size`` windows) is probed first (:func:`medexplain.options.probe_row_bytes`)
-    and a :class:`~medexplain.errors.MemoryBudgetError` raised before any compute when it does not fit."""
-    from .options import memory_budget, probe_row_bytes, size_text
-    budget, how = memory_budget(memory, x.device)
-    net.budget = budget
-    plan = WindowMemoryPlan(net, budget, how, memory is not None)
-    if memory is not None:
-        geo = net.geometry(x)
-        row = probe_row_bytes(net.model, x.new_zeros((1, x.shape[1], *geo.roi)))
-        if row is not None:
-            call = row * int(net.inferer.sw_batch_size)
-            plan.window_probe_bytes = call
-            if call > budget:
-                raise MemoryBudgetError(
-                    f"one sliding-window call ({net.inferer.sw_batch_size} window(s) of {'x'.join(map(str, geo.roi))}) "
-                    f"needs ~{size_text(call)}, more than the memory budget of {size_text(budget)} ({how}); nothing "
-                    "was computed. Raise the budget (--memory GB; memory= in Python), or use smaller windows "
-                    "(--roi-size) or fewer windows per call (--sw-batch-size)")
-    return plan
 
 
 def window_info(model, info: dict | None = None) -> dict:
