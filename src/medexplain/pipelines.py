@@ -29,7 +29,7 @@ from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
-__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "write_method_outputs", "write_case_report",
+__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "explain_method", "write_method_outputs", "write_case_report",
            "load_setup", "method_options",
            "on_device", "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
            "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
@@ -407,25 +407,11 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     writer.ready(st)
     for m in st.run:
         st.stage = "explain"
-        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
-        if on_estimate:
-            on_estimate(est)
-        done = [0]
-
-        def rows(n, m=m, est=est, done=done):
-            done[0] += n
-            if on_progress:
-                on_progress(m, done[0], est.n_forward)
-
         try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            if isinstance(net, Model):  # as given: a counting wrapper would hide its settings (the eval policy)
-                attr = explain(net, prep.x, method=m, target=st.resolved.target, output=output, inferer=setup.inferer,
-                               memory=memory, **per_method[m])
-            else:
-                attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=st.resolved.target,
-                               inferer=setup.inferer, memory=memory, **per_method[m])
+            attr, est = explain_method(net, prep.x, m, st.resolved.target, per_method[m], output=output,
+                                       inferer=setup.inferer, memory=memory, seed=seed,
+                                       seconds_per_row=prep.seconds_per_row, plan=plans[m], on_estimate=on_estimate,
+                                       on_progress=on_progress)
             st.stage = "preprocessing"
             amap = prep.invert(attr.map[0].detach().cpu())
         except Exception as e:  # recorded; the finished methods' files stay
@@ -438,6 +424,38 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     st.stage = "write"
     writer.finish(st)
     return st
+
+
+def explain_method(net, x: torch.Tensor, method: str, target, options: dict, *, output=None, inferer=None,
+                   memory: float | None = None, seed: int | None = None, seconds_per_row: float = 0.0, plan=None,
+                   on_estimate: Callable | None = None,
+                   on_progress: Callable[[str, int, int | None], None] | None = None):
+    """The explain stage of the one case pipeline: one ``method`` (its checked ``options``) on the model input
+    ``x`` (a batch) for ``target``. Its cost estimate first (:func:`medexplain.options.estimate_cost` at
+    ``seconds_per_row``, one timed forward's seconds per row, with the memory ``plan``; handed to
+    ``on_estimate``), the global RNG seeded with ``seed`` when given, then :func:`medexplain.explain` with every
+    model call's rows counted (``on_progress(method, rows_done, rows_expected_or_None)``). A model object
+    (:class:`~medexplain.models.model.Model`) is used as given: a counting wrapper would hide its settings (the
+    eval policy). :func:`explain_case` runs it for each method of a case, ``medexplain demo`` for each method on
+    its batch of test images. Returns ``(Attribution, CostEstimate)``."""
+    est = estimate_cost(method, get_method(method).fn, x.shape, options, seconds_per_row, plan)
+    if on_estimate:
+        on_estimate(est)
+    done = [0]
+
+    def rows(n):
+        done[0] += n
+        if on_progress:
+            on_progress(method, done[0], est.n_forward)
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    if isinstance(net, Model):
+        attr = explain(net, x, method=method, target=target, output=output, inferer=inferer, memory=memory, **options)
+    else:
+        attr = explain(CountingModel(net, output, rows), x, method=method, target=target, inferer=inferer,
+                       memory=memory, **options)
+    return attr, est
 
 
 # --------------------------------------------------------------------------------------------------
