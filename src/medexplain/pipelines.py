@@ -781,7 +781,8 @@ def write_case_report(state: CaseState, maps: dict, path: Path) -> Path:
     notes += [f"Failed {m}: {err}" for m, err in info.get("failed", {}).items()]
     notes += [f"Warning: {w}" for w in info.get("warnings", [])]
     return Path(write_report(path, [case], list(maps), rows, title=f"medexplain explain: {name}", notes=notes,
-                             mask_label="the explained region (outline)"))
+                             mask_label="the explained region (outline)" if region is not None else
+                             "no region outline (a class target: the whole image is explained)"))
 
 
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
