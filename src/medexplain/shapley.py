@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
 from .core import Cost, check_input, chunks, forward, model_expectations, model_guard
 from .errors import InputError, TargetError
+from .models.model import as_model
 from .ops import dice as dice_score
 from .ops import probabilities
-from .sliding import window_info, with_inferer
+from .sliding import is_sliding, window_info
 from .targets import Target
 
 __all__ = ["BRATS_REGIONS", "ShapleyResult", "channel_shapley", "dice", "mean_foreground_probability",
@@ -66,9 +67,18 @@ def _check_dense(outputs: torch.Tensor, what: str) -> None:
         raise TargetError(f"{what} needs a dense model output (N, K, *spatial); got {tuple(outputs.shape)}")
 
 
-def _probabilities(outputs: torch.Tensor, channel: int, activation: str) -> torch.Tensor:
-    """Channel ``channel`` of the output probabilities in float64 (:func:`medexplain.ops.probabilities`)."""
-    return probabilities(outputs.double(), activation, channel)
+def _probabilities(outputs: torch.Tensor, channel: int | None, activation: str | None, model=None) -> torch.Tensor:
+    """Channel ``channel`` of the output probabilities in float64 (:func:`medexplain.ops.probabilities`);
+    ``activation`` None is ``auto`` (detected with ``model`` when the value function is bound to one)."""
+    return probabilities(outputs.double(), activation or "auto", channel, model=model)
+
+
+def bind_model(value_fn, model):
+    """``value_fn`` with the model's output activation where it leaves it to the model (``activation=None``):
+    :func:`channel_shapley` reads how probabilities are read from the model object (``mx.Model(activation=)``)."""
+    if isinstance(value_fn, (Dice, MeanForegroundProbability)) and value_fn.activation is None:
+        return replace(value_fn, activation=getattr(model, "activation", "auto"), model=model)
+    return value_fn
 
 
 def _per_sample_maps(ref: torch.Tensor, rows: torch.Tensor, spatial: tuple[int, ...], what: str) -> torch.Tensor:
@@ -92,17 +102,18 @@ class Dice(ValueFunction):
     labels: tuple[int, ...]
     reference: torch.Tensor
     class_labels: tuple[int, ...] | None = None
-    activation: str = "softmax"
+    activation: str | None = None
     channel: int | None = None
     threshold: float = 0.5
     soft: bool = False
     empty: float = 1.0
     name: str = "dice"
+    model: object = field(default=None, repr=False, compare=False)
 
     def _prediction(self, outputs: torch.Tensor) -> torch.Tensor:
         """Hard (bool) or soft (float64 probability) prediction of the region, ``(N, *spatial)``."""
         if self.channel is not None:  # one sigmoid (or probability) channel per region
-            p = _probabilities(outputs, self.channel, self.activation)
+            p = _probabilities(outputs, self.channel, self.activation, self.model)
             return p if self.soft else p > self.threshold
         k = outputs.shape[1]
         cl = tuple(range(k)) if self.class_labels is None else tuple(self.class_labels)
@@ -113,7 +124,8 @@ class Dice(ValueFunction):
             raise TargetError(f"no output channel predicts labels {self.labels} (class_labels={cl}); "
                               "pass class_labels=(label of channel 0, label of channel 1, ...)")
         if self.soft:  # softmax of logits, or outputs that already are class probabilities ("none")
-            return (probabilities(outputs.double(), self.activation) * in_region.view(1, k, *[1] * (outputs.ndim - 2))).sum(1)
+            p = _probabilities(outputs, None, self.activation, self.model)
+            return (p * in_region.view(1, k, *[1] * (outputs.ndim - 2))).sum(1)
         return in_region[outputs.argmax(1)]
 
     def __call__(self, outputs, rows):
@@ -124,7 +136,7 @@ class Dice(ValueFunction):
 
 
 def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, class_labels: Sequence[int] | None = None,
-         activation: str = "softmax", channel: int | None = None, threshold: float = 0.5, soft: bool = False,
+         activation: str | None = None, channel: int | None = None, threshold: float = 0.5, soft: bool = False,
          empty: float = 1.0, regions: Mapping[str, Sequence[int]] = BRATS_REGIONS) -> Dice:
     """Value function: Dice of the model's segmentation of a label or region against a reference.
 
@@ -134,15 +146,16 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
     row ``r`` of the outputs is compared with ``reference_seg[rows[r]]`` (a single map, ``B = 1`` or
     ``(*spatial)``, is shared by every sample).
 
-    Prediction: with ``activation="softmax"`` (default) the label map is ``class_labels[argmax_k z_k]``
+    Prediction: without ``channel`` the label map is ``class_labels[argmax_k z_k]``
     (``class_labels`` defaults to ``0..K-1``; a 4-channel BraTS model predicting labels {0, 1, 2, 4}
     needs ``class_labels=(0, 1, 2, 4)``) and the region is where that label map falls in the label set.
-    With ``activation="sigmoid"`` and ``channel`` (region-based models: one sigmoid channel per region)
-    it is ``sigmoid(z_channel) > threshold`` (``"none"`` with ``channel``: the channel is already a
-    probability; ``"none"`` without: the outputs are class probabilities, read as with softmax).
+    With ``channel`` (region-based models: one sigmoid channel per region) it is the channel's probability
+    ``> threshold`` (``activation="sigmoid"``: ``sigmoid(z_channel)``; ``"none"``: the channel is already a
+    probability).
     ``soft=True`` uses the probabilities instead (soft Dice: ``2 sum(p g) / (sum p + sum g)``). Dice =
     ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`); ``empty`` (default 1) when both are
-    empty, the BraTS convention. ``activation`` is the model's output activation (``docs/design.md``).
+    empty, the BraTS convention. ``activation`` is the model's output activation (``docs/design.md``);
+    ``None`` (default): the model's own (``mx.Model(activation=)``, bound by :func:`channel_shapley`).
     """
     if isinstance(label_or_region, str):
         by_name = {k.upper(): v for k, v in regions.items()}
@@ -158,8 +171,9 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
         if not torch.equal(ref, ref.round()):
             raise TargetError("the Dice reference must be an integer label map")
         ref = ref.long()
-    if activation not in ("softmax", "sigmoid", "none"):
-        raise TargetError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
+    if activation not in (None, "auto", "softmax", "sigmoid", "none"):
+        raise TargetError(f"activation must be None (the model's), 'auto', 'softmax', 'sigmoid' or 'none', "
+                          f"got {activation!r}")
     if (activation == "softmax" and channel is not None) or (activation == "sigmoid" and channel is None):
         raise TargetError("dice: give channel= (the output channel of this region) with activation='sigmoid' (or "
                           "'none' for probability channels), and not with 'softmax' (there the labels come from "
@@ -174,13 +188,14 @@ class MeanForegroundProbability(ValueFunction):
     """Mean class probability over the volume (or a per-sample mask); see :func:`mean_foreground_probability`."""
 
     channel: int = 1
-    activation: str = "softmax"
+    activation: str | None = None
     mask: torch.Tensor | None = None
     name: str = "mean_probability"
+    model: object = field(default=None, repr=False, compare=False)
 
     def __call__(self, outputs, rows):
         _check_dense(outputs, "mean_foreground_probability")
-        p = _probabilities(outputs, self.channel, self.activation).flatten(1)
+        p = _probabilities(outputs, self.channel, self.activation, self.model).flatten(1)
         if self.mask is None:
             return p.mean(1)
         m = _per_sample_maps(torch.as_tensor(self.mask).bool(), rows, tuple(outputs.shape[2:]), "the mask")
@@ -190,10 +205,13 @@ class MeanForegroundProbability(ValueFunction):
         return (p * m).sum(1) / m.sum(1)
 
 
-def mean_foreground_probability(channel: int = 1, activation: str = "softmax", mask=None) -> MeanForegroundProbability:
+def mean_foreground_probability(channel: int = 1, activation: str | None = None,
+                                mask=None) -> MeanForegroundProbability:
     """Value function: mean probability of output ``channel`` over all voxels, or inside ``mask``
-    (bool ``(B, *spatial)``, row ``r`` uses ``mask[rows[r]]``). ``activation``: ``"softmax"`` over the
-    channels (default), ``"sigmoid"`` of that channel, or ``"none"`` (outputs already probabilities)."""
+    (bool ``(B, *spatial)``, row ``r`` uses ``mask[rows[r]]``). ``activation``: ``None`` (default) the model's
+    own output activation (``mx.Model(activation=)``, ``auto``: softmax over several channels of logits,
+    sigmoid for one, none for probabilities; bound by :func:`channel_shapley`), or ``"softmax"`` over the
+    channels, ``"sigmoid"`` of that channel, ``"none"`` (outputs already probabilities)."""
     return MeanForegroundProbability(int(channel), activation, mask, f"mean_probability_{channel}")
 
 
@@ -384,7 +402,7 @@ def _evaluator(model, x, base, value_fn, member_channels, always, chunk_size, co
 def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=None, baseline="zero",
                     method: str = "auto", n_permutations: int = 200, antithetic: bool = True, seed: int = 0,
                     chunk_size: int | None = 16, players: Sequence[str] | None = None,
-                    max_exact: int = 16, inferer=None) -> ShapleyResult:
+                    max_exact: int = 16) -> ShapleyResult:
     """Shapley values of input channels (MRI contrasts) or channel groups for a model's output, eq. (1).
 
     ``x`` (B, C, *spatial), 2D or 3D. ``value_fn``: see the module docstring (:func:`dice`,
@@ -396,12 +414,18 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
     ``x``. ``method``: ``"exact"`` (all ``2^n`` coalitions, each evaluated once; at most ``max_exact``
     players), ``"permutation"`` (``n_permutations`` sampled orders, as antithetic pairs when
     ``antithetic``: an odd count is rounded up; deterministic given ``seed``), or ``"auto"`` (exact up
-    to 10 players). ``chunk_size`` bounds the rows per forward pass. The model runs in eval mode without
-    gradients and is left as found. ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run the
-    model through (:mod:`medexplain.sliding`); ``info`` then counts windows, ``n_evaluations`` still images.
+    to 10 players). ``chunk_size`` bounds the rows per forward pass. The model runs without gradients under
+    its train/eval policy and is left as found. ``model``: an :class:`mx.Model <medexplain.models.model.Model>`
+    (its sliding window, passes, output adapter, activation, eval policy; through a sliding window ``info``
+    counts windows, ``n_evaluations`` still images) or an ``nn.Module``, wrapped in one
+    (:func:`medexplain.models.model.as_model`). Value functions that leave the activation to the model
+    (``activation=None``) read the model's (:func:`bind_model`).
     """
+    model = as_model(model)
     x = check_input(x, **model_expectations(model))
-    model = with_inferer(model, inferer)
+    if is_sliding(model.runner):
+        model.runner.reset()   # a Model keeps its sliding-window module: count this call's windows only
+    value_fn = bind_model(value_fn, model)
     b, c = x.shape[:2]
     names, idx = _players(groups, players, c)
     n = len(idx)
@@ -458,7 +482,7 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
             k = est.shape[1]
             stderr = est.std(1, correction=1) / math.sqrt(k) if k > 1 else torch.full_like(values, float("nan"))
     coalitions = {int(code): vals[:, j] for j, code in enumerate(codes.tolist())}
-    info = window_info(model, cost.info(baseline=baseline if isinstance(baseline, (str, int, float)) else "tensor",
+    info = window_info(model.runner, cost.info(baseline=baseline if isinstance(baseline, (str, int, float)) else "tensor",
                                         value_fn=getattr(value_fn, "name", getattr(value_fn, "__name__",
                                                                                    type(value_fn).__name__))))
     return ShapleyResult(values, names, idx, coalitions, method, cost.n_forward, stderr, m, info)

@@ -16,7 +16,6 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .core import forward, model_guard
 from .errors import EmptyRegionError, TargetError
 from .ops import detect_activation, probabilities, resolve_activation
 
@@ -403,12 +402,3 @@ def resolve_target(out: torch.Tensor, target=None, region=None, *, activation: s
                       f"(fewer than {SMALL_REGION}): the explanation rests on very little", stacklevel=2)
     return ResolvedTarget(Region(classes if b > 1 else classes[0], mask), classes, name, [int(v) for v in voxels],
                           how, act)
-
-
-def resolve_default_target(model, x: torch.Tensor, output=None, activation: str = "auto", **kwargs) -> ResolvedTarget:
-    """:func:`resolve_target` on the model's own output for ``x`` (one forward without gradients, the
-    model guarded): the default target of every command. ``kwargs`` go to :func:`resolve_target`."""
-    with torch.no_grad(), model_guard(model):
-        out = forward(model, x, output=output)
-    return resolve_target(out, kwargs.pop("target", None), kwargs.pop("region", None), activation=activation,
-                          model=model, **kwargs)

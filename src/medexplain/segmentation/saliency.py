@@ -62,8 +62,9 @@ from ..core import (
 )
 from ..errors import InputError, TargetError, UnsupportedModelError
 from ..methods.cam_layers import UPSAMPLE
+from ..models.model import as_model
 from ..ops import NoiseSource
-from ..sliding import is_sliding, window_info, with_inferer
+from ..sliding import is_sliding, window_info
 from ..targets import Region
 from .instances import Instance, flatten_instances
 
@@ -258,17 +259,23 @@ def _gradcam_pp(model, x, flat, channel, layer, chunk_size, cost, variant="paper
     return maps
 
 
-def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str = "smoothgrad",
+def explain_instances(model, x: torch.Tensor, instances, method: str = "smoothgrad",
                       aggregate: str = "mean", channel: int = 1, n_samples: int = 50, sigma: float = 0.05,
                       seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160, layer=None,
                       strategy: str = "batched", noise: torch.Tensor | None = None,
-                      variant: str = "paper", upsample: str | None = None, inferer=None) -> Attribution:
+                      variant: str = "paper", upsample: str | None = None) -> Attribution:
     """Instance saliency maps as an :class:`~medexplain.Attribution` (``map``: ``(n_instances, C, *spatial)``).
 
     Parameters
     ----------
-    model : nn.Module
-        A segmentation network returning logits ``(B, K, *spatial)``; left exactly as found.
+    model : ``mx.Model`` or nn.Module
+        A segmentation network returning logits ``(B, K, *spatial)``, or the model object of one
+        (:class:`medexplain.models.model.Model`: its output adapter, passes, sliding window and train/eval
+        policy; a bare module is wrapped in one, :func:`medexplain.models.model.as_model`); left exactly as
+        found. Through a sliding window (``mx.Model(net, inferer=...)``, :mod:`medexplain.sliding`) each
+        instance is backpropagated through the windows it touches only (``"batched"`` then runs as
+        ``"loop"``, one backward per instance on the shared forward; ``"vmap"`` is refused), and ``info``
+        counts windows.
     x : tensor ``(B, C, *spatial)``
         The images; each instance's ``sample`` selects its image.
     instances : list of :class:`Instance` (or per-sample lists, as :func:`find_instances` returns)
@@ -303,10 +310,6 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
     strategy : ``"batched"`` (default), ``"loop"``, ``"vmap"``, ``"replicate"``
         How mean-aggregated instances share a forward pass (see the module docstring); all give the same
         maps up to floating-point rounding.
-    inferer : ``monai.inferers.SlidingWindowInferer``, optional
-        Run the model window by window (:mod:`medexplain.sliding`): each instance is backpropagated
-        through the windows it touches only (``"batched"`` then runs as ``"loop"``, one backward per
-        instance on the shared forward; ``"vmap"`` is refused), and ``info`` counts windows.
     """
     if method not in METHODS:
         raise InputError(f"instance saliency method must be one of {METHODS}, got {method!r}")
@@ -326,8 +329,10 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         raise InputError("Grad-CAM++ explains the summed lesion logits; aggregate='max' is SmoothGrad only")
     if strategy not in STRATEGIES:
         raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    model = with_inferer(model, inferer)
+    guarded = as_model(model)
+    model = guarded.runner   # the passes, through the sliding window when the Model has one
     if is_sliding(model):
+        model.reset()        # count this call's windows only
         if strategy == "vmap":
             raise InputError("strategy='vmap' cannot run through a sliding-window inferer; use loop, batched or replicate")
         strategy = "loop" if strategy == "batched" else strategy
@@ -345,7 +350,7 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         raise UnsupportedModelError("Grad-CAM++ needs a layer hook, which TorchScript models do not provide; "
                                     "use method='smoothgrad' or pass the eager model")
     t0 = time.perf_counter()
-    with model_guard(model):
+    with model_guard(guarded):   # the Model's train/eval policy
         cost = Cost()
         extra = {"channel": channel, "n_instances": len(flat), "kinds": [inst.kind for inst in flat]}
         if method == "smoothgrad":
