@@ -151,3 +151,25 @@ def test_progress_is_quiet_when_stderr_is_not_a_terminal_unless_asked():
     assert isinstance(demo._progress_bar(True), Progress)
     with demo._progress_bar(False) as bar:
         assert bar is None
+
+
+def test_the_demo_explains_through_the_case_pipelines_explain_stage(monkeypatch):
+    """Each method of the demo runs through ``pipelines.explain_method``, the stage ``explain`` and ``run`` use
+    for each method of a case (a CAM twice: aligned and bilinear), and its map is that stage's map."""
+    from medexplain import demo, pipelines
+    torch.manual_seed(0)
+    net = zoo.classifier_2d(1, 2, widths=(4, 4, 4, 4)).eval()
+    x, masks = torch.rand(2, 1, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[:, 10:14, 10:14] = True
+    calls, stage = [], pipelines.explain_method
+
+    def spy(net_, x_, method, target, options, **kw):
+        calls.append((method, options.get("upsample")))
+        return stage(net_, x_, method, target, options, **kw)
+
+    monkeypatch.setattr(demo, "explain_method", spy)
+    res = demo.score_methods(net, x, masks, ["saliency", "gradcam"])
+    assert calls == [("saliency", None), ("gradcam", None), ("gradcam", "bilinear")]
+    want, _ = stage(net, x, "saliency", 1, {})
+    assert torch.equal(res.maps["saliency"], want.map)
+    assert res.rows[0]["rows"] == 2          # saliency: one forward of the 2 images, counted by the stage

@@ -5,6 +5,7 @@ other two).
 Screenshots are saved under tests/artifacts/ (gitignored) as test artifacts.
 """
 import base64
+import html
 import io as pyio
 import json
 import os
@@ -127,13 +128,8 @@ def _screenshot(p, tmp_path, name, size="1100,800"):
     assert px.shape[:2] == (h, w) and px.std() > 10                         # a rendered page, not a blank one
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless browser test needs the Debian package chromium (/usr/bin/chromium)")
-@pytest.mark.parametrize("kind", ["2d", "3d"])
-def test_report_in_headless_chromium(tmp_path, kind):
-    if kind == "2d":
-        p = _write(tmp_path, "report_2d.html", _cases_2d(), ["signed", "positive"])
-    else:
-        p = _write(tmp_path, "report_3d.html", _cases_3d(), ["flair_map", "noise"])
+def selfcheck(p: Path, tmp_path) -> dict:
+    """The report's own self-check (``#selfcheck``) run in headless Chromium: its result, every <img> loaded."""
     for _attempt in range(2):   # a second browser start only if the first one dumped before the page's load event
         res = _chromium(["--virtual-time-budget=15000", "--dump-dom", p.resolve().as_uri() + "#selfcheck"], tmp_path)
         m = re.search(r'<pre id="mx-selfcheck"[^>]*data-done="1"[^>]*>(.*?)</pre>', res.stdout, re.S)
@@ -144,18 +140,95 @@ def test_report_in_headless_chromium(tmp_path, kind):
                f"pre={pre.group(0)[:300] if pre else None}, stderr tail: {res.stderr[-300:]}")
     check = json.loads(m.group(1))
     assert not check.get("timed_out"), check
-    assert check["images"] == (6 if kind == "2d" else 9)
     assert check["loaded"] == check["images"] and check["broken"] == []   # every <img> has naturalWidth > 0
+    return check
+
+
+def check_viewer(check: dict, n_panels: int) -> None:
+    """The tri-planar viewer of one case: the three planes of each panel are there and loaded, and each slider
+    moves its plane and the crosshair of the other two planes in every panel, and nothing else."""
+    assert sorted(check["planes"]) == sorted(f"c0:{p}" for p in PLANES for _ in range(n_panels))
+    assert {s["plane"] for s in check["sliders"]} == set(PLANES)
+    other = {"axial": {"coronal:h", "sagittal:h"}, "coronal": {"axial:h", "sagittal:v"},
+             "sagittal": {"axial:v", "coronal:v"}}
+    for s in check["sliders"]:
+        assert s["src_changed"] and s["decoded"] and s["from"] != s["to"], s
+        assert set(s["crosshair_moved"]) == other[s["plane"]] and len(s["crosshair_moved"]) == 2 * n_panels, s
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless browser test needs the Debian package chromium (/usr/bin/chromium)")
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_report_in_headless_chromium(tmp_path, kind):
+    if kind == "2d":
+        p = _write(tmp_path, "report_2d.html", _cases_2d(), ["signed", "positive"])
+    else:
+        p = _write(tmp_path, "report_3d.html", _cases_3d(), ["flair_map", "noise"])
+    check = selfcheck(p, tmp_path)
+    assert check["images"] == (6 if kind == "2d" else 9)
     if kind == "3d":
-        # the three planes of each of the 3 panels are there and loaded
-        assert sorted(check["planes"]) == sorted(f"c0:{p}" for p in PLANES for _ in range(3))
-        assert {s["plane"] for s in check["sliders"]} == set(PLANES)
-        other = {"axial": {"coronal:h", "sagittal:h"}, "coronal": {"axial:h", "sagittal:v"},
-                 "sagittal": {"axial:v", "coronal:v"}}
-        for s in check["sliders"]:
-            assert s["src_changed"] and s["decoded"] and s["from"] != s["to"], s
-            # the crosshair of the other two planes moved, in every panel (3 panels x 2 lines), and nothing else
-            assert set(s["crosshair_moved"]) == other[s["plane"]] and len(s["crosshair_moved"]) == 6, s
+        check_viewer(check, 3)
     else:
         assert check["sliders"] == [] and check["planes"] == []
     _screenshot(p, tmp_path, f"report_{kind}.png", "1100,800" if kind == "2d" else "1250,1050")
+
+
+def _links(doc: str) -> list[str]:
+    return re.findall(r"(?:href|src)='([^']*)'", doc)
+
+
+def test_explain_report_of_a_volume(tmp_path):
+    """``explain --report`` (explain_image(report=True)): one self-contained page written through the case
+    pipeline's writer, with the input and each method's map in the tri-planar viewer (the headless self-check
+    passes: every plane loads, every slider moves its plane and the crosshairs), the caption naming method,
+    target, model and baseline, and each method's cost."""
+    from medexplain import examples
+    from medexplain.pipelines import explain_image
+
+    ex = examples.write(tmp_path / "ex", ["unet.pt", "case"])
+    res = explain_image(tmp_path / "ex" / "case.nii.gz", str(ex["unet.pt"]), ["saliency", "occlusion"], tmp_path / "out",
+                        target=1, region=tmp_path / "ex" / "lesion.nii.gz", report=True)
+    p = tmp_path / "out" / "case_report.html"
+    assert p in res.files and p.exists()
+    doc = p.read_text()
+    assert all(s.startswith("data:image/png;base64,") for s in _links(doc))   # self-contained: no file to lose
+    s = _slices(doc)["c0"]
+    assert set(s["panels"]) == {"image", "saliency", "occlusion"} and s["dims"] == [16, 16, 16]
+    for m, info in res.attributions.items():
+        assert f"{m} \u00b7 target 1, region lesion.nii.gz \u00b7 model {ex['unet.pt']}" in doc
+        assert f"{info.info['n_forward']} forward" in doc
+    assert "Perturbation baseline (what replaced each removed region): zero" in doc
+    with pytest.raises(Exception, match="case_report.html"):   # a second call refuses to overwrite it, before compute
+        explain_image(tmp_path / "ex" / "case.nii.gz", str(ex["unet.pt"]), ["saliency"], tmp_path / "out",
+                      formats="dicom", dicom_reference=None, report=True)
+    if CHROMIUM is not None:
+        check = selfcheck(p, tmp_path)
+        assert check["images"] == 9
+        check_viewer(check, 3)
+        _screenshot(p, tmp_path, "explain_report_3d.png", "1250,1050")
+
+
+def test_run_index_report(tmp_path):
+    """``run --report``: report.html in the run folder, one row per case and a column per method, each item's
+    status with links (relative) to files that exist, and the error rows with their messages."""
+    from medexplain import examples
+    from medexplain.run import run_manifest
+
+    ex = examples.write(tmp_path / "ex", ["classifier.pt", "cases.csv"])
+    (tmp_path / "ex" / "broken.dcm").write_text("not a DICOM file")
+    manifest = tmp_path / "ex" / "cases3.csv"
+    manifest.write_text(ex["cases.csv"].read_text() + "broken.dcm,1,broken\n")
+    res = run_manifest(manifest, str(ex["classifier.pt"]), ["saliency", "occlusion"], tmp_path / "run", formats="png",
+                       report=True)
+    assert res.report == (tmp_path / "run" / "report.html").resolve() and res.report.exists()
+    doc = res.report.read_text()
+    links = _links(doc)
+    assert len(links) == 2 * 2 * 4           # 2 ok cases x 2 methods: map, figure, the thumbnail and its link
+    assert all((res.report.parent / link).is_file() for link in links)
+    for m in ("saliency", "occlusion"):
+        assert f"<th>{m}</th>" in doc and f"cases/ct_small/{m}.png" in doc
+    errors = [r for r in res.rows if r["status"] == "error"]
+    assert len(errors) == 2 and {r["case_id"] for r in errors} == {"broken"}
+    assert doc.count("class='st-ok'") == 4 and doc.count("class='st-error'") == 2
+    assert html.escape(errors[0]["error"]) in doc and "broken.dcm" in errors[0]["error"]
+    if CHROMIUM is not None:
+        _screenshot(res.report, tmp_path, "run_index.png", "1100,800")

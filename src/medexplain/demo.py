@@ -2,7 +2,9 @@
 
 Builds the planted 2D chest set (real radiograph, planted nodules: the labels are planted), trains or
 loads the zoo classifier, explains a handful of positive test images with every method that applies to
-it (:func:`medexplain.available_methods` with the model and the batch), scores each method's hit rate
+it (:func:`medexplain.available_methods` with the model and the batch) through the explain stage of the one
+case pipeline (:func:`medexplain.pipelines.explain_method`, which ``explain`` and ``run`` use for each method of
+a case: the cost estimate, the counted rows behind the progress bars), scores each method's hit rate
 (the pointing game, CheXlocalize; :func:`medexplain.metrics.hit_rate`) against the planted masks beside
 the random baseline (the expected hit rate of a uniformly random point: the mask's area fraction), the
 CAMs (methods with an ``upsample`` option) also with MONAI's bilinear upsampling beside the default
@@ -21,11 +23,11 @@ import torch
 
 from .core import forward, model_guard, resolve_device
 from .errors import MedexplainError
-from .explain import available_methods, explain
+from .explain import available_methods
 from .io import check_output_dir, method_file, write_json, write_nifti
 from .metrics.localisation import hit_rate
 from .models import zoo
-from .options import counting, estimate_passes
+from .pipelines import explain_method
 from .registry import accepted_options, get_method
 from .report import write_report
 from .training import evaluate
@@ -156,17 +158,23 @@ def score_methods(model, x: torch.Tensor, masks: torch.Tensor, names, target: in
 
 def _score_one(model, x, masks, name, target, px, baseline, res: MethodScores, log, bar) -> None:
     opts = method_options(name, model, px)
-    passes = estimate_passes(name, get_method(name).fn, x.shape, opts)
-    prog = MethodProgress(name, passes[0] if passes else None, bar, log)
+    progs: list[MethodProgress] = []   # made once the stage has estimated the method's rows
+
+    def rows(_method, done, _total):
+        progs[0].rows(done - progs[0].done)
+
     t = time.perf_counter()
-    try:
-        attr = explain(counting(model, prog.rows), x, method=name, target=target, **opts)
+    try:   # the explain stage of the one case pipeline, on the batch of test images
+        attr, _ = explain_method(model, x, name, target, opts, on_progress=rows,
+                                 on_estimate=lambda est: progs.append(MethodProgress(name, est.n_forward, bar, log)))
     except MedexplainError as e:
         res.skipped[name] = str(e)
         log(f"  [yellow]skipped {name}[/yellow]: {e}")
         return
     finally:
-        prog.close()
+        for prog in progs:
+            prog.close()
+    prog = progs[0]
     seconds = time.perf_counter() - t
     hits = hit_rate(attr.map, masks)
     res.maps[name] = attr.map
@@ -181,8 +189,7 @@ def _score_one(model, x, masks, name, target, px, baseline, res: MethodScores, l
            "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}",
            "maximal pixels (median)": int(at_max.median()), "pixels": int(flat.shape[1])}
     if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
-        bil = hit_rate(explain(model, x, method=name, target=target,
-                               **{**method_options(name, model, px), "upsample": "bilinear"}).map, masks)
+        bil = hit_rate(explain_method(model, x, name, target, {**opts, "upsample": "bilinear"})[0].map, masks)
         row.update({"hit rate (bilinear upsampling)": float(torch.nanmean(bil)),
                     "hits (bilinear upsampling)": f"{int(bil.nansum())}/{int((~bil.isnan()).sum())}"})
     row.update({"seconds": seconds, "estimated seconds": prog.estimate, "rows": prog.done,

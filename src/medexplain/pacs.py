@@ -213,7 +213,7 @@ def explain_pacs(pacs: Pacs, study: str, model, methods, out, *, series: str | N
     names = [get_method(m).name for m in names]
     uid = pacs.choose_series(study, series)
     io.check_output_dir(out)
-    _check_outputs(uid, names, Path(out), overwrite, formats)
+    _check_outputs(uid, names, Path(out), overwrite, formats, kwargs.get("report", False))
     with tempfile.TemporaryDirectory(prefix="medexplain-pacs-") as tmp:
         folder = pacs.download(study, uid, Path(tmp) / uid)
         try:

@@ -29,7 +29,8 @@ from .sliding import as_inferer, inferer_settings
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
-__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "write_method_outputs", "load_setup", "method_options",
+__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "explain_method", "write_method_outputs",
+           "write_case_report", "load_setup", "method_options",
            "on_device", "read_case", "resolve_case_target", "write_map", "input_files", "ExplainedImage",
            "LesionInstances", "ContrastShapley",
            "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
@@ -424,22 +425,11 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     writer.ready(st)
     for m in st.run:
         st.stage = "explain"
-        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
-        if on_estimate:
-            on_estimate(est)
-        done = [0]
-
-        def rows(n, m=m, est=est, done=done):
-            done[0] += n
-            if on_progress:
-                on_progress(m, done[0], est.n_forward)
-
         try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            # the model object with its passes counted: every setting of a Model (the eval policy) is kept
-            attr = explain(counting(net, rows, output, setup.inferer), prep.x, method=m, target=st.resolved.target,
-                           memory=memory, **per_method[m])
+            attr, est = explain_method(net, prep.x, m, st.resolved.target, per_method[m], output=output,
+                                       inferer=setup.inferer, memory=memory, seed=seed,
+                                       seconds_per_row=prep.seconds_per_row, plan=plans[m], on_estimate=on_estimate,
+                                       on_progress=on_progress)
             st.stage = "preprocessing"
             amap = prep.invert(attr.map[0].detach().cpu())
         except Exception as e:  # recorded; the finished methods' files stay
@@ -452,6 +442,35 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     st.stage = "write"
     writer.finish(st)
     return st
+
+
+def explain_method(net, x: torch.Tensor, method: str, target, options: dict, *, output=None, inferer=None,
+                   memory: float | None = None, seed: int | None = None, seconds_per_row: float = 0.0, plan=None,
+                   on_estimate: Callable | None = None,
+                   on_progress: Callable[[str, int, int | None], None] | None = None):
+    """The explain stage of the one case pipeline: one ``method`` (its checked ``options``) on the model input
+    ``x`` (a batch) for ``target``. Its cost estimate first (:func:`medexplain.options.estimate_cost` at
+    ``seconds_per_row``, one timed forward's seconds per row, with the memory ``plan``; handed to
+    ``on_estimate``), the global RNG seeded with ``seed`` when given, then :func:`medexplain.explain` with every
+    model call's rows counted (``on_progress(method, rows_done, rows_expected_or_None)``) through the model object
+    (:func:`medexplain.options.counting`: every setting of a :class:`~medexplain.models.model.Model` kept).
+    :func:`explain_case` runs it for each method of a case, ``medexplain demo`` for each method on
+    its batch of test images. Returns ``(Attribution, CostEstimate)``."""
+    est = estimate_cost(method, get_method(method).fn, x.shape, options, seconds_per_row, plan)
+    if on_estimate:
+        on_estimate(est)
+    done = [0]
+
+    def rows(n):
+        done[0] += n
+        if on_progress:
+            on_progress(method, done[0], est.n_forward)
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    # the model object with its passes counted: every setting of a Model (the eval policy) is kept
+    attr = explain(counting(net, rows, output, inferer), x, method=method, target=target, memory=memory, **options)
+    return attr, est
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,12 +499,14 @@ class FileWriter(CaseWriter):
     """``explain``'s files of one case in ``out``: per method ``<stem>_<method>.nii.gz`` (:func:`write_map`),
     ``.png`` and the DICOM objects, as ``formats`` asks (:func:`_write_method_files`,
     :func:`medexplain.dicom_out.write_dicom_objects`), ``<stem>_info.json`` rewritten after every method, and a
-    bundle's own prediction."""
+    bundle's own prediction; with ``report``, ``<stem>_report.html`` at the end (:func:`write_case_report`)."""
 
     def __init__(self, setup: ModelSetup, out: Path, stem: str, on_method: Callable[[str], None] | None = None, *,
                  formats=("nifti", "png"), dicom_reference=None, dicom_threshold="otsu", series: str | None = None,
-                 figure: dict | None = None):
+                 figure: dict | None = None, report: bool = False):
         self.setup, self.out, self.stem, self.on_method = setup, out, stem, on_method
+        self.report = report
+        self.maps: dict[str, torch.Tensor] = {}  # each method's map on the image grid, for the report
         self.figure = dict(figure or {})         # render.figure options of the PNGs (checked by the caller)
         self.formats, self.dicom_reference, self.dicom_threshold, self.series = (formats, dicom_reference,
                                                                                  dicom_threshold, series)
@@ -507,6 +528,8 @@ class FileWriter(CaseWriter):
 
     def method(self, state, method, attr, amap):
         self.attributions[method] = attr
+        if self.report:
+            self.maps[method] = amap
         self.files += write_method_outputs(state, method, amap, self.out, self.stem, self.formats, self.dicom_src,
                                            self.dicom_threshold, self.figure)
         io.write_json(state.info, self.info_path)
@@ -528,6 +551,8 @@ class FileWriter(CaseWriter):
         if not state.run:
             io.write_json(state.info, self.info_path)
         self.files.append(self.info_path)
+        if self.report:
+            self.files.append(write_case_report(state, self.maps, self.out / f"{self.stem}_report.html"))
 
 
 def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: str | None = None, target=None,
@@ -539,7 +564,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
                   seed: int | None = None, flip_axes=None, eval: str = "auto", formats=None, dicom_reference=None,
                   dicom_threshold="otsu", memory: float | None = None,
-                  figure: dict | None = None) -> ExplainedImage:
+                  figure: dict | None = None, report: bool = False) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
     uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
@@ -566,6 +591,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     parsed); ``layer`` for every method that takes one; ``seed`` seeds the global RNG before each method and
     goes to the methods that take a ``seed`` option. ``figure``: options of the PNG figures
     (:func:`medexplain.render.figure_options`: ``alpha``, ``percentile``, ``cmap``, ``planes``, ``point``).
+    ``report``: also write ``<stem>_report.html``, the self-contained HTML report of the case
+    (:func:`write_case_report`: the input, each method's map, the tri-planar viewer for volumes).
 
     Everything that can fail before compute is checked first: option names and types, the output
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
@@ -598,13 +625,13 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     figure = render.figure_options(figure)
     out = io.check_output_dir(out)
     images, stem = input_files(image, nnunet is not None)
-    _check_outputs(stem, methods, out, overwrite, formats)
+    _check_outputs(stem, methods, out, overwrite, formats, report)
     if bundle is not None and nnunet is None:
         io.check_output_dir(out, [out / f"{stem}_prediction.nii.gz"], overwrite=overwrite)
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options,
                        preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
     writer = FileWriter(setup, out, stem, on_method, formats=formats, dicom_reference=dicom_reference,
-                        dicom_threshold=dicom_threshold, series=series, figure=figure)
+                        dicom_threshold=dicom_threshold, series=series, figure=figure, report=report)
     st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
                       output=output, activation=activation, threshold=threshold, skip_unsupported=skip_unsupported,
                       series=series, seed=seed, memory=memory, on_estimate=on_estimate, on_progress=on_progress)
@@ -648,22 +675,27 @@ def input_files(image, nnunet: bool) -> tuple[list, str]:
     return images, io.file_stem(images[0])
 
 
-def _output_names(stem: str, methods: Sequence[str], out: Path, formats=("nifti", "png")) -> tuple[list[Path], Path]:
+def _output_names(stem: str, methods: Sequence[str], out: Path, formats=("nifti", "png"),
+                  report: bool = False) -> tuple[list[Path], Path]:
     """The files :func:`explain_image` writes under ``stem``: per method ``<stem>_<method>.nii.gz`` (``nifti``),
-    ``.png`` (``png``) and ``_pm.dcm``, ``_seg.dcm``, ``_sc.dcm`` (``dicom``), and ``<stem>_info.json``."""
+    ``.png`` (``png``) and ``_pm.dcm``, ``_seg.dcm``, ``_sc.dcm`` (``dicom``), ``<stem>_report.html`` (``report``)
+    and ``<stem>_info.json``."""
     from .dicom_out import dicom_output_names
 
     exts = [e for f, e in (("nifti", ".nii.gz"), ("png", ".png")) if f in formats]
     maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in exts]
     if "dicom" in formats:
         maps += [p for m in methods for p in dicom_output_names(out, stem, m)]
+    if report:
+        maps.append(out / f"{stem}_report.html")
     return maps, out / f"{stem}_info.json"
 
 
-def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool, formats=("nifti", "png")) -> Path:
+def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool, formats=("nifti", "png"),
+                   report: bool = False) -> Path:
     """Before any compute: refuse (naming them) files of this call that already exist, unless ``overwrite``;
     returns the ``info.json`` path."""
-    maps, info_path = _output_names(stem, methods, out, formats)
+    maps, info_path = _output_names(stem, methods, out, formats, report)
     io.check_output_dir(out, maps + [info_path], overwrite=overwrite)
     return info_path
 
@@ -723,6 +755,49 @@ def _figure_region(target, prep):
 def _figure_caption(info: dict) -> str:
     """What a method's figure must say beyond the scale: a perturbation method's baseline."""
     return f"Perturbation baseline (what replaced each removed region): {info['baseline']}." if info.get("baseline") else ""
+
+
+def _cost_text(info: dict) -> str:
+    """A method's cost as the report states it: its model passes and seconds (``info`` of one method)."""
+    parts = [f"{info[k]} {w}" for k, w in (("n_forward", "forward"), ("n_backward", "backward")) if info.get(k)]
+    if info.get("seconds") is not None:
+        parts.append(f"{float(info['seconds']):.2f} s")
+    return ", ".join(parts)
+
+
+def write_case_report(state: CaseState, maps: dict, path: Path) -> Path:
+    """The HTML report of one explained case (:func:`medexplain.report.write_report`), from what
+    :func:`explain_case` has: the input image, each method's map on the image grid (``maps``), the explained
+    region outlined, a caption per method (method, target, model, perturbation baseline) and a table of each
+    method's cost and score note; methods skipped or failed are listed with their reasons. A volume gets the
+    report's tri-planar viewer on the image's affine."""
+    from .report import write_report
+
+    info, img = state.info, state.img
+    region = _figure_region(state.resolved.target, state.prep)
+    rows, caps = [], {}
+    for m in maps:
+        mi = info.get("methods", {}).get(m, {})
+        caps[m] = " \u00b7 ".join(x for x in (_figure_title(m, info)[0], _figure_caption(mi)) if x)
+        rows.append({"method": m, "cost": _cost_text(mi), "baseline": mi.get("baseline"), "score": mi.get("score"),
+                     "estimated seconds": (mi.get("estimate") or {}).get("seconds")})
+    name = Path(str(info.get("image", ""))).name or "case"
+    t = info.get("target_info") or {}
+    target = f"class {info.get('target')}" + (f", region {t['region']}" if t.get("region") not in (None, "") else "")
+    case = {"image": img, "maps": maps, "mask": region, "title": f"{name}: {target}, model {info.get('model')}",
+            "captions": caps}
+    if img.ndim == 4:
+        case.update(affine=state.meta.get("affine"), oriented=bool(state.meta.get("oriented", False)))
+    sub = _figure_title("", info)[1]
+    notes = ([f"Input: {sub}."] if sub else []) + ([f"Target: {t['how']}."] if t.get("how") else [])
+    if img.shape[0] not in (1, 3):
+        notes.append(f"The image has {img.shape[0]} channels: channel 0 is shown; the maps are summed over channels.")
+    notes += [f"Skipped {m}: {why}" for m, why in info.get("skipped", {}).items()]
+    notes += [f"Failed {m}: {err}" for m, err in info.get("failed", {}).items()]
+    notes += [f"Warning: {w}" for w in info.get("warnings", [])]
+    return Path(write_report(path, [case], list(maps), rows, title=f"medexplain explain: {name}", notes=notes,
+                             mask_label="the explained region (outline)" if region is not None else
+                             "no region outline (a class target: the whole image is explained)"))
 
 
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,

@@ -14,6 +14,10 @@ R/L, A/P, S/I labels, one slider per plane and a crosshair linked across the pla
 the axial slider moves the horizontal line of the coronal and sagittal planes; clicking a plane moves the
 other two). The viewer starts at the mask's centre voxel (else the first map's peak). A self-check for
 headless browsers runs when the URL ends in ``#selfcheck`` and writes its result into ``#mx-selfcheck``.
+
+:func:`write_index` writes the index of a whole run (``medexplain run --report``): a table of cases x methods
+with each item's status, links to its map and figures (files beside the page, by relative path) and the
+message of each error row.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from PIL import Image
 from . import render
 from .io import check_output_dir, write_text
 
-__all__ = ["write_report", "render_overlay", "render_image"]
+__all__ = ["write_report", "write_index", "render_overlay", "render_image"]
 
 #: The renderer's overlay and image functions, under the names this module exported before.
 render_overlay = render.overlay
@@ -377,7 +381,8 @@ _JS = """
 
 def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics_table=None, *,
                  title: str = "medexplain report", summary: str | None = None, notes: Sequence[str] = (),
-                 display_px: int = 256, display_channel: int | None = None) -> str:
+                 display_px: int = 256, display_channel: int | None = None,
+                 mask_label: str = "planted evidence / ground truth outline") -> str:
     """Write one self-contained HTML report to ``path`` (atomically: temporary file + ``os.replace``).
 
     Args:
@@ -393,6 +398,7 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
         metrics_table: rows ``[{"method": ..., metric: value}]`` or ``{method: {metric: value}}``.
         notes: short lines shown under the title (e.g. "the labels are planted", skipped methods).
         display_px: the long side of a 2D panel, and of the largest plane of a 3D case, in pixels.
+        mask_label: what the green ``mask`` outline is, in the legend.
     Returns the path written.
     """
     check_output_dir(os.path.dirname(os.fspath(path)) or ".")  # before the figures are rendered (issue 27)
@@ -406,8 +412,8 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
     signed_bar = render.colorbar_stops(render.Scale(True, 1.0, 1.0, None), 5)
     seq_bar = render.colorbar_stops(render.Scale(False, 1.0, 1.0, None), 5)
     grad = lambda stops: ",".join(f"rgb{c}" for _, c in stops)  # noqa: E731
-    parts.append("<p class='legend'><span><i class='sw' style='background:#00ff5a'></i>planted evidence / "
-                 "ground truth outline</span><span><i class='sw' style='background:#ffe600'></i>marker outline</span>"
+    parts.append("<p class='legend'><span><i class='sw' style='background:#00ff5a'></i>"
+                 f"{html.escape(mask_label)}</span><span><i class='sw' style='background:#ffe600'></i>marker outline</span>"
                  f"<span><i class='sw' style='background:linear-gradient(90deg,{grad(signed_bar)})'></i>signed map "
                  "(blue &lt; 0 &lt; red)</span><span><i class='sw' "
                  f"style='background:linear-gradient(90deg,{grad(seq_bar)})'></i>non-negative map</span>"
@@ -438,5 +444,74 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
            "<pre id='mx-selfcheck' hidden></pre>"
            f"<script>{_JS}</script></body></html>")
     path = os.fspath(path)
+    write_text(doc, path, suffix=".html")
+    return path
+
+
+_STATUS_CSS = """
+table.index td,table.index th{text-align:left;vertical-align:top} .st-ok{color:#1a7f37;font-weight:600}
+.st-error,.st-missing{color:#c62828;font-weight:600} .st-skipped{color:#8a6d00;font-weight:600}
+.err{font-size:.8em;color:#7a1b1b;max-width:420px;white-space:pre-wrap} table.index img{display:block;max-width:160px;
+max-height:160px;margin-top:4px;border:1px solid #ccc}
+"""
+
+
+def _index_cell(row: Mapping | None, rel) -> str:
+    """One item of the index: its status, links to its map and outputs (``rel``: a run path as a link), an
+    error row's message, a figure's thumbnail."""
+    if row is None:
+        return "<td class='muted'>\u2013</td>"
+    st = str(row.get("status", "missing"))
+    parts = [f"<span class='st-{html.escape(st)}'>{html.escape(st)}</span>"]
+    if row.get("hit_rate") is not None:
+        parts.append(f"hit {_fmt(row['hit_rate'])}")
+    links = [p for p in [row.get("map"), *(row.get("outputs") or [])] if p]
+    if links:
+        parts.append(" ".join(f"<a href='{html.escape(rel(p))}'>{html.escape(os.path.basename(p))}</a>" for p in links))
+    figs = [p for p in row.get("outputs") or [] if str(p).endswith(".png")]
+    parts += [f"<a href='{html.escape(rel(p))}'><img src='{html.escape(rel(p))}' alt='{html.escape(str(p))}'></a>"
+              for p in figs[:1]]
+    if st != "ok" and row.get("error"):
+        parts.append(f"<div class='err'>{html.escape(str(row['error']))}</div>")
+    return "<td>" + "<br>".join(parts) + "</td>"
+
+
+def write_index(path, rows: Sequence[Mapping], methods: Sequence[str], *, root=None,
+                title: str = "medexplain run", notes: Sequence[str] = ()) -> str:
+    """Write the index of a run to ``path`` (atomically): one table row per case (in the order of ``rows``), one
+    column per method of ``methods``; each cell is the item's status (``ok``, ``error``, ``skipped``,
+    ``missing``), its hit rate, links to its map and outputs (figures, DICOM objects) and, for an item that is not
+    ``ok``, its error message. ``rows``: the run's records (:meth:`medexplain.run.store.RunStore.collect`:
+    ``case_id``, ``method``, ``status``, ``map`` and ``outputs`` relative to ``root``, ``error``); ``root``: the
+    folder those paths are relative to (default: the page's folder). Links are relative to the page, so the
+    run folder can be moved or copied whole. Returns the path written."""
+    path = os.fspath(path)
+    here = os.path.dirname(os.path.abspath(path))
+    check_output_dir(here)
+    root = os.path.abspath(os.fspath(root)) if root is not None else here
+    methods = list(methods)
+
+    def rel(p) -> str:
+        return os.path.relpath(os.path.join(root, os.fspath(p)), here).replace(os.sep, "/")
+
+    cases: dict[str, dict] = {}
+    for r in rows:
+        cases.setdefault(str(r.get("case_id")), {"image": r.get("image"), "items": {}})["items"][r.get("method")] = r
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+    body = "".join(f"<tr><td><b>{html.escape(cid)}</b><br><span class='muted'>"
+                   f"{html.escape(os.path.basename(str(c['image'] or '')))}</span></td>"
+                   + "".join(_index_cell(c["items"].get(m), rel) for m in methods) + "</tr>"
+                   for cid, c in cases.items())
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{len(cases)} case(s) x {len(methods)} method(s): "
+             f"{html.escape(summary or 'no items')}</p>"]
+    parts += [f"<div class='note'>{html.escape(n)}</div>" for n in notes]
+    parts.append(f"<table class='metrics index'><thead><tr><th>case</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+    doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
+           f"<style>{_CSS}{_STATUS_CSS}</style></head><body>{''.join(parts)}</body></html>")
     write_text(doc, path, suffix=".html")
     return path

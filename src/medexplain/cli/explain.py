@@ -31,7 +31,7 @@ def explain_kwargs(flags: Flags) -> dict:
             "region": flags.region, "layer": flags.layer, "options": parse_options(flags.option),
             "output": parse_output(flags.output), "activation": flags.activation,
             "skip_unsupported": flags.skip_unsupported, "overwrite": flags.overwrite, "series": flags.series,
-            "bundle": flags.bundle, "seed": flags.seed, **flags.model_inputs()}
+            "bundle": flags.bundle, "seed": flags.seed, "report": flags.report, **flags.model_inputs()}
 
 
 @app.command("explain")
@@ -69,6 +69,9 @@ def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HE
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"wrote {len(res.attributions)} map(s) to [bold]{flags.out}[/]")
+    for f in res.files:
+        if str(f).endswith("_report.html"):
+            console.print(f"report: {f}")
     if res.stored:
         console.print(f"stored {len(res.stored)} DICOM object(s) in study {flags.study} on the PACS")
 

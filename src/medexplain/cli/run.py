@@ -71,4 +71,4 @@ def run_cmd(
         msg += f"; removed {len(res.removed_partials)} partial file(s) of the interrupted run"
     console.print(msg)
     console.print(f"results: [bold]{res.tables[0]}[/]" + (f", {res.tables[1]}" if len(res.tables) > 1 else "")
-                  + f"; run record: {res.record}")
+                  + f"; run record: {res.record}" + (f"; report: {res.report}" if res.report else ""))

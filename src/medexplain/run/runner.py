@@ -50,6 +50,7 @@ class RunResult:
     computed: int = 0        # items computed in this call (ok or error)
     skipped: int = 0         # items already complete (resume)
     removed_partials: list[Path] = field(default_factory=list)
+    report: Path | None = None   # report.html, the run's index (report=True)
 
     @property
     def n_ok(self) -> int:
@@ -90,7 +91,8 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
                  overwrite: bool = False, series: str | None = None, bundle=None, nnunet=None,
                  nnunet_options: dict | None = None, inferer: dict | None = None, device=None, flip_axes=None,
                  eval: str = "auto", memory: float | None = None, formats=None, dicom_reference=None,
-                 dicom_threshold="otsu", pacs=None, pacs_netrc=None, pacs_ca_bundle=None) -> RunResult:
+                 dicom_threshold="otsu", pacs=None, pacs_netrc=None, pacs_ca_bundle=None,
+                 report: bool = False) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Every case goes through ``explain``'s one case pipeline (:func:`medexplain.pipelines.explain_case`), so a
@@ -141,6 +143,9 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
             manifest's ``study`` rows are retrieved from it, explained, and their DICOM objects stored back
             (``dicom`` is added to ``formats``). A PACS that is down or refuses is that case's error row;
             ``resume`` retries such rows (they are ``transient``).
+        report: also write ``report.html``, the run's index (:func:`medexplain.report.write_index`): a table of
+            cases x methods with each item's status, links to its map and figures, and each error row's message;
+            rebuilt from the records at the end of every session, as the table is.
 
     A bad case (missing, corrupt or NaN image, wrong channels, mask off-grid, target out of range, a
     method failing on it) becomes an error row; everything else raises a typed error before writing.
@@ -220,6 +225,12 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
     # 3. the table and the record, rebuilt from the items
     rows = store.collect(cases, methods)
     tables = store.write_table(rows)
+    index = None
+    if report:
+        from ..report import write_index
+        index = Path(write_index(out / "report.html", rows, methods, root=out, title=f"medexplain run: {out.name}",
+                                 notes=[f"manifest {config['manifest']}; model {config['model'] or bundle or nnunet}",
+                                        "Figures are linked when the run writes them (--format png)."]))
     session.update(ended=_now(), seconds=round(time.perf_counter() - t_start, 3),
                    cpu_seconds=round(time.process_time() - cpu_start, 3),  # this process (the driver for Ray)
                    computed_items=progress.computed, skipped_items=progress.skipped, **workers)
@@ -229,7 +240,8 @@ def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out",
                   tables=[str(p.relative_to(out)) for p in tables])
     atomic_json(record, out / RUN_RECORD)
     return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=progress.computed,
-                     skipped=progress.skipped, removed_partials=removed)
+                     skipped=progress.skipped, removed_partials=removed,
+                     report=index)
 
 
 def _check_outputs_and_pacs(cases: list[Case], formats, dicom_reference, pacs, netrc, ca_bundle):
