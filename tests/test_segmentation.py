@@ -11,7 +11,7 @@ from torch import nn
 
 import medexplain as mx
 from conftest import TinySegmenter
-from medexplain.errors import InputError, TargetError
+from medexplain.errors import InputError, OptionError, TargetError
 from medexplain.segmentation import (
     context_experiment,
     explain_instances,
@@ -316,7 +316,7 @@ def test_gradcam_pp_monai_variant_equals_monai_gradcampp_on_the_lesion_score(nd)
     torch.testing.assert_close(attr.map, ref.to(attr.map.dtype), rtol=1e-6, atol=1e-9)
     paper = instance_saliency(model, x, [inst], method="gradcam++", layer="body.2")
     assert (paper - attr.map).abs().max() > 0.1 * attr.map.abs().max()
-    with pytest.raises(InputError, match="variant"):
+    with pytest.raises(OptionError, match="variant must be one of"):     # the registered method's choices
         instance_saliency(model, x, [inst], method="gradcam++", variant="gradcam")
     with pytest.raises(InputError, match="smoothgrad"):
         instance_saliency(model, x, [inst], variant="monai")
