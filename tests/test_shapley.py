@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import medexplain as mx
-from medexplain.errors import InputError, TargetError, UnsupportedModelError
+from medexplain.errors import InputError, OptionError, TargetError, UnsupportedModelError
 from medexplain.shapley import channel_shapley, dice, mean_foreground_probability, shapley_weights
 
 
@@ -294,7 +294,7 @@ def test_model_left_as_found_and_errors():
         channel_shapley(model, torch.randn(1, 3, 4, 4, 4, dtype=torch.float64), mean_foreground_probability(1))
     with pytest.raises(InputError, match="NaN"):
         channel_shapley(model, x * float("nan"), mean_foreground_probability(1))
-    with pytest.raises(InputError):
+    with pytest.raises(OptionError, match="estimator must be one of"):   # the registered method's choices
         channel_shapley(model, x, mean_foreground_probability(1), method="kernel")
     with pytest.raises(TargetError, match="out of range"):
         channel_shapley(model, x, mean_foreground_probability(5))

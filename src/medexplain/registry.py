@@ -151,9 +151,11 @@ def registered() -> dict[str, Method]:
     return dict(_REGISTRY)
 
 
-def get_method(name: str) -> Method:
-    """The method registered as ``name`` (aliases and ``-``/``_`` spellings accepted), else a typed error
-    with close matches."""
+def get_method(name) -> Method:
+    """The method registered as ``name`` (aliases and ``-``/``_`` spellings accepted; or the registered
+    function itself), else a typed error with close matches."""
+    if callable(name) and isinstance(getattr(name, "spec", None), Method):
+        return name.spec
     key = name if name in _REGISTRY else _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
     if key not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
