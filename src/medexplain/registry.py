@@ -124,7 +124,8 @@ def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, n
       one map per region (other methods are run on each region's image, :func:`medexplain.explain`);
       ``instance_of``: the method (function) whose per-region form this one is;
     - ``preview(side) -> options``: cheap options for a quick look at an image of ``side`` pixels;
-    - ``default``: the method :func:`medexplain.explain` runs when none is named.
+    - ``default``: the method :func:`medexplain.explain` runs when none is named (with ``regions=True``:
+      the instance API's, :func:`medexplain.segmentation.explain_instances`).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -146,6 +147,13 @@ def classifier_only(model, output) -> str | None:
     return None
 
 
+def segmenter_only(model, output) -> str | None:
+    """Predicate for methods that explain dense outputs ``(B, K, *spatial)`` (segmenters) only."""
+    if output is not None and output.ndim < 3:
+        return f"explains segmenters with a dense output (B, K, *spatial); this model returns {tuple(output.shape)}"
+    return None
+
+
 def registered() -> dict[str, Method]:
     """Name -> :class:`Method` of every method registered so far."""
     return dict(_REGISTRY)
@@ -164,15 +172,17 @@ def get_method(name) -> Method:
     return _REGISTRY[key]
 
 
-def default_method() -> str:
-    """The method :func:`medexplain.explain` runs when none is named (declared ``default=True``)."""
-    return next(n for n, m in _REGISTRY.items() if m.default)
+def default_method(regions: bool = False) -> str:
+    """The method run when none is named (declared ``default=True``): :func:`medexplain.explain`'s, or with
+    ``regions=True`` that of the instance API (a method declared ``regions=True``)."""
+    return next(n for n, m in _REGISTRY.items() if m.default and m.regions == regions)
 
 
-def instance_method(name: str) -> Method:
+def instance_method(name: str | None = None) -> Method:
     """The method that explains instances for ``name``: the registered method declared the per-region form
-    of ``name`` (``instance_of``), else ``name``'s own method (run on each region's image)."""
-    spec = get_method(name)
+    of ``name`` (``instance_of``), else ``name``'s own method (run on each region's image); ``None``: the
+    instance API's default (:func:`default_method` with ``regions=True``)."""
+    spec = get_method(default_method(regions=True) if name is None else name)
     return next((m for m in _REGISTRY.values() if m.instance_of is spec.fn), spec)
 
 

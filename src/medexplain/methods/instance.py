@@ -42,9 +42,9 @@ import torch
 from ..core import chunks, forward
 from ..errors import InputError, TargetError, UnsupportedModelError
 from ..ops import noise_sum
-from ..registry import register
+from ..registry import register, segmenter_only
 from ..sliding import is_sliding
-from ..targets import Regions
+from ..targets import Class, Region, Regions
 from .gradient import smoothgrad
 
 STRATEGIES = ("batched", "loop", "vmap", "replicate")
@@ -177,20 +177,41 @@ def _image_maps(model, x1, masks, channel, aggregate, strategy, n_samples, sigma
     return total / n_samples
 
 
-@register("instance_smoothgrad", family="instance", regions=True, instance_of=smoothgrad)
+def _as_regions(target, x) -> Regions:
+    """A :class:`Regions` target as is; a :class:`Region` (or a :class:`Class`: the whole grid) of one channel
+    as one region per sample."""
+    if isinstance(target, Regions):
+        return target
+    if isinstance(target, (Region, Class)):
+        ch = target.class_index(x.shape[0]).unique()
+        if ch.numel() != 1:
+            raise TargetError("instance_smoothgrad explains one output channel; this target has one per sample "
+                              f"({ch.tolist()}): give a Regions target")
+        if isinstance(target, Class):       # the channel's logits summed over the whole (input-sized) grid
+            m = torch.ones((1, *x.shape[2:]), dtype=torch.bool)
+        else:
+            m = target.mask[:, 0] if target.mask.ndim == x.ndim else target.mask
+            m = m[None] if m.ndim == x.ndim - 2 else m
+        return Regions(int(ch), m.expand(x.shape[0], *m.shape[1:]), torch.arange(x.shape[0]))
+    raise TargetError("instance_smoothgrad explains a Regions target (one map per region: "
+                      f"mx.targets.Regions(channel, masks, samples)) or a Region, got {type(target).__name__}")
+
+
+@register("instance_smoothgrad", family="instance", regions=True, instance_of=smoothgrad, applies_to=segmenter_only,
+          default=True)
 def instance_smoothgrad(model, x, target, cost, aggregate: Literal["mean", "max"] = "mean", n_samples: int = 50,
                         sigma: float = 0.05, seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160,
                         strategy: Literal[STRATEGIES] = "batched", noise: torch.Tensor | None = None):
     """Instance SmoothGrad (module docstring) over a :class:`~medexplain.targets.Regions` target: one map
-    ``(C, *spatial)`` per region. ``aggregate``: ``"mean"`` (the summed lesion logits) or ``"max"``;
+    ``(C, *spatial)`` per region (a :class:`~medexplain.targets.Region` or :class:`~medexplain.targets.Class`
+    target of one channel is one region per sample: then the map is SmoothGrad with the noise rule of the
+    paper). ``aggregate``: ``"mean"`` (the summed lesion logits) or ``"max"``;
     ``n_samples``, ``sigma``, ``seed``: the noise (``noise``, absolute ``(n_samples, C, *spatial)``,
     replaces the draws); ``chunk_size``: noise rows given to the model in one call (``"replicate"``
     also stacks the rows of several instances, at most ``backward_rows`` per call); ``backward_rows``:
     the most rows (instances or lesion voxels x noise samples) backpropagated in one batch; ``strategy``:
     how mean-aggregated instances share a forward (module docstring; the maps agree to rounding)."""
-    if not isinstance(target, Regions):
-        raise TargetError("instance_smoothgrad explains a Regions target (one map per region: "
-                          f"mx.targets.Regions(channel, masks, samples)), got {type(target).__name__}")
+    target = _as_regions(target, x)
     channel = target.channel
     if not isinstance(channel, int) or isinstance(channel, bool):
         raise TargetError(f"channel must be an int (the lesion class's output channel), got {channel!r}")

@@ -35,7 +35,7 @@ import torch
 
 from ..core import chunks, forward
 from ..errors import InputError, TargetError
-from ..registry import register
+from ..registry import register, segmenter_only
 
 #: Largest player count for which ``estimator="auto"`` enumerates all coalitions.
 AUTO_EXACT_MAX = 10
@@ -147,7 +147,7 @@ def _shapley_cost(x_shape, o):
     return (2 ** n * x_shape[0], 0) if exact and n <= o["max_exact"] else None
 
 
-@register("contrast_shapley", needs_grad=False, family="channel", cost=_shapley_cost)
+@register("contrast_shapley", needs_grad=False, family="channel", cost=_shapley_cost, applies_to=segmenter_only)
 def contrast_shapley(model, x, target, cost, groups=None, baseline="zero",
                      estimator: Literal["auto", "exact", "permutation"] = "auto", n_permutations: int = 200,
                      antithetic: bool = True, seed: int = 0, chunk_size: int | None = 16,

@@ -83,7 +83,7 @@ def _check_instances(instances, x: torch.Tensor) -> list[Instance]:
     return flat
 
 
-def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str = "smoothgrad",
+def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str | None = None,
                       aggregate: str = "mean", channel: int = 1, n_samples: int = 50, sigma: float = 0.05,
                       seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160, layer=None,
                       strategy: str = "batched", noise: torch.Tensor | None = None,
@@ -98,9 +98,10 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         The images; each instance's ``sample`` selects its image.
     instances : list of :class:`Instance` (or per-sample lists, as :func:`find_instances` returns)
         Masks on the model's output grid. Maps come back in the flattened order.
-    method : a registered method; ``"smoothgrad"`` (default) means its instance form ``instance_smoothgrad``
-        (:func:`medexplain.registry.instance_method`), ``"gradcam++"`` instance Grad-CAM++; any other
-        registered method is run on each instance's image with the instance's region as the target.
+    method : a registered method (default: instance SmoothGrad, ``instance_smoothgrad``); ``"smoothgrad"``
+        means its instance form ``instance_smoothgrad`` (:func:`medexplain.registry.instance_method`),
+        ``"gradcam++"`` instance Grad-CAM++; any other registered method is run on each instance's image
+        with the instance's region as the target.
     aggregate : ``"mean"`` (sum of the lesion's logits) or ``"max"`` (per input voxel, the signed
         gradient of largest magnitude over the lesion voxels); instance SmoothGrad only.
     channel : int
@@ -145,7 +146,7 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
     refused = [f"{k}={v!r}" for k, v in given.items() if k in FORMULA_OPTIONS and k not in own
                and not (v is defaults[k] or (isinstance(v, str) and v == defaults[k]))]
     if refused:
-        raise InputError(f"{', '.join(refused)} do(es) not apply to method {method!r} ({spec.name}): it takes "
+        raise InputError(f"{', '.join(refused)} do(es) not apply to method {spec.name!r}: it takes "
                          f"{sorted(k for k in given if spec.takes(k))}")
     if not isinstance(channel, int) or isinstance(channel, bool):
         raise InputError(f"channel must be an int (the lesion class's output channel), got {channel!r}")
@@ -177,10 +178,10 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
             "seconds": time.perf_counter() - t0}
     if "layer" in own:
         info.update(layer=own["layer"] if isinstance(own["layer"], str) else type(own["layer"]).__name__)
-    return Attribution(amap, f"instance_{method}" if not spec.regions else spec.name, flat, info)
+    return Attribution(amap, spec.name if spec.regions else f"instance_{spec.name}", flat, info)
 
 
-def instance_saliency(model: nn.Module, x: torch.Tensor, instances, method: str = "smoothgrad",
+def instance_saliency(model: nn.Module, x: torch.Tensor, instances, method: str | None = None,
                       aggregate: str = "mean", **options) -> torch.Tensor:
     """Per-instance, per-input-channel saliency maps ``(n_instances, C, *spatial)`` (Grad-CAM++:
     ``(n_instances, 1, *spatial)``), raw and signed; Spagnolo et al. (seed 001).
