@@ -174,3 +174,29 @@ def test_the_name_check_catches_a_special_case(tmp_path, monkeypatch):
     (fake / "demo.py").write_text('"""Mentions "occlusion" in prose only."""\nX = {"occlusion": 1}\n')
     monkeypatch.setattr(__import__(__name__), "PKG", fake)
     assert _quoted_names_in_code() == [("demo.py", "occlusion", 2)]
+
+
+def test_declarations_where_the_methods_are_defined():
+    """Aliases, the default method, choices as ``Literal`` types, the sliding-window handling and the family
+    are declared at registration and read from the registry, never from lists of names elsewhere."""
+    from medexplain.options import describe_type, option_types
+    from medexplain.registry import FAMILIES, default_method, registered
+    from medexplain.sliding_cam import windowed_cam, windowed_method
+
+    assert get_method("gradcampp").name == "gradcam++" and get_method("ig").name == "integrated_gradients"
+    assert get_method(get_method("smoothgrad").fn) is get_method("smoothgrad")       # the function itself
+    model, x = make("cls", 2), image(2, b=1)
+    assert mx.explain(model, x, target=0).method == default_method() == "saliency"
+    rule = option_types(get_method("integrated_gradients").fn)["rule"][0]
+    assert describe_type(rule).startswith("one of gausslegendre, riemann_left")
+    for spec in registered().values():
+        assert spec.family in FAMILIES and spec.fn.spec is spec
+        assert not (spec.windowed_cam and spec.no_sliding)
+        if spec.no_sliding:
+            with pytest.raises(UnsupportedModelError, match=spec.no_sliding.split(" ")[0]):
+                windowed_method(spec)
+        elif spec.windowed_cam:
+            assert spec.family == "cam" and windowed_method(spec).__name__ == windowed_cam(spec).__name__
+        else:
+            assert windowed_method(spec) is spec.fn
+    assert {n for n, m in registered().items() if m.no_sliding} == {"scorecam", "ablationcam"}

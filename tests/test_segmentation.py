@@ -208,6 +208,45 @@ def test_instance_smoothgrad_matches_the_core_smoothgrad_with_a_region_target():
     torch.testing.assert_close(ours, core, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("nd", [2, 3])
+def test_instance_saliency_is_the_registered_method_over_a_regions_target(nd):
+    """``explain_instances`` is ``mx.explain`` over a ``Regions`` target: instance SmoothGrad (native: one
+    forward per image shared by its instances) and Grad-CAM++ (any method, run on each region's image) give
+    the maps of the instance API, and each region's Grad-CAM++ equals Grad-CAM++ of that image alone."""
+    model, x = seg_model(nd), img(nd, b=2, size=8)
+    s = x.shape[2:]
+    insts = [mx.segmentation.Instance(box(tuple(s), tuple(slice(1, 3) for _ in s)), None, 2 ** nd, sample=1),
+             mx.segmentation.Instance(box(tuple(s), tuple(slice(4, 7) for _ in s)), None, 3 ** nd, sample=0),
+             mx.segmentation.Instance(box(tuple(s), tuple(slice(5, 8) for _ in s)), None, 3 ** nd, sample=1)]
+    regions = mx.targets.Regions(1, torch.stack([i.mask for i in insts]), [i.sample for i in insts])
+    for aggregate in ("mean", "max"):
+        attr = mx.explain(model, x, "instance_smoothgrad", target=regions, aggregate=aggregate, n_samples=3, seed=2)
+        old = explain_instances(model, x, insts, aggregate=aggregate, n_samples=3, seed=2)
+        assert attr.method == old.method == "instance_smoothgrad" and attr.map.shape == (3, 2, *s)
+        torch.testing.assert_close(attr.map, old.map, rtol=0, atol=0)
+        assert (attr.info["n_forward"], attr.info["n_backward"]) == (old.info["n_forward"], old.info["n_backward"])
+    cam = mx.explain(model, x, "gradcam++", target=regions, layer="body.2")
+    assert cam.target is regions and cam.map.shape == (3, 1, *s)
+    torch.testing.assert_close(cam.map, explain_instances(model, x, insts, method="gradcam++", layer="body.2").map)
+    for k, inst in enumerate(insts):
+        alone = mx.explain(model, x[inst.sample:inst.sample + 1], "gradcam++", layer="body.2",
+                           target=mx.targets.Region(1, inst.mask[None])).map
+        torch.testing.assert_close(cam.map[k:k + 1], alone)
+    # a Region target is one region per sample
+    one = mx.explain(model, x, "instance_smoothgrad", target=mx.targets.Region(1, insts[0].mask[None]), n_samples=2)
+    two = mx.explain(model, x, "instance_smoothgrad", n_samples=2,
+                     target=mx.targets.Regions(1, insts[0].mask[None].expand(2, *s), [0, 1]))
+    torch.testing.assert_close(one.map, two.map, rtol=0, atol=0)
+    with pytest.raises(TargetError, match="image"):
+        mx.explain(model, x, "gradcam++", target=mx.targets.Regions(1, insts[0].mask[None], [2]))
+    assert "instance_smoothgrad" not in mx.available_methods(model=make_classifier(nd), x=x[:1])
+
+
+def make_classifier(nd):
+    from conftest import make
+    return make("cls", nd)
+
+
 def test_noise_sd_is_a_fraction_of_the_first_channel_range_for_every_channel():
     model, x = seg_model(2), img(2)
     x[:, 1] *= 100.0                                     # a huge second channel must not change the noise sd

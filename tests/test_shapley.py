@@ -374,3 +374,39 @@ def test_cli_shapley_folds_agreement_uncertainty(tmp_path):
     res = CliRunner().invoke(app, ["shapley", str(tmp_path / "case.nii.gz"), "--model", str(tmp_path / "fold0.pt"),
                                    "--contrasts", "T1,T2", "--out", str(tmp_path / "o3")])
     assert res.exit_code == 2 and "4 channels" in res.output
+
+
+def test_contrast_shapley_is_a_registered_channel_attribution_with_a_target_as_value():
+    """``mx.explain(model, x, "contrast_shapley", target=<value target>)`` is what ``channel_shapley`` returns:
+    values, coalition table, evaluation count; the map holds each player's value on its channels, its
+    cost model equals the counted rows, and a hard value target is refused by a gradient method."""
+    from medexplain.options import estimate_passes
+    from medexplain.registry import get_method
+    from medexplain.shapley import volume
+
+    model = small_unet(dims=2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x).argmax(1)
+    for value in (dice(1, ref), volume(1), volume(1, soft=True), mean_foreground_probability(1)):
+        groups = {"a": (0, 1), "b": 2}                                   # channel 3: always present
+        attr = mx.explain(model, x, "contrast_shapley", target=value, groups=groups)
+        res = channel_shapley(model, x, value, groups=groups)
+        torch.testing.assert_close(torch.tensor(attr.info["values"], dtype=torch.float64), res.values, rtol=0, atol=0)
+        assert attr.info["n_evaluations"] == res.n_evaluations == 2 * 4 and res.players == ["a", "b"]
+        for c, player in ((0, 0), (1, 0), (2, 1)):
+            assert torch.all(attr.map[:, c] == res.values[:, player, None, None].to(attr.map.dtype))
+        assert torch.all(attr.map[:, 3] == 0)
+        spec = get_method("contrast_shapley")
+        assert estimate_passes(spec.name, spec.fn, x.shape, {"groups": groups}) == (attr.info["n_forward"], 0)
+    # volume: the predicted voxel count of label 1 (hard) or the summed probability (soft), independently
+    out = model(x).detach()
+    rows = torch.arange(2)
+    assert torch.equal(volume(1)(out, rows), (out.argmax(1) == 1).flatten(1).sum(1).double())
+    torch.testing.assert_close(volume(1, soft=True)(out, rows), torch.softmax(out, 1)[:, 1].flatten(1).sum(1))
+    with pytest.raises(TargetError, match="hard prediction"):
+        mx.explain(model, x, "saliency", target=volume(1))
+    soft = mx.explain(model, x, "saliency", target=volume(1, soft=True)).map
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.softmax(model(xr), 1)[:, 1].sum(), xr)
+    torch.testing.assert_close(soft, g)
