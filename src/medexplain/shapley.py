@@ -1,14 +1,8 @@
-"""Contrast-level Shapley values for segmentation.
+"""Contrast-level Shapley values for segmentation (Ren et al. 2025, arXiv:2512.07224): the API.
 
-Ren et al. 2025, "Clinical Interpretability of Deep Learning Segmentation Through Shapley-Derived
-Agreement and Uncertainty Metrics" (arXiv:2512.07224): the players are the input contrasts (channels, or
-groups of channels) of a multi-contrast MRI; the value of a coalition ``S`` is a score of the model run
-with only the contrasts in ``S`` present, the others replaced by a baseline. The Shapley value of player
-``i`` among ``n`` is (Shapley 1953)
-
-    phi_i = sum_{S subset of N minus {i}}  |S|! (n - |S| - 1)! / n!  [ v(S + i) - v(S) ]          (1)
-
-and the values satisfy efficiency, ``sum_i phi_i = v(N) - v(empty)``.
+The players are the input contrasts (channels, or groups of channels) of a multi-contrast MRI and the
+value of a coalition is a score of the model run with only those contrasts present; the definition and
+the estimators are stated in :mod:`medexplain.methods.shapley`.
 
 The estimator is the registered channel attribution ``contrast_shapley`` (:mod:`medexplain.methods.shapley`:
 exact enumeration of the ``2^n`` coalitions, or antithetic permutation sampling beyond ten players), whose
@@ -32,7 +26,7 @@ import torch
 
 from .errors import InputError, TargetError
 from .methods.shapley import AUTO_EXACT_MAX, contrast_shapley, shapley_weights
-from .targets import Dice, MeanProbability, Volume
+from .targets import Dice, MeanProbability, Prediction, Volume
 
 __all__ = ["AUTO_EXACT_MAX", "BRATS_REGIONS", "ShapleyResult", "channel_shapley", "dice", "mean_foreground_probability",
            "volume", "Dice", "MeanForegroundProbability", "Volume", "shapley_weights"]
@@ -60,6 +54,11 @@ def _labels(label_or_region, regions: Mapping[str, Sequence[int]]) -> tuple[int,
     if not labels:
         raise TargetError("a value function of the prediction needs at least one label")
     return labels
+
+
+def _prediction(labels, class_labels, activation, channel, threshold, soft) -> Prediction:
+    return Prediction(labels, None if class_labels is None else tuple(int(c) for c in class_labels), activation,
+                      channel, float(threshold), bool(soft))
 
 
 def _check_activation(activation: str, channel, what: str) -> None:
@@ -100,8 +99,7 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
         ref = ref.long()
     _check_activation(activation, channel, "dice")
     name = f"dice_{label_or_region}" if isinstance(label_or_region, str) else "dice_" + "+".join(map(str, labels))
-    return Dice(labels, ref, None if class_labels is None else tuple(int(c) for c in class_labels), activation,
-                channel, float(threshold), bool(soft), float(empty), name)
+    return Dice(_prediction(labels, class_labels, activation, channel, threshold, soft), ref, float(empty), name)
 
 
 def volume(label_or_region: Union[int, str, Sequence[int]], *, class_labels: Sequence[int] | None = None,
@@ -112,8 +110,7 @@ def volume(label_or_region: Union[int, str, Sequence[int]], *, class_labels: Seq
     labels = _labels(label_or_region, regions)
     _check_activation(activation, channel, "volume")
     name = f"volume_{label_or_region}" if isinstance(label_or_region, str) else "volume_" + "+".join(map(str, labels))
-    return Volume(labels, None if class_labels is None else tuple(int(c) for c in class_labels), activation, channel,
-                  float(threshold), bool(soft), float(voxel_volume), name)
+    return Volume(_prediction(labels, class_labels, activation, channel, threshold, soft), float(voxel_volume), name)
 
 
 def mean_foreground_probability(channel: int = 1, activation: str = "softmax", mask=None) -> MeanProbability:

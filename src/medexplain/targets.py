@@ -76,6 +76,19 @@ def _check_range(idx: torch.Tensor, k: int) -> None:
         raise TargetError(f"target class {sorted(set(idx.tolist()))} out of range for a model with {k} outputs (0..{k - 1})")
 
 
+def _on_grid(m: torch.Tensor, spatial: tuple[int, ...], what: str) -> torch.Tensor:
+    """A per-sample map ``(B or 1, *spatial)`` from ``(B or 1, *spatial)``, ``(B or 1, 1, *spatial)`` or
+    ``(*spatial)``, checked against the output grid ``spatial``."""
+    if m.ndim == len(spatial) + 2 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim == len(spatial):
+        m = m.unsqueeze(0)
+    if tuple(m.shape[1:]) != spatial:
+        raise TargetError(f"{what} has spatial shape {tuple(m.shape[1:])}; it does not match the model output's "
+                          f"{spatial}")
+    return m
+
+
 def _pick(output: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     return output[torch.arange(output.shape[0], device=output.device), channel.to(output.device)]
 
@@ -155,13 +168,8 @@ class Region(Target):
             raise TargetError(f"Region targets need a dense output (B, K, *spatial); got {tuple(output.shape)}")
         ch = self.class_index(batch)
         _check_range(ch, output.shape[1])
-        spatial, m = tuple(output.shape[2:]), self.mask
-        if m.ndim == len(spatial) + 2 and m.shape[1] == 1:
-            m = m[:, 0]
-        if m.ndim == len(spatial):
-            m = m.unsqueeze(0)
-        if tuple(m.shape[1:]) != spatial:
-            raise TargetError(f"Region mask spatial shape {tuple(m.shape[1:])} does not match the model output's {spatial}")
+        spatial = tuple(output.shape[2:])
+        m = _on_grid(self.mask, spatial, "Region mask")
         if m.shape[0] == 1:
             m = m.expand(batch, *spatial)
         if m.shape[0] != batch:
@@ -288,12 +296,7 @@ def _check_dense(outputs: torch.Tensor, what: str) -> None:
 
 
 def _per_sample_maps(ref: torch.Tensor, rows: torch.Tensor, spatial: tuple[int, ...], what: str) -> torch.Tensor:
-    if ref.ndim == len(spatial) + 2 and ref.shape[1] == 1:
-        ref = ref[:, 0]
-    if ref.ndim == len(spatial):
-        ref = ref.unsqueeze(0)
-    if tuple(ref.shape[1:]) != spatial:
-        raise TargetError(f"{what} has spatial shape {tuple(ref.shape[1:])}; the model output has {spatial}")
+    ref = _on_grid(ref, spatial, what)
     if ref.shape[0] == 1:
         return ref.expand(rows.shape[0], *spatial)
     if int(rows.max()) >= ref.shape[0]:
@@ -334,56 +337,45 @@ class Prediction:
 
 
 @dataclass
-class Dice(ValueTarget):
+class _OfPrediction(ValueTarget):
+    """A value of the model's :class:`Prediction`; differentiable when the prediction is soft."""
+
+    prediction: Prediction
+
+    @property
+    def differentiable(self) -> bool:
+        return self.prediction.soft
+
+
+@dataclass
+class Dice(_OfPrediction):
     """Dice of the predicted region (:class:`Prediction`) against a reference label map, per row:
     ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`; soft: ``2 sum(p g) / (sum p + sum g)``),
     ``empty`` when both are empty (the BraTS convention). Row ``r`` is compared with
     ``reference[rows[r]]`` (one map, ``B = 1``, is shared). Built by :func:`medexplain.shapley.dice`."""
 
-    labels: tuple[int, ...]
     reference: torch.Tensor
-    class_labels: tuple[int, ...] | None = None
-    activation: str = "softmax"
-    channel: int | None = None
-    threshold: float = 0.5
-    soft: bool = False
     empty: float = 1.0
     name: str = "dice"
-
-    @property
-    def differentiable(self) -> bool:
-        return self.soft
 
     def value(self, outputs, rows):
         _check_dense(outputs, "Dice")
         ref = _per_sample_maps(self.reference, rows, tuple(outputs.shape[2:]), "the Dice reference")
-        truth = torch.isin(ref.to(outputs.device), torch.tensor(self.labels, device=outputs.device))
-        pred = Prediction(self.labels, self.class_labels, self.activation, self.channel, self.threshold, self.soft)
-        return dice_score(pred(outputs), truth, empty=self.empty)
+        truth = torch.isin(ref.to(outputs.device), torch.tensor(self.prediction.labels, device=outputs.device))
+        return dice_score(self.prediction(outputs), truth, empty=self.empty)
 
 
 @dataclass
-class Volume(ValueTarget):
+class Volume(_OfPrediction):
     """The predicted volume of a label set (:class:`Prediction`), per row: the voxel count times
-    ``voxel_volume`` (soft: the summed probabilities), in float64."""
+    ``voxel_volume`` (soft: the summed probabilities), in float64. Built by :func:`medexplain.shapley.volume`."""
 
-    labels: tuple[int, ...]
-    class_labels: tuple[int, ...] | None = None
-    activation: str = "softmax"
-    channel: int | None = None
-    threshold: float = 0.5
-    soft: bool = False
     voxel_volume: float = 1.0
     name: str = "volume"
 
-    @property
-    def differentiable(self) -> bool:
-        return self.soft
-
     def value(self, outputs, rows):
         _check_dense(outputs, "Volume")
-        pred = Prediction(self.labels, self.class_labels, self.activation, self.channel, self.threshold, self.soft)
-        return pred(outputs).double().flatten(1).sum(1) * float(self.voxel_volume)
+        return self.prediction(outputs).double().flatten(1).sum(1) * float(self.voxel_volume)
 
 
 @dataclass
