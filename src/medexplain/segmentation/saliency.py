@@ -32,7 +32,7 @@ from torch import nn
 
 from ..attribution import Attribution
 from ..core import CONV, CONV_TRANSPOSE, capture_layers, check_input, chunks, forward, model_guard, require_hooks, unwrap
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError, TargetError, UnsupportedModelError
 from ..registry import instance_method
 from ..targets import Regions
 from .instances import Instance, flatten_instances
@@ -149,7 +149,7 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         raise InputError(f"{', '.join(refused)} do(es) not apply to method {spec.name!r}: it takes "
                          f"{sorted(k for k in given if spec.takes(k))}")
     if not isinstance(channel, int) or isinstance(channel, bool):
-        raise InputError(f"channel must be an int (the lesion class's output channel), got {channel!r}")
+        raise TargetError(f"channel must be an int (the lesion class's output channel), got {channel!r}")
     m = as_model(model, inferer=inferer)
     x = check_input(x)
     flat = _check_instances(instances, x)
