@@ -26,6 +26,7 @@ BENCHES = {
     "validity": ["validity.py"],                         # issue 10: the one table
     "cam_alignment": ["cam_alignment.py"],               # issue 16: aligned vs bilinear CAM upsampling
     "sliding_window": ["sliding_window.py"],             # issue 17: memory and time through windows
+    "memory_budget": ["memory_budget.py"],               # issue 27: IG on a radiograph under a 2 GB budget
 }
 
 

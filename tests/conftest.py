@@ -133,3 +133,7 @@ def check_batch_matrix(method, nd, kind, opts):
     assert full.info["n_forward"] >= 3 and full.info["seconds"] > 0
     assert_untouched(model, snap)
     return full
+
+
+# ---- a real PACS (Orthanc with DICOMweb) for tests/test_pacs.py: tests/pacs_fixture.py ------------------------
+from pacs_fixture import orthanc  # noqa: E402,F401

@@ -455,3 +455,265 @@ def test_api_bad_input_matrix(files, name):
 
 def test_matrix_has_at_least_30_cases():
     assert len(CLI_CASES) + 2 + len(_api_cases(None)) >= 30
+
+
+# ---- issue 27 (part B): zero raw crashes, zero silent results ------------------------------------------------
+@pytest.fixture(scope="module")
+def f27(tmp_path_factory):
+    d = tmp_path_factory.mktemp("i27")
+    rng = np.random.default_rng(27)
+    vol(d / "v.nii.gz", rng.random((S,) * 3, dtype=np.float32))
+    vol(d / "scan.nii.gz", (rng.random((S,) * 3) * 900 + 100).astype(np.float32))      # an intensity scan
+    vol(d / "mr16.nii.gz", rng.integers(0, 4000, (S,) * 3).astype(np.int16))            # integer, but an image
+    lab = np.zeros((S,) * 3, np.uint8)
+    lab[2:5, 2:5, 2:5] = 1
+    lab[6:8, 6:8, 6:8] = 2
+    vol(d / "labels.nii.gz", lab)
+    vol(d / "prob.nii.gz", np.where(lab > 0, 0.8, 0.1).astype(np.float32))
+    (d / "afile").write_text("keep me")
+    return d
+
+
+@pytest.mark.parametrize("ref,words", [("scan.nii.gz", "512 distinct values from 105.9 to 994.8"),
+                                       ("mr16.nii.gz", "non-zero labels, more than 100"),
+                                       ("prob.nii.gz", "2 distinct values from 0.1 to 0.8")])
+def test_regression_reference_must_be_a_label_map(f27, ref, words):
+    """Regression (issue 27): `instances --reference` accepted any image as ground truth (an intensity scan was
+    thresholded at 0 and TP/FP/FN written without a word); it is refused with the values found, before the model
+    runs, and nothing is written. A probability map needs --reference-threshold."""
+    out = f27 / f"out_ref_{ref}"
+    res = CliRunner().invoke(app, ["instances", str(f27 / "v.nii.gz"), "--model", SEG, "--reference", str(f27 / ref),
+                                   "--out", str(out)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.InputError), res.output
+    assert "is not a label map" in text and words in text and "--reference-threshold" in text, text
+    assert not out.exists()
+    with pytest.raises(errors.InputError, match="not a label map"):    # the API it calls
+        from medexplain.pipelines import explain_lesion_instances
+        explain_lesion_instances(f27 / "v.nii.gz", seg3d(), out, reference=f27 / ref)
+    assert not out.exists()
+
+
+def test_reference_label_map_and_thresholded_probability_map_are_accepted(f27):
+    from medexplain.segmentation import find_instances, reference_foreground
+    lab = nib.load(str(f27 / "labels.nii.gz")).get_fdata()                          # a label map stored as float
+    assert (reference_foreground(lab) == (lab > 0)).all()
+    prob = nib.load(str(f27 / "prob.nii.gz")).get_fdata()
+    assert (reference_foreground(prob, 0.5) == (lab > 0)).all()
+    with pytest.raises(errors.InputError, match="not a probability map"):
+        reference_foreground(lab * 3.5, 0.5)
+    pred = torch.from_numpy(lab > 0).float() * 0.9
+    kinds = [i.kind for i in find_instances(pred, reference=torch.from_numpy(prob), reference_threshold=0.5)]
+    assert kinds == ["TP", "TP"]
+    scan = nib.load(str(f27 / "scan.nii.gz")).get_fdata()
+    with pytest.raises(errors.InputError, match="not a label map: it holds 512 distinct values"):
+        find_instances(pred, reference=torch.from_numpy(scan))
+    for ref, extra in (("labels.nii.gz", []), ("prob.nii.gz", ["--reference-threshold", "0.5"])):
+        out = f27 / f"ok_{ref}"
+        res = CliRunner().invoke(app, ["instances", str(f27 / "v.nii.gz"), "--model", SEG, "--reference",
+                                       str(f27 / ref), *extra, "--n-samples", "1", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert (out / "info.json").exists()
+
+
+@pytest.mark.parametrize("t", [2.0, -0.1, float("nan")])
+def test_find_instances_threshold_is_a_probability_like_the_cli(t):
+    """Issue 27: find_instances(threshold=2.0) returned 0 instances silently; the CLI refuses it."""
+    from medexplain.segmentation import find_instances
+    with pytest.raises(errors.OptionError, match=r"threshold is a probability in \[0, 1\]"):
+        find_instances(torch.rand(S, S, S), threshold=t)
+
+
+def test_case_ids_keep_unicode_and_collisions_are_refused_by_name(tmp_path):
+    """Issue 27: `Müller` was rewritten `M_ller`, so Müller and Möller collided as duplicates. Ids are kept as
+    written; their folders are made safe by a reversible rule; ids that would share a folder are refused."""
+    from medexplain.io import original_name, safe_file_name
+    for name in ("Müller", "a/b", "50%", "..", " x.", "患者 7", 'c:d*e?f"g<h>i|j\\k\tl'):
+        safe = safe_file_name(name)
+        assert original_name(safe) == name and "/" not in safe and "\\" not in safe and not safe.startswith(".")
+    assert safe_file_name("Müller") == "Müller" and safe_file_name("a/b") == "a%2Fb"
+    vol(tmp_path / "a.nii.gz", np.random.default_rng(0).random((S,) * 3, dtype=np.float32))
+    (tmp_path / "cases.csv").write_text("image,case_id\na.nii.gz,Müller\na.nii.gz,Möller\na.nii.gz,M_ller\n",
+                                        encoding="utf-8")
+    cases = read_manifest(tmp_path / "cases.csv")
+    assert [c.case_id for c in cases] == ["Müller", "Möller", "M_ller"]
+    res = run_manifest(tmp_path / "cases.csv", CLS, ["saliency"], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "cases").iterdir()) == sorted(["Müller", "Möller", "M_ller"])
+    assert sorted(r["case_id"] for r in res.rows) == sorted(["Müller", "Möller", "M_ller"])
+    (tmp_path / "clash.csv").write_text("image,case_id\na.nii.gz,Müller\na.nii.gz,müller\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="line 3: case_id 'müller' and 'Müller' \\(line 2\\) would share"):
+        read_manifest(tmp_path / "clash.csv")
+
+
+def test_shapley_with_one_input_channel_is_refused_as_degenerate(f27):
+    """Issue 27: shapley over 5 folds of a one-channel network reported a rank variance of 0 as if meaningful.
+    The pipeline refuses before any model runs and points to the fold agreement of the maps."""
+    from medexplain.shapley import channel_shapley, fold_map_agreement, mean_foreground_probability
+    out = f27 / "out_shapley1"
+    res = CliRunner().invoke(app, ["shapley", str(f27 / "v.nii.gz"), "--model", SEG, "--model", SEG,
+                                   "--out", str(out)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.InputError), res.output
+    assert "two or more input channels" in text and "fold_map_agreement" in text and not out.exists()
+    with pytest.warns(UserWarning, match="one player"):
+        channel_shapley(seg3d(), torch.rand(1, 1, S, S, S), mean_foreground_probability(1))
+    m = torch.rand(1, S, S, S)
+    agree = fold_map_agreement([m, m.clone(), -m])
+    assert agree["pairs"][0][2] == pytest.approx(1.0) and agree["min"] == pytest.approx(-1.0)
+    with pytest.raises(errors.InputError, match="two or more"):
+        fold_map_agreement([m])
+
+
+def _out_cases_27(d):
+    bad = str(d / "afile" / "sub")
+    return {
+        "instances": ["instances", str(d / "v.nii.gz"), "--model", SEG, "--out", bad],
+        "shapley": ["shapley", str(d / "v.nii.gz"), str(d / "v.nii.gz"), "--model", SEG, "--out", bad],
+        "evaluate": ["evaluate", "--maps", str(d / "nomaps"), "--masks", str(d / "nomasks"), "--out", bad],
+        "train": ["train", "chest_xray", "--out", bad, "--n", "8", "--epochs", "1"],
+        "demo": ["demo", "--out", bad, "--size", "small"],
+    }
+
+
+@pytest.mark.parametrize("command", ["instances", "shapley", "evaluate", "train", "demo"])
+def test_out_that_cannot_be_created_is_refused_before_compute(f27, command):
+    """Issue 27: an --out that cannot be created was a traceback after the compute; every command checks it
+    (medexplain.io.check_output_dir) first: here its parent is a file, and even the inputs are not read."""
+    res = CliRunner().invoke(app, _out_cases_27(f27)[command])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.OutputPathError), (command, res.output)
+    assert "is a file" in res.output and (f27 / "afile").read_text() == "keep me"
+
+
+class CallCounter(torch.nn.Module):
+    """Counts the rows of every forward (the probe row included)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, []
+
+    def forward(self, x):
+        self.rows.append(int(x.shape[0]))
+        return self.net(x)
+
+
+def test_memory_is_a_checked_cost_before_compute(tmp_path):
+    """Issue 27: integrated gradients on a full-size radiograph sent 64 steps through the model in one call and
+    was killed by the kernel with no message. Each method's plan measures one model call on a probe row, caps
+    chunk_size to the budget, and refuses before any compute when one row does not fit, naming --memory."""
+    from medexplain.options import MemoryBudgetError, probe_row_bytes
+    m, x = CallCounter(cls3d()), torch.rand(1, 1, S, S, S)
+    per_row = probe_row_bytes(m, x)
+    assert per_row > 2 * x.numel() * 4 and m.rows == [1]                      # one probe row, measured, cached
+    assert probe_row_bytes(m, x) == per_row and m.rows == [1]
+    with pytest.raises(MemoryBudgetError, match=r"--memory GB; memory= in Python"):
+        mx.explain(m, x, "integrated_gradients", target=0, memory=per_row / 2 / 1e9)
+    assert m.rows == [1]                                                        # nothing computed but the probe
+    free = mx.explain(cls3d(), x, "integrated_gradients", target=0, steps=8)
+    capped = mx.explain(m, x, "integrated_gradients", target=0, steps=8, memory=3.5 * per_row / 1e9)
+    assert capped.info["memory"]["rows_per_call"] == 3 and capped.info["memory"]["capped_chunk_size"]
+    assert max(m.rows[1:]) <= 3 and sum(m.rows[1:]) == capped.info["n_forward"]
+    assert torch.allclose(capped.map, free.map, atol=1e-6)                     # the same map, in smaller calls
+    with pytest.raises(errors.OptionError, match="budget in GB > 0"):
+        mx.explain(m, x, "saliency", target=0, memory=-1)
+    flips = mx.Model(cls3d(), flip_axes=(0, 1))          # 4 passes in one call: their saved tensors all count
+    assert probe_row_bytes(flips, x) > 2 * probe_row_bytes(cls3d(), x)
+    # the command line: a typed error naming the option, before any compute; nothing written
+    vol(tmp_path / "v.nii.gz", np.random.default_rng(0).random((S,) * 3, dtype=np.float32))
+    res = CliRunner().invoke(app, ["explain", str(tmp_path / "v.nii.gz"), "--model", CLS, "--method",
+                                   "saliency,integrated_gradients", "--memory", "1e-9", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and isinstance(_typed(res), MemoryBudgetError) and "--memory" in res.output, res.output
+    assert not (tmp_path / "o").exists()
+    # run: such cases are error rows, the run goes on
+    (tmp_path / "cases.csv").write_text("image\nv.nii.gz\n")
+    rr = run_manifest(tmp_path / "cases.csv", CLS, ["saliency"], tmp_path / "run", memory=1e-9)
+    assert [r["status"] for r in rr.rows] == ["error"] and "MemoryBudgetError" in rr.rows[0]["error_type"]
+
+
+def test_instances_and_shapley_print_the_estimate_up_front(f27, monkeypatch):
+    """Issue 27: `instances --n-samples 1e8` printed nothing for minutes while explain estimated "~281 h" up
+    front. instances and shapley now give the same estimate (rows, time, memory of one call) before the
+    saliency runs, and progress with a total."""
+    import medexplain.segmentation as seg
+    from medexplain.pipelines import contrast_shapley
+
+    @__import__("functools").wraps(seg.explain_instances)   # same signature: same options, same plan
+    def stop(*a, **k):
+        raise errors.InputError("stopped by the test after the estimate")
+
+    monkeypatch.setattr(seg, "explain_instances", stop)
+    res = CliRunner().invoke(app, ["instances", str(f27 / "v.nii.gz"), "--model", SEG, "--region",
+                                   str(f27 / "labels.nii.gz"), "--n-samples", "100000000", "--out", str(f27 / "o_est")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "stopped by the test" in text, text
+    assert text.index("estimate: smoothgrad: about 100000000 forward and 200000000 backward") < text.index("stopped")
+    assert " h at " in text and "per model call of 10 row(s)" in text, text
+    ests, progress = [], []
+    vol(f27 / "two.nii.gz", np.random.default_rng(1).random((S, S, S, 2), dtype=np.float32))
+    from conftest import TinySegmenter
+    two = [TinySegmenter(3, cin=2, k=2).eval() for _ in range(2)]
+    contrast_shapley(f27 / "two.nii.gz", two, f27 / "o_shap", on_estimate=ests.append,
+                     on_progress=lambda *a: progress.append(a))
+    assert [(e.method, e.n_forward, e.n_backward) for e in ests] == [("model 1/2", 4, 0), ("model 2/2", 4, 0)]
+    assert progress[-1] == ("model 2/2", 4, 4) and ests[0].memory.rows_per_call == 16
+
+
+class Slow3d(torch.nn.Module):
+    """A classifier that takes a while per call, so a run can be stopped in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyClassifier(3, cin=1)
+
+    def forward(self, x):
+        import time
+        time.sleep(0.3)
+        return self.net(x)
+
+
+def slow3d():
+    torch.manual_seed(0)
+    return Slow3d().eval()
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_run_stopped_by_a_signal_says_resume_and_exits_128_plus_signal(tmp_path, sig, code):
+    """Issue 27: Ctrl-C/SIGTERM ended `run` with no "rerun with --resume" hint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    vol(tmp_path / "a.nii.gz", np.random.default_rng(0).random((S,) * 3, dtype=np.float32))
+    (tmp_path / "cases.csv").write_text("image\n" + "a.nii.gz\n" * 40)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(p) for p in (__import__("medexplain").__path__[0] + "/..",
+                                                                          os.path.dirname(__file__))]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from medexplain.cli import main; main()", "run",
+                             str(tmp_path / "cases.csv"), "--model", "test_bad_inputs:slow3d", "--batch-size", "1",
+                             "--out", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    t0 = time.time()
+    while not (tmp_path / "out" / "cases").exists() and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, (out, err)
+    assert "stopped; rerun with --resume to continue" in " ".join((out + err).split()) and "Traceback" not in err
+    left = [p.name for p in (tmp_path / "out").rglob(".*")]
+    assert left == []                                                   # no partial (temporary) file is left
+
+
+def test_a_large_row_is_refused_on_the_probe_of_a_crop():
+    """The refusal itself stays within the budget: a large row (here 1 x 1100 x 1000) is first probed on a centre
+    crop, scaled by the voxel count; when that exceeds the budget the full-size probe is never run. The scaled
+    estimate agrees with the full probe (activations scale with the voxels)."""
+    from medexplain.options import MemoryBudgetError, probe_row_bytes
+    torch.manual_seed(0)
+    m, x = CallCounter(TinyClassifier(2, cin=1).eval()), torch.rand(1, 1, 1100, 1000)
+    with pytest.raises(MemoryBudgetError, match="centre crop first"):
+        mx.explain(m, x, "saliency", target=0, memory=1e-3)
+    assert len(m.rows) == 1                                            # one probe, of the crop only
+    full = probe_row_bytes(CallCounter(m.net), x)                      # no limit: the full row
+    scaled = probe_row_bytes(CallCounter(m.net), x, limit=1)           # over the limit: the crop, scaled
+    assert 0.8 < scaled / full < 1.25, (scaled, full)

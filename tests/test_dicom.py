@@ -127,8 +127,12 @@ def test_affine_matches_simpleitk_geometry_of_pydicom_files(name):
     img, meta = io.read_image(path)
     ref = sitk.ReadImage(path)
     nd = img.ndim - 1
-    assert np.abs(meta["affine"] - sitk_affine(ref, nd)).max() < 1e-4
-    assert max_point_error(meta["affine"], ref, img.shape[1:]) < 1e-4
+    expected = sitk_affine(ref, nd)
+    if name == "emri_small.dcm":  # no positions: SimpleITK puts the frames 1 mm apart, the file says 1.2 mm
+        expected[:3, 0] *= 1.2
+    else:
+        assert max_point_error(meta["affine"], ref, img.shape[1:]) < 1e-4
+    assert np.abs(meta["affine"] - expected).max() < 1e-4
     assert np.array_equal(img.numpy().reshape(-1), sitk.GetArrayFromImage(ref).astype(np.float32).reshape(-1))
     ds = pydicom.dcmread(path)
     if "ImagePositionPatient" in ds:  # and, without any reader, against the tags
@@ -139,8 +143,46 @@ def test_affine_matches_simpleitk_geometry_of_pydicom_files(name):
             assert np.abs((meta["affine"] @ [r, c, 0, 1])[:3] - LPS_TO_RAS @ lps).max() < 1e-4
         assert meta["orientation"] == ("P", "L") and meta["axes"] == ("row", "column") and meta["oriented"]
     else:  # emri_small: an enhanced MR stripped of its functional groups: no geometry, said so
-        assert img.shape == (1, 10, 64, 64) and meta["spacing"] == (1.0, 1.0, 1.0) and not meta["oriented"]
+        assert img.shape == (1, 10, 64, 64) and not meta["oriented"]
+        assert meta["spacing"] == pytest.approx((1.2, 1.0, 1.0)) and meta["slice_spacing_source"] == "SpacingBetweenSlices"
         assert any("no usable pixel spacing" in w for w in meta["warnings"])
+
+
+def _emri_variant(tmp_path, **tags):
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("emri_small.dcm"))
+    for k, v in tags.items():
+        if v is None:
+            delattr(ds, k)
+        else:
+            setattr(ds, k, v)
+    ds.save_as(tmp_path / "emri.dcm")
+    return tmp_path / "emri.dcm"
+
+
+def test_slice_spacing_from_positions_else_spacing_between_slices_else_thickness(tmp_path):
+    """Issue 27: a DICOM whose slice spacing comes from SpacingBetweenSlices (emri_small: 1.2 mm) was written
+    at 1 mm. The order is the positions, SpacingBetweenSlices, SliceThickness, else 1 mm with a warning; the
+    source is stated in meta and in explain's info.json."""
+    from medexplain.pipelines import explain_image
+    path = pydicom.data.get_testdata_file("emri_small.dcm")
+    torch.manual_seed(0)
+    res = explain_image(path, TinyClassifier(3, cin=1).eval(), "saliency", tmp_path / "out")
+    info = json.loads(next(p for p in res.files if p.name.endswith("_info.json")).read_text())
+    assert info["input"]["slice_spacing_source"] == "SpacingBetweenSlices"
+    written = nib.load(str(next(p for p in res.files if p.name.endswith(".nii.gz"))))
+    assert np.allclose(written.header.get_zooms()[:3], (1.2, 1.0, 1.0))         # the map at the file's spacing
+    _, meta = io.read_image(_emri_variant(tmp_path, SpacingBetweenSlices=None, SliceThickness=3.0))
+    assert meta["spacing"][0] == pytest.approx(3.0) and meta["slice_spacing_source"].startswith("SliceThickness")
+    _, meta = io.read_image(_emri_variant(tmp_path, SpacingBetweenSlices=None))
+    assert meta["spacing"][0] == 1.0 and any("no slice spacing in the file" in w for w in meta["warnings"])
+    # a series: the positions (GAP apart, as SimpleITK reads them) win over a contradicting SliceThickness
+    write_series(tmp_path / "series")
+    for f in (tmp_path / "series").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SliceThickness, ds.SpacingBetweenSlices = "5.0", "4.0"
+        ds.save_as(f)
+    _, meta = io.read_image(tmp_path / "series")
+    assert meta["spacing"][0] == pytest.approx(GAP) and "positions" in meta["slice_spacing_source"]
 
 
 def test_oblique_shuffled_series_folder(tmp_path):
@@ -161,29 +203,43 @@ def test_oblique_shuffled_series_folder(tmp_path):
     assert all(np.degrees(np.arccos(np.abs(v).max())) > 20 for v in (ROW_DIR, COL_DIR, NORMAL))   # really oblique
 
 
-def test_enhanced_multiframe_with_functional_groups(tmp_path):
-    rot = _rotation([0.2, 1.0, 0.4], 40)
-    row, col = rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 0, -1.0])          # an oblique coronal frame
-    normal, origin, n, gap = np.cross(row, col), np.array([5.0, -12.0, 30.0]), 5, 2.1
+ENH_N, ENH_GAP, ENH_ORIGIN = 5, 2.1, np.array([5.0, -12.0, 30.0])
+ENH_ROT = _rotation([0.2, 1.0, 0.4], 40)
+ENH_ROW, ENH_COL = ENH_ROT @ np.array([1.0, 0, 0]), ENH_ROT @ np.array([0, 0, -1.0])   # an oblique coronal frame
+
+
+def write_enhanced(path):
+    """An enhanced multi-frame MR of ENH_N oblique 6 x 7 frames with shared / per-frame functional groups
+    (PixelSpacing 0.9 x 0.7, ENH_GAP mm apart); returns the volume (ENH_N, 6, 7)."""
+    row, col, n, gap = ENH_ROW, ENH_COL, ENH_N, ENH_GAP
+    normal, origin = np.cross(row, col), ENH_ORIGIN
     ds = _dataset("1.2.840.10008.5.1.4.1.1.4.1", 6, 7)
     ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.NumberOfFrames = generate_uid(), generate_uid(), n
+    ds.StudyInstanceUID = generate_uid()
     measures, orient = Dataset(), Dataset()
     measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [0.9, 0.7], gap, gap
-    orient.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+    orient.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
     shared = Dataset()
     shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orient])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     frames = []
     for k in range(n):
         f, pos, content = Dataset(), Dataset(), Dataset()
-        pos.ImagePositionPatient = [float(v) for v in origin + k * gap * normal]
+        pos.ImagePositionPatient = [f"{v:.6f}" for v in origin + k * gap * normal]
         content.InStackPositionNumber = k + 1
         f.PlanePositionSequence, f.FrameContentSequence = Sequence([pos]), Sequence([content])
         frames.append(f)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     vol = np.random.default_rng(1).integers(0, 1000, (n, 6, 7)).astype(np.uint16)
     ds.PixelData = vol.tobytes()
-    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    ds.save_as(path, enforce_file_format=True)
+    return vol
+
+
+def test_enhanced_multiframe_with_functional_groups(tmp_path):
+    vol = write_enhanced(tmp_path / "enhanced.dcm")
+    row, col, n, gap = ENH_ROW, ENH_COL, ENH_N, ENH_GAP
+    normal, origin = np.cross(row, col), ENH_ORIGIN
     img, meta = io.read_image(tmp_path / "enhanced.dcm")
     assert img.shape == (1, n, 6, 7) and np.array_equal(img[0].numpy(), vol) and meta["warnings"] == []
     ref = sitk.ReadImage(str(tmp_path / "enhanced.dcm"))

@@ -80,7 +80,7 @@ def test_manifest_resolves_paths_and_ids(tmp_path):
     csv.write_text("Image;Target;label;case_id\nscan.nii.gz;2;1;\n/abs/x.png;;;patient 7\n")
     a, b = read_manifest(csv)
     assert a.image == str(tmp_path / "sub" / "scan.nii.gz") and a.target == 2 and a.label == 1
-    assert a.case_id == "00000_scan" and b.case_id == "patient_7" and b.target is None and b.image == "/abs/x.png"
+    assert a.case_id == "00000_scan" and b.case_id == "patient 7" and b.target is None and b.image == "/abs/x.png"
 
 
 def test_run_writes_maps_metrics_table_and_record(tmp_path):

@@ -130,3 +130,24 @@ def test_preprocessing_errors_are_typed():
                       ({"intensity": "percentile:99,1"}, "LOW < HIGH"), ({"spatial_size": "8", "divisible_by": 4}, "not both")]:
         with pytest.raises(errors.OptionError, match=words):
             Preprocessing(**kw)
+
+
+def test_min_size_and_divisible_by_combine_pad_to_the_larger(tmp_path):
+    """Issue 27: a brain-extraction U-Net needs at least N voxels per axis *and* a multiple of k;
+    --min-spatial-size N --divisible-by k pads each axis of n voxels to ceil(max(n, N) / k) * k, and the map is put
+    back on the image's own grid (12, 10, 14 here: min 11 and a multiple of 4 give 12, 12, 16)."""
+    import math
+    prep = Preprocessing(min_spatial_size="11", divisible_by="4")
+    out = prep.build().apply(torch.rand(1, *SHAPE), AFFINE)
+    want = tuple(math.ceil(max(n, 11) / 4) * 4 for n in SHAPE)
+    assert tuple(out.image.shape[1:]) == want == (12, 12, 16)
+    assert prep.describe()["min_spatial_size"] == (11,) and prep.describe()["divisible_by"] == 4
+    path, _ = scan(tmp_path)
+    res = runner.invoke(app, ["explain", str(path), "--model", "test_transforms:net", "--method", "saliency",
+                              "--min-spatial-size", "11", "--divisible-by", "4", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert nib.load(str(tmp_path / "out" / "scan_saliency.nii.gz")).shape == SHAPE
+    info = json.loads((tmp_path / "out" / "scan_info.json").read_text())
+    assert info["preprocessing"]["model_grid"] == [12, 12, 16]
+    with pytest.raises(errors.OptionError, match="--min-spatial-size N --divisible-by k"):
+        Preprocessing(spatial_size="16", divisible_by="4")

@@ -22,7 +22,7 @@ import torch
 from .core import forward, model_guard
 from .errors import MedexplainError
 from .explain import available_methods, explain
-from .io import method_file, write_json, write_nifti
+from .io import check_output_dir, method_file, write_json, write_nifti
 from .metrics.localisation import hit_rate
 from .models import zoo
 from .registry import accepted_options, get_method
@@ -174,7 +174,7 @@ def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8
     ``size``: the zoo configuration (``"demo"``, or ``"small"`` for smoke tests); ``log``: a line printer."""
     say = log or (lambda _s: None)
     t0 = time.perf_counter()
-    out = Path(out)
+    out = check_output_dir(out)  # before the training and the explanations (issue 27)
     model, ds = zoo.pretrained("chest_xray", seed=seed, size=size, progress=progress, retrain=retrain)
     t_model = time.perf_counter() - t0
     _, test = ds.split(ds.meta_info.get("train_frac", 0.8))

@@ -60,6 +60,11 @@ class OptionError(MedexplainError, ValueError):
     """A method option is unknown (the message lists close matches), of the wrong type, or out of range."""
 
 
+class MemoryBudgetError(OptionError):
+    """Even the smallest model call of a method does not fit the memory budget (``--memory``/``memory=``);
+    raised before any compute, naming the options that help (:func:`medexplain.options.plan_memory`)."""
+
+
 class ModelError(MedexplainError, RuntimeError):
     """The model's own forward raised on the given input. The message names the input that was given
     (shape, dtype, channels), what the model seems to expect, and the option that fixes it."""

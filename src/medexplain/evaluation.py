@@ -32,7 +32,7 @@ import torch
 
 from .core import resize_to
 from .errors import FileFormatError, InputError
-from .io import IMAGE_SUFFIXES, file_stem, read_image, write_csv
+from .io import IMAGE_SUFFIXES, check_output_dir, file_stem, read_image, write_csv
 from .metrics.localisation import (
     CI_METHODS,
     MEAN_OF,
@@ -329,7 +329,7 @@ def evaluate_localisation(maps, masks, out, metric: str = "all", mode: str = "tp
     if (probs is None) != (cutoff is None):
         raise InputError("--probs and --cutoff go together")
     cut = _per_class_option(cutoff, "--cutoff", "cutoff")
-    out = Path(out)
+    out = check_output_dir(out)  # before any map is read (issue 27)
     metrics = METRICS if metric == "all" else (metric,)
     thr = _threshold(threshold, val_maps, val_masks, mode)
     files = []

@@ -15,6 +15,7 @@ from .attribution import Attribution
 from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks
 from .errors import MedexplainError, TargetError
 from .models.model import as_model
+from .options import plan_memory
 from .registry import accepted_options, default_method, get_method, registered, route_options  # noqa: F401
 from .sliding import is_sliding, window_info
 from .sliding_cam import windowed_method
@@ -38,7 +39,7 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
 
 
 def explain(model, x: torch.Tensor, method: str | None = None, target=None, output=None,
-            inferer=None, **options) -> Attribution:
+            inferer=None, memory: float | None = None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
     ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (the network or an ensemble, test-time
@@ -60,6 +61,12 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
     each pass's layer cells back before combining (``docs/cam.md``). ``info["model"]`` describes the
     Model, ``info["score"]`` says when logits are taken at the input of a final Softmax/Sigmoid, and
     ``info["eval"]`` when the train/eval policy changed or kept a mode. Maps come back on the CPU.
+
+    ``memory``: the budget in GB of one model call (default: half the memory available now). The peak of
+    one call (all its passes) is measured on a probe row (:func:`medexplain.options.probe_row_bytes`),
+    ``chunk_size`` is capped to the rows that fit, and a call that cannot fit even one row raises
+    :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
+    ``info["memory"]`` records the plan. Not applied through an ``inferer`` (its calls are windows).
     """
     spec = get_method(default_method() if method is None else method)
     options = spec.check_options(options)   # names, types, ranges and choices from the signature; declared check
@@ -83,6 +90,9 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
     notes: dict = {}
     with model_guard(m, policy=m.eval_policy, notes=notes):
+        plan = None
+        if not is_sliding(net):  # the memory of one model call, checked before any compute
+            options, plan = plan_memory(spec.name, spec.fn, net, x, options, memory)
         cost = Cost()
         try:
             amap, extra = fn(net, x, tgt, cost, **options)
@@ -95,4 +105,6 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
             raise model_error(m, x, e) from e
     info = window_info(net, cost.info(**extra))
     info.update(m.info(notes))
+    if plan is not None:
+        info["memory"] = plan.as_dict()
     return Attribution(amap.detach().cpu(), spec.name, given, info)

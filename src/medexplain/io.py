@@ -39,7 +39,9 @@ channel as a plain 2D/3D image, several channels on NIfTI's 4th axis, a 2D image
 axis first), :func:`write_png_overlay` a figure of :mod:`medexplain.render`. Every write is atomic
 (:func:`atomic_path`: temporary file, then rename), so an interrupted run never leaves a half-written file;
 :func:`check_output_dir` refuses an output folder that is a file, is not writable, or already holds a file
-a call would write (unless ``overwrite``). :func:`file_stem` is the one rule for output names.
+a call would write (unless ``overwrite``). :func:`file_stem` is the one rule for output names derived from an
+input file, :func:`safe_file_name` (reversible percent-encoding of unsafe characters only) for names made
+from free text such as case ids.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ import torch
 from .errors import FileFormatError, InputError, MedexplainError, OutputPathError
 
 __all__ = ["IMAGE_SUFFIXES", "KNOWN_SUFFIXES", "read_image", "read_channels", "file_stem",
-           "method_file", "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_json",
+           "method_file", "safe_file_name", "original_name",
+           "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_json",
            "write_text", "write_csv", "ras_affine_from_itk", "dicom_series"]
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "png", ".jpeg": "png", ".dcm": "dicom", ".dicom": "dicom",
@@ -89,6 +92,32 @@ def file_stem(path) -> str:
         if low.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
+
+
+#: Characters never put in a file name as they are: path separators, the characters Windows reserves, and
+#: ``%`` (the escape character itself, so the rule stays reversible).
+_UNSAFE_NAME_CHARS = frozenset('/\\:*?"<>|%')
+
+
+def safe_file_name(name: str) -> str:
+    """The one reversible rule for a file or folder name made from free text (a case id): every character
+    stays as it is, Unicode letters included (``Müller`` stays ``Müller``), except control characters, path
+    separators, ``:*?"<>|``, ``%`` itself, and dots or spaces at either end, which are percent-encoded as
+    their UTF-8 bytes (``a/b`` -> ``a%2Fb``, ``..`` -> ``%2E%2E``). :func:`original_name` reverses it, so
+    two different names never share a file (issue 27: ``Müller`` and ``Möller`` both became ``M_ller``)."""
+    name = str(name)
+    if not name:
+        raise InputError("an empty name cannot be a file name")
+    last = len(name) - 1
+    return "".join("".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+                   if ch in _UNSAFE_NAME_CHARS or ord(ch) < 32 or ord(ch) == 127 or (ch in ". " and i in (0, last))
+                   else ch for i, ch in enumerate(name))
+
+
+def original_name(file_name: str) -> str:
+    """The name :func:`safe_file_name` was given (percent-decoding)."""
+    from urllib.parse import unquote
+    return unquote(file_name, errors="strict")
 
 
 def method_file(method: str) -> str:
@@ -415,8 +444,42 @@ def _to_channels_first(arr: np.ndarray, vector: bool) -> np.ndarray:
     return arr[:, 0] if arr.shape[1] == 1 else arr
 
 
-def _dicom_meta(ds, sitk_info, files: int, arr_shape, what: str) -> tuple[np.ndarray, dict]:
-    """The RAS affine, fixing a missing/zero in-plane spacing to 1 mm (with a warning), and the DICOM meta."""
+def _positive(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and f > 1e-6 else None
+
+
+def _slice_spacing(ds, positions: np.ndarray | None, itk_spacing: float, what: str) -> tuple[float | None, str]:
+    """The distance between slices (frames) and where it came from, in this order (issue 27): the slices' own
+    positions (ImagePositionPatient: the distance from the first to the last over ``n - 1``, as ITK's series
+    reader takes it; SimpleITK's own value when it agrees, so the maps stay voxel for voxel on its grid), else
+    SpacingBetweenSlices, else SliceThickness (top level, or an enhanced file's shared / first per-frame
+    PixelMeasuresSequence). ``(None, ...)`` when the file states none of them."""
+    if positions is not None and len(positions) > 1:
+        step = float(np.linalg.norm(positions[-1] - positions[0])) / (len(positions) - 1)
+        if step > 1e-6:
+            agree = abs(itk_spacing - step) <= 1e-4 * max(1.0, step)
+            return (itk_spacing if agree else step), f"the {what} positions (ImagePositionPatient)"
+    for name in ("SpacingBetweenSlices", "SliceThickness"):
+        for where, v in (("", _nested(ds, name)),
+                         ("shared PixelMeasuresSequence ",
+                          _nested(ds, "SharedFunctionalGroupsSequence", "PixelMeasuresSequence", name)),
+                         ("per-frame PixelMeasuresSequence ",
+                          _nested(ds, "PerFrameFunctionalGroupsSequence", "PixelMeasuresSequence", name))):
+            if _positive(v) is not None:
+                return _positive(v), where + name + (" (the slice thickness: slices assumed contiguous)"
+                                                     if name == "SliceThickness" else "")
+    return None, "none in the file"
+
+
+def _dicom_meta(ds, sitk_info, files: int, arr_shape, what: str, positions: np.ndarray | None = None
+                ) -> tuple[np.ndarray, dict]:
+    """The RAS affine, fixing a missing/zero in-plane spacing to 1 mm (with a warning) and taking the slice
+    spacing by :func:`_slice_spacing`, and the DICOM meta (with warnings when the slice positions leave the
+    regular grid)."""
     direction, spacing, origin = sitk_info
     spacing = [float(s) for s in spacing] + [1.0] * (3 - len(spacing))
     warnings = []
@@ -425,10 +488,19 @@ def _dicom_meta(ds, sitk_info, files: int, arr_shape, what: str) -> tuple[np.nda
         spacing[0] = spacing[1] = 1.0
         warnings.append(f"no usable pixel spacing in the file ({seen}): 1 mm assumed; distances and sizes "
                         "in mm are in pixels")
+    nd = len(arr_shape) - 1
+    slice_source = None
+    if nd == 3 and arr_shape[1] > 1:
+        z, slice_source = _slice_spacing(ds, positions, spacing[2], what)
+        if z is not None:
+            spacing[2] = z
+        else:
+            spacing[2] = 1.0
+            warnings.append(f"no slice spacing in the file (no {what} positions, SpacingBetweenSlices or "
+                            "SliceThickness): 1 mm assumed")
     if not np.isfinite(spacing[2]) or spacing[2] <= 1e-6:
         spacing[2] = 1.0
         warnings.append("no usable slice spacing: 1 mm assumed")
-    nd = len(arr_shape) - 1
     order = (2, 1, 0) if nd == 3 else (1, 0, 2)
     affine = ras_affine_from_itk(direction, spacing, origin, order)
     has_position = (files > 1 or _nested(ds, "ImagePositionPatient") is not None or _frame_positions(ds) is not None
@@ -444,6 +516,9 @@ def _dicom_meta(ds, sitk_info, files: int, arr_shape, what: str) -> tuple[np.nda
             "photometric": str(getattr(ds, "PhotometricInterpretation", ""))}
     if source and not source.startswith("PixelSpacing"):
         meta["spacing_source"] = source
+    if slice_source is not None:
+        meta["slice_spacing_source"] = slice_source
+    meta["warnings"] += _check_positions(positions, direction, spacing, origin, what)
     return affine, meta
 
 
@@ -472,9 +547,7 @@ def _read_dicom_file(path: Path, files: int = 1):
             arr = _pydicom_pixels(path, ds, e)
             vector = arr.ndim == 4
     arr = _to_channels_first(arr, vector)
-    affine, meta = _dicom_meta(ds, info, files, arr.shape, "frame")
-    spacing = list(info[1]) + [1.0] * (3 - len(info[1]))
-    meta["warnings"] += _check_positions(_frame_positions(ds), info[0], spacing, info[2], "frame")
+    affine, meta = _dicom_meta(ds, info, files, arr.shape, "frame", _frame_positions(ds))
     return arr, meta
 
 
@@ -536,8 +609,7 @@ def _read_dicom_folder(folder: Path, series: str | None):
     _check_series(folder, files, iop, ipp)
     arr = _to_channels_first(arr, vector)
     positions = np.array([[float(v) for v in p.split("\\")] for p in ipp]) if all(ipp) else None
-    affine, meta = _dicom_meta(ds, info, len(files), arr.shape, "slice")
-    meta["warnings"] += _check_positions(positions, info[0], info[1], info[2], "slice")
+    affine, meta = _dicom_meta(ds, info, len(files), arr.shape, "slice", positions)
     return arr, meta
 
 
@@ -723,7 +795,7 @@ def write_csv(rows, path, header) -> Path:
 def geometry_record(meta: dict) -> dict:
     """The geometry part of a read image's meta, JSON-ready (for ``info.json`` and run records)."""
     keys = ("format", "geometry", "oriented", "axes", "spacing", "orientation", "warnings", "series_uid", "n_files",
-            "transfer_syntax", "modality", "photometric", "spacing_source")
+            "transfer_syntax", "modality", "photometric", "spacing_source", "slice_spacing_source")
     out = {k: meta[k] for k in keys if k in meta}
     out["affine"] = np.asarray(meta["affine"]).round(6).tolist()
     return out

@@ -25,7 +25,9 @@ per-method ``key=value`` pairs whose names depend on the method).
 The cost section estimates the rows a method sends through the model (:func:`estimate_passes`, from
 the ``cost`` model the method declares, fed the same options) and extrapolates a time from one timed
 forward pass (:func:`estimate_cost`), and :class:`CountingModel` reports the rows as they pass, for
-progress bars.
+progress bars. The memory section measures the peak of one model call on a probe row
+(:func:`probe_row_bytes`), caps the rows per call to a budget and refuses a call that cannot fit one row
+before any compute (:func:`plan_memory`, issue 27).
 """
 from __future__ import annotations
 
@@ -34,15 +36,17 @@ import difflib
 import inspect
 import math
 import numbers
+import threading
 import types
 import typing
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .core import OutputAdapter, peel_adapters, select_output
-from .errors import OptionError
+from .errors import MemoryBudgetError, OptionError  # noqa: F401  (MemoryBudgetError re-exported)
 
 #: Lower bounds of the options whose meaning is fixed across medexplain: ``(bound, inclusive)``.
 RANGES: dict[str, tuple[float, bool]] = {
@@ -280,9 +284,34 @@ def estimate_passes(method: str, fn: Callable, x_shape, options: dict) -> tuple[
     ``info["n_forward"]`` counts them), or ``None`` when the count is not known in advance: the ``cost``
     model the method declares (:func:`medexplain.registry.register`), given the options with their
     defaults. Single-pass methods such as the CAMs declare none; ``tests/test_options.py`` checks each
-    model against the counted rows."""
+    model against the counted rows. With ``fn=None``, the two pipeline steps ``pipelines.py`` estimates as
+    a whole (:func:`_pipeline_passes`)."""
+    if fn is None:
+        return _pipeline_passes(method, x_shape, options)
     cost = _declared(fn, "cost")
     return None if cost is None else cost(tuple(int(s) for s in x_shape), complete_options(fn, options))
+
+
+def _pipeline_passes(method: str, x_shape, options: dict) -> tuple[int, int] | None:
+    """The steps of ``pipelines.py`` beyond one registered call: ``"instances"`` (options ``n_instances``,
+    ``method``, ``n_samples``) and ``"shapley"`` per model (``n_players``, ``method``, ``n_permutations``;
+    permutation sampling: an upper bound). Pending: the rewritten pipelines ask the instance method's and
+    contrast_shapley's declared cost models instead."""
+    b = int(x_shape[0])
+    if method == "instances":  # segmentation.explain_instances: options n_instances, method, n_samples
+        k = int(options["n_instances"])
+        if options.get("method", "smoothgrad") == "smoothgrad":  # the noisy rows once forward, backward per instance
+            n = int(options.get("n_samples", 50))
+            return n * b, n * k * b
+        return k, k                                            # Grad-CAM++: one row per instance
+    if method == "shapley":  # shapley.channel_shapley per model: options n_players, method, n_permutations
+        n, how = int(options["n_players"]), options.get("method", "auto")
+        exact = how == "exact" or (how == "auto" and n <= 10)
+        if exact:
+            return (2 ** n) * b, 0
+        m = 2 * ((int(options.get("n_permutations", 200)) + 1) // 2)   # antithetic pairs: orders and reverses
+        return min(2 ** n, m * (n - 1) + 2) * b, 0                     # at most every distinct coalition once
+    return None
 
 
 @dataclass
@@ -295,6 +324,7 @@ class CostEstimate:
     n_backward: int | None
     seconds_per_row: float
     seconds: float | None
+    memory: "MemoryPlan | None" = None
 
     @property
     def long(self) -> bool:
@@ -302,14 +332,16 @@ class CostEstimate:
         return self.seconds is not None and self.seconds > LONG_CALL_SECONDS
 
     def describe(self) -> str:
+        mem = f"; {self.memory.describe()}" if self.memory is not None else ""
         if self.seconds is None:
-            return f"{self.method}: cost unknown in advance"
+            return f"{self.method}: time unknown in advance{mem}"
         return (f"{self.method}: about {self.n_forward} forward and {self.n_backward} backward row(s), "
-                f"~{_duration(self.seconds)} at {self.seconds_per_row * 1e3:.0f} ms per forward row")
+                f"~{_duration(self.seconds)} at {self.seconds_per_row * 1e3:.0f} ms per forward row{mem}")
 
     def as_dict(self) -> dict:
         return {"n_forward": self.n_forward, "n_backward": self.n_backward,
-                "seconds_per_row": self.seconds_per_row, "seconds": self.seconds}
+                "seconds_per_row": self.seconds_per_row, "seconds": self.seconds,
+                "memory": self.memory.as_dict() if self.memory is not None else None}
 
 
 def _duration(s: float) -> str:
@@ -320,14 +352,15 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def estimate_cost(method: str, fn: Callable, x_shape, options: dict, seconds_per_row: float) -> CostEstimate:
+def estimate_cost(method: str, fn: Callable, x_shape, options: dict, seconds_per_row: float,
+                  memory: "MemoryPlan | None" = None) -> CostEstimate:
     """:func:`estimate_passes` and the time they take at ``seconds_per_row`` (one timed forward pass
-    divided by its rows)."""
+    divided by its rows), with the memory plan of one model call (:func:`plan_memory`) when given."""
     passes = estimate_passes(method, fn, x_shape, options)
     if passes is None:
-        return CostEstimate(method, None, None, seconds_per_row, None)
+        return CostEstimate(method, None, None, seconds_per_row, None, memory)
     nf, nb = passes
-    return CostEstimate(method, nf, nb, seconds_per_row, seconds_per_row * (nf + BACKWARD_COST * nb))
+    return CostEstimate(method, nf, nb, seconds_per_row, seconds_per_row * (nf + BACKWARD_COST * nb), memory)
 
 
 class CountingModel(OutputAdapter):
@@ -341,6 +374,246 @@ class CountingModel(OutputAdapter):
 
     def forward(self, x, *args, **kwargs):
         out = select_output(self.model(x, *args, **kwargs), self.output)
-        if self.on_rows is not None and isinstance(x, torch.Tensor):
+        if self.on_rows is not None and isinstance(x, torch.Tensor) and not _PROBING.active:
             self.on_rows(int(x.shape[0]))
         return out
+
+
+# --------------------------------------------------------------------------------------------------
+# memory: the peak of one model call, measured on a probe row and scaled by rows, checked against a budget
+# --------------------------------------------------------------------------------------------------
+#: The default budget: this fraction of the memory available now (``memory=None``, no ``--memory``).
+MEMORY_FRACTION = 0.5
+
+#: ``memory=`` and ``--memory`` are in GB of 10^9 bytes.
+GB = 1e9
+
+
+def size_text(n: float) -> str:
+    """Bytes as ``"1.23 GB"`` / ``"45.6 MB"`` / ``"789 kB"`` (decimal units, as ``--memory``)."""
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
+def available_memory(device=None) -> int:
+    """Bytes available now: the free memory of a CUDA device, else the smaller of the kernel's MemAvailable
+    (``/proc/meminfo``) and what the cgroup (a container's memory limit) still allows."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(dev)[0])
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            import os
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 * 2 ** 30
+    try:  # cgroup v2: the container's limit minus its use
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                avail = min(avail, max(0, int(limit) - int(f.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return int(avail)
+
+
+def memory_budget(memory=None, device=None) -> tuple[int, str]:
+    """``(bytes, how)`` of the budget for one model call: ``memory`` in GB (``--memory``), or by default
+    :data:`MEMORY_FRACTION` of :func:`available_memory`."""
+    if memory is None:
+        avail = available_memory(device)
+        return int(MEMORY_FRACTION * avail), f"{MEMORY_FRACTION:.0%} of the memory available ({size_text(avail)} now)"
+    if isinstance(memory, bool) or not isinstance(memory, numbers.Real) or not math.isfinite(memory) or memory <= 0:
+        raise OptionError(f"memory (--memory) is a budget in GB > 0, got {memory!r}")
+    return int(float(memory) * GB), f"memory={float(memory):g} GB"
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except Exception:  # a tensor without storage (sparse, functional wrappers): its own size
+        return id(t), t.numel() * t.element_size()
+
+
+#: Probed bytes per row, per model: ``{(shape of one row, dtype, device): bytes}``; weights change nothing here.
+_PROBES = weakref.WeakKeyDictionary()
+
+
+#: Set while a probe row runs: :class:`CountingModel` does not report it as progress.
+_PROBING = threading.local()
+_PROBING.active = False
+
+
+def _measure_row(inner, x1: torch.Tensor) -> int | None:
+    """Bytes of one model call on the one row ``x1`` (see :func:`probe_row_bytes`), or None."""
+    from .core import model_guard
+
+    own = {_storage_key(t)[0] for t in list(inner.parameters()) + list(inner.buffers())}
+    seen, largest = {}, [0]
+
+    def pack(t):
+        k, n = _storage_key(t)
+        if k not in own and k not in seen:
+            seen[k] = n
+            largest[0] = max(largest[0], n)
+        return t
+
+    x1 = x1.detach().clone().requires_grad_(True)
+    _PROBING.active = True
+    try:  # as the methods run it: its train/eval policy, weights frozen (no weight gradients saved for)
+        with model_guard(inner), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = inner(x1)
+            outs = [o for o in (out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple))
+                                else [out]) if isinstance(o, torch.Tensor)]
+            out_bytes = sum(o.numel() * o.element_size() for o in outs)
+            grad_outs = [o for o in outs if o.requires_grad and o.is_floating_point()]
+            if grad_outs:
+                torch.autograd.grad(sum(o.sum() for o in grad_outs), x1, allow_unused=True)
+    except Exception:
+        return None
+    finally:
+        _PROBING.active = False
+    if grad_outs and not seen:
+        return None
+    return int(sum(seen.values()) + 2 * largest[0] + 2 * x1.numel() * x1.element_size() + out_bytes)
+
+
+#: Inputs of more voxels than this are first probed on a centre crop (see :func:`probe_row_bytes`).
+LARGE_ROW_VOXELS = 2 ** 20
+
+
+def _probe_crop(x1: torch.Tensor) -> torch.Tensor | None:
+    """A centre crop of the row ``x1`` about a quarter of each large side (a multiple of 32, so strided
+    networks still take it), or None when the row is small."""
+    spatial = [int(s) for s in x1.shape[2:]]
+    if math.prod(spatial) <= LARGE_ROW_VOXELS:
+        return None
+    new = [s if s < 256 else max(64, (s // 4) // 32 * 32) for s in spatial]
+    if new == spatial:
+        return None
+    return x1[(slice(None), slice(None), *[slice((s - n) // 2, (s - n) // 2 + n) for s, n in zip(spatial, new)])]
+
+
+def probe_row_bytes(model, x: torch.Tensor, limit: int | None = None) -> int | None:
+    """The peak memory, in bytes, of one model call on one row of ``x``, measured on a probe forward and
+    backward of ``x[:1]``: every tensor autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``,
+    each storage once, the model's own parameters and buffers excluded), plus the input, its gradient and every
+    output, plus twice the largest saved tensor (the backward's working gradients). Methods without gradients
+    keep less; the estimate is their upper bound. ``None`` when the probe cannot run (the method then raises
+    its own error) or sees no saved tensor of an output that needs gradients (a TorchScript graph executor
+    may save outside Python's reach). Runs under the model guard (eval mode, frozen weights, everything
+    restored); cached per model and row shape.
+
+    ``limit`` (bytes, the budget): a large row (more than :data:`LARGE_ROW_VOXELS` voxels) is first probed on
+    a centre crop of about a quarter of each side and scaled by the voxel count (activations scale with it);
+    when that already exceeds ``limit``, it is returned without the full-size probe, which would not fit
+    either. So a call that is refused never takes more than the crop's memory.
+
+    ``model``: what the methods call (an ``mx.Model``'s runner: its passes, every ensemble member and flip of
+    one call measured together), an ``mx.Model`` or an ``nn.Module``. The cache is kept per user network."""
+    from .core import n_passes, unwrap
+
+    inner = getattr(model, "runner", model)      # an mx.Model: what its methods call
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), n_passes(inner))
+    try:
+        cache = _PROBES.setdefault(unwrap(inner), {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    if key in cache:
+        return cache[key]
+    if limit is not None:
+        crop = _probe_crop(x[:1])
+        small = _measure_row(inner, crop) if crop is not None else None
+        if small is not None and small * (x[:1].numel() / crop.numel()) > limit:
+            return int(small * (x[:1].numel() / crop.numel()))
+    row = _measure_row(inner, x[:1])
+    if row is not None:
+        cache[key] = row
+    return row
+
+
+@dataclass
+class MemoryPlan:
+    """What one model call of a method may take: ``bytes_per_row`` (:func:`probe_row_bytes`), the ``budget``
+    (:func:`memory_budget`, ``how`` it was set), the rows that fit (``rows_fit``), the rows per call the
+    method will send (``rows_per_call``: its ``chunk_size`` capped to fit, or the batch for a single-pass
+    method) and ``peak_bytes`` of such a call; ``capped`` when ``chunk_size`` was lowered to fit."""
+
+    method: str
+    bytes_per_row: int
+    budget: int
+    how: str
+    rows_fit: int
+    rows_per_call: int
+    capped: bool = False
+    chunk_size: int | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.rows_per_call * self.bytes_per_row
+
+    def describe(self) -> str:
+        cap = f" (chunk_size capped to {self.chunk_size} to fit)" if self.capped else ""
+        return (f"~{size_text(self.peak_bytes)} per model call of {self.rows_per_call} row(s){cap}, budget "
+                f"{size_text(self.budget)} ({self.how})")
+
+    def as_dict(self) -> dict:
+        """The plan for ``info``; the default budget is named, not its size (the memory available now differs
+        from run to run, and records of a resumed run must equal an uninterrupted one's)."""
+        explicit = not self.how.startswith(f"{MEMORY_FRACTION:.0%} of the memory available")
+        return {"bytes_per_row": self.bytes_per_row, "rows_per_call": self.rows_per_call,
+                "peak_bytes": self.peak_bytes, "capped_chunk_size": self.capped,
+                "budget": self.how if explicit else f"{MEMORY_FRACTION:.0%} of the memory available",
+                "budget_bytes": self.budget if explicit else None}
+
+
+def plan_memory(method: str, fn: Callable, model, x: torch.Tensor, options: dict, memory=None,
+                hint: str = "") -> tuple[dict, MemoryPlan | None]:
+    """Check ``method``'s model calls on ``x`` against the memory budget (:func:`memory_budget`: ``memory`` GB,
+    or by default half the memory available) before any compute, and cap its rows per call to fit: the one
+    memory plan of ``mx.explain`` and the pipelines. ``fn`` is the function whose ``chunk_size`` option sets
+    the rows per call. The peak of one row is :func:`probe_row_bytes` (with the budget as its ``limit``).
+    Returns ``(options, plan)``: ``options`` with ``chunk_size`` lowered to the rows that fit when ``fn``
+    takes one (``None`` there means every row in one call), and the :class:`MemoryPlan` (``None`` when the
+    probe cannot tell). A single-pass method sends the batch in one call. A :class:`MemoryBudgetError`
+    names the options that help when even one row (or the batch of a single-pass method) does not fit: a
+    larger ``--memory``, a smaller input (``--spacing``, ``--roi-size``) or batch."""
+    budget, how = memory_budget(memory, x.device)
+    bytes_per_row = probe_row_bytes(model, x, limit=budget)
+    if bytes_per_row is None or bytes_per_row <= 0:
+        return options, None
+    rows_fit = budget // bytes_per_row
+    b = int(x.shape[0])
+    shape = "x".join(str(int(s)) for s in x.shape[1:])
+    need = (f"one row ({shape}) needs ~{size_text(bytes_per_row)} in one model call (probed on one row; a large "
+            "row on its centre crop first, scaled by its size)")
+    helps = ("raise the budget (--memory GB; memory= in Python), or give the model a smaller input: sliding windows "
+             "(--roi-size; inferer= in Python) or a coarser grid (--spacing)" + hint)
+    if rows_fit < 1:
+        raise MemoryBudgetError(f"{method}: {need}, more than the memory budget of {size_text(budget)} ({how}); "
+                                f"nothing was computed. {helps[0].upper()}{helps[1:]}")
+    options = dict(options)
+    if "chunk_size" in option_types(fn):  # rows per call (a method may round it to whole samples of the batch)
+        chunk = complete_options(fn, options).get("chunk_size")
+        capped = chunk is None or chunk > rows_fit
+        if capped:
+            options["chunk_size"] = int(rows_fit)
+        per_call = int(options.get("chunk_size", chunk))
+        return options, MemoryPlan(method, bytes_per_row, budget, how, int(rows_fit), per_call, capped, per_call)
+    if b > rows_fit:
+        raise MemoryBudgetError(f"{method}: a batch of {b} in one model call needs ~{size_text(b * bytes_per_row)} "
+                                f"({need}), more than the memory budget of {size_text(budget)} ({how}); nothing was "
+                                f"computed. Explain at most {rows_fit} image(s) per call, or {helps}")
+    return options, MemoryPlan(method, bytes_per_row, budget, how, int(rows_fit), b)

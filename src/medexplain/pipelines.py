@@ -7,7 +7,7 @@ Output names derived from an input file use the one stem rule, :func:`medexplain
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +21,7 @@ from .errors import InputError, OptionError, PartialFailure, TargetError, Unsupp
 from .explain import explain
 from .models.loading import checked_forward, load_model
 from .ops import ACTIVATIONS, detect_activation, probabilities
-from .options import CountingModel, check_options, estimate_cost
+from .options import CountingModel, check_options, estimate_cost, plan_memory
 from .registry import get_method, route_options
 from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
@@ -209,6 +209,7 @@ class ExplainedImage:
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)   # SOP Instance UIDs sent to a PACS (medexplain.pacs.explain_pacs)
 
 
 def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: str | None = None, target=None,
@@ -217,7 +218,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
-                  bundle=None, nnunet=None) -> ExplainedImage:
+                  bundle=None, nnunet=None, formats=None, dicom_reference=None,
+                  dicom_threshold="otsu", memory: float | None = None) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``. ``image``: one file (or DICOM series folder), or a list of
     single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with
@@ -245,7 +247,10 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
     Everything that can fail before compute is checked first: option names and types, the output
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
-    ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer and the target.
+    ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer, the target and
+    the memory of each method's model calls (``memory``: the budget in GB, default half the memory available;
+    :func:`medexplain.options.plan_memory`: ``chunk_size`` is capped to fit, and a method that cannot fit one
+    row refuses the call before any method runs).
     Then each method runs and its files and ``info.json`` are written at once; a method that fails is
     recorded in ``info.json`` with its error and the others go on, and a
     :class:`~medexplain.errors.PartialFailure` is raised at the end (its ``result`` is this function's
@@ -255,13 +260,21 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     ``<file_stem(image)>_info.json`` (with the input's geometry and the reader's warnings); a file of this
     call that already exists is refused before any compute unless ``overwrite``. ``series``: the
     SeriesInstanceUID to read when ``image`` is a folder holding several DICOM series.
+
+    ``formats``: any of ``nifti``, ``png``, ``dicom`` (a list or comma-separated; default ``nifti,png``).
+    ``dicom`` writes each map as a Parametric Map, a Segmentation (thresholded by ``dicom_threshold``, the
+    ``metrics`` rule) and a Secondary Capture in the source study (:mod:`medexplain.dicom_out`,
+    ``docs/dicom.md``); a non-DICOM ``image`` needs ``dicom_reference``, the DICOM series it was made from.
     """
+    from .dicom_out import dicom_source_for, parse_formats, write_dicom_objects
+
+    formats = parse_formats(formats)
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
     per_method = route_options(methods, options, layer)
     out = io.check_output_dir(out)
     images, stem = _input_files(image, nnunet is not None)
-    info_path = _check_outputs(stem, methods, out, overwrite)
+    info_path = _check_outputs(stem, methods, out, overwrite, formats)
     inferer, bnd, nnm = as_inferer(inferer), None, None
     if nnunet is not None:
         nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer)
@@ -279,6 +292,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
         raise OptionError("give the model to explain (--model) or a MONAI bundle (--bundle)")
     img, meta = io.read_channels(images, series=series)
     warn_series(images[0], img)
+    dicom_src = dicom_source_for(images, meta, formats, dicom_reference, series)
     net = _model(model, weights)
     prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
                          inferer=inferer)
@@ -294,10 +308,17 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             "input": io.geometry_record(meta), "warnings": list(meta.get("warnings", [])),
             "inferer": inferer_settings(inferer) if inferer is not None else None,
             "bundle": bnd.describe() if bnd is not None else None,
-            "nnunet": nnm.describe() if nnm is not None else None}
+            "nnunet": nnm.describe() if nnm is not None else None, "formats": list(formats),
+            "dicom": None if dicom_src is None else {"study": dicom_src.study_uid, "source": str(dicom_src.path),
+                                                     "frame_of_reference": dicom_src.frame_of_reference_uid,
+                                                     "threshold": dicom_threshold}}
     res = ExplainedImage(resolved.class_index, {}, [], info["target_info"], dict(skipped), {}, info["warnings"])
+    plans = {}
+    for m in run:  # the memory of every method's model calls, before any of them runs
+        per_method[m], plans[m] = ((per_method[m], None) if inferer is not None else
+                                   plan_memory(m, get_method(m).fn, net, prep.x, per_method[m], memory))
     for m in run:
-        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row)
+        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
         if on_estimate:
             on_estimate(est)
         done = [0]
@@ -309,7 +330,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
         try:
             attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=resolved.target, inferer=inferer,
-                           **per_method[m])
+                           memory=memory, **per_method[m])
             amap = prep.invert(attr.map[0])
         except Exception as e:  # recorded; the finished methods' files stay
             res.failed[m] = info["failed"][m] = f"{type(e).__name__}: {e}"
@@ -319,7 +340,11 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
             continue
         res.attributions[m] = attr
         info["methods"][m] = {**attr.info, "estimate": est.as_dict()}
-        res.files += _write_method_files(img, amap, out, stem, m, meta, _figure_title(m, info))
+        title = _figure_title(m, info)
+        res.files += _write_method_files(img, amap, out, stem, m, meta, title, formats)
+        if dicom_src is not None:
+            res.files += write_dicom_objects(dicom_src, img, amap, meta, out, stem, m, target=resolved.class_index,
+                                             model=info["model"], title=title, threshold=dicom_threshold)
         io.write_json(info, info_path)
         if on_method:
             on_method(m)
@@ -352,17 +377,22 @@ def _input_files(image, nnunet: bool) -> tuple[list, str]:
     return images, io.file_stem(images[0])
 
 
-def _output_names(stem: str, methods: Sequence[str], out: Path) -> tuple[list[Path], Path]:
-    """The files :func:`explain_image` writes under ``stem``: ``<stem>_<method>.nii.gz`` and ``.png`` per
-    method, and ``<stem>_info.json``."""
-    maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in (".nii.gz", ".png")]
+def _output_names(stem: str, methods: Sequence[str], out: Path, formats=("nifti", "png")) -> tuple[list[Path], Path]:
+    """The files :func:`explain_image` writes under ``stem``: per method ``<stem>_<method>.nii.gz`` (``nifti``),
+    ``.png`` (``png``) and ``_pm.dcm``, ``_seg.dcm``, ``_sc.dcm`` (``dicom``), and ``<stem>_info.json``."""
+    from .dicom_out import dicom_output_names
+
+    exts = [e for f, e in (("nifti", ".nii.gz"), ("png", ".png")) if f in formats]
+    maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in exts]
+    if "dicom" in formats:
+        maps += [p for m in methods for p in dicom_output_names(out, stem, m)]
     return maps, out / f"{stem}_info.json"
 
 
-def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool) -> Path:
+def _check_outputs(stem: str, methods: Sequence[str], out: Path, overwrite: bool, formats=("nifti", "png")) -> Path:
     """Before any compute: refuse (naming them) files of this call that already exist, unless ``overwrite``;
     returns the ``info.json`` path."""
-    maps, info_path = _output_names(stem, methods, out)
+    maps, info_path = _output_names(stem, methods, out, formats)
     io.check_output_dir(out, maps + [info_path], overwrite=overwrite)
     return info_path
 
@@ -379,14 +409,20 @@ def _figure_title(method: str, info: dict) -> tuple[str, str]:
 
 
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
-                        title: tuple[str, str] = ("", "")) -> list[Path]:
+                        title: tuple[str, str] = ("", ""), formats=("nifti", "png")) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
-    affine (channels on the 4th axis, also for 2D) and as a PNG figure on the image, each written atomically."""
+    affine (channels on the 4th axis, also for 2D; ``nifti`` in ``formats``) and as a PNG figure on the image
+    (``png``), each written atomically."""
     nd = img.ndim - 1
-    return [io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"], spatial_dims=nd,
-                           xform_code=meta.get("xform_code", 1)),
-            io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
-                                 oriented=meta.get("oriented", False), title=title[0], subtitle=title[1], label=method)]
+    files = []
+    if "nifti" in formats:
+        files.append(io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"],
+                                    spatial_dims=nd, xform_code=meta.get("xform_code", 1)))
+    if "png" in formats:
+        files.append(io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
+                                          oriented=meta.get("oriented", False), title=title[0], subtitle=title[1],
+                                          label=method))
+    return files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,18 +443,22 @@ class LesionInstances:
 def explain_lesion_instances(images, model, out, *, weights: str | None = None, threshold: float = 0.5,
                              method: str = "smoothgrad", aggregate: str = "mean", channel: int | None = None,
                              n_samples: int = 50, sigma: float = 0.05, seed: int = 0, min_size: int = 6,
-                             connectivity: int | None = None, reference=None, rings: int = 5, context: int = 0,
+                             connectivity: int | None = None, reference=None, reference_threshold: float | None = None,
+                             rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
                              preprocessing=None, inferer=None, nnunet=None,
-                             on_progress: Callable[[str, int, int | None], None] | None = None) -> LesionInstances:
+                             on_progress: Callable[[str, int, int | None], None] | None = None,
+                             on_estimate: Callable | None = None, memory: float | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
     The lesion probability of class ``channel`` (the target grammar: ``None`` = the foreground class
     with the most predicted voxels, :func:`medexplain.targets.resolve_target`), read with the output
     ``activation`` (``auto`` detects a model that already outputs probabilities), is thresholded into
-    instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``),
+    instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``: a
+    label-map file, or a probability map with ``reference_threshold``; any other image is refused with the
+    values found, :func:`medexplain.segmentation.reference_foreground`),
     each explained (:func:`medexplain.segmentation.explain_instances`) and quantified. ``region``: a
     mask file whose connected components are the instances instead (resampled onto the image grid by
     its geometry). ``preprocessing``: a :class:`~medexplain.transforms.Preprocessing` applied before
@@ -431,7 +471,11 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     the saliency and the context experiment then run window by window (:mod:`medexplain.sliding`).
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``model`` (:func:`explain_image`); its channel
     files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
-    ``on_progress(method, rows_done, None)`` is called as the saliency's rows pass through the model.
+    ``on_estimate(CostEstimate)`` is called once the instances are found, before any file is written or
+    the saliency runs (the rows, time and memory it will take, as :func:`explain_image`'s); then
+    ``on_progress(method, rows_done, rows_total)`` as the saliency's rows pass through the model.
+    ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
+    capped to fit, refused before any compute if one row does not).
     """
     from . import segmentation as seg
 
@@ -441,8 +485,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                                                         "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
     if aggregate not in ("mean", "max"):
         raise OptionError(f"--aggregate must be mean or max, got {aggregate!r}")
-    if not 0 <= float(threshold) <= 1:
-        raise OptionError(f"--threshold is a probability in [0, 1], got {threshold}")
+    seg.check_threshold(threshold, "--threshold")
+    if reference_threshold is not None:
+        seg.check_threshold(reference_threshold, "--reference-threshold")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
     nnm = None
@@ -455,6 +500,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
+        r_img, r_meta = io.read_image(reference)
+        ref_fg = seg.reference_foreground(r_img.numpy(), reference_threshold, f"--reference {Path(reference).name}")
     net = _model(model, weights)
     inferer = as_inferer(inferer)
     prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
@@ -478,11 +526,20 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     prob = probabilities(logits, act, channel)[0]
     ref = None
     if reference is not None:
-        r_img, r_meta = io.read_image(reference)
-        ref = resample_to_grid((r_img > 0.5).float(), r_meta.get("affine", np.eye(4)), tuple(x.shape[2:]),
+        ref = resample_to_grid(torch.from_numpy(ref_fg).float(), r_meta.get("affine", np.eye(4)), tuple(x.shape[2:]),
                                prep.prepared.affine)
     found = prob if reg is None or isinstance(reg, str) else reg[0]
     insts = seg.find_instances(found, threshold=threshold, connectivity=connectivity, min_size=min_size, reference=ref)
+    est = None
+    if insts:  # what the saliency will cost (rows, time, memory of one call), before anything is written
+        opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
+                      plan_memory("instances", seg.explain_instances, net, x, {"chunk_size": chunk_size}, memory))
+        chunk_size = opts["chunk_size"]
+        est = replace(estimate_cost("instances", None, x.shape, {"n_instances": len(insts), "method": method,
+                                                                 "n_samples": n_samples}, prep.seconds_per_row, plan),
+                      method=method)
+        if on_estimate:
+            on_estimate(est)
     affine = meta["affine"]
     info = {"images": [str(p) for p in (images if isinstance(images, (list, tuple)) else [images])],
             "model": model if isinstance(model, str) else type(model).__name__,
@@ -490,7 +547,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             "region": "predicted" if reg is None or isinstance(reg, str) else str(region),
             "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max()),
             "inferer": inferer_settings(inferer) if inferer is not None else None,
-            "nnunet": nnm.describe() if nnm is not None else None}
+            "nnunet": nnm.describe() if nnm is not None else None,
+            "estimate": est.as_dict() if est is not None else None}
     files = [io.write_nifti(prep.invert(prob[None])[0], out / "probability.nii.gz", affine),
              io.write_nifti(prep.invert(seg.label_map(insts, tuple(prob.shape)).float()[None], nearest=True)[0],
                             out / "instances.nii.gz", affine)]
@@ -503,7 +561,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     def rows(n):
         done[0] += n
         if on_progress:
-            on_progress(method, done[0], None)
+            on_progress(method, done[0], est.n_forward)
 
     attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
@@ -590,7 +648,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
                      target=None, region=None, output=None, preprocessing=None,
                      on_model: Callable[[int, object], None] | None = None,
                      on_progress: Callable[[str, int, int | None], None] | None = None,
-                     inferer=None, nnunet=None) -> ContrastShapley:
+                     inferer=None, nnunet=None, on_estimate: Callable | None = None,
+                     memory: float | None = None) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
@@ -605,7 +664,10 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     recorded in ``ranking.json``). ``baseline``: ``zero``, ``mean`` or a number. Writes ``values.csv``,
     ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with ``reference_ranking``) and
     ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
-    model, ``on_progress("model i", rows_done, None)`` as coalitions pass through it. ``inferer``: a
+    model, ``on_estimate(CostEstimate)`` before each model runs (its coalition rows, time and the memory of one
+    call; ``memory``: the budget in GB, :func:`medexplain.options.plan_memory` caps ``chunk_size`` to fit and
+    refuses before any compute if one row does not), ``on_progress("model i/k", rows_done, rows_total)`` as
+    coalitions pass through it. ``inferer``: a
     ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
     nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
@@ -637,6 +699,9 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
     if len(names) != img.shape[0]:
         raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
+    if img.shape[0] < 2:  # a ranking of one contrast is degenerate (rank variance 0 by construction)
+        from .shapley import ONE_PLAYER
+        raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
     weights = list(weights or [])
     if weights and len(weights) != len(models):
         raise InputError(f"{len(weights)} --weights for {len(models)} --model: give one per model (or none)")
@@ -669,16 +734,23 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
             value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
         activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
         label = f"model {i + 1}/{len(models)}"
+        opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
+                      plan_memory("shapley", channel_shapley, net, prep.x, {"chunk_size": chunk_size}, memory))
+        est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
+                                                                    "n_permutations": n_permutations},
+                                    prep.seconds_per_row, plan), method=label)
+        if on_estimate:
+            on_estimate(est)
         done = [0]
 
-        def rows(n, label=label, done=done):
+        def rows(n, label=label, done=done, est=est):
             done[0] += n
             if on_progress:
-                on_progress(label, done[0], None)
+                on_progress(label, done[0], est.n_forward)
 
         results.append(channel_shapley(CountingModel(net, output, rows), prep.x, value_fn, baseline=base,
-                                       method=method, n_permutations=n_permutations, seed=seed, chunk_size=chunk_size,
-                                       players=names, inferer=as_inferer(inferer)))
+                                       method=method, n_permutations=n_permutations, seed=seed,
+                                       chunk_size=opts["chunk_size"], players=names, inferer=as_inferer(inferer)))
         if on_model:
             on_model(i, results[-1])
     consensus = fold_consensus(results, ref)

@@ -63,6 +63,7 @@ class Method:
     instance_of: Callable | None = None
     preview: Callable | None = None
     default: bool = False
+    dicom_concept: str | None = None
 
     def why_not(self, model, output: torch.Tensor | None = None) -> str | None:
         if self.needs_hooks and is_scripted(model):
@@ -107,7 +108,7 @@ def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, n
              applies_to: Callable | None = None, family: str = "gradient", aliases=(), cost: Callable | None = None,
              check: Callable | None = None, windowed_cam: bool = False, no_sliding: str | None = None,
              regions: bool = False, instance_of: Callable | None = None, preview: Callable | None = None,
-             default: bool = False):
+             default: bool = False, dicom_concept: str | None = None):
     """Register ``fn`` under ``name`` with its declaration:
 
     - ``needs_target`` / ``needs_grad`` / ``needs_hooks``: what it needs of the call and the model;
@@ -125,14 +126,17 @@ def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, n
       ``instance_of``: the method (function) whose per-region form this one is;
     - ``preview(side) -> options``: cheap options for a quick look at an image of ``side`` pixels;
     - ``default``: the method :func:`medexplain.explain` runs when none is named (with ``regions=True``:
-      the instance API's, :func:`medexplain.segmentation.explain_instances`).
+      the instance API's, :func:`medexplain.segmentation.explain_instances`);
+    - ``dicom_concept``: the DICOM CID 217 "Visual Explanation" concept that codes the method's maps
+      (pydicom's ``codes.cid217`` name; :mod:`medexplain.dicom_out`), None: described in plain text.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
     def deco(fn):
         spec = Method(name, fn, needs_target, needs_grad, needs_hooks, applies_to or _any_model, family,
-                      tuple(aliases), cost, check, windowed_cam, no_sliding, regions, instance_of, preview, default)
+                      tuple(aliases), cost, check, windowed_cam, no_sliding, regions, instance_of, preview, default,
+                      dicom_concept)
         _REGISTRY[name] = spec
         _ALIASES.update({a: name for a in spec.aliases})
         fn.spec = spec

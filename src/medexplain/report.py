@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from . import render
-from .io import write_text
+from .io import check_output_dir, write_text
 
 __all__ = ["write_report", "render_overlay", "render_image"]
 
@@ -394,6 +394,7 @@ def write_report(path, cases: Sequence[Mapping], methods: Sequence[str], metrics
         display_px: the long side of a 2D panel, and of the largest plane of a 3D case, in pixels.
     Returns the path written.
     """
+    check_output_dir(os.path.dirname(os.fspath(path)) or ".")  # before the figures are rendered (issue 27)
     methods = list(methods)
     slices: dict[str, dict] = {}
     parts = [f"<h1>{html.escape(title)}</h1>"]

@@ -28,8 +28,9 @@ from .errors import InputError, TargetError
 from .methods.shapley import AUTO_EXACT_MAX, contrast_shapley, shapley_weights
 from .targets import Dice, MeanProbability, Prediction, Volume
 
-__all__ = ["AUTO_EXACT_MAX", "BRATS_REGIONS", "ShapleyResult", "channel_shapley", "dice", "mean_foreground_probability",
-           "volume", "Dice", "MeanForegroundProbability", "Volume", "shapley_weights"]
+__all__ = ["AUTO_EXACT_MAX", "BRATS_REGIONS", "ONE_PLAYER", "ShapleyResult", "channel_shapley", "dice",
+           "fold_map_agreement", "mean_foreground_probability", "volume", "Dice", "MeanForegroundProbability", "Volume",
+           "shapley_weights"]
 
 #: BraTS label conventions up to 2021 (1 necrotic core, 2 oedema, 4 enhancing tumour). BraTS 2023+
 #: (GLI) writes enhancing tumour as 3: pass ``regions={"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)}``.
@@ -211,17 +212,48 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
     <medexplain.models.model.Model>`; ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run the
     model through (:mod:`medexplain.sliding`); ``info`` then counts windows, ``n_evaluations`` still images.
     """
+    import warnings
+
     from .explain import explain
 
     attr = explain(model, x, contrast_shapley, target=value_fn, inferer=inferer, groups=groups, baseline=baseline,
                    estimator=method, n_permutations=n_permutations, antithetic=antithetic, seed=seed,
                    chunk_size=chunk_size, players=players, max_exact=max_exact)
     i = attr.info
+    if len(i["players"]) == 1:
+        warnings.warn(ONE_PLAYER, stacklevel=2)
     as64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     info = {k: v for k, v in i.items() if k not in ("values", "players", "groups", "coalitions", "stderr")}
     return ShapleyResult(as64(i["values"]), list(i["players"]), [tuple(g) for g in i["groups"]],
                          {int(k): as64(v) for k, v in i["coalitions"].items()}, i["estimator"], i["n_evaluations"],
                          None if i["stderr"] is None else as64(i["stderr"]), i["n_permutations"], info)
+
+
+#: Why one player (one input channel, or one channel group) makes a contrast ranking meaningless.
+ONE_PLAYER = ("one player (a single input channel or group): its Shapley value is just v(all) - v(none), its rank is "
+              "1 for every model, so a ranking and its rank variance across folds (always 0) say nothing. To compare "
+              "the folds, explain each fold's map (e.g. `medexplain explain --nnunet DIR --folds K` per fold) and "
+              "measure their agreement with medexplain.shapley.fold_map_agreement")
+
+
+def fold_map_agreement(maps: Sequence[torch.Tensor]) -> dict:
+    """The agreement of several models' (the folds of a cross-validation) saliency maps of one case, where a
+    contrast ranking is degenerate (one input channel, :data:`ONE_PLAYER`): the Spearman rank correlation of
+    every pair of maps over the voxels (:func:`medexplain.metrics.randomisation.spearman`, ties averaged),
+    ``{"pairs": [[i, j, rho], ...], "mean": ..., "min": ..., "n_models": F}``. ``maps``: F >= 2 maps of
+    equal shape (any, e.g. ``Attribution.map[0]``)."""
+    from .metrics.randomisation import spearman
+
+    maps = [torch.as_tensor(m).detach().double().cpu() for m in maps]
+    if len(maps) < 2:
+        raise InputError(f"fold_map_agreement needs the maps of two or more models, got {len(maps)}")
+    if len({tuple(m.shape) for m in maps}) != 1:
+        raise InputError(f"fold_map_agreement: the maps differ in shape: {[tuple(m.shape) for m in maps]}")
+    pairs = [[i, j, float(spearman(maps[i].reshape(1, -1), maps[j].reshape(1, -1))[0])]
+             for i in range(len(maps)) for j in range(i + 1, len(maps))]
+    rho = [p[2] for p in pairs]
+    return {"pairs": pairs, "mean": float(sum(rho) / len(rho)), "min": float(min(rho)), "n_models": len(maps),
+            "definition": "Spearman rank correlation of every pair of maps over the voxels"}
 
 
 def fold_consensus(results: Sequence[ShapleyResult], reference_ranking=None, case: int = 0) -> dict:

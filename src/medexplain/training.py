@@ -28,7 +28,7 @@ from torch import nn
 
 from .core import select_output
 from .errors import FileFormatError, InputError, ModelLoadError
-from .io import atomic_path, read_image
+from .io import atomic_path, check_output_dir, read_image
 from .ops import dice
 
 __all__ = ["train", "evaluate", "auroc", "dice_score", "save_weights", "read_weights", "WEIGHTS_FORMAT",
@@ -193,6 +193,8 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
     x, y = _xy(train_ds)
     if epochs < 1 or batch_size < 1:
         raise InputError("epochs and batch_size must be >= 1")
+    if checkpoint is not None:  # its folder can be created and written, before the first epoch (issue 27)
+        check_output_dir(Path(checkpoint).parent)
     seg = y.ndim == x.ndim - 1
     loss = loss or ("dice_ce" if seg else "ce")
     dev = torch.device(device) if device is not None else next(model.parameters()).device

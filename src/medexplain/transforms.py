@@ -6,16 +6,22 @@ says which, either as a MONAI ``Compose`` of the user's own (``transform="packag
 dictionary or array transforms) or with the shortcuts of the command line, built from MONAI
 transforms:
 
-==================  =====================================================================
-``orientation``     ``Orientation(axcodes)`` (e.g. ``RAS``)
-``spacing``         ``Spacing(pixdim, mode="bilinear")`` (mm per voxel, one value or one per axis)
-``intensity``       ``zscore``: ``NormalizeIntensity(channel_wise=True)``;
-                    ``percentile:a,b``: ``ScaleIntensityRangePercentiles(a, b, 0, 1, clip=True)``;
-                    ``range:a,b``: ``ScaleIntensityRange(a, b, 0, 1, clip=True)`` (e.g. a CT window);
-                    ``none``
-``spatial_size``    ``ResizeWithPadOrCrop(spatial_size)`` (centred pad or crop)
-``divisible_by``    ``DivisiblePad(k)`` (pad each side up to a multiple of ``k``)
-==================  =====================================================================
+======================  =================================================================
+``orientation``         ``Orientation(axcodes)`` (e.g. ``RAS``)
+``spacing``             ``Spacing(pixdim, mode="bilinear")`` (mm per voxel, one value or one per axis)
+``intensity``           ``zscore``: ``NormalizeIntensity(channel_wise=True)``;
+                        ``percentile:a,b``: ``ScaleIntensityRangePercentiles(a, b, 0, 1, clip=True)``;
+                        ``range:a,b``: ``ScaleIntensityRange(a, b, 0, 1, clip=True)`` (e.g. a CT window);
+                        ``none``
+``spatial_size``        ``ResizeWithPadOrCrop(spatial_size)`` (centred pad or crop)
+``min_spatial_size``    ``SpatialPad(min_spatial_size)`` (centred pad up to at least this size; never crops)
+``divisible_by``        ``DivisiblePad(k)`` (pad each side up to a multiple of ``k``)
+======================  =================================================================
+
+``min_spatial_size`` and ``divisible_by`` combine: an axis of ``n`` voxels becomes ``ceil(max(n, N) / k) * k``,
+at least ``N`` and a multiple of ``k`` (a brain-extraction U-Net that needs a multiple of 16 and at least 128
+per axis: ``--min-spatial-size 128 --divisible-by 16``). ``spatial_size`` fixes the size, so it combines with
+neither (a fixed size that must also be a multiple of ``k`` is simply that size).
 
 applied in that order (intensity before padding, so padding does not enter the statistics), after
 the user's ``Compose`` when both are given. The image goes in as a MONAI ``MetaTensor`` carrying its
@@ -101,16 +107,19 @@ class Preprocessing:
     divisible_by: int | None = None
     intensity: str | None = None
     transform: object = None
+    min_spatial_size: tuple[int, ...] | None = None
 
     def __post_init__(self):
         self.spacing = _numbers(self.spacing, float, "--spacing")
         self.spatial_size = _numbers(self.spatial_size, int, "--spatial-size")
+        self.min_spatial_size = _numbers(self.min_spatial_size, int, "--min-spatial-size")
         k = _numbers(self.divisible_by, int, "--divisible-by")
         if k is not None and len(k) != 1:
             raise OptionError(f"--divisible-by must be one positive integer, got {self.divisible_by!r}")
         self.divisible_by = None if k is None else k[0]
-        if self.spatial_size is not None and self.divisible_by is not None:
-            raise OptionError("give --spatial-size or --divisible-by, not both")
+        if self.spatial_size is not None and (self.divisible_by is not None or self.min_spatial_size is not None):
+            raise OptionError("give --spatial-size (a fixed size) or --min-spatial-size/--divisible-by, not both: to pad to "
+                              "at least N per axis and a multiple of k, use --min-spatial-size N --divisible-by k")
         if self.orientation is not None:
             o = str(self.orientation).strip().upper()
             if o in ("", "NONE"):
@@ -127,13 +136,13 @@ class Preprocessing:
     @property
     def active(self) -> bool:
         return any(v is not None for v in (self.spacing, self.orientation, self.spatial_size, self.divisible_by,
-                                           self.intensity, self.transform))
+                                           self.intensity, self.transform, self.min_spatial_size))
 
     def describe(self) -> dict:
         """The settings as JSON-able values (for ``info.json`` and run records)."""
         t = self.transform
         return {"spacing": self.spacing, "orientation": self.orientation, "spatial_size": self.spatial_size,
-                "divisible_by": self.divisible_by, "intensity": self.intensity,
+                "min_spatial_size": self.min_spatial_size, "divisible_by": self.divisible_by, "intensity": self.intensity,
                 "transform": t if t is None or isinstance(t, str) else type(t).__name__}
 
     def build(self) -> "Preprocessor":
@@ -202,6 +211,7 @@ class Preprocessor:
             ScaleIntensityRange,
             ScaleIntensityRangePercentiles,
             Spacing,
+            SpatialPad,
         )
 
         p, ts = self.prep, []
@@ -229,6 +239,8 @@ class Preprocessor:
             ts.append(ScaleIntensityRange(a_min=ab[0], a_max=ab[1], b_min=0.0, b_max=1.0, clip=True))
         if p.spatial_size:
             ts.append(ResizeWithPadOrCrop(spatial_size=per_axis(p.spatial_size, "--spatial-size")))
+        if p.min_spatial_size:  # before DivisiblePad: at least N, then up to a multiple of k (the larger of the two)
+            ts.append(SpatialPad(spatial_size=per_axis(p.min_spatial_size, "--min-spatial-size")))
         if p.divisible_by:
             ts.append(DivisiblePad(k=p.divisible_by))
         return Compose(ts) if ts else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,31 @@ def cli_errors():
         except MedexplainError as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(code=2) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt (past every ``except Exception``, so the atomic writes
+    remove their temporary files and no error row is recorded for an item that was merely stopped)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def stop_signals(message: str = "stopped; rerun with --resume to continue"):
+    """SIGINT (Ctrl-C) and SIGTERM end the body with ``message`` and the shell's exit status for the
+    signal, 128 + its number (130, 143), instead of a traceback or Click's bare "Aborted!"."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        console.print(f"[bold yellow]{message}[/]")
+        raise typer.Exit(code=128 + int(getattr(e, "signum", signal.SIGINT))) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def parse_options(opts: list[str]) -> dict:
@@ -103,7 +130,14 @@ def spatial_size_option():
 
 
 def divisible_by_option():
-    return typer.Option(None, "--divisible-by", help="pad every side up to a multiple of N (the model's stride)")
+    return typer.Option(None, "--divisible-by", help="pad every side up to a multiple of N (the model's stride); "
+                        "with --min-spatial-size: at least that size and a multiple of N")
+
+
+def min_spatial_size_option():
+    return typer.Option(None, "--min-spatial-size", help="centred pad up to at least this size (one value, or one per axis; "
+                        "never crops); with --divisible-by K: at least this size and a multiple of K (e.g. --min-spatial-size "
+                        "128 --divisible-by 16)")
 
 
 def intensity_option():
@@ -115,11 +149,13 @@ def transform_option():
 
 
 def preprocessing(spacing: Optional[str], orientation: Optional[str], spatial_size: Optional[str],
-                  divisible_by: Optional[str], intensity: Optional[str], transform: Optional[str]) -> Preprocessing:
+                  divisible_by: Optional[str], intensity: Optional[str], transform: Optional[str],
+                  min_spatial_size: Optional[str] = None) -> Preprocessing:
     """The preprocessing flags as one :class:`~medexplain.transforms.Preprocessing` (parsed and checked
     there; call inside :func:`cli_errors`)."""
     return Preprocessing(spacing=spacing, orientation=orientation, spatial_size=spatial_size,
-                         divisible_by=divisible_by, intensity=intensity, transform=transform)
+                         divisible_by=divisible_by, intensity=intensity, transform=transform,
+                         min_spatial_size=min_spatial_size)
 
 
 # ---- sliding windows (medexplain.sliding, docs/sliding_window.md) -----------------------------------------
@@ -138,6 +174,12 @@ def sw_batch_size_option():
 
 def sw_mode_option():
     return typer.Option("constant", "--sw-mode", help="blending of overlapping windows: constant or gaussian")
+
+
+def memory_option():
+    return typer.Option(None, "--memory", help="memory budget in GB of one model call (default: half the memory "
+                        "available): the rows per call are capped to fit, and a method that cannot fit one row is "
+                        "refused before any compute")
 
 
 def sliding_window(roi_size: Optional[str], overlap: float, sw_batch_size: int, sw_mode: str) -> dict | None:
@@ -193,13 +235,15 @@ def nnunet_model(folder, folds: str, no_mirroring: bool, configuration: str, tru
 #: (parameter, type, option factory): the flags that prepare the model's input and run the model on it.
 MODEL_INPUT_FLAGS = (
     ("spacing", Optional[str], spacing_option), ("orientation", Optional[str], orientation_option),
-    ("spatial_size", Optional[str], spatial_size_option), ("divisible_by", Optional[str], divisible_by_option),
+    ("spatial_size", Optional[str], spatial_size_option),
+    ("min_spatial_size", Optional[str], min_spatial_size_option),
+    ("divisible_by", Optional[str], divisible_by_option),
     ("intensity", Optional[str], intensity_option), ("transform", Optional[str], transform_option),
     ("roi_size", Optional[str], roi_size_option), ("overlap", float, overlap_option),
     ("sw_batch_size", int, sw_batch_size_option), ("sw_mode", str, sw_mode_option),
     ("nnunet", Optional[Path], nnunet_option), ("folds", str, folds_option),
     ("no_mirroring", bool, no_mirroring_option), ("configuration", str, configuration_option),
-    ("trust_checkpoint", bool, trust_checkpoint_option),
+    ("trust_checkpoint", bool, trust_checkpoint_option), ("memory", Optional[float], memory_option),
 )
 
 
@@ -214,10 +258,11 @@ class ModelInputs:
     def pipeline_kwargs(self) -> dict:
         f = self.flags
         return {"preprocessing": preprocessing(f["spacing"], f["orientation"], f["spatial_size"], f["divisible_by"],
-                                               f["intensity"], f["transform"]),
+                                               f["intensity"], f["transform"], f["min_spatial_size"]),
                 "inferer": sliding_window(f["roi_size"], f["overlap"], f["sw_batch_size"], f["sw_mode"]),
                 "nnunet": nnunet_model(f["nnunet"], f["folds"], f["no_mirroring"], f["configuration"],
-                                       f["trust_checkpoint"])}
+                                       f["trust_checkpoint"]),
+                "memory": f["memory"]}
 
 
 def model_input_options(command):

@@ -29,14 +29,17 @@ from ._common import (
     split_list,
     target_option,
 )
+from ._dicom import OutputOptions, output_format_options
 
 
 @app.command("explain")
+@output_format_options
 @model_input_options
 def explain_cmd(
-    image: list[Path] = typer.Argument(..., help="PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI "
-                                       "(4D = channels last) or .npy (C, *spatial); or one single-channel file per "
-                                       "input channel, on one grid (nnU-Net's CASE_0000.nii.gz names are ordered)"),
+    image: Optional[list[Path]] = typer.Argument(None, help="PNG/JPEG, DICOM (a file, or a folder holding one series), "
+                                                 "NIfTI (4D = channels last) or .npy (C, *spatial); or one single-channel "
+                                                 "file per input channel, on one grid (nnU-Net's CASE_0000.nii.gz names "
+                                                 "are ordered); none with --pacs"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="TorchScript file, package.module:factory, or "
                                         "zoo:<task> (or give --bundle)"),
     weights: Optional[str] = typer.Option(None, help="state dict for a package.module:factory model"),
@@ -60,17 +63,27 @@ def explain_cmd(
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read when IMAGE is a folder "
                                          "holding several DICOM series (the error lists them)"),
     inputs: ModelInputs = None,
+    outputs: OutputOptions = None,
 ):
     """Explain one image (one file, or one file per channel) with one or more methods; writes NIfTI maps
     on the input's own grid and affine, PNG overlays and info.json (target, region, activation and
     preprocessing recorded). Everything is checked before any compute; each method's files are written as
     soon as it finishes."""
     with cli_errors(), pass_progress() as bar:
-        res = explain_image(image[0] if len(image) == 1 else image, model, split_list(method), out, weights=weights,
-                            target=parse_target(target), region=region, layer=layer, options=parse_options(option),
-                            output=parse_output(output), activation=activation, skip_unsupported=skip_unsupported,
-                            on_estimate=bar.estimate, on_progress=bar.update, overwrite=overwrite, series=series,
-                            bundle=bundle, **inputs.pipeline_kwargs())
+        pacs = outputs.pacs
+        if (pacs is None) == (not image):
+            raise typer.BadParameter("give the IMAGE file(s), or --pacs URL --study UID (not both)")
+        kw = dict(weights=weights, target=parse_target(target), region=region, layer=layer,
+                  options=parse_options(option), output=parse_output(output), activation=activation,
+                  skip_unsupported=skip_unsupported, on_estimate=bar.estimate, on_progress=bar.update,
+                  overwrite=overwrite, series=series, bundle=bundle, **inputs.pipeline_kwargs(),
+                  **outputs.pipeline_kwargs())
+        if pacs is not None:
+            from ..pacs import explain_pacs
+            kw.pop("dicom_reference")
+            res = explain_pacs(pacs, outputs.flags["study"], model, split_list(method), out, **kw)
+        else:
+            res = explain_image(image[0] if len(image) == 1 else image, model, split_list(method), out, **kw)
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
                                                       if t.get("region") else "") + f" ({t['how']})")
@@ -79,6 +92,8 @@ def explain_cmd(
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"wrote {len(res.attributions)} map(s) to [bold]{out}[/]")
+    if res.stored:
+        console.print(f"stored {len(res.stored)} DICOM object(s) in study {outputs.flags['study']} on the PACS")
 
 
 @app.command("methods")

@@ -59,7 +59,10 @@ def instances_cmd(
     seed: int = typer.Option(0, help="noise seed"),
     min_size: int = typer.Option(6, help="drop components with fewer voxels"),
     connectivity: Optional[int] = typer.Option(None, help="rank 1..3 or neighbours 6/18/26 (default 18)"),
-    reference: Optional[Path] = typer.Option(None, help="ground-truth mask: labels instances TP/FP/FN"),
+    reference: Optional[Path] = typer.Option(None, help="ground-truth label map (integer or binary values): labels "
+                                             "instances TP/FP/FN; another image is refused"),
+    reference_threshold: Optional[float] = typer.Option(None, "--reference-threshold", help="read --reference as "
+                                                        "a probability map in [0, 1], inside where > this"),
     rings: int = typer.Option(5, help="ring profile distances 1..R"),
     context: int = typer.Option(0, help="context experiment up to this many dilations (0: skip)"),
     layer: Optional[str] = typer.Option(None, help="Grad-CAM++ layer (default: decoder conv at half resolution)"),
@@ -75,10 +78,12 @@ def instances_cmd(
         res = explain_lesion_instances(list(image), model, out, weights=weights, threshold=threshold, method=method,
                                        aggregate=aggregate, channel=channel if channel is not None else tgt,
                                        n_samples=n_samples, sigma=sigma, seed=seed, min_size=min_size,
-                                       connectivity=connectivity, reference=reference, rings=rings, context=context,
+                                       connectivity=connectivity, reference=reference,
+                                       reference_threshold=reference_threshold, rings=rings, context=context,
                                        layer=layer, channel_names=split_list(channel_names) or None,
                                        chunk_size=chunk_size, activation=activation, output=parse_output(output),
-                                       region=region, on_progress=bar.update, **inputs.pipeline_kwargs())
+                                       region=region, on_progress=bar.update, on_estimate=bar.estimate,
+                                       **inputs.pipeline_kwargs())
     i = res.info
     console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "
                   f"({i['activation_how']}): max {i['probability_max']:.4g}")

@@ -19,10 +19,13 @@ from ._common import (
     console,
     divisible_by_option,
     intensity_option,
+    memory_option,
+    min_spatial_size_option,
     orientation_option,
     parse_options,
     spacing_option,
     spatial_size_option,
+    stop_signals,
 )
 
 
@@ -52,20 +55,24 @@ def run_cmd(
     orientation: Optional[str] = orientation_option(),
     spatial_size: Optional[str] = spatial_size_option(),
     divisible_by: Optional[str] = divisible_by_option(),
+    min_spatial_size: Optional[str] = min_spatial_size_option(),
+    memory: Optional[float] = memory_option(),
     intensity: Optional[str] = intensity_option(),
 ):
     """Explain a dataset: every manifest case x every method, resumable, locally or on Ray. The
-    preprocessing flags are run-wide defaults of the manifest's preprocessing columns (a case's cell wins)."""
-    with cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=console, transient=True) as bar:
+    preprocessing flags are run-wide defaults of the manifest's preprocessing columns (a case's cell wins).
+    Ctrl-C (SIGINT) or SIGTERM stop it with "stopped; rerun with --resume to continue" and exit 130 / 143."""
+    with stop_signals(), cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(),
+                                                TimeRemainingColumn(), console=console, transient=True) as bar:
         options = parse_options(option)   # text, typed by each method's signature
         task = bar.add_task("items", total=None)
         res = run_manifest(manifest, model, methods, out, weights=weights, options=options, layer=layer,
                            backend=backend, address=address, resume=resume, batch_size=batch_size,
                            num_workers=num_workers, map_format=map_format, seed=seed, retry_errors=retry_errors,
-                           on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+                           on_progress=lambda d, t: bar.update(task, completed=d, total=t), memory=memory,
                            preprocessing={"spacing": spacing, "orientation": orientation, "spatial_size": spatial_size,
-                                          "divisible_by": divisible_by, "intensity": intensity})
+                                          "divisible_by": divisible_by, "intensity": intensity,
+                                          "min_spatial_size": min_spatial_size})
     msg = (f"{len(res.rows)} item(s): [green]{res.n_ok} ok[/], "
            + (f"[red]{res.n_error} error(s)[/]" if res.n_error else "0 errors")
            + f"; computed {res.computed}, already complete {res.skipped}")

@@ -77,6 +77,7 @@ def shapley_cmd(
                                channel=channel, baseline=baseline, method=method, n_permutations=n_permutations,
                                seed=seed, chunk_size=chunk_size, target=target, region=region,
                                output=parse_output(output), on_model=progress, on_progress=bar.update,
+                               on_estimate=bar.estimate,
                                **inputs.pipeline_kwargs())
     table = Table(title=f"contrast Shapley values ({value or 'probability:1'})")
     table.add_column("contrast")

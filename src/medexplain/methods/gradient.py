@@ -32,7 +32,7 @@ def _per_noise_sample(x_shape, o):
     return o["n_samples"] * x_shape[0], o["n_samples"] * x_shape[0]
 
 
-@register("saliency", cost=_one_pass, default=True)
+@register("saliency", cost=_one_pass, default=True, dicom_concept="Saliency")
 def saliency(model, x, target, cost, abs: bool = False):
     """Saliency (Simonyan et al. 2014, section 3.1): d score / d x, raw and signed (``abs=True`` gives
     Captum's default |grad|)."""
@@ -41,7 +41,7 @@ def saliency(model, x, target, cost, abs: bool = False):
     return (g.abs() if abs else g), {}
 
 
-@register("smoothgrad", cost=_per_noise_sample)
+@register("smoothgrad", cost=_per_noise_sample, dicom_concept="Saliency")
 def smoothgrad(model, x, target, cost, n_samples: int = 50, sigma: float = 0.15, seed: int = 0,
                chunk_size: int | None = 64, noise: torch.Tensor | None = None, squared: bool = False):
     """SmoothGrad (Smilkov et al. 2017, eq. 3): mean input gradient over ``n_samples`` noisy copies

@@ -21,7 +21,7 @@ import torch
 
 from ..augment import PaperAugment
 from ..errors import FileFormatError, InputError
-from ..io import write_json
+from ..io import check_output_dir, write_json
 from ..training import TrainingData, evaluate, read_training_manifest, read_weights, save_weights, train
 from .patchnet import PatchNet
 from .zoo import classifier_2d
@@ -87,6 +87,7 @@ def train_to_folder(data: str, out, *, patch_size: int | None = None, image_size
     multi-label manifests, ``ce`` for single-label manifests. Every check runs before anything is written."""
     if patch_size is not None and (patch_size < 1 or image_size % patch_size):
         raise InputError(f"--patch-size {patch_size} must divide --image-size {image_size}")
+    check_output_dir(out)  # before the training (issue 27)
     td = training_data(data, image_size, n, seed, val_frac)
     loss = loss or ("bce" if td.multilabel or data in PLANTED else "ce")
     if td.multilabel and loss != "bce":

@@ -12,11 +12,13 @@ Columns (header required, order free, names case-insensitive):
   foreground class with the most predicted voxels);
 - ``region`` (optional, segmenters): ``predicted`` (default), ``all``, or a mask file (resampled onto the
   image grid by its geometry) of the region to explain;
-- ``spacing``, ``orientation``, ``spatial_size``, ``divisible_by``, ``intensity`` (optional): the
+- ``spacing``, ``orientation``, ``spatial_size``, ``min_spatial_size``, ``divisible_by``, ``intensity`` (optional): the
   preprocessing of the case, as the command line's ``--spacing`` etc.
   (:class:`medexplain.transforms.Preprocessing`); the maps are put back on the image grid;
-- ``case_id`` (optional): a unique name for the case's output folder; default ``<row>_<image stem>``
-  (the stem of :func:`medexplain.io.file_stem`).
+- ``case_id`` (optional): a unique name of the case, kept as written (Unicode included: ``Müller`` stays
+  ``Müller``); default ``<row>_<image stem>`` (the stem of :func:`medexplain.io.file_stem`). Its output folder
+  is :func:`medexplain.io.safe_file_name` of it (only unsafe characters percent-encoded, reversibly); two ids
+  that would share a folder on a case-insensitive file system (``Müller``, ``müller``) are refused by name.
 
 Every problem is reported at once with its row number, before anything is computed or written.
 """
@@ -25,14 +27,14 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
-import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FileFormatError
-from ..io import file_stem
+from ..io import file_stem, safe_file_name
 
-PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "divisible_by", "intensity")
+PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "min_spatial_size", "divisible_by", "intensity")
 COLUMNS = ("image", "mask", "label", "target", "case_id", "region", *PREPROCESSING_COLUMNS)
 
 
@@ -59,8 +61,10 @@ class Case:
         return Preprocessing(**dict(self.preprocessing))
 
 
-def _safe_id(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "case"
+def folder_key(case_id: str) -> str:
+    """What decides whether two case ids share an output folder on a case-insensitive or Unicode-normalising
+    file system (macOS, Windows): the folder name (:func:`medexplain.io.safe_file_name`) in NFC, case-folded."""
+    return unicodedata.normalize("NFC", safe_file_name(case_id)).casefold()
 
 
 def _int_cell(value: str, column: str, line: int) -> int | None:
@@ -121,7 +125,7 @@ def read_manifest(path) -> list[Case]:
     if not rows:
         raise ManifestError(f"{path}: the manifest has a header but no cases")
     width = max(5, len(str(len(rows) - 1)))
-    cases, seen = [], {}
+    cases, seen, folders = [], {}, {}
     for i, row in enumerate(rows):
         line = i + 2
         if len(row) > len(header):
@@ -131,7 +135,13 @@ def read_manifest(path) -> list[Case]:
         case = _case(i, line, cells, base, width)
         if case.case_id in seen:
             raise ManifestError(f"line {line}: case_id {case.case_id!r} repeats line {seen[case.case_id]}")
-        seen[case.case_id] = line
+        key = folder_key(case.case_id)
+        if key in folders:
+            other, other_line = folders[key]
+            raise ManifestError(f"line {line}: case_id {case.case_id!r} and {other!r} (line {other_line}) would share "
+                                "one output folder on case-insensitive or Unicode-normalising file systems; make "
+                                "them differ by more than letter case or Unicode normalisation")
+        seen[case.case_id], folders[key] = line, (case.case_id, line)
         cases.append(case)
     return cases
 
@@ -146,7 +156,7 @@ def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> C
     def resolve(p: str) -> str:
         return str(Path(p) if Path(p).is_absolute() else (base / p))
 
-    case_id = _safe_id(cells["case_id"]) if cells.get("case_id") else f"{i:0{width}d}_{_safe_id(file_stem(resolve(image)))}"
+    case_id = cells["case_id"] if cells.get("case_id") else f"{i:0{width}d}_{file_stem(resolve(image))}"
     target = cells.get("target", "")
     region = cells.get("region") or None
     if region is not None:

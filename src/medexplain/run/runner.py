@@ -25,6 +25,7 @@ from typing import Callable
 from ..errors import MedexplainError
 from ..io import check_output_dir
 from ..models.loading import load_model
+from ..options import memory_budget
 from ..registry import accepted_options, route_options
 from . import backends
 from .manifest import PREPROCESSING_COLUMNS, Case, read_manifest, sha256_file
@@ -83,7 +84,7 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
                  resume: bool = False, batch_size: int = 4, num_workers: int | None = None,
                  map_format: str = "nifti", seed: int = 0, retry_errors: bool = False,
                  on_progress: Callable[[int, int], None] | None = None,
-                 preprocessing: dict | None = None) -> RunResult:
+                 preprocessing: dict | None = None, memory: float | None = None) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Args:
@@ -103,6 +104,9 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
         preprocessing: run-wide defaults of the manifest's preprocessing columns, ``{"spacing": "1,1,1",
             ...}`` as the cells (or the command line's ``--spacing`` etc.) write them; a case's own cell
             overrides its column.
+        memory: the budget in GB of one model call (default: half the memory available to the worker);
+            ``chunk_size`` is capped to fit, and a case whose one row does not fit is an error row
+            (:func:`medexplain.options.plan_memory`).
 
     A bad case (missing, corrupt or NaN image, wrong channels, mask off-grid, target out of range, a
     method failing on it) becomes an error row; everything else raises a typed error before writing.
@@ -114,6 +118,7 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
     cases = with_default_preprocessing(read_manifest(manifest), preprocessing)
     net = load_model(model, weights)
     methods = check_methods(methods, net)
+    memory_budget(memory)  # a bad --memory is an OptionError now
     routed = _method_options(methods, options, layer, seed)
     if backend == "ray":
         backends.ray_module()
@@ -130,7 +135,7 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
               "methods": methods, "options": _jsonable(routed), "layer": layer,
               "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
               "address": address, "num_workers": num_workers, "retry_errors": retry_errors,
-              "preprocessing": dict(sorted((preprocessing or {}).items())) or None}
+              "preprocessing": dict(sorted((preprocessing or {}).items())) or None, "memory": memory}
     previous = _previous_run(out, config, resume)
     if previous is not None:
         methods, routed = _extend_run(previous, config, methods, routed)
@@ -146,7 +151,7 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
               "started": (previous or {}).get("started", started), "ended": None,
               "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
     atomic_json(record, out / RUN_RECORD)
-    spec = WorkerSpec(model=model, methods=methods, out=str(out), options=routed, weights=weights,
+    spec = WorkerSpec(model=model, methods=methods, out=str(out), options=routed, weights=weights, memory=memory,
                       map_format=map_format, seed=seed, retry_errors=retry_errors)
     progress = _Progress(store, cases, methods, retry_errors, on_progress)
     workers = _execute(progress.pending(batch_size), spec, net, backend, num_workers, address, progress.on_chunk)

@@ -4,8 +4,9 @@ Layout of ``OUT``::
 
     run.json                      the run record (config, versions, seeds, sessions, counts)
     results.csv, results.parquet  one row per case x method, rebuilt from the records
-    cases/<case_id>/<method>.nii.gz (or .npz)   the map, on the image's affine
-    cases/<case_id>/<method>.json               the item's record: written AFTER its map
+    cases/<case folder>/<method>.nii.gz (or .npz)   the map, on the image's affine
+    (the case folder is io.safe_file_name(case_id): the id, unsafe characters percent-encoded)
+    cases/<case folder>/<method>.json               the item's record: written AFTER its map
 
 Crash safety rests on two facts. Every file is written through :func:`medexplain.io.atomic_path`
 (a temporary file in the same folder, then ``os.replace``), so a file with its final name is always
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import io
-from ..io import method_file
+from ..io import method_file, safe_file_name
 
 RUN_RECORD = "run.json"
 TABLE_CSV = "results.csv"
@@ -54,7 +55,7 @@ class RunStore:
 
     # --- paths -------------------------------------------------------------------------------------
     def case_dir(self, case_id: str) -> Path:
-        return self.out / CASES / case_id
+        return self.out / CASES / safe_file_name(case_id)
 
     def map_path(self, case_id: str, method: str) -> Path:
         return self.case_dir(case_id) / (method_file(method) + MAP_FORMATS[self.map_format])

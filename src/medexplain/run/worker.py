@@ -48,6 +48,7 @@ class WorkerSpec:
     retry_errors: bool = False
     device: str | None = None      # None: CUDA when available, else CPU
     threads: int | None = None     # torch intra-op threads in this worker (None: leave as is)
+    memory: float | None = None    # GB per model call (None: half the memory available here)
 
 
 def error_message(err: BaseException, stage: str) -> str:
@@ -194,7 +195,7 @@ class CaseProcessor:
         opts = dict(self.spec.options.get(method, {}))
         torch.manual_seed(self.spec.seed)
         try:
-            attr = explain(self.model, xb, method, target=_batch_target(targets), **opts)
+            attr = explain(self.model, xb, method, target=_batch_target(targets), memory=self.spec.memory, **opts)
             return {i: (attr.map[i], _per_case_info(attr.info, xb.shape[0], i)) for i in need}
         except Exception as group_error:
             if xb.shape[0] == 1:
@@ -203,7 +204,8 @@ class CaseProcessor:
         for i in need:
             torch.manual_seed(self.spec.seed)
             try:
-                attr = explain(self.model, xb[i:i + 1], method, target=targets[i].target, **opts)
+                attr = explain(self.model, xb[i:i + 1], method, target=targets[i].target, memory=self.spec.memory,
+                               **opts)
                 out[i] = (attr.map[0], _per_case_info(attr.info, 1, 0))
             except Exception as e:
                 out[i] = e

@@ -7,10 +7,18 @@ with mean or max aggregation, Grad-CAM++), :func:`quantify` turns the maps into 
 instance, :func:`group_statistics` compares TP / FP / FN, and :func:`context_experiment` measures how
 much context around a lesion the model needs to keep detecting it.
 """
-from .instances import Instance, find_instances, flatten_instances, label_map, structure
+from .instances import (
+    Instance,
+    check_threshold,
+    find_instances,
+    flatten_instances,
+    label_map,
+    reference_foreground,
+    structure,
+)
 from .quantify import context_experiment, group_statistics, markdown_table, quantify, write_csv
 from .saliency import decoder_layer, explain_instances, instance_saliency
 
-__all__ = ["Instance", "context_experiment", "decoder_layer", "explain_instances", "find_instances",
+__all__ = ["Instance", "check_threshold", "context_experiment", "decoder_layer", "explain_instances", "find_instances",
            "flatten_instances", "group_statistics", "instance_saliency", "label_map", "markdown_table", "quantify",
-           "structure", "write_csv"]
+           "reference_foreground", "structure", "write_csv"]

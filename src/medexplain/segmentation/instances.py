@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 
 KINDS = ("TP", "FP", "FN")
 #: ``find_instances``' edge rules: medexplain's (default) and the IES reference code's.
@@ -140,12 +140,70 @@ def _binarise(a: np.ndarray, threshold: float, rules: str = "medexplain") -> np.
     return a >= threshold if rules == "reference" else a > threshold
 
 
-def _binarise_reference(a: np.ndarray, threshold: float, rules: str) -> np.ndarray:
-    """The ground truth's foreground: like the prediction (``"medexplain"``) or ``>= 1.0`` whatever the dtype
-    (``"reference"``: the IES code's ``binarize_mask(gt, 1.)``; a label map keeps every label >= 1)."""
-    if rules == "reference":
-        return a >= 1 if a.dtype != bool else a
-    return _binarise(a, threshold)
+#: A ground truth with more distinct non-zero integer values than this is an image, not a label map.
+MAX_LABELS = 100
+
+
+def check_threshold(threshold, what: str = "threshold") -> float:
+    """A probability threshold in [0, 1] (``find_instances(threshold=)``, ``instances --threshold`` and
+    ``--reference-threshold``); an :class:`~medexplain.errors.OptionError` otherwise (also for NaN)."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} is a probability in [0, 1], got {threshold!r}") from None
+    if not 0 <= t <= 1:
+        raise OptionError(f"{what} is a probability in [0, 1], got {threshold!r}")
+    return t
+
+
+def _values_found(a: np.ndarray) -> str:
+    u = np.unique(a)
+    shown = ", ".join(f"{v:.4g}" for v in u[:5]) + (", ..." if len(u) > 5 else "")
+    return f"{len(u)} distinct values from {float(u[0]):.4g} to {float(u[-1]):.4g} ({shown})"
+
+
+def reference_foreground(a, threshold: float | None = None, what: str = "the reference mask", *,
+                         soft_threshold: float | None = None) -> np.ndarray:
+    """The foreground of a ground-truth mask, which must be a **label map**: boolean, or integer values
+    ``>= 0`` in any dtype (a NIfTI label map is often stored as float), every non-zero label inside; or, with
+    ``threshold``, a probability map in [0, 1] (inside where ``> threshold``). Anything else, such as an
+    intensity scan (negative or fractional values outside [0, 1], or more than :data:`MAX_LABELS` distinct
+    integer values), is an :class:`~medexplain.errors.InputError` stating the values found (issue 27: an
+    intensity scan used to be thresholded at 0 without a word). ``soft_threshold`` (the API's soft
+    references, see :func:`find_instances`): fractional values within [0, 1] are read at this threshold
+    instead of being refused."""
+    a = _as_numpy(a, what)
+    if a.dtype == bool:
+        return a
+    how = ("give a label map (integer or binary values), or a probability map in [0, 1] with --reference-threshold "
+           "T (reference_threshold= in Python)")
+    if threshold is not None:
+        t = check_threshold(threshold, "the reference threshold")
+        if a.min() < 0 or a.max() > 1:
+            raise InputError(f"{what} is not a probability map in [0, 1] (for --reference-threshold): it holds "
+                             f"{_values_found(a)}")
+        return a > t
+    integral = bool(np.all(a == np.round(a))) and a.min() >= 0
+    if integral:
+        n_labels = len(np.unique(a[a > 0]))
+        if n_labels > MAX_LABELS:
+            raise InputError(f"{what} is not a label map: it holds {_values_found(a)} ({n_labels} non-zero labels, "
+                             f"more than {MAX_LABELS}: an image, not a segmentation); {how}")
+        return a > 0
+    if soft_threshold is not None and a.min() >= 0 and a.max() <= 1:
+        return a > soft_threshold
+    raise InputError(f"{what} is not a label map: it holds {_values_found(a)}; {how}")
+
+
+def _binarise_reference(a: np.ndarray, threshold: float, rules: str, reference_threshold: float | None) -> np.ndarray:
+    """The ground truth's foreground (:func:`reference_foreground`: a label map, or a probability map with
+    ``reference_threshold``; fractional values in [0, 1] without it are a soft reference read like the
+    prediction, at ``threshold``), or ``>= 1.0`` whatever the dtype (``"reference"``: the IES code's
+    ``binarize_mask(gt, 1.)``; a label map keeps every label >= 1)."""
+    fg = reference_foreground(a, reference_threshold, "reference", soft_threshold=threshold)
+    if rules == "reference" and a.dtype != bool and reference_threshold is None:
+        return a >= 1
+    return fg
 
 
 def _components(fg: np.ndarray, struct: np.ndarray, min_size: int) -> tuple[np.ndarray, list[int], np.ndarray]:
@@ -163,7 +221,8 @@ def _instance(mask_np: np.ndarray, kind, sample: int, label: int, device) -> Ins
 
 
 def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None, min_size: int = 6,
-                   reference=None, spatial_dims: int | None = None, *, mask_or_prob=None, rules: str = "medexplain"):
+                   reference=None, spatial_dims: int | None = None, *, mask_or_prob=None, rules: str = "medexplain",
+                   reference_threshold: float | None = None):
     """Connected-component lesion instances, optionally labelled TP / FP / FN.
 
     Parameters
@@ -174,14 +233,18 @@ def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None,
         / ``(B, 1, *spatial)`` for a batch. A 3-D array is read as one volume and a 4-D array with
         ``shape[1] == 1`` as a batch of 2-D maps; pass ``spatial_dims`` to override.
     threshold : float
-        Probability threshold (the reference code uses 0.3 for its U-Net, 0.4 for nnU-Net / Swin UNETR).
+        Probability threshold in [0, 1] (the reference code uses 0.3 for its U-Net, 0.4 for nnU-Net / Swin
+        UNETR); another value is an :class:`~medexplain.errors.OptionError`, as on the command line.
     connectivity : None, int or array
         See :func:`structure`; ``None`` is the reference's ``generate_binary_structure(ndim, 2)``.
     min_size : int
         Components with fewer voxels are dropped (6 = the paper's "more than 5 voxels").
     reference : tensor or array, optional
-        Ground-truth mask, same shape as ``prob_or_mask`` (bool, 0/1, label map or probability; binarised
-        as ``rules`` says). Gives every instance a kind and adds the FN instances.
+        Ground-truth mask, same shape as ``prob_or_mask``: a label map (bool, 0/1, integer labels) or a
+        probability map (:func:`reference_foreground`; binarised as ``rules`` says). Gives every instance a
+        kind and adds the FN instances. Values that are neither (an intensity image) are refused.
+    reference_threshold : float, optional
+        Read ``reference`` as a probability map in [0, 1], inside where ``> reference_threshold``.
     spatial_dims : int, optional
         2 or 3; needed only to read a 3-D array as a batch of 2-D maps.
     mask_or_prob : keyword alias of ``prob_or_mask`` (the name uses).
@@ -209,6 +272,7 @@ def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None,
     prob_or_mask = prob_or_mask if prob_or_mask is not None else mask_or_prob
     if int(min_size) < 1:
         raise InputError(f"min_size must be >= 1, got {min_size}")
+    threshold = check_threshold(threshold)
     if rules not in RULES:
         raise InputError(f"rules must be one of {RULES}, got {rules!r}")
     device = prob_or_mask.device if isinstance(prob_or_mask, torch.Tensor) else "cpu"
@@ -221,11 +285,12 @@ def find_instances(prob_or_mask=None, threshold: float = 0.5, connectivity=None,
         if ref.shape != pred.shape:
             raise InputError(f"reference shape {tuple(ref_np.shape)} does not match the prediction's "
                              f"{tuple(np.shape(prob_or_mask))}")
+        reference_foreground(ref, reference_threshold, "reference", soft_threshold=threshold)  # before any work
     out = []
     for b in range(pred.shape[0]):
         fg = _binarise(pred[b], threshold, rules)
         lab, kept, _ = _components(fg, struct, int(min_size))
-        gt = _binarise_reference(ref[b], threshold, rules) if ref is not None else None
+        gt = _binarise_reference(ref[b], threshold, rules, reference_threshold) if ref is not None else None
         items = []
         for i in kept:
             m = lab == i
