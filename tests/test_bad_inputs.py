@@ -717,3 +717,135 @@ def test_a_large_row_is_refused_on_the_probe_of_a_crop():
     full = probe_row_bytes(CallCounter(m.net), x)                      # no limit: the full row
     scaled = probe_row_bytes(CallCounter(m.net), x, limit=1)           # over the limit: the crop, scaled
     assert 0.8 < scaled / full < 1.25, (scaled, full)
+
+
+# ---- issue 27 (part A): output selection, checkpoints, API validation, messages -------------------------
+class LogitsDict3d(torch.nn.Module):
+    """A classifier returning a one-key dict, as many training codes do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyClassifier(3, cin=1)
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+def logits_dict3d():
+    torch.manual_seed(0)
+    return LogitsDict3d().eval()
+
+
+def test_output_index_on_a_plain_tensor_is_a_typed_error(files):
+    """output=0 on a model returning one tensor used to index its channel axis silently (out[:, 0])."""
+    model, x = cls3d(), torch.rand(1, 1, S, S, S)
+    with pytest.raises(errors.UnsupportedModelError, match="not stacked heads") as e:
+        mx.explain(model, x, "saliency", target=0, output=0)
+    assert "give it as the target" in str(e.value) and "o.ndim == x.ndim + 1" in str(e.value)
+    out = files / "out_output_index"
+    res = CliRunner().invoke(app, ["explain", V.format(d=files), "--model", CLS, "--output", "0", "--out", str(out)])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.UnsupportedModelError), res.output
+    assert not out.exists()
+
+
+def test_regression_one_key_dict_output_is_its_value_with_a_note():
+    """Regression (issue 27): a model returning {"logits": ...} was refused until output="logits"."""
+    model, x = logits_dict3d(), torch.rand(2, 1, S, S, S)
+    attr = mx.explain(model, x, "saliency", target=1)
+    ref = mx.explain(model.net, x, "saliency", target=1)
+    torch.testing.assert_close(attr.map, ref.map)
+    assert "'logits'" in attr.info["output_note"] and "output_note" not in ref.info
+    assert "saliency" in mx.available_methods(model=model, x=x[:1])
+    two = {"a": torch.zeros(1, 2), "b": torch.zeros(1, 2)}
+    with pytest.raises(errors.UnsupportedModelError, match=r"keys \['a', 'b'\]"):
+        mx.core.select_output(two)
+
+
+def tiny_cls3d():
+    return TinyClassifier(3, cin=1).eval()
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "model", "model_state_dict", "network_weights", "plain"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_regression_checkpoint_layouts_load_as_weights(tmp_path, layout, parallel):
+    """Regression (issue 27): a {'state_dict': ..., 'epoch': 3} checkpoint, what most training loops save, was
+    refused as --weights. Each common layout loads (weights_only=True), DataParallel's 'module.' prefix removed,
+    and a warning says which entry was read."""
+    from medexplain.models.loading import load_model
+    torch.manual_seed(1)
+    src = cls3d()
+    sd = {("module." if parallel else "") + k: v for k, v in src.state_dict().items()}
+    torch.save(sd if layout == "plain" else {layout: sd, "epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "w.pt")
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = load_model("test_bad_inputs:tiny_cls3d", str(tmp_path / "w.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), src.state_dict().values()))
+    said = " ".join(str(w.message) for w in caught)
+    if layout != "plain":
+        assert f"loaded the {layout!r} entry of the checkpoint (other entries: epoch, optimizer)" in said
+    assert ("'module.' removed" in said) == parallel
+    if layout == "plain" and not parallel:
+        assert "--weights" not in said
+
+
+def test_weights_not_fitting_or_not_weights_write_nothing(tmp_path, files):
+    torch.save({"epoch": 3, "weights": cls3d().state_dict()}, tmp_path / "w.pt")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["explain", V.format(d=files), "--model", "test_bad_inputs:tiny_cls3d",
+                                   "--weights", str(tmp_path / "w.pt"), "--out", str(out)])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.ModelLoadError) and "model_state_dict" in res.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method, key", [("integrated_gradients", "baseline"), ("deeplift", "baselines"),
+                                         ("feature_ablation", "baselines")])
+def test_api_baseline_of_the_wrong_shape_is_a_typed_error(method, key):
+    if method not in mx.available_methods():
+        pytest.skip(f"{method} not registered")
+    model, x = cls3d(), torch.rand(2, 1, S, S, S)
+    for bad, words in [(torch.zeros(1, 1, S + 1, S, S), "does not broadcast"), (torch.zeros(3, 1, S, S, S), "does not broadcast"),
+                       (torch.full((1, 1, S, S, S), float("nan")), "NaN"), ("zero", "a number or a tensor")]:
+        with pytest.raises(errors.InputError, match=words):
+            mx.explain(model, x, method, target=0, **{key: bad})
+    one = mx.explain(model, x, method, target=0, **{key: torch.zeros(1, 1, S, S, S)}).map   # one image: broadcast
+    torch.testing.assert_close(one, mx.explain(model, x, method, target=0, **{key: 0.0}).map)
+
+
+def test_api_available_methods_on_an_input_too_small_is_the_model_error():
+    """16^3 into MONAI's BasicUNet (its bottleneck instance norm gets one voxel): the raw ValueError passed through."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    net = nets.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(2, 2, 2, 2, 2, 2)).eval()
+    with pytest.raises(errors.ModelError, match=r"failed on the input \(1, 1, 16, 16, 16\)") as e:
+        mx.available_methods(model=net, x=torch.rand(1, 1, 16, 16, 16))
+    assert "--divisible-by 32" in str(e.value)            # the padding that runs, found by probing
+    assert "saliency" in mx.available_methods(model=net, x=torch.rand(1, 1, 32, 32, 32))
+
+
+def test_api_normalize_unknown_mode_is_a_typed_error_with_a_close_match():
+    with pytest.raises(errors.OptionError, match="did you mean 'minmax'"):
+        mx.normalize(torch.rand(1, 1, 4, 4), "min-max")
+    assert issubclass(errors.OptionError, ValueError)
+
+
+def test_medcam_on_a_vit_says_what_it_needs():
+    """ViT + Med-CAM said "layer '<activation layer>' not found"."""
+    nets = pytest.importorskip("monai.networks.nets")
+    from medexplain.methods.medcam import MedCAMConfig
+    torch.manual_seed(0)
+    vit = nets.ViT(1, img_size=16, patch_size=8, hidden_size=12, mlp_dim=12, num_layers=1, num_heads=2,
+                   classification=True, num_classes=2, spatial_dims=2, post_activation=None).eval()
+    with pytest.raises(errors.UnsupportedModelError, match=r"spatial map \(B, C, \*spatial\)") as e:
+        mx.explain(vit, torch.rand(1, 1, 16, 16), "medcam", target=0, output=0, steps=1)
+    assert "layers=" in str(e.value) and "<activation layer>" not in str(e.value)
+    assert MedCAMConfig.build(layers="a.1, b.2").layers == ("a.1", "b.2")     # the command line's comma list
+
+
+@pytest.mark.parametrize("args, words", [(["--upsample", "bilinear"], "do not apply to --method smoothgrad"),
+                                         (["--method", "gradcam++", "--upsample", "nearest"], "aligned or bilinear")])
+def test_cli_instances_upsample_is_checked_before_anything_is_written(files, args, words):
+    out = files / f"out_up_{abs(hash(tuple(args)))}"
+    res = CliRunner().invoke(app, ["instances", V.format(d=files), "--model", SEG, *args, "--out", str(out)])
+    assert res.exit_code == 2 and isinstance(_typed(res), errors.OptionError) and words in " ".join(res.output.split())
+    assert not out.exists()

@@ -97,7 +97,12 @@ def test_select_output_dict_tensor_and_errors():
     with pytest.raises(UnsupportedModelError, match="keys"):
         core.select_output(d)
     stacked = torch.arange(2 * 3 * 2 * 4.0).view(2, 3, 2, 4)    # (B, heads, K, *s), e.g. DynUNet training
-    torch.testing.assert_close(core.select_output(stacked, 0), stacked[:, 0])
+    torch.testing.assert_close(core.select_output(stacked, 0, x_ndim=3), stacked[:, 0])   # input (B, C, s)
+    with pytest.raises(UnsupportedModelError, match="3 stacked heads"):
+        core.select_output(stacked, 3, x_ndim=3)
+    for x_ndim in (4, None):                                    # not stacked heads (or not known to be): refused
+        with pytest.raises(UnsupportedModelError, match="not stacked heads"):
+            core.select_output(stacked, 0, x_ndim=x_ndim)
     with pytest.raises(UnsupportedModelError, match="out of range"):
         core.select_output((d["aux"],), 3)
     with pytest.raises(UnsupportedModelError, match="not a dict"):

@@ -204,3 +204,23 @@ def test_interval_and_mean_column_choices(tmp_path):
     assert default.ci == "order-statistic" and default.mean_of == "bootstrap"
     assert not np.allclose(res["order-statistic", "bootstrap"].results["miou_tp_fp_fn"].summary_mean,
                            res["order-statistic", "point"].results["miou_tp_fp_fn"].summary_mean)
+
+
+def test_evaluate_keeps_the_map_dtype(tmp_path):
+    """A float32 map is evaluated in float32, as CheXlocalize and the API compute it: a constant float32 map on a
+    coarser grid than its mask gets interpolation noise of a few ulps when resized, which Otsu then splits, and
+    that noise differs in float64 (evaluate read every map as float64 and gave other masks)."""
+    maps, masks = tmp_path / "maps" / "nodule", tmp_path / "masks" / "nodule"
+    maps.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    mask = torch.zeros(1, 20, 20, dtype=torch.bool)
+    mask[:, 5:15, 5:15] = True
+    arrays = {f"c{i}": torch.full((1, 1, 7, 9), v, dtype=torch.float32) for i, v in enumerate((0.3, 1.3, 0.123))}
+    for case, a in arrays.items():
+        np.save(maps / f"{case}.npy", a[0, 0].numpy())
+        Image.fromarray(mask[0].numpy().astype(np.uint8) * 255).save(masks / f"{case}.png")
+    got = evaluate_folders(tmp_path / "maps", tmp_path / "masks", mode="tp_fp_fn").tables["miou"][:, 0]
+    api = [float(iou(a, mask, mode="tp_fp_fn")[0]) for a in arrays.values()]
+    as64 = [float(iou(a.double(), mask, mode="tp_fp_fn")[0]) for a in arrays.values()]
+    assert list(got) == api
+    assert api != as64                                  # the case tells the dtypes apart

@@ -69,15 +69,14 @@ def reference_network(p):
                                   cm.network_arch_init_kwargs_req_import, 2, 3, allow_init=True, deep_supervision=False)
 
 
-@pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    """nnUNet_results/Dataset999_Tiny/nnUNetTrainer__nnUNetPlans__3d_fullres with fold_0 and fold_1."""
-    root = tmp_path_factory.mktemp("nnunet") / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+def write_folder(parent, trainer="nnUNetTrainer", folds=(0, 1)):
+    """parent/<trainer>__nnUNetPlans__3d_fullres as nnU-Net lays it out, random weights per fold."""
+    root = parent / f"{trainer}__nnUNetPlans__3d_fullres"
     root.mkdir()
     p = plans()
     (root / "plans.json").write_text(json.dumps(p, indent=2))
     (root / "dataset.json").write_text(json.dumps(DATASET, indent=2))
-    for fold in (0, 1):
+    for fold in folds:
         torch.manual_seed(fold)
         net = reference_network(p)
         for prm in net.parameters():  # spread the random logits, so the segmentation has no near-ties
@@ -88,9 +87,15 @@ def folder(tmp_path_factory):
                     "_best_ema": np.float64(0.5), "current_epoch": 1000,
                     "init_args": {"plans": p, "configuration": "3d_fullres", "fold": fold, "dataset_json": DATASET,
                                   "device": torch.device("cpu")},
-                    "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
+                    "trainer_name": trainer, "inference_allowed_mirroring_axes": (0, 1, 2)},
                    root / f"fold_{fold}" / "checkpoint_final.pth")
     return root
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """nnUNet_results/Dataset999_Tiny/nnUNetTrainer__nnUNetPlans__3d_fullres with fold_0 and fold_1."""
+    return write_folder(tmp_path_factory.mktemp("nnunet"))
 
 
 @pytest.fixture(scope="session")
@@ -326,6 +331,121 @@ def test_missing_nnunetv2_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nnunetv2", None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps nnunetv2"):
         mx.models.load_nnunet(tmp_path)
+
+
+def test_a_trainer_variant_loads_without_importing_the_other_trainers(case, tmp_path, monkeypatch):
+    """A folder trained with nnUNetTrainer_1epoch (named as nnU-Net names it) loads and is explained; nnunetv2's own
+    lookup imports every trainer module and died on the Primus trainers' timm import (169 lines of traceback).
+    Only the module defining the trainer is imported; a trainer whose module needs a missing package is a typed
+    error naming the package."""
+    import sys
+
+    from medexplain.cli import app
+    from medexplain.models.nnunet import find_trainer_class
+
+    root = write_folder(tmp_path, "nnUNetTrainer_1epoch", folds=(0,))
+    assert root.name == "nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres"
+    primus = "nnunetv2.training.nnUNetTrainer.primus.primus_trainers"
+    monkeypatch.delitem(sys.modules, primus, raising=False)
+    m = mx.models.load_nnunet(root, use_mirroring=False)
+    assert m.trainer_name == "nnUNetTrainer_1epoch" and primus not in sys.modules
+    with torch.no_grad():                                   # the trainer's network with the checkpoint's weights
+        torch.testing.assert_close(m.networks[0](torch.ones(1, 2, *PATCH)), _reference_output(root))
+    paths, _, _ = case
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["explain", str(paths[0]), str(paths[1]), "--nnunet", str(root), "--no-mirroring",
+                            "--target", "1", "--region", "all", "--method", "saliency", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert any(out.glob("*saliency*.nii.gz")), sorted(p.name for p in out.iterdir())
+
+    with pytest.raises(ModelLoadError, match=r"close matches: .*nnUNetTrainer_1epoch\b"):
+        find_trainer_class("nnUNetTrainer_1epochs")
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "my_trainers.py").write_text("import not_installed_pkg_mx27\n"
+                                        "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
+                                        "class MyTrainer(nnUNetTrainer):\n    pass\n")
+    monkeypatch.setenv("nnUNet_extTrainer", str(ext))
+    with pytest.raises(ModelLoadError, match="needs the package 'not_installed_pkg_mx27', not installed"):
+        find_trainer_class("MyTrainer")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModelLoadError, match="needs the package 'timm'"):
+            find_trainer_class("nnUNet_Primus_S_Trainer")
+
+
+def _reference_output(root):
+    net = reference_network(plans())
+    net.load_state_dict(torch.load(root / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"])
+    with torch.no_grad():
+        return net.eval()(torch.ones(1, 2, *PATCH))
+
+
+@pytest.mark.slow
+def test_a_folder_trained_by_nnunet_itself_for_one_epoch_is_explained(tmp_path, monkeypatch):
+    """nnU-Net's own planning, preprocessing and 1-epoch training (nnUNetTrainer_1epoch: 250 iterations, CPU) on
+    six tiny synthetic cases, then the folder it writes is loaded and explained from the command line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from medexplain.cli import app
+
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.exists(os.path.join(bin_dir, "nnUNetv2_train")):
+        pytest.skip("nnU-Net's command-line entry points are not installed next to this Python")
+    env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "res"), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
+           "nnUNet_compile": "f", "OMP_NUM_THREADS": "1"}
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, env[k])
+    raw = tmp_path / "raw" / "Dataset998_Tiny"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    g = np.random.default_rng(0)
+    for i in range(6):                                    # a bright cube on noise; the label is the cube
+        lab = np.zeros((16, 16, 16), np.uint8)
+        c = g.integers(3, 9, 3)
+        lab[c[0]:c[0] + 5, c[1]:c[1] + 5, c[2]:c[2] + 5] = 1
+        im = (g.normal(size=lab.shape) + 3 * lab).astype(np.float32)
+        nib.save(nib.Nifti1Image(im, np.eye(4)), raw / "imagesTr" / f"case{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), raw / "labelsTr" / f"case{i:03d}.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "labels": {"background": 0,
+                                                  "lesion": 1}, "numTraining": 6, "file_ending": ".nii.gz"}))
+    # nnUNetv2_train looks its trainer up with nnunetv2's recursive lookup, which imports every trainer module and
+    # dies on the Primus trainers' timm import when timm is not installed (the bug medexplain works around): its
+    # entry point is run with that lookup replaced by medexplain's find_trainer_class, everything else nnU-Net's
+    train = ("import sys, nnunetv2.run.run_training as rt; from medexplain.models.nnunet import find_trainer_class; "
+             "rt.recursive_find_trainer_class_by_name = find_trainer_class; sys.argv[1:] = ['998', '3d_fullres', '0', "
+             "'-tr', 'nnUNetTrainer_1epoch', '-device', 'cpu']; rt.run_training_entry()")
+    src = str(Path(mx.__file__).resolve().parents[1])
+    def run(cmd, **extra):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**env, **extra})
+        assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
+
+    run([os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d", "998", "-c", "3d_fullres", "-np", "1"])
+    # the plans' network narrowed to 4-8-16 features (plans.json is nnU-Net's documented place to edit the
+    # architecture; the preprocessed data does not depend on it), so one epoch takes seconds on a CPU
+    plans_file = tmp_path / "pre" / "Dataset998_Tiny" / "nnUNetPlans.json"
+    plans_json = json.loads(plans_file.read_text())
+    arch = plans_json["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [4 * 2 ** i for i in range(arch["n_stages"])]
+    plans_file.write_text(json.dumps(plans_json, indent=2))
+    run([sys.executable, "-c", train], nnUNet_n_proc_DA="0",
+        PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
+    root = tmp_path / "res" / "Dataset998_Tiny" / "nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres"
+    assert (root / "fold_0" / "checkpoint_final.pth").is_file(), sorted(p.name for p in root.iterdir())
+    m = mx.models.load_nnunet(root, use_mirroring=False)
+    assert m.trainer_name == "nnUNetTrainer_1epoch"
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["explain", str(raw / "imagesTr" / "case000_0000.nii.gz"), "--nnunet", str(root),
+                            "--no-mirroring", "--target", "1", "--region", "all", "--method", "saliency",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    maps = list(out.glob("*saliency*.nii.gz"))
+    assert maps and nib.load(maps[0]).shape[:3] == (16, 16, 16)
 
 
 def test_gradcam_through_mirroring_and_two_folds_by_the_model_mechanism(folder, case):

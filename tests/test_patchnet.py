@@ -247,3 +247,59 @@ def test_train_cli_planted_and_manifest(tmp_path):
     assert not isinstance(base, PatchNet) and base(torch.rand(1, 1, 16, 16)).shape == (1, 2)
     bad = CliRunner().invoke(app, ["train", "chest_xray", "--patch-size", "5", "--image-size", "32"])
     assert bad.exit_code == 2
+
+
+def published_scaled_map(bb, img, p, steps, batch=4, broadcast_bug=True):
+    """MedicalPatchNet's published scaled-map pipeline (TruhnLab/MedicalPatchNet: its shift loader in batches of
+    ``batch`` shifted images, its scaled patch logits and its map assembly), restated here for one 2D image
+    ``(1, 1, S, S)``. The published code multiplies the patch logits ``(N, P, K)`` of a batch of N shifted images
+    by their probabilities shaped ``(N, 1, 1, K)``, which broadcasts to ``(N, N, P, K)`` (every image's logits
+    times every image's probability); the assembly then reshapes to ``(-1, n, n, K)`` and averages as many maps
+    as the first dimension counts, each placed at the shift of that index. ``broadcast_bug=False`` multiplies each
+    image's logits by its own probability, the paper's scaled logits (section 2: z_i * y-hat)."""
+    s, n, half = img.shape[-1], img.shape[-1] // p, p // 2
+    offs = shift_offsets(p, p // steps)                       # the published getShiftSteps(steps, p)
+    shifts = [(a, b) for a in offs for b in offs]
+
+    def window(t, dx, dy):                                    # zero-padded by p/2, the window moved by (dx, dy)
+        t = torch.nn.functional.pad(t, (half,) * 4)
+        return t[:, dx + half:dx + half + s, dy + half:dy + half + s]
+
+    feats = []
+    for k in range(0, len(shifts), batch):
+        xs = torch.stack([window(img[0], *sh) for sh in shifts[k:k + batch]])
+        patches = xs.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, p, p)
+        raw = bb(patches).reshape(len(xs), n * n, -1)
+        prob = torch.sigmoid(raw.mean(1))
+        feats.append(raw * (prob[:, None, None, :] if broadcast_bug else prob[:, None, :]))
+    feats = torch.cat(feats)
+    grid = feats.reshape(-1, n, n, feats.shape[-1])
+    total = torch.zeros(feats.shape[-1], s, s, dtype=feats.dtype)
+    for i in range(feats.shape[0]):
+        m = grid[i].permute(2, 0, 1).repeat_interleave(p, 1).repeat_interleave(p, 2)
+        total += window(m, -shifts[i][0], -shifts[i][1])
+    return total / feats.shape[0]
+
+
+def test_scaled_maps_against_the_published_code_and_its_broadcasting_bug():
+    """Our scaled map equals the published pipeline with each image's logits scaled by its own probability (the
+    paper's definition) to float64 rounding; the published code as shipped scales every shifted image's logits by
+    every other image's probability of the same batch and misplaces the maps, and differs (docs/patchnet.md states
+    the size, in the published code's own map units: logits clipped to +-200 and mapped to [0, 1])."""
+    torch.manual_seed(6)
+    bb = conv_backbone(2, k=2).double().eval()
+    with torch.no_grad():                                     # patch logits of a few units, as a trained model's
+        bb[-1].weight.mul_(40.0)
+    x = torch.randn(1, 1, 16, 16, dtype=torch.float64) * 2
+    ours = PatchNet(bb, 8).eval().saliency(x, kind="scaled", offset=2, border="reference")[0]
+    with torch.no_grad():
+        fixed = published_scaled_map(bb, x, 8, 4, broadcast_bug=False)
+        shipped = published_scaled_map(bb, x, 8, 4)
+    torch.testing.assert_close(ours, fixed, rtol=1e-12, atol=1e-12)
+
+    def units(m):                                             # the published map units (NORM_VAL = 200)
+        return (m.clamp(-200, 200) + 200) / 400
+    gap = float((units(shipped) - units(ours)).abs().max())
+    print(f"published scaled map vs ours: max {gap:.2e} in its [0, 1] units, "
+          f"{float((shipped - ours).abs().max() / ours.abs().max()):.2f} of our map's maximum")
+    assert gap > 1e-3

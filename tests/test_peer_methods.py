@@ -531,3 +531,83 @@ def test_lrp_default_composite_is_epsilon_plus_flat():
     c = mx.explain(model, x, "lrp", target=[0, 1], composite="epsilon")
     assert a.info["composite"] == "epsilon_plus_flat" and torch.equal(a.map, b.map)
     assert (a.map - c.map).abs().max() > 1e-3 * c.map.abs().max()
+
+
+def _monai_3d(name):
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    small = dict(spatial_dims=3, in_channels=1, out_channels=2)
+    build = {
+        "BasicUNet": lambda: (nets.BasicUNet(**small, features=(4, 4, 8, 8, 16, 4)), 32),   # 4 poolings: >= 32
+        "SegResNetVAE": lambda: (nets.SegResNetVAE(input_image_size=(16,) * 3, **small, init_filters=8,
+                                                   blocks_down=(1, 1), blocks_up=(1,)), 16),
+        "UNet": lambda: (nets.UNet(**small, channels=(4, 8), strides=(2,)), 16),
+        "DynUNet": lambda: (nets.DynUNet(**small, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                                         filters=[4, 8, 16]), 16),
+        "SegResNet": lambda: (nets.SegResNet(**small, init_filters=8, blocks_down=(1, 1), blocks_up=(1,)), 16),
+        "AttentionUnet": lambda: (nets.AttentionUnet(**small, channels=(4, 8), strides=(2,)), 16),
+    }[name]
+    net, s = build()
+    return net.eval(), torch.randn(1, 1, s, s, s, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["BasicUNet", "SegResNetVAE", "UNet", "DynUNet", "SegResNet", "AttentionUnet"])
+def test_lrp_registry_and_reality_agree_on_monai_3d_networks(name):
+    """LRP was listed for BasicUNet and SegResNetVAE and then died with a raw Captum AttributeError (a module
+    registered under two parents, a shared activation module, in-place activations, a tensor read by two layers).
+    For each architecture: listed by available_methods and runs (finite, non-zero, the model left as found), or
+    refused before any work with the registry's reason. All six run now."""
+    net, x = _monai_3d(name)
+    output = 0 if name == "SegResNetVAE" else None                       # SegResNetVAE returns (seg, vae_loss)
+    listed = "lrp" in mx.available_methods(model=net, x=x, output=output)
+    reason = mx.registry.get_method("lrp").why_not(net, None)
+    mask = torch.zeros(1, *x.shape[2:], dtype=torch.bool)
+    mask[:, 4:12, 4:12, 4:12] = True
+    snap = snapshot(net)
+    if not listed:
+        assert reason
+        with pytest.raises(UnsupportedModelError):
+            mx.explain(net, x, "lrp", target=Region(1, mask), output=output)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                                 # additions no canonizer covers
+            attr = mx.explain(net, x, "lrp", target=Region(1, mask), output=output)
+        assert attr.map.shape == x.shape and torch.isfinite(attr.map).all() and attr.map.abs().sum() > 0
+    assert_untouched(net, snap)
+    assert listed, reason                                                  # the aim: LRP runs on all six
+
+
+@pytest.mark.parametrize("up", ["nearest", "trilinear", "monai_nontrainable", "monai_pixelshuffle"])
+def test_lrp_passes_relevance_through_upsampling(up):
+    """Nearest and linear upsampling (nn.Upsample, and MONAI's UpSample wrappers: nontrainable = nn.Upsample,
+    pixelshuffle = conv, padding, pooling and a shuffle) are linear: LRP-epsilon on a bias-free network conserves the
+    region's logit sum through them."""
+    from monai.networks.blocks import UpSample
+    torch.manual_seed(0)
+    upsample = {"nearest": lambda: nn.Upsample(scale_factor=2, mode="nearest"),
+                "trilinear": lambda: nn.Upsample(scale_factor=2, mode="trilinear"),
+                "monai_nontrainable": lambda: UpSample(3, 4, 4, 2, mode="nontrainable"),
+                "monai_pixelshuffle": lambda: UpSample(3, 4, 4, 2, mode="pixelshuffle", bias=False)}[up]()
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1, bias=False), nn.MaxPool3d(2), upsample,
+                          nn.Conv3d(4, 2, 1, bias=False)).double().eval()
+    for m in model.modules():
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    x = torch.rand(1, 1, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    mask[:, 2:6, 2:6, 2:6] = True
+    assert "lrp" in mx.available_methods(model=model, x=x)
+    attr = mx.explain(model, x, "lrp", target=Region(1, mask), composite="epsilon", epsilon=1e-12)
+    with torch.no_grad():
+        score = model(x)[:, 1][mask].sum()
+    torch.testing.assert_close(attr.map.sum(), score, rtol=1e-8, atol=1e-10)
+
+
+def test_lrp_reason_reads_after_it():
+    """The registry's reason is shown as "... does not apply to this model: it <reason>" (was "it LRP has no rule")."""
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x * 2
+    odd = nn.Sequential(nn.Conv2d(1, 2, 3), Odd(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2)).eval()
+    reason = mx.registry.get_method("lrp").why_not(odd, None)
+    assert reason.startswith("has layer type(s) ['Odd'] that no LRP rule covers")

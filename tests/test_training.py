@@ -40,8 +40,8 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     net = dynunet()
     x, y = lesion_set()
     # DynUNet with deep supervision stacks its heads in training mode, (B, heads, K, *s); in eval mode it returns
-    # the main output (B, K, *s). select_output(out, 0) is out[:, 0]: the full-resolution head in training mode,
-    # but channel 0 in eval mode. A callable handles both modes.
+    # the main output (B, K, *s). output=0 takes head 0 of the stacked heads in training mode and is refused in eval
+    # mode (it would be channel 0); the documented callable (core.DEEP_SUPERVISION_HINT) handles both modes.
     net.train()
     assert net(x).shape == (4, 2, 2, 16, 16)
     net.eval()
@@ -49,7 +49,7 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     head = lambda o: o[:, 0] if o.ndim == x.ndim + 1 else o  # noqa: E731
     with pytest.raises(InputError, match="in training mode"):         # without output= a typed error, not the loss's
         train(net, (x, y), epochs=1, batch_size=2, progress=False)
-    with pytest.raises(InputError, match="in eval mode"):              # output=0 is wrong in eval mode (a channel)
+    with pytest.raises(UnsupportedModelError, match="not stacked heads"):  # output=0 in eval mode would be a channel
         train(net, (x, y), (x, y), epochs=1, batch_size=2, progress=False, output=0)
     torch.manual_seed(0)
     net = dynunet()
@@ -69,8 +69,9 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
         acc = get_method(m).options()
         opts = {k: v for k, v in TINY.items() if acc is None or k in acc}
         if m in REUSED_NONLINEARITY:
-            # DynUNet calls some modules twice per forward; DeepLIFT and LRP rules cannot run then, and the
-            # adapter says so (a typed error found on the first forward), leaving the model as found
+            # DynUNet calls some modules twice per forward; DeepLIFT's rules cannot run then, and the adapter
+            # says so (a typed error found on the first forward), leaving the model as found. LRP's pass-through
+            # rule handles a reused activation module (issue 27), so LRP runs below
             with pytest.raises(UnsupportedModelError, match="more than once"):
                 mx.explain(net, x[:1], method=m, target=mx.targets.Region(1, mask), output=head, **opts)
             continue
@@ -83,7 +84,7 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in net.modules())
 
 
-REUSED_NONLINEARITY = {"deeplift", "deepliftshap", "lrp"}  # rules that need each module to run once
+REUSED_NONLINEARITY = {"deeplift", "deepliftshap"}  # rules that need each module to run once
 
 
 def test_train_output_selects_a_tuple_element():

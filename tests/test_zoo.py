@@ -159,9 +159,10 @@ def test_read_weights_tells_formats_apart(tmp_path):
     assert a["note"] == "x" and set(a) == {"state_dict", "note"}
     torch.save(net.state_dict(), tmp_path / "plain.pt")                   # torch.save(model.state_dict())
     assert read_weights(tmp_path / "plain.pt")["state_dict"].keys() == net.state_dict().keys()
-    torch.save({"model": net.state_dict(), "epoch": 3}, tmp_path / "other.pt")
-    with pytest.raises(ModelLoadError, match="neither a state dict"):
+    torch.save({"weights": net.state_dict(), "epoch": 3}, tmp_path / "other.pt")   # no known checkpoint key
+    with pytest.raises(ModelLoadError, match="neither a state dict") as e:
         read_weights(tmp_path / "other.pt")
+    assert "'model_state_dict'" in str(e.value) and "['epoch', 'weights']" in str(e.value)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ModelLoadError, match="cannot load"):
         read_weights(tmp_path / "junk.pt")

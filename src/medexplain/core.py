@@ -7,6 +7,7 @@ probabilities, SmoothGrad noise) lives in :mod:`medexplain.ops`. ``docs/design.m
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import time
 import warnings
@@ -55,6 +56,31 @@ def check_input(x, spatial_dims: int | None = None, channels: int | None = None,
     if not torch.isfinite(x).all():
         raise InputError("input contains NaN or Inf values")
     return x
+
+
+def check_baseline(baseline, x: torch.Tensor, name: str = "baseline"):
+    """A reference input (IG's baseline, DeepLIFT's and occlusion's baselines) checked against ``x``: a
+    number (returned as a float), or a finite tensor that broadcasts to ``x`` with 1 or ``B`` samples
+    (returned in ``x``'s dtype and device). Anything else is an :class:`~medexplain.errors.InputError`."""
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if baseline != baseline or abs(baseline) == float("inf"):
+            raise InputError(f"{name} must be finite, got {baseline}")
+        return float(baseline)
+    try:
+        b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{name} must be a number or a tensor broadcastable to the input {tuple(x.shape)}, "
+                         f"got {type(baseline).__name__}") from e
+    try:
+        torch.broadcast_shapes(b.shape, x.shape)
+    except RuntimeError as e:
+        raise InputError(f"{name} of shape {tuple(b.shape)} does not broadcast to the input {tuple(x.shape)}; "
+                         "give a number, one image (1, C, *spatial) or one per sample") from e
+    if b.ndim > x.ndim or (b.ndim == x.ndim and b.shape[0] not in (1, x.shape[0])):
+        raise InputError(f"{name} has {b.shape[0]} samples for a batch of {x.shape[0]}")
+    if not torch.isfinite(b).all():
+        raise InputError(f"{name} contains NaN or Inf values")
+    return b
 
 
 def model_expectations(model) -> dict:
@@ -363,14 +389,44 @@ class Cost:
                 "seconds": time.perf_counter() - self.t0, **extra}
 
 
-def select_output(out, output=None) -> torch.Tensor:
+#: Notes on how the output was read (a one-key dict taken as its value), collected by :func:`output_notes`.
+_NOTES: contextvars.ContextVar[list | None] = contextvars.ContextVar("medexplain_output_notes", default=None)
+
+
+@contextlib.contextmanager
+def output_notes() -> Iterator[list[str]]:
+    """Collect, inside the ``with``, the notes :func:`select_output` makes on how it read the model's
+    output (each note once), e.g. for ``Attribution.info["output_note"]``."""
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def _note(text: str) -> None:
+    notes = _NOTES.get()
+    if notes is not None and text not in notes:
+        notes.append(text)
+
+
+#: The call that explains (and trains) a deep-supervision model which stacks its heads on dim 1 in training
+#: mode only (MONAI ``DynUNet``): head 0 in training mode, the one tensor it returns in eval mode.
+DEEP_SUPERVISION_HINT = "output=lambda o: o[:, 0] if o.ndim == x.ndim + 1 else o"
+
+
+def select_output(out, output=None, x_ndim: int | None = None) -> torch.Tensor:
     """The one model-output adapter: the tensor ``(B, K, ...)`` to explain from whatever the model returns.
 
     ``output``: ``None`` (a tensor as is; a tuple/list, e.g. deep-supervision heads, gives its first
-    element, with a warning when there are several; a dict is an error listing its keys), an ``int``
-    (that element of a tuple/list; for a tensor, ``out[:, i]``, e.g. the full-resolution head of MONAI
-    ``DynUNet``'s stacked training output ``(B, heads, K, *spatial)``), a ``str`` (that key of a dict)
-    or a callable ``output(out) -> tensor``.
+    element, with a warning when there are several; a dict of one entry gives its value, noted for
+    ``info`` (:func:`output_notes`); a dict of several is an error listing its keys), an ``int`` (that
+    element of a tuple/list, or that head of stacked heads: a tensor with one axis more than the input,
+    ``(B, heads, K, *spatial)``, as MONAI ``DynUNet`` returns in training mode; ``x_ndim`` is the input's
+    ``ndim``), a ``str`` (that key of a dict) or a callable ``output(out) -> tensor``. An ``int`` on any other
+    tensor is a typed error: it would silently pick a class channel (choose classes with the target). For
+    a model that stacks heads in training mode only, :data:`DEEP_SUPERVISION_HINT` works in both modes.
     """
     if callable(output):
         out = output(out)
@@ -380,13 +436,7 @@ def select_output(out, output=None) -> torch.Tensor:
             raise UnsupportedModelError(f"output={output!r}: the model returned {keys}")
         out = out[output]
     elif isinstance(output, int) and not isinstance(output, bool):
-        if isinstance(out, (tuple, list)):
-            n = len(out)
-        else:
-            n = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim > 1 else 0
-        if not -n <= output < n:
-            raise UnsupportedModelError(f"output={output} out of range: the model returned {n} output(s) to choose from")
-        out = out[output] if isinstance(out, (tuple, list)) else out[:, output]
+        out = _select_index(out, output, x_ndim)
     elif output is not None:
         raise UnsupportedModelError(f"output must be None, an int, a str or a callable, got {type(output).__name__}")
     elif isinstance(out, (tuple, list)) and out:
@@ -395,10 +445,34 @@ def select_output(out, output=None) -> torch.Tensor:
                           stacklevel=3)
         out = out[0]
     elif isinstance(out, dict):
-        raise UnsupportedModelError(f"the model returned a dict with keys {sorted(out)}; choose one with output=")
+        if len(out) != 1:
+            raise UnsupportedModelError(f"the model returned a dict with keys {sorted(out)}; choose one with output=")
+        (key, out), = out.items()
+        _note(f"the model returned a dict with the one key {key!r}; its value is explained")
     if not isinstance(out, torch.Tensor):
         raise UnsupportedModelError(f"model returned {type(out).__name__}; medexplain needs a tensor (B, K, ...)")
     return out
+
+
+def _select_index(out, i: int, x_ndim: int | None):
+    """``output=i``: element ``i`` of a tuple/list, or head ``i`` of stacked heads; a typed error otherwise."""
+    if isinstance(out, (tuple, list)):
+        if not -len(out) <= i < len(out):
+            raise UnsupportedModelError(f"output={i} out of range: the model returned {len(out)} output(s) to choose "
+                                        "from")
+        return out[i]
+    if isinstance(out, torch.Tensor) and x_ndim is not None and out.ndim == x_ndim + 1:
+        if not -out.shape[1] <= i < out.shape[1]:
+            raise UnsupportedModelError(f"output={i} out of range: the model returned {out.shape[1]} stacked heads "
+                                        f"{tuple(out.shape)} (B, heads, K, *spatial)")
+        return out[:, i]
+    what = (f"one tensor of shape {tuple(out.shape)}" + (f" for an input with {x_ndim} dims" if x_ndim else "")
+            if isinstance(out, torch.Tensor) else f"a {type(out).__name__}")
+    raise UnsupportedModelError(
+        f"output={i} selects an element of a tuple/list or a head of stacked heads (B, heads, K, *spatial); the "
+        f"model returned {what}, not stacked heads. To explain a class, give it as the target; drop output= to "
+        "explain the tensor. A deep-supervision model that stacks its heads in training mode only (MONAI DynUNet "
+        f"returns its main head alone in eval mode) is read in both modes with {DEEP_SUPERVISION_HINT}")
 
 
 class OutputAdapter(nn.Module):
@@ -411,7 +485,8 @@ class OutputAdapter(nn.Module):
         self.model, self.output = model, output
 
     def forward(self, *args, **kwargs):
-        return select_output(self.model(*args, **kwargs), self.output)
+        x_ndim = args[0].ndim if args and isinstance(args[0], torch.Tensor) else None
+        return select_output(self.model(*args, **kwargs), self.output, x_ndim)
 
 
 def with_output(model, output=None):
@@ -488,7 +563,7 @@ class Passes(nn.Module):
         finals = [] if not self.logits or is_scripted(net) else \
             [(n, m) for n, m in net.named_modules() if isinstance(m, FINAL_ACTIVATIONS)]
         if not finals:
-            return select_output(net(x), self.output)
+            return select_output(net(x), self.output, x.ndim)
         last = {}
 
         def record(name):
@@ -498,7 +573,7 @@ class Passes(nn.Module):
 
         handles = [m.register_forward_hook(record(n)) for n, m in finals]
         try:
-            out = select_output(net(x), self.output)
+            out = select_output(net(x), self.output, x.ndim)
         finally:
             for h in handles:
                 h.remove()
@@ -585,7 +660,7 @@ def forward(model, x: torch.Tensor, cost: Cost | None = None, output=None) -> to
     out = model(x)
     if cost is not None:
         cost.n_forward += x.shape[0] * n_passes(model)
-    return select_output(out, output)
+    return select_output(out, output, x.ndim)
 
 
 def input_gradient(model, x: torch.Tensor, target, rows: torch.Tensor, batch: int, cost: Cost) -> torch.Tensor:

@@ -74,16 +74,21 @@ def index_folder(root) -> dict[tuple[str, str], Path]:
 
 
 def load_array(path) -> torch.Tensor:
-    """A map or mask as a float64 tensor, without assumptions on a channel axis for NumPy files."""
+    """A map or mask as a floating tensor in the file's own precision, without assumptions on a channel axis
+    for NumPy files: a float32 (or float16) NumPy map stays float32, a float64 one float64, integer and bool
+    arrays become float64 (exact); the other formats are read by :func:`medexplain.io.read_image` (float32).
+    The precision matters: resizing and Otsu on a near-constant map give different masks in float32 and
+    float64, and CheXlocalize and the API compute in the map's own dtype."""
     path = Path(path)
     if path.name.lower().endswith((".npy", ".npz")):
         try:
             data = np.load(path, allow_pickle=False)
-            arr = data[list(data.keys())[0]] if isinstance(data, np.lib.npyio.NpzFile) else data
+            arr = np.asarray(data[list(data.keys())[0]] if isinstance(data, np.lib.npyio.NpzFile) else data)
         except Exception as e:
             raise FileFormatError(f"{path}: cannot read: {type(e).__name__}: {e}") from e
-        return torch.as_tensor(np.asarray(arr, dtype=np.float64))
-    return read_image(path)[0].double()
+        dtype = np.float64 if arr.dtype == np.float64 or not np.issubdtype(arr.dtype, np.floating) else np.float32
+        return torch.as_tensor(np.asarray(arr, dtype=dtype))
+    return read_image(path)[0]
 
 
 def pair(map_arr: torch.Tensor, mask_arr: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 from . import methods  # noqa: F401  (importing the package registers every explainer)
 from .attribution import Attribution
-from .core import Cost, check_input, forward, model_expectations, model_guard, require_hooks
+from .core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks
 from .errors import MedexplainError, TargetError
 from .models.model import as_model
 from .options import plan_memory
@@ -34,7 +34,16 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
     out = None
     if x is not None:
         with model_guard(m, policy=m.eval_policy), torch.no_grad():
-            out = forward(m.runner, m.to_input(check_input(x, **model_expectations(m))))
+            xm = m.to_input(check_input(x, **model_expectations(m)))
+            try:
+                out = forward(m.runner, xm)
+            except MedexplainError:
+                raise
+            except Exception as e:   # the model's own error explained, as explain() does
+                from .models.loading import model_error, raised_in_model
+                if not raised_in_model(e, m):
+                    raise
+                raise model_error(m, xm, e) from e
     return sorted(n for n, spec in methods_.items() if spec.applies_to(m.runner, out))
 
 
@@ -89,7 +98,7 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
         net.reset()   # a Model keeps its sliding-window module: count this explanation's windows only
     fn = windowed_method(spec) if is_sliding(net) else spec.fn
     notes: dict = {}
-    with model_guard(m, policy=m.eval_policy, notes=notes):
+    with model_guard(m, policy=m.eval_policy, notes=notes), output_notes() as read:
         plan = None
         if not is_sliding(net):  # the memory of one model call, checked before any compute
             options, plan = plan_memory(spec.name, spec.fn, net, x, options, memory)
@@ -107,4 +116,6 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
     info.update(m.info(notes))
     if plan is not None:
         info["memory"] = plan.as_dict()
+    if read:   # how the model's output was read (a one-key dict taken as its value)
+        info["output_note"] = "; ".join(read)
     return Attribution(amap.detach().cpu(), spec.name, given, info)

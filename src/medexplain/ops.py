@@ -7,18 +7,23 @@ TV as a sum for SSplain, as a mean for Med-CAM's prior); ``docs/design.md`` stat
 """
 from __future__ import annotations
 
+import difflib
 from typing import Iterator
 
 import torch
 
 from .core import find_passes, unwrap
-from .errors import InputError, TargetError
+from .errors import InputError, OptionError, TargetError
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
 
 def _per_sample_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(-1, *[1] * (ndim - 1))
+
+
+#: The map normalisations of :func:`normalize`.
+NORMALIZATIONS = ("minmax", "abs", "absmax")
 
 
 def normalize(m: torch.Tensor, mode: str = "minmax", start_dim: int = 1) -> torch.Tensor:
@@ -28,6 +33,10 @@ def normalize(m: torch.Tensor, mode: str = "minmax", start_dim: int = 1) -> torc
     ``minmax``: (m - min) / (max - min), a constant map becomes 0; ``abs``: |m|; ``absmax``: m / max|m|
     (sign kept, range [-1, 1]).
     """
+    if mode not in NORMALIZATIONS:
+        close = difflib.get_close_matches(str(mode), NORMALIZATIONS, n=1, cutoff=0.5)
+        raise OptionError(f"unknown normalisation {mode!r}; use one of {list(NORMALIZATIONS)}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
     if mode == "abs":
         return m.abs()
     flat = m.flatten(start_dim)
@@ -35,10 +44,8 @@ def normalize(m: torch.Tensor, mode: str = "minmax", start_dim: int = 1) -> torc
     tiny = torch.finfo(m.dtype).tiny if m.is_floating_point() else 1e-12
     if mode == "absmax":
         return m / flat.abs().amax(-1).clamp_min(tiny).view(keep)
-    if mode == "minmax":
-        lo, hi = flat.amin(-1).view(keep), flat.amax(-1).view(keep)
-        return (m - lo) / (hi - lo).clamp_min(tiny)
-    raise ValueError(f"unknown normalisation {mode!r}; use 'minmax', 'abs' or 'absmax'")
+    lo, hi = flat.amin(-1).view(keep), flat.amax(-1).view(keep)
+    return (m - lo) / (hi - lo).clamp_min(tiny)
 
 
 def total_variation(t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:

@@ -373,7 +373,7 @@ class CountingModel(OutputAdapter):
         self.on_rows = on_rows
 
     def forward(self, x, *args, **kwargs):
-        out = select_output(self.model(x, *args, **kwargs), self.output)
+        out = select_output(self.model(x, *args, **kwargs), self.output, getattr(x, "ndim", None))
         if self.on_rows is not None and isinstance(x, torch.Tensor) and not _PROBING.active:
             self.on_rows(int(x.shape[0]))
         return out

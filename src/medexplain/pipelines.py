@@ -447,7 +447,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
-                             preprocessing=None, inferer=None, nnunet=None,
+                             preprocessing=None, inferer=None, nnunet=None, variant: str = "paper",
+                             upsample: str | None = None,
                              on_progress: Callable[[str, int, int | None], None] | None = None,
                              on_estimate: Callable | None = None, memory: float | None = None) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
@@ -476,6 +477,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     ``on_progress(method, rows_done, rows_total)`` as the saliency's rows pass through the model.
     ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
     capped to fit, refused before any compute if one row does not).
+    ``variant`` / ``upsample``: Grad-CAM++'s formula and upsampling (:func:`medexplain.segmentation.explain_instances`).
     """
     from . import segmentation as seg
 
@@ -488,6 +490,12 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     seg.check_threshold(threshold, "--threshold")
     if reference_threshold is not None:
         seg.check_threshold(reference_threshold, "--reference-threshold")
+    if variant not in seg.saliency.GRADCAM_PP_VARIANTS or upsample not in (None, "aligned", "bilinear"):
+        raise OptionError(f"the Grad-CAM++ variant must be one of {seg.saliency.GRADCAM_PP_VARIANTS} and --upsample aligned or "
+                          f"bilinear, got {variant!r} and {upsample!r}")
+    if method != "gradcam++" and (variant != "paper" or upsample is not None):
+        raise OptionError("--upsample (and variant) choose how Grad-CAM++ is computed; they do not apply to "
+                          "--method smoothgrad")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
     nnm = None
@@ -565,7 +573,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
 
     attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
-                                 layer=layer, inferer=inferer)
+                                 layer=layer, inferer=inferer,
+                                 **({"variant": variant, "upsample": upsample} if method == "gradcam++" else {}))
     names = list(channel_names) if channel_names else None
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)

@@ -288,7 +288,7 @@ class SlidingWindowModel(OutputAdapter):
 
     def predict(self, win: torch.Tensor) -> torch.Tensor:
         """The network on a batch of windows: the explained tensor ``(n, K, *roi)``, counted."""
-        out = select_output(self.model(win), self.output)
+        out = select_output(self.model(win), self.output, win.ndim)
         self.stats.n_forward += win.shape[0] * n_passes(self.model)
         if out.ndim != win.ndim or tuple(out.shape[2:]) != tuple(win.shape[2:]):
             raise UnsupportedModelError(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import select_output
+from .core import DEEP_SUPERVISION_HINT, select_output
 from .errors import FileFormatError, InputError, ModelLoadError
 from .io import atomic_path, check_output_dir, read_image
 from .ops import dice
@@ -102,7 +102,7 @@ def evaluate(model: nn.Module, ds, batch_size: int = 64, task: str | None = None
     model.eval()
     dev = next(model.parameters()).device
     try:
-        outs = torch.cat([select_output(model(x[i:i + batch_size].to(dev)), output).float().cpu()
+        outs = torch.cat([select_output(model(x[i:i + batch_size].to(dev)), output, x.ndim).float().cpu()
                           for i in range(0, len(x), batch_size)])
     finally:
         model.train(was)
@@ -130,13 +130,27 @@ def save_weights(model: nn.Module, path, **metadata) -> Path:
     return Path(path)
 
 
+#: The entries training codes save a model's state dict under, tried in this order (PyTorch Lightning and
+#: most loops: ``state_dict``; the PyTorch tutorial: ``model_state_dict``; ``model``; nnU-Net: ``network_weights``).
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "network_weights")
+#: The prefix ``nn.DataParallel`` / ``DistributedDataParallel`` put on every key of a wrapped model's state dict.
+PARALLEL_PREFIX = "module."
+
+
+def _is_state_dict(d) -> bool:
+    return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
 def read_weights(path, map_location="cpu") -> dict:
     """``{"state_dict": ..., **metadata}`` of a weight file, read with ``weights_only=True``.
 
-    Two kinds are told apart by their content, not guessed: a medexplain file (:func:`save_weights`: its
-    ``format`` is :data:`WEIGHTS_FORMAT`), and a plain state dict (every value a tensor: what
-    ``torch.save(model.state_dict())`` writes, the usual PyTorch weight file and what ``medexplain train``
-    wrote before this format). Anything else is a :class:`~medexplain.errors.ModelLoadError` naming its keys.
+    The kinds are told apart by their content, not guessed: a medexplain file (:func:`save_weights`: its
+    ``format`` is :data:`WEIGHTS_FORMAT`); a plain state dict (every value a tensor: what
+    ``torch.save(model.state_dict())`` writes); a training checkpoint holding the state dict under one of
+    :data:`CHECKPOINT_KEYS` next to other entries (``epoch``, the optimizer state, ...), whose key is returned
+    as ``weights_key`` and its other entries as ``other_keys``. A state dict whose every key starts with
+    ``module.`` (saved from ``nn.DataParallel``) has the prefix removed (``stripped_prefix``). Anything else is
+    a :class:`~medexplain.errors.ModelLoadError` naming its keys.
     """
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
@@ -144,11 +158,21 @@ def read_weights(path, map_location="cpu") -> dict:
         raise ModelLoadError(f"{path}: cannot load weights ({type(e).__name__}: {e})") from e
     if isinstance(blob, dict) and blob.get("format") == WEIGHTS_FORMAT and isinstance(blob.get("state_dict"), dict):
         return {k: v for k, v in blob.items() if k != "format"}
-    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
-        return {"state_dict": blob}
-    what = f"a dict with keys {sorted(map(str, blob))[:8]}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
-    raise ModelLoadError(f"{path}: {what}, neither a state dict (torch.save(model.state_dict())) nor a medexplain "
-                         f"weight file ({WEIGHTS_FORMAT}); save the model's state_dict()")
+    if _is_state_dict(blob):
+        out = {"state_dict": blob}
+    else:
+        key = next((k for k in CHECKPOINT_KEYS if isinstance(blob, dict) and _is_state_dict(blob.get(k))), None)
+        if key is None:
+            what = (f"a dict with keys {sorted(map(str, blob))[:8]}" if isinstance(blob, dict)
+                    else f"a {type(blob).__name__}")
+            raise ModelLoadError(f"{path}: {what}: neither a state dict (torch.save(model.state_dict())), nor a "
+                                 f"checkpoint with the state dict under one of {list(CHECKPOINT_KEYS)}, nor a "
+                                 f"medexplain weight file ({WEIGHTS_FORMAT}); save the model's state_dict()")
+        out = {"state_dict": blob[key], "weights_key": key, "other_keys": sorted(str(k) for k in blob if k != key)}
+    sd = out["state_dict"]
+    if all(isinstance(k, str) and k.startswith(PARALLEL_PREFIX) for k in sd):
+        out.update(state_dict={k[len(PARALLEL_PREFIX):]: v for k, v in sd.items()}, stripped_prefix=PARALLEL_PREFIX)
+    return out
 
 
 def _loss_fn(loss: str, num_out: int):
@@ -184,8 +208,8 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         checkpoint: path; the weights are written after every epoch (:func:`save_weights`, with
             ``epoch`` and ``history``).
         output: the output trained on, for models returning a tuple, a dict or stacked heads
-            (:func:`medexplain.core.select_output`; applied in training and in eval mode alike, e.g. a
-            callable taking MONAI ``DynUNet``'s full-resolution head in training mode).
+            (:func:`medexplain.core.select_output`; applied in training and in eval mode alike: for MONAI
+            ``DynUNet``, which stacks its heads in training mode only, :data:`medexplain.core.DEEP_SUPERVISION_HINT`).
     Returns:
         ``{"loss": [...], "val_accuracy": [...], "val_auroc": [...]}`` or ``{"loss", "val_dice"}``, plus
         ``"seconds"``, ``"epochs"``, ``"steps"``. The model is left in eval mode.
@@ -205,7 +229,7 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         was = model.training
         model.eval()
         try:
-            probe = select_output(model(x[:1].to(dev)), output)
+            probe = select_output(model(x[:1].to(dev)), output, x.ndim)
         finally:
             model.train(was)
     _check_output(probe, x[:1], seg, "eval")
@@ -234,7 +258,7 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
                     xb, yb = augment(xb, yb, gen) if aug_takes_gen else augment(xb, yb)
                 xb, yb = xb.to(dev), yb.to(dev)
                 opt.zero_grad(set_to_none=True)
-                out = select_output(model(xb), output)
+                out = select_output(model(xb), output, xb.ndim)
                 if ep == 0 and s == 0:
                     _check_output(out, xb, seg, "training")
                 lval = crit(out, yb)
@@ -268,7 +292,7 @@ def _check_output(out: torch.Tensor, xb: torch.Tensor, seg: bool, mode: str) -> 
             f"in {mode} mode the model's output (after output=) has shape {tuple(out.shape)} for a batch "
             f"{tuple(xb.shape)}; training needs {'(B, K, *spatial)' if seg else '(B, K)'}. Choose what is trained "
             "with output= (a deep-supervision model such as MONAI DynUNet stacks its heads on dim 1 in training "
-            "mode only: output=lambda o: o[:, 0] if o.ndim == x.ndim + 1 else o)")
+            f"mode only: {DEEP_SUPERVISION_HINT})")
 
 
 def _progress(enabled: bool):

@@ -96,7 +96,8 @@ REGION_HELP = ("segmenters: 'predicted' (the model's own predicted region of the
 ACTIVATION_HELP = ("the model's output activation: auto (outputs in [0, 1] summing to 1 over channels, or a final "
                    "Softmax/Sigmoid, are probabilities; else softmax for several channels, sigmoid for one), "
                    "softmax, sigmoid, or none (already probabilities)")
-OUTPUT_HELP = "which model output to explain when it returns a tuple (index) or dict (key); default: the first"
+OUTPUT_HELP = ("which model output to explain when it returns a tuple (index), stacked heads (B, heads, K, ...; index) or "
+               "a dict (key); default: the first element, a one-key dict's value")
 TRANSFORM_HELP = ("package.module:factory returning a MONAI Compose (dictionary or array transforms) applied before "
                   "the model and inverted for the maps (the current folder is importable)")
 

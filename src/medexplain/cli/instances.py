@@ -66,6 +66,8 @@ def instances_cmd(
     rings: int = typer.Option(5, help="ring profile distances 1..R"),
     context: int = typer.Option(0, help="context experiment up to this many dilations (0: skip)"),
     layer: Optional[str] = typer.Option(None, help="Grad-CAM++ layer (default: decoder conv at half resolution)"),
+    upsample: Optional[str] = typer.Option(None, help="Grad-CAM++: how the layer's map reaches the input grid: aligned "
+                                           "(receptive-field aligned; default) or bilinear (MONAI's)"),
     channel_names: Optional[str] = typer.Option(None, help="comma-separated input channel names for the table"),
     chunk_size: int = typer.Option(10, help="noise samples per forward pass"),
     inputs: ModelInputs = None,
@@ -80,7 +82,7 @@ def instances_cmd(
                                        n_samples=n_samples, sigma=sigma, seed=seed, min_size=min_size,
                                        connectivity=connectivity, reference=reference,
                                        reference_threshold=reference_threshold, rings=rings, context=context,
-                                       layer=layer, channel_names=split_list(channel_names) or None,
+                                       layer=layer, upsample=upsample, channel_names=split_list(channel_names) or None,
                                        chunk_size=chunk_size, activation=activation, output=parse_output(output),
                                        region=region, on_progress=bar.update, on_estimate=bar.estimate,
                                        **inputs.pipeline_kwargs())

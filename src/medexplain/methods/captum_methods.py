@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import capture_layers, chunks, forward, n_passes, unwrap
+from ..core import capture_layers, check_baseline, chunks, forward, n_passes, unwrap
 from ..errors import InputError, MedexplainError, UnsupportedModelError
 from ..ops import noise_sum
 from ..registry import get_method, register
@@ -231,16 +231,7 @@ def _slice_baseline(baselines, x: torch.Tensor, sl: slice):
 
 
 def _check_baselines(baselines, x: torch.Tensor):
-    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
-        return float(baselines)
-    b = torch.as_tensor(baselines, dtype=x.dtype, device=x.device)
-    try:
-        torch.broadcast_shapes(b.shape, x.shape)
-    except RuntimeError as e:
-        raise InputError(f"baselines of shape {tuple(b.shape)} do not broadcast to the input {tuple(x.shape)}") from e
-    if b.ndim == x.ndim and b.shape[0] not in (1, x.shape[0]):
-        raise InputError(f"baselines have {b.shape[0]} samples for a batch of {x.shape[0]}")
-    return b
+    return check_baseline(baselines, x, "baselines")
 
 
 def reference_distribution(x: torch.Tensor, baselines=None, n_baselines: int = 8, seed: int = 0) -> torch.Tensor:

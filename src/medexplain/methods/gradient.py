@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..core import chunks, forward, input_gradient
+from ..core import check_baseline, chunks, forward, input_gradient
 from ..errors import InputError, OptionError
 from ..ops import noise_sum
 from ..registry import register
@@ -111,7 +111,7 @@ def integrated_gradients(model, x, target, cost, baseline=0.0, steps: int = 50,
     (``gausslegendre``, ``riemann_left|right|middle|trapezoid``, as in Captum) (one extra forward of 2 rows per sample).
     """
     b = x.shape[0]
-    base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
+    base = torch.as_tensor(check_baseline(baseline, x), dtype=x.dtype, device=x.device).expand_as(x)
     alphas, weights = ig_alphas(steps, rule)
     a_t = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
     w_t = torch.as_tensor(weights, dtype=x.dtype, device=x.device)

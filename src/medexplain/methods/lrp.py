@@ -21,8 +21,10 @@ Composites (the layer maps of Zennit's ``composites.py``, after Montavon et al. 
 - ``epsilon_alpha2_beta1`` (Zennit ``EpsilonAlpha2Beta1``): alpha=2, beta=1 on convolutions, epsilon on
   fully connected layers.
 
-In every composite, pooling, upsampling and reshaping layers get LRP-epsilon with a stabiliser only
-(Zennit's ``Norm`` rule); ReLU / Tanh / Dropout get Captum's pass-through; the other elementwise
+In every composite, pooling, upsampling (nearest or linear ``nn.Upsample``, as MONAI's ``UpSample`` wraps it),
+padding and reshaping layers get LRP-epsilon with a stabiliser only (Zennit's ``Norm`` rule): they are linear
+with non-negative weights, so this is their z-rule, and for nearest upsampling it hands each input the summed
+relevance of its copies; ReLU / Tanh / Dropout get Captum's pass-through; the other elementwise
 activations of :data:`medexplain.core.ACTIVATION`, norm layers (no canonizer merges a batch norm into the
 preceding layer, Zennit's ``SequentialMergeBatchNorm``) and identity layers (``nn.Identity``,
 ``nn.Dropout3d`` in eval) pass relevance through unchanged (Zennit's ``Pass``). The exception is the batch
@@ -32,8 +34,8 @@ norm under ``epsilon``, which keeps Captum's default (epsilon); LRP-epsilon on a
 Residual networks (:func:`residual_canonizer`, Zennit's canonizers): an addition written in a block's
 ``forward`` is no module, so Captum has no rule for it and counts relevance through both summands (the zoo
 ResNet's map summed to 1.3e4 for a logit of 7.95). For the blocks medexplain meets (MONAI's ``ResNetBlock``,
-``ResNetBottleneck``, ``ResidualUnit`` and ``SkipConnection``) the canonizer routes the addition through a
-:class:`ResidualSum` module, which gets LRP-epsilon (Zennit's ``Sum`` with its ``Norm`` rule): each summand
+``ResNetBottleneck``, ``ResidualUnit``, ``SkipConnection`` and SegResNet's ``ResBlock``) the canonizer routes
+the addition through a :class:`ResidualSum` module, which gets LRP-epsilon (Zennit's ``Sum`` with its ``Norm`` rule): each summand
 receives ``R_i = z_i R / (sum_j z_j + eps)``, the proportional split of Montavon et al. 2019, eq. 5 with unit
 weights. It also gives each consumer of the block input its own :class:`BranchPoint` copy, so relevance from
 the two paths is added at the input (Captum's rules multiply by a layer's input in a tensor hook shared by
@@ -70,7 +72,12 @@ _CAPTUM_PASS = (nn.ReLU, nn.Dropout, nn.Tanh)
 _ELEMENTWISE = ACTIVATION + (nn.Sigmoid,)
 #: Layers whose output is their input tensor itself in eval: relevance passes through them untouched.
 _SAME_TENSOR = (nn.Identity, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_NORM_LIKE = POOL + (nn.Flatten, nn.Unflatten, nn.Upsample)
+#: Linear layers without weights to modify (pooling, upsampling, padding, reshaping): LRP-epsilon with a stabiliser
+#: only, the z-rule of a linear map with non-negative weights. For nearest upsampling (and padding, pixel shuffle)
+#: each output is a copy of one input, so the rule passes the relevance of the copies back to their input, summed.
+_NORM_LIKE = POOL + (nn.Flatten, nn.Unflatten, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ConstantPad1d,
+                     nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+                     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 _WEIGHTED = CONV + CONV_TRANSPOSE + (nn.Linear,)
 
 
@@ -186,21 +193,57 @@ def _make_rule_classes():
             return a * self._vjp(module, a, w, b, s) - low * self._vjp(module, low, wp, b, s) \
                 - high * self._vjp(module, high, wn, b, s)
 
-    class PassRule(ModifiedRule):
-        """Pass-through (Zennit's ``Pass``): ``R_in = R_out`` for elementwise layers. Captum's ``IdentityRule``
-        does the same but does not mark the replaced gradient (``replace_out``), so a Captum pass-through
-        layer before it (an ``nn.Dropout``) forwards the raw gradient instead of the relevance."""
+    class PassRule(PropagationRule):
+        """Pass-through (Zennit's ``Pass``): ``R_in = R_out`` for layers whose output has the input's shape
+        (elementwise activations, norm layers). No tensor hooks: the layer's output is returned as
+        ``a + (y - a).detach()``, whose value is ``y`` and whose gradient is the identity, so the relevance
+        arriving at the output reaches the input unchanged. Without hooks or stored activations a module
+        called several times in one forward (MONAI's blocks reuse one activation module) is fine. Captum's
+        ``IdentityRule`` does not mark the replaced gradient (``replace_out``), so a Captum pass-through layer
+        before it (an ``nn.Dropout``) forwarded the raw gradient instead of the relevance."""
 
-        def relevance(self, module, a, r):
-            return r
+        tensor_hooks = False
+
+        def _manipulate_weights(self, module, inputs, outputs):
+            pass
+
+        def forward_hook_weights(self, module, inputs, outputs):    # nothing to store: no reuse check needed
+            pass
+
+        def forward_pre_hook_activations(self, module, inputs):    # the value passed on does not matter
+            return None
+
+        def pre_hook(self, module, args):
+            """Keep the layer's input and hand the layer a copy: an in-place layer (``LeakyReLU(inplace=True)``,
+            as MONAI builds them) then modifies the copy, and the pass-through starts from the untouched input
+            rather than from the activation's output (whose gradient is the activation's derivative)."""
+            self._input = args[0]
+            return (args[0].clone(), *args[1:]) if isinstance(args[0], torch.Tensor) else None
+
+        def forward_hook(self, module, inputs, outputs):
+            a = getattr(self, "_input", None)
+            a = a if isinstance(a, torch.Tensor) else (inputs[0] if isinstance(inputs, tuple) else inputs)
+            self._input = None
+            if not isinstance(outputs, torch.Tensor) or a.shape != outputs.shape:
+                raise UnsupportedModelError(f"LRP pass-through: {type(module).__name__} changes the tensor's shape "
+                                            f"{tuple(a.shape)} -> {tuple(getattr(outputs, 'shape', ()))}")
+            return a + (outputs - a).detach()
 
     class TransparentRule(PropagationRule):
         """For layers that return their input tensor itself in eval (``nn.Identity``, ``nn.Dropout2d``, ...):
         no tensor hooks (an input and an output hook on the same tensor would run in the wrong order), only
         a fresh output, so relevance flows through unchanged."""
 
+        tensor_hooks = False
+
         def _manipulate_weights(self, module, inputs, outputs):
             pass
+
+        def forward_hook_weights(self, module, inputs, outputs):    # nothing to store: reuse is fine
+            pass
+
+        def forward_pre_hook_activations(self, module, inputs):
+            return None
 
         def forward_hook(self, module, inputs, outputs):
             return outputs.clone()
@@ -237,6 +280,12 @@ def _residual_unit(blk, x):
     return blk.mx_sum(blk.conv(xa), blk.residual(xb))
 
 
+def _segresnet_block(blk, x):
+    xa, xb = blk.mx_branch_a(x), blk.mx_branch_b(x)
+    y = blk.conv2(blk.act(blk.norm2(blk.conv1(blk.act(blk.norm1(xa))))))
+    return blk.mx_sum(y, xb)     # the block's `x += identity`, as a module
+
+
 def _skip_connection(blk, x):
     xa, xb = blk.mx_branch_a(x), blk.mx_branch_b(x)
     y = blk.submodule(xb)
@@ -247,10 +296,13 @@ def _canonical_forward(m: nn.Module):
     """The canonized forward for a block medexplain knows (the same function of ``x``, written with
     :class:`ResidualSum` and :class:`BranchPoint` modules), or None."""
     from monai.networks.blocks import ResidualUnit
+    from monai.networks.blocks.segresnet_block import ResBlock
     from monai.networks.layers.simplelayers import SkipConnection
     from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
     if type(m) in (ResNetBlock, ResNetBottleneck):
         return _resnet_block
+    if type(m) is ResBlock:
+        return _segresnet_block
     if type(m) is ResidualUnit:
         return _residual_unit
     if type(m) is SkipConnection and m.mode in ("cat", "add"):
@@ -314,6 +366,32 @@ def _uncanonized_additions(model: nn.Module, x: torch.Tensor, cost) -> int:
     return Count.n
 
 
+def _lrp_class():
+    """Captum's ``LRP`` listing each layer once: a module registered under two parents (MONAI's ``DynUNet``
+    keeps its encoder blocks in ``skip_layers`` too; a shared activation module) is collected twice by
+    ``LRP._get_layers``, and Captum then hooks it twice and refuses it as "used more than once"."""
+    from captum.attr import LRP
+
+    class OnceLRP(LRP):
+        def _get_layers(self, model):
+            super()._get_layers(model)
+            seen: set = set()
+            self.layers = [m for m in self.layers if not (id(m) in seen or seen.add(id(m)))]
+
+    return OnceLRP
+
+
+def _own_inputs(module, args):
+    """A forward pre-hook: the layer reads copies of its tensor inputs (see :func:`lrp`)."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _hooks_inputs(rule) -> bool:
+    """Whether the rule puts a backward hook on its layer's input tensor (Captum's rules and the modified
+    rules do; the pass-through and transparent rules, ``tensor_hooks = False``, do not)."""
+    return getattr(rule, "tensor_hooks", True)
+
+
 def _leaf_layers(module: nn.Module) -> list[nn.Module]:
     """Leaf modules in Captum's order (children, recursively), as ``LRP._get_layers`` collects them."""
     out = []
@@ -339,8 +417,10 @@ def _unsupported(layers) -> list[str]:
 
 
 def _lrp_applies(model, output) -> str | None:
+    """The registry's reason (a phrase after "it"), or None."""
     bad = _unsupported(_leaf_layers(model))
-    return f"LRP has no rule for layer type(s) {bad}" if bad else None
+    return f"has layer type(s) {bad} that no LRP rule covers (set a Captum rule on them: layer.rule = ...)" if bad \
+        else None
 
 
 def lrp_rules(model: nn.Module, composite: str = "epsilon", epsilon: float | None = None, gamma: float = 0.25,
@@ -404,7 +484,6 @@ def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: f
     in the forward are counted on one probe row and warned about. ``info``: ``composite``,
     ``canonized_blocks``, ``uncanonized_additions``.
     """
-    from captum.attr import LRP
     if composite not in COMPOSITES:
         raise InputError(f"unknown LRP composite {composite!r}; choose one of {COMPOSITES}")
     b = x.shape[0]
@@ -421,21 +500,30 @@ def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: f
                 del m.rule
         for m, rule in rules.items():
             m.rule = rule
+        # each consumer of a tensor gets its own copy, so every rule's input hook sits on a tensor only its layer
+        # reads and relevance from several consumers (a skip connection: a pooling and a concatenation) adds up
+        handles = [m.register_forward_pre_hook(getattr(rule, "pre_hook", _own_inputs)) for m, rule in rules.items()
+                   if _hooks_inputs(rule) or hasattr(rule, "pre_hook")]
         try:
             return obj.attribute(xs, additional_forward_args=(idx,))
         except RuntimeError as e:
             if "more than once" in str(e):
-                raise UnsupportedModelError("LRP: a layer runs more than once in one forward pass (a shared module); "
-                                            "LRP needs one rule application per layer") from e
+                raise UnsupportedModelError("LRP: a layer with weights runs more than once in one forward pass (a "
+                                            "shared module); LRP needs one rule application per such layer") from e
             raise
+        finally:
+            for h in handles:
+                h.remove()
 
     with residual_canonizer(model) as blocks:
         n_add = _uncanonized_additions(model, x[:1], cost)
         if n_add:
             warnings.warn(f"LRP: the model's forward adds {n_add} pair(s) of computed tensors outside any module "
                           "(residual connections no canonizer covers; medexplain canonizes MONAI's ResNetBlock, "
-                          "ResNetBottleneck, ResidualUnit and SkipConnection). Relevance is counted through both "
-                          "summands there, so the map is not conserved and can be orders of magnitude too large.",
+                          "ResNetBottleneck, ResidualUnit, SkipConnection and SegResNet's ResBlock). Relevance is "
+                          "counted through both summands there, so the map is not conserved and can be orders of "
+                          "magnitude too large.",
                           stacklevel=2)
-        m = captum_call(model, x, target, cost, LRP, call, 1, chunk_size, restore_values=True, relevance_seed=True)
+        m = captum_call(model, x, target, cost, _lrp_class(), call, 1, chunk_size, restore_values=True,
+                        relevance_seed=True)
     return m, {"composite": composite, "canonized_blocks": len(blocks), "uncanonized_additions": n_add}

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import ACTIVATION, CONV, CONV_TRANSPOSE, capture_layers, chunks, forward, is_scripted, n_passes, unwrap
-from ..errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
+from ..errors import InputError, TargetError, UnsupportedModelError
 from ..ops import probabilities, total_variation
 from ..registry import classifier_only, register
 from ..targets import Class
@@ -151,7 +151,11 @@ def default_layers(model: nn.Module, calls: list[str], n: int = 5) -> list[str]:
     including the deepest) over those whose output is a spatial map; ``calls`` lists the candidate
     names in the order they fired on the reference forward."""
     if not calls:
-        raise LayerNotFoundError("<activation layer>", [nm for nm, _ in unwrap(model).named_modules() if nm])
+        raise UnsupportedModelError(
+            "medcam matches the activations of layers whose output is a spatial map (B, C, *spatial), as the input "
+            "is; no activation module (nor convolution) of this model gives one (a vision transformer's blocks give "
+            "tokens (B, N, D)). Name such layers with layers=['features.3', ...] (command line: -o "
+            "medcam.layers=features.3,features.7), or explain the model with a CAM or a gradient method")
     if len(calls) <= n:
         return list(calls)
     idx = sorted({round(i * (len(calls) - 1) / (n - 1)) for i in range(n)}) if n > 1 else [len(calls) - 1]
@@ -284,8 +288,8 @@ class MedCAMConfig:
             raise InputError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
         if distance not in ("auto", "cosine", "mse") and not isinstance(distance, (list, tuple)):
             raise InputError(f"distance must be 'auto', 'cosine', 'mse' or one per layer, got {distance!r}")
-        if isinstance(layers, str):
-            layers = [layers]
+        if isinstance(layers, str):   # one name, or several joined by commas (from the command line)
+            layers = [p.strip() for p in layers.split(",") if p.strip()]
         cfg = cls(layers=None if layers is None else tuple(layers), distance=distance, weights=w, backgrounds=kinds,
                   **options)
         if cfg.steps < 1 or cfg.patience < 1:

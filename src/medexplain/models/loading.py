@@ -8,6 +8,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
     - ``path/to/model.pt``: a TorchScript file (``torch.jit.save``). CAM methods need hooks, which
       scripted models lack: use an eager model for them.
     - ``package.module:factory``: ``factory()`` builds the eager model; ``weights`` is a weight file
-      (a plain state dict or a medexplain weight file, :func:`medexplain.training.read_weights`) loaded
-      strictly. The module is imported as ``python -m`` would (:func:`import_factory`: the current
+      (a plain state dict, a training checkpoint with the state dict under ``state_dict``, ``model``,
+      ``model_state_dict`` or ``network_weights``, ``nn.DataParallel``'s ``module.`` prefix removed, or a
+      medexplain weight file: :func:`medexplain.training.read_weights`, ``weights_only=True``) loaded strictly;
+      a warning says which entry was read. The module is imported as ``python -m`` would (:func:`import_factory`: the current
       folder is on ``sys.path``).
     - ``zoo:<task>``: the trained planted-data model of :mod:`medexplain.models.zoo`.
     - a folder written by ``medexplain train`` (``config.json`` + ``model.pt``).
@@ -58,7 +61,14 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        state = read_weights(weights, map_location=map_location)["state_dict"]
+        blob = read_weights(weights, map_location=map_location)
+        state = blob["state_dict"]
+        if "weights_key" in blob or "stripped_prefix" in blob:   # say how the file was read
+            how = [f"the {blob['weights_key']!r} entry of the checkpoint" + (
+                f" (other entries: {', '.join(blob['other_keys'])})" if blob.get("other_keys") else "")
+                   if "weights_key" in blob else "the state dict",
+                   f"with the DataParallel prefix {blob['stripped_prefix']!r} removed" if "stripped_prefix" in blob else ""]
+            warnings.warn(f"--weights {Path(weights).name}: loaded {' '.join(w for w in how if w)}", stacklevel=2)
         try:
             model.load_state_dict(state)
         except Exception as e:

@@ -53,7 +53,7 @@ from ..errors import InputError, ModelLoadError, UnsupportedModelError
 from ..transforms import Prepared, Preprocessing, Preprocessor
 
 __all__ = ["NnUNetModel", "NnUNetNetwork", "NnUNetInferer", "NnUNetPreprocessing", "load_nnunet", "as_nnunet",
-           "order_channel_files", "case_stem", "INSTALL"]
+           "order_channel_files", "case_stem", "find_trainer_class", "INSTALL"]
 
 #: How to install the optional nnU-Net support without replacing the CPU torch (docs/nnunet.md).
 INSTALL = ('pip install "medexplain[nnunet]" && pip install --no-deps nnunetv2==2.8.1 '
@@ -408,10 +408,63 @@ def _load_checkpoint(path: Path, trusted: bool) -> dict:
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{hint}") from e
 
 
+def find_trainer_class(name: str):
+    """The nnU-Net trainer class ``name``, importing only the module that defines it.
+
+    nnunetv2's ``recursive_find_trainer_class_by_name`` imports every module under
+    ``nnunetv2.training.nnUNetTrainer`` until it finds the class, so one trainer that needs a package the
+    install leaves out (the Primus trainers need ``timm``) breaks the lookup of every other trainer. Here the
+    package's files (then those of the ``nnUNet_extTrainer`` folders, as nnU-Net searches them) are read as
+    text for ``class <name>(`` and only the module that defines it is imported. Typed errors: no such class
+    (with close matches), or its module needs a package that is not installed (naming it)."""
+    import difflib
+    import importlib
+    import importlib.util
+    import os
+
+    import nnunetv2
+
+    root = Path(nnunetv2.__path__[0])
+    pattern = re.compile(rf"^class\s+{re.escape(name)}\s*[(:]", re.M)
+    folders = [(root / "training" / "nnUNetTrainer", root.parent)]
+    folders += [(Path(p), None) for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
+    names = set()
+    for folder, base in folders:
+        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else []:
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            names.update(re.findall(r"^class\s+(\w+)\s*[(:]", text, re.M))
+            if not pattern.search(text):
+                continue
+            try:
+                if base is not None:
+                    module = importlib.import_module(".".join(path.relative_to(base).with_suffix("").parts))
+                else:   # a file of an nnUNet_extTrainer folder, imported by its path
+                    spec = importlib.util.spec_from_file_location(f"_medexplain_ext_trainer_{path.stem}", path)
+                    module = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(module)
+            except ModuleNotFoundError as e:
+                raise ModelLoadError(f"the checkpoint's trainer {name!r} is defined in {path}, which needs the package "
+                                     f"{e.name!r}, not installed: pip install {e.name} (medexplain imports only this "
+                                     "trainer's module)") from e
+            except Exception as e:
+                raise ModelLoadError(f"the checkpoint's trainer {name!r} is defined in {path}, which raised while "
+                                     f"importing: {type(e).__name__}: {e}") from e
+            cls = getattr(module, name, None)
+            if isinstance(cls, type):
+                return cls
+    close = difflib.get_close_matches(name, sorted(names), n=3)
+    raise ModelLoadError(f"the checkpoint's trainer {name!r} is not a class in nnunetv2.training.nnUNetTrainer "
+                         f"({folders[0][0]}) nor in the nnUNet_extTrainer folders"
+                         + (f"; close matches: {', '.join(close)}" if close else ""))
+
+
 def _build_network(trainer_name: str, pm, cm, n_in: int, n_out: int) -> nn.Module:
     """The trainer's ``build_network_architecture`` with deep supervision off. For ``nnUNetTrainer`` that
-    method is ``get_network_from_plans(...)`` itself, called directly (looking the trainer class up
-    imports every trainer variant: about 10 s)."""
+    method is ``get_network_from_plans(...)`` itself, called directly; other trainers are found by
+    :func:`find_trainer_class` (only the module defining the trainer is imported)."""
     import inspect
 
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -420,11 +473,10 @@ def _build_network(trainer_name: str, pm, cm, n_in: int, n_out: int) -> nn.Modul
         return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                       cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=True,
                                       deep_supervision=False)
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    cls = recursive_find_trainer_class_by_name(trainer_name)
-    if cls is None:
-        raise ModelLoadError(f"the checkpoint's trainer {trainer_name!r} is not a class nnunetv2 can find")
+    cls = find_trainer_class(trainer_name)
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    if not issubclass(cls, nnUNetTrainer):
+        raise ModelLoadError(f"the checkpoint's trainer {trainer_name!r} is not an nnUNetTrainer subclass")
     if "plans_manager" in inspect.signature(cls.build_network_architecture).parameters:
         return cls.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
     return cls.build_network_architecture(cm.network_arch_class_name, cm.network_arch_init_kwargs,

@@ -145,6 +145,8 @@ def pretrained(task: str, seed: int = 0, size: str = "small", *, retrain: bool =
     if path.exists() and not retrain:
         try:
             blob = read_weights(path)
+            if "weights_key" in blob:   # a training checkpoint's layout, not the zoo's own file: retrain
+                raise KeyError("weights_key")
             net.load_state_dict(blob["state_dict"])
             history, cached = blob.get("history"), True
         except (ModelLoadError, RuntimeError, KeyError):  # corrupt, older or incompatible: retrain, overwrite

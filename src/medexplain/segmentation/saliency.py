@@ -38,7 +38,7 @@ from ..targets import Regions
 from .instances import Instance, flatten_instances
 
 #: Options of :func:`explain_instances` that choose a formula: refused for a method that does not take them.
-FORMULA_OPTIONS = ("aggregate", "variant", "strategy", "noise", "backward_rows")
+FORMULA_OPTIONS = ("aggregate", "variant", "upsample", "strategy", "noise", "backward_rows")
 
 
 def decoder_layer(model: nn.Module, x: torch.Tensor) -> str:
@@ -87,7 +87,7 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
                       aggregate: str = "mean", channel: int = 1, n_samples: int = 50, sigma: float = 0.05,
                       seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160, layer=None,
                       strategy: str = "batched", noise: torch.Tensor | None = None,
-                      variant: str = "paper", inferer=None) -> Attribution:
+                      variant: str = "paper", upsample: str | None = None, inferer=None) -> Attribution:
     """Instance saliency maps as an :class:`~medexplain.Attribution` (``map``: ``(n_instances, C, *spatial)``).
 
     Parameters
@@ -125,6 +125,11 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
         formula, which the IES reference code uses (``mx.explain(..., "gradcam++", variant=)``). The
         paper's formula is the default because it is the published method; pick ``"monai"`` to compare
         with the reference's maps (how much the two differ: ``docs/instances.md``).
+    upsample : ``"aligned"``, ``"bilinear"`` or None
+        For a method with an ``upsample`` option (Grad-CAM++): how the layer's map is brought to the input
+        grid (receptive-field aligned, or MONAI's bilinear / trilinear placement). Default: MONAI's
+        bilinear with ``variant="monai"`` (so the map is MONAI's ``GradCAMpp``, as the reference calls it),
+        the method's own (aligned) otherwise.
     strategy : ``"batched"`` (default), ``"loop"``, ``"vmap"``, ``"replicate"``
         How mean-aggregated instances share a forward pass (:mod:`medexplain.methods.instance`); all give
         the same maps up to floating-point rounding.
@@ -138,7 +143,8 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
 
     spec = instance_method(method)
     given = {"aggregate": aggregate, "n_samples": n_samples, "sigma": sigma, "seed": seed, "chunk_size": chunk_size,
-             "backward_rows": backward_rows, "layer": layer, "strategy": strategy, "noise": noise, "variant": variant}
+             "backward_rows": backward_rows, "layer": layer, "strategy": strategy, "noise": noise, "variant": variant,
+             "upsample": upsample}
     defaults = {k: p.default for k, p in inspect.signature(explain_instances).parameters.items()}
     own = {k: v for k, v in given.items() if spec.takes(k)}
     # the formula options a method does not take are refused; the noise settings and the layer, which the
@@ -146,8 +152,13 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
     refused = [f"{k}={v!r}" for k, v in given.items() if k in FORMULA_OPTIONS and k not in own
                and not (v is defaults[k] or (isinstance(v, str) and v == defaults[k]))]
     if refused:
-        raise InputError(f"{', '.join(refused)} do(es) not apply to method {spec.name!r}: it takes "
+        raise InputError(f"option(s) {', '.join(refused)} do not apply to method {spec.name!r}; it takes "
                          f"{sorted(k for k in given if spec.takes(k))}")
+    if "upsample" in own and upsample is None:     # not given: MONAI's formula with MONAI's placement, as the
+        if variant == "monai":                     # reference calls it; else the method's own default
+            own["upsample"] = "bilinear"
+        else:
+            del own["upsample"]
     if not isinstance(channel, int) or isinstance(channel, bool):
         raise TargetError(f"channel must be an int (the lesion class's output channel), got {channel!r}")
     m = as_model(model, inferer=inferer)
@@ -178,6 +189,8 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
             "seconds": time.perf_counter() - t0}
     if "layer" in own:
         info.update(layer=own["layer"] if isinstance(own["layer"], str) else type(own["layer"]).__name__)
+    if spec.takes("upsample"):
+        info["upsample"] = own.get("upsample", inspect.signature(spec.fn).parameters["upsample"].default)
     return Attribution(amap, spec.name if spec.regions else f"instance_{spec.name}", flat, info)
 
 
