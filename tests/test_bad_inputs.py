@@ -342,7 +342,6 @@ CLI_CASES = {  # name -> (arguments without --out, typed error, words in the mes
                      errors.EmptyRegionError, "is empty"),
     "segmenter predicts background only": (["explain", V, "--model", "test_bad_inputs:background3d"],
                                            errors.EmptyRegionError, "no foreground voxel"),
-    "activation unknown": (E + ["--activation", "softmaxx"], errors.TargetError, "must be one of"),
     "intensity unknown": (E + ["--intensity", "zscor"], errors.OptionError, "unknown --intensity"),
     "intensity percentiles reversed": (E + ["--intensity", "percentile:99,1"], errors.OptionError, "LOW < HIGH"),
     "spacing not numbers": (E + ["--spacing", "a,b"], errors.OptionError, "--spacing must be numbers"),
@@ -364,25 +363,43 @@ CLI_CASES = {  # name -> (arguments without --out, typed error, words in the mes
                                         errors.ModelError, "add --divisible-by 2"),
     "CAM on TorchScript": (["explain", V, "--model", "{d}/cls.pt", "--method", "saliency,gradcam"],
                            errors.UnsupportedModelError, "Methods that apply:"),
-    "unknown method": (E + ["--method", "gradkam"], errors.UnknownMethodError, "Did you mean gradcam"),
     "method listed twice": (E + ["--method", "saliency,Saliency"], errors.OptionError, "listed twice"),
     "output index out of range": (["explain", V, "--model", "test_bad_inputs:pair3d", "--output", "5"],
                                   errors.UnsupportedModelError, "out of range"),
     "output key on a tuple": (["explain", V, "--model", "test_bad_inputs:pair3d", "--output", "main"],
                               errors.UnsupportedModelError, "output='main'"),
-    "instances n_samples 0": (["instances", V, "--model", SEG, "--n-samples", "0"], errors.OptionError,
-                              "n_samples must be >= 1"),
     "instances method": (["instances", V, "--model", SEG, "--method", "saliency"], errors.OptionError,
                          "smoothgrad or gradcam++"),
     "instances threshold": (["instances", V, "--model", SEG, "--threshold", "1.5"], errors.OptionError, "[0, 1]"),
     "instances region all": (["instances", V, "--model", SEG, "--region", "all"], errors.TargetError, "need regions"),
-    "shapley activation": (["shapley", "{d}/two.nii.gz", "--model", SEG, "--activation", "softmaxx"],
-                           errors.TargetError, "must be one of"),
     "run manifest preprocessing": (["run", "{d}/cases.csv", "--model", CLS], errors.FileFormatError,
                                    "line 2: unknown --intensity 'zcore'"),
     "run option type": (["run", "{d}/ok.csv", "--model", CLS, "--method", "smoothgrad", "-o", "n_samples=x"],
                         errors.OptionError, "n_samples must be an integer"),
 }
+
+
+#: Bad flag values the command line's parser refuses (choices, ranges, method names: medexplain.cli.params),
+#: before any import of the library and before anything is written.
+PARSER_CASES = {
+    "activation unknown": (E + ["--activation", "softmaxx"], "'softmaxx' is not one of"),
+    "unknown method": (E + ["--method", "gradkam"], "Did you mean gradcam"),
+    "instances n_samples 0": (["instances", V, "--model", SEG, "--n-samples", "0"], "greater than or equal to 1"),
+    "shapley activation": (["shapley", "{d}/two.nii.gz", "--model", SEG, "--activation", "softmaxx"],
+                           "'softmaxx' is not one of"),
+}
+
+
+@pytest.mark.parametrize("name", list(PARSER_CASES))
+def test_cli_parser_refuses_bad_flag_values(files, name):
+    import re
+    args, words = PARSER_CASES[name]
+    out = files / f"out_{abs(hash(name))}"
+    res = CliRunner().invoke(app, [a.format(d=files) for a in args] + ["--out", str(out)])
+    text = " ".join(re.sub(r"[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and "Invalid value" in text and "Traceback" not in text, (name, res.output)
+    assert words in text, (name, text)
+    assert not out.exists()
 
 
 def _typed(res):
@@ -843,9 +860,14 @@ def test_medcam_on_a_vit_says_what_it_needs():
 
 
 @pytest.mark.parametrize("args, words", [(["--upsample", "bilinear"], "do not apply to --method smoothgrad"),
-                                         (["--method", "gradcam++", "--upsample", "nearest"], "aligned or bilinear")])
+                                         (["--method", "gradcam++", "--upsample", "nearest"], "is not one of")])
 def test_cli_instances_upsample_is_checked_before_anything_is_written(files, args, words):
+    """A value outside the choices is refused by the parser (medexplain.cli.params); a valid value that does not
+    apply to the method, by the library's typed error."""
+    import re
     out = files / f"out_up_{abs(hash(tuple(args)))}"
     res = CliRunner().invoke(app, ["instances", V.format(d=files), "--model", SEG, *args, "--out", str(out)])
-    assert res.exit_code == 2 and isinstance(_typed(res), errors.OptionError) and words in " ".join(res.output.split())
+    text = " ".join(re.sub(r"[\u2500-\u257f]", " ", res.output).split())
+    assert res.exit_code == 2 and words in text, text
+    assert isinstance(_typed(res), errors.OptionError) or "Invalid value for '--upsample'" in text
     assert not out.exists()

@@ -71,7 +71,7 @@ def test_every_command_reports_medexplain_errors_through_the_one_handler(tmp_pat
     calls = [["explain", missing, "--model", "zoo:chest_xray"],
              ["instances", missing, "--model", "x:y", "--out", str(tmp_path / "o")],
              ["shapley", missing, "--model", "x:y"],
-             ["evaluate", "--maps", str(tmp_path), "--masks", str(tmp_path), "--metric", "auc"],
+             ["evaluate", "--maps", str(tmp_path), "--masks", str(tmp_path), "--threshold", "banana"],
              ["train", "mnist"],
              ["run", str(tmp_path / "missing.csv"), "--model", "x:y", "--out", str(tmp_path / "r")]]
     for args in calls:
@@ -164,4 +164,4 @@ def test_every_explaining_command_shares_the_target_activation_and_preprocessing
                      "--divisible-by", "--intensity", "--transform"):
             assert flag in text, (cmd, flag)
         assert "auto" in text.split("--activation")[1][:300], cmd
-    assert "--skip-unsupported" in runner.invoke(app, ["explain", "--help"]).output
+    assert "--skip-unsupported" in runner.invoke(app, ["explain", "--help"], env={"COLUMNS": "300"}).output

@@ -20,6 +20,8 @@ from .core import check_input, model_expectations
 from .errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from .explain import explain
 from .models.loading import checked_forward, load_model
+from .models.model import Model, resolve_device
+from .models.model import load_model as load_model_object
 from .ops import ACTIVATIONS, detect_activation, probabilities
 from .options import CountingModel, check_options, estimate_cost, plan_memory
 from .registry import get_method, route_options
@@ -27,23 +29,26 @@ from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
-__all__ = ["ExplainedImage", "LesionInstances", "ContrastShapley", "predicted_class", "explain_image",
-           "explain_lesion_instances", "contrast_shapley", "shapley_value_function", "SHAPLEY_VALUE_HELP"]
+__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "load_setup", "method_options", "on_device",
+           "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
+           "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
+           "SHAPLEY_VALUE_HELP"]
 
 
 def _model(model, weights: str | None) -> torch.nn.Module:
     return load_model(model, weights) if isinstance(model, str) else model
 
 
-def _nnunet_parts(nnunet, model, weights, preprocessing, inferer):
-    """``nnunet=`` (a :class:`medexplain.models.nnunet.NnUNetModel` or its folder): the model, nnU-Net's
-    preprocessing and nnU-Net's sliding window, instead of ``model`` and the preprocessing/window options."""
+def _nnunet_parts(nnunet, model, weights, preprocessing, inferer, options: dict | None = None):
+    """``nnunet=`` (a :class:`medexplain.models.nnunet.NnUNetModel`, or its folder loaded with ``options``:
+    :func:`medexplain.models.nnunet.load_nnunet`'s): the model, nnU-Net's preprocessing and nnU-Net's sliding
+    window, instead of ``model`` and the preprocessing/window options."""
     from .models.nnunet import as_nnunet
 
     if model or weights or _as_preprocessing(preprocessing).active or as_inferer(inferer) is not None:
         raise OptionError("--nnunet gives the model, its preprocessing and its sliding window: drop --model, --weights, "
-                          "the preprocessing and the sliding-window options")
-    nnm = as_nnunet(nnunet)
+                          "--bundle, the preprocessing and the sliding-window options")
+    nnm = as_nnunet(nnunet, **{k: v for k, v in (options or {}).items() if v is not None})
     return nnm, nnm.preprocessing, nnm.inferer
 
 
@@ -51,7 +56,8 @@ def _model_input(img: torch.Tensor, net) -> torch.Tensor:
     """An image read from a file (float32, ``(C, *spatial)``) as a checked batch of one in the model's
     floating dtype (a float64 model gets float64)."""
     expect = model_expectations(net)
-    return check_input(img[None].to(expect.get("dtype", img.dtype)), **expect)
+    x = check_input(img[None].to(expect.get("dtype", img.dtype)), **expect)
+    return x.to(model_device(net)) if isinstance(net, torch.nn.Module) else x
 
 
 def predicted_class(out: torch.Tensor) -> torch.Tensor:
@@ -157,7 +163,7 @@ def read_region(region, prep: PreparedInput):
     if tuple(m.shape) != tuple(prep.out.shape[2:]):
         raise TargetError(f"--region {region}: the model's output grid {tuple(prep.out.shape[2:])} differs from its "
                           f"input grid {tuple(m.shape)}; give a mask on the output grid from Python")
-    return m[None], Path(region).name
+    return m[None].to(prep.out.device), Path(region).name
 
 
 def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
@@ -191,6 +197,249 @@ def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
 
 
 # --------------------------------------------------------------------------------------------------
+# the model of a call, and the device it runs on
+# --------------------------------------------------------------------------------------------------
+def on_device(net, device):
+    """The one place a pipeline puts its model on a device (``.to``), chosen by the model object's rule
+    (:func:`medexplain.models.model.resolve_device`: ``None`` leaves the model where it is, ``"auto"`` is CUDA
+    when present, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; a device this machine lacks is a typed error). Inputs
+    follow the model (:func:`model_device`)."""
+    dev = resolve_device(device)
+    return net if dev is None else net.to(dev)
+
+
+def model_device(net) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model without any)."""
+    for t in (*net.parameters(), *net.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@dataclass
+class ModelSetup:
+    """The model of a pipeline call, loaded once (per call, or per worker of a run): the network ``net``, its
+    ``name`` (recorded in ``info.json``), the ``preprocessing`` and ``inferer`` it runs with, and the
+    ``bundle`` or ``nnunet`` model it was built from (None otherwise)."""
+
+    net: torch.nn.Module
+    name: str
+    preprocessing: object = None
+    inferer: object = None
+    bundle: object = None
+    nnunet: object = None
+
+    def describe(self) -> dict:
+        return {"inferer": inferer_settings(self.inferer) if self.inferer is not None else None,
+                "bundle": self.bundle.describe() if self.bundle is not None else None,
+                "nnunet": self.nnunet.describe() if self.nnunet is not None else None}
+
+
+def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_options: dict | None = None,
+               preprocessing=None, inferer=None, device=None, flip_axes=None, eval: str = "auto") -> ModelSetup:
+    """The model of a call from what the commands take: ``model`` (a module, or a specification for
+    :func:`medexplain.models.loading.load_model` with ``weights``), or a MONAI ``bundle`` folder
+    (:func:`medexplain.models.bundle.load_bundle`: its network, preprocessing and inferer, unless ``inferer``
+    is given), or an ``nnunet`` model or folder (:func:`medexplain.models.nnunet.load_nnunet` with
+    ``nnunet_options``: its networks, preprocessing and sliding window). ``preprocessing``/``inferer``: a
+    :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) and a sliding window (or its
+    settings as a dict). ``device``: :func:`on_device`. Several ``model`` specifications (with a list of
+    ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` build the model object
+    (:func:`medexplain.models.model.load_model`: an ensemble, test-time flips, the train/eval policy).
+    Contradicting sources are an :class:`~medexplain.errors.OptionError` before anything loads."""
+    inferer = as_inferer(inferer)
+    bnd = nnm = None
+    if nnunet is not None and bundle is not None:
+        raise OptionError("give one of --nnunet and --bundle")
+    if flip_axes and (nnunet is not None or bundle is not None):
+        raise OptionError("--flip-axes flips a --model; an nnU-Net folder's own flips are its mirroring (--mirroring), "
+                          "a bundle's are its own")
+    if nnunet is not None:
+        nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer, nnunet_options)
+        net, name = nnm.network, type(nnm.network).__name__
+    elif bundle is not None:
+        from .models.bundle import load_bundle
+        if model is not None or weights is not None or _as_preprocessing(preprocessing).active:
+            raise OptionError("--bundle gives the model, its weights and its preprocessing: drop --model, --weights "
+                              "and the preprocessing options")
+        bnd = load_bundle(bundle)
+        net, name = bnd.network, type(bnd.network).__name__
+        preprocessing, inferer = bnd.model_preprocessing(), inferer or bnd.inferer
+    elif model is None:
+        raise OptionError("give the model to explain (--model), a MONAI bundle (--bundle) or an nnU-Net model folder "
+                          "(--nnunet)")
+    else:
+        names = [m if isinstance(m, str) else type(m).__name__ for m in (model if isinstance(model, list) else [model])]
+        net, name = model_object(model, weights, flip_axes, eval), "+".join(names)
+    if eval != "auto" and not isinstance(net, Model):
+        net = Model(net, eval=eval)
+    return ModelSetup(on_device(net, device), name, preprocessing, inferer, bnd, nnm)
+
+
+def model_object(model, weights=None, flip_axes=None, eval: str = "auto"):
+    """``model`` (a module or a specification, with ``weights``) as loaded; several of them (with a list of
+    ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` give the model object
+    (:func:`medexplain.models.model.load_model`)."""
+    if isinstance(model, (list, tuple)) or flip_axes or eval != "auto":
+        return load_model_object(list(model) if isinstance(model, (list, tuple)) else model, weights,
+                                 flip_axes=tuple(flip_axes) if flip_axes else None, eval=eval)
+    return _model(model, weights)
+
+
+def method_options(methods: Sequence[str], options: dict | None, layer: str | None = None,
+                   seed: int | None = None) -> dict[str, dict]:
+    """Options per method (:func:`medexplain.registry.route_options`, typed by each method's signature);
+    with ``seed``, the methods that take a ``seed`` option get it unless given one."""
+    from .registry import accepted_options
+
+    routed = route_options(list(methods), options, layer)
+    if seed is not None:
+        for m in methods:
+            acc = accepted_options(m)
+            if acc is not None and "seed" in acc:
+                routed[m].setdefault("seed", seed)
+    return routed
+
+
+# --------------------------------------------------------------------------------------------------
+# one case: read, prepare, plan, resolve the target, explain, write (explain and run share it)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class CaseState:
+    """What :func:`explain_case` knows about one case as it goes: the ``stage`` it is at (``image``,
+    ``model``, ``plan``, ``target``, ``explain``, ``write``: an error says where it happened), the image
+    and its ``meta``, the :class:`PreparedInput`, the methods to ``run`` and those ``skipped``, the resolved
+    target and the ``info`` record (what ``info.json`` holds)."""
+
+    images: list
+    stage: str = "image"
+    img: torch.Tensor | None = None
+    meta: dict | None = None
+    prep: PreparedInput | None = None
+    run: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    resolved: object = None
+    info: dict = field(default_factory=dict)
+
+    def predicted(self, net) -> int | None:
+        """The class the target grammar explains by default (a classifier's top class, a segmenter's largest
+        predicted foreground class), or None when the model predicts no foreground."""
+        if self.prep is None:
+            return None
+        out = self.prep.out
+        if out.ndim == 2:
+            return int(predicted_class(out)[0])
+        try:
+            return resolve_target(out, model=net, activation=self.prep.activation).class_index
+        except TargetError:
+            return None
+
+
+class CaseWriter:
+    """Where :func:`explain_case` puts a case's results: ``read`` once the image is read (checks of what will be
+    written that need the image, before any compute), ``ready`` once the target is resolved, ``method``
+    after each method (the map on the image grid), ``failed`` for a method that raised, ``finish`` at the end.
+    ``explain`` writes NIfTI, PNG and ``info.json`` (:class:`FileWriter`); ``run`` writes its map and record."""
+
+    def read(self, state: CaseState) -> None:
+        pass
+
+    def ready(self, state: CaseState) -> None:
+        pass
+
+    def method(self, state: CaseState, method: str, attr: Attribution, amap: torch.Tensor) -> list[Path]:
+        return []
+
+    def failed(self, state: CaseState, method: str, error: Exception) -> None:
+        pass
+
+    def finish(self, state: CaseState) -> list[Path]:
+        return []
+
+
+def write_map(amap: torch.Tensor, path, meta: dict, spatial_dims: int) -> Path:
+    """A map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the image's affine and sform/qform code
+    (:func:`medexplain.io.write_nifti`): the one map writer of ``explain`` and ``run``."""
+    return io.write_nifti(amap, path, meta["affine"], spatial_dims=spatial_dims, xform_code=meta.get("xform_code", 1))
+
+
+def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer: CaseWriter, *,
+                 per_method: dict[str, dict], target=None, region=None, layer: str | None = None, output=None,
+                 activation: str = "auto", threshold: float = 0.5, skip_unsupported: bool = False,
+                 series: str | None = None, seed: int | None = None, memory: float | None = None,
+                 state: CaseState | None = None,
+                 on_estimate: Callable | None = None,
+                 on_progress: Callable[[str, int, int | None], None] | None = None) -> CaseState:
+    """The one case pipeline: read ``images`` (one file or DICOM folder, or one file per channel), prepare them
+    for ``setup``'s model and run it once (:func:`prepare_input`), plan the ``methods`` (:func:`plan_methods`),
+    resolve the target (:func:`medexplain.targets.resolve_target` with ``region``: :func:`read_region`), then
+    explain with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put
+    back on the image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go
+    on; an error before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
+    ``per_method``: each method's options (:func:`method_options`). ``memory``: the budget in GB of one model call
+    (default half the memory available; :func:`medexplain.options.plan_memory`: ``chunk_size`` is capped to fit,
+    and a method that cannot fit one row refuses the case before any method runs)."""
+    st = state if state is not None else CaseState(list(images))
+    st.stage = "image"
+    st.img, st.meta = io.read_channels(images, series=series)
+    warn_series(images[0], st.img)
+    writer.read(st)
+    st.stage = "model"
+    net = setup.net
+    st.prep = prep = prepare_input(st.img, st.meta, net, preprocessing=setup.preprocessing, output=output,
+                                   activation=activation, inferer=setup.inferer)
+    st.stage = "plan"
+    st.run, st.skipped = plan_methods(methods, net, prep.out, layer, skip_unsupported)
+    st.stage = "target"
+    reg, reg_name = read_region(region, prep)
+    st.resolved = resolve_target(prep.out, target, reg, activation=activation, model=net, threshold=threshold,
+                                 region_name=reg_name)
+    st.info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images], "model": setup.name,
+               "target": st.resolved.class_index, "target_info": st.resolved.info(),
+               "output": output if output is None or isinstance(output, (int, str)) else repr(output),
+               "preprocessing": prep.record(), "methods": {}, "skipped": dict(st.skipped), "failed": {},
+               "input": io.geometry_record(st.meta), "warnings": list(st.meta.get("warnings", [])), **setup.describe()}
+    st.stage = "memory"
+    per_method, plans = dict(per_method), {}
+    for m in st.run:  # the memory of every method's model calls, before any of them runs
+        per_method[m], plans[m] = ((per_method[m], None) if setup.inferer is not None else
+                                   plan_memory(m, get_method(m).fn, net, prep.x, per_method[m], memory))
+    writer.ready(st)
+    for m in st.run:
+        st.stage = "explain"
+        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
+        if on_estimate:
+            on_estimate(est)
+        done = [0]
+
+        def rows(n, m=m, est=est, done=done):
+            done[0] += n
+            if on_progress:
+                on_progress(m, done[0], est.n_forward)
+
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+            if isinstance(net, Model):  # as given: a counting wrapper would hide its settings (the eval policy)
+                attr = explain(net, prep.x, method=m, target=st.resolved.target, output=output, inferer=setup.inferer,
+                               memory=memory, **per_method[m])
+            else:
+                attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=st.resolved.target,
+                               inferer=setup.inferer, memory=memory, **per_method[m])
+            st.stage = "preprocessing"
+            amap = prep.invert(attr.map[0].detach().cpu())
+        except Exception as e:  # recorded; the finished methods' files stay
+            st.info["failed"][m] = f"{type(e).__name__}: {e}"
+            writer.failed(st, m, e)
+            continue
+        st.info["methods"][m] = {**attr.info, "estimate": est.as_dict()}
+        st.stage = "write"
+        writer.method(st, m, attr, amap)
+    st.stage = "write"
+    writer.finish(st)
+    return st
+
+
+# --------------------------------------------------------------------------------------------------
 # explain one image
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -212,38 +461,97 @@ class ExplainedImage:
     stored: list[str] = field(default_factory=list)   # SOP Instance UIDs sent to a PACS (medexplain.pacs.explain_pacs)
 
 
+class FileWriter(CaseWriter):
+    """``explain``'s files of one case in ``out``: per method ``<stem>_<method>.nii.gz`` (:func:`write_map`),
+    ``.png`` and the DICOM objects, as ``formats`` asks (:func:`_write_method_files`,
+    :func:`medexplain.dicom_out.write_dicom_objects`), ``<stem>_info.json`` rewritten after every method, and a
+    bundle's own prediction."""
+
+    def __init__(self, setup: ModelSetup, out: Path, stem: str, on_method: Callable[[str], None] | None = None, *,
+                 formats=("nifti", "png"), dicom_reference=None, dicom_threshold="otsu", series: str | None = None):
+        self.setup, self.out, self.stem, self.on_method = setup, out, stem, on_method
+        self.formats, self.dicom_reference, self.dicom_threshold, self.series = (formats, dicom_reference,
+                                                                                 dicom_threshold, series)
+        self.info_path = out / f"{stem}_info.json"
+        self.files: list[Path] = []
+        self.attributions: dict[str, Attribution] = {}
+        self.dicom_src = None
+
+    def read(self, state):
+        from .dicom_out import dicom_source_for  # the DICOM study the objects join, checked before any compute
+
+        self.dicom_src = dicom_source_for(state.images, state.meta, self.formats, self.dicom_reference, self.series)
+
+    def ready(self, state):
+        src = self.dicom_src
+        state.info.update(formats=list(self.formats), dicom=None if src is None else {
+            "study": src.study_uid, "source": str(src.path), "frame_of_reference": src.frame_of_reference_uid,
+            "threshold": self.dicom_threshold})
+
+    def method(self, state, method, attr, amap):
+        self.attributions[method] = attr
+        title = _figure_title(method, state.info)
+        self.files += _write_method_files(state.img, amap, self.out, self.stem, method, state.meta, title, self.formats)
+        if self.dicom_src is not None:
+            from .dicom_out import write_dicom_objects
+            self.files += write_dicom_objects(self.dicom_src, state.img, amap, state.meta, self.out, self.stem, method,
+                                              target=state.resolved.class_index, model=state.info["model"],
+                                              title=title, threshold=self.dicom_threshold)
+        io.write_json(state.info, self.info_path)
+        if self.on_method:
+            self.on_method(method)
+
+    def failed(self, state, method, error):
+        io.write_json(state.info, self.info_path)
+        if self.on_method:
+            self.on_method(method)
+
+    def finish(self, state):
+        bnd = self.setup.bundle
+        if bnd is not None and bnd.postprocessing() is not None:  # the bundle's own prediction, on the image grid
+            self.files.append(io.write_nifti(bnd.postprocess(state.prep.out[0], state.prep.prepared),
+                                             self.out / f"{self.stem}_prediction.nii.gz", state.meta["affine"],
+                                             spatial_dims=state.img.ndim - 1,
+                                             xform_code=state.meta.get("xform_code", 1)))
+        if not state.run:
+            io.write_json(state.info, self.info_path)
+        self.files.append(self.info_path)
+
+
 def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: str | None = None, target=None,
                   region=None, layer: str | None = None, options: dict | None = None, output=None,
                   activation: str = "auto", threshold: float = 0.5, preprocessing=None,
                   skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
-                  bundle=None, nnunet=None, formats=None, dicom_reference=None,
+                  bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
+                  seed: int | None = None, flip_axes=None, eval: str = "auto", formats=None, dicom_reference=None,
                   dicom_threshold="otsu", memory: float | None = None) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
-    overlays and ``info.json`` into ``out``. ``image``: one file (or DICOM series folder), or a list of
+    overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
+    uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
     single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with
     ``nnunet`` nnU-Net's ``CASE_0000.nii.gz`` names are ordered by their suffix and name the outputs ``CASE``).
 
-    ``inferer``: a ``monai.inferers.SlidingWindowInferer`` or its settings as a dict (``roi_size``,
-    ``overlap``, ``sw_batch_size``, ``mode``): every method then runs through it, window by window
-    (:mod:`medexplain.sliding`). ``bundle``: a MONAI bundle folder (:func:`medexplain.models.bundle.load_bundle`)
-    instead of ``model``: its network, its preprocessing (inverted for the maps) and its inferer (unless
-    ``inferer`` is given) are used, and with a ``postprocessing`` the bundle's prediction on the image grid
-    is written as ``<stem>_prediction.nii.gz``. ``nnunet``: an nnU-Net v2 model
-    (:func:`medexplain.models.nnunet.load_nnunet`, or its folder) instead of ``model``: its networks (mirroring,
-    folds), nnU-Net's preprocessing (inverted for the maps) and its sliding window (``docs/nnunet.md``).
+    The model: ``model`` (a module or a specification for :func:`medexplain.models.loading.load_model` with
+    ``weights``), a MONAI ``bundle`` folder or an ``nnunet`` model or folder (with ``nnunet_options``), placed
+    on ``device`` (:func:`load_setup`; ``None``: where it is); several models (a list, with a list of
+    ``weights``), ``flip_axes`` and ``eval`` give the model object (an ensemble, test-time flips, the train/eval
+    policy: :func:`medexplain.models.model.load_model`). With a bundle's ``postprocessing`` the bundle's
+    prediction on the image grid is written as ``<stem>_prediction.nii.gz``. ``inferer``: a
+    ``monai.inferers.SlidingWindowInferer`` or its settings as a dict (``roi_size``, ``overlap``,
+    ``sw_batch_size``, ``mode``): every method then runs through it, window by window (:mod:`medexplain.sliding`).
+    ``preprocessing``: a :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) applied before
+    the model and inverted for the maps, so they land on the input's own grid.
 
-    ``model``: a module or a specification for :func:`medexplain.models.loading.load_model` (with
-    ``weights``). ``target``/``region``: the one target grammar (:func:`medexplain.targets.resolve_target`):
+    ``target``/``region``: the one target grammar (:func:`medexplain.targets.resolve_target`):
     ``target`` a class index or ``None``/``"predicted"`` (a classifier's top class; a segmenter's
     foreground class with the most predicted voxels), ``region`` for segmenters ``"predicted"``
     (default), ``"all"`` or a mask file resampled onto the image grid by its geometry. ``activation``:
-    the output activation (``auto`` detects probabilities). ``preprocessing``: a
-    :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) applied before the model and
-    inverted for the maps, so they land on the input's own grid. ``options``: ``{"key": v}`` for every
+    the output activation (``auto`` detects probabilities). ``options``: ``{"key": v}`` for every
     method accepting ``key`` or ``{"method.key": v}`` for one, typed by each method's signature (text
-    parsed); ``layer`` for every method that takes one.
+    parsed); ``layer`` for every method that takes one; ``seed`` seeds the global RNG before each method and
+    goes to the methods that take a ``seed`` option.
 
     Everything that can fail before compute is checked first: option names and types, the output
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
@@ -266,94 +574,26 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     ``metrics`` rule) and a Secondary Capture in the source study (:mod:`medexplain.dicom_out`,
     ``docs/dicom.md``); a non-DICOM ``image`` needs ``dicom_reference``, the DICOM series it was made from.
     """
-    from .dicom_out import dicom_source_for, parse_formats, write_dicom_objects
+    from .dicom_out import parse_formats
 
     formats = parse_formats(formats)
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
-    per_method = route_options(methods, options, layer)
+    per_method = method_options(methods, options, layer, seed)
     out = io.check_output_dir(out)
-    images, stem = _input_files(image, nnunet is not None)
-    info_path = _check_outputs(stem, methods, out, overwrite, formats)
-    inferer, bnd, nnm = as_inferer(inferer), None, None
-    if nnunet is not None:
-        nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer)
-        model = nnm.network
-    elif bundle is not None:
-        from .models.bundle import load_bundle
-        if model is not None or weights is not None or _as_preprocessing(preprocessing).active:
-            raise OptionError("--bundle gives the model, its weights and its preprocessing: drop --model, --weights "
-                              "and the preprocessing options")
-        bnd = load_bundle(bundle)
-        model, preprocessing, inferer = bnd.network, bnd.model_preprocessing(), inferer or bnd.inferer
-        pred_path = out / f"{stem}_prediction.nii.gz"
-        io.check_output_dir(out, [pred_path], overwrite=overwrite)
-    elif model is None:
-        raise OptionError("give the model to explain (--model) or a MONAI bundle (--bundle)")
-    img, meta = io.read_channels(images, series=series)
-    warn_series(images[0], img)
-    dicom_src = dicom_source_for(images, meta, formats, dicom_reference, series)
-    net = _model(model, weights)
-    prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
-                         inferer=inferer)
-    run, skipped = plan_methods(methods, net, prep.out, layer, skip_unsupported)
-    reg, reg_name = read_region(region, prep)
-    resolved = resolve_target(prep.out, target, reg, activation=activation, model=net, threshold=threshold,
-                              region_name=reg_name)
-    info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images],
-            "model": model if isinstance(model, str) else type(model).__name__,
-            "target": resolved.class_index, "target_info": resolved.info(),
-            "output": output if output is None or isinstance(output, (int, str)) else repr(output),
-            "preprocessing": prep.record(), "methods": {}, "skipped": dict(skipped), "failed": {},
-            "input": io.geometry_record(meta), "warnings": list(meta.get("warnings", [])),
-            "inferer": inferer_settings(inferer) if inferer is not None else None,
-            "bundle": bnd.describe() if bnd is not None else None,
-            "nnunet": nnm.describe() if nnm is not None else None, "formats": list(formats),
-            "dicom": None if dicom_src is None else {"study": dicom_src.study_uid, "source": str(dicom_src.path),
-                                                     "frame_of_reference": dicom_src.frame_of_reference_uid,
-                                                     "threshold": dicom_threshold}}
-    res = ExplainedImage(resolved.class_index, {}, [], info["target_info"], dict(skipped), {}, info["warnings"])
-    plans = {}
-    for m in run:  # the memory of every method's model calls, before any of them runs
-        per_method[m], plans[m] = ((per_method[m], None) if inferer is not None else
-                                   plan_memory(m, get_method(m).fn, net, prep.x, per_method[m], memory))
-    for m in run:
-        est = estimate_cost(m, get_method(m).fn, prep.x.shape, per_method[m], prep.seconds_per_row, plans[m])
-        if on_estimate:
-            on_estimate(est)
-        done = [0]
-
-        def rows(n, m=m, est=est, done=done):
-            done[0] += n
-            if on_progress:
-                on_progress(m, done[0], est.n_forward)
-
-        try:
-            attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=resolved.target, inferer=inferer,
-                           memory=memory, **per_method[m])
-            amap = prep.invert(attr.map[0])
-        except Exception as e:  # recorded; the finished methods' files stay
-            res.failed[m] = info["failed"][m] = f"{type(e).__name__}: {e}"
-            io.write_json(info, info_path)
-            if on_method:
-                on_method(m)
-            continue
-        res.attributions[m] = attr
-        info["methods"][m] = {**attr.info, "estimate": est.as_dict()}
-        title = _figure_title(m, info)
-        res.files += _write_method_files(img, amap, out, stem, m, meta, title, formats)
-        if dicom_src is not None:
-            res.files += write_dicom_objects(dicom_src, img, amap, meta, out, stem, m, target=resolved.class_index,
-                                             model=info["model"], title=title, threshold=dicom_threshold)
-        io.write_json(info, info_path)
-        if on_method:
-            on_method(m)
-    if bnd is not None and bnd.postprocessing() is not None:  # the bundle's own prediction, on the image grid
-        res.files.append(io.write_nifti(bnd.postprocess(prep.out[0], prep.prepared), pred_path, meta["affine"],
-                                        spatial_dims=img.ndim - 1, xform_code=meta.get("xform_code", 1)))
-    if not run:
-        io.write_json(info, info_path)
-    res.files.append(info_path)
+    images, stem = input_files(image, nnunet is not None)
+    _check_outputs(stem, methods, out, overwrite, formats)
+    if bundle is not None and nnunet is None:
+        io.check_output_dir(out, [out / f"{stem}_prediction.nii.gz"], overwrite=overwrite)
+    setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options,
+                       preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
+    writer = FileWriter(setup, out, stem, on_method, formats=formats, dicom_reference=dicom_reference,
+                        dicom_threshold=dicom_threshold, series=series)
+    st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
+                      output=output, activation=activation, threshold=threshold, skip_unsupported=skip_unsupported,
+                      series=series, seed=seed, memory=memory, on_estimate=on_estimate, on_progress=on_progress)
+    res = ExplainedImage(st.resolved.class_index, writer.attributions, writer.files, st.info["target_info"],
+                         dict(st.skipped), dict(st.info["failed"]), st.info["warnings"])
     if res.failed:
         raise PartialFailure(f"{len(res.failed)} of {len(methods)} method(s) failed: "
                              + "; ".join(f"{m}: {e}" for m, e in res.failed.items())
@@ -361,7 +601,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     return res
 
 
-def _input_files(image, nnunet: bool) -> tuple[list, str]:
+def input_files(image, nnunet: bool) -> tuple[list, str]:
     """``(files, stem)`` of :func:`explain_image`'s ``image``: a list of one file (or series folder) or of one
     file per channel; the output stem is :func:`medexplain.io.file_stem` of the first, or the nnU-Net case
     identifier (``CASE`` of ``CASE_0000.nii.gz``) when the files are an nnU-Net case's channels."""
@@ -416,8 +656,7 @@ def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: 
     nd = img.ndim - 1
     files = []
     if "nifti" in formats:
-        files.append(io.write_nifti(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta["affine"],
-                                    spatial_dims=nd, xform_code=meta.get("xform_code", 1)))
+        files.append(write_map(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta, spatial_dims=nd))
     if "png" in formats:
         files.append(io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
                                           oriented=meta.get("oriented", False), title=title[0], subtitle=title[1],
@@ -447,7 +686,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              rings: int = 5, context: int = 0,
                              layer: str | None = None, channel_names: Sequence[str] | None = None,
                              chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
-                             preprocessing=None, inferer=None, nnunet=None, variant: str = "paper",
+                             preprocessing=None, inferer=None, nnunet=None, nnunet_options: dict | None = None,
+                             device=None, flip_axes=None, eval: str = "auto", variant: str = "paper",
                              upsample: str | None = None,
                              on_progress: Callable[[str, int, int | None], None] | None = None,
                              on_estimate: Callable | None = None, memory: float | None = None) -> LesionInstances:
@@ -498,21 +738,18 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                           "--method smoothgrad")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
-    nnm = None
     if nnunet is not None:
         from .models.nnunet import order_channel_files
-        nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer)
-        model, images = nnm.network, order_channel_files(images)
-    elif model is None:
-        raise OptionError("give the model to explain (--model) or an nnU-Net model folder (--nnunet)")
+        images = order_channel_files(images)
+    setup = load_setup(model, weights, nnunet=nnunet, nnunet_options=nnunet_options, preprocessing=preprocessing,
+                       inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
+    nnm, net, preprocessing, inferer = setup.nnunet, setup.net, setup.preprocessing, setup.inferer
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
     if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
         r_img, r_meta = io.read_image(reference)
         ref_fg = seg.reference_foreground(r_img.numpy(), reference_threshold, f"--reference {Path(reference).name}")
-    net = _model(model, weights)
-    inferer = as_inferer(inferer)
     prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
                          inferer=inferer)
     x, logits, act = prep.x, prep.out, prep.activation
@@ -550,7 +787,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             on_estimate(est)
     affine = meta["affine"]
     info = {"images": [str(p) for p in (images if isinstance(images, (list, tuple)) else [images])],
-            "model": model if isinstance(model, str) else type(model).__name__,
+            "model": setup.name,
             "class": int(channel), "how": how, "activation": act, "activation_how": prep.activation_how,
             "region": "predicted" if reg is None or isinstance(reg, str) else str(region),
             "preprocessing": prep.record(), "instances": len(insts), "probability_max": float(prob.max()),
@@ -657,7 +894,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
                      target=None, region=None, output=None, preprocessing=None,
                      on_model: Callable[[int, object], None] | None = None,
                      on_progress: Callable[[str, int, int | None], None] | None = None,
-                     inferer=None, nnunet=None, on_estimate: Callable | None = None,
+                     inferer=None, nnunet=None, nnunet_options: dict | None = None, device=None, flip_axes=None,
+                     eval: str = "auto", on_estimate: Callable | None = None,
                      memory: float | None = None) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
@@ -694,7 +932,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     if nnunet is not None:
         from .models.nnunet import order_channel_files
         nnm, preprocessing, inferer = _nnunet_parts(nnunet, list(models or []), list(weights or []), preprocessing,
-                                                    inferer)
+                                                    inferer, nnunet_options)
         models, images, contrasts = nnm.fold_networks(), order_channel_files(images), contrasts or nnm.channel_names
     if not models:
         raise OptionError("give the models (--model, one per fold) or an nnU-Net model folder (--nnunet)")
@@ -726,7 +964,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     base = _baseline(baseline)
     results, chosen, activations = [], None, []
     for i, spec in enumerate(models):
-        net = _model(spec, weights[i] if weights else None)
+        net = on_device(model_object(spec, weights[i] if weights else None, flip_axes, eval), device)
         prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
                              inferer=as_inferer(inferer))
         seg_t = None

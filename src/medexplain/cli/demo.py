@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from ..demo import run_demo
 from . import app
-from ._common import cli_errors, split_list
+from ._common import cli_errors
+from .params import Flags, takes
 
 
 @app.command("demo")
-def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="folder for report.html, maps/ and metrics.json"),
-         seed: int = typer.Option(0, help="data, training and method seed"),
-         n_cases: int = typer.Option(8, "--n-cases", help="positive test images to explain"),
-         methods: str = typer.Option("", help="comma-separated methods (default: every method that applies)"),
-         size: str = typer.Option("demo", help="'demo' or 'small' (seconds; for smoke tests)"),
-         retrain: bool = typer.Option(False, help="ignore cached weights and train again")):
-    """Planted-nodule demo: train (or load) a classifier, explain it with every method, write report.html."""
+@takes("out", "seed", "method")
+def demo(n_cases: int = typer.Option(8, "--n-cases", min=1, help="positive test images to explain"),
+         size: Literal["demo", "small"] = typer.Option("demo", help="demo, or small (seconds; for smoke tests)"),
+         retrain: bool = typer.Option(False, "--retrain/--no-retrain", help="ignore cached weights and train again"),
+         flags: Flags = None):
+    """Planted-nodule demo: train (or load) a classifier, explain it with every method, write report.html, maps/
+    and metrics.json into --out."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..demo import run_demo
+
     console = Console()
     console.print("[bold]medexplain demo[/bold]: planted nodules on a real chest radiograph (labels are planted)")
     with cli_errors():
-        res = run_demo(out, seed=seed, size=size, n_cases=n_cases, methods=split_list(methods) or None,
+        res = run_demo(flags.out, seed=flags.seed, size=size, n_cases=n_cases, methods=flags.methods() or None,
                        retrain=retrain, log=console.print)
     tab = Table(title="hit rate against the planted nodule masks")
     for c in ("method", "hit rate", "hits", "hits, any maximal pixel (median pixels at max)", "bilinear (MONAI) hit rate",

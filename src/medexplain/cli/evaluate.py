@@ -5,24 +5,23 @@ described in :mod:`medexplain.evaluation`). Defaults follow CheXlocalize's publi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from ..evaluation import evaluate_localisation
 from . import app
 from ._common import cli_errors, console
+from .params import Flags, takes
 
 
 @app.command("evaluate")
+@takes("seed", "out")
 def evaluate(
     maps: Path = typer.Option(..., "--maps", help="folder of saliency maps (class/case.ext or case.ext)"),
     masks: Path = typer.Option(..., "--masks", help="folder of ground-truth masks, same layout"),
-    out: Path = typer.Option(Path("eval_out"), "--out", help="where the CSV files go"),
-    metric: str = typer.Option("all", help="hitrate, miou or all"),
-    mode: str = typer.Option("tp_fp_fn", help="mIoU mode: tp (CheXlocalize's default, true_pos_only=True), "
+    metric: Literal["all", "hitrate", "miou"] = typer.Option("all", help="the metric(s) computed"),
+    mode: Literal["tp", "tp_fp_fn", "tp_fn"] = typer.Option("tp_fp_fn", help="mIoU mode:\
+ tp (CheXlocalize's default, true_pos_only=True), "
                                               "tp_fp_fn (CheXlocalize's true_pos_only=False; MedicalPatchNet) or tp_fn"),
     threshold: str = typer.Option("otsu", help="otsu (CheXlocalize's: uint8 Otsu, filled contours), otsu_float "
                                                "(Otsu on the float map, no filling), a float on the min-max "
@@ -35,21 +34,29 @@ def evaluate(
     cutoff: Optional[str] = typer.Option(None, help="no predicted mask where the probability is below this: a float, "
                                                     "class=value pairs, a CSV cutoff,task, or CheXlocalize's "
                                                     "probability_tuning_results.csv (per class the cutoff of best mIoU)"),
-    n_boot: int = typer.Option(1000, help="bootstrap replicates"),
-    seed: int = typer.Option(0, help="bootstrap seed"),
-    ci: str = typer.Option("order-statistic", help="95% interval: order-statistic (CheXlocalize's: the 25th and "
+    n_boot: int = typer.Option(1000, min=1, help="bootstrap replicates"),
+    ci: Literal["order-statistic", "percentile"] = typer.Option("order-statistic", help="95% interval:"
+                                                                " order-statistic (CheXlocalize's: the 25th and "
                                                    "975th of 1000 sorted replicates; default) or percentile "
                                                    "(interpolated 2.5 and 97.5 percentiles)"),
-    mean: str = typer.Option("bootstrap", help="the summary's mean column: bootstrap (mean of the replicates, "
+    mean: Literal["bootstrap", "point"] = typer.Option("bootstrap", help="the summary's mean column:"
+                                                         " bootstrap (mean of the replicates, "
                                                "CheXlocalize's; default) or point (mean over cases); both are "
                                                "also written as bs_mean and point"),
-    ties: str = typer.Option("first", help="hit rate ties: first (CheXlocalize's first maximum) or any (some "
+    ties: Literal["first", "any"] = typer.Option("first", help="hit rate ties: first (CheXlocalize's first maximum) or any (some "
                                            "maximal pixel in the mask; for piecewise-constant maps)"),
+    flags: Flags = None,
 ):
     """Hit rate and mIoU with 95% bootstrap intervals, written as CheXlocalize's three CSV files per metric.
 
     Defaults reproduce CheXlocalize's published protocol (Otsu rule, order-statistic interval, bootstrap
     mean), except --mode, which defaults to MedicalPatchNet's tp_fp_fn."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..evaluation import evaluate_localisation
+
+    out, seed = flags.out, flags.seed
     with cli_errors():
         res = evaluate_localisation(maps, masks, out, metric=metric, mode=mode, threshold=threshold,
                                     val_maps=val_maps, val_masks=val_masks, probs=probs, cutoff=cutoff,

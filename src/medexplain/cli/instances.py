@@ -15,77 +15,65 @@ the same grid). The work and the files written are :func:`medexplain.pipelines.e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
-from rich.table import Table
 
-from ..pipelines import explain_lesion_instances
-from ..targets import parse_target
 from . import app
-from ._common import (
-    ModelInputs,
-    activation_option,
-    cli_errors,
-    console,
-    model_input_options,
-    output_option,
-    parse_output,
-    pass_progress,
-    split_list,
-    target_option,
-)
+from ._common import cli_errors, console, parse_output, pass_progress, split_list
+from .params import MODEL_INPUT, Flags, takes
 
 
 @app.command("instances")
-@model_input_options
+@takes("model", "weights", "method", "target", "region", "activation", "output", "layer", "seed", "chunk_size",
+       "contrasts", "out", *MODEL_INPUT)
 def instances_cmd(
     image: List[Path] = typer.Argument(..., help="one NIfTI with channels last (X Y Z C), or one 3D file per channel"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="TorchScript file, package.module:factory, or "
-                                        "zoo:<task> (or give --nnunet)"),
-    out: Path = typer.Option(..., "--out", help="output directory"),
-    weights: Optional[str] = typer.Option(None, help="state dict for a package.module:factory model"),
-    threshold: float = typer.Option(0.5, help="lesion probability threshold (reference: 0.3-0.4)"),
-    method: str = typer.Option("smoothgrad", help="smoothgrad or gradcam++"),
-    aggregate: str = typer.Option("mean", help="SmoothGrad aggregation over the lesion: mean or max"),
-    target: str = target_option(),
-    channel: Optional[int] = typer.Option(None, help="the lesion class's output channel (the same as --target K)"),
-    region: Optional[str] = typer.Option(None, "--region", help="'predicted' (default: the thresholded prediction) "
-                                         "or a mask file whose connected components are the instances"),
-    activation: str = activation_option(),
-    output: Optional[str] = output_option(),
-    n_samples: int = typer.Option(50, help="SmoothGrad noise samples"),
-    sigma: float = typer.Option(0.05, help="noise sd as a fraction of the first channel's range"),
-    seed: int = typer.Option(0, help="noise seed"),
-    min_size: int = typer.Option(6, help="drop components with fewer voxels"),
+    probability_threshold: float = typer.Option(0.5, "--probability-threshold", min=0, max=1,
+                                                help="lesion probability threshold (reference: 0.3-0.4)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", hidden=True, help="old spelling of "
+                                              "--probability-threshold"),
+    aggregate: Literal["mean", "max"] = typer.Option("mean", help="SmoothGrad aggregation over the lesion"),
+    n_samples: int = typer.Option(50, min=1, help="SmoothGrad noise samples"),
+    sigma: float = typer.Option(0.05, min=0, help="noise sd as a fraction of the first channel's range"),
+    min_size: int = typer.Option(6, min=0, help="drop components with fewer voxels"),
     connectivity: Optional[int] = typer.Option(None, help="rank 1..3 or neighbours 6/18/26 (default 18)"),
     reference: Optional[Path] = typer.Option(None, help="ground-truth label map (integer or binary values): labels "
                                              "instances TP/FP/FN; another image is refused"),
     reference_threshold: Optional[float] = typer.Option(None, "--reference-threshold", help="read --reference as "
                                                         "a probability map in [0, 1], inside where > this"),
-    rings: int = typer.Option(5, help="ring profile distances 1..R"),
-    context: int = typer.Option(0, help="context experiment up to this many dilations (0: skip)"),
-    layer: Optional[str] = typer.Option(None, help="Grad-CAM++ layer (default: decoder conv at half resolution)"),
-    upsample: Optional[str] = typer.Option(None, help="Grad-CAM++: how the layer's map reaches the input grid: aligned "
-                                           "(receptive-field aligned; default) or bilinear (MONAI's)"),
-    channel_names: Optional[str] = typer.Option(None, help="comma-separated input channel names for the table"),
-    chunk_size: int = typer.Option(10, help="noise samples per forward pass"),
-    inputs: ModelInputs = None,
+    rings: int = typer.Option(5, min=1, help="ring profile distances 1..R"),
+    context: int = typer.Option(0, min=0, help="context experiment up to this many dilations (0: skip)"),
+    upsample: Optional[Literal["aligned", "bilinear"]] = typer.Option(None, help="Grad-CAM++: how the layer's map "
+                                                                      "reaches the input grid: aligned (receptive-field "
+                                                                      "aligned; default) or bilinear (MONAI's)"),
+    flags: Flags = None,
 ):
-    """Find lesion instances in the model's segmentation and explain each one per input channel. The
-    probability is read with --activation (auto: a model that already outputs probabilities is not
-    softmaxed again); info.json records the class, activation and preprocessing."""
+    """Find lesion instances in the model's segmentation and explain each one per input channel (--method
+    smoothgrad or gradcam++). The probability is read with --activation (auto: a model that already outputs
+    probabilities is not softmaxed again); info.json records the class, activation and preprocessing."""
+    from rich.table import Table
+
+    from ..pipelines import explain_lesion_instances
+    from ..targets import parse_target
+
+    threshold = probability_threshold if threshold is None else threshold
+    methods = flags.methods("smoothgrad")
+    if len(methods) != 1:
+        raise typer.BadParameter("instances takes one method: smoothgrad or gradcam++", param_hint="--method")
     with cli_errors(), pass_progress() as bar:
-        tgt = parse_target(target)
-        res = explain_lesion_instances(list(image), model, out, weights=weights, threshold=threshold, method=method,
-                                       aggregate=aggregate, channel=channel if channel is not None else tgt,
-                                       n_samples=n_samples, sigma=sigma, seed=seed, min_size=min_size,
-                                       connectivity=connectivity, reference=reference,
-                                       reference_threshold=reference_threshold, rings=rings, context=context,
-                                       layer=layer, upsample=upsample, channel_names=split_list(channel_names) or None,
-                                       chunk_size=chunk_size, activation=activation, output=parse_output(output),
-                                       region=region, on_progress=bar.update, on_estimate=bar.estimate,
-                                       **inputs.pipeline_kwargs())
+        chunk = {} if flags.chunk_size is None else {"chunk_size": flags.chunk_size}
+        res = explain_lesion_instances(list(image), flags.models("model"), flags.out, weights=flags.models("weights"),
+                                       threshold=threshold, method=methods[0], aggregate=aggregate,
+                                       channel=parse_target(flags.target), n_samples=n_samples, sigma=sigma,
+                                       seed=flags.seed, min_size=min_size, connectivity=connectivity,
+                                       reference=reference, reference_threshold=reference_threshold, rings=rings,
+                                       context=context, layer=flags.layer, upsample=upsample,
+                                       channel_names=split_list(flags.contrasts) or None, activation=flags.activation,
+                                       output=parse_output(flags.output), region=flags.region,
+                                       on_progress=bar.update, on_estimate=bar.estimate, **chunk,
+                                       **flags.model_inputs())
+    out = flags.out
     i = res.info
     console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "
                   f"({i['activation_how']}): max {i['probability_max']:.4g}")

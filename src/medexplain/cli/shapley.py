@@ -8,77 +8,65 @@ with a reference ranking and the rank uncertainty across the models. The work is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from ..pipelines import SHAPLEY_VALUE_HELP, contrast_shapley
 from . import app
-from ._common import (
-    ACTIVATION_HELP,
-    TARGET_HELP,
-    ModelInputs,
-    cli_errors,
-    console,
-    model_input_options,
-    output_option,
-    parse_output,
-    pass_progress,
-    split_list,
-)
+from ._common import cli_errors, console, parse_output, pass_progress, split_list
+from .params import MODEL_INPUT, Flags, takes
+
+#: medexplain.pipelines.SHAPLEY_VALUE_HELP (a test checks they agree).
+SHAPLEY_VALUE_HELP = ("value of a coalition: 'probability:K' = mean probability of output channel K (default "
+                      "probability:1); 'dice:REGION' against --seg, REGION = ET, TC, WT, NCR, ED (BraTS labels 1, 2, 4) "
+                      "or labels joined by '+' (dice:1, dice:1+4)")
 
 
 @app.command("shapley")
-@model_input_options
+@takes("model", "weights", "contrasts", "target", "region", "activation", "output", "seed", "chunk_size", "out",
+       *MODEL_INPUT)
 def shapley_cmd(
     image: list[Path] = typer.Argument(..., help="one multi-contrast image (4D NIfTI with channels last, or .npy "
                                        "(C, *spatial)), or one file per contrast in the order of --contrasts"),
-    model: list[str] = typer.Option([], "--model", "-m", help="TorchScript file, package.module:factory, or "
-                                    "zoo:<task>; repeat for fold models (or give --nnunet: its folds)"),
-    weights: list[str] = typer.Option([], "--weights", help="state dict per --model (package.module:factory models); "
-                                      "repeat in the order of --model"),
-    contrasts: Optional[str] = typer.Option(None, help="comma-separated contrast names, one per channel, "
-                                            "e.g. T1,T1c,T2,FLAIR (default: channel 0, channel 1, ...)"),
     reference_ranking: Optional[str] = typer.Option(None, "--reference-ranking", help="contrasts most important "
                                                     "first (comma-separated), or ET, WT, TC, ED, NCR for the "
                                                     "clinician rankings of docs/shapley.md"),
-    value: Optional[str] = typer.Option(None, help=SHAPLEY_VALUE_HELP),
-    target: Optional[str] = typer.Option(None, "--target", help="instead of --value: the mean probability of this "
-                                         f"class ({TARGET_HELP}) inside --region"),
-    region: Optional[str] = typer.Option(None, "--region", help="with --target: 'all' (default), 'predicted' (the "
-                                         "first model's predicted region of the class) or a mask file"),
+    value: Optional[str] = typer.Option(None, help=SHAPLEY_VALUE_HELP + "; or give --target (and --region): the mean "
+                                        "probability of that class inside that region"),
     seg: Optional[Path] = typer.Option(None, help="reference label map (NIfTI/.npy) for dice values"),
     class_labels: Optional[str] = typer.Option(None, help="label of each output channel for dice, e.g. 0,1,2,4"),
-    activation: str = typer.Option("auto", "--activation", help=ACTIVATION_HELP + "; sigmoid with --channel: one "
-                                   "channel per region"),
-    channel: Optional[int] = typer.Option(None, help="output channel of the region for sigmoid dice"),
+    channel: Optional[int] = typer.Option(None, min=0, help="output channel of the region for sigmoid dice "
+                                          "(--activation sigmoid: one channel per region)"),
     baseline: str = typer.Option("zero", help="absent contrasts: zero (the mean of z-scored input), mean, or a number"),
-    method: str = typer.Option("auto", help="exact (all 2^n coalitions), permutation, or auto (exact up to 10)"),
-    n_permutations: int = typer.Option(200, help="sampled orders for method=permutation"),
-    seed: int = typer.Option(0),
-    chunk_size: int = typer.Option(16, help="rows per forward pass"),
-    output: Optional[str] = output_option(),
-    out: Path = typer.Option(Path("medexplain_shapley"), help="output directory"),
-    inputs: ModelInputs = None,
+    sampling: Literal["auto", "exact", "permutation"] = typer.Option("auto", "--sampling", help="exact (all 2^n "
+                                                                      "coalitions), permutation (sampled orders), or "
+                                                                      "auto (exact up to 10 contrasts)"),
+    n_permutations: int = typer.Option(200, min=1, help="sampled orders for --sampling permutation"),
+    flags: Flags = None,
 ):
-    """Contrast-level Shapley values of IMAGE for each model; writes values.csv, coalitions.csv,
-    ranking.json (with each model's output activation), agreement.json (with --reference-ranking) and
-    uncertainty.json (two or more models). The image is fed to the models as read unless preprocessing
-    options are given (normalise it as they were trained: e.g. --intensity zscore)."""
+    """Contrast-level Shapley values of IMAGE for each model (repeat --model, one per fold, or --nnunet with
+    --folds); writes values.csv, coalitions.csv, ranking.json (with each model's output activation),
+    agreement.json (with --reference-ranking) and uncertainty.json (two or more models). The image is fed to the
+    models as read unless preprocessing options are given (normalise it as they were trained: e.g. --intensity
+    zscore)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..pipelines import contrast_shapley
+
     def progress(i, r):
         console.print(f"model {i + 1}: {r.n_evaluations} evaluations, {r.info['seconds']:.2f} s")
 
+    out = flags.out
     with cli_errors(), pass_progress() as bar:
-        res = contrast_shapley(list(image), list(model), out, weights=list(weights),
-                               contrasts=split_list(contrasts) or None, reference_ranking=reference_ranking, value=value,
-                               seg=seg, class_labels=split_list(class_labels) or None, activation=activation,
-                               channel=channel, baseline=baseline, method=method, n_permutations=n_permutations,
-                               seed=seed, chunk_size=chunk_size, target=target, region=region,
-                               output=parse_output(output), on_model=progress, on_progress=bar.update,
-                               on_estimate=bar.estimate,
-                               **inputs.pipeline_kwargs())
+        chunk = {} if flags.chunk_size is None else {"chunk_size": flags.chunk_size}
+        res = contrast_shapley(list(image), list(flags.model), out, weights=list(flags.weights),
+                               contrasts=split_list(flags.contrasts) or None, reference_ranking=reference_ranking,
+                               value=value, seg=seg, class_labels=split_list(class_labels) or None,
+                               activation=flags.activation, channel=channel, baseline=baseline, method=sampling,
+                               n_permutations=n_permutations, seed=flags.seed, target=flags.target,
+                               region=flags.region, output=parse_output(flags.output), on_model=progress,
+                               on_progress=bar.update, on_estimate=bar.estimate, **chunk, **flags.model_inputs())
     table = Table(title=f"contrast Shapley values ({value or 'probability:1'})")
     table.add_column("contrast")
     for m in range(len(res.results)):

@@ -4,8 +4,8 @@
 - ``ray``: one Ray actor per worker, each loading the model once and taking chunks as it frees up.
   Without an address Ray starts its own local cluster; with ``address`` (``HOST:6379``, or ``auto`` on
   a cluster node; ``ray://HOST:10001`` with Ray Client installed) it joins an existing one. Each actor
-  asks for one CPU (and one GPU when the cluster has GPUs or ``torch.cuda.is_available()``) and runs
-  torch with that many threads.
+  asks for one CPU (and one GPU when the cluster has GPUs or ``torch.cuda.is_available()``, unless the run's
+  device is ``cpu``), places its model on the run's ``--device`` and runs torch with that many threads.
 
 Both call the same code on the same chunks, so they write the same maps and records.
 """
@@ -63,7 +63,7 @@ def run_ray(chunks: list, spec: WorkerSpec, num_workers: int | None = None, addr
     try:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
-        use_gpu = gpus > 0 or torch.cuda.is_available()
+        use_gpu = spec.device != "cpu" and (gpus > 0 or torch.cuda.is_available())   # --device cpu: CPU actors
         if num_workers is None:
             num_workers = max(1, gpus if use_gpu and gpus else int(res.get("CPU", 1)) // cpus_per_worker)
         num_workers = max(1, min(num_workers, len(chunks) or 1))

@@ -3,7 +3,8 @@
 Columns (header required, order free, names case-insensitive):
 
 - ``image`` (required): path of the image (PNG/JPEG, DICOM, NIfTI, ``.npy``), relative to the manifest's
-  folder or absolute;
+  folder or absolute; or one single-channel file per input channel, separated by ``|``
+  (``case_0000.nii.gz|case_0001.nii.gz``: read as ``explain`` reads several files);
 - ``mask`` (optional): path of a binary mask of the evidence on the image grid (voxels > 0 are inside);
   when given, the run scores each map with the pointing game (:func:`medexplain.metrics.hit_rate`);
 - ``label`` (optional): the true class index, reported next to the prediction;
@@ -12,9 +13,10 @@ Columns (header required, order free, names case-insensitive):
   foreground class with the most predicted voxels);
 - ``region`` (optional, segmenters): ``predicted`` (default), ``all``, or a mask file (resampled onto the
   image grid by its geometry) of the region to explain;
-- ``spacing``, ``orientation``, ``spatial_size``, ``min_spatial_size``, ``divisible_by``, ``intensity`` (optional): the
-  preprocessing of the case, as the command line's ``--spacing`` etc.
+- ``spacing``, ``orientation``, ``spatial_size``, ``min_spatial_size``, ``divisible_by``, ``intensity``,
+  ``transform`` (optional): the preprocessing of the case, as the command line's ``--spacing`` etc.
   (:class:`medexplain.transforms.Preprocessing`); the maps are put back on the image grid;
+- ``series`` (optional): the SeriesInstanceUID to read when the image is a folder of several DICOM series;
 - ``case_id`` (optional): a unique name of the case, kept as written (Unicode included: ``Müller`` stays
   ``Müller``); default ``<row>_<image stem>`` (the stem of :func:`medexplain.io.file_stem`). Its output folder
   is :func:`medexplain.io.safe_file_name` of it (only unsafe characters percent-encoded, reversibly); two ids
@@ -34,8 +36,11 @@ from pathlib import Path
 from ..errors import FileFormatError
 from ..io import file_stem, safe_file_name
 
-PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "min_spatial_size", "divisible_by", "intensity")
-COLUMNS = ("image", "mask", "label", "target", "case_id", "region", *PREPROCESSING_COLUMNS)
+#: Separates the files of a case given as one file per input channel in the ``image`` cell.
+IMAGE_SEPARATOR = "|"
+PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "min_spatial_size", "divisible_by", "intensity",
+                         "transform")
+COLUMNS = ("image", "mask", "label", "target", "case_id", "region", "series", *PREPROCESSING_COLUMNS)
 
 
 class ManifestError(FileFormatError):
@@ -53,7 +58,13 @@ class Case:
     label: int | None = None
     target: int | None = None
     region: str | None = None
+    series: str | None = None
     preprocessing: tuple = ()   # (column, cell) pairs of the preprocessing columns that are set
+
+    @property
+    def images(self) -> list[str]:
+        """The case's image file(s): one, or one per input channel (the cell's ``|``-separated paths)."""
+        return self.image.split(IMAGE_SEPARATOR)
 
     def preprocessing_spec(self):
         """The case's :class:`medexplain.transforms.Preprocessing`."""
@@ -156,7 +167,10 @@ def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> C
     def resolve(p: str) -> str:
         return str(Path(p) if Path(p).is_absolute() else (base / p))
 
-    case_id = cells["case_id"] if cells.get("case_id") else f"{i:0{width}d}_{file_stem(resolve(image))}"
+    files = [resolve(p.strip()) for p in image.split(IMAGE_SEPARATOR) if p.strip()]
+    if not files:
+        raise ManifestError(f"line {line}: the image cell names no file")
+    case_id = cells["case_id"] if cells.get("case_id") else f"{i:0{width}d}_{file_stem(files[0])}"
     target = cells.get("target", "")
     region = cells.get("region") or None
     if region is not None:
@@ -169,8 +183,8 @@ def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> C
             Preprocessing(**dict(prep))
         except MedexplainError as e:
             raise ManifestError(f"line {line}: {e}") from None
-    return Case(index=i, case_id=case_id, image=resolve(image), mask=resolve(mask) if mask else None,
+    return Case(index=i, case_id=case_id, image=IMAGE_SEPARATOR.join(files), mask=resolve(mask) if mask else None,
                 label=_int_cell(cells.get("label", ""), "label", line),
                 target=None if target.strip().lower() == "predicted" else _int_cell(target, "target", line),
-                region=region,
+                region=region, series=cells.get("series") or None,
                 preprocessing=prep)

@@ -22,19 +22,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from ..errors import MedexplainError
+from ..errors import MedexplainError, OptionError
 from ..io import check_output_dir
-from ..models.loading import load_model
 from ..options import memory_budget
-from ..registry import accepted_options, route_options
+from ..pipelines import load_setup, method_options, plan_methods
+from ..registry import get_method, route_options
 from . import backends
 from .manifest import PREPROCESSING_COLUMNS, Case, read_manifest, sha256_file
 from .store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
-from .worker import CaseProcessor, WorkerSpec, check_methods
+from .worker import CaseProcessor, WorkerSpec
 
 # What a resumed run must share with the run it continues (otherwise its items would mix two setups).
 FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
-               "map_format", "seed", "batch_size", "preprocessing")
+               "map_format", "seed", "batch_size", "preprocessing", "bundle", "nnunet", "nnunet_options", "inferer",
+               "activation", "output", "target", "region", "series", "layer", "flip_axes", "eval")
 
 
 @dataclass
@@ -79,31 +80,51 @@ def _is_run_dir(out: Path) -> bool:
     return all(p.name.startswith(f".{RUN_RECORD}.") for p in out.iterdir())
 
 
-def run_manifest(manifest, model: str, methods, out, *, weights: str | None = None, options: dict | None = None,
-                 layer: str | None = None, backend: str = "local", address: str | None = None,
-                 resume: bool = False, batch_size: int = 4, num_workers: int | None = None,
+def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out", *, weights: str | None = None,
+                 options: dict | None = None, layer: str | None = None, backend: str = "local",
+                 address: str | None = None, resume: bool = False, batch_size: int = 4, num_workers: int | None = None,
                  map_format: str = "nifti", seed: int = 0, retry_errors: bool = False,
-                 on_progress: Callable[[int, int], None] | None = None,
-                 preprocessing: dict | None = None, memory: float | None = None) -> RunResult:
+                 on_progress: Callable[[int, int], None] | None = None, preprocessing: dict | None = None,
+                 target=None, region=None, activation: str = "auto", output=None, skip_unsupported: bool = False,
+                 overwrite: bool = False, series: str | None = None, bundle=None, nnunet=None,
+                 nnunet_options: dict | None = None, inferer: dict | None = None, device=None, flip_axes=None,
+                 eval: str = "auto", memory: float | None = None) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
+    Every case goes through ``explain``'s one case pipeline (:func:`medexplain.pipelines.explain_case`), so a
+    run takes every option :func:`medexplain.pipelines.explain_image` takes, with the same meaning, and writes
+    the same maps.
+
     Args:
-        manifest: CSV path (columns: image, mask, label, target, case_id; see :mod:`.manifest`).
-        model: TorchScript path, ``package.module:factory`` (+ ``weights``), or ``zoo:<task>``.
+        manifest: CSV path (columns: image, mask, label, target, region, series, case_id and the preprocessing
+            columns; see :mod:`.manifest`).
+        model: TorchScript path, ``package.module:factory`` (+ ``weights``), or ``zoo:<task>``; a list of them (with
+            a list of ``weights``) is an ensemble; ``flip_axes`` and ``eval`` as for ``explain``; or give ``bundle``
+            (a MONAI bundle folder) or ``nnunet`` (an nnU-Net v2 folder, with ``nnunet_options``: ``folds``,
+            ``use_mirroring``, ``configuration``, ``trusted``).
         methods: names (list or comma-separated) from :func:`medexplain.available_methods`.
-        out: output folder (created). A folder holding a run is continued only with ``resume=True``.
-        options: method options, ``key`` for every method that accepts it, ``method.key`` for one.
-        backend: ``"local"`` (in-process, default) or ``"ray"`` (``address`` joins an existing cluster).
-        resume: skip items whose record exists, redo the rest; the setup must match the first run's.
-        batch_size: cases per chunk; a chunk's equal-shape cases are explained as one batch.
-        num_workers: local: torch threads; Ray: actors (default: one per CPU, or per GPU).
-        map_format: ``"nifti"`` (on the image's affine) or ``"npz"`` (``map`` and ``affine`` arrays).
-        seed: seeds the global RNG before each batch and every method's ``seed`` option.
-        retry_errors: with ``resume``, also redo items recorded as errors.
-        on_progress: called as ``on_progress(items_done, items_total)`` after each chunk.
+        out: output folder (created). A folder holding a run is continued only with ``resume=True`` (or
+            recomputed with ``overwrite=True``).
+        options: method options, ``key`` for every method that accepts it, ``method.key`` for one; ``layer``
+            for every method that takes one.
+        target, region, series: run-wide defaults of the manifest's columns (a case's own cell wins).
+        activation, output, skip_unsupported: as for ``explain`` (a method that does not apply to a case is
+            that item's ``skipped`` row with ``skip_unsupported``, else an error row).
         preprocessing: run-wide defaults of the manifest's preprocessing columns, ``{"spacing": "1,1,1",
             ...}`` as the cells (or the command line's ``--spacing`` etc.) write them; a case's own cell
             overrides its column.
+        inferer: sliding-window settings (``roi_size``, ``overlap``, ``sw_batch_size``, ``mode``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`medexplain.pipelines.on_device`); Ray
+            workers place their own copy the same way.
+        backend: ``"local"`` (in-process, default) or ``"ray"`` (``address`` joins an existing cluster).
+        resume: skip items whose record exists, redo the rest; the setup must match the first run's.
+        overwrite: recompute every item, also those a run in ``out`` completed (not with ``resume``).
+        batch_size: cases per chunk of work (a Ray task).
+        num_workers: local: torch threads; Ray: actors (default: one per CPU, or per GPU).
+        map_format: ``"nifti"`` (on the image's affine) or ``"npz"`` (``map`` and ``affine`` arrays).
+        seed: seeds the global RNG before each method of each case, and every method's ``seed`` option.
+        retry_errors: with ``resume``, also redo items recorded as errors.
+        on_progress: called as ``on_progress(items_done, items_total)`` after each chunk.
         memory: the budget in GB of one model call (default: half the memory available to the worker);
             ``chunk_size`` is capped to fit, and a case whose one row does not fit is an error row
             (:func:`medexplain.options.plan_memory`).
@@ -114,47 +135,67 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
     t_start, cpu_start, started = time.perf_counter(), time.process_time(), _now()
     # 1. checks that need no writes
     methods = _check_arguments(methods, backend, map_format, batch_size, num_workers, address)
+    methods = [get_method(m).name for m in methods]
+    if resume and overwrite:
+        raise OptionError("--resume continues a run and --overwrite recomputes it: give one")
     preprocessing = {k: str(v) for k, v in (preprocessing or {}).items() if v not in (None, "")}
-    cases = with_default_preprocessing(read_manifest(manifest), preprocessing)
-    net = load_model(model, weights)
-    methods = check_methods(methods, net)
+    cases = with_defaults(read_manifest(manifest), preprocessing, target=target, region=region, series=series)
+    if (bundle is not None or nnunet is not None) and any(c.preprocessing for c in cases):
+        raise OptionError("--bundle and --nnunet give the model's preprocessing: drop the preprocessing options and "
+                          "the manifest's preprocessing columns")
+    model, weights = _absolute(model), _absolute(weights)  # so a resume from elsewhere and remote workers find them
+    flip_axes = [int(a) for a in flip_axes] if flip_axes else None
+    bundle = str(Path(bundle).resolve()) if bundle is not None else None
+    nnunet = str(Path(nnunet).resolve()) if nnunet is not None else None
+    nnunet_options = _jsonable(nnunet_options) if nnunet is not None and nnunet_options else None
+    inferer = _jsonable(inferer) if inferer is not None and inferer.get("roi_size") is not None else None
+    setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options, inferer=inferer,
+                       device=device, flip_axes=flip_axes, eval=eval)
+    plan_methods(methods, setup.net, None, layer, skip_unsupported)   # hooks, the layer: before any case
     memory_budget(memory)  # a bad --memory is an OptionError now
-    routed = _method_options(methods, options, layer, seed)
+    routed = method_options(methods, options, layer, seed)
     if backend == "ray":
+        if any(m is not None and not isinstance(m, str) for m in (model if isinstance(model, list) else [model])):
+            raise OptionError("the ray backend loads the model in each worker: give it as a file or "
+                              "package.module:factory, not as a module object")
         backends.ray_module()
-    if Path(model).is_file():  # absolute, so a resume from elsewhere and remote workers find it
-        model = str(Path(model).resolve())
-    weights = str(Path(weights).resolve()) if weights else None
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
         raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
     check_output_dir(out)  # creatable and writable, before any work
     config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
-              "model": model, "model_sha256": sha256_file(model) if Path(model).is_file() else None,
-              "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
-              "methods": methods, "options": _jsonable(routed), "layer": layer,
+              "model": _spec(model), "model_sha256": _sha(model), "weights": weights, "weights_sha256": _sha(weights),
+              "flip_axes": flip_axes, "eval": eval,
+              "bundle": bundle, "nnunet": nnunet, "nnunet_options": nnunet_options, "inferer": inferer,
+              "methods": methods, "options": _jsonable(routed), "layer": layer, "activation": activation,
+              "output": output, "target": target, "region": region, "series": series,
+              "skip_unsupported": skip_unsupported, "device": None if device is None else str(device),
               "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
               "address": address, "num_workers": num_workers, "retry_errors": retry_errors,
               "preprocessing": dict(sorted((preprocessing or {}).items())) or None, "memory": memory}
-    previous = _previous_run(out, config, resume)
-    if previous is not None:
+    previous = _previous_run(out, config, resume, overwrite)
+    if previous is not None and not overwrite:
         methods, routed = _extend_run(previous, config, methods, routed)
 
     # 2. the run record, then the work
     store = RunStore(out, map_format)
     out.mkdir(parents=True, exist_ok=True)
     removed = store.remove_partials()
-    session = {"started": started, "ended": None, "backend": backend, "resumed": previous is not None,
-               "host": socket.gethostname(), "removed_partial_files": len(removed)}
+    session = {"started": started, "ended": None, "backend": backend, "resumed": previous is not None and resume,
+               "overwrite": overwrite, "host": socket.gethostname(), "removed_partial_files": len(removed)}
+    previous = previous if resume else None
     record = {"format": "medexplain-run/1", "status": "running", "config": config,
               "versions": versions(), "seeds": {"run": seed, "methods": {m: routed[m].get("seed", seed) for m in methods}},
               "started": (previous or {}).get("started", started), "ended": None,
               "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
     atomic_json(record, out / RUN_RECORD)
-    spec = WorkerSpec(model=model, methods=methods, out=str(out), options=routed, weights=weights, memory=memory,
-                      map_format=map_format, seed=seed, retry_errors=retry_errors)
-    progress = _Progress(store, cases, methods, retry_errors, on_progress)
-    workers = _execute(progress.pending(batch_size), spec, net, backend, num_workers, address, progress.on_chunk)
+    spec = WorkerSpec(model=_spec(model), methods=methods, out=str(out), flip_axes=flip_axes, eval=eval,
+                      options=routed, weights=weights, map_format=map_format, seed=seed, retry_errors=retry_errors,
+                      device=None if device is None else str(device), bundle=bundle, nnunet=nnunet,
+                      nnunet_options=nnunet_options, inferer=inferer, layer=layer, activation=activation, output=output,
+                      skip_unsupported=skip_unsupported, redo=overwrite, memory=memory)
+    progress = _Progress(store, cases, methods, retry_errors, on_progress, redo=overwrite)
+    workers = _execute(progress.pending(batch_size), spec, setup, backend, num_workers, address, progress.on_chunk)
 
     # 3. the table and the record, rebuilt from the items
     rows = store.collect(cases, methods)
@@ -162,13 +203,51 @@ def run_manifest(manifest, model: str, methods, out, *, weights: str | None = No
     session.update(ended=_now(), seconds=round(time.perf_counter() - t_start, 3),
                    cpu_seconds=round(time.process_time() - cpu_start, 3),  # this process (the driver for Ray)
                    computed_items=progress.computed, skipped_items=progress.skipped, **workers)
-    counts = {"items": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
-              "error": sum(r["status"] == "error" for r in rows), "missing": sum(r["status"] == "missing" for r in rows)}
+    counts = {"items": len(rows), **{s: sum(r["status"] == s for r in rows) for s in ("ok", "error", "skipped",
+                                                                                        "missing")}}
     record.update(status="complete" if counts["missing"] == 0 else "incomplete", ended=session["ended"], counts=counts,
                   tables=[str(p.relative_to(out)) for p in tables])
     atomic_json(record, out / RUN_RECORD)
     return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=progress.computed,
                      skipped=progress.skipped, removed_partials=removed)
+
+
+def _absolute(spec):
+    """A model or weights specification (or a list of them) with existing files made absolute."""
+    if isinstance(spec, (list, tuple)):
+        return [_absolute(s) for s in spec]
+    return str(Path(spec).resolve()) if isinstance(spec, (str, Path)) and Path(spec).is_file() else spec
+
+
+def _spec(model):
+    """A model specification as recorded (a module by its class name)."""
+    if isinstance(model, (list, tuple)):
+        return [_spec(m) for m in model]
+    return model if model is None or isinstance(model, str) else type(model).__name__
+
+
+def _sha(spec):
+    """SHA-256 of a specification's file(s) (None for what is not a file)."""
+    if isinstance(spec, (list, tuple)):
+        return [_sha(s) for s in spec]
+    return sha256_file(spec) if isinstance(spec, str) and Path(spec).is_file() else None
+
+
+def with_defaults(cases: list[Case], preprocessing: dict | None = None, **columns) -> list[Case]:
+    """``cases`` with run-wide defaults filled in where a case's own cell is empty: the preprocessing columns
+    (:func:`with_default_preprocessing`) and ``target``, ``region``, ``series`` (``None``: no default)."""
+    from ..targets import parse_target
+
+    cases = with_default_preprocessing(cases, preprocessing)
+    fill = {k: v for k, v in columns.items() if v is not None}
+    if "target" in fill:
+        fill["target"] = parse_target(fill["target"])
+    if "region" in fill and str(fill["region"]).strip().lower() in ("predicted", "all"):
+        fill["region"] = str(fill["region"]).strip().lower()
+    elif "region" in fill:
+        fill["region"] = str(Path(fill["region"]).resolve())
+    fill = {k: v for k, v in fill.items() if v is not None}
+    return [replace(c, **{k: v for k, v in fill.items() if getattr(c, k) is None}) for c in cases]
 
 
 def with_default_preprocessing(cases: list[Case], defaults: dict | None) -> list[Case]:
@@ -212,30 +291,22 @@ def _check_arguments(methods, backend: str, map_format: str, batch_size, num_wor
     return list(methods)
 
 
-def _method_options(methods: list[str], options: dict | None, layer: str | None, seed: int) -> dict[str, dict]:
-    """Options per method (:func:`medexplain.registry.route_options`); methods with a ``seed`` option
-    follow the run's seed unless given one."""
-    routed = route_options(methods, options, layer)
-    for m in methods:
-        acc = accepted_options(m)
-        if acc is not None and "seed" in acc:
-            routed[m].setdefault("seed", seed)
-    return routed
-
-
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def _previous_run(out: Path, config: dict, resume: bool) -> dict | None:
+def _previous_run(out: Path, config: dict, resume: bool, overwrite: bool = False) -> dict | None:
     """The record of the run held in ``out`` (None when there is none), after checking that this call
-    may continue it: ``resume`` is set and the setup matches the first run's (:data:`FINGERPRINT`)."""
+    may continue it: ``resume`` is set and the setup matches the first run's (:data:`FINGERPRINT`), or
+    ``overwrite`` (every item is recomputed, so the setups need not match)."""
     if not (out / RUN_RECORD).is_file():
         return None
     previous = json.loads((out / RUN_RECORD).read_text())
+    if overwrite:
+        return previous
     if not resume:
         raise MedexplainError(f"{out} already holds a run ({previous.get('status')}); pass --resume to "
-                              "continue it, or choose a new --out")
+                              "continue it, --overwrite to recompute it, or choose a new --out")
     old = previous.get("config", {})
     old_opts = old.get("options", {})
     diff = [f"{k}: first run {old.get(k)!r}, now {config[k]!r}" for k in FINGERPRINT
@@ -266,10 +337,10 @@ class _Progress:
     """Which items are complete, which chunks remain, and the ``on_progress(done, total)`` callbacks."""
 
     def __init__(self, store: RunStore, cases: list[Case], methods: list[str], retry_errors: bool,
-                 on_progress: Callable[[int, int], None] | None):
-        self.store, self.cases, self.methods, self.retry = store, cases, methods, retry_errors
+                 on_progress: Callable[[int, int], None] | None, redo: bool = False):
+        self.store, self.cases, self.methods, self.retry, self.redo = store, cases, methods, retry_errors, redo
         self.total = len(cases) * len(methods)
-        self.skipped = sum(store.is_done(c.case_id, m, retry_errors) for c in cases for m in methods)
+        self.skipped = 0 if redo else sum(store.is_done(c.case_id, m, retry_errors) for c in cases for m in methods)
         self.done, self.computed, self.on_progress = self.skipped, 0, on_progress
         if on_progress:
             on_progress(self.done, self.total)
@@ -277,8 +348,8 @@ class _Progress:
     def pending(self, batch_size: int) -> list[list[Case]]:
         """Chunks of ``batch_size`` consecutive cases with at least one item not complete."""
         chunks = [self.cases[i:i + batch_size] for i in range(0, len(self.cases), batch_size)]
-        return [ch for ch in chunks
-                if not all(self.store.is_done(c.case_id, m, self.retry) for c in ch for m in self.methods)]
+        return [ch for ch in chunks if self.redo
+                or not all(self.store.is_done(c.case_id, m, self.retry) for c in ch for m in self.methods)]
 
     def on_chunk(self, recs: list) -> None:
         self.computed += len(recs)
@@ -287,13 +358,13 @@ class _Progress:
             self.on_progress(self.done, self.total)
 
 
-def _execute(pending: list, spec: WorkerSpec, net, backend: str, num_workers, address, on_chunk) -> dict:
+def _execute(pending: list, spec: WorkerSpec, setup, backend: str, num_workers, address, on_chunk) -> dict:
     """Process the pending chunks on the backend; returns the workers summary of the session."""
     if not pending:
         return {"workers": 1}
     if backend == "local":
         spec.threads = num_workers
-        proc = CaseProcessor(spec, model=net)  # reuses the model loaded for the checks
+        proc = CaseProcessor(spec, setup=setup)  # reuses the model loaded for the checks
         backends.run_local(pending, spec, on_chunk=on_chunk, processor=proc)
         return {"workers": 1}
     return backends.run_ray(pending, spec, num_workers=num_workers, address=address, on_chunk=on_chunk)

@@ -28,6 +28,7 @@ import torch
 
 from .. import io
 from ..io import method_file, safe_file_name
+from ..pipelines import write_map
 
 RUN_RECORD = "run.json"
 TABLE_CSV = "results.csv"
@@ -79,15 +80,17 @@ class RunStore:
         rec = self.read_record(case_id, method)
         return rec is not None and not (retry_errors and rec.get("status") == "error")
 
-    def write_map(self, case_id: str, method: str, amap: torch.Tensor, affine) -> str:
-        """Write one map ``(C_or_1, *spatial)`` atomically; returns its path relative to the run folder."""
+    def write_map(self, case_id: str, method: str, amap: torch.Tensor, meta: dict) -> str:
+        """Write one map ``(C_or_1, *spatial)`` on the image grid atomically (``meta``: the image's, with its
+        ``affine``); NIfTI through ``explain``'s map writer (:func:`medexplain.pipelines.write_map`), so the
+        bytes are those ``explain`` writes. Returns the path relative to the run folder."""
         path = self.map_path(case_id, method)
-        arr = amap.detach().cpu().numpy().astype(np.float32)
         if self.map_format == "nifti":
-            io.write_nifti(arr, path, affine, spatial_dims=arr.ndim - 1)  # (C_or_1, *spatial): channels first
+            write_map(amap.detach().cpu(), path, meta, spatial_dims=amap.ndim - 1)  # (C_or_1, *spatial)
         else:
+            arr = amap.detach().cpu().numpy().astype(np.float32)
             with io.atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, map=arr, affine=np.asarray(affine, dtype=np.float64))
+                np.savez_compressed(f, map=arr, affine=np.asarray(meta["affine"], dtype=np.float64))
         return str(path.relative_to(self.out))
 
     def write_record(self, rec: dict) -> None:

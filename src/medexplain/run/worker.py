@@ -1,54 +1,68 @@
 """The unit of work of a run: explain one chunk of cases with every method, write maps, then records.
 
-:class:`CaseProcessor` loads the model once and is used as it is by the local backend and wrapped as a
-Ray actor by the Ray backend, so both backends run the same code on the same chunks and produce the
-same numbers.
+:class:`CaseProcessor` loads the model once (:func:`medexplain.pipelines.load_setup`, as ``explain`` does) and
+is used as it is by the local backend and wrapped as a Ray actor by the Ray backend, so both backends run the
+same code on the same chunks and produce the same numbers. Each case goes through the one case pipeline of
+``explain`` (:func:`medexplain.pipelines.explain_case`: read, prepare, plan, resolve the target, explain), with
+a writer that puts each map and its record in the run folder: a case's maps are byte for byte the maps
+``medexplain explain`` writes for it with the same options.
 
-Reproducibility does not depend on how a run was split or interrupted. A chunk is a fixed slice of the
-manifest (``batch_size`` consecutive cases). Within it, the readable cases of equal shape are stacked
-into one batch per method, and that batch is always the whole group, also when some of its items are
-already complete (only the missing ones are written): the batch a case is explained in is therefore
-the same in an uninterrupted run, a resumed one, and on any worker. Before every batch the global RNG is
-seeded with the run's seed, and methods that take a ``seed`` option get it.
+Reproducibility does not depend on how a run was split or interrupted: every case is explained on its own,
+and before every method the global RNG is seeded with the run's seed (methods that take a ``seed`` option
+get it too), as ``explain --seed`` does.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .. import io
-from ..core import check_input, forward, is_scripted, model_expectations, model_guard, require_hooks
 from ..errors import InputError, MedexplainError
-from ..explain import explain
 from ..metrics.localisation import hit_rate
-from ..models.loading import load_model
-from ..pipelines import predicted_class
-from ..registry import get_method
-from ..targets import Class, Region, ResolvedTarget, resolve_target
-from ..transforms import resample_to_grid
+from ..pipelines import CaseState, CaseWriter, explain_case, input_files, load_setup, model_device
+from ..targets import ResolvedTarget
 from .manifest import Case
 from .store import RunStore
 
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker needs, picklable (sent to Ray actors)."""
+    """Everything a worker needs, picklable (sent to Ray actors): the model's source (a specification and
+    weights, a bundle folder or an nnU-Net folder with its options), the run-wide settings of the case
+    pipeline, and the run's layout."""
 
-    model: str
+    model: str | list | None
     methods: list[str]
     out: str
     options: dict[str, dict] = field(default_factory=dict)
-    weights: str | None = None
+    weights: str | list | None = None
     map_format: str = "nifti"
     seed: int = 0
     retry_errors: bool = False
-    device: str | None = None      # None: CUDA when available, else CPU
+    device: str | None = None      # None: where the model loads; "auto": CUDA when available, else CPU
     threads: int | None = None     # torch intra-op threads in this worker (None: leave as is)
+    bundle: str | None = None
+    nnunet: str | None = None
+    nnunet_options: dict | None = None
+    inferer: dict | None = None    # sliding-window settings (medexplain.sliding.as_inferer)
+    layer: str | None = None
+    activation: str = "auto"
+    output: object = None
+    skip_unsupported: bool = False
+    redo: bool = False             # --overwrite: recompute items that are complete
+    flip_axes: list | None = None
+    eval: str = "auto"
     memory: float | None = None    # GB per model call (None: half the memory available here)
+
+    def setup(self):
+        """The model, as every worker loads it (:func:`medexplain.pipelines.load_setup`)."""
+        return load_setup(self.model, self.weights, bundle=self.bundle, nnunet=self.nnunet,
+                          nnunet_options=self.nnunet_options, inferer=self.inferer, device=self.device,
+                          flip_axes=self.flip_axes, eval=self.eval)
 
 
 def error_message(err: BaseException, stage: str) -> str:
@@ -61,21 +75,17 @@ def error_message(err: BaseException, stage: str) -> str:
 class CaseProcessor:
     """Loads the model once; :meth:`process` explains a chunk of cases and returns their records."""
 
-    def __init__(self, spec: WorkerSpec, model: torch.nn.Module | None = None):
+    def __init__(self, spec: WorkerSpec, setup=None):
         self._cpu0 = time.process_time()
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
         self.spec = spec
-        self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if model is None:  # a Ray actor loads its own copy, once
-            model = load_model(spec.model, spec.weights, map_location=str(self.device))
-        self.model = model.to(self.device)
-        params = [p for p in self.model.parameters() if torch.is_floating_point(p)]
-        self.dtype = params[0].dtype if params else torch.float32
-        expect = model_expectations(self.model)    # {} for TorchScript
-        self.channels, self.spatial_dims = expect.get("channels"), expect.get("spatial_dims")
+        self.setup = setup if setup is not None else spec.setup()   # a Ray actor loads its own copy, once
         self.store = RunStore(spec.out, spec.map_format)
-        self.warnings: dict[str, list[str]] = {}   # per case: the reader's warnings (e.g. a zero pixel spacing)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.setup.net)
 
     def ping(self) -> str:
         return str(self.device)
@@ -84,132 +94,44 @@ class CaseProcessor:
         """This worker's process and the CPU time it used since it started (model loading included)."""
         return {"pid": os.getpid(), "device": str(self.device), "cpu_seconds": time.process_time() - self._cpu0}
 
+    def todo(self, case: Case) -> list[str]:
+        return [m for m in self.spec.methods
+                if self.spec.redo or not self.store.is_done(case.case_id, m, self.spec.retry_errors)]
+
     # --- one chunk ---------------------------------------------------------------------------------
     def process(self, cases: list[Case]) -> list[dict]:
-        """Explain ``cases`` with every method; write each missing item's map, then its record."""
-        todo = {c.case_id: [m for m in self.spec.methods
-                            if not self.store.is_done(c.case_id, m, self.spec.retry_errors)] for c in cases}
-        if not any(todo.values()):
-            return []
+        """Explain each case with every method it still needs; write each map, then its record."""
         records: list[dict] = []
-        loaded, groups = {}, {}
         for c in cases:
-            stage = "image"
-            try:
-                x, affine, prep = self._image(c)
-                stage = "mask"
-                loaded[c.case_id] = (x, affine, self._mask(c, prep.prepared.original_shape), prep)
-            except Exception as e:  # a bad case is recorded and the run goes on
-                records += self._errors(c, todo[c.case_id], e, stage)
-                continue
-            groups.setdefault(tuple(x.shape[1:]), []).append(c)
-        for group in groups.values():
-            records += self._group(group, loaded, todo)
+            todo = self.todo(c)
+            if todo:
+                records += self.case(c, todo)
         return records
 
-    def _image(self, case: Case):
-        """The case's model input (after its manifest preprocessing, :class:`medexplain.transforms.Preprocessing`),
-        the image's affine, and the preprocessing record (to put the maps back on the image grid)."""
-        img, meta = io.read_image(case.image)
-        self.warnings[case.case_id] = list(meta.get("warnings", []))
-        pre = case.preprocessing_spec().build()
-        prep = _CasePrep(pre, pre.apply(img, meta["affine"]))
-        x = check_input(prep.prepared.image[None], spatial_dims=self.spatial_dims, channels=self.channels)
-        return x.to(self.device, self.dtype), meta["affine"], prep  # the model's dtype: float32 files, float64 models
-
-    def _mask(self, case: Case, shape: tuple):
-        """The evidence mask as bool ``(*spatial)`` (any channel > 0), on the image grid."""
-        if not case.mask:
-            return None
-        m, _ = io.read_image(case.mask)
-        if tuple(m.shape[1:]) != tuple(shape):
-            raise InputError(f"mask grid {tuple(m.shape[1:])} does not match the image grid {tuple(shape)}")
-        return (m > 0).any(0)
-
-    def _region(self, case: Case, prep: "_CasePrep"):
-        """The manifest's ``region``: None / ``predicted`` / ``all``, or its mask file on the model's grid."""
-        if case.region in (None, "predicted", "all"):
-            return case.region
-        m, meta = io.read_image(case.region)
-        p = prep.prepared
-        return resample_to_grid(m, meta["affine"], tuple(p.image.shape[1:]), p.affine)[None]
-
-    def _group(self, group: list[Case], loaded: dict, todo: dict) -> list[dict]:
-        """Cases of one shape: predict, resolve targets, then explain the whole group per method."""
-        records = []
-        xb = torch.cat([loaded[c.case_id][0] for c in group])
+    def case(self, case: Case, methods: list[str]) -> list[dict]:
+        """One case through the case pipeline; an error before the methods is every method's error row."""
+        spec, setup = self.spec, self.setup
+        if case.preprocessing:
+            setup = replace(setup, preprocessing=case.preprocessing_spec())
+        writer = _RunWriter(self, case)
+        state = CaseState(case.images)
         try:
-            with torch.no_grad(), model_guard(self.model):
-                outs = forward(self.model, xb)
-        except Exception:  # isolate the case(s) the model cannot run on
-            outs = None
-        keep, targets, preds = [], [], []
-        for i, c in enumerate(group):
-            try:
-                if outs is None:
-                    with torch.no_grad(), model_guard(self.model):
-                        o = forward(self.model, loaded[c.case_id][0])
-                else:
-                    o = outs[i:i + 1]
-                pred = _default_class(o, self.model)
-            except Exception as e:
-                records += self._errors(c, todo[c.case_id], e, "model")
-                continue
-            try:  # the one target grammar: a segmenter's default is its largest predicted foreground region
-                t = resolve_target(o, c.target, self._region(c, loaded[c.case_id][3]), model=self.model)
-            except Exception as e:
-                records += self._errors(c, todo[c.case_id], e, "target", predicted=pred)
-                continue
-            keep.append(c)
-            targets.append(t)
-            preds.append(pred)
-        if not keep:
-            return records
-        xb = torch.cat([loaded[c.case_id][0] for c in keep])
-        for m in self.spec.methods:
-            need = [i for i, c in enumerate(keep) if m in todo[c.case_id]]
-            if not need:
-                continue
-            results = self._explain(m, xb, targets, need)
-            for i in need:
-                c = keep[i]
-                base = self._base(c, m, targets[i], preds[i])
-                res = results[i]
-                if isinstance(res, Exception):
-                    records.append(self._write_error(base, res, "explain"))
-                    continue
-                amap, info = res
+            images = input_files(case.images, setup.nnunet is not None)[0]   # as explain orders them
+            explain_case(setup, images, methods, writer, per_method=spec.options, target=case.target,
+                         region=case.region, layer=spec.layer, output=spec.output, activation=spec.activation,
+                         skip_unsupported=spec.skip_unsupported, series=case.series, seed=spec.seed, memory=spec.memory,
+                         state=state)
+        except Exception as e:  # a bad case is recorded and the run goes on
+            if writer.predicted is None and state.prep is not None:
                 try:
-                    amap = loaded[c.case_id][3].invert(amap)          # back on the image grid
-                except Exception as e:
-                    records.append(self._write_error(base, e, "preprocessing"))
-                    continue
-                try:
-                    records.append(self._write_ok(base, amap, info, loaded[c.case_id][1], loaded[c.case_id][2]))
-                except Exception as e:  # a map that cannot be written is the case's error row, not the run's end
-                    records.append(self._write_error(base, e, "write"))
-        return records
-
-    def _explain(self, method: str, xb: torch.Tensor, targets: list[ResolvedTarget], need: list[int]) -> dict:
-        """Maps of the whole group (reproducible batch); on failure, case by case to isolate bad ones."""
-        opts = dict(self.spec.options.get(method, {}))
-        torch.manual_seed(self.spec.seed)
-        try:
-            attr = explain(self.model, xb, method, target=_batch_target(targets), memory=self.spec.memory, **opts)
-            return {i: (attr.map[i], _per_case_info(attr.info, xb.shape[0], i)) for i in need}
-        except Exception as group_error:
-            if xb.shape[0] == 1:
-                return {i: group_error for i in need}
-        out = {}
-        for i in need:
-            torch.manual_seed(self.spec.seed)
-            try:
-                attr = explain(self.model, xb[i:i + 1], method, target=targets[i].target, memory=self.spec.memory,
-                               **opts)
-                out[i] = (attr.map[0], _per_case_info(attr.info, 1, 0))
-            except Exception as e:
-                out[i] = e
-        return out
+                    writer.predicted = state.predicted(setup.net)
+                except Exception:
+                    pass
+            for m in methods:
+                if m not in writer.records:
+                    writer.records[m] = self._write_error(self._base(case, m, state.resolved or case.target,
+                                                                     writer.predicted), e, state.stage)
+        return list(writer.records.values())
 
     # --- records -----------------------------------------------------------------------------------
     def _base(self, c: Case, method: str, target=None, predicted=None) -> dict:
@@ -224,24 +146,22 @@ class CaseProcessor:
             rec["preprocessing"] = dict(c.preprocessing)
         return rec
 
-    def _errors(self, c: Case, methods: list[str], err: Exception, stage: str, predicted=None) -> list[dict]:
-        return [self._write_error(self._base(c, m, c.target, predicted), err, stage) for m in methods]
-
-    def _write_error(self, base: dict, err: Exception, stage: str) -> dict:
-        rec = {**base, "status": "error", "error_type": type(err).__name__, "error": error_message(err, stage)}
+    def _write_error(self, base: dict, err: Exception, stage: str, status: str = "error") -> dict:
+        rec = {**base, "status": status, "error_type": type(err).__name__, "error": error_message(err, stage)}
         self.store.write_record(rec)
         return rec
 
-    def _write_ok(self, base: dict, amap: torch.Tensor, info: dict, affine, mask) -> dict:
-        amap = amap.detach().float().cpu()
-        rel = self.store.write_map(base["case_id"], base["method"], amap, affine)   # the map first ...
+    def _write_ok(self, base: dict, amap: torch.Tensor, info: dict, meta: dict, mask, notes: list[str]) -> dict:
+        amap = amap.detach().cpu()
+        rel = self.store.write_map(base["case_id"], base["method"], amap, meta)    # the map first ...
+        a = amap.double()
         rec = {**base, "status": "ok", "map": rel, "map_shape": "x".join(map(str, amap.shape)),
-               "map_sum": float(amap.double().sum()), "map_abs_max": float(amap.abs().max()),
+               "map_sum": float(a.sum()), "map_abs_max": float(a.abs().max()),
                "seconds": info.pop("seconds"), "n_forward": info.pop("n_forward"),
                "n_backward": info.pop("n_backward"), "info": info}
-        notes = list(self.warnings.get(base["case_id"], []))
+        notes = list(notes)
         if mask is not None:
-            hit = float(hit_rate(amap[None], mask[None])[0])
+            hit = float(hit_rate(amap.float()[None], mask[None])[0])
             rec["hit_rate"] = None if math.isnan(hit) else hit
             if math.isnan(hit):
                 notes.append("mask is empty: hit_rate undefined (excluded from means)")
@@ -251,36 +171,49 @@ class CaseProcessor:
         return rec
 
 
-@dataclass
-class _CasePrep:
-    """A case's preprocessor and what it did to the image (:mod:`medexplain.transforms`)."""
-
-    pre: object
-    prepared: object
-
-    def invert(self, amap: torch.Tensor) -> torch.Tensor:
-        return self.pre.invert(amap, self.prepared)
-
-
-def _default_class(out: torch.Tensor, model=None) -> int | None:
-    """The class the one target grammar explains by default (``predicted``), or None when the model
-    predicts no foreground; recorded as ``predicted``."""
-    if out.ndim == 2:
-        return int(predicted_class(out)[0])
-    try:
-        return resolve_target(out, model=model).class_index
-    except MedexplainError:
+def _mask(case: Case, shape: tuple):
+    """The evidence mask as bool ``(*spatial)`` (any channel > 0), on the image grid."""
+    if not case.mask:
         return None
+    m, _ = io.read_image(case.mask)
+    if tuple(m.shape[1:]) != tuple(shape):
+        raise InputError(f"mask grid {tuple(m.shape[1:])} does not match the image grid {tuple(shape)}")
+    return (m > 0).any(0)
 
 
-def _batch_target(targets: list[ResolvedTarget]):
-    """One target for a group of cases: per-sample classes, or per-sample regions stacked."""
-    ts = [t.target for t in targets]
-    if all(isinstance(t, Class) for t in ts):
-        return Class([t.class_index for t in targets])
-    if all(isinstance(t, Region) for t in ts):
-        return Region([t.class_index for t in targets], torch.cat([t.mask for t in ts]))
-    raise MedexplainError("the cases of this group mix region and whole-image targets")  # explained one by one
+class _RunWriter(CaseWriter):
+    """A case's results in the run folder: per method its map (:meth:`RunStore.write_map`, the map writer of
+    ``explain``) then its record; a method that fails or does not apply gets its record only."""
+
+    def __init__(self, proc: CaseProcessor, case: Case):
+        self.proc, self.case = proc, case
+        self.records: dict[str, dict] = {}
+        self.predicted = self.mask = None
+        self.notes: list[str] = []
+
+    def ready(self, st: CaseState) -> None:
+        self.predicted = st.predicted(self.proc.setup.net)
+        self.notes = list(st.meta.get("warnings", []))
+        st.stage = "mask"
+        self.mask = _mask(self.case, tuple(st.img.shape[1:]))
+        for m, why in st.skipped.items():
+            self.records[m] = self.proc._write_error(self._base(st, m), MedexplainError(f"does not apply: it {why}"),
+                                                     "plan", status="skipped")
+
+    def _base(self, st: CaseState, m: str) -> dict:
+        return self.proc._base(self.case, m, st.resolved, self.predicted)
+
+    def method(self, st, m, attr, amap):
+        base = self._base(st, m)
+        try:
+            self.records[m] = self.proc._write_ok(base, amap, _per_case_info(attr.info, 1, 0), st.meta, self.mask,
+                                                  self.notes)
+        except Exception as e:  # a map that cannot be written is the case's error row, not the run's end
+            self.records[m] = self.proc._write_error(base, e, "write")
+        return []
+
+    def failed(self, st, m, error):
+        self.records[m] = self.proc._write_error(self._base(st, m), error, st.stage)
 
 
 def _per_case_info(info: dict, b: int, i: int) -> dict:
@@ -301,17 +234,3 @@ def _per_case_info(info: dict, b: int, i: int) -> dict:
         v = info.get(k, 0)
         out[k] = v // b if v % b == 0 else v / b
     return out
-
-
-def check_methods(methods: list[str], model) -> list[str]:
-    """Canonical method names; a method that needs hooks on a TorchScript model fails before any work."""
-    names = [get_method(m).name for m in methods]
-    if len(set(names)) != len(names):
-        raise MedexplainError(f"a method is listed twice: {methods}")
-    for n in names:
-        if get_method(n).needs_hooks and is_scripted(model):
-            try:
-                require_hooks(model)
-            except MedexplainError as e:
-                raise type(e)(f"method {n!r}: {e}") from None
-    return names

@@ -1,0 +1,4 @@
+"""``python -m medexplain.cli``: the ``medexplain`` command."""
+from . import main
+
+main()
