@@ -113,17 +113,10 @@ def test_models_patchnet_holds_the_model_only():
 PKG = Path(__file__).resolve().parents[1] / "src" / "medexplain"
 
 #: Quoted registered names in code outside their own module that are not special cases, each with its reason.
-#: Files in the cli/, run/ and pipelines.py are being rewritten on another branch; they are listed until it lands.
 ALLOWED = {
     ("models/__init__.py", "patchnet"): "the module medexplain.models.patchnet, lazily imported by name",
     ("methods/captum_methods.py", "smoothgrad"): "Captum's NoiseTunnel type 'smoothgrad' (nt_type), not the method",
     ("methods/captum_methods.py", "saliency"): "noise_tunnel's default base method: an option value naming a method",
-    ("cli/explain.py", "saliency"): "pending: the cli branch rewrites the command's defaults",
-    ("cli/run.py", "saliency"): "pending: the cli branch rewrites the command's defaults",
-    ("cli/instances.py", "smoothgrad"): "pending: the cli branch rewrites the command's defaults",
-    ("pipelines.py", "smoothgrad"): "pending: the cli branch rewrites pipelines.py",
-    ("pipelines.py", "gradcam++"): "pending: the cli branch rewrites pipelines.py",
-    ("options.py", "smoothgrad"): "pending: pipelines.py estimates its instances step by name (_pipeline_passes)",
 }
 
 

@@ -357,7 +357,7 @@ def test_gradcam_pp_monai_variant_equals_monai_gradcampp_on_the_lesion_score(nd)
     assert (paper - attr.map).abs().max() > 0.1 * attr.map.abs().max()
     with pytest.raises(OptionError, match="variant must be one of"):     # the registered method's choices
         instance_saliency(model, x, [inst], method="gradcam++", variant="gradcam")
-    with pytest.raises(InputError, match="smoothgrad"):
+    with pytest.raises(OptionError, match="smoothgrad"):
         instance_saliency(model, x, [inst], variant="monai")
 
 
@@ -374,7 +374,7 @@ def test_instance_saliency_errors_leave_the_model_as_found():
                           n_samples=1)
     with pytest.raises(InputError, match="no instances"):
         instance_saliency(model, x, [])
-    with pytest.raises(InputError, match="max"):
+    with pytest.raises(OptionError, match="max"):
         instance_saliency(model, x, [inst], method="gradcam++", aggregate="max")
 
 
@@ -512,7 +512,7 @@ def test_instance_saliency_monai_variant_equals_monai_gradcampp_at_half_resoluti
     torch.testing.assert_close(attr.map, ref.to(attr.map.dtype), rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     aligned = instance_saliency(model, x, [inst], method="gradcam++", variant="monai", upsample="aligned")
     assert (aligned - attr.map).abs().max() > 0.1 * attr.map.abs().max()          # the upsampling matters here
-    with pytest.raises(InputError, match="do not apply to method 'instance_smoothgrad'"):
+    with pytest.raises(OptionError, match="do not apply to method 'instance_smoothgrad'"):
         instance_saliency(model, x, [inst], upsample="bilinear")
     with pytest.raises(InputError, match="upsample must be"):
         instance_saliency(model, x, [inst], method="gradcam++", upsample="nearest")

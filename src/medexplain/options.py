@@ -294,16 +294,15 @@ def estimate_passes(method: str, fn: Callable, x_shape, options: dict) -> tuple[
 
 def _pipeline_passes(method: str, x_shape, options: dict) -> tuple[int, int] | None:
     """The steps of ``pipelines.py`` beyond one registered call: ``"instances"`` (options ``n_instances``,
-    ``method``, ``n_samples``) and ``"shapley"`` per model (``n_players``, ``method``, ``n_permutations``;
-    permutation sampling: an upper bound). Pending: the rewritten pipelines ask the instance method's and
-    contrast_shapley's declared cost models instead."""
+    ``noise``: whether the method draws ``n_samples`` noisy copies, ``n_samples``) and ``"shapley"`` per
+    model (``n_players``, ``method``, ``n_permutations``; permutation sampling: an upper bound)."""
     b = int(x_shape[0])
-    if method == "instances":  # segmentation.explain_instances: options n_instances, method, n_samples
+    if method == "instances":  # segmentation.explain_instances: options n_instances, noise, n_samples
         k = int(options["n_instances"])
-        if options.get("method", "smoothgrad") == "smoothgrad":  # the noisy rows once forward, backward per instance
-            n = int(options.get("n_samples", 50))
+        if options.get("noise"):      # a noise method (instance SmoothGrad): the noisy rows once forward, backward
+            n = int(options.get("n_samples", 50))              # per instance
             return n * b, n * k * b
-        return k, k                                            # Grad-CAM++: one row per instance
+        return k, k                                            # a one-pass method (Grad-CAM++): one row per instance
     if method == "shapley":  # shapley.channel_shapley per model: options n_players, method, n_permutations
         n, how = int(options["n_players"]), options.get("method", "auto")
         exact = how == "exact" or (how == "auto" and n <= 10)

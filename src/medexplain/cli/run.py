@@ -17,7 +17,7 @@ import typer
 from . import app
 from ._common import cli_errors, console, stop_signals
 from .explain import explain_kwargs
-from .params import EXPLAIN, Flags, takes
+from .params import EXPLAIN, Flags, declared_methods, takes
 
 
 @app.command("run")
@@ -51,7 +51,7 @@ def run_cmd(
                                                 TimeRemainingColumn(), console=console, transient=True) as bar:
         kwargs = explain_kwargs(flags)
         task = bar.add_task("items", total=None)
-        res = run_manifest(manifest, flags.models("model"), flags.methods("saliency"), flags.out, backend=backend,
+        res = run_manifest(manifest, flags.models("model"), flags.methods(declared_methods().default), flags.out, backend=backend,
                            address=address, resume=resume, batch_size=flags.batch_size or 4, num_workers=num_workers,
                            map_format=map_format, retry_errors=retry_errors,
                            on_progress=lambda d, t: bar.update(task, completed=d, total=t), **kwargs)

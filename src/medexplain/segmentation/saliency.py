@@ -32,7 +32,7 @@ from torch import nn
 
 from ..attribution import Attribution
 from ..core import CONV, CONV_TRANSPOSE, capture_layers, check_input, chunks, forward, model_guard, require_hooks, unwrap
-from ..errors import InputError, TargetError, UnsupportedModelError
+from ..errors import InputError, OptionError, TargetError, UnsupportedModelError
 from ..registry import instance_method
 from ..targets import Regions
 from .instances import Instance, flatten_instances
@@ -84,6 +84,32 @@ def _check_instances(instances, x: torch.Tensor) -> list[Instance]:
         if not bool(inst.mask.any()):
             raise InputError(f"instance {k} has an empty mask: nothing to explain")
     return flat
+
+
+def instance_options(method: str | None = None, **given) -> tuple:
+    """``(method, options)``: the registered method that explains instances for ``method``
+    (:func:`medexplain.registry.instance_method`) and the options of :func:`explain_instances` it takes,
+    checked by its signature before any work. A formula option (:data:`FORMULA_OPTIONS`) given to a method
+    that does not take it is an :class:`~medexplain.errors.OptionError`; the noise settings and the layer,
+    which the instances command passes to every method, go to the methods that take them. ``upsample``
+    not given: MONAI's bilinear placement with ``variant="monai"`` (MONAI's ``GradCAMpp``, as the reference
+    calls it), else the method's own."""
+    spec = instance_method(method)
+    defaults = {k: p.default for k, p in inspect.signature(explain_instances).parameters.items()}
+    own = {k: v for k, v in given.items() if spec.takes(k)}
+    refused = [f"{k}={v!r}" for k, v in given.items() if k in FORMULA_OPTIONS and k not in own
+               and not (v is defaults[k] or (isinstance(v, str) and v == defaults[k]))]
+    if refused:
+        raise OptionError(f"option(s) {', '.join(refused)} do not apply to method {spec.name!r}; it takes "
+                          f"{sorted(k for k in given if spec.takes(k))}")
+    if "upsample" in own and own["upsample"] is None:
+        if given.get("variant") == "monai":
+            own["upsample"] = "bilinear"
+        else:
+            del own["upsample"]
+    layer = own.pop("layer", None)
+    own = spec.check_options(own)
+    return spec, ({**own, "layer": layer} if spec.takes("layer") else own)
 
 
 def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str | None = None,
@@ -144,24 +170,9 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
     from ..explain import explain
     from ..models.model import as_model
 
-    spec = instance_method(method)
-    given = {"aggregate": aggregate, "n_samples": n_samples, "sigma": sigma, "seed": seed, "chunk_size": chunk_size,
-             "backward_rows": backward_rows, "layer": layer, "strategy": strategy, "noise": noise, "variant": variant,
-             "upsample": upsample}
-    defaults = {k: p.default for k, p in inspect.signature(explain_instances).parameters.items()}
-    own = {k: v for k, v in given.items() if spec.takes(k)}
-    # the formula options a method does not take are refused; the noise settings and the layer, which the
-    # instances command passes to every method, are used by the methods that take them
-    refused = [f"{k}={v!r}" for k, v in given.items() if k in FORMULA_OPTIONS and k not in own
-               and not (v is defaults[k] or (isinstance(v, str) and v == defaults[k]))]
-    if refused:
-        raise InputError(f"option(s) {', '.join(refused)} do not apply to method {spec.name!r}; it takes "
-                         f"{sorted(k for k in given if spec.takes(k))}")
-    if "upsample" in own and upsample is None:     # not given: MONAI's formula with MONAI's placement, as the
-        if variant == "monai":                     # reference calls it; else the method's own default
-            own["upsample"] = "bilinear"
-        else:
-            del own["upsample"]
+    spec, own = instance_options(method, aggregate=aggregate, n_samples=n_samples, sigma=sigma, seed=seed,
+                                 chunk_size=chunk_size, backward_rows=backward_rows, layer=layer, strategy=strategy,
+                                 noise=noise, variant=variant, upsample=upsample)
     if not isinstance(channel, int) or isinstance(channel, bool):
         raise TargetError(f"channel must be an int (the lesion class's output channel), got {channel!r}")
     m = as_model(model, inferer=inferer)
