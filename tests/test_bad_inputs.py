@@ -859,7 +859,7 @@ def test_medcam_on_a_vit_says_what_it_needs():
     assert MedCAMConfig.build(layers="a.1, b.2").layers == ("a.1", "b.2")     # the command line's comma list
 
 
-@pytest.mark.parametrize("args, words", [(["--upsample", "bilinear"], "do not apply to --method smoothgrad"),
+@pytest.mark.parametrize("args, words", [(["--upsample", "bilinear"], "do not apply to method 'instance_smoothgrad'"),
                                          (["--method", "gradcam++", "--upsample", "nearest"], "is not one of")])
 def test_cli_instances_upsample_is_checked_before_anything_is_written(files, args, words):
     """A value outside the choices is refused by the parser (medexplain.cli.params); a valid value that does not
