@@ -37,9 +37,6 @@ from ..registry import instance_method
 from ..targets import Regions
 from .instances import Instance, flatten_instances
 
-#: The Grad-CAM++ variants of the paper and of the IES reference (``pipelines.py`` checks ``instances
-#: --variant`` against them; the method itself also takes ``"pytorch_grad_cam"``, its declared choices).
-GRADCAM_PP_VARIANTS = ("paper", "monai")
 #: Options of :func:`explain_instances` that choose a formula: refused for a method that does not take them.
 FORMULA_OPTIONS = ("aggregate", "variant", "upsample", "strategy", "noise", "backward_rows")
 
