@@ -352,3 +352,155 @@ def test_a_map_on_another_grid_is_put_on_the_reference_series_grid(tmp_path):
         want = nii[j - 2] if 2 <= j < 7 else np.zeros((6, 7))
         assert np.allclose(arr[k], want, rtol=1e-6, atol=0), k
     assert seen == set(range(9))
+
+
+# --- run --format dicom: the same objects as explain, per case (issue 24) ------------------------------------------
+def _geometry_attributes(obj) -> dict:
+    """What places an object's pixels in the patient and in the study (no UIDs of its own)."""
+    frames = [tuple(f.PlanePositionSequence[0].ImagePositionPatient) for f in obj.get("PerFrameFunctionalGroupsSequence", [])
+              if "PlanePositionSequence" in f]
+    shared = obj.get("SharedFunctionalGroupsSequence", [None])[0]
+    geo = {"study": obj.StudyInstanceUID, "frame_of_reference": obj.get("FrameOfReferenceUID"),
+           "patient": (str(obj.PatientName), obj.PatientID), "size": (obj.Rows, obj.Columns, obj.get("NumberOfFrames")),
+           "positions": frames, "references": _referenced_sops(obj), "sop_class": obj.SOPClassUID,
+           "description": obj.SeriesDescription}
+    if shared is not None and "PlaneOrientationSequence" in shared:
+        geo["orientation"] = tuple(shared.PlaneOrientationSequence[0].ImageOrientationPatient)
+        geo["spacing"] = tuple(shared.PixelMeasuresSequence[0].PixelSpacing)
+    return geo
+
+
+@pytest.mark.slow
+def test_run_format_dicom_writes_explains_objects_per_case(tmp_path, one_thread):
+    """``run --format png,dicom`` on a manifest of two DICOM series writes, in each case's folder, the objects
+    ``explain`` writes for that series with the same options: the same pixel data and the same geometry and
+    study attributes (only their own Series/SOP UIDs differ); and ``--resume`` finds them complete."""
+    from medexplain.run.store import read_table
+    for name, seed in (("a", 0), ("b", 1)):
+        write_series(tmp_path / name, seed=seed)
+    (tmp_path / "cases.csv").write_text("image,case_id\na,case_a\nb,case_b\n")
+    opts = ["--model", "test_dicom_out:tiny3d", "--method", "saliency,gradcam", "--spacing", "1.3"]
+    res = runner.invoke(app, ["run", str(tmp_path / "cases.csv"), *opts, "--format", "png,dicom", "--out",
+                              str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    rows = read_table(tmp_path / "run" / "results.csv")
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    for name in ("a", "b"):
+        res = runner.invoke(app, ["explain", str(tmp_path / name), *opts, "--format", "png,dicom", "--out",
+                                  str(tmp_path / f"explain_{name}")])
+        assert res.exit_code == 0, res.output
+        case = tmp_path / "run" / "cases" / f"case_{name}"
+        for m in ("saliency", "gradcam"):
+            assert (case / f"{m}.png").is_file()
+            for kind in ("pm", "seg", "sc"):
+                ran = pydicom.dcmread(str(case / f"{m}_{kind}.dcm"))
+                alone = pydicom.dcmread(str(tmp_path / f"explain_{name}" / f"{name}_{m}_{kind}.dcm"))
+                assert np.array_equal(ran.pixel_array, alone.pixel_array), (name, m, kind)
+                assert _geometry_attributes(ran) == _geometry_attributes(alone), (name, m, kind)
+                assert ran.SeriesInstanceUID != alone.SeriesInstanceUID and ran.SOPInstanceUID != alone.SOPInstanceUID
+            assert_pm_equals_nifti(pydicom.dcmread(str(case / f"{m}_pm.dcm")), case / f"{m}.nii.gz")
+    # the record lists the outputs; an item whose DICOM object is gone is redone by --resume
+    (tmp_path / "run" / "cases" / "case_b" / "gradcam_seg.dcm").unlink()
+    res = runner.invoke(app, ["run", str(tmp_path / "cases.csv"), *opts, "--format", "png,dicom", "--out",
+                              str(tmp_path / "run"), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "computed 1, already complete 3" in " ".join(res.output.split())
+    assert (tmp_path / "run" / "cases" / "case_b" / "gradcam_seg.dcm").is_file()
+
+
+def test_run_dicom_and_pacs_options_are_checked_before_any_work(tmp_path):
+    from medexplain.run import run_manifest
+    write_series(tmp_path / "a")
+    (tmp_path / "files.csv").write_text("image\na\n")
+    (tmp_path / "studies.csv").write_text("study\n1.2.3.4\n")
+    with pytest.raises(OptionError, match="--pacs URL"):
+        run_manifest(tmp_path / "studies.csv", "test_dicom_out:tiny3d", "saliency", tmp_path / "o1")
+    with pytest.raises(OptionError, match="study column"):
+        run_manifest(tmp_path / "files.csv", "test_dicom_out:tiny3d", "saliency", tmp_path / "o2",
+                     pacs="http://127.0.0.1:9/dicom-web")
+    with pytest.raises(OptionError, match="--dicom-reference is for --format dicom"):
+        run_manifest(tmp_path / "files.csv", "test_dicom_out:tiny3d", "saliency", tmp_path / "o3",
+                     dicom_reference=tmp_path / "a")
+    with pytest.raises(OptionError, match="unknown format"):
+        run_manifest(tmp_path / "files.csv", "test_dicom_out:tiny3d", "saliency", tmp_path / "o4", formats="jpeg")
+    res = runner.invoke(app, ["run", str(tmp_path / "files.csv"), "--model", "test_dicom_out:tiny3d", "--study", "1.2",
+                              "--out", str(tmp_path / "o5")])
+    assert res.exit_code != 0 and "manifest's study column" in " ".join(res.output.split())
+    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 6))
+
+
+def test_run_non_dicom_case_with_format_dicom_is_an_error_row(tmp_path, one_thread):
+    """A case that is not DICOM has no study to join: its error row, and the DICOM case is written."""
+    from medexplain.run import run_manifest
+    write_series(tmp_path / "a")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 9), dtype=np.uint8)).save(tmp_path / "b.png")
+    (tmp_path / "cases.csv").write_text("image,case_id\na,a\nb.png,b\n")
+    res = run_manifest(tmp_path / "cases.csv", "test_dicom_out:tiny3d", "saliency", tmp_path / "run", formats="dicom")
+    by_case = {r["case_id"]: r for r in res.rows}
+    assert by_case["a"]["status"] == "ok" and (tmp_path / "run" / "cases" / "a" / "saliency_pm.dcm").is_file()
+    assert by_case["b"]["status"] == "error" and "no study to join" in by_case["b"]["error"]
+    assert not list((tmp_path / "run" / "cases" / "b").glob("*.dcm")) if (tmp_path / "run" / "cases" / "b").exists() else True
+
+
+# --- instances --format dicom: each lesion instance's map as explain's objects (issue 24) -------------------------
+class Bright(torch.nn.Module):
+    """A segmenter of bright voxels: logits (-(x - 700), x - 700) / 100, so the lesions are the voxels above 700."""
+
+    def forward(self, x):
+        z = (x[:, :1] - 700.0) / 100.0
+        return torch.cat([-z, z], 1)
+
+
+def bright():
+    return Bright().eval()
+
+
+@pytest.mark.slow
+def test_instances_format_dicom_writes_each_instance_map_on_the_source_slices(tmp_path, one_thread):
+    write_series(tmp_path / "oblique")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["instances", str(tmp_path / "oblique"), "--model", "test_dicom_out:bright", "--n-samples",
+                              "2", "--min-size", "2", "--format", "nifti,dicom", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    maps = sorted(out.glob("instance_*.nii.gz"))
+    assert maps
+    src = _source_datasets(tmp_path / "oblique")
+    positions = _source_positions(src)
+    for k, nifti in enumerate(maps, start=1):
+        stem = nifti.name[:-len(".nii.gz")]
+        img = nib.load(str(nifti))
+        summed = tmp_path / f"{stem}_sum.nii.gz"   # the PM holds the map summed over channels, as explain's
+        data = np.asarray(img.dataobj)
+        nib.save(nib.Nifti1Image(data.sum(-1) if data.ndim == 4 else data, img.affine), str(summed))
+        for kind in ("pm", "seg", "sc"):
+            obj = pydicom.dcmread(str(out / f"{stem}_instance_smoothgrad_{kind}.dcm"))
+            assert obj.StudyInstanceUID == src[0].StudyInstanceUID and f"instance {k}" in obj.SeriesDescription
+            assert _referenced_sops(obj) == {str(d.SOPInstanceUID) for d in src}
+        pm = pydicom.dcmread(str(out / f"{stem}_instance_smoothgrad_pm.dcm"))
+        assert pm.FrameOfReferenceUID == src[0].FrameOfReferenceUID and int(pm.NumberOfFrames) == len(positions)
+        assert_pm_equals_nifti(pm, summed)
+        seg = pydicom.dcmread(str(out / f"{stem}_instance_smoothgrad_seg.dcm"))
+        assert len(seg.SegmentSequence) == 1 and f"instance {k}" in seg.SegmentSequence[0].SegmentLabel
+
+
+def test_instances_format_checks_come_before_any_compute(tmp_path):
+    import nibabel as nib_
+    nib_.save(nib_.Nifti1Image(np.zeros((6, 7, 5), np.float32), np.eye(4)), str(tmp_path / "scan.nii.gz"))
+    for fmt, message in (("dicom", "no study to join"), ("nifti,png", "instances writes no figures")):
+        res = runner.invoke(app, ["instances", str(tmp_path / "scan.nii.gz"), "--model", "test_dicom_out:bright",
+                                  "--format", fmt, "--out", str(tmp_path / "o")])
+        assert res.exit_code != 0 and message in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_manifest_study_rows(tmp_path):
+    from medexplain.run.manifest import ManifestError, read_manifest
+    (tmp_path / "m.csv").write_text("image,study,series\n,1.2.3,1.2.3.4\nscan.nii.gz,,\n")
+    study, local = read_manifest(tmp_path / "m.csv")
+    assert (study.study, study.series, study.image, study.case_id) == ("1.2.3", "1.2.3.4", "", "00000_1.2.3")
+    assert local.study is None and local.image.endswith("scan.nii.gz")
+    for body, message in (("image,study\nscan.nii.gz,1.2.3\n", "not both"), ("study\n1.2.abc\n", "StudyInstanceUID"),
+                          ("image,study\n,\n", "image cell is empty")):
+        (tmp_path / "m.csv").write_text(body)
+        with pytest.raises(ManifestError, match=message):
+            read_manifest(tmp_path / "m.csv")

@@ -158,3 +158,74 @@ def test_image_or_pacs_and_study_flags_are_checked(tmp_path):
                             env=_env())
         assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
     assert not (tmp_path / "o").exists()
+
+
+def _series_of_study(orthanc, study) -> dict:
+    """SOP Class UID -> (Frame of Reference UID, instance count) of every series in ``study``, from Orthanc's REST API."""
+    found = _lookup(orthanc, study)
+    if not found:
+        return {}
+    out = {}
+    for s in orthanc.get(f"/studies/{found[0]['ID']}/series").json():
+        inst = orthanc.get(f"/series/{s['ID']}/instances").json()
+        tags = orthanc.get(f"/instances/{inst[0]['ID']}/tags", params={"simplify": ""}).json()
+        out[tags["SOPClassUID"]] = (tags.get("FrameOfReferenceUID"), len(inst))
+    return out
+
+
+@pytest.mark.slow
+def test_run_explains_pacs_studies_and_stores_the_objects_back(orthanc, tmp_path, one_thread, monkeypatch):
+    """``run --pacs``: a manifest of two Study UIDs and one the PACS does not have. Each study is retrieved,
+    explained and its objects stored back into it; the unknown study and a store that fails are error rows
+    (marked transient) while the other case completes; ``--resume`` retries exactly those rows."""
+    from medexplain.pacs import Pacs as PacsClass
+    from medexplain.run import run_manifest
+
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    src = {name: _upload_series(orthanc, (tmp_path / name, write_series(tmp_path / name, seed=seed))[0])
+           for name, seed in (("a", 0), ("b", 1))}
+    missing = "1.2.826.0.1.3680043.8.498.999"
+    (tmp_path / "cases.csv").write_text(f"case_id,study\na,{src['a'].StudyInstanceUID}\nmissing,{missing}\n"
+                                        f"b,{src['b'].StudyInstanceUID}\n")
+    store = PacsClass.store
+
+    def failing_store(self, paths):   # the PACS refuses to store case b's objects (this call only)
+        if any("/b/" in str(p) for p in paths):
+            raise PacsError(f"PACS {self.url}: storing 3 object(s) failed: HTTP 503 Service Unavailable")
+        return store(self, paths)
+
+    monkeypatch.setattr(PacsClass, "store", failing_store)
+    kw = dict(pacs=orthanc.dicomweb, formats="png")
+    res = run_manifest(tmp_path / "cases.csv", "test_dicom:one_voxel", "saliency", tmp_path / "run", **kw)
+    rows = {r["case_id"]: r for r in res.rows}
+    assert rows["a"]["status"] == "ok" and rows["missing"]["status"] == "error" and rows["b"]["status"] == "error"
+    assert orthanc.dicomweb in rows["missing"]["error"] and "not found" in rows["missing"]["error"]
+    assert rows["missing"]["error"].startswith("pacs:") and rows["b"]["error"].startswith("store:")
+    # case a: its objects in its folder and in its study, on its Frame of Reference
+    folder = tmp_path / "run" / "cases" / "a"
+    assert sorted(p.name for p in folder.glob("saliency*")) == ["saliency.json", "saliency.nii.gz", "saliency.png",
+                                                                "saliency_pm.dcm", "saliency_sc.dcm", "saliency_seg.dcm"]
+    on_pacs = _series_of_study(orthanc, str(src["a"].StudyInstanceUID))
+    assert set(on_pacs) == {SOP["MR"], SOP["PM"], SOP["SEG"], SOP["SC"]}
+    for kind in ("PM", "SEG"):
+        assert on_pacs[SOP[kind]][0] == str(src["a"].FrameOfReferenceUID)
+    stored = pydicom.dcmread(str(folder / "saliency_pm.dcm"))
+    assert stored.StudyInstanceUID == src["a"].StudyInstanceUID and stored.PatientID == src["a"].PatientID
+    assert set(_series_of_study(orthanc, str(src["b"].StudyInstanceUID))) == {SOP["MR"]}   # nothing stored for b
+    # the PACS recovers, and the missing study arrives: --resume redoes the two error rows only
+    monkeypatch.setattr(PacsClass, "store", store)
+    write_series(tmp_path / "late", seed=2)
+    for f in sorted((tmp_path / "late").iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.StudyInstanceUID = missing
+        ds.save_as(str(f))
+        orthanc.upload(f)
+    res = runner.invoke(app, ["run", str(tmp_path / "cases.csv"), "--model", "test_dicom:one_voxel", "--method",
+                              "saliency", "--pacs", orthanc.dicomweb, "--format", "png", "--out", str(tmp_path / "run"),
+                              "--resume"], env=_env())
+    assert res.exit_code == 0, res.output
+    assert "3 item(s): 3 ok, 0 errors; computed 2, already complete 1" in " ".join(res.output.split())
+    for study in (str(src["b"].StudyInstanceUID), missing):
+        assert set(_series_of_study(orthanc, study)) == {SOP["MR"], SOP["PM"], SOP["SEG"], SOP["SC"]}
+    assert _series_of_study(orthanc, str(src["a"].StudyInstanceUID))[SOP["PM"]][1] == 1   # a was not redone

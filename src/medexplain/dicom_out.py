@@ -191,8 +191,9 @@ def dicom_source_for(image, meta: dict, formats: Sequence[str], reference=None, 
 
 
 def dicom_output_names(out: Path, stem: str, method: str) -> list[Path]:
-    """The files :func:`write_dicom_objects` writes for one method: ``<stem>_<method>_{pm,seg,sc}.dcm``."""
-    return [out / f"{stem}_{io.method_file(method)}_{k}.dcm" for k in DICOM_KINDS]
+    """The files :func:`write_dicom_objects` writes for one method: ``<stem>_<method>_{pm,seg,sc}.dcm``
+    (``<method>_{pm,seg,sc}.dcm`` with an empty ``stem``: a run's case folder)."""
+    return [out / f"{stem + '_' if stem else ''}{io.method_file(method)}_{k}.dcm" for k in DICOM_KINDS]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,12 +253,17 @@ class _Names:
     method: str
     target: str
     model: str
+    label: str = ""      # what the map is, when more than the method (``smoothgrad instance 3 FP``)
+
+    @property
+    def text(self) -> str:
+        return self.label or self.method
 
     def description(self, kind: str) -> str:
-        return _text(f"{kind} {self.method} target {self.target} model {self.model}", 64)
+        return _text(f"{kind} {self.text} target {self.target} model {self.model}", 64)
 
     def what(self) -> str:
-        return f"{self.method} explanation of target {self.target} by model {self.model} (medexplain)"
+        return f"{self.text} explanation of target {self.target} by model {self.model} (medexplain)"
 
 
 def _equipment() -> dict:
@@ -335,7 +341,7 @@ def segmentation(src: DicomSource, amap, names: _Names, threshold="otsu", series
     algo = hd.AlgorithmIdentificationSequence(name="medexplain", version=_equipment()["software_versions"],
                                               family=codes.cid7162.ArtificialIntelligence)
     seg = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=_text(f"{names.method} target {names.target}", 64),
+        segment_number=1, segment_label=_text(f"{names.text} target {names.target}", 64),
         segmented_property_category=codes.cid7150.SpatialAndRelationalConcept, segmented_property_type=concept,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
     return hd.seg.Segmentation(
@@ -407,7 +413,8 @@ def secondary_capture(src: DicomSource, rgb: np.ndarray, names: _Names, series_n
 
 
 def write_dicom_objects(src: DicomSource, img, amap, meta: dict, out: Path, stem: str, method: str, *,
-                        target, model: str, title: tuple[str, str] = ("", ""), threshold="otsu") -> list[Path]:
+                        target, model: str, title: tuple[str, str] = ("", ""), threshold="otsu",
+                        label: str = "") -> list[Path]:
     """One method's DICOM objects (:func:`parametric_map`, :func:`segmentation`, :func:`secondary_capture`)
     for the map ``amap`` ``(C_or_1, *spatial)`` on the image grid of ``img``
     (``meta`` of :func:`medexplain.io.read_image`), each written atomically as
@@ -415,14 +422,15 @@ def write_dicom_objects(src: DicomSource, img, amap, meta: dict, out: Path, stem
     its grid by geometry (nearest neighbour). A 2D projection without Frame of Reference (a radiograph) gets
     no Parametric Map (its IOD requires a Frame of Reference and plane positions, which such an image does not
     have; also when it has a Frame of Reference UID but no ImagePositionPatient), only the SEG (in its pixel
-    matrix) and the SC. Returns the paths written."""
+    matrix) and the SC. ``label``: what the map is when more than the method (series descriptions, segment
+    label; ``instances``: ``smoothgrad instance 3 FP``). Returns the paths written."""
     from .transforms import resample_nearest
 
     m = amap if isinstance(amap, torch.Tensor) else torch.as_tensor(amap)
     m = m.float() if m.ndim == len(src.shape) + 1 else m.float()[None]
     if src.is_reference:
         m = resample_nearest(m.sum(0, keepdim=True), meta["affine"], src.shape, src.affine)
-    names = _Names(method, str(target), Path(str(model)).name)
+    names = _Names(method, str(target), Path(str(model)).name, label)
     pm_path, seg_path, sc_path = dicom_output_names(Path(out), stem, method)
     with warnings.catch_warnings():   # highdicom's note on a one-component patient name: the source's, kept as is
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")

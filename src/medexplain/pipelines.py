@@ -29,8 +29,8 @@ from .sliding import as_inferer, inferer_settings, with_inferer
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
-__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "load_setup", "method_options", "on_device",
-           "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
+__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "write_method_outputs", "load_setup", "method_options",
+           "on_device", "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
            "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
            "SHAPLEY_VALUE_HELP"]
 
@@ -490,13 +490,8 @@ class FileWriter(CaseWriter):
 
     def method(self, state, method, attr, amap):
         self.attributions[method] = attr
-        title = _figure_title(method, state.info)
-        self.files += _write_method_files(state.img, amap, self.out, self.stem, method, state.meta, title, self.formats)
-        if self.dicom_src is not None:
-            from .dicom_out import write_dicom_objects
-            self.files += write_dicom_objects(self.dicom_src, state.img, amap, state.meta, self.out, self.stem, method,
-                                              target=state.resolved.class_index, model=state.info["model"],
-                                              title=title, threshold=self.dicom_threshold)
+        self.files += write_method_outputs(state, method, amap, self.out, self.stem, self.formats, self.dicom_src,
+                                           self.dicom_threshold)
         io.write_json(state.info, self.info_path)
         if self.on_method:
             self.on_method(method)
@@ -648,17 +643,35 @@ def _figure_title(method: str, info: dict) -> tuple[str, str]:
     return f"{method} \u00b7 {target} \u00b7 model {info.get('model')}", sub
 
 
+def write_method_outputs(state: CaseState, method: str, amap: torch.Tensor, out: Path, stem: str, formats,
+                         dicom_src=None, dicom_threshold="otsu") -> list[Path]:
+    """One method's outputs as ``formats`` asks, the one writer of ``explain`` (:class:`FileWriter`) and ``run``
+    (its case folder, ``stem`` empty): the NIfTI map and PNG figure (:func:`_write_method_files`) and, with
+    ``dicom_src`` (:func:`medexplain.dicom_out.dicom_source_for`, found before any compute), the Parametric Map,
+    Segmentation (thresholded by ``dicom_threshold``) and Secondary Capture
+    (:func:`medexplain.dicom_out.write_dicom_objects`). Returns the paths written."""
+    title = _figure_title(method, state.info)
+    files = _write_method_files(state.img, amap, out, stem, method, state.meta, title, formats)
+    if dicom_src is not None:
+        from .dicom_out import write_dicom_objects
+        files += write_dicom_objects(dicom_src, state.img, amap, state.meta, out, stem, method,
+                                     target=state.resolved.class_index, model=state.info["model"], title=title,
+                                     threshold=dicom_threshold)
+    return files
+
+
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
                         title: tuple[str, str] = ("", ""), formats=("nifti", "png")) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
     affine (channels on the 4th axis, also for 2D; ``nifti`` in ``formats``) and as a PNG figure on the image
-    (``png``), each written atomically."""
+    (``png``), each written atomically, named ``<stem>_<method>`` (``<method>`` with an empty ``stem``)."""
     nd = img.ndim - 1
     files = []
+    name = f"{stem + '_' if stem else ''}{io.method_file(method)}"
     if "nifti" in formats:
-        files.append(write_map(amap, out / f"{stem}_{io.method_file(method)}.nii.gz", meta, spatial_dims=nd))
+        files.append(write_map(amap, out / f"{name}.nii.gz", meta, spatial_dims=nd))
     if "png" in formats:
-        files.append(io.write_png_overlay(img, amap, out / f"{stem}_{io.method_file(method)}.png", affine=meta["affine"],
+        files.append(io.write_png_overlay(img, amap, out / f"{name}.png", affine=meta["affine"],
                                           oriented=meta.get("oriented", False), title=title[0], subtitle=title[1],
                                           label=method))
     return files
@@ -690,7 +703,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              device=None, flip_axes=None, eval: str = "auto", variant: str = "paper",
                              upsample: str | None = None,
                              on_progress: Callable[[str, int, int | None], None] | None = None,
-                             on_estimate: Callable | None = None, memory: float | None = None) -> LesionInstances:
+                             on_estimate: Callable | None = None, memory: float | None = None, formats=None,
+                             dicom_reference=None, dicom_threshold="otsu") -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
@@ -718,9 +732,19 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
     capped to fit, refused before any compute if one row does not).
     ``variant`` / ``upsample``: Grad-CAM++'s formula and upsampling (:func:`medexplain.segmentation.explain_instances`).
+    ``formats``: the instance maps as ``nifti`` (default) and/or ``dicom``: per instance map
+    ``instance_<k>_<kind>_<method>_{pm,seg,sc}.dcm`` (:func:`medexplain.dicom_out.write_dicom_objects`, ``explain``'s
+    objects: a Parametric Map of the map summed over channels, a SEG with one segment, the map thresholded by
+    ``dicom_threshold``, and a Secondary Capture, each naming the instance), in the study of the DICOM input
+    (or of ``dicom_reference``); the probability and instance label maps stay NIfTI. A non-DICOM input without
+    ``dicom_reference`` is refused before any compute.
     """
     from . import segmentation as seg
+    from .dicom_out import dicom_source_for, parse_formats
 
+    formats = parse_formats(formats) if formats is not None else ("nifti",)
+    if "png" in formats:
+        raise OptionError("instances writes no figures: --format takes nifti and/or dicom here")
     check_options("instances", seg.explain_instances, {"aggregate": aggregate, "n_samples": n_samples,
                                                         "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
     # the method that explains the instances and the options it takes, checked before anything is written
@@ -740,6 +764,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     out = io.check_output_dir(out)
     img, meta = io.read_channels(images)
     warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    listed = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    dicom_src = dicom_source_for(listed, meta, formats, dicom_reference)   # the study the objects join, before compute
     if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
         r_img, r_meta = io.read_image(reference)
         ref_fg = seg.reference_foreground(r_img.numpy(), reference_threshold, f"--reference {Path(reference).name}")
@@ -808,7 +834,16 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
     for k, (inst, m) in enumerate(zip(insts, attr.map), start=1):
-        files.append(io.write_nifti(prep.invert(m), out / f"instance_{k:03d}_{inst.kind or 'pred'}.nii.gz", affine))
+        stem, m = f"instance_{k:03d}_{inst.kind or 'pred'}", prep.invert(m)
+        if "nifti" in formats:
+            files.append(io.write_nifti(m, out / f"{stem}.nii.gz", affine))
+        if dicom_src is not None:
+            from .dicom_out import write_dicom_objects
+            label = f"{spec.name} instance {k} {inst.kind or 'pred'}"
+            files += write_dicom_objects(dicom_src, img, m, meta, out, stem, spec.name, target=int(channel),
+                                         model=setup.name,
+                                         title=(f"{label} \u00b7 class {channel} \u00b7 model {setup.name}", ""),
+                                         threshold=dicom_threshold, label=label)
     seg.write_csv(rows, out / "instances.csv")
     files.append(out / "instances.csv")
     if ref is not None:

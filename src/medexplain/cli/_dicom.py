@@ -23,7 +23,9 @@ def pacs_of(flags: Flags):
 
 
 def output_kwargs(flags: Flags) -> dict:
-    """``formats``, ``dicom_reference`` and ``dicom_threshold`` of :func:`medexplain.pipelines.explain_image`."""
+    """``formats``, ``dicom_reference`` and ``dicom_threshold`` of :func:`medexplain.pipelines.explain_image`
+    (the same keywords of :func:`medexplain.run.run_manifest` and
+    :func:`medexplain.pipelines.explain_lesion_instances`); the threshold as a number where it is one."""
     t = flags.dicom_threshold
     try:
         t = float(t)

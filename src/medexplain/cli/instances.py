@@ -10,7 +10,9 @@ the same grid). The work and the files written are :func:`medexplain.pipelines.e
 * ``probability.nii.gz``: the model's lesion probability;
 * ``instance_<k>_<kind>.nii.gz``: the saliency map of instance k, one volume per input channel
   (4D, channels last; Grad-CAM++ gives one volume);
-* with ``--reference``: ``statistics.csv`` (TP / FP / FN tests); with ``--context D``: ``context.csv``.
+* with ``--reference``: ``statistics.csv`` (TP / FP / FN tests); with ``--context D``: ``context.csv``;
+* with ``--format dicom`` (DICOM input, or ``--dicom-reference``): per instance map
+  ``instance_<k>_<kind>_<method>_{pm,seg,sc}.dcm``, explain's three objects (docs/dicom.md).
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ import typer
 
 from . import app
 from ._common import cli_errors, console, parse_output, pass_progress, split_list
-from .params import MODEL_INPUT, Flags, declared_methods, takes
+from ._dicom import output_kwargs
+from .params import FORMAT_OUTPUT, MODEL_INPUT, Flags, declared_methods, takes
 
 
 @app.command("instances")
 @takes("model", "weights", "method", "target", "region", "activation", "output", "layer", "seed", "chunk_size",
-       "contrasts", "out", *MODEL_INPUT)
+       "contrasts", "out", *MODEL_INPUT, *FORMAT_OUTPUT)
 def instances_cmd(
     image: List[Path] = typer.Argument(..., help="one NIfTI with channels last (X Y Z C), or one 3D file per channel"),
     probability_threshold: float = typer.Option(0.5, "--probability-threshold", min=0, max=1,
@@ -73,7 +76,7 @@ def instances_cmd(
                                        context=context, layer=flags.layer, upsample=upsample,
                                        channel_names=split_list(flags.contrasts) or None, activation=flags.activation,
                                        output=parse_output(flags.output), region=flags.region,
-                                       on_progress=bar.update, on_estimate=bar.estimate, **chunk,
+                                       on_progress=bar.update, on_estimate=bar.estimate, **chunk, **output_kwargs(flags),
                                        **flags.model_inputs())
     out = flags.out
     i = res.info

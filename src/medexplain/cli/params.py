@@ -122,6 +122,21 @@ def parse_formats(value) -> str:
     return ",".join(items)
 
 
+def parse_dicom_threshold(value) -> str:
+    """``--dicom-threshold``: ``otsu``, ``otsu_float`` or a number in [0, 1] (the ``metrics`` rule)."""
+    v = str(value).strip().lower()
+    if v in ("otsu", "otsu_float"):
+        return v
+    try:
+        ok = 0 <= float(v) <= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise typer.BadParameter(f"use otsu, otsu_float or a number in [0, 1], got {value!r}",
+                                 param_hint="--dicom-threshold")
+    return v
+
+
 def parse_overlap(value) -> float:
     """``--overlap``: a number in [0, 1)."""
     try:
@@ -262,20 +277,24 @@ OPTIONS: dict[str, Opt] = {
     "batch_size": Opt(("--batch-size",), Optional[int], None, "samples per batch (default: run 4 cases per chunk of "
                       "work; train 32 images per step)", {"min": 1}),
     # -- DICOM outputs and the PACS (docs/dicom.md) --
-    "format": Opt(("--format",), str, "nifti,png", "outputs, comma-separated: nifti (maps on the input's affine), png "
-                  "(figures), dicom (a Parametric Map, a Segmentation and a Secondary Capture per map in the source "
-                  "study; docs/dicom.md)", {"parser": parse_formats, "metavar": "nifti,png,dicom"}, panel=DICOM),
+    "format": Opt(("--format",), Optional[str], None, "outputs, comma-separated: nifti (maps on the input's affine), "
+                  "png (figures), dicom (a Parametric Map, a Segmentation and a Secondary Capture per map in the "
+                  "source study; docs/dicom.md). Default: explain nifti,png; instances nifti; run its map only "
+                  "(always written, as --map-format; png and dicom add the figures and DICOM objects per case)",
+                  {"parser": parse_formats, "metavar": "nifti,png,dicom"}, panel=DICOM),
     "dicom_reference": Opt(("--dicom-reference",), Optional[Path], None, "with --format dicom and a NIfTI/PNG input: "
                            "the DICOM series (folder or file) it was made from, whose study and frame of reference the "
                            "objects join (the map is resampled onto it)", panel=DICOM),
     "dicom_threshold": Opt(("--dicom-threshold",), str, "otsu", "the SEG's binarisation, as the metrics: otsu "
                            "(CheXlocalize's), otsu_float, or a number in [0, 1] on the min-max normalised map",
-                           panel=DICOM),
+                           {"parser": parse_dicom_threshold, "metavar": "otsu|otsu_float|NUMBER"}, panel=DICOM),
     "pacs": Opt(("--pacs",), Optional[str], None, "a DICOMweb URL (e.g. https://pacs/dicom-web): read --study "
-                "[--series] from it and store the DICOM objects back; credentials from MEDEXPLAIN_PACS_TOKEN, "
+                "[--series] (run: the manifest's study column) from it and store the DICOM objects back; "
+                "credentials from MEDEXPLAIN_PACS_TOKEN, "
                 "MEDEXPLAIN_PACS_USER + MEDEXPLAIN_PACS_PASSWORD (or *_FILE) or a netrc entry, never a flag",
                 panel=DICOM),
-    "study": Opt(("--study",), Optional[str], None, "with --pacs: the StudyInstanceUID", panel=DICOM),
+    "study": Opt(("--study",), Optional[str], None, "with --pacs: the StudyInstanceUID (run: refused; the "
+                 "manifest's study column names each case's)", panel=DICOM),
     "pacs_netrc": Opt(("--pacs-netrc",), Optional[Path], None, "with --pacs: a netrc file holding the PACS host's "
                       "login (default ~/.netrc)", panel=DICOM),
     "pacs_ca_bundle": Opt(("--pacs-ca-bundle",), Optional[Path], None, "with --pacs: the CA certificates to verify "
@@ -292,8 +311,10 @@ PREPROCESSING = ("spacing", "orientation", "spatial_size", "min_spatial_size", "
 SLIDING_WINDOW = ("roi_size", "overlap", "sw_batch_size", "sw_mode")
 NNUNET_FLAGS = ("nnunet", "folds", "mirroring", "configuration", "trust_checkpoint")
 MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device", "flip_axes", "eval", "memory")
-#: The DICOM-output and PACS options (issue 24): ``explain`` takes them; ``run`` does not yet (docs/dicom.md).
-DICOM_OUTPUT = ("format", "dicom_reference", "dicom_threshold", "pacs", "study", "pacs_netrc", "pacs_ca_bundle")
+#: The DICOM-output options (issue 24): ``explain``, ``instances`` and ``run`` take them.
+FORMAT_OUTPUT = ("format", "dicom_reference", "dicom_threshold")
+#: The output and PACS options (issue 24; docs/dicom.md): ``explain`` and ``run`` take them.
+DICOM_OUTPUT = (*FORMAT_OUTPUT, "pacs", "study", "pacs_netrc", "pacs_ca_bundle")
 #: Everything ``explain`` takes besides its images and :data:`DICOM_OUTPUT`; ``run`` takes all of it too.
 EXPLAIN = ("model", "weights", "bundle", "method", "target", "region", "layer", "option", "activation", "output",
            "skip_unsupported", "seed", "series", "out", "overwrite", *MODEL_INPUT)
@@ -391,4 +412,5 @@ def takes(*names: str):
     return deco
 
 
-__all__ = ["EXPLAIN", "Flags", "declared_methods", "MODEL_INPUT", "OPTIONS", "Opt", "split_list", "takes"]
+__all__ = ["DICOM_OUTPUT", "EXPLAIN", "FORMAT_OUTPUT",
+           "Flags", "declared_methods", "MODEL_INPUT", "OPTIONS", "Opt", "split_list", "takes"]

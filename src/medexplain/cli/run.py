@@ -5,7 +5,9 @@ case x method a map and a record, then ``results.csv`` (+ ``results.parquet`` wi
 ``run.json``. Safe to kill at any moment: ``--resume`` continues where it stopped. See ``docs/run.md``.
 ``run`` takes every option of ``explain`` (the same declaration, :data:`medexplain.cli.params.EXPLAIN`) with the
 same meaning; ``--target``, ``--region``, ``--series`` and the preprocessing options are run-wide defaults of
-the manifest's columns (a case's own cell wins).
+the manifest's columns (a case's own cell wins). ``--format png,dicom`` adds each case's figures and DICOM
+objects (explain's writer); ``--pacs URL`` reads the manifest's ``study`` rows from a PACS and stores their
+objects back (``docs/dicom.md``); ``--study`` is refused (the manifest names each case's study).
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ import typer
 
 from . import app
 from ._common import cli_errors, console, stop_signals
+from ._dicom import output_kwargs
 from .explain import explain_kwargs
-from .params import EXPLAIN, Flags, declared_methods, takes
+from .params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
 
 
 @app.command("run")
-@takes(*EXPLAIN, "batch_size")
+@takes(*EXPLAIN, *DICOM_OUTPUT, "batch_size")
 def run_cmd(
     manifest: Path = typer.Argument(..., help="CSV with columns image (required), mask, label, target (class or "
-                                    "predicted), region (predicted, all or a mask file), series, case_id, and the "
+                                    "predicted), region (predicted, all or a mask file), series, case_id, study (with --pacs: a "
+                                    "StudyInstanceUID instead of an image), and the "
                                     "preprocessing columns spacing, orientation, spatial_size, min_spatial_size, "
                                     "divisible_by, intensity, transform"),
     backend: Literal["local", "ray"] = typer.Option("local", help="local (in-process) or ray"),
@@ -45,11 +49,15 @@ def run_cmd(
     stop it with "stopped; rerun with --resume to continue" and exit 130 / 143."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from ..errors import OptionError
     from ..run import run_manifest
 
     with stop_signals(), cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(),
                                                 TimeRemainingColumn(), console=console, transient=True) as bar:
-        kwargs = explain_kwargs(flags)
+        if flags.study is not None:
+            raise OptionError("run reads each case's study from the manifest's study column; --study is for explain")
+        kwargs = {**explain_kwargs(flags), **output_kwargs(flags), "pacs": flags.pacs, "pacs_netrc": flags.pacs_netrc,
+                  "pacs_ca_bundle": flags.pacs_ca_bundle}
         task = bar.add_task("items", total=None)
         res = run_manifest(manifest, flags.models("model"), flags.methods(declared_methods().default), flags.out, backend=backend,
                            address=address, resume=resume, batch_size=flags.batch_size or 4, num_workers=num_workers,

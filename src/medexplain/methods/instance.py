@@ -198,7 +198,7 @@ def _as_regions(target, x) -> Regions:
 
 
 @register("instance_smoothgrad", family="instance", regions=True, instance_of=smoothgrad, applies_to=segmenter_only,
-          default=True)
+          default=True, dicom_concept="Saliency")
 def instance_smoothgrad(model, x, target, cost, aggregate: Literal["mean", "max"] = "mean", n_samples: int = 50,
                         sigma: float = 0.05, seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160,
                         strategy: Literal[STRATEGIES] = "batched", noise: torch.Tensor | None = None):

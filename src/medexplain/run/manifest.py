@@ -2,8 +2,8 @@
 
 Columns (header required, order free, names case-insensitive):
 
-- ``image`` (required): path of the image (PNG/JPEG, DICOM, NIfTI, ``.npy``), relative to the manifest's
-  folder or absolute; or one single-channel file per input channel, separated by ``|``
+- ``image`` (required, unless the row names a PACS ``study``): path of the image (PNG/JPEG, DICOM, NIfTI,
+  ``.npy``), relative to the manifest's folder or absolute; or one single-channel file per input channel, separated by ``|``
   (``case_0000.nii.gz|case_0001.nii.gz``: read as ``explain`` reads several files);
 - ``mask`` (optional): path of a binary mask of the evidence on the image grid (voxels > 0 are inside);
   when given, the run scores each map with the pointing game (:func:`medexplain.metrics.hit_rate`);
@@ -16,9 +16,14 @@ Columns (header required, order free, names case-insensitive):
 - ``spacing``, ``orientation``, ``spatial_size``, ``min_spatial_size``, ``divisible_by``, ``intensity``,
   ``transform`` (optional): the preprocessing of the case, as the command line's ``--spacing`` etc.
   (:class:`medexplain.transforms.Preprocessing`); the maps are put back on the image grid;
-- ``series`` (optional): the SeriesInstanceUID to read when the image is a folder of several DICOM series;
+- ``series`` (optional): the SeriesInstanceUID to read when the image is a folder of several DICOM series, or
+  the series of the row's PACS study;
+- ``study`` (optional, with ``run --pacs URL``): a StudyInstanceUID on the PACS instead of an image file: the
+  case's series (its only image series, or ``series``) is retrieved (WADO-RS), explained, and its DICOM objects
+  stored back into the study (STOW-RS); a row gives an image or a study, not both;
 - ``case_id`` (optional): a unique name of the case, kept as written (Unicode included: ``Müller`` stays
-  ``Müller``); default ``<row>_<image stem>`` (the stem of :func:`medexplain.io.file_stem`). Its output folder
+  ``Müller``); default ``<row>_<image stem>`` (the stem of :func:`medexplain.io.file_stem`; ``<row>_<study UID>``
+  for a study). Its output folder
   is :func:`medexplain.io.safe_file_name` of it (only unsafe characters percent-encoded, reversibly); two ids
   that would share a folder on a case-insensitive file system (``Müller``, ``müller``) are refused by name.
 
@@ -40,7 +45,7 @@ from ..io import file_stem, safe_file_name
 IMAGE_SEPARATOR = "|"
 PREPROCESSING_COLUMNS = ("spacing", "orientation", "spatial_size", "min_spatial_size", "divisible_by", "intensity",
                          "transform")
-COLUMNS = ("image", "mask", "label", "target", "case_id", "region", "series", *PREPROCESSING_COLUMNS)
+COLUMNS = ("image", "study", "mask", "label", "target", "case_id", "region", "series", *PREPROCESSING_COLUMNS)
 
 
 class ManifestError(FileFormatError):
@@ -49,7 +54,8 @@ class ManifestError(FileFormatError):
 
 @dataclass(frozen=True)
 class Case:
-    """One manifest row, paths resolved. ``index`` is the 0-based data-row number (the table's order)."""
+    """One manifest row, paths resolved. ``index`` is the 0-based data-row number (the table's order).
+    ``study``: a StudyInstanceUID on the run's PACS (``image`` is then empty until the series is retrieved)."""
 
     index: int
     case_id: str
@@ -60,6 +66,7 @@ class Case:
     region: str | None = None
     series: str | None = None
     preprocessing: tuple = ()   # (column, cell) pairs of the preprocessing columns that are set
+    study: str | None = None
 
     @property
     def images(self) -> list[str]:
@@ -123,7 +130,7 @@ def read_manifest(path) -> list[Case]:
         dialect = csv.excel
     reader = csv.reader(lines, dialect)
     header = [h.strip().lower() for h in next(reader)]
-    if "image" not in header:
+    if "image" not in header and "study" not in header:
         close = difflib.get_close_matches("image", header, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ManifestError(f"{path}: no 'image' column{hint}; found columns {header}; expected {list(COLUMNS)}")
@@ -159,18 +166,22 @@ def read_manifest(path) -> list[Case]:
 
 def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> Case:
     """One data row (its cells by column name) as a :class:`Case`; default id ``<row>_<file stem>``."""
-    image = cells.get("image", "")
-    if not image:
-        raise ManifestError(f"line {line}: the image cell is empty")
+    image, study = cells.get("image", ""), cells.get("study", "")
+    if image and study:
+        raise ManifestError(f"line {line}: give an image file or a PACS study, not both")
+    if not image and not study:
+        raise ManifestError(f"line {line}: the image cell is empty" + (" (and the study cell)" if "study" in cells else ""))
     mask = cells.get("mask") or None
 
     def resolve(p: str) -> str:
         return str(Path(p) if Path(p).is_absolute() else (base / p))
 
     files = [resolve(p.strip()) for p in image.split(IMAGE_SEPARATOR) if p.strip()]
-    if not files:
+    if image and not files:
         raise ManifestError(f"line {line}: the image cell names no file")
-    case_id = cells["case_id"] if cells.get("case_id") else f"{i:0{width}d}_{file_stem(files[0])}"
+    if study and not all(part.isdigit() for part in study.split(".")) or len(study) > 64:
+        raise ManifestError(f"line {line}: the study cell must be a StudyInstanceUID (digits and dots), got {study!r}")
+    case_id = cells["case_id"] if cells.get("case_id") else f"{i:0{width}d}_{file_stem(files[0]) if files else study}"
     target = cells.get("target", "")
     region = cells.get("region") or None
     if region is not None:
@@ -187,4 +198,4 @@ def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> C
                 label=_int_cell(cells.get("label", ""), "label", line),
                 target=None if target.strip().lower() == "predicted" else _int_cell(target, "target", line),
                 region=region, series=cells.get("series") or None,
-                preprocessing=prep)
+                preprocessing=prep, study=study or None)

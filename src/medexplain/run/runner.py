@@ -35,7 +35,8 @@ from .worker import CaseProcessor, WorkerSpec
 # What a resumed run must share with the run it continues (otherwise its items would mix two setups).
 FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
                "map_format", "seed", "batch_size", "preprocessing", "bundle", "nnunet", "nnunet_options", "inferer",
-               "activation", "output", "target", "region", "series", "layer", "flip_axes", "eval")
+               "activation", "output", "target", "region", "series", "layer", "flip_axes", "eval", "formats",
+               "dicom_reference", "dicom_threshold", "pacs")
 
 
 @dataclass
@@ -88,7 +89,8 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
                  target=None, region=None, activation: str = "auto", output=None, skip_unsupported: bool = False,
                  overwrite: bool = False, series: str | None = None, bundle=None, nnunet=None,
                  nnunet_options: dict | None = None, inferer: dict | None = None, device=None, flip_axes=None,
-                 eval: str = "auto", memory: float | None = None) -> RunResult:
+                 eval: str = "auto", memory: float | None = None, formats=None, dicom_reference=None,
+                 dicom_threshold="otsu", pacs=None, pacs_netrc=None, pacs_ca_bundle=None) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Every case goes through ``explain``'s one case pipeline (:func:`medexplain.pipelines.explain_case`), so a
@@ -128,6 +130,15 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
         memory: the budget in GB of one model call (default: half the memory available to the worker);
             ``chunk_size`` is capped to fit, and a case whose one row does not fit is an error row
             (:func:`medexplain.options.plan_memory`).
+        formats: outputs besides the map, as ``explain``'s ``formats`` (``png``, ``dicom``; ``nifti`` is the
+            map, always written as ``map_format`` asks; default none): each case's figures and DICOM objects
+            (Parametric Map, Segmentation thresholded by ``dicom_threshold``, Secondary Capture) are written
+            into its folder by ``explain``'s writer (:func:`medexplain.pipelines.write_method_outputs`);
+            ``dicom_reference`` as for ``explain``. A case that is not DICOM is then an error row.
+        pacs: a DICOMweb URL (``pacs_netrc``, ``pacs_ca_bundle``: :class:`medexplain.pacs.Pacs`): the
+            manifest's ``study`` rows are retrieved from it, explained, and their DICOM objects stored back
+            (``dicom`` is added to ``formats``). A PACS that is down or refuses is that case's error row;
+            ``resume`` retries such rows (they are ``transient``).
 
     A bad case (missing, corrupt or NaN image, wrong channels, mask off-grid, target out of range, a
     method failing on it) becomes an error row; everything else raises a typed error before writing.
@@ -140,6 +151,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
         raise OptionError("--resume continues a run and --overwrite recomputes it: give one")
     preprocessing = {k: str(v) for k, v in (preprocessing or {}).items() if v not in (None, "")}
     cases = with_defaults(read_manifest(manifest), preprocessing, target=target, region=region, series=series)
+    formats, pacs_spec = _check_outputs_and_pacs(cases, formats, dicom_reference, pacs, pacs_netrc, pacs_ca_bundle)
     if (bundle is not None or nnunet is not None) and any(c.preprocessing for c in cases):
         raise OptionError("--bundle and --nnunet give the model's preprocessing: drop the preprocessing options and "
                           "the manifest's preprocessing columns")
@@ -172,7 +184,11 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
               "skip_unsupported": skip_unsupported, "device": None if device is None else str(device),
               "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
               "address": address, "num_workers": num_workers, "retry_errors": retry_errors,
-              "preprocessing": dict(sorted((preprocessing or {}).items())) or None, "memory": memory}
+              "preprocessing": dict(sorted((preprocessing or {}).items())) or None, "memory": memory,
+              # None when unused, as a run record written before these options has them
+              "formats": list(formats) or None, "dicom_threshold": dicom_threshold if "dicom" in formats else None,
+              "dicom_reference": str(Path(dicom_reference).resolve()) if dicom_reference is not None else None,
+              "pacs": pacs}
     previous = _previous_run(out, config, resume, overwrite)
     if previous is not None and not overwrite:
         methods, routed = _extend_run(previous, config, methods, routed)
@@ -193,7 +209,8 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
                       options=routed, weights=weights, map_format=map_format, seed=seed, retry_errors=retry_errors,
                       device=None if device is None else str(device), bundle=bundle, nnunet=nnunet,
                       nnunet_options=nnunet_options, inferer=inferer, layer=layer, activation=activation, output=output,
-                      skip_unsupported=skip_unsupported, redo=overwrite, memory=memory)
+                      skip_unsupported=skip_unsupported, redo=overwrite, memory=memory, formats=formats,
+                      dicom_reference=config["dicom_reference"], dicom_threshold=dicom_threshold, pacs=pacs_spec)
     progress = _Progress(store, cases, methods, retry_errors, on_progress, redo=overwrite)
     workers = _execute(progress.pending(batch_size), spec, setup, backend, num_workers, address, progress.on_chunk)
 
@@ -210,6 +227,31 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
     atomic_json(record, out / RUN_RECORD)
     return RunResult(out=out, rows=rows, tables=tables, record=out / RUN_RECORD, computed=progress.computed,
                      skipped=progress.skipped, removed_partials=removed)
+
+
+def _check_outputs_and_pacs(cases: list[Case], formats, dicom_reference, pacs, netrc, ca_bundle):
+    """Before any work: the run's outputs besides the map (``formats`` without ``nifti``, the map itself; with a
+    PACS ``dicom`` added) and the PACS settings the workers connect with (None without ``pacs``). A manifest
+    with studies needs ``pacs``, and ``pacs`` a manifest with studies; the PACS URL and credentials are
+    checked now (:class:`medexplain.pacs.Pacs`), the studies themselves when each case runs."""
+    from ..dicom_out import parse_formats
+
+    formats = tuple(f for f in (parse_formats(formats) if formats is not None else ()) if f != "nifti")
+    studies = [c for c in cases if c.study]
+    if pacs is None:
+        if studies:
+            raise OptionError(f"the manifest lists PACS studies ({len(studies)} row(s), e.g. {studies[0].case_id}): "
+                              "give the PACS with --pacs URL")
+        if dicom_reference is not None and "dicom" not in formats:
+            raise OptionError("--dicom-reference is for --format dicom; add dicom to --format or drop it")
+        return formats, None
+    if not studies:
+        raise OptionError("--pacs reads the manifest's studies: add a study column (StudyInstanceUIDs)")
+    from ..pacs import Pacs
+    spec = {"url": pacs, "netrc": None if netrc is None else str(Path(netrc).resolve()),
+            "ca_bundle": None if ca_bundle is None else str(Path(ca_bundle).resolve())}
+    Pacs(**spec)   # the URL and the credentials, now (the PACS is reached when the cases run)
+    return tuple(dict.fromkeys(formats + ("dicom",))), spec
 
 
 def _absolute(spec):

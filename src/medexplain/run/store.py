@@ -6,7 +6,8 @@ Layout of ``OUT``::
     results.csv, results.parquet  one row per case x method, rebuilt from the records
     cases/<case folder>/<method>.nii.gz (or .npz)   the map, on the image's affine
     (the case folder is io.safe_file_name(case_id): the id, unsafe characters percent-encoded)
-    cases/<case folder>/<method>.json               the item's record: written AFTER its map
+    cases/<case folder>/<method>.png, <method>_{pm,seg,sc}.dcm   with --format png / dicom (explain's writer)
+    cases/<case folder>/<method>.json               the item's record: written AFTER its map and outputs
 
 Crash safety rests on two facts. Every file is written through :func:`medexplain.io.atomic_path`
 (a temporary file in the same folder, then ``os.replace``), so a file with its final name is always
@@ -66,19 +67,24 @@ class RunStore:
 
     # --- done records ------------------------------------------------------------------------------
     def read_record(self, case_id: str, method: str) -> dict | None:
-        """The item's record, or None when the item is not complete (no record, or its map is gone)."""
+        """The item's record, or None when the item is not complete (no record, or its map or one of its
+        other outputs, the figures and DICOM objects, is gone)."""
         p = self.record_path(case_id, method)
         try:
             rec = json.loads(p.read_text())
         except (OSError, ValueError):
             return None
-        if rec.get("status") == "ok" and not (self.out / rec.get("map", "")).is_file():
+        if rec.get("status") == "ok" and not all((self.out / f).is_file()
+                                                 for f in [rec.get("map", "")] + list(rec.get("outputs") or [])):
             return None
         return rec
 
     def is_done(self, case_id: str, method: str, retry_errors: bool = False) -> bool:
+        """Whether the item is complete: its record exists, and it is not an error to redo (``retry_errors``,
+        or a ``transient`` error: a PACS that could not be reached or refused a request, which ``--resume``
+        always retries)."""
         rec = self.read_record(case_id, method)
-        return rec is not None and not (retry_errors and rec.get("status") == "error")
+        return rec is not None and not (rec.get("status") == "error" and (retry_errors or rec.get("transient")))
 
     def write_map(self, case_id: str, method: str, amap: torch.Tensor, meta: dict) -> str:
         """Write one map ``(C_or_1, *spatial)`` on the image grid atomically (``meta``: the image's, with its

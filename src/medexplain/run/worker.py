@@ -7,6 +7,12 @@ same code on the same chunks and produce the same numbers. Each case goes throug
 a writer that puts each map and its record in the run folder: a case's maps are byte for byte the maps
 ``medexplain explain`` writes for it with the same options.
 
+With ``formats`` the writer also writes each map's PNG figure and DICOM objects into the case folder through
+``explain``'s writer (:func:`medexplain.pipelines.write_method_outputs`). A case that names a PACS ``study`` is
+retrieved first (:func:`medexplain.pacs.fetch_case`, into a temporary folder), and each method's DICOM objects
+are stored back (STOW-RS) before its record is written; a PACS error is the item's error row, marked
+``transient`` so that ``--resume`` retries it.
+
 Reproducibility does not depend on how a run was split or interrupted: every case is explained on its own,
 and before every method the global RNG is seeded with the run's seed (methods that take a ``seed`` option
 get it too), as ``explain --seed`` does.
@@ -15,15 +21,19 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from .. import io
 from ..errors import InputError, MedexplainError
 from ..metrics.localisation import hit_rate
-from ..pipelines import CaseState, CaseWriter, explain_case, input_files, load_setup, model_device
+from ..pacs import Pacs, PacsError, fetch_case
+from ..pipelines import CaseState, CaseWriter, explain_case, input_files, load_setup, model_device, write_method_outputs
 from ..targets import ResolvedTarget
 from .manifest import Case
 from .store import RunStore
@@ -57,6 +67,10 @@ class WorkerSpec:
     flip_axes: list | None = None
     eval: str = "auto"
     memory: float | None = None    # GB per model call (None: half the memory available here)
+    formats: tuple = ()            # outputs besides the map: "png", "dicom" (explain's writer)
+    dicom_reference: str | None = None
+    dicom_threshold: object = "otsu"
+    pacs: dict | None = None       # the PACS of the manifest's studies: Pacs(**pacs) (url, netrc, ca_bundle)
 
     def setup(self):
         """The model, as every worker loads it (:func:`medexplain.pipelines.load_setup`)."""
@@ -82,6 +96,15 @@ class CaseProcessor:
         self.spec = spec
         self.setup = setup if setup is not None else spec.setup()   # a Ray actor loads its own copy, once
         self.store = RunStore(spec.out, spec.map_format)
+        self._pacs = None
+
+    @property
+    def pacs(self) -> Pacs:
+        """The PACS of the manifest's studies, connected once per worker (credentials from this process's
+        environment, :func:`medexplain.pacs.pacs_session`)."""
+        if self._pacs is None:
+            self._pacs = Pacs(**self.spec.pacs)
+        return self._pacs
 
     @property
     def device(self) -> torch.device:
@@ -115,12 +138,19 @@ class CaseProcessor:
             setup = replace(setup, preprocessing=case.preprocessing_spec())
         writer = _RunWriter(self, case)
         state = CaseState(case.images)
+        fetched = tempfile.TemporaryDirectory(prefix="medexplain-pacs-") if case.study else nullcontext()
         try:
-            images = input_files(case.images, setup.nnunet is not None)[0]   # as explain orders them
-            explain_case(setup, images, methods, writer, per_method=spec.options, target=case.target,
-                         region=case.region, layer=spec.layer, output=spec.output, activation=spec.activation,
-                         skip_unsupported=spec.skip_unsupported, series=case.series, seed=spec.seed, memory=spec.memory,
-                         state=state)
+            with fetched as tmp:
+                images = case.images
+                if case.study:   # the study's series from the PACS (WADO-RS), read as a local series
+                    state.stage = "pacs"
+                    folder, writer.series = fetch_case(self.pacs, case.study, case.series, tmp)
+                    images = [str(folder)]
+                state.images = images = input_files(images, setup.nnunet is not None)[0]   # as explain orders them
+                explain_case(setup, images, methods, writer, per_method=spec.options, target=case.target,
+                             region=case.region, layer=spec.layer, output=spec.output, activation=spec.activation,
+                             skip_unsupported=spec.skip_unsupported, series=writer.series, seed=spec.seed,
+                             memory=spec.memory, state=state)
         except Exception as e:  # a bad case is recorded and the run goes on
             if writer.predicted is None and state.prep is not None:
                 try:
@@ -138,7 +168,8 @@ class CaseProcessor:
         resolved = target if isinstance(target, ResolvedTarget) else None
         target = resolved.class_index if resolved is not None else target
         source = None if target is None else ("manifest" if c.target is not None else "predicted")
-        rec = {"case_id": c.case_id, "index": c.index, "image": c.image, "mask": c.mask, "label": c.label,
+        image = c.image or f"study {c.study}"
+        rec = {"case_id": c.case_id, "index": c.index, "image": image, "mask": c.mask, "label": c.label,
                "target": target, "target_source": source, "predicted": predicted, "method": method}
         if resolved is not None and resolved.region is not None:
             rec.update(region=resolved.region, region_voxels=resolved.voxels[0])
@@ -148,14 +179,18 @@ class CaseProcessor:
 
     def _write_error(self, base: dict, err: Exception, stage: str, status: str = "error") -> dict:
         rec = {**base, "status": status, "error_type": type(err).__name__, "error": error_message(err, stage)}
+        if isinstance(err, PacsError):   # the PACS was down or refused: --resume retries the item
+            rec["transient"] = True
         self.store.write_record(rec)
         return rec
 
-    def _write_ok(self, base: dict, amap: torch.Tensor, info: dict, meta: dict, mask, notes: list[str]) -> dict:
+    def _write_ok(self, base: dict, amap: torch.Tensor, info: dict, meta: dict, mask, notes: list[str],
+                  outputs=None) -> dict:
         amap = amap.detach().cpu()
         rel = self.store.write_map(base["case_id"], base["method"], amap, meta)    # the map first ...
+        extra = outputs() if outputs is not None else {}                             # figures, DICOM, PACS
         a = amap.double()
-        rec = {**base, "status": "ok", "map": rel, "map_shape": "x".join(map(str, amap.shape)),
+        rec = {**base, **extra, "status": "ok", "map": rel, "map_shape": "x".join(map(str, amap.shape)),
                "map_sum": float(a.sum()), "map_abs_max": float(a.abs().max()),
                "seconds": info.pop("seconds"), "n_forward": info.pop("n_forward"),
                "n_backward": info.pop("n_backward"), "info": info}
@@ -188,8 +223,29 @@ class _RunWriter(CaseWriter):
     def __init__(self, proc: CaseProcessor, case: Case):
         self.proc, self.case = proc, case
         self.records: dict[str, dict] = {}
-        self.predicted = self.mask = None
+        self.predicted = self.mask = self.dicom_src = None
         self.notes: list[str] = []
+        self.series = case.series
+
+    def read(self, st: CaseState) -> None:
+        from ..dicom_out import dicom_source_for  # the study the DICOM objects join, checked before any compute
+
+        spec = self.proc.spec
+        self.dicom_src = dicom_source_for(st.images, st.meta, spec.formats, spec.dicom_reference, self.series)
+
+    def outputs(self, st: CaseState, m: str, amap) -> dict:
+        """The method's figure and DICOM objects in the case folder (explain's writer), stored on the PACS for a
+        PACS case; their paths (relative to the run folder) and the SOP Instance UIDs stored, for the record."""
+        spec, store = self.proc.spec, self.proc.store
+        formats = tuple(f for f in spec.formats if f != "nifti")     # the map itself is the store's
+        if not formats:
+            return {}
+        files = write_method_outputs(st, m, amap, store.case_dir(self.case.case_id), "", formats, self.dicom_src,
+                                     spec.dicom_threshold)
+        extra = {"outputs": [str(Path(f).relative_to(store.out)) for f in files]}
+        if self.case.study:
+            extra["stored"] = self.proc.pacs.store([f for f in files if str(f).endswith(".dcm")])
+        return extra
 
     def ready(self, st: CaseState) -> None:
         self.predicted = st.predicted(self.proc.setup.net)
@@ -207,9 +263,9 @@ class _RunWriter(CaseWriter):
         base = self._base(st, m)
         try:
             self.records[m] = self.proc._write_ok(base, amap, _per_case_info(attr.info, 1, 0), st.meta, self.mask,
-                                                  self.notes)
-        except Exception as e:  # a map that cannot be written is the case's error row, not the run's end
-            self.records[m] = self.proc._write_error(base, e, "write")
+                                                  self.notes, lambda: self.outputs(st, m, amap))
+        except Exception as e:  # a map that cannot be written or stored is the case's error row, not the run's end
+            self.records[m] = self.proc._write_error(base, e, "store" if isinstance(e, PacsError) else "write")
         return []
 
     def failed(self, st, m, error):
