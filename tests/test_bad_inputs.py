@@ -822,7 +822,8 @@ def test_api_baseline_of_the_wrong_shape_is_a_typed_error(method, key):
         pytest.skip(f"{method} not registered")
     model, x = cls3d(), torch.rand(2, 1, S, S, S)
     for bad, words in [(torch.zeros(1, 1, S + 1, S, S), "does not broadcast"), (torch.zeros(3, 1, S, S, S), "does not broadcast"),
-                       (torch.full((1, 1, S, S, S), float("nan")), "NaN"), ("zero", "a number or a tensor")]:
+                       (torch.full((1, 1, S, S, S), float("nan")), "NaN"), ("black", "a number or")]:   # feature_ablation:
+        # a number, a tensor or a named baseline (zero, mean, median, blur: tests/test_perturbation_baselines.py)
         with pytest.raises(errors.InputError, match=words):
             mx.explain(model, x, method, target=0, **{key: bad})
     one = mx.explain(model, x, method, target=0, **{key: torch.zeros(1, 1, S, S, S)}).map   # one image: broadcast

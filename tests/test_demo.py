@@ -82,3 +82,72 @@ def test_gradient_methods_beat_the_random_baseline_on_the_planted_nodules(tmp_pa
         assert n == 8 and r["hit rate"] > base, r
         assert stats.binom.sf(hits - 1, n, base) < 1e-3, r              # P(at least this many hits by chance)
     assert [r["method"] for r in res["rows"]] == methods
+
+
+# --- issue 25: progress and an estimate from the measured first calls ------------------------------------
+class FakeBar:
+    def __init__(self):
+        self.tasks, self.updates, self.removed = [], {}, []
+
+    def add_task(self, name, total=None):
+        self.tasks.append((name, total))
+        return name
+
+    def update(self, task, completed, total):
+        self.updates[task] = (completed, total)
+
+    def remove_task(self, task):
+        self.removed.append(task)
+
+
+def test_the_estimate_extrapolates_the_per_row_time_measured_after_the_first_call(monkeypatch):
+    from medexplain import demo
+    clock = iter([0.0, 3.0, 3.5, 4.0, 5.0])              # start; after call 1 (warm-up), calls 2, 3, 4
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+    said, bar = [], FakeBar()
+    prog = demo.MethodProgress("kernelshap", 50, bar, said.append)
+    prog.rows(10)
+    assert prog.estimate is None                         # one call: its time includes the warm-up
+    prog.rows(5)
+    assert prog.estimate is None                         # 5 rows since the first call: under 20 % of 50
+    prog.rows(5)                                         # 10 rows in 1 s after the first call: 0.1 s per row
+    assert prog.estimate == pytest.approx(4.0 + 0.1 * 30)
+    assert said == ["  kernelshap: ~7 s estimated from its first 20 of 50 rows (100.0 ms per row)"]
+    prog.rows(10)
+    assert len(said) == 1 and bar.updates["kernelshap"] == (30, 50)
+
+
+def test_slow_methods_report_progress_over_all_their_rows(monkeypatch):
+    from medexplain import demo
+    from medexplain.options import estimate_passes
+    from medexplain.registry import get_method
+    torch.manual_seed(0)
+    net = zoo.classifier_2d(1, 2, widths=(4, 4, 4, 4)).eval()
+    x, masks = torch.rand(2, 1, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[:, 10:14, 10:14] = True
+    bar = FakeBar()
+    monkeypatch.setattr(demo, "_progress_bar", lambda progress: __import__("contextlib").nullcontext(bar))
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "kernelshap", lambda px: {"n_samples": 12})
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "lime", lambda px: {"n_samples": 12})
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "medcam", lambda px: {"steps": 3})
+    res = demo.score_methods(net, x, masks, ["kernelshap", "lime", "medcam"], progress=True)
+    for row in res.rows:
+        name = row["method"]
+        total = estimate_passes(name, get_method(name).fn, x.shape, demo.method_options(name, net, 32))[0]
+        assert (name, total) in bar.tasks and bar.updates[name][0] == row["rows"]
+        if name == "medcam":       # early stopping and its final passes: the expected rows are a guide, the bar follows
+            assert 0.5 * total <= row["rows"] <= 1.5 * total
+        else:
+            assert row["rows"] == total and bar.updates[name] == (total, total)
+    assert bar.removed == ["kernelshap", "lime", "medcam"]
+
+
+def test_progress_is_quiet_when_stderr_is_not_a_terminal_unless_asked():
+    from rich.progress import Progress
+
+    from medexplain import demo
+    with demo._progress_bar(None) as bar:                 # pytest captures stderr: not a terminal
+        assert bar is None
+    assert isinstance(demo._progress_bar(True), Progress)
+    with demo._progress_bar(False) as bar:
+        assert bar is None

@@ -486,7 +486,7 @@ def test_instances_format_dicom_writes_each_instance_map_on_the_source_slices(tm
 def test_instances_format_checks_come_before_any_compute(tmp_path):
     import nibabel as nib_
     nib_.save(nib_.Nifti1Image(np.zeros((6, 7, 5), np.float32), np.eye(4)), str(tmp_path / "scan.nii.gz"))
-    for fmt, message in (("dicom", "no study to join"), ("nifti,png", "instances writes no figures")):
+    for fmt, message in (("dicom", "no study to join"), ("nifti,jpeg", "unknown format")):   # png: a figure per lesion
         res = runner.invoke(app, ["instances", str(tmp_path / "scan.nii.gz"), "--model", "test_dicom_out:bright",
                                   "--format", fmt, "--out", str(tmp_path / "o")])
         assert res.exit_code != 0 and message in " ".join(res.output.split()), res.output

@@ -20,7 +20,7 @@ _NAMES = {"Attribution": "attribution", "available_methods": "explain", "explain
           "register": "registry", "channel_shapley": "shapley", "Model": "models.model", "load_model": "models.model"}
 #: Sub-packages and modules reachable as attributes (``mx.metrics``), loaded on first use.
 _MODULES = ("targets", "metrics", "segmentation", "models", "data", "io", "report", "shapley", "run", "training",
-            "demo", "evaluation", "pipelines", "render", "ops", "core", "registry")
+            "demo", "evaluation", "pipelines", "render", "ops", "core", "registry", "examples")
 
 
 def __getattr__(name):

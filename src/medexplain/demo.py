@@ -25,11 +25,12 @@ from .explain import available_methods, explain
 from .io import check_output_dir, method_file, write_json, write_nifti
 from .metrics.localisation import hit_rate
 from .models import zoo
+from .options import CountingModel, estimate_passes
 from .registry import accepted_options, get_method
 from .report import write_report
 from .training import evaluate
 
-__all__ = ["DemoCase", "method_options", "choose_methods", "score_methods", "run_demo"]
+__all__ = ["DemoCase", "MethodProgress", "method_options", "choose_methods", "score_methods", "run_demo"]
 
 def method_options(name: str, model, px: int) -> dict:
     """The demo's options for method ``name`` on ``model`` at ``px`` pixels: the cheap options the method
@@ -72,47 +73,118 @@ class MethodScores:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+class MethodProgress:
+    """Progress of one method's rows through the model, and its time estimate from the measured first calls.
+
+    ``rows(n)`` is the :class:`~medexplain.options.CountingModel` callback. Once the rows since the first call
+    reach :data:`ESTIMATE_AFTER` of the expected total and :data:`ESTIMATE_CALLS` calls have passed, the
+    remaining rows are extrapolated at the per-row time measured since the end of the first call (which
+    carries the warm-up and the method's own set-up), and the estimate is announced through ``log`` when it
+    exceeds :data:`ANNOUNCE_SECONDS`. ``bar``: a Rich ``Progress`` (None: no bar). Measured on the demo set
+    (README): Med-CAM's first steps are slower than the rest and it stops early (its rows are an upper bound),
+    so its estimate runs high; waiting for 20 % of the rows keeps it within 2x."""
+
+    ESTIMATE_AFTER = 0.20
+    ESTIMATE_CALLS = 3
+    ANNOUNCE_SECONDS = 5.0
+
+    def __init__(self, name: str, total: int | None, bar=None, log: Callable[[str], None] = lambda _s: None):
+        self.name, self.total, self.bar, self.log = name, total, bar, log
+        self.t0 = time.perf_counter()
+        self.done, self.calls, self.first = 0, 0, None
+        self.estimate: float | None = None
+        self.task = bar.add_task(name, total=total) if bar is not None else None
+
+    def rows(self, n: int) -> None:
+        self.done += n
+        self.calls += 1
+        now = time.perf_counter() - self.t0
+        if self.first is None:
+            self.first = (now, self.done)
+        elif self.estimate is None and self.total:
+            t1, r1 = self.first
+            if self.done - r1 >= self.ESTIMATE_AFTER * self.total and self.calls >= self.ESTIMATE_CALLS:
+                per_row = (now - t1) / max(1, self.done - r1)
+                self.estimate = now + per_row * max(0, self.total - self.done)
+                if self.estimate > self.ANNOUNCE_SECONDS:
+                    self.log(f"  {self.name}: ~{self.estimate:.0f} s estimated from its first {self.done} of "
+                             f"{self.total} rows ({per_row * 1e3:.1f} ms per row)")
+        if self.bar is not None:
+            total = self.total if self.total is None or self.done <= self.total else self.done
+            self.bar.update(self.task, completed=self.done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.remove_task(self.task)
+
+
+def _progress_bar(progress: bool | None):
+    """A Rich progress display on stderr (rows, elapsed, remaining), or a null context: shown when
+    ``progress`` is True, or None and stderr is a terminal."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    console = Console(stderr=True)
+    if not (progress if progress is not None else console.is_terminal):
+        return contextlib.nullcontext(None)
+    return Progress(TextColumn("  [bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                    TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console, transient=True)
+
+
 def score_methods(model, x: torch.Tensor, masks: torch.Tensor, names, target: int = 1,
-                  log: Callable[[str], None] = lambda _s: None) -> MethodScores:
+                  log: Callable[[str], None] = lambda _s: None, progress: bool | None = None) -> MethodScores:
     """Explain ``x`` for ``target`` with each method of ``names`` and score its hit rate against ``masks``
     beside the random baseline (the mean mask area fraction). A method that fails with a medexplain
-    error is skipped with its message."""
+    error is skipped with its message. ``progress``: a bar per method over its rows through the model, on
+    stderr (None: only when stderr is a terminal); every method's rows, its estimate from the first calls
+    (:class:`MethodProgress`) and its time go into its row."""
     res = MethodScores()
     baseline = float(masks.flatten(1).float().mean(1).mean())
     px = x.shape[-1]
-    for name in names:
-        t = time.perf_counter()
-        try:
-            attr = explain(model, x, method=name, target=target, **method_options(name, model, px))
-        except MedexplainError as e:
-            res.skipped[name] = str(e)
-            log(f"  [yellow]skipped {name}[/yellow]: {e}")
-            continue
-        seconds = time.perf_counter() - t
-        hits = hit_rate(attr.map, masks)
-        res.maps[name] = attr.map
-        # Perturbation maps are constant over a patch or superpixel: the first maximal pixel (CheXlocalize's
-        # rule) is the block's corner, which can miss a small nodule that the block covers; say how often.
-        # How many pixels share the maximum says how much that figure means (a constant map hits every mask).
-        anyp = hit_rate(attr.map, masks, ties="any")
-        flat = attr.map.flatten(1)
-        at_max = (flat == flat.amax(1, keepdim=True)).sum(1)   # torch.median: the lower middle element
-        row = {"method": name, "hit rate": float(torch.nanmean(hits)), "random baseline": baseline,
-               "hits": f"{int(hits.nansum())}/{int((~hits.isnan()).sum())}",
-               "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}",
-               "maximal pixels (median)": int(at_max.median()), "pixels": int(flat.shape[1])}
-        if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
-            bil = hit_rate(explain(model, x, method=name, target=target,
-                                   **{**method_options(name, model, px), "upsample": "bilinear"}).map, masks)
-            row.update({"hit rate (bilinear upsampling)": float(torch.nanmean(bil)),
-                        "hits (bilinear upsampling)": f"{int(bil.nansum())}/{int((~bil.isnan()).sum())}"})
-        row.update({"seconds": seconds,
-                    "model evaluations": int(attr.info.get("n_forward", 0) + attr.info.get("n_backward", 0))})
-        res.rows.append(row)
-        also = (f", bilinear upsampling {row['hit rate (bilinear upsampling)']:.3f}"
-                if "hit rate (bilinear upsampling)" in row else "")
-        log(f"  {name:<22} hit rate {row['hit rate']:.3f}{also} (random {baseline:.3f})  {seconds:.1f} s")
+    with _progress_bar(progress) as bar:
+        for name in names:
+            _score_one(model, x, masks, name, target, px, baseline, res, log, bar)
     return res
+
+
+def _score_one(model, x, masks, name, target, px, baseline, res: MethodScores, log, bar) -> None:
+    opts = method_options(name, model, px)
+    passes = estimate_passes(name, get_method(name).fn, x.shape, opts)
+    prog = MethodProgress(name, passes[0] if passes else None, bar, log)
+    t = time.perf_counter()
+    try:
+        attr = explain(CountingModel(model, None, prog.rows), x, method=name, target=target, **opts)
+    except MedexplainError as e:
+        res.skipped[name] = str(e)
+        log(f"  [yellow]skipped {name}[/yellow]: {e}")
+        return
+    finally:
+        prog.close()
+    seconds = time.perf_counter() - t
+    hits = hit_rate(attr.map, masks)
+    res.maps[name] = attr.map
+    # Perturbation maps are constant over a patch or superpixel: the first maximal pixel (CheXlocalize's
+    # rule) is the block's corner, which can miss a small nodule that the block covers; say how often.
+    # How many pixels share the maximum says how much that figure means (a constant map hits every mask).
+    anyp = hit_rate(attr.map, masks, ties="any")
+    flat = attr.map.flatten(1)
+    at_max = (flat == flat.amax(1, keepdim=True)).sum(1)   # torch.median: the lower middle element
+    row = {"method": name, "hit rate": float(torch.nanmean(hits)), "random baseline": baseline,
+           "hits": f"{int(hits.nansum())}/{int((~hits.isnan()).sum())}",
+           "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}",
+           "maximal pixels (median)": int(at_max.median()), "pixels": int(flat.shape[1])}
+    if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
+        bil = hit_rate(explain(model, x, method=name, target=target,
+                               **{**method_options(name, model, px), "upsample": "bilinear"}).map, masks)
+        row.update({"hit rate (bilinear upsampling)": float(torch.nanmean(bil)),
+                    "hits (bilinear upsampling)": f"{int(bil.nansum())}/{int((~bil.isnan()).sum())}"})
+    row.update({"seconds": seconds, "estimated seconds": prog.estimate, "rows": prog.done,
+                "model evaluations": int(attr.info.get("n_forward", 0) + attr.info.get("n_backward", 0))})
+    res.rows.append(row)
+    also = (f", bilinear upsampling {row['hit rate (bilinear upsampling)']:.3f}"
+            if "hit rate (bilinear upsampling)" in row else "")
+    log(f"  {name:<22} hit rate {row['hit rate']:.3f}{also} (random {baseline:.3f})  {seconds:.1f} s")
 
 
 @dataclass
@@ -167,12 +239,16 @@ def _notes(size: str, perf: dict, n_test: int, skipped: dict) -> list[str]:
 
 
 def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8, methods=None,
-             progress: bool = True, retrain: bool = False, log: Callable[[str], None] | None = None) -> dict:
+             progress: bool | None = None, retrain: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Run the demo into the folder ``out`` and return ``{"report", "accuracy", "auroc", "rows", "skipped",
     "random_baseline", "seconds", "model_seconds", "cached", "cache_path", "n_cases"}`` (also written as
     ``metrics.json``). ``methods``: names to run (default: every method that applies to the classifier);
-    ``size``: the zoo configuration (``"demo"``, or ``"small"`` for smoke tests); ``log``: a line printer."""
+    ``size``: the zoo configuration (``"demo"``, or ``"small"`` for smoke tests); ``log``: a line printer;
+    ``progress``: progress bars on stderr for the training and every method (None: only on a terminal)."""
     say = log or (lambda _s: None)
+    if progress is None:
+        from rich.console import Console
+        progress = Console(stderr=True).is_terminal
     t0 = time.perf_counter()
     out = check_output_dir(out)  # before the training and the explanations (issue 27)
     model, ds = zoo.pretrained("chest_xray", seed=seed, size=size, progress=progress, retrain=retrain)
@@ -186,7 +262,7 @@ def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8
     names, skipped = choose_methods(model, x, methods)
     for k, v in skipped.items():
         say(f"  [yellow]skipped {k}[/yellow]: {v}")
-    scores = score_methods(model, x, masks, names, target=1, log=say)
+    scores = score_methods(model, x, masks, names, target=1, log=say, progress=progress)
     skipped.update(scores.skipped)
     with torch.no_grad():
         prob = model(x).softmax(1)

@@ -57,7 +57,8 @@ from .errors import FileFormatError, InputError, MedexplainError, OutputPathErro
 
 __all__ = ["IMAGE_SUFFIXES", "KNOWN_SUFFIXES", "read_image", "read_channels", "file_stem",
            "method_file", "safe_file_name", "original_name",
-           "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_json",
+           "atomic_path", "check_output_dir", "write_nifti", "write_png_overlay", "write_figure",
+           "write_json",
            "write_text", "write_csv", "ras_affine_from_itk", "dicom_series"]
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "png", ".jpeg": "png", ".dcm": "dicom", ".dicom": "dicom",
@@ -514,6 +515,9 @@ def _dicom_meta(ds, sitk_info, files: int, arr_shape, what: str, positions: np.n
             "series_uid": str(getattr(ds, "SeriesInstanceUID", "")), "n_files": files,
             "transfer_syntax": str(ts.name) if ts is not None else None, "modality": str(getattr(ds, "Modality", "")),
             "photometric": str(getattr(ds, "PhotometricInterpretation", ""))}
+    po = getattr(ds, "PatientOrientation", None)
+    if po is not None and len(po) == 2:        # projection images: the figure's edge letters (render)
+        meta["patient_orientation"] = tuple(str(v) for v in po)
     if source and not source.startswith("PixelSpacing"):
         meta["spacing_source"] = source
     if slice_source is not None:
@@ -752,15 +756,23 @@ def write_nifti(array, path, affine=None, *, spatial_dims: int | None = None, xf
 
 
 def write_png_overlay(image, amap, path, *, affine=None, oriented: bool = True, title: str = "", subtitle: str = "",
-                      label: str = "map", point=None, signed: bool | None = None, percentile: float | None = None) -> Path:
+                      label: str = "map", point=None, signed: bool | None = None, percentile: float | None = None,
+                      **figure_options) -> Path:
     """The figure of :func:`medexplain.render.figure` (the map over the image, colour bar, title; a
-    tri-planar view through the map's peak or ``point`` for volumes) as a PNG, written atomically.
-    ``affine``: the image's affine (tensor indices to RAS mm) for the voxel aspect and, when ``oriented``
-    (``meta["oriented"]`` of :func:`read_image`), the patient-direction labels."""
+    tri-planar view through the explained region, the map's peak or ``point`` for volumes) as a PNG, written
+    atomically. ``affine``: the image's affine (tensor indices to RAS mm) for the voxel aspect and, when
+    ``oriented`` (``meta["oriented"]`` of :func:`read_image`), the patient-direction labels;
+    ``figure_options``: the other options of :func:`medexplain.render.figure` (``region``, ``alpha``,
+    ``cmap``, ``planes``, ``patient_orientation``, ``caption``)."""
     from . import render
     kw = {} if percentile is None else {"percentile": percentile}
     fig = render.figure(image, amap, affine=affine, oriented=oriented, title=title, subtitle=subtitle, label=label,
-                        point=point, signed=signed, **kw)
+                        point=point, signed=signed, **kw, **figure_options)
+    return write_figure(fig, path)
+
+
+def write_figure(fig, path) -> Path:
+    """A matplotlib figure (of :mod:`medexplain.render`) as a PNG at its own dpi, written atomically."""
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
     return Path(path)

@@ -468,8 +468,10 @@ class FileWriter(CaseWriter):
     bundle's own prediction."""
 
     def __init__(self, setup: ModelSetup, out: Path, stem: str, on_method: Callable[[str], None] | None = None, *,
-                 formats=("nifti", "png"), dicom_reference=None, dicom_threshold="otsu", series: str | None = None):
+                 formats=("nifti", "png"), dicom_reference=None, dicom_threshold="otsu", series: str | None = None,
+                 figure: dict | None = None):
         self.setup, self.out, self.stem, self.on_method = setup, out, stem, on_method
+        self.figure = dict(figure or {})         # render.figure options of the PNGs (checked by the caller)
         self.formats, self.dicom_reference, self.dicom_threshold, self.series = (formats, dicom_reference,
                                                                                  dicom_threshold, series)
         self.info_path = out / f"{stem}_info.json"
@@ -486,12 +488,12 @@ class FileWriter(CaseWriter):
         src = self.dicom_src
         state.info.update(formats=list(self.formats), dicom=None if src is None else {
             "study": src.study_uid, "source": str(src.path), "frame_of_reference": src.frame_of_reference_uid,
-            "threshold": self.dicom_threshold})
+            "threshold": self.dicom_threshold}, zoo=_zoo_card(self.setup.net))
 
     def method(self, state, method, attr, amap):
         self.attributions[method] = attr
         self.files += write_method_outputs(state, method, amap, self.out, self.stem, self.formats, self.dicom_src,
-                                           self.dicom_threshold)
+                                           self.dicom_threshold, self.figure)
         io.write_json(state.info, self.info_path)
         if self.on_method:
             self.on_method(method)
@@ -521,7 +523,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
                   bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
                   seed: int | None = None, flip_axes=None, eval: str = "auto", formats=None, dicom_reference=None,
-                  dicom_threshold="otsu", memory: float | None = None) -> ExplainedImage:
+                  dicom_threshold="otsu", memory: float | None = None,
+                  figure: dict | None = None) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
     uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
@@ -546,7 +549,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     the output activation (``auto`` detects probabilities). ``options``: ``{"key": v}`` for every
     method accepting ``key`` or ``{"method.key": v}`` for one, typed by each method's signature (text
     parsed); ``layer`` for every method that takes one; ``seed`` seeds the global RNG before each method and
-    goes to the methods that take a ``seed`` option.
+    goes to the methods that take a ``seed`` option. ``figure``: options of the PNG figures
+    (:func:`medexplain.render.figure_options`: ``alpha``, ``percentile``, ``cmap``, ``planes``, ``point``).
 
     Everything that can fail before compute is checked first: option names and types, the output
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
@@ -575,6 +579,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
     per_method = method_options(methods, options, layer, seed)
+    from . import render
+    figure = render.figure_options(figure)
     out = io.check_output_dir(out)
     images, stem = input_files(image, nnunet is not None)
     _check_outputs(stem, methods, out, overwrite, formats)
@@ -583,7 +589,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options,
                        preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
     writer = FileWriter(setup, out, stem, on_method, formats=formats, dicom_reference=dicom_reference,
-                        dicom_threshold=dicom_threshold, series=series)
+                        dicom_threshold=dicom_threshold, series=series, figure=figure)
     st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
                       output=output, activation=activation, threshold=threshold, skip_unsupported=skip_unsupported,
                       series=series, seed=seed, memory=memory, on_estimate=on_estimate, on_progress=on_progress)
@@ -594,6 +600,21 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                              + "; ".join(f"{m}: {e}" for m, e in res.failed.items())
                              + f". The other maps and info.json (with the errors) are in {out}", res.failed, res)
     return res
+
+
+def method_table(model=None, *, weights: str | None = None, image=None) -> list[dict]:
+    """``medexplain methods``: :func:`medexplain.registry.describe_methods` for ``model`` (a module or a
+    specification, with ``weights``); ``image``: a file the model is run on once (no gradients) so that
+    classifier-only methods are judged on its real output."""
+    from .registry import describe_methods
+    if model is None:
+        return describe_methods()
+    net = _model(model, weights)
+    out = None
+    if image is not None:
+        img, _ = io.read_image(image)
+        out = checked_forward(net, _model_input(img, net))
+    return describe_methods(net, out)
 
 
 def input_files(image, nnunet: bool) -> tuple[list, str]:
@@ -644,14 +665,17 @@ def _figure_title(method: str, info: dict) -> tuple[str, str]:
 
 
 def write_method_outputs(state: CaseState, method: str, amap: torch.Tensor, out: Path, stem: str, formats,
-                         dicom_src=None, dicom_threshold="otsu") -> list[Path]:
+                         dicom_src=None, dicom_threshold="otsu", figure: dict | None = None) -> list[Path]:
     """One method's outputs as ``formats`` asks, the one writer of ``explain`` (:class:`FileWriter`) and ``run``
     (its case folder, ``stem`` empty): the NIfTI map and PNG figure (:func:`_write_method_files`) and, with
     ``dicom_src`` (:func:`medexplain.dicom_out.dicom_source_for`, found before any compute), the Parametric Map,
     Segmentation (thresholded by ``dicom_threshold``) and Secondary Capture
-    (:func:`medexplain.dicom_out.write_dicom_objects`). Returns the paths written."""
+    (:func:`medexplain.dicom_out.write_dicom_objects`). The figure draws the explained region and names a
+    perturbation baseline; ``figure``: the user's options of :func:`medexplain.render.figure`. Returns the paths written."""
     title = _figure_title(method, state.info)
-    files = _write_method_files(state.img, amap, out, stem, method, state.meta, title, formats)
+    fig = {**(figure or {}), "region": _figure_region(state.resolved.target, state.prep),
+           "caption": _figure_caption(state.info.get("methods", {}).get(method, {}))}
+    files = _write_method_files(state.img, amap, out, stem, method, state.meta, title, formats, fig)
     if dicom_src is not None:
         from .dicom_out import write_dicom_objects
         files += write_dicom_objects(dicom_src, state.img, amap, state.meta, out, stem, method,
@@ -660,11 +684,38 @@ def write_method_outputs(state: CaseState, method: str, amap: torch.Tensor, out:
     return files
 
 
+def _zoo_card(net) -> dict | None:
+    """The card of a zoo model (:func:`medexplain.models.zoo.model_card`, set by ``zoo:<task>``) inside ``net``
+    (also when wrapped in an ``mx.Model``), for ``info.json``; None for other models."""
+    return next((m.zoo_info.get("card") for m in net.modules() if isinstance(getattr(m, "zoo_info", None), dict)),
+                None) if isinstance(net, torch.nn.Module) else None
+
+
+def _figure_region(target, prep):
+    """The explained region of a :class:`~medexplain.targets.Region` target on the image grid (bool), for the
+    figure's planes and outline; None for class targets (or when it cannot be put back on the image grid)."""
+    mask = getattr(target, "mask", None)
+    if mask is None:
+        return None
+    m = mask[0]
+    m = m[0] if m.ndim == prep.x.ndim - 1 else m
+    try:
+        return prep.invert(m[None].float(), nearest=True)[0] > 0.5
+    except Exception:  # a figure annotation only: the map and its files do not depend on it
+        return None
+
+
+def _figure_caption(info: dict) -> str:
+    """What a method's figure must say beyond the scale: a perturbation method's baseline."""
+    return f"Perturbation baseline (what replaced each removed region): {info['baseline']}." if info.get("baseline") else ""
+
+
 def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: str, method: str, meta: dict,
-                        title: tuple[str, str] = ("", ""), formats=("nifti", "png")) -> list[Path]:
+                        title: tuple[str, str] = ("", ""), formats=("nifti", "png"), figure: dict | None = None) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
     affine (channels on the 4th axis, also for 2D; ``nifti`` in ``formats``) and as a PNG figure on the image
-    (``png``), each written atomically, named ``<stem>_<method>`` (``<method>`` with an empty ``stem``)."""
+    (``png``; ``figure``: options of :func:`medexplain.render.figure`), each written atomically, named
+    ``<stem>_<method>`` (``<method>`` with an empty ``stem``)."""
     nd = img.ndim - 1
     files = []
     name = f"{stem + '_' if stem else ''}{io.method_file(method)}"
@@ -673,7 +724,8 @@ def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: 
     if "png" in formats:
         files.append(io.write_png_overlay(img, amap, out / f"{name}.png", affine=meta["affine"],
                                           oriented=meta.get("oriented", False), title=title[0], subtitle=title[1],
-                                          label=method))
+                                          label=method, patient_orientation=meta.get("patient_orientation"),
+                                          **(figure or {})))
     return files
 
 
@@ -732,19 +784,19 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
     capped to fit, refused before any compute if one row does not).
     ``variant`` / ``upsample``: Grad-CAM++'s formula and upsampling (:func:`medexplain.segmentation.explain_instances`).
-    ``formats``: the instance maps as ``nifti`` (default) and/or ``dicom``: per instance map
+    ``formats``: the instance maps as ``nifti`` and ``png`` (default: one figure per lesion,
+    :func:`medexplain.render.instance_figures`) and/or ``dicom``: per instance map
     ``instance_<k>_<kind>_<method>_{pm,seg,sc}.dcm`` (:func:`medexplain.dicom_out.write_dicom_objects`, ``explain``'s
     objects: a Parametric Map of the map summed over channels, a SEG with one segment, the map thresholded by
     ``dicom_threshold``, and a Secondary Capture, each naming the instance), in the study of the DICOM input
     (or of ``dicom_reference``); the probability and instance label maps stay NIfTI. A non-DICOM input without
     ``dicom_reference`` is refused before any compute.
     """
+    from . import render
     from . import segmentation as seg
     from .dicom_out import dicom_source_for, parse_formats
 
-    formats = parse_formats(formats) if formats is not None else ("nifti",)
-    if "png" in formats:
-        raise OptionError("instances writes no figures: --format takes nifti and/or dicom here")
+    formats = parse_formats(formats) if formats is not None else ("nifti", "png")
     check_options("instances", seg.explain_instances, {"aggregate": aggregate, "n_samples": n_samples,
                                                         "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
     # the method that explains the instances and the options it takes, checked before anything is written
@@ -844,6 +896,8 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                                          model=setup.name,
                                          title=(f"{label} \u00b7 class {channel} \u00b7 model {setup.name}", ""),
                                          threshold=dicom_threshold, label=label)
+    if "png" in formats:
+        files += [io.write_figure(fig, out / name) for name, fig in render.instance_figures(img, [prep.invert(m) for m in attr.map], [prep.invert(i.mask[None].float(), nearest=True)[0] > 0.5 for i in insts], [i.kind for i in insts], affine=affine, oriented=meta.get("oriented", False), channel_names=names)]  # noqa: E501
     seg.write_csv(rows, out / "instances.csv")
     files.append(out / "instances.csv")
     if ref is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,6 +73,20 @@ class Method:
 
     def applies_to(self, model, output: torch.Tensor | None = None) -> bool:
         return self.why_not(model, output) is None
+
+    @property
+    def description(self) -> str:
+        """The first sentence of the explainer's docstring on one line (reST backticks dropped, at most 160
+        characters): the method's own account of itself, so no second table can drift from the code."""
+        doc = " ".join((inspect.getdoc(self.fn) or "").split("\n\n")[0].split()).replace("``", "")
+        end = re.search(r"(?<!\beq)(?<!\bal)(?<!e\.g)(?<!i\.e)\.(\s|$)", doc)
+        first = doc[:end.start() + 1] if end else doc
+        return first if len(first) <= 160 else first[:159].rsplit(" ", 1)[0] + "\u2026"
+
+    @property
+    def models(self) -> str:
+        """Which models it explains: ``"classifier"`` (logits ``(B, K)``), or ``"classifier, segmenter"``."""
+        return _MODELS_OF_PREDICATE.get(self.predicate.__name__, "classifier, segmenter")
 
     def options(self) -> list[str] | None:
         """Option names the method accepts (``None``: any)."""
@@ -156,6 +171,26 @@ def segmenter_only(model, output) -> str | None:
     if output is not None and output.ndim < 3:
         return f"explains segmenters with a dense output (B, K, *spatial); this model returns {tuple(output.shape)}"
     return None
+
+
+#: Which models a predicate admits (predicates not listed admit classifiers and segmenters).
+_MODELS_OF_PREDICATE = {"classifier_only": "classifier", "is_patchnet": "PatchNet classifier",
+                        "segmenter_only": "segmenter"}
+
+
+def describe_methods(model=None, output: torch.Tensor | None = None) -> list[dict]:
+    """One row per registered method, sorted by name: ``name``, ``family``, ``description`` (the first paragraph
+    of its docstring), ``models`` (classifier / segmenter), and with ``model`` ``applies`` and ``why_not``
+    (:meth:`Method.why_not`; ``output``: the model's output on a probe input, which tells classifiers from
+    segmenters; without it only what the model itself shows is checked, e.g. hooks on TorchScript)."""
+    rows = []
+    for name, m in sorted(_REGISTRY.items()):
+        row = {"name": name, "family": m.family, "description": m.description, "models": m.models}
+        if model is not None:
+            why = m.why_not(model, output)
+            row.update({"applies": why is None, "why_not": why})
+        rows.append(row)
+    return rows
 
 
 def registered() -> dict[str, Method]:

@@ -78,6 +78,8 @@ def _png(rgb: np.ndarray) -> str:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "\u2013"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, (int, np.integer)):
@@ -168,8 +170,7 @@ def _case_2d(cid, case, img, masks, maps, px) -> str:
 def _start_point(masks, maps, shape) -> tuple[int, int, int]:
     mask = masks["mask"]
     if mask is not None and mask.any():
-        idx = np.argwhere(mask)
-        return tuple(int(v) for v in idx[np.argmin(((idx - idx.mean(0)) ** 2).sum(1))])  # the mask voxel nearest its centre
+        return render.region_centre(mask)          # the centre of the region (its largest part), as the PNG figures
     if maps:
         return render.peak_index(next(iter(maps.values())))
     return tuple(s // 2 for s in shape)

@@ -9,7 +9,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Explain medical-imaging neural networks (2D/3D, classification and segmentation).")
 
 # Sub-command modules register themselves on `app` when imported.
-for _mod in ("explain", "demo", "train", "evaluate", "instances", "shapley", "run"):
+for _mod in ("explain", "demo", "train", "evaluate", "instances", "shapley", "run", "examples"):
     try:
         importlib.import_module(f"{__name__}.{_mod}")
     except ModuleNotFoundError as e:

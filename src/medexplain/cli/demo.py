@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import typer
 
@@ -17,6 +17,8 @@ from .params import Flags, takes
 def demo(n_cases: int = typer.Option(8, "--n-cases", min=1, help="positive test images to explain"),
          size: Literal["demo", "small"] = typer.Option("demo", help="demo, or small (seconds; for smoke tests)"),
          retrain: bool = typer.Option(False, "--retrain/--no-retrain", help="ignore cached weights and train again"),
+         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="progress bars on stderr "
+                                                 "(default: only when stderr is a terminal)"),
          flags: Flags = None):
     """Planted-nodule demo: train (or load) a classifier, explain it with every method, write report.html, maps/
     and metrics.json into --out."""
@@ -29,7 +31,7 @@ def demo(n_cases: int = typer.Option(8, "--n-cases", min=1, help="positive test 
     console.print("[bold]medexplain demo[/bold]: planted nodules on a real chest radiograph (labels are planted)")
     with cli_errors():
         res = run_demo(flags.out, seed=flags.seed, size=size, n_cases=n_cases, methods=flags.methods() or None,
-                       retrain=retrain, log=console.print)
+                       retrain=retrain, log=console.print, progress=progress)
     tab = Table(title="hit rate against the planted nodule masks")
     for c in ("method", "hit rate", "hits", "hits, any maximal pixel (median pixels at max)", "bilinear (MONAI) hit rate",
               "random baseline", "seconds"):

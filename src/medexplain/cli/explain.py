@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -36,7 +36,12 @@ def explain_kwargs(flags: Flags) -> dict:
 
 @app.command("explain")
 @takes(*EXPLAIN, *DICOM_OUTPUT)
-def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HELP), flags: Flags = None):
+def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HELP),
+                figure: List[str] = typer.Option([], "--figure", help="PNG figure option key=value (repeatable): "
+                                                 "alpha=0.4 (opacity), percentile=99.5 (colour limit), cmap=viridis, "
+                                                 "planes=axial,coronal, point=I,J,K (the voxel the volume planes cut "
+                                                 "through); docs/io.md"),
+                flags: Flags = None):
     """Explain one image (one file, or one file per channel) with one or more methods; writes NIfTI maps
     on the input's own grid and affine, PNG overlays and info.json (target, region, activation and
     preprocessing recorded). Everything is checked before any compute; each method's files are written as
@@ -47,7 +52,8 @@ def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HE
         pacs = pacs_of(flags)
         if (pacs is None) == (not image):
             raise typer.BadParameter("give the IMAGE file(s), or --pacs URL --study UID (not both)")
-        kw = {**explain_kwargs(flags), **output_kwargs(flags), "on_estimate": bar.estimate, "on_progress": bar.update}
+        kw = {**explain_kwargs(flags), **output_kwargs(flags), "figure": figure, "on_estimate": bar.estimate,
+              "on_progress": bar.update}
         if pacs is not None:
             from ..pacs import explain_pacs
             kw.pop("dicom_reference")
@@ -69,8 +75,31 @@ def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HE
 
 
 @app.command("methods")
-def methods_cmd():
-    """List the available explanation methods."""
-    from ..explain import available_methods
+@takes("model", "weights")
+def methods_cmd(image: Optional[Path] = typer.Option(None, "--image", help="with --model: an input for the model (one "
+                                                     "forward tells a classifier from a segmenter)"),
+                names: bool = typer.Option(False, "--names/--no-names", help="only the names, one a line"),
+                flags: Flags = None):
+    """The explanation methods: name, family, what it computes (its docstring), the models it explains, and with
+    --model whether each applies to that model and why not."""
+    from rich.table import Table
 
-    sys.stdout.write("\n".join(available_methods()) + "\n")
+    from ..explain import available_methods
+    from ..pipelines import method_table
+    if names:
+        sys.stdout.write("\n".join(available_methods()) + "\n")
+        return
+    with cli_errors():
+        model = flags.models("model")
+        rows = method_table(model, weights=flags.models("weights"), image=image)
+    tab = Table(title="explanation methods" + (f" for {model}" if model else ""), show_lines=False)
+    cols = ["method", "family", "models", "what it computes"] + (["applies to the model"] if model else [])
+    for c in cols:
+        tab.add_column(c, overflow="fold")
+    for r in rows:
+        cells = [r["name"], r["family"], r["models"], r["description"]]
+        if model:
+            cells.append("yes" if r["applies"] else f"no: {r['why_not']}")
+        tab.add_row(*cells)
+    from rich.console import Console
+    Console(width=max(Console().width, 160)).print(tab)

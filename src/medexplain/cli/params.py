@@ -279,7 +279,7 @@ OPTIONS: dict[str, Opt] = {
     # -- DICOM outputs and the PACS (docs/dicom.md) --
     "format": Opt(("--format",), Optional[str], None, "outputs, comma-separated: nifti (maps on the input's affine), "
                   "png (figures), dicom (a Parametric Map, a Segmentation and a Secondary Capture per map in the "
-                  "source study; docs/dicom.md). Default: explain nifti,png; instances nifti; run its map only "
+                  "source study; docs/dicom.md). Default: explain nifti,png; instances nifti,png; run its map only "
                   "(always written, as --map-format; png and dicom add the figures and DICOM objects per case)",
                   {"parser": parse_formats, "metavar": "nifti,png,dicom"}, panel=DICOM),
     "dicom_reference": Opt(("--dicom-reference",), Optional[Path], None, "with --format dicom and a NIfTI/PNG input: "

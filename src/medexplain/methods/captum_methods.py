@@ -230,7 +230,12 @@ def _slice_baseline(baselines, x: torch.Tensor, sl: slice):
     return baselines
 
 
-def _check_baselines(baselines, x: torch.Tensor):
+def _check_baselines(baselines, x: torch.Tensor, named: bool = False):
+    """``baselines`` checked (:func:`medexplain.core.check_baseline`); ``named``: the perturbation methods also take
+    the named baselines ("zero", "mean", "median", "blur") of :func:`medexplain.methods.occlusion.perturbation_baseline`."""
+    if named and isinstance(baselines, str):
+        from .occlusion import perturbation_baseline
+        return perturbation_baseline(x, baselines)[0]
     return check_baseline(baselines, x, "baselines")
 
 
@@ -422,18 +427,27 @@ def _groups_info(groups: torch.Tensor, features) -> dict:
 def feature_ablation(model, x, target, cost, features="slic", n_features: int = 64, compactness: float = 0.3,
                      baselines=0.0, chunk_size: int | None = 64):
     """Feature ablation (Zeiler & Fergus 2014's occlusion over arbitrary feature groups): each group's
-    attribution is ``S(x) - S(x with the group set to the baseline)``, on every voxel of the group;
+    attribution is ``S(x) - S(x with the group set to the baseline)``, on every voxel of the group
+    (``baselines``: a number, ``"mean"``, ``"median"``, ``"blur"`` or a tensor,
+    :func:`medexplain.methods.occlusion.perturbation_baseline`);
     Captum's ``FeatureAblation`` over :func:`feature_groups` (all channels of a voxel together).
     ``perturbations_per_eval = chunk_size // B``. Maps are ``(B, 1, *s)``."""
     from captum.attr import FeatureAblation
     groups = feature_groups(x, features, n_features, compactness)
-    base = _check_baselines(baselines, x)
+    base = _check_baselines(baselines, x, named=True)
     ppe = max(1, (chunk_size or x.shape[0]) // x.shape[0])
     m = captum_call(model, x, target, cost, FeatureAblation,
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
                                                        perturbations_per_eval=ppe, additional_forward_args=(idx,)),
                     1, None)
-    return m[:, :1], _groups_info(groups, features)
+    return m[:, :1], {**_groups_info(groups, features), "baseline": _baseline_text(baselines, x)}
+
+
+def _baseline_text(baselines, x) -> str:
+    from .occlusion import perturbation_baseline
+    if isinstance(baselines, torch.Tensor):
+        return f"given tensor {tuple(baselines.shape)}"
+    return perturbation_baseline(x[:1, :1], baselines)[1]
 
 
 def _needs_sklearn(model, output) -> str | None:
@@ -455,28 +469,34 @@ def _surrogate(name, cls, model, x, target, cost, features, n_features, compactn
     if few:
         raise InputError(f"{name}: the feature groups of sample(s) {few} hold a single feature; a surrogate needs at "
                          "least two (raise n_features, or use features='grid')")
-    base = _check_baselines(baselines, x)
+    base = _check_baselines(baselines, x, named=True)
     m = captum_call(model, x, target, cost, cls,
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
                                                        n_samples=int(n_samples), perturbations_per_eval=max(1, chunk_size or 1),
                                                        additional_forward_args=(idx,)),
                     1, None, seed=seed)
-    return m[:, :1], {**_groups_info(groups, features), "n_samples": n_samples, "seed": seed}
+    return m[:, :1], {**_groups_info(groups, features), "n_samples": n_samples, "seed": seed,
+                      "baseline": _baseline_text(baselines, x)}
 
 
-@register("kernelshap", needs_grad=False, applies_to=_needs_sklearn, family="surrogate")
+def _surrogate_cost(x_shape, o):
+    """``n_samples`` coalitions per sample, no extra pass."""
+    return int(o["n_samples"]) * x_shape[0], 0
+
+
+@register("kernelshap", needs_grad=False, applies_to=_needs_sklearn, family="surrogate", cost=_surrogate_cost)
 def kernelshap(model, x, target, cost, features="slic", n_features: int = 64, compactness: float = 0.3,
                n_samples: int = 200, baselines=0.0, seed: int = 0, chunk_size: int | None = 64):
     """Kernel SHAP (Lundberg & Lee 2017, theorem 2: the Shapley kernel weighted linear regression) over
     :func:`feature_groups`; Captum's ``KernelShap`` (coalitions from the global RNG, so each sample runs
     alone in an RNG seeded with ``seed``), ``perturbations_per_eval = chunk_size``. Absent features take
-    the baseline. Maps are ``(B, 1, *s)``, constant on each group."""
+    the baseline (as :func:`feature_ablation`'s). Maps are ``(B, 1, *s)``, constant on each group."""
     from captum.attr import KernelShap
     return _surrogate("kernelshap", KernelShap, model, x, target, cost, features, n_features, compactness, n_samples,
                       baselines, seed, chunk_size)
 
 
-@register("lime", needs_grad=False, applies_to=_needs_sklearn, family="surrogate")
+@register("lime", needs_grad=False, applies_to=_needs_sklearn, family="surrogate", cost=_surrogate_cost)
 def lime(model, x, target, cost, features="slic", n_features: int = 64, compactness: float = 0.3,
          n_samples: int = 200, baselines=0.0, seed: int = 0, chunk_size: int | None = 64):
     """LIME (Ribeiro et al. 2016, eq. 1-2): a sparse linear surrogate (Lasso, alpha 0.01) fitted to the model

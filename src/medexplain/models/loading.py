@@ -32,12 +32,12 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
       medexplain weight file: :func:`medexplain.training.read_weights`, ``weights_only=True``) loaded strictly;
       a warning says which entry was read. The module is imported as ``python -m`` would (:func:`import_factory`: the current
       folder is on ``sys.path``).
-    - ``zoo:<task>``: the trained planted-data model of :mod:`medexplain.models.zoo`.
+    - ``zoo:<task>``: the trained planted-data model of :mod:`medexplain.models.zoo` (the demo-size model
+      ``medexplain demo`` uses; ``zoo:<task>/small`` the smoke-test one, :func:`~medexplain.models.zoo.from_spec`).
     - a folder written by ``medexplain train`` (``config.json`` + ``model.pt``).
     """
     if spec.startswith("zoo:"):
-        model, _ = zoo.pretrained(spec[4:])
-        return model.eval()
+        return zoo.from_spec(spec[4:]).eval()
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
         return load_trained(path)
