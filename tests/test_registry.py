@@ -190,7 +190,7 @@ def test_declarations_where_the_methods_are_defined():
             with pytest.raises(UnsupportedModelError, match=spec.no_sliding.split(" ")[0]):
                 windowed_method(spec)
         elif spec.windowed_cam:
-            assert spec.family == "cam" and windowed_method(spec).__name__ == windowed_cam(spec).__name__
+            assert spec.family == "CAM" and windowed_method(spec).__name__ == windowed_cam(spec).__name__
         else:
             assert windowed_method(spec) is spec.fn
     assert {n for n, m in registered().items() if m.no_sliding} == {"scorecam", "ablationcam"}

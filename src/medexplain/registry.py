@@ -31,7 +31,7 @@ from .errors import OptionError, UnknownMethodError
 from .options import check_options, estimate_cost, unknown_option_message
 
 #: The families of :attr:`Method.family`, in the order listings show them.
-FAMILIES = ("gradient", "cam", "propagation", "perturbation", "surrogate", "optimisation", "model", "instance",
+FAMILIES = ("gradient", "CAM", "propagation", "perturbation", "surrogate", "optimisation", "model", "instance",
             "channel")
 
 
