@@ -301,9 +301,12 @@ def test_metric_metadata_declares_direction_and_applicability():
         M.random_logit(model, x, "saliency", MultiLabel([0, 1]))
 
 
-def test_every_metric_takes_an_inferer_and_runs_the_model_window_by_window():
-    """``inferer=`` gives the result of the model wrapped in that sliding-window inferer (and not that of
-    the plain model, whose padding differs at the window borders)."""
+def test_every_metric_takes_the_model_object_and_runs_it_window_by_window():
+    """An ``mx.Model`` with an inferer gives the result of the network wrapped in that sliding-window inferer
+    (and not that of the plain network, whose padding differs at the window borders); no metric takes
+    ``inferer=`` beside the model any more."""
+    import inspect
+
     from monai.inferers import SlidingWindowInferer
 
     from medexplain.sliding import with_inferer
@@ -327,7 +330,8 @@ def test_every_metric_takes_an_inferer_and_runs_the_model_window_by_window():
     assert set(runs) == set(M.available_metrics(tgt))
     differs = []
     for name, run in runs.items():
-        windowed = run(model, inferer=inferer)
+        assert not {"inferer", "output", "activation"} & set(inspect.signature(getattr(M, name)).parameters), name
+        windowed = run(mx.Model(model, inferer=inferer))
         torch.testing.assert_close(windowed, run(with_inferer(model, inferer)), msg=name)
         differs.append(not torch.allclose(windowed.double(), run(model).double()))
     assert sum(differs) >= 5, differs

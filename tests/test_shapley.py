@@ -410,3 +410,26 @@ def test_contrast_shapley_is_a_registered_channel_attribution_with_a_target_as_v
     xr = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(torch.softmax(model(xr), 1)[:, 1].sum(), xr)
     torch.testing.assert_close(soft, g)
+
+
+def test_value_targets_without_activation_read_the_models_own():
+    """``activation=None`` (the value functions' default) is the model object's activation, bound by
+    ``mx.explain`` itself: ``mx.explain(mx.Model(net, activation="sigmoid"), ..., target=v)`` equals the
+    same call with ``activation="sigmoid"`` spelled in the value target, and the bare module reads ``auto``
+    (softmax over several logit channels)."""
+    from medexplain.shapley import bind_model, volume
+
+    net = small_unet(dims=2)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    sig = mx.Model(net, activation="sigmoid")
+    for unbound, spelled in ((mean_foreground_probability(1), mean_foreground_probability(1, "sigmoid")),
+                             (volume(1, channel=1, soft=True), volume(1, activation="sigmoid", channel=1, soft=True))):
+        by_model = mx.explain(sig, x, "contrast_shapley", target=unbound).info["values"]
+        given = mx.explain(net, x, "contrast_shapley", target=spelled).info["values"]
+        assert by_model == given
+        assert by_model != mx.explain(net, x, "contrast_shapley", target=unbound).info["values"]
+        assert unbound.name == spelled.name
+    out = net(x).detach()
+    v = mean_foreground_probability(1)
+    torch.testing.assert_close(bind_model(v, sig)(out, torch.arange(1)), torch.sigmoid(out)[:, 1].flatten(1).mean(1))
+    torch.testing.assert_close(v(out, torch.arange(1)), torch.softmax(out, 1)[:, 1].flatten(1).mean(1))

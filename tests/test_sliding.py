@@ -107,7 +107,7 @@ def test_instance_saliency_of_two_lesions_in_different_windows_equals_per_lesion
     lesions = [box(shape, slice(0, 2), slice(1, 3), slice(0, 2)), box(shape, slice(6, 8), slice(5, 8), slice(5, 7))]
     insts = [Instance(m, "TP", int(m.sum())) for m in lesions]
     noise = 0.1 * volume(shape, b=2, seed=7)                 # (n_samples, C, *s)
-    attr = explain_instances(model, x, insts, n_samples=2, noise=noise, inferer=SlidingWindowInferer(**kw))
+    attr = explain_instances(mx.Model(model, inferer=SlidingWindowInferer(**kw)), x, insts, n_samples=2, noise=noise)
     ref = MonaiSW(model, **kw)
     for k, m in enumerate(lesions):                         # per lesion: autograd through MONAI, the same noise
         xn = (x + noise).detach().requires_grad_(True)
@@ -166,16 +166,17 @@ def test_perturbation_metrics_and_shapley_run_through_the_inferer():
     model, x = unet(), volume(shape, b=1)
     kw = dict(roi_size=(4, 4, 4), sw_batch_size=2, overlap=0.5, mode="gaussian")
     inf, ref = SlidingWindowInferer(**kw), MonaiSW(model, **kw)
-    a = channel_shapley(model, x, mean_foreground_probability(1), inferer=inf)
+    windowed = mx.Model(model, inferer=inf)   # every analysis takes the model object, its sliding window included
+    a = channel_shapley(windowed, x, mean_foreground_probability(1))
     b = channel_shapley(ref, x, mean_foreground_probability(1))
     assert torch.allclose(a.values, b.values, atol=1e-12) and a.info["n_forward"] == 4 * 8   # 2^2 coalitions x 8 windows
     lesion = box(shape, slice(2, 4), slice(2, 4), slice(2, 4))
     maps = torch.rand((1, 1, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    d1 = deletion_insertion(model, x, maps, Region(1, lesion), fractions=4, inferer=inf)
+    d1 = deletion_insertion(windowed, x, maps, Region(1, lesion), fractions=4)
     d2 = deletion_insertion(ref, x, maps, Region(1, lesion), fractions=4)
     assert torch.allclose(d1.deletion_score, d2.deletion_score, atol=1e-10)
     inst = Instance(lesion, "TP", 8)
-    r1 = context_experiment(model, x, inst, d_max=2, inferer=inf)
+    r1 = context_experiment(windowed, x, inst, d_max=2)
     r2 = context_experiment(ref, x, inst, d_max=2)
     assert [r["mean_probability"] for r in r1] == pytest.approx([r["mean_probability"] for r in r2], abs=1e-12)
 
@@ -210,5 +211,5 @@ def test_bad_settings_are_typed_errors_before_any_work():
     with pytest.raises(UnsupportedModelError, match="dense output"):
         mx.explain(TinyClassifier(3).double(), x, "saliency", target=0, inferer=SlidingWindowInferer((4, 4, 4)))
     with pytest.raises(InputError, match="vmap"):
-        explain_instances(model, x, [Instance(t.mask, "TP", 8)], n_samples=1, strategy="vmap",
-                          inferer=SlidingWindowInferer((4, 4, 4)))
+        explain_instances(mx.Model(model, inferer=SlidingWindowInferer((4, 4, 4))), x, [Instance(t.mask, "TP", 8)],
+                          n_samples=1, strategy="vmap")

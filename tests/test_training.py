@@ -55,7 +55,7 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     net = dynunet()
     h = train(net, (x, y), (x, y), epochs=2, batch_size=2, lr=1e-2, progress=False, output=head)
     assert h["loss_name"] == "dice_ce" and len(h["loss"]) == 2 and all(np.isfinite(h["loss"]))
-    assert h["val_dice"][-1] == pytest.approx(evaluate(net, (x, y), output=head)["dice"])
+    assert h["val_dice"][-1] == pytest.approx(evaluate(mx.Model(net, output=head), (x, y))["dice"])
 
     net.train()                                                         # explain must restore the training flag
     modes = {n: m.training for n, m in net.named_modules()}
@@ -105,9 +105,9 @@ def test_train_output_selects_a_tuple_element():
     torch.manual_seed(0)
     a = TwoHeads()
     h0 = train(a, (x, y), (x, y), epochs=5, batch_size=8, lr=3e-2, progress=False, output=0)
-    acc = evaluate(a, (x, y), output=0)["accuracy"]
+    acc = evaluate(mx.Model(a, output=0), (x, y))["accuracy"]
     assert h0["val_accuracy"][-1] == acc >= 0.9
-    assert evaluate(a, (x, y), output=1)["accuracy"] == pytest.approx(1 - acc)   # the negated head: every call flips
+    assert evaluate(mx.Model(a, output=1), (x, y))["accuracy"] == pytest.approx(1 - acc)   # the negated head: every call flips
 
 
 def _manifest(tmp_path, split=True, multilabel=True):
@@ -137,7 +137,7 @@ def test_read_training_manifest(tmp_path):
 
 def test_train_to_folder_and_load_back_without_the_cli(tmp_path):
     res = train_to_folder(str(_manifest(tmp_path)), tmp_path / "out", image_size=16, epochs=1, batch_size=4,
-                          augment=False, progress=False)
+                          augment=False, progress=False, device="cpu")
     assert res.kind == "image-level" and res.n_val == 2 and set(res.final) == {"accuracy", "auroc"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "history.json", "model.pt"]
     blob = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
@@ -153,4 +153,6 @@ def test_train_to_folder_and_load_back_without_the_cli(tmp_path):
         train_to_folder("chest_xray", tmp_path / "x", patch_size=5, image_size=32)
     with pytest.raises(InputError, match="DATA must be"):
         train_to_folder("mnist", tmp_path / "x")
+    with pytest.raises(InputError, match="device"):                   # --device: a typed error before any write
+        train_to_folder("chest_xray", tmp_path / "x", device="tpu")
     assert not (tmp_path / "x").exists()                                # checks come before any write

@@ -111,6 +111,26 @@ def is_scripted(model) -> bool:
     return isinstance(unwrap(model), torch.jit.ScriptModule)
 
 
+def resolve_device(device) -> torch.device | None:
+    """``None`` (keep the networks where they are), ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` or a ``torch.device``; a typed error for anything else or a missing GPU."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"device {device!r}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                         "use device='auto' or 'cpu'")
+    return dev
+
+
 #: The train/eval policies of :func:`model_guard` (``mx.Model(eval=...)``).
 EVAL_POLICIES = ("auto", "always", "never")
 
@@ -120,6 +140,16 @@ def _uses_batch_statistics(m: nn.Module) -> bool:
     instance) and in eval mode with its stored running statistics: switching it to eval changes the output."""
     return isinstance(m, NORM) and m.training and bool(getattr(m, "track_running_stats", False)) \
         and getattr(m, "running_mean", None) is not None
+
+
+def _user_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of the user's networks: medexplain's own wrappers (an ``mx.Model``, output adapters, a
+    sliding window, :class:`Passes` and its list of members) are left out, so their ``training`` flags never
+    make an all-eval network look like one in mixed modes."""
+    wrappers = {id(m) for m in model.modules() if isinstance(m, (OutputAdapter, Passes))}
+    wrappers |= {id(m.networks) for m in model.modules() if isinstance(m, Passes)}
+    user = [m for m in model.modules() if id(m) not in wrappers]
+    return user or list(model.modules())
 
 
 @contextlib.contextmanager
@@ -151,7 +181,8 @@ def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None 
     grads = [(p, p.requires_grad) for p in model.parameters()]
     buffers = []
     try:
-        flags = {t for _, t in modes}
+        user = _user_modules(model)
+        flags = {m.training for m in user}
         if policy == "always":
             switching = [n for n, m in model.named_modules() if _uses_batch_statistics(m)]
             if switching:
@@ -168,7 +199,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True, *, policy: str | None 
                 notes["eval"] = "the model was entirely in training mode: switched to eval mode (eval='auto')"
         elif notes is not None and flags == {True, False}:
             notes["eval"] = (f"the model's modules are in mixed train/eval modes: used as given (eval={policy!r}); "
-                             f"{sum(t for _, t in modes)} of {len(modes)} in training mode")
+                             f"{sum(m.training for m in user)} of {len(user)} in training mode")
         # a training-mode module may update its buffers in a forward (running statistics): keep copies
         buffers = [(b, b.detach().clone()) for m in model.modules() if m.training
                    for b in m.buffers(recurse=False) if b is not None]

@@ -19,13 +19,13 @@ from typing import Callable
 
 import torch
 
-from .core import forward, model_guard
+from .core import forward, model_guard, resolve_device
 from .errors import MedexplainError
 from .explain import available_methods, explain
 from .io import check_output_dir, method_file, write_json, write_nifti
 from .metrics.localisation import hit_rate
 from .models import zoo
-from .options import CountingModel, estimate_passes
+from .options import counting, estimate_passes
 from .registry import accepted_options, get_method
 from .report import write_report
 from .training import evaluate
@@ -49,7 +49,7 @@ def choose_methods(model, x: torch.Tensor, methods=None) -> tuple[list[str], dic
     if methods is None:
         return available_methods(model=model, x=x), {}
     with torch.no_grad(), model_guard(model):
-        out = forward(model, x)
+        out = forward(model, x.to(next(model.parameters()).device))
     names, skipped = [], {}
     for name in methods:
         try:
@@ -76,7 +76,7 @@ class MethodScores:
 class MethodProgress:
     """Progress of one method's rows through the model, and its time estimate from the measured first calls.
 
-    ``rows(n)`` is the :class:`~medexplain.options.CountingModel` callback. Once the rows since the first call
+    ``rows(n)`` is the :func:`~medexplain.options.counting` callback. Once the rows since the first call
     reach :data:`ESTIMATE_AFTER` of the expected total and :data:`ESTIMATE_CALLS` calls have passed, the
     remaining rows are extrapolated at the per-row time measured since the end of the first call (which
     carries the warm-up and the method's own set-up), and the estimate is announced through ``log`` when it
@@ -154,7 +154,7 @@ def _score_one(model, x, masks, name, target, px, baseline, res: MethodScores, l
     prog = MethodProgress(name, passes[0] if passes else None, bar, log)
     t = time.perf_counter()
     try:
-        attr = explain(CountingModel(model, None, prog.rows), x, method=name, target=target, **opts)
+        attr = explain(counting(model, prog.rows), x, method=name, target=target, **opts)
     except MedexplainError as e:
         res.skipped[name] = str(e)
         log(f"  [yellow]skipped {name}[/yellow]: {e}")
@@ -239,19 +239,25 @@ def _notes(size: str, perf: dict, n_test: int, skipped: dict) -> list[str]:
 
 
 def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8, methods=None,
-             progress: bool | None = None, retrain: bool = False, log: Callable[[str], None] | None = None) -> dict:
+             progress: bool | None = None, retrain: bool = False, log: Callable[[str], None] | None = None,
+             device=None) -> dict:
     """Run the demo into the folder ``out`` and return ``{"report", "accuracy", "auroc", "rows", "skipped",
     "random_baseline", "seconds", "model_seconds", "cached", "cache_path", "n_cases"}`` (also written as
     ``metrics.json``). ``methods``: names to run (default: every method that applies to the classifier);
     ``size``: the zoo configuration (``"demo"``, or ``"small"`` for smoke tests); ``log``: a line printer;
-    ``progress``: progress bars on stderr for the training and every method (None: only on a terminal)."""
+    ``progress``: progress bars on stderr for the training and every method (None: only on a terminal);
+    ``device``: where the classifier is evaluated and explained (``None``: the CPU, ``"auto"``: CUDA when
+    present, ``"cpu"``, ``"cuda[:N]"``; :func:`medexplain.core.resolve_device`); maps come back on the CPU."""
     say = log or (lambda _s: None)
     if progress is None:
         from rich.console import Console
         progress = Console(stderr=True).is_terminal
     t0 = time.perf_counter()
+    dev = resolve_device(device)   # a device this machine lacks is a typed error before any work
     out = check_output_dir(out)  # before the training and the explanations (issue 27)
     model, ds = zoo.pretrained("chest_xray", seed=seed, size=size, progress=progress, retrain=retrain)
+    if dev is not None:
+        model.to(dev)   # the zoo's classifier, in place: explain moves each batch to it
     t_model = time.perf_counter() - t0
     _, test = ds.split(ds.meta_info.get("train_frac", 0.8))
     perf = evaluate(model, test)
@@ -265,7 +271,7 @@ def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8
     scores = score_methods(model, x, masks, names, target=1, log=say, progress=progress)
     skipped.update(scores.skipped)
     with torch.no_grad():
-        prob = model(x).softmax(1)
+        prob = model(x.to(next(model.parameters()).device)).softmax(1).cpu()
     cases = _cases(x, masks, scores.maps, cases_ds.meta, prob)
     _write_maps(out / "maps", cases)
     report = write_report(out / "report.html", [c.as_report_case() for c in cases], [r["method"] for r in scores.rows],

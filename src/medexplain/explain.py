@@ -19,7 +19,7 @@ from .options import plan_memory
 from .registry import accepted_options, default_method, get_method, registered, route_options  # noqa: F401
 from .sliding import is_sliding, window_info
 from .sliding_cam import windowed_method
-from .targets import Regions, as_target
+from .targets import Regions, ValueTarget, as_target
 
 
 def available_methods(model=None, x: torch.Tensor | None = None, output=None) -> list[str]:
@@ -91,6 +91,8 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
         raise TargetError(f"{spec.name} differentiates the target, and {type(tgt).__name__} scores a hard prediction "
                           "(no gradient); use its soft form (soft=True) or a method that does not differentiate")
     given = tgt
+    if isinstance(tgt, ValueTarget):
+        tgt = tgt.bind(m)   # a value target that leaves the activation to the model reads the Model's
     if isinstance(tgt, Regions) and not spec.regions:
         x, tgt = tgt.per_region(x)                # one row per region, each with its own Region target
     net = m.runner

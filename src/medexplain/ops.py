@@ -115,7 +115,8 @@ def detect_activation(out: torch.Tensor, model=None) -> tuple[str, str]:
     in_unit = bool(o.numel()) and float(o.min()) >= 0.0 and float(o.max()) <= 1.0
     final = _final_activation(model)
     passes = find_passes(model) if model is not None else None
-    if final is not None and passes is not None and passes.logits:   # mx.Model takes the score before it
+    if final is not None and passes is not None and passes.logits and passes.ended_in is not None:
+        # mx.Model took the score before that module (an eager one: TorchScript keeps its probabilities)
         return final, f"the model ends in {final}; its logits (the {final}'s input) are explained: {final}"
     if in_unit and final is not None:
         return "none", f"the model ends in {final}: its outputs are probabilities"

@@ -365,17 +365,34 @@ def estimate_cost(method: str, fn: Callable, x_shape, options: dict, seconds_per
 class CountingModel(OutputAdapter):
     """``model`` with the output adapter applied (:func:`medexplain.core.select_output`, ``output=``)
     that calls ``on_rows(n)`` after each forward of ``n`` rows: the progress of a multi-pass method.
-    Being an :class:`~medexplain.core.OutputAdapter`, layer names still resolve on the user's model."""
+    Being an :class:`~medexplain.core.OutputAdapter`, layer names still resolve on the user's model.
+    ``adapt=False`` passes the output on as the model returns it (a member of an ``mx.Model``, whose own
+    adapter reads it: :func:`counting`)."""
 
-    def __init__(self, model, output=None, on_rows: Callable[[int], None] | None = None):
+    def __init__(self, model, output=None, on_rows: Callable[[int], None] | None = None, adapt: bool = True):
         super().__init__(peel_adapters(model), output)   # an ensemble / flips (core.Passes) stays whole
-        self.on_rows = on_rows
+        self.on_rows, self.adapt = on_rows, bool(adapt)
 
     def forward(self, x, *args, **kwargs):
-        out = select_output(self.model(x, *args, **kwargs), self.output, getattr(x, "ndim", None))
+        out = self.model(x, *args, **kwargs)
+        if self.adapt:
+            out = select_output(out, self.output, getattr(x, "ndim", None))
         if self.on_rows is not None and isinstance(x, torch.Tensor) and not _PROBING.active:
             self.on_rows(int(x.shape[0]))
         return out
+
+
+def counting(model, on_rows: Callable[[int], None] | None, output=None, inferer=None):
+    """The model object (:func:`medexplain.models.model.as_model`: a bare module with ``output=`` /
+    ``inferer=`` is wrapped) with each of its networks in a :class:`CountingModel` that reports the rows of every
+    pass (``on_rows(n)``; the progress bars of the pipelines, in the unit of ``info["n_forward"]``). Every setting
+    of the Model is kept: the train/eval policy, the output adapter, the activation, the flips, the sliding
+    window, the device and dtype (a counting wrapper around the Model would hide them)."""
+    from .models.model import Model, as_model
+
+    m = as_model(model, output=output, inferer=inferer)
+    return Model([CountingModel(n, None, on_rows, adapt=False) for n in m.networks],
+                 **{**m._settings, "dtype": m._dtype_given})
 
 
 # --------------------------------------------------------------------------------------------------

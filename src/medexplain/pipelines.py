@@ -20,17 +20,18 @@ from .core import check_input, model_expectations
 from .errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from .explain import explain
 from .models.loading import checked_forward, load_model
-from .models.model import Model, resolve_device
+from .models.model import Model, as_model, resolve_device
 from .models.model import load_model as load_model_object
 from .ops import ACTIVATIONS, detect_activation, probabilities
-from .options import CountingModel, check_options, estimate_cost, plan_memory
+from .options import check_options, counting, estimate_cost, plan_memory
 from .registry import get_method, route_options
-from .sliding import as_inferer, inferer_settings, with_inferer
+from .sliding import as_inferer, inferer_settings
 from .targets import REGION_WORDS, Region, parse_target, resolve_target
 from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
 __all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "write_method_outputs", "load_setup", "method_options",
-           "on_device", "write_map", "input_files", "ExplainedImage", "LesionInstances", "ContrastShapley",
+           "on_device", "read_case", "resolve_case_target", "write_map", "input_files", "ExplainedImage",
+           "LesionInstances", "ContrastShapley",
            "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
            "SHAPLEY_VALUE_HELP"]
 
@@ -132,9 +133,10 @@ class PreparedInput:
 def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, output=None,
                   activation: str = "auto", inferer=None) -> PreparedInput:
     """Preprocess ``img`` (:class:`~medexplain.transforms.Preprocessing`), check it against the model,
-    run one forward (an error inside the model becomes a :class:`~medexplain.errors.ModelError` naming
-    what was given and expected) and resolve ``activation`` (``auto``: :func:`medexplain.ops.detect_activation`).
-    ``inferer``: a ``SlidingWindowInferer`` the forward runs through (:mod:`medexplain.sliding`)."""
+    run one forward of the model object (:func:`medexplain.models.model.as_model` of ``net`` with ``output``
+    and ``inferer``: the prediction the methods explain, under the Model's train/eval policy; an error inside
+    the model becomes a :class:`~medexplain.errors.ModelError` naming what was given and expected) and resolve
+    ``activation`` (``auto``: :func:`medexplain.ops.detect_activation`)."""
     import time
 
     if activation not in ACTIVATIONS:
@@ -143,9 +145,10 @@ def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, out
     prepared = pre.apply(img, meta.get("affine", np.eye(4)))
     x = _model_input(prepared.image, net)
     t0 = time.perf_counter()
-    out = checked_forward(with_inferer(net, inferer, output), x)
+    model = as_model(net, output=output, inferer=inferer)
+    out = checked_forward(model, x)
     spr = (time.perf_counter() - t0) / x.shape[0]
-    act, how = (detect_activation(out, net) if activation == "auto" else (activation, f"--activation {activation}"))
+    act, how = (detect_activation(out, model) if activation == "auto" else (activation, f"--activation {activation}"))
     return PreparedInput(img, meta, prepared, pre, x, out, act, how, spr)
 
 
@@ -164,6 +167,24 @@ def read_region(region, prep: PreparedInput):
         raise TargetError(f"--region {region}: the model's output grid {tuple(prep.out.shape[2:])} differs from its "
                           f"input grid {tuple(m.shape)}; give a mask on the output grid from Python")
     return m[None].to(prep.out.device), Path(region).name
+
+
+def read_case(images, series: str | None = None) -> tuple[torch.Tensor, dict]:
+    """The read stage of the one case pipeline (``explain``, ``run``, ``instances``, ``shapley``): ``images`` (one
+    file or DICOM series folder, or a list of one file per channel) as ``(C, *spatial)`` with its meta
+    (:func:`medexplain.io.read_channels`), warning when a 4D file looks like a time series (:func:`warn_series`)."""
+    img, meta = io.read_channels(images, series=series)
+    warn_series(images if isinstance(images, (str, os.PathLike)) else list(images)[0], img)
+    return img, meta
+
+
+def resolve_case_target(prep: PreparedInput, target=None, region=None, *, model=None, threshold: float = 0.5):
+    """The target stage of the one case pipeline: ``region`` (``predicted``, ``all`` or a mask file on the image,
+    :func:`read_region`) and the target grammar on the prepared prediction
+    (:func:`medexplain.targets.resolve_target`, read with the activation :func:`prepare_input` resolved)."""
+    reg, reg_name = read_region(region, prep)
+    return resolve_target(prep.out, target, reg, activation=prep.activation, model=model, threshold=threshold,
+                          region_name=reg_name)
 
 
 def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
@@ -380,8 +401,7 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     and a method that cannot fit one row refuses the case before any method runs)."""
     st = state if state is not None else CaseState(list(images))
     st.stage = "image"
-    st.img, st.meta = io.read_channels(images, series=series)
-    warn_series(images[0], st.img)
+    st.img, st.meta = read_case(images, series)
     writer.read(st)
     st.stage = "model"
     net = setup.net
@@ -390,9 +410,7 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     st.stage = "plan"
     st.run, st.skipped = plan_methods(methods, net, prep.out, layer, skip_unsupported)
     st.stage = "target"
-    reg, reg_name = read_region(region, prep)
-    st.resolved = resolve_target(prep.out, target, reg, activation=activation, model=net, threshold=threshold,
-                                 region_name=reg_name)
+    st.resolved = resolve_case_target(prep, target, region, model=net, threshold=threshold)
     st.info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images], "model": setup.name,
                "target": st.resolved.class_index, "target_info": st.resolved.info(),
                "output": output if output is None or isinstance(output, (int, str)) else repr(output),
@@ -419,12 +437,9 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            if isinstance(net, Model):  # as given: a counting wrapper would hide its settings (the eval policy)
-                attr = explain(net, prep.x, method=m, target=st.resolved.target, output=output, inferer=setup.inferer,
-                               memory=memory, **per_method[m])
-            else:
-                attr = explain(CountingModel(net, output, rows), prep.x, method=m, target=st.resolved.target,
-                               inferer=setup.inferer, memory=memory, **per_method[m])
+            # the model object with its passes counted: every setting of a Model (the eval policy) is kept
+            attr = explain(counting(net, rows, output, setup.inferer), prep.x, method=m, target=st.resolved.target,
+                           memory=memory, **per_method[m])
             st.stage = "preprocessing"
             amap = prep.invert(attr.map[0].detach().cpu())
         except Exception as e:  # recorded; the finished methods' files stay
@@ -814,8 +829,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                        inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
     nnm, net, preprocessing, inferer = setup.nnunet, setup.net, setup.preprocessing, setup.inferer
     out = io.check_output_dir(out)
-    img, meta = io.read_channels(images)
-    warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    img, meta = read_case(images)
     listed = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     dicom_src = dicom_source_for(listed, meta, formats, dicom_reference)   # the study the objects join, before compute
     if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
@@ -828,7 +842,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         raise TargetError(f"the model output {tuple(logits.shape)} is not a segmentation (B, K, *spatial)")
     if channel is None:
         try:
-            channel = resolve_target(logits, None, "predicted", activation=act, threshold=threshold).class_index
+            channel = resolve_case_target(prep, None, "predicted", threshold=threshold).class_index
             how = "default: the foreground class with the most predicted voxels"
         except TargetError:
             channel = 1 if logits.shape[1] > 1 else 0
@@ -879,9 +893,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         if on_progress:
             on_progress(spec.name, done[0], est.n_forward)
 
-    attr = seg.explain_instances(CountingModel(net, output, rows), x, insts, method=method, aggregate=aggregate,
+    attr = seg.explain_instances(counting(net, rows, output, inferer), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
-                                 layer=layer, inferer=inferer, variant=variant, upsample=upsample)
+                                 layer=layer, variant=variant, upsample=upsample)
     names = list(channel_names) if channel_names else None
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
@@ -905,8 +919,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         files.append(out / "statistics.csv")
     if context > 0:
         crow = [{"instance": k, "kind": inst.kind or "", **r} for k, inst in enumerate(insts, start=1)
-                for r in seg.context_experiment(net, x, inst, d_max=context, channel=channel, threshold=threshold,
-                                                connectivity=connectivity, activation=act, inferer=inferer)]
+                for r in seg.context_experiment(as_model(net, output=output, inferer=inferer).replace(activation=act),
+                                                x, inst, d_max=context, channel=channel, threshold=threshold,
+                                                connectivity=connectivity)]
         seg.write_csv(crow, out / "context.csv")
         files.append(out / "context.csv")
     files.append(io.write_json(info, out / "info.json"))
@@ -1020,8 +1035,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     if by_target and ":" in value and parse_target(target) is not None and value.partition(":")[2].strip() != str(target):
         raise InputError(f"--value {value} and --target {target} name different classes; give one of them")
     out = io.check_output_dir(out)
-    img, meta = io.read_channels(images)
-    warn_series(images if isinstance(images, (str, Path)) else list(images)[0], img)
+    img, meta = read_case(images)
     if nnm is not None:
         nnm.check_image(img)
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
@@ -1045,24 +1059,25 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     base = _baseline(baseline)
     results, chosen, activations = [], None, []
     for i, spec in enumerate(models):
-        net = on_device(model_object(spec, weights[i] if weights else None, flip_axes, eval), device)
-        prep = prepare_input(img, meta, net, preprocessing=preprocessing, output=output, activation=activation,
-                             inferer=as_inferer(inferer))
+        setup = load_setup(spec, weights[i] if weights else None, preprocessing=preprocessing, inferer=inferer,
+                           device=device, flip_axes=flip_axes, eval=eval)   # the model step of every command
+        net = setup.net
+        prep = prepare_input(img, meta, net, preprocessing=setup.preprocessing, output=output, activation=activation,
+                             inferer=setup.inferer)
         seg_t = None
         if seg_img is not None:
             seg_t = resample_nearest(seg_img[0][:1], seg_img[1].get("affine", np.eye(4)), tuple(prep.x.shape[2:]),
                                      prep.prepared.affine)[0].round().long()[None]
         if by_target:
             if chosen is None:  # one class and region for every fold, so their values are comparable
-                reg, reg_name = read_region("all" if region is None else region, prep)
-                chosen = resolve_target(prep.out, target, reg, activation=activation, model=net, region_name=reg_name)
+                chosen = resolve_case_target(prep, target, "all" if region is None else region, model=net)
             mask = chosen.target.mask if isinstance(chosen.target, Region) else None
             value_fn = mean_foreground_probability(chosen.class_index, prep.activation, mask)
         else:
             value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
         activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
         label = f"model {i + 1}/{len(models)}"
-        opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
+        opts, plan = (({"chunk_size": chunk_size}, None) if setup.inferer is not None else
                       plan_memory("shapley", channel_shapley, net, prep.x, {"chunk_size": chunk_size}, memory))
         est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
                                                                     "n_permutations": n_permutations},
@@ -1076,9 +1091,9 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
             if on_progress:
                 on_progress(label, done[0], est.n_forward)
 
-        results.append(channel_shapley(CountingModel(net, output, rows), prep.x, value_fn, baseline=base,
-                                       method=method, n_permutations=n_permutations, seed=seed,
-                                       chunk_size=opts["chunk_size"], players=names, inferer=as_inferer(inferer)))
+        results.append(channel_shapley(counting(net, rows, output, setup.inferer), prep.x, value_fn,
+                                       baseline=base, method=method, n_permutations=n_permutations, seed=seed,
+                                       chunk_size=opts["chunk_size"], players=names))
         if on_model:
             on_model(i, results[-1])
     consensus = fold_consensus(results, ref)

@@ -26,9 +26,9 @@ import torch
 
 from .errors import InputError, TargetError
 from .methods.shapley import AUTO_EXACT_MAX, contrast_shapley, shapley_weights
-from .targets import Dice, MeanProbability, Prediction, Volume
+from .targets import Dice, MeanProbability, Prediction, ValueTarget, Volume
 
-__all__ = ["AUTO_EXACT_MAX", "BRATS_REGIONS", "ONE_PLAYER", "ShapleyResult", "channel_shapley", "dice",
+__all__ = ["AUTO_EXACT_MAX", "BRATS_REGIONS", "ONE_PLAYER", "ShapleyResult", "bind_model", "channel_shapley", "dice",
            "fold_map_agreement", "mean_foreground_probability", "volume", "Dice", "MeanForegroundProbability", "Volume",
            "shapley_weights"]
 
@@ -62,9 +62,10 @@ def _prediction(labels, class_labels, activation, channel, threshold, soft) -> P
                       channel, float(threshold), bool(soft))
 
 
-def _check_activation(activation: str, channel, what: str) -> None:
-    if activation not in ("softmax", "sigmoid", "none"):
-        raise TargetError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
+def _check_activation(activation: str | None, channel, what: str) -> None:
+    if activation not in (None, "auto", "softmax", "sigmoid", "none"):
+        raise TargetError(f"activation must be None (the model's), 'auto', 'softmax', 'sigmoid' or 'none', "
+                          f"got {activation!r}")
     if (activation == "softmax" and channel is not None) or (activation == "sigmoid" and channel is None):
         raise TargetError(f"{what}: give channel= (the output channel of this region) with activation='sigmoid' (or "
                           "'none' for probability channels), and not with 'softmax' (there the labels come from "
@@ -72,7 +73,7 @@ def _check_activation(activation: str, channel, what: str) -> None:
 
 
 def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, class_labels: Sequence[int] | None = None,
-         activation: str = "softmax", channel: int | None = None, threshold: float = 0.5, soft: bool = False,
+         activation: str | None = None, channel: int | None = None, threshold: float = 0.5, soft: bool = False,
          empty: float = 1.0, regions: Mapping[str, Sequence[int]] = BRATS_REGIONS) -> Dice:
     """Value function: Dice of the model's segmentation of a label or region against a reference.
 
@@ -82,15 +83,16 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
     row ``r`` of the outputs is compared with ``reference_seg[rows[r]]`` (a single map, ``B = 1`` or
     ``(*spatial)``, is shared by every sample).
 
-    Prediction: with ``activation="softmax"`` (default) the label map is ``class_labels[argmax_k z_k]``
+    Prediction: without ``channel`` the label map is ``class_labels[argmax_k z_k]``
     (``class_labels`` defaults to ``0..K-1``; a 4-channel BraTS model predicting labels {0, 1, 2, 4}
     needs ``class_labels=(0, 1, 2, 4)``) and the region is where that label map falls in the label set.
-    With ``activation="sigmoid"`` and ``channel`` (region-based models: one sigmoid channel per region)
-    it is ``sigmoid(z_channel) > threshold`` (``"none"`` with ``channel``: the channel is already a
-    probability; ``"none"`` without: the outputs are class probabilities, read as with softmax).
+    With ``channel`` (region-based models: one sigmoid channel per region) it is the channel's probability
+    ``> threshold`` (``activation="sigmoid"``: ``sigmoid(z_channel)``; ``"none"``: the channel is already a
+    probability).
     ``soft=True`` uses the probabilities instead (soft Dice: ``2 sum(p g) / (sum p + sum g)``). Dice =
     ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`); ``empty`` (default 1) when both are
-    empty, the BraTS convention. ``activation`` is the model's output activation (``docs/design.md``).
+    empty, the BraTS convention. ``activation`` is the model's output activation (``docs/design.md``);
+    ``None`` (default): the model's own (``mx.Model(activation=)``, bound by :func:`channel_shapley`).
     """
     labels = _labels(label_or_region, regions)
     ref = torch.as_tensor(reference_seg)
@@ -104,21 +106,39 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
 
 
 def volume(label_or_region: Union[int, str, Sequence[int]], *, class_labels: Sequence[int] | None = None,
-           activation: str = "softmax", channel: int | None = None, threshold: float = 0.5, soft: bool = False,
+           activation: str | None = None, channel: int | None = None, threshold: float = 0.5, soft: bool = False,
            voxel_volume: float = 1.0, regions: Mapping[str, Sequence[int]] = BRATS_REGIONS) -> Volume:
     """Value function: the predicted volume of a label, label set or region (read as in :func:`dice`): the
-    voxel count times ``voxel_volume`` (e.g. mm^3 per voxel); ``soft=True`` sums the probabilities."""
+    voxel count times ``voxel_volume`` (e.g. mm^3 per voxel); ``soft=True`` sums the probabilities.
+    ``activation`` ``None`` (default): the model's own (``mx.Model(activation=)``, :func:`bind_model`)."""
     labels = _labels(label_or_region, regions)
     _check_activation(activation, channel, "volume")
     name = f"volume_{label_or_region}" if isinstance(label_or_region, str) else "volume_" + "+".join(map(str, labels))
     return Volume(_prediction(labels, class_labels, activation, channel, threshold, soft), float(voxel_volume), name)
 
 
-def mean_foreground_probability(channel: int = 1, activation: str = "softmax", mask=None) -> MeanProbability:
+def mean_foreground_probability(channel: int = 1, activation: str | None = None, mask=None) -> MeanProbability:
     """Value function: mean probability of output ``channel`` over all voxels, or inside ``mask``
-    (bool ``(B, *spatial)``, row ``r`` uses ``mask[rows[r]]``). ``activation``: ``"softmax"`` over the
-    channels (default), ``"sigmoid"`` of that channel, or ``"none"`` (outputs already probabilities)."""
+    (bool ``(B, *spatial)``, row ``r`` uses ``mask[rows[r]]``). ``activation``: ``None`` (default) the model's
+    own output activation (``mx.Model(activation=)``, ``auto``: softmax over several channels of logits,
+    sigmoid for one, none for probabilities; bound by :func:`channel_shapley`), or ``"softmax"`` over the
+    channels, ``"sigmoid"`` of that channel, ``"none"`` (outputs already probabilities)."""
+    if activation not in (None, "auto", "softmax", "sigmoid", "none"):
+        raise TargetError(f"activation must be None (the model's), 'auto', 'softmax', 'sigmoid' or 'none', "
+                          f"got {activation!r}")
     return MeanProbability(int(channel), activation, mask, f"mean_probability_{channel}")
+
+
+def bind_model(value_fn, model):
+    """``value_fn`` with the model's output activation where it leaves it to the model (``activation=None``):
+    a value target (:class:`~medexplain.targets.ValueTarget`) then reads probabilities as the model object
+    does (``mx.Model(activation=)``; a bare module is wrapped, :func:`medexplain.models.model.as_model`).
+    :func:`medexplain.explain` (so :func:`channel_shapley`) binds every value target this way; anything else
+    is returned as given."""
+    if isinstance(value_fn, ValueTarget):
+        from .models.model import as_model
+        return value_fn.bind(as_model(model))
+    return value_fn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,10 +210,10 @@ class ShapleyResult:
         return self.values.sum(1) - (self.coalitions[full] - self.coalitions[0])
 
 
-def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=None, baseline="zero",
+def channel_shapley(model, x: torch.Tensor, value_fn, groups=None, baseline="zero",
                     method: str = "auto", n_permutations: int = 200, antithetic: bool = True, seed: int = 0,
                     chunk_size: int | None = 16, players: Sequence[str] | None = None,
-                    max_exact: int = 16, inferer=None) -> ShapleyResult:
+                    max_exact: int = 16) -> ShapleyResult:
     """Shapley values of input channels (MRI contrasts) or channel groups for a model's output, eq. (1).
 
     The registered method ``contrast_shapley`` (:mod:`medexplain.methods.shapley`) run by
@@ -208,15 +228,17 @@ def channel_shapley(model: torch.nn.Module, x: torch.Tensor, value_fn, groups=No
     evaluated once; at most ``max_exact`` players), ``"permutation"`` (``n_permutations`` sampled orders,
     as antithetic pairs when ``antithetic``: an odd count is rounded up; deterministic given ``seed``), or
     ``"auto"`` (exact up to 10 players). ``chunk_size`` bounds the rows per forward pass. The model runs
-    without gradients and is left as found. ``model`` may be an :class:`mx.Model
-    <medexplain.models.model.Model>`; ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run the
-    model through (:mod:`medexplain.sliding`); ``info`` then counts windows, ``n_evaluations`` still images.
+    without gradients under its train/eval policy and is left as found. ``model``: an :class:`mx.Model
+    <medexplain.models.model.Model>` (its sliding window, passes, output adapter, activation, eval policy;
+    through a sliding window ``info`` counts windows, ``n_evaluations`` still images) or an ``nn.Module``,
+    wrapped in one (:func:`medexplain.models.model.as_model`). Value functions that leave the activation to
+    the model (``activation=None``) read the model's (:func:`bind_model`).
     """
     import warnings
 
     from .explain import explain
 
-    attr = explain(model, x, contrast_shapley, target=value_fn, inferer=inferer, groups=groups, baseline=baseline,
+    attr = explain(model, x, contrast_shapley, target=value_fn, groups=groups, baseline=baseline,
                    estimator=method, n_permutations=n_permutations, antithetic=antithetic, seed=seed,
                    chunk_size=chunk_size, players=players, max_exact=max_exact)
     i = attr.info

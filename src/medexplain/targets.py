@@ -17,13 +17,12 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .core import forward, model_guard
 from .errors import EmptyRegionError, TargetError
 from .ops import detect_activation, probabilities, resolve_activation
 from .ops import dice as dice_score
@@ -286,6 +285,11 @@ class ValueTarget(Target):
     def value(self, outputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def bind(self, model) -> "ValueTarget":
+        """This target with ``model``'s output activation where it leaves it to the model
+        (``activation=None``); :func:`medexplain.explain` binds every value target to the model it explains."""
+        return self
+
     def validate(self, output, batch):
         self.value(output, torch.arange(output.shape[0], device=output.device) % max(1, batch))
 
@@ -307,20 +311,32 @@ def _per_sample_maps(ref: torch.Tensor, rows: torch.Tensor, spatial: tuple[int, 
 @dataclass
 class Prediction:
     """The model's prediction of a label set, ``(N, *spatial)``: hard (bool) or ``soft`` (float64
-    probabilities). ``activation="softmax"`` (or ``"none"`` without ``channel``): the label map
-    ``class_labels[argmax_k z_k]`` falls in ``labels`` (soft: the summed probabilities of those channels);
-    ``"sigmoid"`` (or ``"none"``) with ``channel``: ``p_channel > threshold`` (soft: ``p_channel``)."""
+    probabilities). Without ``channel`` (``activation="softmax"``, or ``"none"`` for class probabilities):
+    the label map ``class_labels[argmax_k z_k]`` falls in ``labels`` (soft: the summed probabilities of those
+    channels); with ``channel`` (``"sigmoid"`` or ``"none"``): ``p_channel > threshold`` (soft: ``p_channel``).
+    ``activation=None``: the model's own output activation once bound to a model (:meth:`bind`,
+    ``mx.Model(activation=)``), else ``auto`` (:func:`medexplain.ops.resolve_activation`)."""
 
     labels: tuple[int, ...]
     class_labels: tuple[int, ...] | None = None
-    activation: str = "softmax"
+    activation: str | None = None
     channel: int | None = None
     threshold: float = 0.5
     soft: bool = False
+    model: object = field(default=None, repr=False, compare=False)
+
+    def bind(self, model) -> "Prediction":
+        """This prediction read with ``model``'s output activation where it leaves it to the model."""
+        if self.activation is not None:
+            return self
+        return replace(self, activation=getattr(model, "activation", None) or "auto", model=model)
+
+    def _probabilities(self, outputs: torch.Tensor, channel: int | None = None) -> torch.Tensor:
+        return probabilities(outputs.double(), self.activation or "auto", channel, model=self.model)
 
     def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
         if self.channel is not None:  # one sigmoid (or probability) channel per region
-            p = probabilities(outputs.double(), self.activation, self.channel)
+            p = self._probabilities(outputs, self.channel)
             return p if self.soft else p > self.threshold
         k = outputs.shape[1]
         cl = tuple(range(k)) if self.class_labels is None else tuple(self.class_labels)
@@ -332,7 +348,7 @@ class Prediction:
                               "pass class_labels=(label of channel 0, label of channel 1, ...)")
         if self.soft:  # softmax of logits, or outputs that already are class probabilities ("none")
             shape = (1, k, *[1] * (outputs.ndim - 2))
-            return (probabilities(outputs.double(), self.activation) * in_region.view(shape)).sum(1)
+            return (self._probabilities(outputs) * in_region.view(shape)).sum(1)
         return in_region[outputs.argmax(1)]
 
 
@@ -345,6 +361,9 @@ class _OfPrediction(ValueTarget):
     @property
     def differentiable(self) -> bool:
         return self.prediction.soft
+
+    def bind(self, model):
+        return replace(self, prediction=self.prediction.bind(model))
 
 
 @dataclass
@@ -381,16 +400,23 @@ class Volume(_OfPrediction):
 @dataclass
 class MeanProbability(ValueTarget):
     """Mean probability of output ``channel`` over the volume, or inside a per-sample ``mask`` (row ``r``
-    uses ``mask[rows[r]]``), in float64; ``activation`` as :func:`medexplain.ops.probabilities`."""
+    uses ``mask[rows[r]]``), in float64; ``activation`` as :func:`medexplain.ops.probabilities`; ``None``:
+    the model's own once bound to a model (:meth:`bind`), else ``auto``."""
 
     channel: int = 1
-    activation: str = "softmax"
+    activation: str | None = None
     mask: torch.Tensor | None = None
     name: str = "mean_probability"
+    model: object = field(default=None, repr=False, compare=False)
+
+    def bind(self, model) -> "MeanProbability":
+        if self.activation is not None:
+            return self
+        return replace(self, activation=getattr(model, "activation", None) or "auto", model=model)
 
     def value(self, outputs, rows):
         _check_dense(outputs, "mean_foreground_probability")
-        p = probabilities(outputs.double(), self.activation, self.channel).flatten(1)
+        p = probabilities(outputs.double(), self.activation or "auto", self.channel, model=self.model).flatten(1)
         if self.mask is None:
             return p.mean(1)
         m = _per_sample_maps(torch.as_tensor(self.mask).bool(), rows, tuple(outputs.shape[2:]), "the mask")
@@ -622,12 +648,3 @@ def resolve_target(out: torch.Tensor, target=None, region=None, *, activation: s
                       f"(fewer than {SMALL_REGION}): the explanation rests on very little", stacklevel=2)
     return ResolvedTarget(Region(classes if b > 1 else classes[0], mask), classes, name, [int(v) for v in voxels],
                           how, act)
-
-
-def resolve_default_target(model, x: torch.Tensor, output=None, activation: str = "auto", **kwargs) -> ResolvedTarget:
-    """:func:`resolve_target` on the model's own output for ``x`` (one forward without gradients, the
-    model guarded): the default target of every command. ``kwargs`` go to :func:`resolve_target`."""
-    with torch.no_grad(), model_guard(model):
-        out = forward(model, x, output=output)
-    return resolve_target(out, kwargs.pop("target", None), kwargs.pop("region", None), activation=activation,
-                          model=model, **kwargs)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import DEEP_SUPERVISION_HINT, select_output
+from .core import DEEP_SUPERVISION_HINT, Passes, model_guard, resolve_device, select_output
 from .errors import FileFormatError, InputError, ModelLoadError
 from .io import atomic_path, check_output_dir, read_image
 from .ops import dice
@@ -93,19 +93,18 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> to
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds, batch_size: int = 64, task: str | None = None, output=None) -> dict:
-    """Accuracy and AUROC (classification) or mean Dice (segmentation) of ``model`` on ``ds``, in eval
-    mode, on the output chosen by ``output`` (:func:`medexplain.core.select_output`); the model's
-    ``training`` flag is restored."""
+def evaluate(model, ds, batch_size: int = 64, task: str | None = None) -> dict:
+    """Accuracy and AUROC (classification) or mean Dice (segmentation) of ``model`` on ``ds``: an
+    :class:`mx.Model <medexplain.models.model.Model>` (its output adapter ``output=``, passes, sliding window,
+    device and train/eval policy: a model entirely in training mode is evaluated in eval mode), or an
+    ``nn.Module``, run as the one pass of a Model (:class:`medexplain.core.Passes`, the default output adapter;
+    the model loaders import this module, so it builds no ``mx.Model`` itself). The model is left as found."""
     x, y = _xy(ds)
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    try:
-        outs = torch.cat([select_output(model(x[i:i + batch_size].to(dev)), output, x.ndim).float().cpu()
+    net = model if hasattr(model, "predict") and hasattr(model, "eval_policy") else Passes([model])
+    dev = next((t.device for t in (*net.parameters(), *net.buffers())), torch.device("cpu"))
+    with model_guard(net):   # the Model's policy, else "auto"; modes, requires_grad and buffers restored
+        outs = torch.cat([net(x[i:i + batch_size].to(dev)).detach().float().cpu()
                           for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was)
     task = task or ("segmentation" if outs.ndim > 2 else "classification")
     if task == "segmentation":
         return {"dice": float(dice_score(outs.argmax(1), y, outs.shape[1]).mean())}
@@ -221,7 +220,7 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         check_output_dir(Path(checkpoint).parent)
     seg = y.ndim == x.ndim - 1
     loss = loss or ("dice_ce" if seg else "ce")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device) or next(model.parameters()).device   # auto, cpu, cuda[:N] (core.resolve_device)
     model.to(dev)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -270,8 +269,8 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
                     pbar.update(task_id, advance=1, info=f"epoch {ep + 1}/{epochs} loss {tot / cnt:.4f}")
             hist["loss"].append(tot / cnt)
             if val_ds is not None:
-                for k, v in evaluate(model, val_ds, task="segmentation" if seg else "classification",
-                                     output=output).items():
+                for k, v in evaluate(Passes([model], output=output), val_ds,
+                                     task="segmentation" if seg else "classification").items():
                     hist.setdefault(f"val_{k}", []).append(v)
                 if pbar:
                     last = ", ".join(f"{k[4:]} {v[-1]:.3f}" for k, v in hist.items() if k.startswith("val_"))

@@ -13,7 +13,7 @@ from .params import Flags, takes
 
 
 @app.command("demo")
-@takes("out", "seed", "method")
+@takes("out", "seed", "method", "device")
 def demo(n_cases: int = typer.Option(8, "--n-cases", min=1, help="positive test images to explain"),
          size: Literal["demo", "small"] = typer.Option("demo", help="demo, or small (seconds; for smoke tests)"),
          retrain: bool = typer.Option(False, "--retrain/--no-retrain", help="ignore cached weights and train again"),
@@ -31,7 +31,7 @@ def demo(n_cases: int = typer.Option(8, "--n-cases", min=1, help="positive test 
     console.print("[bold]medexplain demo[/bold]: planted nodules on a real chest radiograph (labels are planted)")
     with cli_errors():
         res = run_demo(flags.out, seed=flags.seed, size=size, n_cases=n_cases, methods=flags.methods() or None,
-                       retrain=retrain, log=console.print, progress=progress)
+                       retrain=retrain, log=console.print, progress=progress, device=flags.device)
     tab = Table(title="hit rate against the planted nodule masks")
     for c in ("method", "hit rate", "hits", "hits, any maximal pixel (median pixels at max)", "bilinear (MONAI) hit rate",
               "random baseline", "seconds"):

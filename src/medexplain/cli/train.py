@@ -17,7 +17,7 @@ from .params import Flags, takes
 
 
 @app.command("train")
-@takes("out", "seed", "batch_size")
+@takes("out", "seed", "batch_size", "device")
 def train_cmd(
     data: str = typer.Argument(..., help="planted set (chest_xray, shortcut, fundus) or a manifest CSV"),
     patch_size: Optional[int] = typer.Option(None, min=1, help="train a MedicalPatchNet with this patch size"),
@@ -44,6 +44,6 @@ def train_cmd(
     with cli_errors():
         res = train_to_folder(data, out, patch_size=patch_size, image_size=image_size, n=n, epochs=epochs,
                               batch_size=flags.batch_size or 32, lr=lr, loss=loss, augment=augment, val_frac=val_frac,
-                              backbone=backbone, seed=flags.seed)
+                              backbone=backbone, seed=flags.seed, device=flags.device)
     Console().print(f"{res.kind}: validation AUROC {res.final['auroc']:.3f}, accuracy {res.final['accuracy']:.3f} "
                     f"({res.n_val} images) -> {out}/model.pt")

@@ -21,8 +21,8 @@ import torch
 
 from ..core import check_input, chunks, forward, model_guard, resize_to
 from ..errors import InputError
+from ..models.model import as_model
 from ..ops import normalize, total_variation
-from ..sliding import with_inferer
 from ..targets import as_target, target_probability
 
 __all__ = ["deletion_insertion", "DeletionInsertion", "smoothness", "sparseness"]
@@ -98,21 +98,21 @@ def _ranks(scores: torch.Tensor, tie_break: str, seed: int) -> torch.Tensor:
 
 def deletion_insertion(model, x: torch.Tensor, maps: torch.Tensor, target, fractions: int = 26,
                        chunk_size: int | None = 64, baseline: float = 0.0, absolute: bool = False,
-                       tie_break: str = "random", seed: int = 0, inferer=None) -> DeletionInsertion:
+                       tie_break: str = "random", seed: int = 0) -> DeletionInsertion:
     """Deletion and insertion curves (SSplain paper section 5, "post-hoc accuracy").
 
     Voxels are ranked by the map (summed over map channels, resized to the input grid if needed; signed
     unless ``absolute``). For fraction ``f_j = j / (fractions - 1)`` the top ``n_j = floor(f_j N)`` voxels
     (all channels of a voxel together) are set to ``baseline`` in ``x`` (deletion) or copied from ``x``
     into a ``baseline`` image (insertion). The ``2 B fractions`` perturbed inputs go through the model
-    in chunks of ``chunk_size`` rows, without gradients, with the model guarded (eval mode, restored).
+    in chunks of ``chunk_size`` rows, without gradients, with the model guarded (its train/eval policy, restored).
     Voxels of equal score (e.g. the zeros of a sparse mask) are ordered by a seeded random permutation
     by default (``tie_break="random"``), so a flat region is not deleted in raster order;
-    ``tie_break="first"`` keeps C order. ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run
-    the model through (:mod:`medexplain.sliding`).
+    ``tie_break="first"`` keeps C order. ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (its
+    sliding window, passes and output adapter are used) or an ``nn.Module``, wrapped in one.
     """
     x = check_input(x)
-    model = with_inferer(model, inferer)
+    model = as_model(model)
     if fractions < 2:
         raise InputError("fractions must be >= 2 (0% and 100% at least)")
     tgt = as_target(target)

@@ -80,8 +80,8 @@ def available_metrics(target=None) -> list[str]:
     return sorted(n for n, m in METRICS.items() if kind in m.applies_to)
 
 
-def explanation_options(method_options: dict | None, options: dict, inferer=None) -> dict:
+def explanation_options(method_options: dict | None, options: dict) -> dict:
     """The options a metric that re-explains passes to every explanation: ``method_options`` (a dict, for
-    names the metric takes itself, such as ``n_samples``), then the other keyword arguments, and the
-    ``inferer`` (every explanation runs through the same sliding window as the model's output)."""
-    return {**(method_options or {}), **options, "inferer": inferer}
+    names the metric takes itself, such as ``n_samples``), then the other keyword arguments. The model is
+    an ``mx.Model`` (its sliding window, passes and output adapter go with it into every explanation)."""
+    return {**(method_options or {}), **options}

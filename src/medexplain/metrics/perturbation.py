@@ -19,11 +19,13 @@ torch and written against the target contract, so they score a segmenter's ``Reg
 Voxels are the features: a map is summed over its channels and every channel of a voxel is perturbed
 together (as :func:`medexplain.metrics.deletion_insertion` does); on single-channel images this is
 Quantus's element-wise convention. Scores are the target's (:meth:`medexplain.targets.Target.scores`) on
-the logits (``activation="none"``) or on ``ops.probabilities(out, activation)``. Every random draw comes
-from a generator seeded with ``seed`` and is shared by the images of a batch, so a batch of 3 gives the
-results of three batches of 1. The model is guarded (eval mode, restored) and never differentiated.
-``inferer=`` (every metric): a ``monai.inferers.SlidingWindowInferer`` the model runs through
-(:func:`medexplain.sliding.with_inferer`), as in :func:`medexplain.metrics.deletion_insertion`.
+the logits (``scores="logits"``) or on the probabilities (``scores="probabilities"``: ``ops.probabilities``
+with the model's own output activation, ``mx.Model(activation=...)``). Every random draw comes from a
+generator seeded with ``seed`` and is shared by the images of a batch, so a batch of 3 gives the results of
+three batches of 1. The model is guarded (its train/eval policy, restored) and never differentiated.
+``model`` (every metric): an :class:`mx.Model <medexplain.models.model.Model>` (its output adapter, sliding
+window, ensemble and flips, activation and eval policy are used) or an ``nn.Module``, wrapped in one
+(:func:`medexplain.models.model.as_model`).
 """
 from __future__ import annotations
 
@@ -36,38 +38,57 @@ import torch.nn.functional as F
 
 from ..core import check_input, chunks, forward, model_guard
 from ..errors import InputError
+from ..models.model import as_model
 from ..ops import normalize, probabilities
-from ..sliding import with_inferer
 from ..targets import target_probability
 from .faithfulness import _ranks, _voxel_scores
 from .meta import MetricInfo, register_metric
 
 __all__ = ["road", "ROADResult", "noisy_linear_imputation", "road_draws", "average_drop_increase", "AverageDrop",
            "faithfulness_correlation", "random_subsets", "monotonicity", "MonotonicityResult", "infidelity",
-           "infidelity_perturbations", "score_rows"]
+           "infidelity_perturbations", "score_rows", "score_output", "SCORES"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def score_rows(model, rows_x: torch.Tensor, target, rows: torch.Tensor, batch: int, activation: str | None = "none",
+#: What a perturbation metric scores: the target's score on the model's logits or on its probabilities.
+SCORES = ("probabilities", "logits")
+
+
+def _check_scores(scores: str) -> str:
+    if scores not in SCORES:
+        raise InputError(f"scores must be one of {SCORES}, got {scores!r} (the output activation that reads "
+                         "probabilities is the model's own: mx.Model(net, activation=...))")
+    return scores
+
+
+def score_output(model, out: torch.Tensor, scores: str = "logits") -> torch.Tensor:
+    """``out`` as scored: the logits as they are (``scores="logits"``), or the probabilities by the model's
+    output activation (``model.activation``, :func:`medexplain.ops.probabilities`; ``auto`` detects it from
+    the output and the model)."""
+    if _check_scores(scores) == "logits":
+        return out
+    return probabilities(out, getattr(model, "activation", "auto"), model=model)
+
+
+def score_rows(model, rows_x: torch.Tensor, target, rows: torch.Tensor, batch: int, scores: str = "logits",
                chunk_size: int | None = 64, with_correct: bool = False):
     """Target scores ``(N,)`` of ``rows_x`` (row ``i`` belongs to sample ``rows[i]``), in chunks of
-    ``chunk_size`` rows, without gradients. ``activation``: ``"none"`` scores the logits, otherwise
-    ``ops.probabilities(out, activation)`` first. ``with_correct``: also ``(probability, correct)`` from
+    ``chunk_size`` rows, without gradients. ``scores``: ``"logits"`` or ``"probabilities"``
+    (:func:`score_output`). ``with_correct``: also ``(probability, correct)`` from
     :func:`medexplain.targets.target_probability` (NaN for targets without a class)."""
-    scores, probs, correct = [], [], []
+    scores_, probs, correct = [], [], []
     with torch.no_grad():
         for sl in chunks(rows_x.shape[0], chunk_size):
             out = forward(model, rows_x[sl])
-            z = out if activation in (None, "none") else probabilities(out, activation)
-            scores.append(target.scores(z, rows[sl], batch))
+            scores_.append(target.scores(score_output(model, out, scores), rows[sl], batch))
             if with_correct:
                 terms = target_probability(out, target, rows[sl], batch)
-                nan = torch.full_like(scores[-1], float("nan"))
+                nan = torch.full_like(scores_[-1], float("nan"))
                 probs.append(nan if terms is None else terms[1])
                 correct.append(nan if terms is None else terms[2])
-    s = torch.cat(scores)
+    s = torch.cat(scores_)
     return (s, torch.cat(probs), torch.cat(correct)) if with_correct else s
 
 
@@ -177,7 +198,7 @@ class ROADResult:
     """Curves ``(B, P)`` at ``percentages`` ``(P,)`` for MoRF and LeRF removal: ``*_correct`` (0/1: the
     prediction still is the target class; for a ``Region``, most of its voxels; NaN for targets without a
     class), ``*_probability`` (target probability, NaN likewise) and ``*_score`` (the target score under
-    ``activation``). ``morf_accuracy`` / ``lerf_accuracy`` ``(P,)`` average over the batch (Quantus's ROAD
+    ``scores``). ``morf_accuracy`` / ``lerf_accuracy`` ``(P,)`` average over the batch (Quantus's ROAD
     output). Areas over the removed fraction: ``*_auc`` of the probability, ``*_accuracy_auc`` of
     ``correct``. MoRF: lower is better; LeRF: higher is better."""
 
@@ -222,8 +243,8 @@ class ROADResult:
                              "lerf_accuracy_auc": "higher"}, "morf_auc", ("Class", "MultiLabel", "Region"), "maps",
     "Rong et al. 2022 (ICML), ROAD", "quantus.ROAD"))
 def road(model, x: torch.Tensor, maps: torch.Tensor, target, percentages=None, orders=("morf", "lerf"),
-         noise: float = 0.01, seed: int = 0, activation: str | None = "auto", absolute: bool = False,
-         chunk_size: int | None = 64, tol: float = 1e-10, max_iter: int | None = None, inferer=None) -> ROADResult:
+         noise: float = 0.01, seed: int = 0, scores: str = "probabilities", absolute: bool = False,
+         chunk_size: int | None = 64, tol: float = 1e-10, max_iter: int | None = None) -> ROADResult:
     """ROAD: for each percentage ``p`` the ``int(N p / 100)`` most (MoRF) or least (LeRF) relevant voxels
     (``N`` voxels; all channels) are replaced by :func:`noisy_linear_imputation` with ``noise`` times the
     step's :func:`road_draws`, and the model is run on the result.
@@ -234,7 +255,8 @@ def road(model, x: torch.Tensor, maps: torch.Tensor, target, percentages=None, o
     percentage (``ROADResult.morf_accuracy``); its imputation is 2D only.
     """
     info = road.info
-    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
+    model = as_model(model)   # its sliding window, passes, output adapter, activation and eval policy
+    _check_scores(scores)
     tgt = info.check(target)
     x, vox = _check(model, x, maps, absolute)
     pct = list(range(1, 100, 2)) if percentages is None else [float(p) for p in percentages]
@@ -262,7 +284,7 @@ def road(model, x: torch.Tensor, maps: torch.Tensor, target, percentages=None, o
                 eps = draws[k * npct + sl.start:k * npct + sl.stop].repeat_interleave(b, 0)
                 imputed = noisy_linear_imputation(rows_x, m, noise, eps, tol, max_iter)
                 rows = torch.arange(b, device=x.device).repeat(sl.stop - sl.start)
-                s, p, c = score_rows(model, imputed, tgt, rows, b, activation, None, with_correct=True)
+                s, p, c = score_rows(model, imputed, tgt, rows, b, scores, None, with_correct=True)
                 for lst, v in zip(out, (c, p, s)):
                     lst.append(v.view(-1, b))
             curves[order] = [torch.cat(v).T.contiguous() for v in out]
@@ -297,21 +319,22 @@ class AverageDrop:
     "average_drop_increase", "faithfulness", {"average_drop": "lower", "increase_in_confidence": "higher"},
     "average_drop", ("Class", "MultiLabel", "Region"), "maps", "Chattopadhay et al. 2018 (WACV), Grad-CAM++ eq. 20",
     "pytorch_grad_cam.metrics.cam_mult_image.DropInConfidence / IncreaseInConfidence"))
-def average_drop_increase(model, x: torch.Tensor, maps: torch.Tensor, target, activation: str | None = "auto",
-                          absolute: bool = False, chunk_size: int | None = 64, inferer=None) -> AverageDrop:
+def average_drop_increase(model, x: torch.Tensor, maps: torch.Tensor, target, scores: str = "probabilities",
+                          absolute: bool = False, chunk_size: int | None = 64) -> AverageDrop:
     """Average drop / increase in confidence: Y = target score of ``x``, O = of ``x * E`` with
     ``E`` the map summed over channels, resized to the input grid and min-max normalised per sample
-    (``ops.normalize``), applied to every channel. ``activation="auto"``: scores are probabilities
-    (softmax over several classes, sigmoid for one), as in the paper; ``Region`` targets score the sum
+    (``ops.normalize``), applied to every channel. Scores are probabilities by default, as in the paper
+    (the model's activation; ``auto``: softmax over several classes, sigmoid for one); ``Region`` targets score the sum
     (or mean) of the region's class probabilities. ``drop`` is NaN where Y <= 0 (undefined)."""
-    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
+    model = as_model(model)   # its sliding window, passes, output adapter, activation and eval policy
+    _check_scores(scores)
     tgt = average_drop_increase.info.check(target)
     x, vox = _check(model, x, maps, absolute)
     e = normalize(vox, "minmax").view(x.shape[0], 1, *x.shape[2:])
     b = x.shape[0]
     rows = torch.arange(b, device=x.device).repeat(2)
     with model_guard(model):
-        s = score_rows(model, torch.cat([x, x * e]), tgt, rows, b, activation, chunk_size)
+        s = score_rows(model, torch.cat([x, x * e]), tgt, rows, b, scores, chunk_size)
     y, o = s[:b], s[b:]
     drop = torch.where(y > 0, (y - o).clamp(min=0) / y.clamp_min(1e-300), torch.full_like(y, float("nan")))
     return AverageDrop(y, o, drop, (o > y).to(x.dtype))
@@ -338,21 +361,22 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     "faithfulness_correlation", "faithfulness", {"correlation": "higher"}, "correlation",
     ("Class", "MultiLabel", "Region"), "maps", "Bhatt et al. 2020 (IJCAI), eq. 2", "quantus.FaithfulnessCorrelation"))
 def faithfulness_correlation(model, x: torch.Tensor, maps: torch.Tensor, target, n_runs: int = 100,
-                             subset_size: int = 224, baseline="min", activation: str | None = "none",
-                             absolute: bool = False, seed: int = 0, chunk_size: int | None = 64, inferer=None) -> torch.Tensor:
+                             subset_size: int = 224, baseline="min", scores: str = "logits",
+                             absolute: bool = False, seed: int = 0, chunk_size: int | None = 64) -> torch.Tensor:
     """Faithfulness correlation ``(B,)``: over ``n_runs`` random subsets S of ``subset_size`` voxels
     (:func:`random_subsets`), the Pearson correlation of ``sum_{i in S} a_i`` with ``f(x) - f(x_S)``,
     where ``x_S`` has the subset set to ``baseline`` (``"min"``: each sample's minimum, Quantus's
     "black"). Scores are logits by default (Quantus's default ``softmax=False``). NaN where either series
     is constant."""
-    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
+    model = as_model(model)   # its sliding window, passes, output adapter, activation and eval policy
+    _check_scores(scores)
     tgt = faithfulness_correlation.info.check(target)
     x, vox = _check(model, x, maps, absolute)
     b, n = vox.shape
     subsets = random_subsets(n, subset_size, n_runs, seed, x.device)
     fill = _baseline_values(x, baseline)
     with model_guard(model):
-        base = score_rows(model, x, tgt, torch.arange(b, device=x.device), b, activation, chunk_size)
+        base = score_rows(model, x, tgt, torch.arange(b, device=x.device), b, scores, chunk_size)
         drops, sums = [], []
         per = max(1, (chunk_size or n_runs * b) // b)
         for sl in chunks(n_runs, per):
@@ -361,7 +385,7 @@ def faithfulness_correlation(model, x: torch.Tensor, maps: torch.Tensor, target,
             m = m.view(-1, 1, 1, *x.shape[2:])
             rows_x = (x.unsqueeze(0) * (1 - m) + fill.unsqueeze(0) * m).reshape(-1, *x.shape[1:])
             rows = torch.arange(b, device=x.device).repeat(sub.shape[0])
-            s = score_rows(model, rows_x, tgt, rows, b, activation, None).view(-1, b)
+            s = score_rows(model, rows_x, tgt, rows, b, scores, None).view(-1, b)
             drops.append(base.unsqueeze(0) - s)
             sums.append(vox[:, sub].sum(-1).T)
     return _pearson(torch.cat(sums).T, torch.cat(drops).T)
@@ -386,8 +410,8 @@ class MonotonicityResult:
     ("Class", "MultiLabel", "Region"), "maps", "Arya et al. 2019 (arXiv:1909.03012), Monotonicity",
     "quantus.Monotonicity (with an insertion perturb_func; see the docstring)"))
 def monotonicity(model, x: torch.Tensor, maps: torch.Tensor, target, features_in_step: int | None = None,
-                 baseline="min", activation: str | None = "auto", absolute: bool = True,
-                 chunk_size: int | None = 64, inferer=None) -> MonotonicityResult:
+                 baseline="min", scores: str = "probabilities", absolute: bool = True,
+                 chunk_size: int | None = 64) -> MonotonicityResult:
     """Monotonicity: start from a ``baseline`` image (``"min"``: each sample's minimum everywhere) and
     insert the input's voxels ``features_in_step`` at a time in increasing order of (absolute, by default)
     attribution; the explanation is monotonic when the score never decreases (``diff >= 0``).
@@ -397,7 +421,8 @@ def monotonicity(model, x: torch.Tensor, maps: torch.Tensor, target, features_in
     over the baseline image at each step (its default perturbation replaces the selected entries of the
     *baseline* image by that image's minimum), so its input never changes and it returns True for any
     explanation; the tests compare with it after passing a perturbation that inserts the input's values."""
-    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
+    model = as_model(model)   # its sliding window, passes, output adapter, activation and eval policy
+    _check_scores(scores)
     tgt = monotonicity.info.check(target)
     x, vox = _check(model, x, maps, absolute)
     b, n = vox.shape
@@ -415,7 +440,7 @@ def monotonicity(model, x: torch.Tensor, maps: torch.Tensor, target, features_in
             k = (order.unsqueeze(0) < counts[sl].view(-1, 1, 1)).view(-1, b, 1, *x.shape[2:]).to(x.dtype)
             rows_x = (fill.unsqueeze(0) * (1 - k) + x.unsqueeze(0) * k).reshape(-1, *x.shape[1:])
             rows = torch.arange(b, device=x.device).repeat(sl.stop - sl.start)
-            curves.append(score_rows(model, rows_x, tgt, rows, b, activation, None).view(-1, b))
+            curves.append(score_rows(model, rows_x, tgt, rows, b, scores, None).view(-1, b))
     curves = torch.cat(curves).T.contiguous()
     ok = curves.diff(dim=1) >= 0
     frac = ok.to(x.dtype).mean(1) if n_steps > 1 else torch.ones(b, dtype=x.dtype, device=x.device)
@@ -467,7 +492,7 @@ def infidelity_perturbations(x: torch.Tensor, perturbation: str = "blocks", patc
     "Yeh et al. 2019 (NeurIPS), definition 2.1", "quantus.Infidelity (blocks); captum.metrics.infidelity (noise)"))
 def infidelity(model, x: torch.Tensor, maps: torch.Tensor, target, perturbation: str = "blocks", patch_size: int = 4,
                n_samples: int = 10, sigma: float = 0.1, baseline="min", normalize: bool = False,
-               activation: str | None = "none", seed: int = 0, chunk_size: int | None = 64, inferer=None) -> torch.Tensor:
+               scores: str = "logits", seed: int = 0, chunk_size: int | None = 64) -> torch.Tensor:
     """Infidelity ``(B,)``: mean over perturbations ``I_j`` (:func:`infidelity_perturbations`) of
     ``(sum(a * I_j) - (f(x) - f(x - I_j)))^2``, computed by Captum's ``captum.metrics.infidelity`` (the
     reference implementation of Yeh et al.), ``max_examples_per_batch`` from ``chunk_size``. ``maps`` are
@@ -475,7 +500,8 @@ def infidelity(model, x: torch.Tensor, maps: torch.Tensor, target, perturbation:
     Captum's optimal rescaling of the attributions (Yeh et al., section 2.3). Scores are logits by default
     (Quantus's default). Lower is better."""
     from captum.metrics import infidelity as captum_infidelity
-    model = with_inferer(model, inferer)  # a sliding-window model: every row runs window by window
+    model = as_model(model)   # its sliding window, passes, output adapter, activation and eval policy
+    _check_scores(scores)
     tgt = infidelity.info.check(target)
     x = check_input(x)
     maps = torch.as_tensor(maps).detach().to(x)
@@ -497,8 +523,7 @@ def infidelity(model, x: torch.Tensor, maps: torch.Tensor, target, perturbation:
 
     def fwd(inputs, idx):
         out = forward(model, inputs)
-        z = out if activation in (None, "none") else probabilities(out, activation)
-        return tgt.scores(z, idx.long(), b)
+        return tgt.scores(score_output(model, out, scores), idx.long(), b)
 
     per_batch = min(max(chunk_size or b * count, b), b * count)
     with model_guard(model):

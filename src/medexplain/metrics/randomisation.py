@@ -19,6 +19,7 @@ from skimage.metrics import structural_similarity
 
 from ..core import check_input, model_guard
 from ..errors import InputError, TargetError
+from ..models.model import as_model
 from ..ops import noise_sum
 from ..targets import Class, Region
 from .meta import MetricInfo, explanation_options, register_metric
@@ -46,26 +47,38 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
 
 
-def randomised_models(model: torch.nn.Module, order: str = "bottom_up", seed: int = 42):
+def _reset_layers(model) -> list[str]:
+    """Names (the user's, those of the first network of an ``mx.Model``) of the modules with
+    ``reset_parameters``, in definition order."""
+    return [n for n, m in as_model(model).networks[0].named_modules() if hasattr(m, "reset_parameters")]
+
+
+def randomised_models(model, order: str = "bottom_up", seed: int = 42):
     """Yield ``(layer name, model)`` with one more layer re-initialised each time (cumulative), on a deep
-    copy. Quantus's schedule: every module with ``reset_parameters`` (definition order for
-    ``bottom_up``, reversed for ``top_down``), ``torch.manual_seed(seed + 1)`` before each reset; the
-    global RNG is restored between steps and afterwards."""
+    copy of the model object (:func:`medexplain.models.model.as_model`; an ensemble's members have the layer
+    of that name re-initialised in every member). Quantus's schedule: every module with ``reset_parameters``
+    (definition order for ``bottom_up``, reversed for ``top_down``), ``torch.manual_seed(seed + 1)`` before
+    each reset; the global RNG is restored between steps and afterwards."""
     if order not in ("bottom_up", "top_down"):
         raise InputError(f"layer order must be 'bottom_up' or 'top_down', got {order!r}")
-    with model_guard(model):  # the copy inherits eval mode; the original is restored as found
+    model = as_model(model)
+    with model_guard(model):  # the copy inherits the modes the policy sets; the original is restored as found
         rand = copy.deepcopy(model)
-    modules = [(n, m) for n, m in rand.named_modules() if hasattr(m, "reset_parameters")]
-    if not modules:
+    names = _reset_layers(rand)
+    if not names:
         raise InputError("the model has no layer with reset_parameters() to randomise")
     if order == "top_down":
-        modules = modules[::-1]
+        names = names[::-1]
+    members = [dict(net.named_modules()) for net in rand.networks]
     # reset_parameters on a GPU draws from that device's generator, which manual_seed also reseeds: fork it too
     devices = sorted({p.device.index or 0 for p in rand.parameters() if p.device.type == "cuda"})
-    for name, module in modules:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed) + 1)
-            module.reset_parameters()
+    for name in names:
+        for named in members:
+            module = named.get(name)
+            if module is not None and hasattr(module, "reset_parameters"):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(int(seed) + 1)
+                    module.reset_parameters()
         yield name, rand
 
 
@@ -114,7 +127,7 @@ class MPRTResult:
 def smooth_mprt(model, x: torch.Tensor, method: str, target, n_samples: int = 50, noise_magnitude: float = 0.1,
                 seed: int = 42, noise_seed: int = 0, layer_order: str = "bottom_up", cascade: bool = True,
                 absolute: bool = True, chunk_size: int | None = 64, method_options: dict | None = None,
-                inferer=None, **options) -> MPRTResult:
+                **options) -> MPRTResult:
     """SmoothMPRT: the model parameter randomisation test on smoothed explanations (the mean over
     ``n_samples - 1`` noisy copies and the clean input, noise ``sd = noise_magnitude (max - min)``), which
     removes the noise that makes gradient maps decorrelate by chance. Similarity: Spearman of the
@@ -122,10 +135,11 @@ def smooth_mprt(model, x: torch.Tensor, method: str, target, n_samples: int = 50
     model (Quantus's ``skip_layers``). The noise draws (``noise_seed``) are the same for every model, so
     ``original`` is exactly 1; Quantus draws fresh noise per explanation.
     ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
-    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
+    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`)."""
     tgt = smooth_mprt.info.check(target)
-    options = explanation_options(method_options, options, inferer)
+    options = explanation_options(method_options, options)
+    model = as_model(model)
     x = check_input(x)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
@@ -137,7 +151,7 @@ def smooth_mprt(model, x: torch.Tensor, method: str, target, n_samples: int = 50
     ref = expl(model)
     original = spearman(ref, expl(model))
     names, sims = [], []
-    n_layers = sum(1 for _, m in model.named_modules() if hasattr(m, "reset_parameters"))
+    n_layers = len(_reset_layers(model))
     for i, (name, net) in enumerate(randomised_models(model, layer_order, seed)):
         if not cascade and i + 1 < n_layers:
             continue
@@ -174,15 +188,16 @@ class EfficientMPRTResult:
     "Hedström et al. 2023 (XAI in Action workshop), section 4.2", "quantus.EfficientMPRT"))
 def efficient_mprt(model, x: torch.Tensor, method: str, target, n_bins: int = 100, seed: int = 42,
                    layer_order: str = "bottom_up", absolute: bool = False, method_options: dict | None = None,
-                inferer=None, **options) -> EfficientMPRTResult:
+                **options) -> EfficientMPRTResult:
     """EfficientMPRT: compare the complexity (discrete entropy of a ``n_bins`` histogram of the map values)
     of the explanation before and after randomising every layer, in one extra explanation instead of one
     per layer. ``absolute``: histogram of ``|map|`` (Quantus's default: signed).
     ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
-    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
+    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`)."""
     tgt = efficient_mprt.info.check(target)
-    options = explanation_options(method_options, options, inferer)
+    options = explanation_options(method_options, options)
+    model = as_model(model)
     x = check_input(x)
     if n_bins < 1:
         raise InputError(f"n_bins must be >= 1, got {n_bins}")
@@ -222,7 +237,7 @@ def _off_target(tgt, off: torch.Tensor):
     "Sixt et al. 2020 (ICML), section 5.2", "quantus.RandomLogit"))
 def random_logit(model, x: torch.Tensor, method: str, target, num_classes: int | None = None, seed: int = 42,
                  off_class=None, normalise: bool = True, flatten: bool = False, method_options: dict | None = None,
-                inferer=None, **options) -> torch.Tensor:
+                **options) -> torch.Tensor:
     """Random-logit test ``(B,)``: SSIM between the explanation of the target class and that of another,
     randomly chosen class (for a ``Region``: another output channel over the same region). An explanation
     that explains the model's decision should change with the class (lower is better).
@@ -234,16 +249,16 @@ def random_logit(model, x: torch.Tensor, method: str, target, num_classes: int |
     others). ``flatten=True`` computes SSIM on the flattened maps as Quantus does; the default treats each
     map as an image (2D or 3D).
     ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
-    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
+    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`)."""
     tgt = random_logit.info.check(target)
-    options = explanation_options(method_options, options, inferer)
+    options = explanation_options(method_options, options)
+    model = as_model(model)
     x = check_input(x)
     b = x.shape[0]
     with model_guard(model), torch.no_grad():
         from ..core import forward
-        from ..sliding import with_inferer
-        k = num_classes or forward(with_inferer(model, inferer), x[:1]).shape[1]
+        k = num_classes or forward(model, x[:1]).shape[1]
     if k < 2:
         raise TargetError("the random-logit test needs at least two classes (output channels)")
     y = tgt.class_index(b).to(x.device)

@@ -11,6 +11,7 @@ import torch
 
 from ..core import check_input
 from ..errors import InputError
+from ..models.model import as_model
 from .meta import MetricInfo, explanation_options, register_metric
 
 __all__ = ["max_sensitivity", "sensitivity_draws"]
@@ -29,21 +30,22 @@ def sensitivity_draws(x: torch.Tensor, n: int, radius: float, seed: int = 0) -> 
     "method", "Yeh et al. 2019 (NeurIPS), definition 3.1", "quantus.MaxSensitivity; captum.metrics.sensitivity_max"))
 def max_sensitivity(model, x: torch.Tensor, method: str, target, n_samples: int = 10, radius: float = 0.2,
                     seed: int = 0, chunk_size: int | None = 64, method_options: dict | None = None,
-                    inferer=None, **options) -> torch.Tensor:
+                    **options) -> torch.Tensor:
     """Max-sensitivity ``(B,)``: ``max_j ||Phi(x + d_j) - Phi(x)||_F / ||Phi(x)||_F`` over ``n_samples``
     uniform perturbations ``d_j`` in ``[-radius, radius]`` of every input element (:func:`sensitivity_draws`;
     Quantus's default radius 0.2), ``Phi`` the maps of ``method`` (raw, with ``options``). Computed by Captum's
     ``sensitivity_max``; ``chunk_size`` bounds the perturbed images explained in one call (Captum's
     ``max_examples_per_batch``). A zero map has denominator 1 (Captum's convention). Lower is better.
     ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``inferer``: a
-    ``monai.inferers.SlidingWindowInferer`` for every explanation (:func:`medexplain.explain`)."""
+    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
+    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`), explained as it is."""
     from captum.metrics import sensitivity_max
 
     from ..explain import explain
     from ..methods.captum_methods import RowTarget
     tgt = max_sensitivity.info.check(target)
-    options = explanation_options(method_options, options, inferer)
+    options = explanation_options(method_options, options)
+    model = as_model(model)
     x = check_input(x)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")

@@ -16,6 +16,8 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
 from ..core import model_guard
+from ..errors import InputError
+from ..models.model import as_model
 from ..ops import normalize
 
 __all__ = ["randomization_check", "RandomizationResult"]
@@ -54,7 +56,7 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def randomization_check(model, x, method: str, target=None, layers: list[str] | None = None,
-                        absolute: bool = True, seed: int = 0, cascade: bool = True, inferer=None,
+                        absolute: bool = True, seed: int = 0, cascade: bool = True,
                         **options) -> RandomizationResult:
     """Cascading randomisation from the top layer down (``layers`` default: every parameterised layer).
 
@@ -63,28 +65,35 @@ def randomization_check(model, x, method: str, target=None, layers: list[str] | 
 
     Maps are summed over channels, optionally taken in absolute value (Adebayo et al. report both), and
     min-max normalised before SSIM. The user's model is never modified: a deep copy is randomised.
-    ``inferer``: a ``monai.inferers.SlidingWindowInferer``, passed to every explanation
-    (:func:`medexplain.explain`).
+    ``model``: an ``mx.Model`` or an ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`);
+    ``layers`` are named as in its (first) network, and an ensemble has that layer re-initialised in every member.
     """
     from ..explain import explain
-    layers = list(reversed(layers or _parameterised_layers(model)))
+    model = as_model(model)
+    layers = list(reversed(layers or _parameterised_layers(model.networks[0])))
 
     def flat_maps(net):
-        m = explain(net, x, method=method, target=target, inferer=inferer, **options).map.sum(1, keepdim=True)
+        m = explain(net, x, method=method, target=target, **options).map.sum(1, keepdim=True)
         return normalize(m.abs() if absolute else m, "minmax")[:, 0].double().cpu().numpy()
 
     ref = flat_maps(model)
-    with model_guard(model):  # the copy inherits eval mode; the original is restored as found
+    with model_guard(model):  # the copy inherits the policy's modes; the original is restored as found
         rand = copy.deepcopy(model)
+    members = [dict(net.named_modules()) for net in rand.networks]
+    unknown = [n for n in layers if not hasattr(members[0].get(n), "reset_parameters")]
+    if unknown:
+        raise InputError(f"layer(s) {unknown} are not parameterised layers of the model; layers: "
+                         f"{list(reversed(_parameterised_layers(model.networks[0])))}")
     gen_state = torch.random.get_rng_state()
     sp, ss = [], []
     try:
         torch.manual_seed(seed)
-        named = dict(rand.named_modules())
         steps = [[n] for n in layers] if cascade else [layers]
         for step in steps:
             for name in step:
-                named[name].reset_parameters()
+                for named in members:
+                    if name in named:
+                        named[name].reset_parameters()
             cur = flat_maps(rand)
             sp.append([spearmanr(r.ravel(), c.ravel())[0] for r, c in zip(ref, cur)])
             ss.append([_ssim(r, c) for r, c in zip(ref, cur)])

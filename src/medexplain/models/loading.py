@@ -22,7 +22,11 @@ from .trained import load_trained
 
 
 def load_model(spec: str, weights: str | None = None, map_location: str = "cpu") -> nn.Module:
-    """Load a model in eval mode.
+    """Load a model. A TorchScript file and a factory's model keep the train/eval modes the file or the factory
+    gives them (an author may keep normalisation layers in training mode on purpose): the model object's
+    train/eval policy decides how they run (``mx.Model(eval=)``, ``--eval``; ``auto`` switches a model that is
+    entirely in training mode, as a fresh factory model is, to eval). The zoo's and ``medexplain train``'s own
+    models come in eval mode.
 
     - ``path/to/model.pt``: a TorchScript file (``torch.jit.save``). CAM methods need hooks, which
       scripted models lack: use an eager model for them.
@@ -45,7 +49,7 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
         if weights:
             raise ModelLoadError("--weights is for package.module:factory models; a TorchScript file holds its weights")
         try:
-            return torch.jit.load(str(path), map_location=map_location).eval()
+            return torch.jit.load(str(path), map_location=map_location)   # its modes as saved: the policy decides
         except Exception as e:
             raise ModelLoadError(f"{spec}: not a TorchScript file ({type(e).__name__}). Save the model with "
                                  "torch.jit.save, or pass package.module:factory with --weights") from e
@@ -73,7 +77,7 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
             model.load_state_dict(state)
         except Exception as e:
             raise ModelLoadError(f"{weights} does not fit {spec}: {e}") from e
-    return model.eval()
+    return model   # the factory's modes: the model object's train/eval policy decides
 
 
 def import_factory(spec: str):

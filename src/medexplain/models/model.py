@@ -34,33 +34,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import EVAL_POLICIES, OutputAdapter, Passes, check_input, find_passes, is_scripted, n_passes
+from ..core import (
+    EVAL_POLICIES,
+    OutputAdapter,
+    Passes,
+    check_input,
+    find_passes,
+    is_scripted,
+    n_passes,
+    resolve_device,
+)
 from ..errors import InputError, ModelLoadError, UnsupportedModelError
 
 __all__ = ["Model", "load_model", "as_model", "resolve_device"]
 
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float": torch.float32, "float64": torch.float64, "double": torch.float64}
-
-
-def resolve_device(device) -> torch.device | None:
-    """``None`` (keep the networks where they are), ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``,
-    ``"cuda"``, ``"cuda:N"`` or a ``torch.device``; a typed error for anything else or a missing GPU."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise InputError(f"device {device!r}: no such CUDA device here ({torch.cuda.device_count()} visible); "
-                         "use device='auto' or 'cpu'")
-    return dev
 
 
 def _dtype(dtype) -> torch.dtype | None:

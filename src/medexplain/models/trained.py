@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..augment import PaperAugment
+from ..core import resolve_device
 from ..errors import FileFormatError, InputError
 from ..io import check_output_dir, write_json
 from ..training import TrainingData, evaluate, read_training_manifest, read_weights, save_weights, train
@@ -81,12 +82,15 @@ def training_data(data: str, image_size: int = 64, n: int = 1200, seed: int = 0,
 def train_to_folder(data: str, out, *, patch_size: int | None = None, image_size: int = 64, n: int = 1200,
                     epochs: int = 6, batch_size: int = 32, lr: float = 1e-3, loss: str | None = None,
                     augment: bool = True, val_frac: float = 0.2, backbone: str | None = None, seed: int = 0,
-                    progress: bool = True) -> TrainedModel:
+                    progress: bool = True, device=None) -> TrainedModel:
     """Train a MedicalPatchNet (``patch_size``) or its image-level baseline on ``data`` and write the
     folder ``out`` (see the module docstring). ``loss`` defaults to ``bce`` for planted sets and
-    multi-label manifests, ``ce`` for single-label manifests. Every check runs before anything is written."""
+    multi-label manifests, ``ce`` for single-label manifests. ``device``: where it trains (``None``: the CPU,
+    ``"auto"``: CUDA when present, ``"cpu"``, ``"cuda[:N]"``; :func:`medexplain.core.resolve_device`); the
+    weights are written from the CPU either way. Every check runs before anything is written."""
     if patch_size is not None and (patch_size < 1 or image_size % patch_size):
         raise InputError(f"--patch-size {patch_size} must divide --image-size {image_size}")
+    dev = resolve_device(device)   # a device this machine lacks is a typed error before anything is written
     check_output_dir(out)  # before the training (issue 27)
     td = training_data(data, image_size, n, seed, val_frac)
     loss = loss or ("bce" if td.multilabel or data in PLANTED else "ce")
@@ -103,7 +107,7 @@ def train_to_folder(data: str, out, *, patch_size: int | None = None, image_size
     kind = f"PatchNet p={patch_size}" if patch_size and patch_size < image_size else "image-level"
     hist = train(net, td.train, td.val, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
                  augment=PaperAugment(seed=seed) if augment else None, checkpoint=out / "model.pt",
-                 description=f"training {kind}", progress=progress)
+                 description=f"training {kind}", progress=progress, device=dev)
     final = evaluate(net, td.val)
     save_weights(net, out / "model.pt", history=hist, final=final, config=cfg)
     write_json({**hist, "final": final}, out / "history.json")

@@ -34,8 +34,8 @@ from scipy import ndimage, stats
 from ..core import check_input, chunks, forward, model_guard
 from ..errors import InputError
 from ..io import atomic_path
+from ..models.model import as_model
 from ..ops import probabilities
-from ..sliding import with_inferer
 from .instances import KINDS, Instance, flatten_instances, structure
 
 
@@ -148,24 +148,23 @@ def group_statistics(rows: list[dict], columns=None, groups=KINDS, by: str = "ki
 
 
 def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channel: int = 1,
-                       threshold: float = 0.5, connectivity=None, activation: str = "auto",
-                       chunk_size: int | None = 4, inferer=None) -> list[dict]:
+                       threshold: float = 0.5, connectivity=None, chunk_size: int | None = 4) -> list[dict]:
     """How much context does the model need to keep detecting a lesion? (the reference's experiment)
 
     For ``d = 0..d_max`` the input of the instance's image is kept only inside the instance dilated
     ``d`` times (every channel; zero elsewhere) and the model is run: one row per ``d`` with
     ``kept_voxels``, ``mean_probability`` (lesion probability averaged over the instance voxels, by the
-    model's output ``activation``: ``auto`` is softmax over the output channels, or sigmoid for a
-    one-channel output; :func:`medexplain.ops.probabilities`) and ``detected`` (some instance voxel
-    still has probability > ``threshold``). ``instance`` may be a list: then one list of rows per
-    instance. The ``d_max + 1`` inputs go through the model ``chunk_size`` rows per call; the model is
-    left as found. ``inferer``: a ``monai.inferers.SlidingWindowInferer`` to run the model through
-    (:mod:`medexplain.sliding`).
+    model's output activation, ``mx.Model(activation=)``: ``auto`` is softmax over several output channels of
+    logits, or sigmoid for a one-channel output; :func:`medexplain.ops.probabilities`) and ``detected``
+    (some instance voxel still has probability > ``threshold``). ``instance`` may be a list: then one list
+    of rows per instance. The ``d_max + 1`` inputs go through the model ``chunk_size`` rows per call; the
+    model is left as found. ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (its sliding
+    window, passes, output adapter, activation and eval policy) or an ``nn.Module``, wrapped in one.
     """
+    model = as_model(model)
     if not isinstance(instance, Instance):
-        return [context_experiment(model, x, i, d_max, channel, threshold, connectivity, activation, chunk_size,
-                                   inferer) for i in flatten_instances(instance)]
-    model = with_inferer(model, inferer)
+        return [context_experiment(model, x, i, d_max, channel, threshold, connectivity, chunk_size)
+                for i in flatten_instances(instance)]
     x = check_input(x)
     if int(d_max) < 0:
         raise InputError(f"d_max must be >= 0, got {d_max}")
@@ -184,7 +183,7 @@ def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channe
             out = forward(model, xin)
             if out.ndim != x.ndim or tuple(out.shape[2:]) != mask.shape:
                 raise InputError(f"the model output {tuple(out.shape)} is not on the instance grid {mask.shape}")
-            p = probabilities(out, activation, channel)[:, inst]               # (n, |L|)
+            p = probabilities(out, model.activation, channel, model=model)[:, inst]               # (n, |L|)
             for j, d in enumerate(range(sl.start, sl.stop)):
                 rows.append({"d": d, "kept_voxels": int(keep[d].sum()), "mean_probability": float(p[j].mean()),
                              "detected": bool((p[j] > threshold).any())})

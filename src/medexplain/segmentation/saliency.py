@@ -109,17 +109,23 @@ def instance_options(method: str | None = None, **given) -> tuple:
     return spec, ({**own, "layer": layer} if spec.takes("layer") else own)
 
 
-def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str | None = None,
+def explain_instances(model, x: torch.Tensor, instances, method: str | None = None,
                       aggregate: str = "mean", channel: int = 1, n_samples: int = 50, sigma: float = 0.05,
                       seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160, layer=None,
                       strategy: str = "batched", noise: torch.Tensor | None = None,
-                      variant: str = "paper", upsample: str | None = None, inferer=None) -> Attribution:
+                      variant: str = "paper", upsample: str | None = None) -> Attribution:
     """Instance saliency maps as an :class:`~medexplain.Attribution` (``map``: ``(n_instances, C, *spatial)``).
 
     Parameters
     ----------
-    model : nn.Module or :class:`mx.Model <medexplain.models.model.Model>`
-        A segmentation network returning logits ``(B, K, *spatial)``; left exactly as found.
+    model : ``mx.Model`` or nn.Module
+        A segmentation network returning logits ``(B, K, *spatial)``, or the model object of one
+        (:class:`medexplain.models.model.Model`: its output adapter, passes, sliding window and train/eval
+        policy; a bare module is wrapped in one, :func:`medexplain.models.model.as_model`); left exactly as
+        found. Through a sliding window (``mx.Model(net, inferer=...)``, :mod:`medexplain.sliding`) each
+        instance is backpropagated through the windows it touches only (``"batched"`` then runs as
+        ``"loop"``, one backward per instance on the shared forward; ``"vmap"`` is refused), and ``info``
+        counts windows.
     x : tensor ``(B, C, *spatial)``
         The images; each instance's ``sample`` selects its image.
     instances : list of :class:`Instance` (or per-sample lists, as :func:`find_instances` returns)
@@ -159,10 +165,6 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
     strategy : ``"batched"`` (default), ``"loop"``, ``"vmap"``, ``"replicate"``
         How mean-aggregated instances share a forward pass (:mod:`medexplain.methods.instance`); all give
         the same maps up to floating-point rounding.
-    inferer : ``monai.inferers.SlidingWindowInferer``, optional
-        Run the model window by window (:mod:`medexplain.sliding`): each instance is backpropagated
-        through the windows it touches only (``"batched"`` then runs as ``"loop"``, one backward per
-        instance on the shared forward; ``"vmap"`` is refused), and ``info`` counts windows.
     """
     from ..explain import explain
     from ..models.model import as_model
@@ -172,7 +174,7 @@ def explain_instances(model: nn.Module, x: torch.Tensor, instances, method: str 
                                  noise=noise, variant=variant, upsample=upsample)
     if not isinstance(channel, int) or isinstance(channel, bool):
         raise TargetError(f"channel must be an int (the lesion class's output channel), got {channel!r}")
-    m = as_model(model, inferer=inferer)
+    m = as_model(model)
     x = check_input(x)
     flat = _check_instances(instances, x)
     if not all(tuple(inst.mask.shape) == tuple(flat[0].mask.shape) for inst in flat):
