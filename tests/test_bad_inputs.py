@@ -368,8 +368,8 @@ CLI_CASES = {  # name -> (arguments without --out, typed error, words in the mes
                                   errors.UnsupportedModelError, "out of range"),
     "output key on a tuple": (["explain", V, "--model", "test_bad_inputs:pair3d", "--output", "main"],
                               errors.UnsupportedModelError, "output='main'"),
-    "instances method": (["instances", V, "--model", SEG, "--method", "saliency"], errors.OptionError,
-                         "smoothgrad or gradcam++"),
+    "instances method": (["instances", V, "--model", SEG, "--method", "saliency", "--aggregate", "max"],
+                         errors.OptionError, "aggregate='max' do not apply to method 'saliency'"),
     "instances threshold": (["instances", V, "--model", SEG, "--threshold", "1.5"], errors.OptionError, "[0, 1]"),
     "instances region all": (["instances", V, "--model", SEG, "--region", "all"], errors.TargetError, "need regions"),
     "run manifest preprocessing": (["run", "{d}/cases.csv", "--model", CLS], errors.FileFormatError,
@@ -662,7 +662,7 @@ def test_instances_and_shapley_print_the_estimate_up_front(f27, monkeypatch):
                                    str(f27 / "labels.nii.gz"), "--n-samples", "100000000", "--out", str(f27 / "o_est")])
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "stopped by the test" in text, text
-    assert text.index("estimate: smoothgrad: about 100000000 forward and 200000000 backward") < text.index("stopped")
+    assert text.index("estimate: instance_smoothgrad: about 100000000 forward and 200000000 backward") < text.index("stopped")
     assert " h at " in text and "per model call of 10 row(s)" in text, text
     ests, progress = [], []
     vol(f27 / "two.nii.gz", np.random.default_rng(1).random((S, S, S, 2), dtype=np.float32))
@@ -860,7 +860,7 @@ def test_medcam_on_a_vit_says_what_it_needs():
     assert MedCAMConfig.build(layers="a.1, b.2").layers == ("a.1", "b.2")     # the command line's comma list
 
 
-@pytest.mark.parametrize("args, words", [(["--upsample", "bilinear"], "do not apply to --method smoothgrad"),
+@pytest.mark.parametrize("args, words", [(["--upsample", "bilinear"], "do not apply to method 'instance_smoothgrad'"),
                                          (["--method", "gradcam++", "--upsample", "nearest"], "is not one of")])
 def test_cli_instances_upsample_is_checked_before_anything_is_written(files, args, words):
     """A value outside the choices is refused by the parser (medexplain.cli.params); a valid value that does not

@@ -75,8 +75,10 @@ def test_static_lists_equal_the_library():
     from medexplain import ops, registry, transforms
     from medexplain.cli.shapley import SHAPLEY_VALUE_HELP
     from medexplain.pipelines import SHAPLEY_VALUE_HELP as LIB_VALUE_HELP
-    assert list(params.METHOD_NAMES) == mx.available_methods()
-    assert params.METHOD_ALIASES == registry.ALIASES
+    declared = params.declared_methods()                  # read from the @register declarations, no copy
+    assert list(declared.names) == mx.available_methods()
+    assert declared.aliases == registry._ALIASES
+    assert declared.default == registry.default_method() and declared.instance_default == registry.default_method(True)
     assert params.INTENSITY_HELP == transforms.INTENSITY_HELP
     assert tuple(params.ACTIVATIONS) == tuple(ops.ACTIVATIONS)
     assert SHAPLEY_VALUE_HELP == LIB_VALUE_HELP

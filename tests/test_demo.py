@@ -127,9 +127,9 @@ def test_slow_methods_report_progress_over_all_their_rows(monkeypatch):
     masks[:, 10:14, 10:14] = True
     bar = FakeBar()
     monkeypatch.setattr(demo, "_progress_bar", lambda progress: __import__("contextlib").nullcontext(bar))
-    monkeypatch.setitem(demo.DEMO_OPTIONS, "kernelshap", lambda px: {"n_samples": 12})
-    monkeypatch.setitem(demo.DEMO_OPTIONS, "lime", lambda px: {"n_samples": 12})
-    monkeypatch.setitem(demo.DEMO_OPTIONS, "medcam", lambda px: {"steps": 3})
+    small = {"kernelshap": {"n_samples": 12}, "lime": {"n_samples": 12}, "medcam": {"steps": 3}}
+    declared = demo.method_options           # each method's declared preview, with fewer samples / steps here
+    monkeypatch.setattr(demo, "method_options", lambda name, model, px: {**declared(name, model, px), **small[name]})
     res = demo.score_methods(net, x, masks, ["kernelshap", "lime", "medcam"], progress=True)
     for row in res.rows:
         name = row["method"]

@@ -243,7 +243,7 @@ def test_method_codes_come_from_cid217():
     assert dicom_out.method_concept("scorecam").meaning == "Class activation"
     assert dicom_out.method_concept("saliency").value == "130404"
     assert dicom_out.method_concept("integrated_gradients") is None        # no code: plain text
-    assert set(dicom_out.CID217.values()) <= set(cid_concepts[217]["DCM"])
+    assert set(dicom_out.cid217().values()) <= set(cid_concepts[217]["DCM"])
 
 
 class Counting(torch.nn.Module):
@@ -473,13 +473,13 @@ def test_instances_format_dicom_writes_each_instance_map_on_the_source_slices(tm
         data = np.asarray(img.dataobj)
         nib.save(nib.Nifti1Image(data.sum(-1) if data.ndim == 4 else data, img.affine), str(summed))
         for kind in ("pm", "seg", "sc"):
-            obj = pydicom.dcmread(str(out / f"{stem}_smoothgrad_{kind}.dcm"))
+            obj = pydicom.dcmread(str(out / f"{stem}_instance_smoothgrad_{kind}.dcm"))
             assert obj.StudyInstanceUID == src[0].StudyInstanceUID and f"instance {k}" in obj.SeriesDescription
             assert _referenced_sops(obj) == {str(d.SOPInstanceUID) for d in src}
-        pm = pydicom.dcmread(str(out / f"{stem}_smoothgrad_pm.dcm"))
+        pm = pydicom.dcmread(str(out / f"{stem}_instance_smoothgrad_pm.dcm"))
         assert pm.FrameOfReferenceUID == src[0].FrameOfReferenceUID and int(pm.NumberOfFrames) == len(positions)
         assert_pm_equals_nifti(pm, summed)
-        seg = pydicom.dcmread(str(out / f"{stem}_smoothgrad_seg.dcm"))
+        seg = pydicom.dcmread(str(out / f"{stem}_instance_smoothgrad_seg.dcm"))
         assert len(seg.SegmentSequence) == 1 and f"instance {k}" in seg.SegmentSequence[0].SegmentLabel
 
 

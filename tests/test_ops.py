@@ -96,3 +96,26 @@ def test_noise_source_channel0_scale():
         NoiseSource(x, 0, 0.05)
     with pytest.raises(InputError):
         NoiseSource(x, 4, -1.0)
+
+
+def test_one_noise_loop():
+    """``ops.noise_sum`` is the one SmoothGrad noise loop: it sums ``fn`` over the noisy copies drawn by
+    ``NoiseSource`` in any chunking, adds onto ``start``, and every other module draws noise through it."""
+    import ast
+    from pathlib import Path
+
+    from medexplain.ops import noise_sum
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = (x.unsqueeze(0) + NoiseSource(x, 7, 0.2, 4).take(7)).sum(0)     # (B, C, *s), the draws summed
+    for chunk in (None, 1, 4, 9):
+        got = noise_sum(x, lambda rows, r, n: rows.view(n, *x.shape).sum(0), 7, 0.2, 4, chunk)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    pair = noise_sum(x, lambda rows, r, n: (rows.view(n, *x.shape).sum(0), r.double().sum()), 7, 0.2, 4, 6,
+                     start=(torch.ones_like(x), torch.zeros((), dtype=torch.float64)))
+    torch.testing.assert_close(pair[0], want + 1)
+    assert float(pair[1]) == 7 * (0 + 1 + 2)                               # each draw's rows name samples 0..2
+    src = Path(__file__).resolve().parents[1] / "src" / "medexplain"
+    users = {p.relative_to(src).as_posix() for p in src.rglob("*.py")
+             for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "NoiseSource"}
+    assert users == {"ops.py"}

@@ -106,3 +106,91 @@ def test_models_patchnet_holds_the_model_only():
             imported.update(a.name for a in node.names)
     assert not {m for m in imported if any(k in m for k in ("registry", "explain", "methods"))}
     assert get_method("patchnet").fn.__module__ == "medexplain.methods.patchnet"
+
+
+# ------------------------------------------------------------------ no method name is special-cased in code
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "medexplain"
+
+#: Quoted registered names in code outside their own module that are not special cases, each with its reason.
+ALLOWED = {
+    ("models/__init__.py", "patchnet"): "the module medexplain.models.patchnet, lazily imported by name",
+    ("methods/captum_methods.py", "smoothgrad"): "Captum's NoiseTunnel type 'smoothgrad' (nt_type), not the method",
+    ("methods/captum_methods.py", "saliency"): "noise_tunnel's default base method: an option value naming a method",
+}
+
+
+def _docstrings(tree) -> set[int]:
+    """ids of the docstring constants of a module, its classes and functions (prose, not code), and of the
+    entries of ``__all__`` (Python names, e.g. the pipeline function ``contrast_shapley``)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            out.update(id(c) for c in ast.walk(node.value) if isinstance(c, ast.Constant))
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                out.add(id(first.value))
+    return out
+
+
+def _quoted_names_in_code():
+    from medexplain.registry import _ALIASES
+    own = {n: m.fn.__module__ for n, m in mx.explain.__globals__["registered"]().items()}
+    own.update({a: own[n] for a, n in _ALIASES.items()})
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        module = "medexplain." + rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        tree = ast.parse(path.read_text())
+        skip = _docstrings(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip
+                    and node.value in own and module not in (own[node.value], "medexplain.registry")):
+                found.append((rel, node.value, node.lineno))
+    return found
+
+
+def test_no_method_name_is_special_cased_in_code_outside_its_own_module():
+    """Every registered name and alias, as a string constant in code (docstrings are prose), appears only in
+    the module that registers it and in registry.py; the few others are listed with their reason."""
+    found = _quoted_names_in_code()
+    unexplained = [f for f in found if (f[0], f[1]) not in ALLOWED]
+    assert not unexplained, f"method names special-cased outside their module: {unexplained}"
+    stale = set(ALLOWED) - {(f[0], f[1]) for f in found}
+    assert not stale, f"allowed entries that no longer occur (remove them): {stale}"
+
+
+def test_the_name_check_catches_a_special_case(tmp_path, monkeypatch):
+    """The check above can fail: a module comparing against a method's name is reported."""
+    fake = tmp_path / "medexplain"
+    (fake / "methods").mkdir(parents=True)
+    (fake / "demo.py").write_text('"""Mentions "occlusion" in prose only."""\nX = {"occlusion": 1}\n')
+    monkeypatch.setattr(__import__(__name__), "PKG", fake)
+    assert _quoted_names_in_code() == [("demo.py", "occlusion", 2)]
+
+
+def test_declarations_where_the_methods_are_defined():
+    """Aliases, the default method, choices as ``Literal`` types, the sliding-window handling and the family
+    are declared at registration and read from the registry, never from lists of names elsewhere."""
+    from medexplain.options import describe_type, option_types
+    from medexplain.registry import FAMILIES, default_method, registered
+    from medexplain.sliding_cam import windowed_cam, windowed_method
+
+    assert get_method("gradcampp").name == "gradcam++" and get_method("ig").name == "integrated_gradients"
+    assert get_method(get_method("smoothgrad").fn) is get_method("smoothgrad")       # the function itself
+    model, x = make("cls", 2), image(2, b=1)
+    assert mx.explain(model, x, target=0).method == default_method() == "saliency"
+    rule = option_types(get_method("integrated_gradients").fn)["rule"][0]
+    assert describe_type(rule).startswith("one of gausslegendre, riemann_left")
+    for spec in registered().values():
+        assert spec.family in FAMILIES and spec.fn.spec is spec
+        assert not (spec.windowed_cam and spec.no_sliding)
+        if spec.no_sliding:
+            with pytest.raises(UnsupportedModelError, match=spec.no_sliding.split(" ")[0]):
+                windowed_method(spec)
+        elif spec.windowed_cam:
+            assert spec.family == "CAM" and windowed_method(spec).__name__ == windowed_cam(spec).__name__
+        else:
+            assert windowed_method(spec) is spec.fn
+    assert {n for n, m in registered().items() if m.no_sliding} == {"scorecam", "ablationcam"}

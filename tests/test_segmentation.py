@@ -11,7 +11,7 @@ from torch import nn
 
 import medexplain as mx
 from conftest import TinySegmenter
-from medexplain.errors import InputError, TargetError
+from medexplain.errors import InputError, OptionError, TargetError
 from medexplain.segmentation import (
     context_experiment,
     explain_instances,
@@ -208,6 +208,45 @@ def test_instance_smoothgrad_matches_the_core_smoothgrad_with_a_region_target():
     torch.testing.assert_close(ours, core, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("nd", [2, 3])
+def test_instance_saliency_is_the_registered_method_over_a_regions_target(nd):
+    """``explain_instances`` is ``mx.explain`` over a ``Regions`` target: instance SmoothGrad (native: one
+    forward per image shared by its instances) and Grad-CAM++ (any method, run on each region's image) give
+    the maps of the instance API, and each region's Grad-CAM++ equals Grad-CAM++ of that image alone."""
+    model, x = seg_model(nd), img(nd, b=2, size=8)
+    s = x.shape[2:]
+    insts = [mx.segmentation.Instance(box(tuple(s), tuple(slice(1, 3) for _ in s)), None, 2 ** nd, sample=1),
+             mx.segmentation.Instance(box(tuple(s), tuple(slice(4, 7) for _ in s)), None, 3 ** nd, sample=0),
+             mx.segmentation.Instance(box(tuple(s), tuple(slice(5, 8) for _ in s)), None, 3 ** nd, sample=1)]
+    regions = mx.targets.Regions(1, torch.stack([i.mask for i in insts]), [i.sample for i in insts])
+    for aggregate in ("mean", "max"):
+        attr = mx.explain(model, x, "instance_smoothgrad", target=regions, aggregate=aggregate, n_samples=3, seed=2)
+        old = explain_instances(model, x, insts, aggregate=aggregate, n_samples=3, seed=2)
+        assert attr.method == old.method == "instance_smoothgrad" and attr.map.shape == (3, 2, *s)
+        torch.testing.assert_close(attr.map, old.map, rtol=0, atol=0)
+        assert (attr.info["n_forward"], attr.info["n_backward"]) == (old.info["n_forward"], old.info["n_backward"])
+    cam = mx.explain(model, x, "gradcam++", target=regions, layer="body.2")
+    assert cam.target is regions and cam.map.shape == (3, 1, *s)
+    torch.testing.assert_close(cam.map, explain_instances(model, x, insts, method="gradcam++", layer="body.2").map)
+    for k, inst in enumerate(insts):
+        alone = mx.explain(model, x[inst.sample:inst.sample + 1], "gradcam++", layer="body.2",
+                           target=mx.targets.Region(1, inst.mask[None])).map
+        torch.testing.assert_close(cam.map[k:k + 1], alone)
+    # a Region target is one region per sample
+    one = mx.explain(model, x, "instance_smoothgrad", target=mx.targets.Region(1, insts[0].mask[None]), n_samples=2)
+    two = mx.explain(model, x, "instance_smoothgrad", n_samples=2,
+                     target=mx.targets.Regions(1, insts[0].mask[None].expand(2, *s), [0, 1]))
+    torch.testing.assert_close(one.map, two.map, rtol=0, atol=0)
+    with pytest.raises(TargetError, match="image"):
+        mx.explain(model, x, "gradcam++", target=mx.targets.Regions(1, insts[0].mask[None], [2]))
+    assert "instance_smoothgrad" not in mx.available_methods(model=make_classifier(nd), x=x[:1])
+
+
+def make_classifier(nd):
+    from conftest import make
+    return make("cls", nd)
+
+
 def test_noise_sd_is_a_fraction_of_the_first_channel_range_for_every_channel():
     model, x = seg_model(2), img(2)
     x[:, 1] *= 100.0                                     # a huge second channel must not change the noise sd
@@ -316,9 +355,9 @@ def test_gradcam_pp_monai_variant_equals_monai_gradcampp_on_the_lesion_score(nd)
     torch.testing.assert_close(attr.map, ref.to(attr.map.dtype), rtol=1e-6, atol=1e-9)
     paper = instance_saliency(model, x, [inst], method="gradcam++", layer="body.2")
     assert (paper - attr.map).abs().max() > 0.1 * attr.map.abs().max()
-    with pytest.raises(InputError, match="variant"):
+    with pytest.raises(OptionError, match="variant must be one of"):     # the registered method's choices
         instance_saliency(model, x, [inst], method="gradcam++", variant="gradcam")
-    with pytest.raises(InputError, match="smoothgrad"):
+    with pytest.raises(OptionError, match="smoothgrad"):
         instance_saliency(model, x, [inst], variant="monai")
 
 
@@ -335,7 +374,7 @@ def test_instance_saliency_errors_leave_the_model_as_found():
                           n_samples=1)
     with pytest.raises(InputError, match="no instances"):
         instance_saliency(model, x, [])
-    with pytest.raises(InputError, match="max"):
+    with pytest.raises(OptionError, match="max"):
         instance_saliency(model, x, [inst], method="gradcam++", aggregate="max")
 
 
@@ -473,7 +512,7 @@ def test_instance_saliency_monai_variant_equals_monai_gradcampp_at_half_resoluti
     torch.testing.assert_close(attr.map, ref.to(attr.map.dtype), rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     aligned = instance_saliency(model, x, [inst], method="gradcam++", variant="monai", upsample="aligned")
     assert (aligned - attr.map).abs().max() > 0.1 * attr.map.abs().max()          # the upsampling matters here
-    with pytest.raises(InputError, match="does not apply to method='smoothgrad'"):
+    with pytest.raises(OptionError, match="do not apply to method 'instance_smoothgrad'"):
         instance_saliency(model, x, [inst], upsample="bilinear")
     with pytest.raises(InputError, match="upsample must be"):
         instance_saliency(model, x, [inst], method="gradcam++", upsample="nearest")

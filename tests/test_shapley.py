@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import medexplain as mx
-from medexplain.errors import InputError, TargetError, UnsupportedModelError
+from medexplain.errors import InputError, OptionError, TargetError, UnsupportedModelError
 from medexplain.shapley import channel_shapley, dice, mean_foreground_probability, shapley_weights
 
 
@@ -294,7 +294,7 @@ def test_model_left_as_found_and_errors():
         channel_shapley(model, torch.randn(1, 3, 4, 4, 4, dtype=torch.float64), mean_foreground_probability(1))
     with pytest.raises(InputError, match="NaN"):
         channel_shapley(model, x * float("nan"), mean_foreground_probability(1))
-    with pytest.raises(InputError):
+    with pytest.raises(OptionError, match="estimator must be one of"):   # the registered method's choices
         channel_shapley(model, x, mean_foreground_probability(1), method="kernel")
     with pytest.raises(TargetError, match="out of range"):
         channel_shapley(model, x, mean_foreground_probability(5))
@@ -374,3 +374,62 @@ def test_cli_shapley_folds_agreement_uncertainty(tmp_path):
     res = CliRunner().invoke(app, ["shapley", str(tmp_path / "case.nii.gz"), "--model", str(tmp_path / "fold0.pt"),
                                    "--contrasts", "T1,T2", "--out", str(tmp_path / "o3")])
     assert res.exit_code == 2 and "4 channels" in res.output
+
+
+def test_contrast_shapley_is_a_registered_channel_attribution_with_a_target_as_value():
+    """``mx.explain(model, x, "contrast_shapley", target=<value target>)`` is what ``channel_shapley`` returns:
+    values, coalition table, evaluation count; the map holds each player's value on its channels, its
+    cost model equals the counted rows, and a hard value target is refused by a gradient method."""
+    from medexplain.options import estimate_passes
+    from medexplain.registry import get_method
+    from medexplain.shapley import volume
+
+    model = small_unet(dims=2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x).argmax(1)
+    for value in (dice(1, ref), volume(1), volume(1, soft=True), mean_foreground_probability(1)):
+        groups = {"a": (0, 1), "b": 2}                                   # channel 3: always present
+        attr = mx.explain(model, x, "contrast_shapley", target=value, groups=groups)
+        res = channel_shapley(model, x, value, groups=groups)
+        torch.testing.assert_close(torch.tensor(attr.info["values"], dtype=torch.float64), res.values, rtol=0, atol=0)
+        assert attr.info["n_evaluations"] == res.n_evaluations == 2 * 4 and res.players == ["a", "b"]
+        for c, player in ((0, 0), (1, 0), (2, 1)):
+            assert torch.all(attr.map[:, c] == res.values[:, player, None, None].to(attr.map.dtype))
+        assert torch.all(attr.map[:, 3] == 0)
+        spec = get_method("contrast_shapley")
+        assert estimate_passes(spec.name, spec.fn, x.shape, {"groups": groups}) == (attr.info["n_forward"], 0)
+    # volume: the predicted voxel count of label 1 (hard) or the summed probability (soft), independently
+    out = model(x).detach()
+    rows = torch.arange(2)
+    assert torch.equal(volume(1)(out, rows), (out.argmax(1) == 1).flatten(1).sum(1).double())
+    torch.testing.assert_close(volume(1, soft=True)(out, rows), torch.softmax(out, 1)[:, 1].flatten(1).sum(1))
+    with pytest.raises(TargetError, match="hard prediction"):
+        mx.explain(model, x, "saliency", target=volume(1))
+    soft = mx.explain(model, x, "saliency", target=volume(1, soft=True)).map
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.softmax(model(xr), 1)[:, 1].sum(), xr)
+    torch.testing.assert_close(soft, g)
+
+
+def test_value_targets_without_activation_read_the_models_own():
+    """``activation=None`` (the value functions' default) is the model object's activation, bound by
+    ``mx.explain`` itself: ``mx.explain(mx.Model(net, activation="sigmoid"), ..., target=v)`` equals the
+    same call with ``activation="sigmoid"`` spelled in the value target, and the bare module reads ``auto``
+    (softmax over several logit channels)."""
+    from medexplain.shapley import bind_model, volume
+
+    net = small_unet(dims=2)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    sig = mx.Model(net, activation="sigmoid")
+    for unbound, spelled in ((mean_foreground_probability(1), mean_foreground_probability(1, "sigmoid")),
+                             (volume(1, channel=1, soft=True), volume(1, activation="sigmoid", channel=1, soft=True))):
+        by_model = mx.explain(sig, x, "contrast_shapley", target=unbound).info["values"]
+        given = mx.explain(net, x, "contrast_shapley", target=spelled).info["values"]
+        assert by_model == given
+        assert by_model != mx.explain(net, x, "contrast_shapley", target=unbound).info["values"]
+        assert unbound.name == spelled.name
+    out = net(x).detach()
+    v = mean_foreground_probability(1)
+    torch.testing.assert_close(bind_model(v, sig)(out, torch.arange(1)), torch.sigmoid(out)[:, 1].flatten(1).mean(1))
+    torch.testing.assert_close(v(out, torch.arange(1)), torch.softmax(out, 1)[:, 1].flatten(1).mean(1))

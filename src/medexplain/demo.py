@@ -34,19 +34,13 @@ from .training import evaluate
 
 __all__ = ["DemoCase", "MethodProgress", "method_options", "choose_methods", "score_methods", "run_demo"]
 
-#: Options the demo gives methods beyond (model, x, target), as functions of the image side in pixels;
-#: a method taking ``layer`` gets the zoo's CAM layer (:func:`medexplain.models.zoo.cam_layer`).
-DEMO_OPTIONS: dict[str, Callable[[int], dict]] = {
-    "occlusion": lambda px: {"window": max(2, px // 8), "stride": max(1, px // 16)},
-    "integrated_gradients": lambda px: {"steps": 32},
-}
-
-
 def method_options(name: str, model, px: int) -> dict:
-    """The demo's options for method ``name`` on ``model`` at ``px`` pixels."""
-    opts = dict(DEMO_OPTIONS.get(name, lambda _px: {})(px))
-    acc = accepted_options(name)
-    if acc is not None and "layer" in acc:
+    """The demo's options for method ``name`` on ``model`` at ``px`` pixels: the cheap options the method
+    declares for a quick look (:meth:`medexplain.registry.Method.preview_options`), and the zoo's CAM layer
+    (:func:`medexplain.models.zoo.cam_layer`) for a method that takes a ``layer``."""
+    spec = get_method(name)
+    opts = spec.preview_options(px)
+    if spec.options() is not None and spec.takes("layer"):
         opts["layer"] = zoo.cam_layer(model)
     return opts
 

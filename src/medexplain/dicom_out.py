@@ -7,7 +7,7 @@ target and the model:
 - a **Parametric Map** (:func:`parametric_map`): the map as 32-bit floats on the source grid, one frame
   per source slice (the plane position of each frame is the source slice's), with a real-world value
   mapping that names the method and its units; the quantity is coded from CID 217 "Visual Explanation"
-  where a code exists (:data:`CID217`), else the method is described in plain text;
+  where a code exists (:func:`cid217`, declared by each method), else the method is described in plain text;
 - a **Segmentation** (:func:`segmentation`, binary): the map thresholded by the ``metrics`` rule
   (:func:`medexplain.metrics.localisation.binarize`: CheXlocalize's Otsu by default, or a fixed
   threshold on the min-max normalised map), one segment for the method and target class;
@@ -39,7 +39,7 @@ import torch
 from . import io
 from .errors import FileFormatError, InputError, OptionError
 
-__all__ = ["FORMATS", "DEFAULT_FORMATS", "CID217", "DicomSource", "parse_formats", "dicom_source_for", "load_source",
+__all__ = ["FORMATS", "DEFAULT_FORMATS", "cid217", "DicomSource", "parse_formats", "dicom_source_for", "load_source",
            "method_concept", "parametric_map", "segmentation", "secondary_capture", "write_dicom_objects",
            "dicom_output_names", "NOT_FOR_DIAGNOSIS"]
 
@@ -49,18 +49,20 @@ DEFAULT_FORMATS = ("nifti", "png")
 #: The three objects written per map with ``dicom`` (file suffixes).
 DICOM_KINDS = ("pm", "seg", "sc")
 
-#: The methods coded from DICOM CID 217 "Visual Explanation" (pydicom's ``codes.cid217``: Class activation
-#: 130402, Gradient-weighted class activation 130403, Saliency 130404, DCM). Grad-CAM and its
-#: gradient-weighted variants are "Gradient-weighted class activation"; the class activation maps weighted
-#: without gradients (Score-CAM, Ablation-CAM, Eigen-CAM) "Class activation"; the input-gradient saliency
-#: map (Simonyan et al. 2014) and its noise-averaged form (SmoothGrad) "Saliency". Every other method has
-#: no code in CID 217 and is described in plain text (LUT Explanation, segment label) rather than coded
-#: with a concept that would misname it.
-CID217 = {"gradcam": "GradientWeightedClassActivation", "gradcam++": "GradientWeightedClassActivation",
-          "gradcam_elementwise": "GradientWeightedClassActivation", "hirescam": "GradientWeightedClassActivation",
-          "xgradcam": "GradientWeightedClassActivation", "layercam": "GradientWeightedClassActivation",
-          "scorecam": "ClassActivation", "ablationcam": "ClassActivation", "eigencam": "ClassActivation",
-          "saliency": "Saliency", "smoothgrad": "Saliency"}
+def cid217() -> dict[str, str]:
+    """The methods coded from DICOM CID 217 "Visual Explanation" (pydicom's ``codes.cid217``: Class activation
+    130402, Gradient-weighted class activation 130403, Saliency 130404, DCM): ``{method: concept name}``, as
+    each method declares it at registration (``dicom_concept=``, :func:`medexplain.registry.register`).
+    Grad-CAM and its gradient-weighted variants are "Gradient-weighted class activation"; the class
+    activation maps weighted without gradients (Score-CAM, Ablation-CAM, Eigen-CAM) "Class activation"; the
+    input-gradient saliency map (Simonyan et al. 2014) and its noise-averaged form (SmoothGrad) "Saliency".
+    Every other method has no code in CID 217 and is described in plain text (LUT Explanation, segment
+    label) rather than coded with a concept that would misname it."""
+    from . import methods  # noqa: F401  (importing the package registers every method)
+    from .registry import registered
+    return {n: m.dicom_concept for n, m in registered().items() if m.dicom_concept}
+
+
 #: The words burned into every Secondary Capture.
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS - research explanation of a neural network's output (medexplain); not a finding"
 #: Type 2 attributes of the Patient and General Study modules copied from the source (empty if absent there).
@@ -223,9 +225,9 @@ def _plane_geometry(affine: np.ndarray, shape: tuple):
 
 
 def method_concept(method: str):
-    """The CID 217 code of ``method`` (:data:`CID217`), or ``None`` (described in plain text)."""
+    """The CID 217 code of ``method`` (:func:`cid217`), or ``None`` (described in plain text)."""
     from pydicom.sr.codedict import codes
-    name = CID217.get(method)
+    name = cid217().get(method)
     return getattr(codes.cid217, name) if name else None
 
 

@@ -13,13 +13,13 @@ import torch
 from . import methods  # noqa: F401  (importing the package registers every explainer)
 from .attribution import Attribution
 from .core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks
-from .errors import MedexplainError
+from .errors import MedexplainError, TargetError
 from .models.model import as_model
-from .options import check_options, plan_memory, plan_window_memory
-from .registry import accepted_options, get_method, registered, route_options  # noqa: F401  (re-exported)
+from .options import plan_memory, plan_window_memory
+from .registry import accepted_options, default_method, get_method, registered, route_options  # noqa: F401
 from .sliding import is_sliding, window_info
 from .sliding_cam import windowed_method
-from .targets import as_target
+from .targets import Regions, ValueTarget, as_target
 
 
 def available_methods(model=None, x: torch.Tensor | None = None, output=None) -> list[str]:
@@ -47,15 +47,18 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
     return sorted(n for n, spec in methods_.items() if spec.applies_to(m.runner, out))
 
 
-def explain(model, x: torch.Tensor, method: str = "saliency", target=None, output=None,
+def explain(model, x: torch.Tensor, method: str | None = None, target=None, output=None,
             inferer=None, memory: float | None = None, **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
     ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (the network or an ensemble, test-time
     flips, output adapter, inferer, device, dtype, train/eval policy), or an ``nn.Module``, which is wrapped
     in one (``mx.Model(model, output=output, inferer=inferer)``). ``x`` is ``(B, C, H, W)`` or
-    ``(B, C, D, H, W)``; ``target`` an int, a list of ints (one per sample) or a :mod:`medexplain.targets`
-    object. ``output`` selects what is explained when the model returns a tuple, dict or stacked heads
+    ``(B, C, D, H, W)``; ``method`` a registered name (default: the registry's default method, saliency);
+    ``target`` an int, a list of ints (one per sample) or a :mod:`medexplain.targets` object. With a
+    :class:`~medexplain.targets.Regions` target the map has one row per region: a method declared
+    ``regions=True`` takes the regions as they are, any other is run on each region's image with that
+    region's target. ``output`` selects what is explained when the model returns a tuple, dict or stacked heads
     (:func:`medexplain.core.select_output`). ``options`` go to the method (see its docstring, e.g. ``layer=``
     for CAMs, ``n_samples=`` for SmoothGrad, ``chunk_size=``: rows given to the model in one call). The
     model is left exactly as found, also when an error is raised. ``inferer``: a
@@ -76,8 +79,8 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
     instead: window graphs are kept while they fit, recomputed when not, and the full-volume arrays are
     memory-mapped when even they do not fit (:func:`medexplain.options.plan_window_memory`).
     """
-    spec = get_method(method)
-    options = check_options(spec.name, spec.fn, options)   # names, types and ranges from the signature
+    spec = get_method(default_method() if method is None else method)
+    options = spec.check_options(options)   # names, types, ranges and choices from the signature; declared check
     m = as_model(model, output=output, inferer=inferer)
     if spec.needs_hooks:
         require_hooks(m)
@@ -86,6 +89,14 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
         expected.pop("dtype", None)
     x = m.to_input(check_input(x, **expected))
     tgt = as_target(target) if (spec.needs_target or target is not None) else None
+    if spec.needs_grad and tgt is not None and not tgt.differentiable:
+        raise TargetError(f"{spec.name} differentiates the target, and {type(tgt).__name__} scores a hard prediction "
+                          "(no gradient); use its soft form (soft=True) or a method that does not differentiate")
+    given = tgt
+    if isinstance(tgt, ValueTarget):
+        tgt = tgt.bind(m)   # a value target that leaves the activation to the model reads the Model's
+    if isinstance(tgt, Regions) and not spec.regions:
+        x, tgt = tgt.per_region(x)                # one row per region, each with its own Region target
     net = m.runner
     if is_sliding(net):
         net.reset()   # a Model keeps its sliding-window module: count this explanation's windows only
@@ -114,4 +125,4 @@ def explain(model, x: torch.Tensor, method: str = "saliency", target=None, outpu
         info["output_note"] = "; ".join(read)
     if m.passes.amp and amap.is_floating_point():   # cells captured under autocast are half precision
         amap = amap.to(x.dtype)
-    return Attribution(amap.detach().cpu(), spec.name, tgt, info)
+    return Attribution(amap.detach().cpu(), spec.name, given, info)

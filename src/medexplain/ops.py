@@ -1,5 +1,5 @@
 """Tensor arithmetic shared by methods and metrics, each written once: map normalisation, total variation,
-Dice, output probabilities and the SmoothGrad noise source.
+Dice, output probabilities, the SmoothGrad noise source and the one noise loop over it.
 
 All functions are written against ``(B, ...)`` tensors (2D and 3D alike) and keep dtype and device.
 Written by hand because each is a few lines whose exact convention matters to several callers (e.g.
@@ -209,3 +209,32 @@ class NoiseSource:
         for start in range(0, self.n_samples, per):
             n = min(per, self.n_samples - start)
             yield slice(start, start + n), self.x.unsqueeze(0) + self.take(n)
+
+
+def noise_sum(x: torch.Tensor, fn, n_samples: int, sigma: float, seed: int = 0, chunk_size: int | None = None,
+              scale: str = "sample", noise: torch.Tensor | None = None, start=None):
+    """The one SmoothGrad noise loop (as Captum's ``NoiseTunnel``): the sum over ``n_samples`` noisy copies
+    ``x + eps_n`` (:class:`NoiseSource`: ``scale``, ``seed``, ``noise``) of what ``fn`` gives for them.
+
+    The draws go through ``fn`` ``per = chunk_size // B`` noise samples at a time (whole noise samples of
+    the batch, at least one; ``chunk_size=None``: all at once): ``fn(rows_x, rows, n)`` gets the noisy
+    rows ``(n * B, C, *s)`` (noise sample major), ``rows`` ``(n * B,)`` the sample of ``x`` each row
+    belongs to (for :mod:`medexplain.targets`) and ``n``, and returns its contribution summed over the
+    ``n`` noise samples: a tensor or a tuple of tensors (e.g. the sum of maps and of their squares).
+    Contributions are added in draw order onto ``start`` (default: the first one). Every SmoothGrad-like
+    method (SmoothGrad, instance SmoothGrad, the noise tunnel over any method, SmoothMPRT) is this loop
+    with its own ``fn``; the caller divides by its count.
+    """
+    b = x.shape[0]
+    source = NoiseSource(x, n_samples, sigma, seed, scale=scale, noise=noise)
+    total = start
+    for sl, noisy in source.chunks(max(1, (chunk_size or n_samples * b) // b)):
+        n = sl.stop - sl.start
+        part = fn(noisy.reshape(-1, *x.shape[1:]), torch.arange(b, device=x.device).repeat(n), n)
+        if total is None:
+            total = part
+        elif isinstance(part, tuple):
+            total = tuple(t + p for t, p in zip(total, part))
+        else:
+            total = total + part
+    return total

@@ -8,11 +8,14 @@ registry"). Its annotations and defaults are the option types, so no second list
 - ``int`` / ``float``: checked (``2.5`` is not an int, ``"10"`` is not an int from Python, ``"abc"``
   is no number from text); ``X | None`` also takes ``None`` (``none`` from text);
 - ``Sequence[int]``: a list or tuple from Python, ``3,4,5`` from text;
+- ``Literal["a", "b"]``: one of the listed values (with a close match in the error);
 - an unannotated option takes anything from Python; from text a number, a comma-separated list of
   numbers, ``none``, or else the string itself.
 
 Ranges are enforced for the options whose meaning is fixed across medexplain (:data:`RANGES`:
-``n_samples >= 1``, ``steps >= 1``, ``chunk_size >= 1``, ...), and an unknown option name is an
+``n_samples >= 1``, ``steps >= 1``, ``chunk_size >= 1``, ...), a combination the types cannot express
+by the ``check`` the method declares (:func:`medexplain.registry.register`), and an unknown option
+name is an
 :class:`~medexplain.errors.OptionError` naming the close matches. Values that come from text
 (``text=True``: the command line, manifests) are parsed; values from Python are checked, never
 converted silently. Written by hand: ``typing.get_type_hints`` gives the types, but no library coerces
@@ -20,10 +23,11 @@ text to them with these rules and messages (Typer does it for declared CLI optio
 per-method ``key=value`` pairs whose names depend on the method).
 
 The cost section estimates the rows a method sends through the model (:func:`estimate_passes`, from
-the same options) and extrapolates a time from one timed forward pass (:func:`estimate_cost`), and
-:class:`CountingModel` reports the rows as they pass, for progress bars. The memory section measures the
-peak of one model call on a probe row (:func:`probe_row_bytes`), caps the rows per call to a budget and
-refuses a call that cannot fit one row before any compute (:func:`plan_memory`, issue 27).
+the ``cost`` model the method declares, fed the same options) and extrapolates a time from one timed
+forward pass (:func:`estimate_cost`), and :class:`CountingModel` reports the rows as they pass, for
+progress bars. The memory section measures the peak of one model call on a probe row
+(:func:`probe_row_bytes`), caps the rows per call to a budget and refuses a call that cannot fit one row
+before any compute (:func:`plan_memory`, issue 27).
 """
 from __future__ import annotations
 
@@ -52,18 +56,6 @@ RANGES: dict[str, tuple[float, bool]] = {
     "min_steps": (0, True), "patience": (0, True), "sigma": (0, True), "lr": (0, True),
 }
 
-#: Allowed values of string options, per method.
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("integrated_gradients", "rule"): ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
-                                       "riemann_trapezoid"),
-    ("gradcam++", "variant"): ("paper", "monai", "pytorch_grad_cam"),
-    ("patchnet", "kind"): ("raw", "scaled"),
-}
-
-#: NumPy's Gauss-Legendre rule (``numpy.polynomial.legendre.leggauss``) builds an ``n x n`` companion
-#: matrix: ``steps=100000`` asks for 74.5 GiB. Above this many steps the Riemann rules are required.
-MAX_GAUSS_LEGENDRE_STEPS = 2000
-
 TRUE_WORDS = ("true", "1", "yes", "y", "on")
 FALSE_WORDS = ("false", "0", "no", "n", "off")
 NONE_WORDS = ("none", "null")
@@ -77,10 +69,17 @@ def _is_union(tp) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
+def _choices(tp) -> tuple | None:
+    """The values of a ``Literal[...]`` option type (None for any other type)."""
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
 def describe_type(tp) -> str:
     """Human words for an option type (used in error messages and ``--help`` texts)."""
     if tp is None or tp is inspect.Parameter.empty:
         return "any value"
+    if _choices(tp) is not None:
+        return "one of " + ", ".join(map(str, _choices(tp)))
     if _is_union(tp):
         args = typing.get_args(tp)
         words = [describe_type(a) for a in args if a is not type(None)]
@@ -131,6 +130,8 @@ def _coerce(v, tp, text: bool):
             except _Mismatch:
                 pass
         raise _Mismatch
+    if _choices(tp) is not None:   # checked, with close matches, by check_options
+        return v.strip() if from_text else v
     if tp is bool:
         if isinstance(v, bool):
             return v
@@ -212,8 +213,9 @@ def unknown_option_message(where: str, unknown, accepted, lead: bool = True) -> 
 
 def check_options(method: str, fn: Callable, options: dict | None, text: bool = False) -> dict:
     """The options of ``method`` (whose explainer is ``fn``) checked against its signature: names,
-    types (:func:`describe_type`), :data:`RANGES` and :data:`CHOICES`. Returns them typed (text parsed
-    when ``text``). Raises :class:`~medexplain.errors.OptionError` before any work."""
+    types (:func:`describe_type`), :data:`RANGES`, ``Literal`` choices and the ``check`` the method
+    declares. Returns them typed (text parsed when ``text``). Raises
+    :class:`~medexplain.errors.OptionError` before any work."""
     options = dict(options or {})
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -233,24 +235,26 @@ def check_options(method: str, fn: Callable, options: dict | None, text: bool = 
             raise OptionError(f"{method} option {k} must be {describe_type(tp)}, got {v!r} "
                               f"({type(v).__name__}){src}") from None
         _check_range(method, k, out[k])
-        choices = CHOICES.get((method, k))
+        choices = _choices(tp)
         if choices and out[k] not in choices:
-            close = difflib.get_close_matches(str(out[k]), choices, n=1)
+            close = difflib.get_close_matches(str(out[k]), [str(c) for c in choices], n=1)
             raise OptionError(f"{method} option {k} must be one of {list(choices)}, got {out[k]!r}"
                               + (f"; did you mean {close[0]!r}?" if close else ""))
-    _check_combination(method, fn, out)
+    check = _declared(fn, "check")
+    if check is not None:
+        check(complete_options(fn, out))
     return out
 
 
-def _check_combination(method: str, fn: Callable, opts: dict) -> None:
-    if method == "integrated_gradients":
-        steps = opts.get("steps", option_types(fn).get("steps", (None, 50))[1])
-        rule = opts.get("rule", "gausslegendre")
-        if rule == "gausslegendre" and isinstance(steps, int) and steps > MAX_GAUSS_LEGENDRE_STEPS:
-            gib = steps * steps * 8 / 2 ** 30
-            raise OptionError(f"integrated_gradients: steps={steps} with rule=gausslegendre needs a {steps} x {steps} "
-                              f"matrix ({gib:.1f} GiB) for the quadrature nodes; use at most "
-                              f"{MAX_GAUSS_LEGENDRE_STEPS} steps, or rule=riemann_middle")
+def _declared(fn: Callable, what: str):
+    """What the method declared at registration (``check``, ``cost``; :func:`medexplain.registry.register`
+    records the declaration on the function as ``fn.spec``), or None."""
+    return getattr(getattr(fn, "spec", None), what, None)
+
+
+def complete_options(fn: Callable, options: dict) -> dict:
+    """``options`` with every option the method does not get filled with its default."""
+    return {**{k: d for k, (_, d) in option_types(fn).items() if d is not inspect.Parameter.empty}, **options}
 
 
 def parse_pairs(pairs) -> dict[str, str]:
@@ -275,55 +279,31 @@ LONG_CALL_SECONDS = 60.0
 BACKWARD_COST = 2.0
 
 
-def _opt(fn, opts: dict, name: str, fallback=None):
-    if name in opts:
-        return opts[name]
-    default = option_types(fn).get(name, (None, fallback))[1]
-    return fallback if default is inspect.Parameter.empty else default
-
-
 def estimate_passes(method: str, fn: Callable, x_shape, options: dict) -> tuple[int, int] | None:
-    """``(forward rows, backward rows)`` a call of ``method`` on a batch of shape ``x_shape`` will send
-    through the model with ``options`` (one image-sized input is one row, as ``info["n_forward"]``
-    counts them), or ``None`` when the count is not known in advance. Only the multi-pass methods whose
-    count follows from their options are listed (single-pass methods such as the CAMs cost one pass of
-    the batch and need no estimate), and the two pipelines beyond the registry: ``"instances"``
-    (options ``n_instances``, ``method``, ``n_samples``) and ``"shapley"`` per model (``n_players``,
-    ``method``, ``n_permutations``; permutation sampling: an upper bound). ``tests/test_options.py`` checks
-    each against the counted rows."""
-    b, spatial = int(x_shape[0]), tuple(int(s) for s in x_shape[2:])
-    if method == "saliency":
-        return b, b
-    if method == "smoothgrad":
-        n = int(_opt(fn, options, "n_samples", 50))
-        return n * b, n * b
-    if method == "integrated_gradients":
-        n = int(_opt(fn, options, "steps", 50))
-        return n * b + (2 * b if _opt(fn, options, "completeness", True) else 0), n * b
-    if method == "occlusion":
-        window, stride = _opt(fn, options, "window", 8), _opt(fn, options, "stride", None)
-        win = (window,) * len(spatial) if isinstance(window, int) else tuple(window)
-        step = win if stride is None else ((stride,) * len(spatial) if isinstance(stride, int) else tuple(stride))
-        if len(win) != len(spatial) or len(step) != len(spatial):
-            return None
-        n = math.prod(max(0, len(range(0, s - w + 1, max(1, st)))) for s, w, st in zip(spatial, win, step))
-        return b + n * b, 0
-    if method == "ssplain":
-        n = int(_opt(fn, options, "iterations", 20)) * int(_opt(fn, options, "adam_steps", 1))
-        return (n + 2) * b, n * b
-    if method in ("kernelshap", "lime"):             # n_samples coalitions per sample, no extra pass
-        return int(_opt(fn, options, "n_samples", 200)) * b, 0
-    if method == "medcam":
-        n = int(_opt(fn, options, "steps", 200))
-        backgrounds = _opt(fn, options, "backgrounds", ("zeros", "gaussian", "uniform"))
-        k = len(backgrounds) if isinstance(backgrounds, (list, tuple)) else 1
-        return (n * k + 2) * b, n * k * b
-    if method == "instances":  # segmentation.explain_instances: options n_instances, method, n_samples
+    """``(forward rows, backward rows)`` a call of ``method`` (whose explainer is ``fn``) on a batch of
+    shape ``x_shape`` will send through the model with ``options`` (one image-sized input is one row, as
+    ``info["n_forward"]`` counts them), or ``None`` when the count is not known in advance: the ``cost``
+    model the method declares (:func:`medexplain.registry.register`), given the options with their
+    defaults. Single-pass methods such as the CAMs declare none; ``tests/test_options.py`` checks each
+    model against the counted rows. With ``fn=None``, the two pipeline steps ``pipelines.py`` estimates as
+    a whole (:func:`_pipeline_passes`)."""
+    if fn is None:
+        return _pipeline_passes(method, x_shape, options)
+    cost = _declared(fn, "cost")
+    return None if cost is None else cost(tuple(int(s) for s in x_shape), complete_options(fn, options))
+
+
+def _pipeline_passes(method: str, x_shape, options: dict) -> tuple[int, int] | None:
+    """The steps of ``pipelines.py`` beyond one registered call: ``"instances"`` (options ``n_instances``,
+    ``noise``: whether the method draws ``n_samples`` noisy copies, ``n_samples``) and ``"shapley"`` per
+    model (``n_players``, ``method``, ``n_permutations``; permutation sampling: an upper bound)."""
+    b = int(x_shape[0])
+    if method == "instances":  # segmentation.explain_instances: options n_instances, noise, n_samples
         k = int(options["n_instances"])
-        if options.get("method", "smoothgrad") == "smoothgrad":  # the noisy rows once forward, backward per instance
-            n = int(options.get("n_samples", 50))
+        if options.get("noise"):      # a noise method (instance SmoothGrad): the noisy rows once forward, backward
+            n = int(options.get("n_samples", 50))              # per instance
             return n * b, n * k * b
-        return k, k                                            # Grad-CAM++: one row per instance
+        return k, k                                            # a one-pass method (Grad-CAM++): one row per instance
     if method == "shapley":  # shapley.channel_shapley per model: options n_players, method, n_permutations
         n, how = int(options["n_players"]), options.get("method", "auto")
         exact = how == "exact" or (how == "auto" and n <= 10)
@@ -635,7 +615,7 @@ def plan_memory(method: str, fn: Callable, model, x: torch.Tensor, options: dict
                                 f"nothing was computed. {helps[0].upper()}{helps[1:]}")
     options = dict(options)
     if "chunk_size" in option_types(fn):  # rows per call (a method may round it to whole samples of the batch)
-        chunk = _opt(fn, options, "chunk_size", None)
+        chunk = complete_options(fn, options).get("chunk_size")
         capped = chunk is None or chunk > rows_fit
         if capped:
             options["chunk_size"] = int(rows_fit)

@@ -835,7 +835,7 @@ class LesionInstances:
 
 
 def explain_lesion_instances(images, model, out, *, weights: str | None = None, threshold: float = 0.5,
-                             method: str = "smoothgrad", aggregate: str = "mean", channel: int | None = None,
+                             method: str | None = None, aggregate: str = "mean", channel: int | None = None,
                              n_samples: int = 50, sigma: float = 0.05, seed: int = 0, min_size: int = 6,
                              connectivity: int | None = None, reference=None, reference_threshold: float | None = None,
                              rings: int = 5, context: int = 0,
@@ -887,21 +887,14 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     from .dicom_out import dicom_source_for, parse_formats
 
     formats = parse_formats(formats) if formats is not None else ("nifti", "png")
-    if method not in ("smoothgrad", "gradcam++"):
-        raise OptionError(f"instances --method must be smoothgrad or gradcam++, got {method!r}")
     check_options("instances", seg.explain_instances, {"aggregate": aggregate, "n_samples": n_samples,
                                                         "sigma": sigma, "seed": seed, "chunk_size": chunk_size})
-    if aggregate not in ("mean", "max"):
-        raise OptionError(f"--aggregate must be mean or max, got {aggregate!r}")
+    # the method that explains the instances and the options it takes, checked before anything is written
+    spec, _ = seg.instance_options(method, aggregate=aggregate, n_samples=n_samples, sigma=sigma, seed=seed,
+                                   chunk_size=chunk_size, layer=layer, variant=variant, upsample=upsample)
     seg.check_threshold(threshold, "--threshold")
     if reference_threshold is not None:
         seg.check_threshold(reference_threshold, "--reference-threshold")
-    if variant not in seg.saliency.GRADCAM_PP_VARIANTS or upsample not in (None, "aligned", "bilinear"):
-        raise OptionError(f"the Grad-CAM++ variant must be one of {seg.saliency.GRADCAM_PP_VARIANTS} and --upsample aligned or "
-                          f"bilinear, got {variant!r} and {upsample!r}")
-    if method != "gradcam++" and (variant != "paper" or upsample is not None):
-        raise OptionError("--upsample (and variant) choose how Grad-CAM++ is computed; they do not apply to "
-                          "--method smoothgrad")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
     if nnunet is not None:
@@ -947,9 +940,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         opts, plan = (({"chunk_size": chunk_size}, None) if inferer is not None else
                       plan_memory("instances", seg.explain_instances, net, x, {"chunk_size": chunk_size}, memory))
         chunk_size = opts["chunk_size"]
-        est = replace(estimate_cost("instances", None, x.shape, {"n_instances": len(insts), "method": method,
-                                                                 "n_samples": n_samples}, prep.seconds_per_row, plan),
-                      method=method)
+        est = replace(estimate_cost("instances", None, x.shape, {"n_instances": len(insts), "n_samples": n_samples,
+                                                                 "noise": spec.takes("n_samples")},
+                                    prep.seconds_per_row, plan), method=spec.name)
         if on_estimate:
             on_estimate(est)
     affine = meta["affine"]
@@ -973,12 +966,11 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     def rows(n):
         done[0] += n
         if on_progress:
-            on_progress(method, done[0], est.n_forward)
+            on_progress(spec.name, done[0], est.n_forward)
 
     attr = seg.explain_instances(counting(net, rows, output, inferer), x, insts, method=method, aggregate=aggregate,
                                  channel=channel, n_samples=n_samples, sigma=sigma, seed=seed, chunk_size=chunk_size,
-                                 layer=layer,
-                                 **({"variant": variant, "upsample": upsample} if method == "gradcam++" else {}))
+                                 layer=layer, variant=variant, upsample=upsample)
     names = list(channel_names) if channel_names else None
     rows = seg.quantify(insts, attr.map, rings=rings, connectivity=connectivity,
                         channel_names=names if attr.map.shape[1] == x.shape[1] else None)
@@ -988,8 +980,9 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             files.append(io.write_nifti(m, out / f"{stem}.nii.gz", affine))
         if dicom_src is not None:
             from .dicom_out import write_dicom_objects
-            label = f"{method} instance {k} {inst.kind or 'pred'}"
-            files += write_dicom_objects(dicom_src, img, m, meta, out, stem, method, target=int(channel), model=setup.name,
+            label = f"{spec.name} instance {k} {inst.kind or 'pred'}"
+            files += write_dicom_objects(dicom_src, img, m, meta, out, stem, spec.name, target=int(channel),
+                                         model=setup.name,
                                          title=(f"{label} \u00b7 class {channel} \u00b7 model {setup.name}", ""),
                                          threshold=dicom_threshold, label=label)
     if "png" in formats:

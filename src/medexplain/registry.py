@@ -1,13 +1,20 @@
-"""The method registry: every explainer registered once, with what it needs of a model.
+"""The method registry: every explainer registered once, with its declaration.
 
 An explainer is a function ``fn(model, x, target, cost, **options) -> (map, extra_info)`` registered with
-:func:`register`. Registration records what the method needs (a target, gradients, layer hooks) and an
-``applies_to`` predicate, so the CLI, the demo and the benches can ask which methods fit a model
-(:func:`medexplain.available_methods` with ``model=``) instead of special-casing names. See
-``docs/design.md`` ("The registry").
+:func:`register`, which declares, where the method is defined, everything other code needs to know about
+it: what it needs (a target, gradients, layer hooks), what it applies to (``applies_to``), its options
+and their types (the function's signature: annotations, defaults, ``Literal`` choices; a ``check`` of
+their combination), its cost model (``cost``: the rows it sends through the model), how it runs
+through a sliding window, whether it explains several regions at once (``regions``), its aliases and a
+``preview`` of cheap options. So the CLI, the demo, the pipelines and the benches ask the registry
+(:func:`medexplain.available_methods` with ``model=``, :class:`Method`'s fields) instead of
+special-casing names; ``tests/test_registry.py`` checks that no method name appears in code outside its
+own module. See ``docs/design.md`` ("The registry").
 
 This module imports nothing from :mod:`medexplain.methods`: the methods import it to register
-themselves, and :mod:`medexplain.explain` imports the methods (so there is no import cycle).
+themselves, and :mod:`medexplain.explain` imports the methods (so there is no import cycle). The
+declaration is also recorded on the function (``fn.spec``), which is how :mod:`medexplain.options`
+(imported by this module) reads a method's option check and cost model from the function it is given.
 """
 from __future__ import annotations
 
@@ -21,10 +28,11 @@ import torch
 
 from .core import is_scripted
 from .errors import OptionError, UnknownMethodError
-from .options import check_options, unknown_option_message
+from .options import check_options, estimate_cost, unknown_option_message
 
-#: Spellings users type for registered names.
-ALIASES = {"gradcampp": "gradcam++", "grad_cam": "gradcam", "ig": "integrated_gradients"}
+#: The families of :attr:`Method.family`, in the order listings show them.
+FAMILIES = ("gradient", "CAM", "propagation", "perturbation", "surrogate", "optimisation", "model", "instance",
+            "channel")
 
 
 def _any_model(model, output) -> str | None:
@@ -33,7 +41,7 @@ def _any_model(model, output) -> str | None:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered explainer and what it needs.
+    """A registered explainer and its declaration (:func:`register`).
 
     ``why_not(model, output)`` returns ``None`` when the method applies to ``model`` (whose output on a
     probe input is ``output``, or ``None`` when unknown), else a one-line reason. The registry adds the
@@ -46,6 +54,17 @@ class Method:
     needs_grad: bool = True
     needs_hooks: bool = False
     predicate: Callable = _any_model
+    family: str = "gradient"
+    aliases: tuple[str, ...] = ()
+    cost: Callable | None = None
+    check: Callable | None = None
+    windowed_cam: bool = False
+    no_sliding: str | None = None
+    regions: bool = False
+    instance_of: Callable | None = None
+    preview: Callable | None = None
+    default: bool = False
+    dicom_concept: str | None = None
 
     def why_not(self, model, output: torch.Tensor | None = None) -> str | None:
         if self.needs_hooks and is_scripted(model):
@@ -65,15 +84,6 @@ class Method:
         return first if len(first) <= 160 else first[:159].rsplit(" ", 1)[0] + "\u2026"
 
     @property
-    def family(self) -> str:
-        """The method's family, from where it is implemented and what it needs: CAM (a layer's activations),
-        perturbation (no gradient), relevance propagation, mask optimisation, self-explaining model, gradient."""
-        module = self.fn.__module__.rpartition(".")[2]
-        if module in _FAMILY_OF_MODULE:
-            return _FAMILY_OF_MODULE[module]
-        return "gradient" if self.needs_grad else "perturbation"
-
-    @property
     def models(self) -> str:
         """Which models it explains: ``"classifier"`` (logits ``(B, K)``), or ``"classifier, segmenter"``."""
         return _MODELS_OF_PREDICATE.get(self.predicate.__name__, "classifier, segmenter")
@@ -85,15 +95,66 @@ class Method:
             return None
         return [p for p in params if p not in ("model", "x", "target", "cost")]
 
+    def takes(self, option: str) -> bool:
+        """Whether the method accepts option ``option`` (a method with ``**options`` takes any)."""
+        acc = self.options()
+        return acc is None or option in acc
+
+    def check_options(self, options: dict | None, text: bool = False) -> dict:
+        """The options typed and checked by the signature and the declared ``check``
+        (:func:`medexplain.options.check_options`)."""
+        return check_options(self.name, self.fn, options, text=text)
+
+    def estimate(self, x_shape, options: dict, seconds_per_row: float):
+        """What a call on a batch of shape ``x_shape`` will cost (:func:`medexplain.options.estimate_cost`,
+        from the declared ``cost`` model)."""
+        return estimate_cost(self.name, self.fn, x_shape, options, seconds_per_row)
+
+    def preview_options(self, side: int) -> dict:
+        """Cheap options for a quick look at an image of ``side`` pixels (the demo), as declared."""
+        return dict(self.preview(side)) if self.preview is not None else {}
+
 
 _REGISTRY: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, needs_hooks: bool = False,
-             applies_to: Callable | None = None):
-    """Register ``fn`` under ``name``. ``applies_to(model, output) -> str | None`` (a reason, or None)."""
+             applies_to: Callable | None = None, family: str = "gradient", aliases=(), cost: Callable | None = None,
+             check: Callable | None = None, windowed_cam: bool = False, no_sliding: str | None = None,
+             regions: bool = False, instance_of: Callable | None = None, preview: Callable | None = None,
+             default: bool = False, dicom_concept: str | None = None):
+    """Register ``fn`` under ``name`` with its declaration:
+
+    - ``needs_target`` / ``needs_grad`` / ``needs_hooks``: what it needs of the call and the model;
+      ``applies_to(model, output) -> str | None``: a reason it does not fit a model, or None;
+    - ``family``: one of :data:`FAMILIES` (listings group by it); ``aliases``: other spellings users type;
+    - ``cost(x_shape, options) -> (forward rows, backward rows) | None``: the rows a call sends through
+      the model, ``options`` complete (defaults filled in); omitted: unknown in advance (the CAMs: one
+      pass); ``tests/test_options.py`` checks each model against the counted rows;
+    - ``check(options)``: raises :class:`~medexplain.errors.OptionError` for a combination of options
+      the types cannot express (``options`` complete);
+    - through a sliding-window inferer: ``windowed_cam=True`` runs the CAM window by window
+      (:mod:`medexplain.sliding_cam`), ``no_sliding="reason"`` refuses; otherwise the method runs as is;
+    - ``regions=True``: the method takes a :class:`~medexplain.targets.Regions` target as is and gives
+      one map per region (other methods are run on each region's image, :func:`medexplain.explain`);
+      ``instance_of``: the method (function) whose per-region form this one is;
+    - ``preview(side) -> options``: cheap options for a quick look at an image of ``side`` pixels;
+    - ``default``: the method :func:`medexplain.explain` runs when none is named (with ``regions=True``:
+      the instance API's, :func:`medexplain.segmentation.explain_instances`);
+    - ``dicom_concept``: the DICOM CID 217 "Visual Explanation" concept that codes the method's maps
+      (pydicom's ``codes.cid217`` name; :mod:`medexplain.dicom_out`), None: described in plain text.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
     def deco(fn):
-        _REGISTRY[name] = Method(name, fn, needs_target, needs_grad, needs_hooks, applies_to or _any_model)
+        spec = Method(name, fn, needs_target, needs_grad, needs_hooks, applies_to or _any_model, family,
+                      tuple(aliases), cost, check, windowed_cam, no_sliding, regions, instance_of, preview, default,
+                      dicom_concept)
+        _REGISTRY[name] = spec
+        _ALIASES.update({a: name for a in spec.aliases})
+        fn.spec = spec
         return fn
     return deco
 
@@ -105,11 +166,16 @@ def classifier_only(model, output) -> str | None:
     return None
 
 
-#: Method families by implementing module (methods not listed: gradient, or perturbation without gradients).
-_FAMILY_OF_MODULE = {"cam": "CAM", "medcam": "CAM (learned mask)", "lrp": "relevance propagation",
-                     "ssplain": "mask optimisation", "patchnet": "self-explaining model"}
+def segmenter_only(model, output) -> str | None:
+    """Predicate for methods that explain dense outputs ``(B, K, *spatial)`` (segmenters) only."""
+    if output is not None and output.ndim < 3:
+        return f"explains segmenters with a dense output (B, K, *spatial); this model returns {tuple(output.shape)}"
+    return None
+
+
 #: Which models a predicate admits (predicates not listed admit classifiers and segmenters).
-_MODELS_OF_PREDICATE = {"classifier_only": "classifier", "is_patchnet": "PatchNet classifier"}
+_MODELS_OF_PREDICATE = {"classifier_only": "classifier", "is_patchnet": "PatchNet classifier",
+                        "segmenter_only": "segmenter"}
 
 
 def describe_methods(model=None, output: torch.Tensor | None = None) -> list[dict]:
@@ -132,15 +198,31 @@ def registered() -> dict[str, Method]:
     return dict(_REGISTRY)
 
 
-def get_method(name: str) -> Method:
-    """The method registered as ``name`` (aliases and ``-``/``_`` spellings accepted), else a typed error
-    with close matches."""
-    key = name if name in _REGISTRY else ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
+def get_method(name) -> Method:
+    """The method registered as ``name`` (aliases and ``-``/``_`` spellings accepted; or the registered
+    function itself), else a typed error with close matches."""
+    if callable(name) and isinstance(getattr(name, "spec", None), Method):
+        return name.spec
+    key = name if name in _REGISTRY else _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
     if key not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         raise UnknownMethodError(f"unknown method {name!r}." + (f" Did you mean {', '.join(close)}?" if close else "")
                                  + f" Available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[key]
+
+
+def default_method(regions: bool = False) -> str:
+    """The method run when none is named (declared ``default=True``): :func:`medexplain.explain`'s, or with
+    ``regions=True`` that of the instance API (a method declared ``regions=True``)."""
+    return next(n for n, m in _REGISTRY.items() if m.default and m.regions == regions)
+
+
+def instance_method(name: str | None = None) -> Method:
+    """The method that explains instances for ``name``: the registered method declared the per-region form
+    of ``name`` (``instance_of``), else ``name``'s own method (run on each region's image); ``None``: the
+    instance API's default (:func:`default_method` with ``regions=True``)."""
+    spec = get_method(default_method(regions=True) if name is None else name)
+    return next((m for m in _REGISTRY.values() if m.instance_of is spec.fn), spec)
 
 
 def accepted_options(name: str) -> list[str] | None:
@@ -172,4 +254,4 @@ def route_options(methods: list[str], options: dict | None, layer: str | None = 
         accepted = {o for m in methods for o in (accepted_options(m) or [])}
         raise OptionError(unknown_option_message(f"no chosen method accepts option(s) {unused}; methods {methods}",
                                                  unused, accepted, lead=False))
-    return {m: check_options(get_method(m).name, get_method(m).fn, routed[m], text=text) for m in methods}
+    return {m: get_method(m).check_options(routed[m], text=text) for m in methods}

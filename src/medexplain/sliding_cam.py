@@ -47,24 +47,21 @@ from torch import nn
 from .core import Cost, n_passes
 from .errors import UnsupportedModelError
 from .methods import cam
+from .registry import registered
 from .sliding import SlidingWindowModel
 from .targets import Class
 
-#: Registered CAMs that run through a sliding-window inferer by this module.
-WINDOWED = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigencam")
-#: Registered methods that cannot (they run the model on perturbed inputs or layers of the one image).
-NOT_WINDOWED = {"scorecam": "Score-CAM masks the whole input with each channel's map",
-                "ablationcam": "Ablation-CAM ablates the layer of one forward of the whole input"}
-
 
 def windowed_method(spec):
-    """The function that runs registered method ``spec`` through a :class:`~medexplain.sliding.SlidingWindowModel`:
-    :func:`windowed_cam` for the CAMs of :data:`WINDOWED`, a typed error for :data:`NOT_WINDOWED`, and the
-    method itself otherwise (gradient and perturbation methods need nothing else)."""
-    if spec.name in NOT_WINDOWED:
+    """The function that runs registered method ``spec`` through a :class:`~medexplain.sliding.SlidingWindowModel`,
+    as the method declares (:func:`medexplain.registry.register`): :func:`windowed_cam` for a CAM declared
+    ``windowed_cam``, a typed error for one declared ``no_sliding`` (with the reason), and the method itself
+    otherwise (gradient and perturbation methods need nothing else)."""
+    if spec.no_sliding:
+        windowed = sorted(n for n, m in registered().items() if m.windowed_cam)
         raise UnsupportedModelError(f"method {spec.name!r} cannot run through a sliding-window inferer: "
-                                    f"{NOT_WINDOWED[spec.name]}; use one of {', '.join(WINDOWED)}")
-    if spec.name in WINDOWED:
+                                    f"{spec.no_sliding}; use one of {', '.join(windowed)}")
+    if spec.windowed_cam:
         return windowed_cam(spec)
     return spec.fn
 

@@ -5,12 +5,19 @@ the batch (noise samples, IG steps, occlusion windows) pass ``rows``: for each o
 the original sample it belongs to, so per-sample targets follow their sample through any expansion.
 ``batch`` is the number of original samples. ``docs/design.md`` ("The target contract") states the
 contract; logits are explained, not probabilities.
+
+Gradient targets: :class:`Class`, :class:`MultiLabel`, :class:`Region` (a segmenter's logits over a
+region), :class:`Regions` (several regions, one score each: one map per region, e.g. per lesion
+instance), :class:`Function`. Value targets, scores of the prediction a channel attribution (contrast
+Shapley) reads: :class:`Dice`, :class:`Volume`, :class:`MeanProbability`; hard ones are not
+differentiable (``differentiable = False``) and gradient methods refuse them.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
 import torch
@@ -18,10 +25,14 @@ import torch.nn.functional as F
 
 from .errors import EmptyRegionError, TargetError
 from .ops import detect_activation, probabilities, resolve_activation
+from .ops import dice as dice_score
 
 
 class Target:
-    """Base class. Subclasses implement :meth:`resolve` (per-sample tensors) and :meth:`reduce`."""
+    """Base class. Subclasses implement :meth:`resolve` (per-sample tensors) and :meth:`reduce`.
+    ``differentiable``: whether a gradient of the score means anything (False for hard predictions)."""
+
+    differentiable = True
 
     def scores(self, output: torch.Tensor, rows: torch.Tensor | None = None, batch: int | None = None) -> torch.Tensor:
         if batch is None:
@@ -62,6 +73,19 @@ def _per_sample(index, batch: int, what: str) -> torch.Tensor:
 def _check_range(idx: torch.Tensor, k: int) -> None:
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
         raise TargetError(f"target class {sorted(set(idx.tolist()))} out of range for a model with {k} outputs (0..{k - 1})")
+
+
+def _on_grid(m: torch.Tensor, spatial: tuple[int, ...], what: str) -> torch.Tensor:
+    """A per-sample map ``(B or 1, *spatial)`` from ``(B or 1, *spatial)``, ``(B or 1, 1, *spatial)`` or
+    ``(*spatial)``, checked against the output grid ``spatial``."""
+    if m.ndim == len(spatial) + 2 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim == len(spatial):
+        m = m.unsqueeze(0)
+    if tuple(m.shape[1:]) != spatial:
+        raise TargetError(f"{what} has spatial shape {tuple(m.shape[1:])}; it does not match the model output's "
+                          f"{spatial}")
+    return m
 
 
 def _pick(output: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
@@ -143,13 +167,8 @@ class Region(Target):
             raise TargetError(f"Region targets need a dense output (B, K, *spatial); got {tuple(output.shape)}")
         ch = self.class_index(batch)
         _check_range(ch, output.shape[1])
-        spatial, m = tuple(output.shape[2:]), self.mask
-        if m.ndim == len(spatial) + 2 and m.shape[1] == 1:
-            m = m[:, 0]
-        if m.ndim == len(spatial):
-            m = m.unsqueeze(0)
-        if tuple(m.shape[1:]) != spatial:
-            raise TargetError(f"Region mask spatial shape {tuple(m.shape[1:])} does not match the model output's {spatial}")
+        spatial = tuple(output.shape[2:])
+        m = _on_grid(self.mask, spatial, "Region mask")
         if m.shape[0] == 1:
             m = m.expand(batch, *spatial)
         if m.shape[0] != batch:
@@ -164,20 +183,247 @@ class Region(Target):
         return s / m.flatten(1).sum(1) if self.reduce_ == "mean" else s
 
 
-class Function(Target):
-    """A user function ``f(output) -> (N,)``; with per-row data, ``f(output, rows)``."""
+class Regions(Target):
+    """Several regions, one score each: region ``r`` is ``Region(channel, masks[r], reduce)`` of image
+    ``samples[r]`` (e.g. the lesion instances of a segmentation, Spagnolo et al.). ``masks`` is bool
+    ``(R, *spatial)`` on the output grid, ``samples`` ``(R,)`` (default: every region of image 0),
+    ``channel`` an int or one per region.
 
-    def __init__(self, fn, takes_rows: bool = False):
-        self.fn, self.takes_rows = fn, takes_rows
+    :func:`medexplain.explain` gives one map per region, ``(R, C_or_1, *spatial)``: a method declared
+    ``regions=True`` (instance SmoothGrad) takes the target as is and shares the forward passes of an
+    image among its regions; any other method runs on each region's image (:meth:`per_region`), so
+    Grad-CAM++ over ``Regions`` is the instance Grad-CAM++ of the paper. On the rows of
+    :meth:`per_region` the scores are those of the :class:`Region` of each row.
+    """
+
+    def __init__(self, channel, masks, samples=None, reduce: str = "sum"):
+        m = torch.as_tensor(masks)
+        if m.dtype != torch.bool:
+            if not torch.all((m == 0) | (m == 1)):
+                raise TargetError("Regions masks must be boolean (or 0/1)")
+            m = m.bool()
+        if m.ndim < 2:
+            raise TargetError(f"Regions masks must be (R, *spatial), got shape {tuple(m.shape)}")
+        s = torch.zeros(m.shape[0], dtype=torch.long) if samples is None else torch.as_tensor(samples).long().flatten()
+        if s.numel() != m.shape[0]:
+            raise TargetError(f"Regions: {s.numel()} sample indices for {m.shape[0]} regions")
+        empty = (~m.flatten(1).any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise EmptyRegionError(f"region(s) {empty} are empty: nothing to explain there")
+        self.channel, self.masks, self.samples, self.region = channel, m, s, Region(channel, m, reduce)
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+    def per_region(self, x: torch.Tensor) -> tuple[torch.Tensor, "Region"]:
+        """``(x[samples], Region(channel, masks))``: one row per region, each with its own region target."""
+        if len(self) and not 0 <= int(self.samples.min()) <= int(self.samples.max()) < x.shape[0]:
+            raise TargetError(f"Regions refer to image(s) {sorted(set(self.samples.tolist()))}; the input has "
+                              f"{x.shape[0]} image(s)")
+        return x[self.samples.to(x.device)], self.region
+
+    def class_index(self, batch):
+        return self.region.class_index(batch)
+
+    def resolve(self, output, batch):
+        return self.region.resolve(output, batch)
+
+    def reduce(self, output, *per_sample):
+        return self.region.reduce(output, *per_sample)
+
+
+class Function(Target):
+    """A user function ``f(output) -> (N,)``; with per-row data, ``f(output, rows)`` (``rows``: for each
+    output row the sample it belongs to). ``takes_rows=None`` reads it from the signature (two positional
+    parameters, or ``*args``)."""
+
+    def __init__(self, fn, takes_rows: bool | None = None):
+        self.fn, self.takes_rows = fn, _takes_rows(fn) if takes_rows is None else takes_rows
+        self.name = getattr(fn, "name", getattr(fn, "__name__", type(fn).__name__))
 
     def scores(self, output, rows=None, batch=None):
+        if self.takes_rows and rows is None:
+            rows = torch.arange(output.shape[0], device=output.device)
         s = self.fn(output, rows) if self.takes_rows else self.fn(output)
         if not isinstance(s, torch.Tensor) or s.shape != (output.shape[0],):
-            raise TargetError(f"target function must return a tensor of shape ({output.shape[0]},)")
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise TargetError(f"target function must return a tensor of shape ({output.shape[0]},) for "
+                              f"{output.shape[0]} output rows, got {got}")
         return s
 
     def validate(self, output, batch):
         pass
+
+
+def _takes_rows(fn) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+# --------------------------------------------------------------------------------------------------
+# value targets: scores of the prediction (Dice, volume, mean probability), e.g. for contrast Shapley
+# --------------------------------------------------------------------------------------------------
+
+class ValueTarget(Target):
+    """A score of the model's prediction per output row, ``scores(outputs (N, K, *spatial), rows) -> (N,)``
+    in float64; also callable as ``v(outputs, rows)`` (the value-function protocol of
+    :func:`medexplain.shapley.channel_shapley`). ``name`` names it in records."""
+
+    name = "value"
+
+    def __call__(self, outputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.scores(outputs, rows)
+
+    def scores(self, output, rows=None, batch=None):
+        rows = torch.arange(output.shape[0], device=output.device) if rows is None else rows
+        return self.value(output, rows)
+
+    def value(self, outputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bind(self, model) -> "ValueTarget":
+        """This target with ``model``'s output activation where it leaves it to the model
+        (``activation=None``); :func:`medexplain.explain` binds every value target to the model it explains."""
+        return self
+
+    def validate(self, output, batch):
+        self.value(output, torch.arange(output.shape[0], device=output.device) % max(1, batch))
+
+
+def _check_dense(outputs: torch.Tensor, what: str) -> None:
+    if outputs.ndim < 3:
+        raise TargetError(f"{what} needs a dense model output (N, K, *spatial); got {tuple(outputs.shape)}")
+
+
+def _per_sample_maps(ref: torch.Tensor, rows: torch.Tensor, spatial: tuple[int, ...], what: str) -> torch.Tensor:
+    ref = _on_grid(ref, spatial, what)
+    if ref.shape[0] == 1:
+        return ref.expand(rows.shape[0], *spatial)
+    if int(rows.max()) >= ref.shape[0]:
+        raise TargetError(f"{what} has {ref.shape[0]} samples; rows refer to sample {int(rows.max())}")
+    return ref[rows.to(ref.device)]
+
+
+@dataclass
+class Prediction:
+    """The model's prediction of a label set, ``(N, *spatial)``: hard (bool) or ``soft`` (float64
+    probabilities). Without ``channel`` (``activation="softmax"``, or ``"none"`` for class probabilities):
+    the label map ``class_labels[argmax_k z_k]`` falls in ``labels`` (soft: the summed probabilities of those
+    channels); with ``channel`` (``"sigmoid"`` or ``"none"``): ``p_channel > threshold`` (soft: ``p_channel``).
+    ``activation=None``: the model's own output activation once bound to a model (:meth:`bind`,
+    ``mx.Model(activation=)``), else ``auto`` (:func:`medexplain.ops.resolve_activation`)."""
+
+    labels: tuple[int, ...]
+    class_labels: tuple[int, ...] | None = None
+    activation: str | None = None
+    channel: int | None = None
+    threshold: float = 0.5
+    soft: bool = False
+    model: object = field(default=None, repr=False, compare=False)
+
+    def bind(self, model) -> "Prediction":
+        """This prediction read with ``model``'s output activation where it leaves it to the model."""
+        if self.activation is not None:
+            return self
+        return replace(self, activation=getattr(model, "activation", None) or "auto", model=model)
+
+    def _probabilities(self, outputs: torch.Tensor, channel: int | None = None) -> torch.Tensor:
+        return probabilities(outputs.double(), self.activation or "auto", channel, model=self.model)
+
+    def __call__(self, outputs: torch.Tensor) -> torch.Tensor:
+        if self.channel is not None:  # one sigmoid (or probability) channel per region
+            p = self._probabilities(outputs, self.channel)
+            return p if self.soft else p > self.threshold
+        k = outputs.shape[1]
+        cl = tuple(range(k)) if self.class_labels is None else tuple(self.class_labels)
+        if len(cl) != k:
+            raise TargetError(f"class_labels has {len(cl)} entries; the model has {k} output channels")
+        in_region = torch.tensor([c in self.labels for c in cl], device=outputs.device)
+        if not in_region.any():
+            raise TargetError(f"no output channel predicts labels {self.labels} (class_labels={cl}); "
+                              "pass class_labels=(label of channel 0, label of channel 1, ...)")
+        if self.soft:  # softmax of logits, or outputs that already are class probabilities ("none")
+            shape = (1, k, *[1] * (outputs.ndim - 2))
+            return (self._probabilities(outputs) * in_region.view(shape)).sum(1)
+        return in_region[outputs.argmax(1)]
+
+
+@dataclass
+class _OfPrediction(ValueTarget):
+    """A value of the model's :class:`Prediction`; differentiable when the prediction is soft."""
+
+    prediction: Prediction
+
+    @property
+    def differentiable(self) -> bool:
+        return self.prediction.soft
+
+    def bind(self, model):
+        return replace(self, prediction=self.prediction.bind(model))
+
+
+@dataclass
+class Dice(_OfPrediction):
+    """Dice of the predicted region (:class:`Prediction`) against a reference label map, per row:
+    ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`; soft: ``2 sum(p g) / (sum p + sum g)``),
+    ``empty`` when both are empty (the BraTS convention). Row ``r`` is compared with
+    ``reference[rows[r]]`` (one map, ``B = 1``, is shared). Built by :func:`medexplain.shapley.dice`."""
+
+    reference: torch.Tensor
+    empty: float = 1.0
+    name: str = "dice"
+
+    def value(self, outputs, rows):
+        _check_dense(outputs, "Dice")
+        ref = _per_sample_maps(self.reference, rows, tuple(outputs.shape[2:]), "the Dice reference")
+        truth = torch.isin(ref.to(outputs.device), torch.tensor(self.prediction.labels, device=outputs.device))
+        return dice_score(self.prediction(outputs), truth, empty=self.empty)
+
+
+@dataclass
+class Volume(_OfPrediction):
+    """The predicted volume of a label set (:class:`Prediction`), per row: the voxel count times
+    ``voxel_volume`` (soft: the summed probabilities), in float64. Built by :func:`medexplain.shapley.volume`."""
+
+    voxel_volume: float = 1.0
+    name: str = "volume"
+
+    def value(self, outputs, rows):
+        _check_dense(outputs, "Volume")
+        return self.prediction(outputs).double().flatten(1).sum(1) * float(self.voxel_volume)
+
+
+@dataclass
+class MeanProbability(ValueTarget):
+    """Mean probability of output ``channel`` over the volume, or inside a per-sample ``mask`` (row ``r``
+    uses ``mask[rows[r]]``), in float64; ``activation`` as :func:`medexplain.ops.probabilities`; ``None``:
+    the model's own once bound to a model (:meth:`bind`), else ``auto``."""
+
+    channel: int = 1
+    activation: str | None = None
+    mask: torch.Tensor | None = None
+    name: str = "mean_probability"
+    model: object = field(default=None, repr=False, compare=False)
+
+    def bind(self, model) -> "MeanProbability":
+        if self.activation is not None:
+            return self
+        return replace(self, activation=getattr(model, "activation", None) or "auto", model=model)
+
+    def value(self, outputs, rows):
+        _check_dense(outputs, "mean_foreground_probability")
+        p = probabilities(outputs.double(), self.activation or "auto", self.channel, model=self.model).flatten(1)
+        if self.mask is None:
+            return p.mean(1)
+        m = _per_sample_maps(torch.as_tensor(self.mask).bool(), rows, tuple(outputs.shape[2:]), "the mask")
+        m = m.to(outputs.device).flatten(1).double()
+        if (m.sum(1) == 0).any():
+            raise TargetError("mean_foreground_probability: the mask is empty for some sample")
+        return (p * m).sum(1) / m.sum(1)
 
 
 def as_target(target) -> Target:

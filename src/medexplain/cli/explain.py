@@ -15,7 +15,7 @@ import typer
 from . import app
 from ._common import cli_errors, console, parse_options, parse_output, pass_progress
 from ._dicom import output_kwargs, pacs_of
-from .params import DICOM_OUTPUT, EXPLAIN, Flags, takes
+from .params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
 
 IMAGE_HELP = ("PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI (4D = channels last) or .npy "
               "(C, *spatial); or one single-channel file per input channel, on one grid (nnU-Net's CASE_0000.nii.gz "
@@ -57,10 +57,11 @@ def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HE
         if pacs is not None:
             from ..pacs import explain_pacs
             kw.pop("dicom_reference")
-            res = explain_pacs(pacs, flags.study, flags.models("model"), flags.methods("saliency"), flags.out, **kw)
+            res = explain_pacs(pacs, flags.study, flags.models("model"), flags.methods(declared_methods().default),
+                               flags.out, **kw)
         else:
             res = explain_image(image[0] if len(image) == 1 else image, flags.models("model"),
-                                flags.methods("saliency"), flags.out, **kw)
+                                flags.methods(declared_methods().default), flags.out, **kw)
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
                                                       if t.get("region") else "") + f" ({t['how']})")

@@ -24,7 +24,7 @@ import typer
 from . import app
 from ._common import cli_errors, console, parse_output, pass_progress, split_list
 from ._dicom import output_kwargs
-from .params import FORMAT_OUTPUT, MODEL_INPUT, Flags, takes
+from .params import FORMAT_OUTPUT, MODEL_INPUT, Flags, declared_methods, takes
 
 
 @app.command("instances")
@@ -52,18 +52,20 @@ def instances_cmd(
                                                                       "aligned; default) or bilinear (MONAI's)"),
     flags: Flags = None,
 ):
-    """Find lesion instances in the model's segmentation and explain each one per input channel (--method
-    smoothgrad or gradcam++). The probability is read with --activation (auto: a model that already outputs
-    probabilities is not softmaxed again); info.json records the class, activation and preprocessing."""
+    """Find lesion instances in the model's segmentation and explain each one per input channel (--method:
+    instance SmoothGrad by default, gradcam++, or any registered method run on each instance's region). The
+    probability is read with --activation (auto: a model that already outputs probabilities is not softmaxed
+    again); info.json records the class, activation and preprocessing."""
     from rich.table import Table
 
     from ..pipelines import explain_lesion_instances
     from ..targets import parse_target
 
     threshold = probability_threshold if threshold is None else threshold
-    methods = flags.methods("smoothgrad")
+    methods = flags.methods(declared_methods().instance_default)
     if len(methods) != 1:
-        raise typer.BadParameter("instances takes one method: smoothgrad or gradcam++", param_hint="--method")
+        raise typer.BadParameter("instances takes one method (e.g. smoothgrad: instance SmoothGrad, or gradcam++)",
+                                 param_hint="--method")
     with cli_errors(), pass_progress() as bar:
         chunk = {} if flags.chunk_size is None else {"chunk_size": flags.chunk_size}
         res = explain_lesion_instances(list(image), flags.models("model"), flags.out, weights=flags.models("weights"),

@@ -15,7 +15,7 @@ Rules applied everywhere:
   "the command's default", and its help names each command's.
 
 This module imports neither torch nor any medexplain module that does: ``medexplain --help`` reads only it.
-The method names are a static copy of the registry's (:data:`METHOD_NAMES`; a test checks they agree).
+The method names, aliases and defaults are read from the methods' own declarations (:func:`declared_methods`).
 """
 from __future__ import annotations
 
@@ -29,13 +29,48 @@ from typing import Any, List, Literal, Optional
 
 import typer
 
-#: The registered method names (medexplain.available_methods()), static so that parsing imports no torch.
-METHOD_NAMES = ("ablationcam", "deconvolution", "deeplift", "deepliftshap", "eigencam", "feature_ablation", "gradcam",
-                "gradcam++", "gradcam_elementwise", "gradientshap", "guided_backprop", "hirescam", "inputxgradient",
-                "integrated_gradients", "kernelshap", "layercam", "lime", "lrp", "medcam", "noise_tunnel",
-                "occlusion", "patchnet", "saliency", "scorecam", "smoothgrad", "ssplain", "xgradcam")
-#: The registry's accepted spellings (medexplain.registry.ALIASES).
-METHOD_ALIASES = {"gradcampp": "gradcam++", "grad_cam": "gradcam", "ig": "integrated_gradients"}
+#: The folder of the method modules, whose ``@register(...)`` declarations :func:`declared_methods` reads.
+METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What the command line needs of the registered methods, as they declare it: ``names`` (sorted),
+    ``aliases`` (spelling -> name), ``default`` (``mx.explain``'s) and ``instance_default`` (the instance
+    API's, declared ``default=True`` with ``regions=True``)."""
+
+    names: tuple
+    aliases: dict
+    default: str
+    instance_default: str
+
+
+@functools.lru_cache(maxsize=1)
+def declared_methods() -> Declared:
+    """The registry's names, aliases and defaults read from the methods' own ``@register(...)`` declarations
+    with ``ast`` (no import of torch, so parsing and ``--help`` stay fast; no copy to keep in step:
+    ``tests/test_cli_params.py`` checks the reading against the registry)."""
+    import ast
+
+    names, aliases, default, instance_default = [], {}, None, None
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                continue
+            name = node.args[0].value
+            kw = {k.arg: k.value for k in node.keywords}
+            names.append(name)
+            if "aliases" in kw:
+                aliases.update({a.value: name for a in kw["aliases"].elts})
+            if getattr(kw.get("default"), "value", False):
+                if getattr(kw.get("regions"), "value", False):
+                    instance_default = name
+                else:
+                    default = name
+    return Declared(tuple(sorted(names)), aliases, default, instance_default)
+
+
 #: medexplain.transforms.INTENSITY_HELP (a test checks they agree).
 INTENSITY_HELP = "zscore, percentile:LOW,HIGH (e.g. percentile:0.5,99.5), range:LOW,HIGH (e.g. range:-1000,1000) or none"
 #: medexplain.ops.ACTIVATIONS.
@@ -44,16 +79,17 @@ ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
 def canonical_method(name: str) -> str | None:
     """The registered name of ``name`` (the registry's spelling rules), or None."""
-    if name in METHOD_NAMES:
+    d = declared_methods()
+    if name in d.names:
         return name
     key = name.lower().replace("-", "_")
-    key = METHOD_ALIASES.get(key, key)
-    return key if key in METHOD_NAMES else None
+    key = d.aliases.get(key, key)
+    return key if key in d.names else None
 
 
 def parse_methods(value) -> str:
-    """``--method``: comma-separated names, each checked against :data:`METHOD_NAMES` (a close match
-    suggested); returns the registered names, comma-separated."""
+    """``--method``: comma-separated names, each checked against the registered ones (:func:`declared_methods`;
+    a close match suggested); returns the registered names, comma-separated."""
     names = [v.strip() for v in str(value).split(",") if v.strip()]
     if not names:
         raise typer.BadParameter("no method given", param_hint="--method")
@@ -61,7 +97,7 @@ def parse_methods(value) -> str:
     for n in names:
         c = canonical_method(n)
         if c is None:
-            close = difflib.get_close_matches(n, METHOD_NAMES, n=3)
+            close = difflib.get_close_matches(n, declared_methods().names, n=3)
             raise typer.BadParameter(f"unknown method {n!r}." + (f" Did you mean {', '.join(close)}?" if close else "")
                                      + " See `medexplain methods`.", param_hint="--method")
         out.append(c)
@@ -139,7 +175,7 @@ MODEL, PREP, SLIDING, NNUNET, TARGET, METHODS, OUTPUT, DICOM = ("model", "prepro
                                                                "DICOM output and PACS")
 #: medexplain.dicom_out.FORMATS (a test checks they agree).
 FORMATS = ("nifti", "png", "dicom")
-_METHOD_LIST = ", ".join(METHOD_NAMES)
+_METHOD_LIST = ", ".join(declared_methods().names)
 
 #: Every shared option, by parameter name.
 OPTIONS: dict[str, Opt] = {
@@ -218,8 +254,9 @@ OPTIONS: dict[str, Opt] = {
     "series": Opt(("--series",), Optional[str], None, "SeriesInstanceUID to read when an image is a folder holding "
                   "several DICOM series (the error lists them)", panel=TARGET),
     # -- methods --
-    "method": Opt(("--method",), Optional[str], None, "comma-separated method names (default: saliency; instances: "
-                  f"smoothgrad; demo: every method that applies), of: {_METHOD_LIST}",
+    "method": Opt(("--method",), Optional[str], None, "comma-separated method names (default: "
+                  f"{declared_methods().default}; instances: {declared_methods().instance_default}; demo: every "
+                  f"method that applies), of: {_METHOD_LIST}",
                   {"parser": parse_methods, "metavar": "METHOD[,METHOD...]"},
                   aliases=("--methods",), panel=METHODS),
     "layer": Opt(("--layer",), Optional[str], None, "the layer of CAM methods (a dotted module name); default: the "
@@ -379,4 +416,4 @@ def takes(*names: str):
 
 
 __all__ = ["DICOM_OUTPUT", "EXPLAIN", "FORMAT_OUTPUT",
-           "Flags", "METHOD_NAMES", "MODEL_INPUT", "OPTIONS", "Opt", "split_list", "takes"]
+           "Flags", "declared_methods", "MODEL_INPUT", "OPTIONS", "Opt", "split_list", "takes"]

@@ -20,7 +20,7 @@ from . import app
 from ._common import cli_errors, console, stop_signals
 from ._dicom import output_kwargs
 from .explain import explain_kwargs
-from .params import DICOM_OUTPUT, EXPLAIN, Flags, takes
+from .params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
 
 
 @app.command("run")
@@ -60,7 +60,7 @@ def run_cmd(
         kwargs = {**explain_kwargs(flags), **output_kwargs(flags), "pacs": flags.pacs, "pacs_netrc": flags.pacs_netrc,
                   "pacs_ca_bundle": flags.pacs_ca_bundle}
         task = bar.add_task("items", total=None)
-        res = run_manifest(manifest, flags.models("model"), flags.methods("saliency"), flags.out, backend=backend,
+        res = run_manifest(manifest, flags.models("model"), flags.methods(declared_methods().default), flags.out, backend=backend,
                            address=address, resume=resume, batch_size=flags.batch_size or 4, num_workers=num_workers,
                            map_format=map_format, retry_errors=retry_errors,
                            on_progress=lambda d, t: bar.update(task, completed=d, total=t), **kwargs)

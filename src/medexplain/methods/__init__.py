@@ -2,4 +2,4 @@
 registry (:mod:`medexplain.registry`), so :func:`medexplain.explain` can find them; ``docs/design.md``
 lists what lives where."""
 # each module registers its methods; captum_methods and lrp adapt Captum (the peers' methods)
-from . import cam, captum_methods, gradient, lrp, medcam, occlusion, patchnet, ssplain  # noqa: F401
+from . import cam, captum_methods, gradient, instance, lrp, medcam, occlusion, patchnet, shapley, ssplain  # noqa: F401

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +200,8 @@ def _gradient_cam(model, x, target, cost, layer, upsample, layout, reshape, term
     return to_input(cells, plan, x, upsample), {**plan.info(), "upsample": upsample, "calls": len(acts), **extra}
 
 
-@register("gradcam", needs_hooks=True)
+@register("gradcam", needs_hooks=True, family="CAM", aliases=("grad_cam",), windowed_cam=True,
+          dicom_concept="GradientWeightedClassActivation")
 def gradcam(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto", reshape=None):
     """Grad-CAM (Selvaraju et al. 2017, eq. 1-2): w_k = spatial mean of dS/dA_k; map = ReLU(sum_k w_k A_k)."""
     return _gradient_cam(model, x, target, cost, layer, upsample, layout, reshape,
@@ -209,8 +211,10 @@ def gradcam(model, x, target, cost, layer=None, upsample: str = "aligned", layou
 GRADCAM_PP_VARIANTS = ("paper", "monai", "pytorch_grad_cam")
 
 
-@register("gradcam++", needs_hooks=True)
-def gradcam_pp(model, x, target, cost, layer=None, variant: str = "paper", upsample: str = "aligned",
+@register("gradcam++", needs_hooks=True, family="CAM", aliases=("gradcampp",), windowed_cam=True,
+          dicom_concept="GradientWeightedClassActivation")
+def gradcam_pp(model, x, target, cost, layer=None, variant: Literal[GRADCAM_PP_VARIANTS] = "paper",
+               upsample: str = "aligned",
                layout: str = "auto", reshape=None):
     """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19) with exponential score: alpha = g^2 / (2 g^2 + sum_ab(A) g^3),
     0/0 -> 0; w_k = sum_ij alpha ReLU(g). ``variant="monai"`` reproduces MONAI's GradCAMpp instead:
@@ -235,7 +239,8 @@ def gradcam_pp(model, x, target, cost, layer=None, variant: str = "paper", upsam
     return _gradient_cam(model, x, target, cost, layer, upsample, layout, reshape, term, variant=variant)
 
 
-@register("hirescam", needs_hooks=True)
+@register("hirescam", needs_hooks=True, family="CAM", windowed_cam=True,
+          dicom_concept="GradientWeightedClassActivation")
 def hirescam(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto", reshape=None):
     """HiResCAM (Draelos & Carin 2020, the HiResCAM definition): map = ReLU(sum_k dS/dA_k * A_k), the element-wise product
     of gradient and activation summed over channels (no spatial averaging of the gradient); ReLU as in
@@ -244,7 +249,8 @@ def hirescam(model, x, target, cost, layer=None, upsample: str = "aligned", layo
                          lambda a, g, _s: (g * a).sum(1, keepdim=True))
 
 
-@register("xgradcam", needs_hooks=True)
+@register("xgradcam", needs_hooks=True, family="CAM", windowed_cam=True,
+          dicom_concept="GradientWeightedClassActivation")
 def xgradcam(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto", reshape=None):
     """XGrad-CAM (Fu et al. 2020, the XGrad-CAM weights): w_k = sum_ij (A_k,ij / sum_ij A_k) dS/dA_k,ij (0 for a channel
     whose activations sum to 0); map = ReLU(sum_k w_k A_k)."""
@@ -252,7 +258,8 @@ def xgradcam(model, x, target, cost, layer=None, upsample: str = "aligned", layo
                          lambda a, g, _s: (_spatial_sum(_safe_div(g * a, _spatial_sum(a).expand_as(a))) * a).sum(1, keepdim=True))
 
 
-@register("layercam", needs_hooks=True)
+@register("layercam", needs_hooks=True, family="CAM", windowed_cam=True,
+          dicom_concept="GradientWeightedClassActivation")
 def layercam(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto", reshape=None):
     """LayerCAM (Jiang et al. 2021, the LayerCAM definition): map = ReLU(sum_k ReLU(dS/dA_k) * A_k), a per-location
     positive-gradient weight."""
@@ -260,7 +267,8 @@ def layercam(model, x, target, cost, layer=None, upsample: str = "aligned", layo
                          lambda a, g, _s: (F.relu(g) * a).sum(1, keepdim=True))
 
 
-@register("gradcam_elementwise", needs_hooks=True)
+@register("gradcam_elementwise", needs_hooks=True, family="CAM", windowed_cam=True,
+          dicom_concept="GradientWeightedClassActivation")
 def gradcam_elementwise(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto",
                         reshape=None):
     """Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise, after HiResCAM): map =
@@ -269,7 +277,8 @@ def gradcam_elementwise(model, x, target, cost, layer=None, upsample: str = "ali
                          lambda a, g, _s: F.relu(g * a).sum(1, keepdim=True))
 
 
-@register("eigencam", needs_target=False, needs_grad=False, needs_hooks=True)
+@register("eigencam", needs_target=False, needs_grad=False, needs_hooks=True, family="CAM", windowed_cam=True,
+          dicom_concept="ClassActivation")
 def eigencam(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto", reshape=None):
     """Eigen-CAM (Muhammad & Yeasin 2020, section 3): projection of the centred activations of ``layer``
     (its own output, before any in-place op that follows it) on their first principal component.
@@ -291,7 +300,8 @@ def eigencam(model, x, target, cost, layer=None, upsample: str = "aligned", layo
     return to_input(proj.view(b, 1, *s), plan, x, upsample), {**plan.info(), "upsample": upsample}
 
 
-@register("scorecam", needs_grad=False, needs_hooks=True)
+@register("scorecam", needs_grad=False, needs_hooks=True, family="CAM",
+          no_sliding="Score-CAM masks the whole input with each channel's map", dicom_concept="ClassActivation")
 def scorecam(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto", reshape=None,
              chunk_size: int | None = 64, mask_upsample: str | None = None):
     """Score-CAM (Wang et al. 2020, Algorithm 1): each channel's activation map, upsampled to the input
@@ -325,7 +335,9 @@ def scorecam(model, x, target, cost, layer=None, upsample: str = "aligned", layo
     return to_input(cells, plan, x, upsample), {**plan.info(), "upsample": upsample, "mask_upsample": mask_upsample}
 
 
-@register("ablationcam", needs_grad=False, needs_hooks=True)
+@register("ablationcam", needs_grad=False, needs_hooks=True, family="CAM",
+          no_sliding="Ablation-CAM ablates the layer of one forward of the whole input",
+          dicom_concept="ClassActivation")
 def ablationcam(model, x, target, cost, layer=None, upsample: str = "aligned", layout: str = "auto", reshape=None,
                 chunk_size: int | None = 64, ablation_value: float = 0.0):
     """Ablation-CAM (Desai & Ramaswamy 2020, the ablation slope): w_k = (S - S_k) / S, with ``S_k`` the target score

@@ -3,7 +3,7 @@
 Registered here: ``inputxgradient``, ``guided_backprop``, ``deconvolution``, ``deeplift``, ``deepliftshap``,
 ``gradientshap``, ``feature_ablation``, ``kernelshap``, ``lime`` (each over the Captum 0.9 class of the same
 name) and ``noise_tunnel`` (SmoothGrad / SmoothGrad-Squared / VarGrad over any registered gradient method,
-with the one noise source :class:`medexplain.ops.NoiseSource`). ``lrp`` lives in :mod:`.lrp` on the same
+with the one noise loop :func:`medexplain.ops.noise_sum`). ``lrp`` lives in :mod:`.lrp` on the same
 adapter.
 
 Why Captum: it is the maintained PyTorch implementation of these methods (Kokhlikyan et al. 2020,
@@ -39,7 +39,7 @@ from torch import nn
 
 from ..core import capture_layers, check_baseline, chunks, forward, n_passes, unwrap
 from ..errors import InputError, MedexplainError, UnsupportedModelError
-from ..ops import NoiseSource
+from ..ops import noise_sum
 from ..registry import get_method, register
 from ..targets import Target
 
@@ -329,7 +329,7 @@ def reference_distribution(x: torch.Tensor, baselines=None, n_baselines: int = 8
 # ----------------------------------------------------------------------------------------------- gradients
 
 
-@register("inputxgradient")
+@register("inputxgradient", family="gradient")
 def inputxgradient(model, x, target, cost, chunk_size: int | None = 64):
     """Input x gradient (Shrikumar et al. 2016, arXiv:1605.01713; Ancona et al. 2018, eq. 3): ``x * dS/dx``,
     Captum's ``InputXGradient``. ``chunk_size`` samples per call."""
@@ -339,7 +339,7 @@ def inputxgradient(model, x, target, cost, chunk_size: int | None = 64):
     return m, {}
 
 
-@register("guided_backprop", needs_hooks=True)
+@register("guided_backprop", needs_hooks=True, family="propagation")
 def guided_backprop(model, x, target, cost, chunk_size: int | None = 64):
     """Guided backpropagation (Springenberg et al. 2015, section 3.4, eq. for R_i^l): the gradient with every
     ReLU passing only positive gradients where its input was positive; Captum's ``GuidedBackprop`` (hooks
@@ -350,7 +350,7 @@ def guided_backprop(model, x, target, cost, chunk_size: int | None = 64):
     return m, {}
 
 
-@register("deconvolution", needs_hooks=True)
+@register("deconvolution", needs_hooks=True, family="propagation")
 def deconvolution(model, x, target, cost, chunk_size: int | None = 64):
     """Deconvnet (Zeiler & Fergus 2014, section 2.1; as formulated by Springenberg et al. 2015, section 3.4):
     the backward pass with every ReLU applied to the gradient itself; Captum's ``Deconvolution``."""
@@ -385,7 +385,7 @@ def _deeplift_call(model, x, *args, **kwargs):
             "(a shared nn.ReLU). Give each use its own module, or use another method") from e
 
 
-@register("deeplift", needs_hooks=True)
+@register("deeplift", needs_hooks=True, family="propagation")
 def deeplift(model, x, target, cost, baselines=0.0, chunk_size: int | None = 64):
     """DeepLIFT with the Rescale rule (Shrikumar et al. 2017, section 3.3, eq. 1-3): contributions
     ``C = m * (x - x')`` with multipliers propagated by the chain rule for multipliers; Captum's
@@ -399,7 +399,7 @@ def deeplift(model, x, target, cost, baselines=0.0, chunk_size: int | None = 64)
     return m, {"baselines": "scalar" if isinstance(base, float) else tuple(base.shape)}
 
 
-@register("deepliftshap", needs_hooks=True)
+@register("deepliftshap", needs_hooks=True, family="propagation")
 def deepliftshap(model, x, target, cost, baselines=None, n_baselines: int = 8, seed: int = 0,
                  chunk_size: int | None = 64):
     """DeepSHAP (Lundberg & Lee 2017, section 4.2, "Deep SHAP"): DeepLIFT averaged over a reference
@@ -413,7 +413,7 @@ def deepliftshap(model, x, target, cost, baselines=None, n_baselines: int = 8, s
     return m, {"n_baselines": ref.shape[0]}
 
 
-@register("gradientshap")
+@register("gradientshap", family="gradient")
 def gradientshap(model, x, target, cost, baselines=None, n_baselines: int = 8, n_samples: int = 20,
                  stdevs: float = 0.0, seed: int = 0):
     """GradientSHAP / expected gradients (Lundberg & Lee 2017; Erion et al. 2021, eq. 4): the expectation of
@@ -488,7 +488,7 @@ def _groups_info(groups: torch.Tensor, features) -> dict:
     return {"features": features if isinstance(features, str) else "given", "n_features": n}
 
 
-@register("feature_ablation", needs_grad=False)
+@register("feature_ablation", needs_grad=False, family="perturbation")
 def feature_ablation(model, x, target, cost, features="slic", n_features: int = 64, compactness: float = 0.3,
                      baselines=0.0, chunk_size: int | None = 64):
     """Feature ablation (Zeiler & Fergus 2014's occlusion over arbitrary feature groups): each group's
@@ -523,8 +523,8 @@ def _needs_sklearn(model, output) -> str | None:
     return None
 
 
-def _surrogate(name, model, x, target, cost, features, n_features, compactness, n_samples, baselines, seed, chunk_size):
-    from captum.attr import KernelShap, Lime
+def _surrogate(name, cls, model, x, target, cost, features, n_features, compactness, n_samples, baselines, seed,
+               chunk_size):
     if _needs_sklearn(None, None):
         raise UnsupportedModelError(f"{name}: " + _needs_sklearn(None, None))
     if n_samples < 2:
@@ -535,7 +535,6 @@ def _surrogate(name, model, x, target, cost, features, n_features, compactness, 
         raise InputError(f"{name}: the feature groups of sample(s) {few} hold a single feature; a surrogate needs at "
                          "least two (raise n_features, or use features='grid')")
     base = _check_baselines(baselines, x, named=True)
-    cls = KernelShap if name == "kernelshap" else Lime
     m = captum_call(model, x, target, cost, cls,
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
                                                        n_samples=int(n_samples), perturbations_per_eval=max(1, chunk_size or 1),
@@ -545,7 +544,12 @@ def _surrogate(name, model, x, target, cost, features, n_features, compactness, 
                       "baseline": _baseline_text(baselines, x)}
 
 
-@register("kernelshap", needs_grad=False, applies_to=_needs_sklearn)
+def _surrogate_cost(x_shape, o):
+    """``n_samples`` coalitions per sample, no extra pass."""
+    return int(o["n_samples"]) * x_shape[0], 0
+
+
+@register("kernelshap", needs_grad=False, applies_to=_needs_sklearn, family="surrogate", cost=_surrogate_cost)
 def kernelshap(model, x, target, cost, features="slic", n_features: int = 64, compactness: float = 0.3,
                n_samples: int = 200, baselines=0.0, seed: int = 0, chunk_size: int | None = 64):
     """Kernel SHAP (Lundberg & Lee 2017, theorem 2: the Shapley kernel weighted linear regression) over
@@ -553,17 +557,19 @@ def kernelshap(model, x, target, cost, features="slic", n_features: int = 64, co
     alone in an RNG seeded with ``seed``), ``perturbations_per_eval = chunk_size``; the model calls are filled
     to ``chunk_size`` rows across the samples of the batch (:func:`captum_call`'s ``pool_rows``). Absent features
     take the baseline (as :func:`feature_ablation`'s). Maps are ``(B, 1, *s)``, constant on each group."""
-    return _surrogate("kernelshap", model, x, target, cost, features, n_features, compactness, n_samples, baselines,
-                      seed, chunk_size)
+    from captum.attr import KernelShap
+    return _surrogate("kernelshap", KernelShap, model, x, target, cost, features, n_features, compactness, n_samples,
+                      baselines, seed, chunk_size)
 
 
-@register("lime", needs_grad=False, applies_to=_needs_sklearn)
+@register("lime", needs_grad=False, applies_to=_needs_sklearn, family="surrogate", cost=_surrogate_cost)
 def lime(model, x, target, cost, features="slic", n_features: int = 64, compactness: float = 0.3,
          n_samples: int = 200, baselines=0.0, seed: int = 0, chunk_size: int | None = 64):
     """LIME (Ribeiro et al. 2016, eq. 1-2): a sparse linear surrogate (Lasso, alpha 0.01) fitted to the model
     on random on/off coalitions of :func:`feature_groups`, weighted by an exponential kernel on cosine
     distance (width 1); Captum's ``Lime`` defaults. Seeded and chunked as :func:`kernelshap`."""
-    return _surrogate("lime", model, x, target, cost, features, n_features, compactness, n_samples, baselines,
+    from captum.attr import Lime
+    return _surrogate("lime", Lime, model, x, target, cost, features, n_features, compactness, n_samples, baselines,
                       seed, chunk_size)
 
 
@@ -577,9 +583,9 @@ def noise_tunnel_maps(fn: Callable, model, x, target, cost, nt_type: str = "smoo
                       options: dict | None = None) -> torch.Tensor:
     """Noise tunnel over an explainer ``fn(model, x, target, cost, **options) -> (map, info)``.
 
-    ``n_samples`` noisy copies ``x + eps_n`` from :class:`medexplain.ops.NoiseSource` (``sd = sigma x
-    (max - min)`` per sample, one draw per noise sample shared by the batch; ``noise`` replaces the draws),
-    explained together as one expanded batch (``chunk_size // B`` noise samples per call, the rows
+    ``n_samples`` noisy copies ``x + eps_n`` from the one noise loop :func:`medexplain.ops.noise_sum`
+    (``sd = sigma x (max - min)`` per sample, one draw per noise sample shared by the batch; ``noise``
+    replaces the draws), explained together as one expanded batch (``chunk_size // B`` noise samples per call, the rows
     following their sample through :class:`RowTarget`). Aggregation (Captum's ``NoiseTunnel`` types):
     ``smoothgrad`` = mean of the maps (Smilkov et al. 2017, eq. 3), ``smoothgrad_sq`` = mean of their
     squares, ``vargrad`` = their variance ``E[m^2] - E[m]^2`` (Adebayo et al. 2018, "Local explanation
@@ -588,20 +594,18 @@ def noise_tunnel_maps(fn: Callable, model, x, target, cost, nt_type: str = "smoo
     if nt_type not in NT_TYPES:
         raise InputError(f"nt_type must be one of {NT_TYPES}, got {nt_type!r}")
     b = x.shape[0]
-    source = NoiseSource(x, n_samples, sigma, seed, scale="sample", noise=noise)
-    total = total_sq = None
-    for sl, noisy in source.chunks(max(1, (chunk_size or n_samples * b) // b)):
-        n = sl.stop - sl.start
-        rows = torch.arange(b, device=x.device).repeat(n)
-        m, _ = fn(model, noisy.reshape(-1, *x.shape[1:]), RowTarget(target, rows, b), cost, **(options or {}))
+
+    def maps(noisy, rows, n):
+        m, _ = fn(model, noisy, RowTarget(target, rows, b), cost, **(options or {}))
         m = m.detach().view(n, b, *m.shape[1:])
-        s, sq = m.sum(0), (m * m).sum(0)
-        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        return m.sum(0), (m * m).sum(0)
+
+    total, total_sq = noise_sum(x, maps, n_samples, sigma, seed, chunk_size, scale="sample", noise=noise)
     mean, mean_sq = total / n_samples, total_sq / n_samples
     return {"smoothgrad": mean, "smoothgrad_sq": mean_sq, "vargrad": mean_sq - mean * mean}[nt_type]
 
 
-@register("noise_tunnel")
+@register("noise_tunnel", family="gradient")
 def noise_tunnel(model, x, target, cost, base: str = "saliency", nt_type: str = "smoothgrad", n_samples: int = 10,
                  sigma: float = 0.15, seed: int = 0, chunk_size: int | None = 64, noise=None,
                  base_options: dict | None = None):
@@ -610,7 +614,7 @@ def noise_tunnel(model, x, target, cost, base: str = "saliency", nt_type: str = 
     go to the base method (e.g. ``{"layer": "features.7"}`` for ``gradcam``, ``{"steps": 16}`` for
     ``integrated_gradients``)."""
     spec = get_method(base)
-    if spec.name == "noise_tunnel" or not spec.needs_grad:
+    if spec.fn is noise_tunnel or not spec.needs_grad:
         raise InputError(f"noise_tunnel applies to gradient methods; {spec.name!r} is not one")
     accepted = spec.options()
     opts = dict(base_options or {})

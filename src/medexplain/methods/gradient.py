@@ -6,16 +6,33 @@ whole expansions of the batch at a time, with one backward per chunk.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
 from ..core import check_baseline, chunks, forward, input_gradient
-from ..errors import InputError
-from ..ops import NoiseSource
+from ..errors import InputError, OptionError
+from ..ops import noise_sum
 from ..registry import register
 
+#: The quadrature rules of integrated gradients (Captum's).
+IG_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 
-@register("saliency")
+#: NumPy's Gauss-Legendre rule (``numpy.polynomial.legendre.leggauss``) builds an ``n x n`` companion
+#: matrix: ``steps=100000`` asks for 74.5 GiB. Above this many steps the Riemann rules are required.
+MAX_GAUSS_LEGENDRE_STEPS = 2000
+
+
+def _one_pass(x_shape, o):
+    return x_shape[0], x_shape[0]
+
+
+def _per_noise_sample(x_shape, o):
+    return o["n_samples"] * x_shape[0], o["n_samples"] * x_shape[0]
+
+
+@register("saliency", cost=_one_pass, default=True, dicom_concept="Saliency")
 def saliency(model, x, target, cost, abs: bool = False):
     """Saliency (Simonyan et al. 2014, section 3.1): d score / d x, raw and signed (``abs=True`` gives
     Captum's default |grad|)."""
@@ -24,13 +41,13 @@ def saliency(model, x, target, cost, abs: bool = False):
     return (g.abs() if abs else g), {}
 
 
-@register("smoothgrad")
+@register("smoothgrad", cost=_per_noise_sample, dicom_concept="Saliency")
 def smoothgrad(model, x, target, cost, n_samples: int = 50, sigma: float = 0.15, seed: int = 0,
                chunk_size: int | None = 64, noise: torch.Tensor | None = None, squared: bool = False):
     """SmoothGrad (Smilkov et al. 2017, eq. 3): mean input gradient over ``n_samples`` noisy copies
     ``x + eps_n``, ``eps_n ~ N(0, sd^2)`` with ``sd = sigma x (max - min)`` of each sample.
 
-    The noise is :class:`medexplain.ops.NoiseSource` (``scale="sample"``): one draw per noise sample
+    The noise loop is :func:`medexplain.ops.noise_sum` (``scale="sample"``): one draw per noise sample
     from ``seed``, so the maps never depend on ``chunk_size`` or on the rest of the batch. ``noise``
     (absolute, ``(N, C, *s)`` or ``(N, B, C, *s)``) replaces the generator. ``chunk_size``: rows given
     to the model in one call (whole noise samples of the batch at a time, at least one).
@@ -39,13 +56,12 @@ def smoothgrad(model, x, target, cost, n_samples: int = 50, sigma: float = 0.15,
     if n_samples < 1:
         raise InputError("n_samples must be >= 1")
     b = x.shape[0]
-    source = NoiseSource(x, n_samples, sigma, seed, scale="sample", noise=noise)
-    total = torch.zeros_like(x)
-    for sl, noisy in source.chunks(max(1, (chunk_size or n_samples * b) // b)):
-        n = sl.stop - sl.start
-        rows = torch.arange(b, device=x.device).repeat(n)
-        g = input_gradient(model, noisy.reshape(-1, *x.shape[1:]), target, rows, b, cost).view(n, *x.shape)
-        total += (g * g if squared else g).sum(0)
+
+    def gradients(noisy, rows, n):
+        g = input_gradient(model, noisy, target, rows, b, cost).view(n, *x.shape)
+        return (g * g if squared else g).sum(0)
+
+    total = noise_sum(x, gradients, n_samples, sigma, seed, chunk_size, scale="sample", noise=noise)
     return total / n_samples, {"n_samples": n_samples, "sigma": sigma, "seed": seed}
 
 
@@ -69,8 +85,24 @@ def ig_alphas(steps: int, rule: str = "gausslegendre") -> tuple[np.ndarray, np.n
     return starts[rule] + np.arange(steps) / steps, w
 
 
-@register("integrated_gradients")
-def integrated_gradients(model, x, target, cost, baseline=0.0, steps: int = 50, rule: str = "gausslegendre",
+def _ig_cost(x_shape, o):
+    b = x_shape[0]
+    return o["steps"] * b + (2 * b if o["completeness"] else 0), o["steps"] * b
+
+
+def _ig_check(o):
+    steps = o["steps"]
+    if o["rule"] == "gausslegendre" and isinstance(steps, int) and steps > MAX_GAUSS_LEGENDRE_STEPS:
+        gib = steps * steps * 8 / 2 ** 30
+        raise OptionError(f"integrated_gradients: steps={steps} with rule=gausslegendre needs a {steps} x {steps} "
+                          f"matrix ({gib:.1f} GiB) for the quadrature nodes; use at most "
+                          f"{MAX_GAUSS_LEGENDRE_STEPS} steps, or rule=riemann_middle")
+
+
+@register("integrated_gradients", aliases=("ig",), cost=_ig_cost, check=_ig_check,
+          preview=lambda side: {"steps": 32})
+def integrated_gradients(model, x, target, cost, baseline=0.0, steps: int = 50,
+                         rule: Literal[IG_RULES] = "gausslegendre",
                          chunk_size: int | None = 64, completeness: bool = True):
     """Integrated gradients (Sundararajan et al. 2017, eq. 1): (x - x') * integral_0^1 grad f(x' + a (x - x')) da by quadrature.
 

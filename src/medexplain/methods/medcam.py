@@ -299,7 +299,14 @@ class MedCAMConfig:
         return cfg
 
 
-@register("medcam", needs_target=False, needs_hooks=True, applies_to=classifier_only)
+def _medcam_cost(x_shape, o):
+    n, backgrounds = int(o["steps"]), o["backgrounds"]
+    k = len(backgrounds) if isinstance(backgrounds, (list, tuple)) else 1
+    return (n * k + 2) * x_shape[0], n * k * x_shape[0]
+
+
+@register("medcam", needs_target=False, needs_hooks=True, applies_to=classifier_only, family="optimisation",
+          cost=_medcam_cost)
 def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="auto", weights=None,
            steps: int = 200, lr: float = 3e-3, backgrounds=BACKGROUNDS, unet_channels=None,
            min_steps: int = 60, patience: int = 20, mask_tol: float = 2e-3, loss_tol: float = 1e-2,

@@ -11,6 +11,7 @@ which modality: ``docs/peers.md`` ("Perturbation baselines")."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -84,7 +85,24 @@ def _tuple(v, n, what):
     return t
 
 
-@register("occlusion", needs_grad=False)
+def _windows(x_shape, o):
+    """Window positions per image, or None when the options do not fit the image (the call will say why)."""
+    spatial = x_shape[2:]
+    window, stride = o["window"], o["stride"]
+    win = (window,) * len(spatial) if isinstance(window, int) else tuple(window)
+    step = win if stride is None else ((stride,) * len(spatial) if isinstance(stride, int) else tuple(stride))
+    if len(win) != len(spatial) or len(step) != len(spatial):
+        return None
+    return math.prod(max(0, len(range(0, s - w + 1, max(1, st)))) for s, w, st in zip(spatial, win, step))
+
+
+def _occlusion_cost(x_shape, o):
+    n = _windows(x_shape, o)
+    return None if n is None else (x_shape[0] + n * x_shape[0], 0)
+
+
+@register("occlusion", needs_grad=False, family="perturbation", cost=_occlusion_cost,
+          preview=lambda side: {"window": max(2, side // 8), "stride": max(1, side // 16)})
 def occlusion(model, x, target, cost, window=8, stride=None, baseline: float | str = 0.0, chunk_size: int | None = 64):
     """Occlusion (Zeiler & Fergus 2014): map = mean over covering windows of f(x) - f(x with the window set to the baseline).
 

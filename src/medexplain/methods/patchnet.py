@@ -8,6 +8,8 @@ this module only registers ``"patchnet"``, which applies to PatchNet models alon
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from ..core import n_passes, unwrap
 from ..errors import UnsupportedModelError
 from ..models.patchnet import PatchNet
@@ -23,8 +25,8 @@ def is_patchnet(model, output=None) -> str | None:
     return "explains a medexplain.models.PatchNet only (its own patch logits); use a post-hoc method for other models"
 
 
-@register("patchnet", needs_grad=False, applies_to=is_patchnet)
-def patchnet(model, x, target, cost, kind: str = "raw", offset=None, border: str = "reference",
+@register("patchnet", needs_grad=False, applies_to=is_patchnet, family="model")
+def patchnet(model, x, target, cost, kind: Literal["raw", "scaled"] = "raw", offset=None, border: str = "reference",
              chunk_size: int | None = None, activation: str = "sigmoid"):
     """``mx.explain(net, x, method="patchnet", target=k)``: the PatchNet's own patch saliency
     (:meth:`PatchNet.saliency`: ``kind`` raw or scaled, shift ``offset``, ``border``, ``chunk_size`` rows

@@ -211,7 +211,12 @@ def _solve(model, x, sup, k, m0, loss_fn, rows, batch, cost, iterations, adam_st
     return final, m, m1
 
 
-@register("ssplain", needs_target=False)
+def _ssplain_cost(x_shape, o):
+    n = int(o["iterations"]) * int(o["adam_steps"])
+    return (n + 2) * x_shape[0], n * x_shape[0]
+
+
+@register("ssplain", needs_target=False, family="optimisation", cost=_ssplain_cost)
 def ssplain(model, x, target, cost, alpha: float = 4, k: int | Sequence[int] | None = None, iterations: int = 20,
             adam_steps: int = 1, lr: float = 0.1, rho: float = 0.01, lambda_tv: float = 1e-3, init="intensity",
             mode: str = "reference", support="above_min", objective: str = "auto", seed: int = 0,

@@ -20,7 +20,7 @@ from skimage.metrics import structural_similarity
 from ..core import check_input, model_guard
 from ..errors import InputError, TargetError
 from ..models.model import as_model
-from ..ops import NoiseSource
+from ..ops import noise_sum
 from ..targets import Class, Region
 from .meta import MetricInfo, explanation_options, register_metric
 
@@ -88,18 +88,16 @@ def _maps(model, x, method, target, options):
 
 
 def _smooth(model, x, method, target, n_samples, sigma, seed, chunk_size, options):
-    """SmoothMPRT's explanation: the mean of the maps at ``n_samples - 1`` noisy copies
-    (:class:`medexplain.ops.NoiseSource`, ``sd = sigma (max - min)`` per sample) and at ``x`` itself."""
+    """SmoothMPRT's explanation: the mean of the maps at ``n_samples - 1`` noisy copies (the one noise loop,
+    :func:`medexplain.ops.noise_sum`, ``sd = sigma (max - min)`` per sample) and at ``x`` itself."""
     from ..methods.captum_methods import RowTarget
     b = x.shape[0]
     total = _maps(model, x, method, target, options).double()
     if n_samples > 1:
-        source = NoiseSource(x, n_samples - 1, sigma, seed, scale="sample")
-        for sl, noisy in source.chunks(max(1, (chunk_size or n_samples * b) // b)):
-            k = sl.stop - sl.start
-            rows = torch.arange(b, device=x.device).repeat(k)
-            m = _maps(model, noisy.reshape(-1, *x.shape[1:]), method, RowTarget(target, rows, b), options)
-            total = total + m.double().view(k, b, *m.shape[1:]).sum(0)
+        def maps(noisy, rows, k):
+            m = _maps(model, noisy, method, RowTarget(target, rows, b), options)
+            return m.double().view(k, b, *m.shape[1:]).sum(0)
+        total = noise_sum(x, maps, n_samples - 1, sigma, seed, chunk_size, scale="sample", start=total)
     return total / n_samples
 
 

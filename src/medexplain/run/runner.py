@@ -26,7 +26,7 @@ from ..errors import MedexplainError, OptionError
 from ..io import check_output_dir
 from ..options import memory_budget
 from ..pipelines import load_setup, method_options, plan_methods
-from ..registry import get_method, route_options
+from ..registry import default_method, get_method, route_options
 from . import backends
 from .manifest import PREPROCESSING_COLUMNS, Case, read_manifest, sha256_file
 from .store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
@@ -82,7 +82,7 @@ def _is_run_dir(out: Path) -> bool:
     return all(p.name.startswith(f".{RUN_RECORD}.") for p in out.iterdir())
 
 
-def run_manifest(manifest, model=None, methods="saliency", out="medexplain_out", *, weights: str | None = None,
+def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, weights: str | None = None,
                  options: dict | None = None, layer: str | None = None, backend: str = "local",
                  address: str | None = None, resume: bool = False, batch_size: int = 4, num_workers: int | None = None,
                  map_format: str = "nifti", seed: int = 0, retry_errors: bool = False,
@@ -341,6 +341,8 @@ def _check_arguments(methods, backend: str, map_format: str, batch_size, num_wor
         raise MedexplainError(f"num_workers must be a positive integer, got {num_workers!r}")
     if address and backend != "ray":
         raise MedexplainError("--address is for the ray backend; add --backend ray")
+    if methods is None:                           # the registry's default method
+        methods = [default_method()]
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:

@@ -17,8 +17,8 @@ from .instances import (
     structure,
 )
 from .quantify import context_experiment, group_statistics, markdown_table, quantify, write_csv
-from .saliency import decoder_layer, explain_instances, instance_saliency
+from .saliency import decoder_layer, explain_instances, instance_options, instance_saliency
 
-__all__ = ["Instance", "check_threshold", "context_experiment", "decoder_layer", "explain_instances", "find_instances",
-           "flatten_instances", "group_statistics", "instance_saliency", "label_map", "markdown_table", "quantify",
-           "reference_foreground", "structure", "write_csv"]
+__all__ = ["Instance", "check_threshold", "context_experiment", "decoder_layer", "explain_instances",
+           "find_instances", "flatten_instances", "group_statistics", "instance_options", "instance_saliency",
+           "label_map", "markdown_table", "quantify", "reference_foreground", "structure", "write_csv"]
