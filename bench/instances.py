@@ -30,7 +30,7 @@ import medexplain as mx  # noqa: E402
 from common import machine, markdown_table, write_result  # noqa: E402
 from medexplain import data  # noqa: E402
 from medexplain import segmentation as seg  # noqa: E402
-from medexplain.training import dice_score, evaluate  # noqa: E402
+from medexplain.models.training import dice_score, evaluate  # noqa: E402
 
 warnings.filterwarnings("ignore")
 PLANTED = "FLAIR-like"

@@ -5,7 +5,7 @@ it where the planted evidence is (against Grad-CAM)?
 
 For each of chest_xray, fundus and shortcut: the zoo classifier (``zoo.pretrained(task, size="demo")``);
 when it is not cached or does not reach 75 % test accuracy, a small CNN trained here with
-``medexplain.training.train`` on the same planted training split (said in the table). Explained: the
+``medexplain.models.training.train`` on the same planted training split (said in the table). Explained: the
 first ``--n`` correctly classified positives of the test split (planted evidence present), target = the
 predicted class. Columns:
 
@@ -32,7 +32,7 @@ from torch import nn
 
 import medexplain as mx
 from medexplain.models import zoo
-from medexplain.training import train
+from medexplain.models.training import train
 
 TASKS = ("chest_xray", "fundus", "shortcut")
 

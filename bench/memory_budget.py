@@ -5,8 +5,8 @@
 Before issue 27, integrated gradients sent up to ``chunk_size=64`` integration steps of a 1955 x 1841
 radiograph through the model in one call, and ``run`` was killed by the kernel at 20.5 GB with no message.
 Now each method's plan measures the peak of one model call on a probe row
-(:func:`medexplain.options.probe_row_bytes`), caps ``chunk_size`` to the budget and refuses before any compute
-when one row does not fit (:func:`medexplain.options.plan_memory`).
+(:func:`medexplain.engine.options.probe_row_bytes`), caps ``chunk_size`` to the budget and refuses before any compute
+when one row does not fit (:func:`medexplain.engine.options.plan_memory`).
 
 Model: a slim MONAI ResNet (basic blocks, one per stage, widths 16-32-64-128, the usual 7x7 stride-2 stem and
 max-pool), 1 input channel, 2 classes, random weights, float32: a radiograph classifier small enough to run
@@ -54,7 +54,7 @@ def worker(cfg: dict) -> dict:
     import torch
     torch.set_num_threads(cfg["threads"])
     import medexplain as mx
-    from medexplain.options import MemoryBudgetError, probe_row_bytes
+    from medexplain.engine.options import MemoryBudgetError, probe_row_bytes
 
     model = build_model()
     x = torch.rand((1, 1, *cfg["size"]), generator=torch.Generator().manual_seed(1))

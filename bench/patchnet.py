@@ -4,7 +4,7 @@ One command: ``python bench/patchnet.py`` (``--quick`` for a smaller run). It pr
 writes it to ``bench/results/patchnet.md``:
 
 1. AUROC of PatchNets (patch 16 and 32 on 64x64 images) against the image-level baseline with the same
-   backbone (the zoo's MONAI ResNet, one logit, BCE), all trained with medexplain.training.train and the
+   backbone (the zoo's MONAI ResNet, one logit, BCE), all trained with medexplain.models.training.train and the
    paper's augmentations (crop area 100% by default, so no positive loses its nodule). Goal: within 0.02.
    The PatchNets get more epochs (40 vs 25): from scratch a p=16 PatchNet sits on a loss plateau near
    0.69 for about 17 epochs, since the fixed mean over the 16 patches gives the one nodule patch 1/16 of
@@ -32,11 +32,11 @@ import torch
 
 import medexplain as mx
 from medexplain import data
-from medexplain.augment import PaperAugment
+from medexplain.data.augment import PaperAugment
 from medexplain.metrics.localisation import bootstrap_ci, hit_rate, iou, tune_thresholds
 from medexplain.models import zoo
 from medexplain.models.patchnet import PatchNet
-from medexplain.training import evaluate, train
+from medexplain.models.training import evaluate, train
 
 
 def fmt(r, i=0):

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, markdown_table, write_result  # noqa: E402
 from medexplain import data, io  # noqa: E402
-from medexplain.run import read_table, run_manifest  # noqa: E402
+from medexplain.pipelines.run import read_table, run_manifest  # noqa: E402
 
 METHODS = ["saliency", "gradcam", "integrated_gradients"]
 OPTIONS = {"integrated_gradients.steps": 16}

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import best_time, machine, markdown_table, write_result  # noqa: E402
 from medexplain.metrics import agreement_by_dice, pearson_with_dice, rank_agreement, rank_uncertainty  # noqa: E402
-from medexplain.shapley import channel_shapley, dice, mean_foreground_probability  # noqa: E402
+from medexplain.segmentation.shapley import channel_shapley, dice, mean_foreground_probability  # noqa: E402
 
 warnings.filterwarnings("ignore")
 NAMES = ["T1", "T1c", "T2", "FLAIR"]
@@ -98,7 +98,7 @@ def zscore(x):
 
 
 def train_fold(x, seg, seed, epochs, batch=2, lr=3e-3):
-    """Plain Adam on DiceCE. (medexplain.training.train's one-cycle schedule with warm-up reached Dice
+    """Plain Adam on DiceCE. (medexplain.models.training.train's one-cycle schedule with warm-up reached Dice
     ~0.01 in these 5 epochs, too little to study agreement vs Dice within the time budget.)"""
     from monai.losses import DiceCELoss
     net = unet(seed)

@@ -57,7 +57,7 @@ def worker(cfg: dict) -> dict:
     from monai.inferers import SlidingWindowInferer, sliding_window_inference
 
     import medexplain as mx
-    from medexplain.targets import Region
+    from medexplain.engine.targets import Region
 
     s, roi = cfg["size"], cfg["roi"]
     model = build_model()

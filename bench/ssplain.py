@@ -42,7 +42,7 @@ CACHE = zoo.cache_dir()
 
 def tiny_cnn(in_channels: int) -> torch.nn.Module:
     """A 4-conv CNN (the design DATA.md reports learning the planted chest set), used when the zoo model
-    is not usable (near chance); trained through medexplain.training.train and cached."""
+    is not usable (near chance); trained through medexplain.models.training.train and cached."""
     nn = torch.nn
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -56,8 +56,8 @@ def load(task, size, which):
     """(model, dataset, description): the zoo model, or the tiny CNN when ``which == "tiny"`` or the zoo
     model is near chance on its test split (``which == "auto"``)."""
     from medexplain import data
-    from medexplain.training import evaluate as evaluate_model
-    from medexplain.training import train
+    from medexplain.models.training import evaluate as evaluate_model
+    from medexplain.models.training import train
     if which in ("zoo", "auto"):
         model, ds = zoo.pretrained(task, seed=0, size=size, progress=False)
         with torch.no_grad():
@@ -79,7 +79,7 @@ def load(task, size, which):
     model.eval()
     with torch.no_grad():
         acc = evaluate_model(model, test_ds)["accuracy"]
-    return model, ds, f"tiny 4-conv CNN trained by medexplain.training.train on {task}(n={n}, size=64), {epochs} epochs (test accuracy {acc:.3f})", "8"
+    return model, ds, f"tiny 4-conv CNN trained by medexplain.models.training.train on {task}(n={n}, size=64), {epochs} epochs (test accuracy {acc:.3f})", "8"
 
 
 def methods(model, n_noise, layer):

@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import medexplain as mx  # noqa: E402
 from common import machine, markdown_table, write_result  # noqa: E402
 from medexplain import metrics as peer_metrics  # noqa: E402  (issue 19's peer metrics)
+from medexplain.engine.targets import Region  # noqa: E402
 from medexplain.errors import MedexplainError  # noqa: E402
 from medexplain.methods.cam_layers import default_layer  # noqa: E402
 from medexplain.metrics import bootstrap_ci, deletion_insertion, hit_rate, iou, randomization_check, smoothness, sparseness  # noqa: E402
 from medexplain.models import zoo  # noqa: E402
-from medexplain.targets import Region  # noqa: E402
 
 warnings.filterwarnings("ignore")
 TASKS_2D = ["chest_xray", "fundus", "shortcut"]

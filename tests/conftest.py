@@ -107,7 +107,7 @@ def rel_err(a, b):
 
 def region_targets(x):
     """A segmenter ``Region`` target over a batch of 3 and the per-sample targets it splits into."""
-    from medexplain.targets import Region
+    from medexplain.engine.targets import Region
     nd = x.ndim - 2
     mask = torch.zeros((3,) + x.shape[2:], dtype=torch.bool)
     mask[(slice(None),) + (slice(2, 5),) * nd] = True

@@ -34,7 +34,7 @@ import medexplain as mx
 from conftest import TinyClassifier, image, make
 from medexplain import errors
 from medexplain.cli import app
-from medexplain.run import ManifestError, read_manifest, run_manifest
+from medexplain.pipelines.run import ManifestError, read_manifest, run_manifest
 
 S = 8  # volume side: tiny
 
@@ -565,7 +565,7 @@ def test_case_ids_keep_unicode_and_collisions_are_refused_by_name(tmp_path):
 def test_shapley_with_one_input_channel_is_refused_as_degenerate(f27):
     """Issue 27: shapley over 5 folds of a one-channel network reported a rank variance of 0 as if meaningful.
     The pipeline refuses before any model runs and points to the fold agreement of the maps."""
-    from medexplain.shapley import channel_shapley, fold_map_agreement, mean_foreground_probability
+    from medexplain.segmentation.shapley import channel_shapley, fold_map_agreement, mean_foreground_probability
     out = f27 / "out_shapley1"
     res = CliRunner().invoke(app, ["shapley", str(f27 / "v.nii.gz"), "--model", SEG, "--model", SEG,
                                    "--out", str(out)])
@@ -617,7 +617,7 @@ def test_memory_is_a_checked_cost_before_compute(tmp_path):
     """Issue 27: integrated gradients on a full-size radiograph sent 64 steps through the model in one call and
     was killed by the kernel with no message. Each method's plan measures one model call on a probe row, caps
     chunk_size to the budget, and refuses before any compute when one row does not fit, naming --memory."""
-    from medexplain.options import MemoryBudgetError, probe_row_bytes
+    from medexplain.engine.options import MemoryBudgetError, probe_row_bytes
     m, x = CallCounter(cls3d()), torch.rand(1, 1, S, S, S)
     per_row = probe_row_bytes(m, x)
     assert per_row > 2 * x.numel() * 4 and m.rows == [1]                      # one probe row, measured, cached
@@ -725,7 +725,7 @@ def test_a_large_row_is_refused_on_the_probe_of_a_crop():
     """The refusal itself stays within the budget: a large row (here 1 x 1100 x 1000) is first probed on a centre
     crop, scaled by the voxel count; when that exceeds the budget the full-size probe is never run. The scaled
     estimate agrees with the full probe (activations scale with the voxels)."""
-    from medexplain.options import MemoryBudgetError, probe_row_bytes
+    from medexplain.engine.options import MemoryBudgetError, probe_row_bytes
     torch.manual_seed(0)
     m, x = CallCounter(TinyClassifier(2, cin=1).eval()), torch.rand(1, 1, 1100, 1000)
     with pytest.raises(MemoryBudgetError, match="centre crop first"):

@@ -5,7 +5,7 @@ import torch
 
 import medexplain as mx
 from conftest import check_batch_matrix, image, make, rel_err
-from medexplain.targets import Region
+from medexplain.engine.targets import Region
 
 captum = pytest.importorskip("captum.attr")
 CAMS = ["gradcam", "gradcam++", "eigencam", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "scorecam",
@@ -149,7 +149,7 @@ def test_multilabel_target_sums_logits():
 
 
 def test_smoothgrad_is_deterministic_and_chunk_independent():
-    from medexplain.ops import NoiseSource
+    from medexplain.engine.ops import NoiseSource
     model, x = make("cls", 2), image(2, b=2)
     a = mx.explain(model, x, "smoothgrad", target=1, n_samples=5, seed=3, chunk_size=100).map
     torch.manual_seed(999)                                     # the global RNG plays no part

@@ -112,7 +112,7 @@ def test_a_bundle_explained_from_the_command_line_gives_maps_on_the_input_grid_a
     x_img, meta = io.read_image(tmp_path / "case.nii.gz")
     pre = b.model_preprocessing().build()
     prepared = pre.apply(x_img, meta["affine"])
-    target = mx.targets.resolve_target(mx.sliding.with_inferer(b.network, b.inferer)(prepared.image[None]).detach(), 1,
+    target = mx.targets.resolve_target(mx.engine.sliding.with_inferer(b.network, b.inferer)(prepared.image[None]).detach(), 1,
                                        "predicted").target
     attr = mx.explain(b.network, prepared.image[None], "saliency", target=target, inferer=b.inferer)
     back = pre.invert(attr.map[0], prepared).numpy()
@@ -138,7 +138,7 @@ def test_bundle_errors_are_typed_and_come_before_any_work(tmp_path):
 def test_load_model_builds_one_model_object_from_a_bundle(tmp_path):
     """mx.load_model on a bundle folder: its network, sliding window and preprocessing in one mx.Model, which
     explains as the network with the bundle's inferer does (and takes flips on top)."""
-    from medexplain.targets import Region
+    from medexplain.engine.targets import Region
 
     net = make_bundle(tmp_path / "b")
     make_case(tmp_path / "case.nii.gz")

@@ -12,8 +12,8 @@ from torch import nn
 import medexplain as mx
 from conftest import assert_untouched, conv, import_pytorch_grad_cam, snapshot
 from medexplain import errors
+from medexplain.engine.targets import Function, Region
 from medexplain.methods.cam_layers import layer_plan, upsample_cells
-from medexplain.targets import Function, Region
 
 FAMILY = ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigencam", "scorecam",
           "ablationcam"]

@@ -142,7 +142,7 @@ def test_the_api_raises_partial_failure_with_the_result(tmp_path):
 
 
 def test_estimate_printed_for_long_calls_and_progress_over_passes(tmp_path, monkeypatch):
-    import medexplain.options as options
+    import medexplain.engine.options as options
     monkeypatch.setattr(options, "LONG_CALL_SECONDS", 0.0)
     seen = []
     from medexplain.pipelines import explain_image

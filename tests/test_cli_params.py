@@ -72,8 +72,9 @@ def test_booleans_are_flag_pairs_and_choices_are_checked_by_the_parser(tmp_path)
 
 def test_static_lists_equal_the_library():
     import medexplain as mx
-    from medexplain import ops, registry, transforms
     from medexplain.cli.shapley import SHAPLEY_VALUE_HELP
+    from medexplain.engine import ops, registry
+    from medexplain.models import transforms
     from medexplain.pipelines import SHAPLEY_VALUE_HELP as LIB_VALUE_HELP
     declared = params.declared_methods()                  # read from the @register declarations, no copy
     assert list(declared.names) == mx.available_methods()
@@ -82,7 +83,7 @@ def test_static_lists_equal_the_library():
     assert params.INTENSITY_HELP == transforms.INTENSITY_HELP
     assert tuple(params.ACTIVATIONS) == tuple(ops.ACTIVATIONS)
     assert SHAPLEY_VALUE_HELP == LIB_VALUE_HELP
-    from medexplain import dicom_out
+    from medexplain.io import dicom as dicom_out
     assert params.FORMATS == dicom_out.FORMATS
 
 

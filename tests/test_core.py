@@ -1,11 +1,11 @@
-"""The shared mechanics of medexplain.core: the one layer-capture utility and the one output adapter."""
+"""The shared mechanics of medexplain.engine.core: the one layer-capture utility and the one output adapter."""
 import pytest
 import torch
 from torch import nn
 
 import medexplain as mx
 from conftest import no_hooks
-from medexplain import core
+from medexplain.engine import core
 from medexplain.errors import LayerNotFoundError, UnsupportedModelError
 
 

@@ -1,4 +1,4 @@
-"""The demo pipeline (``medexplain.demo``, run by ``medexplain demo``): outputs on the small configuration,
+"""The demo pipeline (``medexplain.pipelines.demo``, run by ``medexplain demo``): outputs on the small configuration,
 the method choice through the registry, and, on the demo configuration, the gradient methods beating
 the random baseline on the planted nodules (trains classifiers: slow-marked)."""
 import json
@@ -10,8 +10,8 @@ from scipy import stats
 
 import medexplain as mx
 from medexplain.cli import app
-from medexplain.demo import choose_methods, run_demo
 from medexplain.models import zoo
+from medexplain.pipelines.demo import choose_methods, run_demo
 
 
 def test_demo_command_is_registered():
@@ -101,7 +101,7 @@ class FakeBar:
 
 
 def test_the_estimate_extrapolates_the_per_row_time_measured_after_the_first_call(monkeypatch):
-    from medexplain import demo
+    from medexplain.pipelines import demo
     clock = iter([0.0, 3.0, 3.5, 4.0, 5.0])              # start; after call 1 (warm-up), calls 2, 3, 4
     monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
     said, bar = [], FakeBar()
@@ -118,9 +118,9 @@ def test_the_estimate_extrapolates_the_per_row_time_measured_after_the_first_cal
 
 
 def test_slow_methods_report_progress_over_all_their_rows(monkeypatch):
-    from medexplain import demo
-    from medexplain.options import estimate_passes
-    from medexplain.registry import get_method
+    from medexplain.engine.options import estimate_passes
+    from medexplain.engine.registry import get_method
+    from medexplain.pipelines import demo
     torch.manual_seed(0)
     net = zoo.classifier_2d(1, 2, widths=(4, 4, 4, 4)).eval()
     x, masks = torch.rand(2, 1, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
@@ -145,7 +145,7 @@ def test_slow_methods_report_progress_over_all_their_rows(monkeypatch):
 def test_progress_is_quiet_when_stderr_is_not_a_terminal_unless_asked():
     from rich.progress import Progress
 
-    from medexplain import demo
+    from medexplain.pipelines import demo
     with demo._progress_bar(None) as bar:                 # pytest captures stderr: not a terminal
         assert bar is None
     assert isinstance(demo._progress_bar(True), Progress)
@@ -156,7 +156,8 @@ def test_progress_is_quiet_when_stderr_is_not_a_terminal_unless_asked():
 def test_the_demo_explains_through_the_case_pipelines_explain_stage(monkeypatch):
     """Each method of the demo runs through ``pipelines.explain_method``, the stage ``explain`` and ``run`` use
     for each method of a case (a CAM twice: aligned and bilinear), and its map is that stage's map."""
-    from medexplain import demo, pipelines
+    from medexplain import pipelines
+    from medexplain.pipelines import demo
     torch.manual_seed(0)
     net = zoo.classifier_2d(1, 2, widths=(4, 4, 4, 4)).eval()
     x, masks = torch.rand(2, 1, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 import medexplain as mx
 from conftest import image, make, region_targets, rel_err
 from medexplain.cli import app
+from medexplain.engine.options import option_types
+from medexplain.engine.registry import get_method
 from medexplain.errors import InputError
-from medexplain.options import option_types
-from medexplain.registry import get_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

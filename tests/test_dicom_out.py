@@ -24,9 +24,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import TinyClassifier
-from medexplain import dicom_out
 from medexplain.cli import app
 from medexplain.errors import FileFormatError, InputError, OptionError
+from medexplain.io import dicom as dicom_out
 from medexplain.pipelines import explain_image
 from test_dicom import write_enhanced, write_series
 
@@ -375,7 +375,7 @@ def test_run_format_dicom_writes_explains_objects_per_case(tmp_path, one_thread)
     """``run --format png,dicom`` on a manifest of two DICOM series writes, in each case's folder, the objects
     ``explain`` writes for that series with the same options: the same pixel data and the same geometry and
     study attributes (only their own Series/SOP UIDs differ); and ``--resume`` finds them complete."""
-    from medexplain.run.store import read_table
+    from medexplain.pipelines.run.store import read_table
     for name, seed in (("a", 0), ("b", 1)):
         write_series(tmp_path / name, seed=seed)
     (tmp_path / "cases.csv").write_text("image,case_id\na,case_a\nb,case_b\n")
@@ -409,7 +409,7 @@ def test_run_format_dicom_writes_explains_objects_per_case(tmp_path, one_thread)
 
 
 def test_run_dicom_and_pacs_options_are_checked_before_any_work(tmp_path):
-    from medexplain.run import run_manifest
+    from medexplain.pipelines.run import run_manifest
     write_series(tmp_path / "a")
     (tmp_path / "files.csv").write_text("image\na\n")
     (tmp_path / "studies.csv").write_text("study\n1.2.3.4\n")
@@ -431,7 +431,7 @@ def test_run_dicom_and_pacs_options_are_checked_before_any_work(tmp_path):
 
 def test_run_non_dicom_case_with_format_dicom_is_an_error_row(tmp_path, one_thread):
     """A case that is not DICOM has no study to join: its error row, and the DICOM case is written."""
-    from medexplain.run import run_manifest
+    from medexplain.pipelines.run import run_manifest
     write_series(tmp_path / "a")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 9), dtype=np.uint8)).save(tmp_path / "b.png")
     (tmp_path / "cases.csv").write_text("image,case_id\na,a\nb.png,b\n")
@@ -494,7 +494,7 @@ def test_instances_format_checks_come_before_any_compute(tmp_path):
 
 
 def test_manifest_study_rows(tmp_path):
-    from medexplain.run.manifest import ManifestError, read_manifest
+    from medexplain.pipelines.run.manifest import ManifestError, read_manifest
     (tmp_path / "m.csv").write_text("image,study,series\n,1.2.3,1.2.3.4\nscan.nii.gz,,\n")
     study, local = read_manifest(tmp_path / "m.csv")
     assert (study.study, study.series, study.image, study.case_id) == ("1.2.3", "1.2.3.4", "", "00000_1.2.3")

@@ -6,8 +6,8 @@ import torch
 import medexplain as mx
 from conftest import image, make
 from medexplain import errors, io
+from medexplain.engine.targets import Region
 from medexplain.models.loading import load_model
-from medexplain.targets import Region
 
 
 def untouched(model):

@@ -1,4 +1,4 @@
-"""The folder evaluator (``medexplain.evaluation``, run by ``medexplain evaluate``) called from Python."""
+"""The folder evaluator (``medexplain.pipelines.evaluation``, run by ``medexplain evaluate``) called from Python."""
 import csv
 import math
 import os
@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from medexplain.errors import FileFormatError, InputError
-from medexplain.evaluation import evaluate_folders, evaluate_localisation, index_folder, pair
 from medexplain.metrics.localisation import hit_rate, iou
+from medexplain.pipelines.evaluation import evaluate_folders, evaluate_localisation, index_folder, pair
 
 
 def _folders(tmp_path):
@@ -149,7 +149,7 @@ def test_evaluate_reads_back_the_thresholds_it_wrote(tmp_path):
 
 
 def test_per_class_thresholds_and_cutoffs_in_chexlocalize_formats(tmp_path):
-    from medexplain.evaluation import read_class_values
+    from medexplain.pipelines.evaluation import read_class_values
     (tmp_path / "t.csv").write_text("task,threshold\nnodule,0.3\nmarker,0.6\n")        # columns in any order
     assert read_class_values(tmp_path / "t.csv") == {"nodule": 0.3, "marker": 0.6}
     (tmp_path / "p.csv").write_text("prob_threshold,mIoU,task\n0.0,0.12,nodule\n0.1,0.20,nodule\n"

@@ -163,7 +163,7 @@ def test_sparseness_gini():
 
 
 def test_normalize_modes_per_sample_and_per_channel():
-    """``mx.normalize`` (medexplain.ops.normalize): minmax, abs, absmax; per sample (start_dim=1) or per
+    """``mx.normalize`` (medexplain.engine.ops.normalize): minmax, abs, absmax; per sample (start_dim=1) or per
     (sample, channel) (start_dim=2); a constant map becomes 0; absmax keeps the sign."""
     m = torch.tensor([[[[-2.0, 0.0], [1.0, 2.0]]], [[[3.0, 3.0], [3.0, 3.0]]]], dtype=torch.float64)   # (2, 1, 2, 2)
     mm = mx.normalize(m, "minmax")

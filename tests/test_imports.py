@@ -85,8 +85,8 @@ def _without_package_inits(graph):
 
 def test_graph_sees_known_imports():
     g = import_graph()
-    assert "medexplain.core" in g["medexplain.explain"]
-    assert "medexplain.methods" in g["medexplain.explain"]
+    assert "medexplain.engine.core" in g["medexplain.engine.explain"]
+    assert "medexplain.methods" in g["medexplain.engine.explain"]
     assert any(t.startswith("medexplain.") for t in g["medexplain.cli.explain"])
 
 

@@ -8,9 +8,9 @@ from torch import nn
 
 import medexplain as mx
 from conftest import no_hooks
+from medexplain.engine.ops import total_variation
 from medexplain.errors import InputError, LayerNotFoundError, TargetError, UnsupportedModelError
 from medexplain.methods import medcam as mc
-from medexplain.ops import total_variation
 
 FAST = dict(steps=4, min_steps=4, patience=2, unet_channels=4)
 
@@ -92,7 +92,7 @@ def test_area_and_tv_exact_on_a_known_mask(nd):
     faces = 2 * nd * side ** (nd - 1)                    # each axis: 2 boundary faces per row of the cube
     assert mc.area_loss(m, "sum").item() == area
     assert mc.area_loss(m, "mean").item() == pytest.approx(area / n_vox, abs=1e-15)
-    assert total_variation(m, "sum").item() == faces        # Med-CAM's L_tv is the one TV of medexplain.ops
+    assert total_variation(m, "sum").item() == faces        # Med-CAM's L_tv is the one TV of medexplain.engine.ops
     assert total_variation(m, "mean").item() == pytest.approx(faces / n_vox, abs=1e-15)
     assert mc.bin_loss(m, "sum").item() == 0
     half = torch.full_like(m, 0.5)

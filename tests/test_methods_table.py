@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import medexplain as mx
 from medexplain.cli import app
-from medexplain.registry import describe_methods, registered
+from medexplain.engine.registry import describe_methods, registered
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 

@@ -14,7 +14,7 @@ from torch import nn
 import medexplain as mx
 from conftest import TinySegmenter, assert_untouched, snapshot
 from medexplain import errors
-from medexplain.targets import Region
+from medexplain.engine.targets import Region
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -369,8 +369,8 @@ def test_explain_keyword_arguments_still_build_the_model_and_available_methods_t
 def test_wrappers_keep_an_ensemble_whole():
     """The pipelines' counting adapter and output adapters around an ensemble with flips keep every pass
     (layer names resolve on the first network; the passes are not dropped)."""
-    from medexplain.core import Passes, with_output
-    from medexplain.options import CountingModel
+    from medexplain.engine.core import Passes, with_output
+    from medexplain.engine.options import CountingModel
 
     nets, x = members(), volume(1)
     passes = Passes(nets, (0, 1))
@@ -413,7 +413,7 @@ def test_a_classifier_with_flips_averages_its_class_scores_and_unflips_its_cams(
 def test_the_model_carries_its_preprocessing_and_inverse():
     import numpy as np
 
-    from medexplain.transforms import Preprocessing
+    from medexplain.models.transforms import Preprocessing
 
     torch.manual_seed(0)
     net = TinySegmenter(nd=2).double().eval()

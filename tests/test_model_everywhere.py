@@ -14,10 +14,10 @@ from medexplain import metrics as M
 from medexplain.errors import InputError
 from medexplain.io import read_channels
 from medexplain.models.loading import load_model as load_spec
+from medexplain.models.training import evaluate
 from medexplain.pipelines import contrast_shapley, explain_lesion_instances
 from medexplain.segmentation import context_experiment, explain_instances
-from medexplain.shapley import channel_shapley, mean_foreground_probability
-from medexplain.training import evaluate
+from medexplain.segmentation.shapley import channel_shapley, mean_foreground_probability
 
 
 def _net(dims: int = 3, seed: int = 0) -> nn.Sequential:
@@ -131,7 +131,7 @@ def test_loaders_keep_the_modes_a_factory_or_torchscript_file_gives(tmp_path):
 
 
 def test_analyses_take_the_model_object_not_parallel_keywords():
-    from medexplain.shapley import dice
+    from medexplain.segmentation.shapley import dice
 
     fns = [getattr(M, n) for n in M.available_metrics()] + [M.deletion_insertion, M.randomization_check,
                                                             channel_shapley, explain_instances, context_experiment,
@@ -167,7 +167,7 @@ def test_an_eval_network_in_a_model_is_not_reported_as_mixed():
 
 
 def test_demo_and_train_refuse_a_missing_device_before_any_work(tmp_path):
-    from medexplain.demo import run_demo
+    from medexplain.pipelines.demo import run_demo
 
     for bad in ("tpu", "cuda:99"):
         with pytest.raises(InputError, match="device"):

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 import medexplain as mx
+from medexplain.engine.targets import Region
 from medexplain.errors import InputError, ModelLoadError
-from medexplain.targets import Region
 
 nnunetv2 = pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (optional extra: see docs/nnunet.md "
                                "for the two-line install); the nnU-Net tests need it")

@@ -1,10 +1,10 @@
-"""medexplain.ops, the shared tensor arithmetic: total variation, Dice, output probabilities and the
+"""medexplain.engine.ops, the shared tensor arithmetic: total variation, Dice, output probabilities and the
 SmoothGrad noise source, each against a hand computation."""
 import pytest
 import torch
 
+from medexplain.engine.ops import NoiseSource, dice, probabilities, total_variation
 from medexplain.errors import InputError, TargetError
-from medexplain.ops import NoiseSource, dice, probabilities, total_variation
 
 
 @pytest.mark.parametrize("nd", [2, 3])
@@ -104,7 +104,7 @@ def test_one_noise_loop():
     import ast
     from pathlib import Path
 
-    from medexplain.ops import noise_sum
+    from medexplain.engine.ops import noise_sum
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = (x.unsqueeze(0) + NoiseSource(x, 7, 0.2, 4).take(7)).sum(0)     # (B, C, *s), the draws summed
     for chunk in (None, 1, 4, 9):
@@ -118,4 +118,4 @@ def test_one_noise_loop():
     users = {p.relative_to(src).as_posix() for p in src.rglob("*.py")
              for node in ast.walk(ast.parse(p.read_text()))
              if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "NoiseSource"}
-    assert users == {"ops.py"}
+    assert users == {"engine/ops.py"}

@@ -1,4 +1,4 @@
-"""Typed method options (medexplain.options): parsed from text for the CLI and manifests, checked (never
+"""Typed method options (medexplain.engine.options): parsed from text for the CLI and manifests, checked (never
 converted silently) for the API, ranges and choices enforced, unknown names with close matches; and the
 cost estimate, which must equal the rows the methods really send through the model."""
 import pytest
@@ -7,7 +7,7 @@ import torch
 import medexplain as mx
 from conftest import image, make
 from medexplain import errors
-from medexplain.options import (
+from medexplain.engine.options import (
     CountingModel,
     check_options,
     estimate_cost,
@@ -15,7 +15,7 @@ from medexplain.options import (
     option_types,
     parse_pairs,
 )
-from medexplain.registry import get_method, route_options
+from medexplain.engine.registry import get_method, route_options
 
 
 def opts(method, text=False, **kw):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from medexplain.cli import app
 from medexplain.errors import InputError
-from medexplain.pacs import Pacs, PacsError, pacs_session
+from medexplain.io.pacs import Pacs, PacsError, pacs_session
 from pacs_fixture import PASSWORD, USER
 from test_dicom import write_series
 
@@ -178,8 +178,8 @@ def test_run_explains_pacs_studies_and_stores_the_objects_back(orthanc, tmp_path
     """``run --pacs``: a manifest of two Study UIDs and one the PACS does not have. Each study is retrieved,
     explained and its objects stored back into it; the unknown study and a store that fails are error rows
     (marked transient) while the other case completes; ``--resume`` retries exactly those rows."""
-    from medexplain.pacs import Pacs as PacsClass
-    from medexplain.run import run_manifest
+    from medexplain.io.pacs import Pacs as PacsClass
+    from medexplain.pipelines.run import run_manifest
 
     for k, v in _env().items():
         monkeypatch.setenv(k, v)

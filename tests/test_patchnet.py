@@ -192,7 +192,7 @@ def test_errors():
 
 
 def test_paper_augment_identity_ranges_and_3d():
-    from medexplain.augment import PaperAugment
+    from medexplain.data.augment import PaperAugment
     torch.manual_seed(7)
     x = torch.rand(4, 1, 16, 16)
     ident = PaperAugment(scale=(1, 1), ratio=(1, 1), degrees=0, brightness=0)

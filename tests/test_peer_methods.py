@@ -10,9 +10,9 @@ from torch import nn
 
 import medexplain as mx
 from conftest import assert_untouched, check_batch_matrix, image, make, rel_err, snapshot
+from medexplain.engine.targets import Region
 from medexplain.errors import InputError, MedexplainError, UnsupportedModelError
 from medexplain.methods.captum_methods import feature_groups, reference_distribution
-from medexplain.targets import Region
 
 ca = pytest.importorskip("captum.attr")
 

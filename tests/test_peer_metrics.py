@@ -10,8 +10,8 @@ from torch import nn
 import medexplain as mx
 from conftest import TinyClassifier, image, import_pytorch_grad_cam, make
 from medexplain import metrics as M
+from medexplain.engine.targets import MultiLabel, Region
 from medexplain.errors import TargetError
-from medexplain.targets import MultiLabel, Region
 
 quantus = pytest.importorskip("quantus")
 B = 3
@@ -309,7 +309,7 @@ def test_every_metric_takes_the_model_object_and_runs_it_window_by_window():
 
     from monai.inferers import SlidingWindowInferer
 
-    from medexplain.sliding import with_inferer
+    from medexplain.engine.sliding import with_inferer
     model, x = make("seg", 3, dtype=torch.float32), image(3, b=1, dtype=torch.float32)
     inferer = SlidingWindowInferer(roi_size=(4, 4, 4), overlap=0.0)
     mask = torch.zeros(1, 8, 8, 8, dtype=torch.bool)

@@ -1,5 +1,5 @@
 """The file-to-file pipelines behind the commands, called from Python: contrast Shapley values of fold
-models with their consensus (``medexplain.shapley.fold_consensus``), and lesion instances."""
+models with their consensus (``medexplain.segmentation.shapley.fold_consensus``), and lesion instances."""
 import csv
 import json
 
@@ -12,7 +12,7 @@ from torch import nn
 from medexplain.errors import InputError
 from medexplain.metrics.ranking import rank_agreement, rank_uncertainty
 from medexplain.pipelines import contrast_shapley, explain_lesion_instances, shapley_value_function
-from medexplain.shapley import ShapleyResult, channel_shapley, fold_consensus
+from medexplain.segmentation.shapley import ShapleyResult, channel_shapley, fold_consensus
 
 
 def _result(values, players=("T1", "T2", "FLAIR")):

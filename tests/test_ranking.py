@@ -60,7 +60,7 @@ def test_rank_agreement_ties_and_constant_values():
 
 
 def test_rank_agreement_accepts_shapley_result():
-    from medexplain.shapley import channel_shapley
+    from medexplain.segmentation.shapley import channel_shapley
     model = torch.nn.Conv3d(4, 2, 1).double()
     with torch.no_grad():
         model.weight.zero_()

@@ -9,10 +9,10 @@ from torch import nn
 
 import medexplain as mx
 from conftest import image, make
-from medexplain import core
+from medexplain.engine import core
+from medexplain.engine.registry import Method, classifier_only, get_method
 from medexplain.errors import UnsupportedModelError
 from medexplain.models.patchnet import PatchNet
-from medexplain.registry import Method, classifier_only, get_method
 
 CAMS = {"gradcam", "gradcam++", "eigencam"}
 ALL = {"saliency", "smoothgrad", "integrated_gradients", "occlusion", "gradcam", "gradcam++", "eigencam", "ssplain",
@@ -104,7 +104,7 @@ def test_models_patchnet_holds_the_model_only():
             imported.add(("." * node.level) + (node.module or ""))
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
-    assert not {m for m in imported if any(k in m for k in ("registry", "explain", "methods"))}
+    assert not {m for m in imported if {"registry", "explain", "methods"} & set(m.lstrip(".").split("."))}
     assert get_method("patchnet").fn.__module__ == "medexplain.methods.patchnet"
 
 
@@ -135,7 +135,7 @@ def _docstrings(tree) -> set[int]:
 
 
 def _quoted_names_in_code():
-    from medexplain.registry import _ALIASES
+    from medexplain.engine.registry import _ALIASES
     own = {n: m.fn.__module__ for n, m in mx.explain.__globals__["registered"]().items()}
     own.update({a: own[n] for a, n in _ALIASES.items()})
     found = []
@@ -146,7 +146,7 @@ def _quoted_names_in_code():
         skip = _docstrings(tree)
         for node in ast.walk(tree):
             if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip
-                    and node.value in own and module not in (own[node.value], "medexplain.registry")):
+                    and node.value in own and module not in (own[node.value], "medexplain.engine.registry")):
                 found.append((rel, node.value, node.lineno))
     return found
 
@@ -173,9 +173,9 @@ def test_the_name_check_catches_a_special_case(tmp_path, monkeypatch):
 def test_declarations_where_the_methods_are_defined():
     """Aliases, the default method, choices as ``Literal`` types, the sliding-window handling and the family
     are declared at registration and read from the registry, never from lists of names elsewhere."""
-    from medexplain.options import describe_type, option_types
-    from medexplain.registry import FAMILIES, default_method, registered
-    from medexplain.sliding_cam import windowed_cam, windowed_method
+    from medexplain.engine.options import describe_type, option_types
+    from medexplain.engine.registry import FAMILIES, default_method, registered
+    from medexplain.engine.sliding_cam import windowed_cam, windowed_method
 
     assert get_method("gradcampp").name == "gradcam++" and get_method("ig").name == "integrated_gradients"
     assert get_method(get_method("smoothgrad").fn) is get_method("smoothgrad")       # the function itself

@@ -1,11 +1,12 @@
-"""The one renderer (medexplain.render): robust colour scale, colormaps by sign, colour images in colour,
+"""The one renderer (medexplain.io.render): robust colour scale, colormaps by sign, colour images in colour,
 RAS tri-planar views with the radiological layout, readable figure sizes, and the PNG writer using it."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from medexplain import io, render
+from medexplain import io
+from medexplain.io import render
 
 
 def test_colour_limit_is_a_high_percentile_not_the_single_largest_value():

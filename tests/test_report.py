@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medexplain import data, render
-from medexplain.report import write_report
+from medexplain import data
+from medexplain.io import render
+from medexplain.io.report import write_report
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -211,7 +212,7 @@ def test_run_index_report(tmp_path):
     """``run --report``: report.html in the run folder, one row per case and a column per method, each item's
     status with links (relative) to files that exist, and the error rows with their messages."""
     from medexplain import examples
-    from medexplain.run import run_manifest
+    from medexplain.pipelines.run import run_manifest
 
     ex = examples.write(tmp_path / "ex", ["classifier.pt", "cases.csv"])
     (tmp_path / "ex" / "broken.dcm").write_text("not a DICOM file")

@@ -17,9 +17,9 @@ from PIL import Image
 
 import medexplain as mx
 from conftest import TinyClassifier
-from medexplain.explain import accepted_options
-from medexplain.run import RunStore, read_manifest, read_table, run_manifest
-from medexplain.run.store import TABLE_CSV
+from medexplain.engine.explain import accepted_options
+from medexplain.pipelines.run import RunStore, read_manifest, read_table, run_manifest
+from medexplain.pipelines.run.store import TABLE_CSV
 
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
 METHODS = ["saliency", "integrated_gradients", "occlusion"]
@@ -199,7 +199,7 @@ def test_resume_guards_and_extension(tmp_path):
 def test_ray_backend_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     csv = volumes(tmp_path, n=1)
-    with pytest.raises(mx.run.BackendError, match=r"pip install 'medexplain\[ray\]'"):
+    with pytest.raises(mx.pipelines.run.BackendError, match=r"pip install 'medexplain\[ray\]'"):
         run_manifest(csv, scripted3d(tmp_path), ["saliency"], tmp_path / "out", backend="ray")
     assert not (tmp_path / "out").exists()
 
@@ -285,7 +285,7 @@ def test_ray_backend_equals_local_backend(tmp_path):
 def test_a_case_that_cannot_be_written_is_an_error_row_and_resume_goes_on(tmp_path, monkeypatch):
     """A per-case write failure (disk full, a bad affine, ...) is that case's error row, not the end of the
     run; --resume then continues (the failed case kept as an error row), --retry-errors redoes it."""
-    import medexplain.run.store as store_mod
+    import medexplain.pipelines.run.store as store_mod
     csv, model = volumes(tmp_path, n=3), scripted3d(tmp_path)
     real = store_mod.io.write_nifti
 

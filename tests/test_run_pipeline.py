@@ -128,7 +128,7 @@ def test_run_plans_methods_on_each_cases_output_as_explain_does(tmp_path):
     that case's skipped item with --skip-unsupported and the others are written; without it, the case is an error
     row naming the reason (explain refuses the call). A method that does not apply to the model at all (patchnet)
     is refused before any work, as explain refuses it."""
-    from medexplain.run import read_table
+    from medexplain.pipelines.run import read_table
     images = volumes(tmp_path, (6, 6, 6), n=1)
     base = ["run", str(manifest(tmp_path, images)), "--model", "test_run_pipeline:tinyseg"]
     res = runner.invoke(app, [*base, "--method", "saliency,medcam", "--skip-unsupported", "--out", str(tmp_path / "r")])
@@ -157,7 +157,7 @@ def test_a_region_mask_off_the_output_grid_is_the_same_error_in_run_as_in_explai
     assert res.exit_code == 2 and "output grid" in res.output
     res = runner.invoke(app, ["run", str(manifest(tmp_path, images)), *flags, "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
-    from medexplain.run import read_table
+    from medexplain.pipelines.run import read_table
     (row,) = read_table(tmp_path / "r" / "results.csv")
     assert row["status"] == "error" and row["error"].startswith("target: --region") and "output grid" in row["error"]
 
@@ -191,7 +191,7 @@ def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_pa
     import json
 
     import medexplain as mx
-    from medexplain.targets import Region
+    from medexplain.engine.targets import Region
     images = volumes(tmp_path, (6, 7, 5))
     explain_then_run(tmp_path, images, ENSEMBLE, "saliency,gradcam")
     model = mx.load_model([tinyseg(), tinyseg_b()], flip_axes=(0, 1, 2))
@@ -215,8 +215,8 @@ def test_the_eval_policy_reaches_the_model_object(tmp_path):
     training mode is used as given with never, switched to eval with always. (The loaders of a file or factory
     switch what they load to eval mode themselves, so from the command line --eval matters for what they keep.)"""
     import medexplain as mx
+    from medexplain.engine.targets import Region
     from medexplain.pipelines import explain_image
-    from medexplain.targets import Region
     (image,) = volumes(tmp_path, (5, 6, 4), n=1)
     x = torch.from_numpy(np.asarray(nib.load(image).dataobj))[None, None]
     maps = {}

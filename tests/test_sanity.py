@@ -3,7 +3,7 @@ import torch
 
 import medexplain as mx
 from conftest import image, make
-from medexplain import registry
+from medexplain.engine import registry
 
 
 def _input_only(model, x, target, cost):

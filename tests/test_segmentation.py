@@ -251,7 +251,7 @@ def test_noise_sd_is_a_fraction_of_the_first_channel_range_for_every_channel():
     model, x = seg_model(2), img(2)
     x[:, 1] *= 100.0                                     # a huge second channel must not change the noise sd
     inst = _lesions(2, 1, 12)[0]
-    from medexplain.ops import NoiseSource  # the one noise rule; instance saliency uses channel0
+    from medexplain.engine.ops import NoiseSource  # the one noise rule; instance saliency uses channel0
     eps = NoiseSource(x[:1], 400, 0.05, 0, scale="channel0").take(400)[:, 0]
     sd = 0.05 * float(x[0, 0].max() - x[0, 0].min())
     assert abs(float(eps[:, 0].std()) / sd - 1) < 0.02 and abs(float(eps[:, 1].std()) / sd - 1) < 0.02

@@ -1,4 +1,4 @@
-"""Contrast-level Shapley values (medexplain.shapley): exactness, known games, groups, baselines, sampling,
+"""Contrast-level Shapley values (medexplain.segmentation.shapley): exactness, known games, groups, baselines, sampling,
 value functions, cost, batching, the model guard and errors."""
 
 import pytest
@@ -7,7 +7,7 @@ from torch import nn
 
 import medexplain as mx
 from medexplain.errors import InputError, OptionError, TargetError, UnsupportedModelError
-from medexplain.shapley import channel_shapley, dice, mean_foreground_probability, shapley_weights
+from medexplain.segmentation.shapley import channel_shapley, dice, mean_foreground_probability, shapley_weights
 
 
 class GameModel(nn.Module):
@@ -380,9 +380,9 @@ def test_contrast_shapley_is_a_registered_channel_attribution_with_a_target_as_v
     """``mx.explain(model, x, "contrast_shapley", target=<value target>)`` is what ``channel_shapley`` returns:
     values, coalition table, evaluation count; the map holds each player's value on its channels, its
     cost model equals the counted rows, and a hard value target is refused by a gradient method."""
-    from medexplain.options import estimate_passes
-    from medexplain.registry import get_method
-    from medexplain.shapley import volume
+    from medexplain.engine.options import estimate_passes
+    from medexplain.engine.registry import get_method
+    from medexplain.segmentation.shapley import volume
 
     model = small_unet(dims=2)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -417,7 +417,7 @@ def test_value_targets_without_activation_read_the_models_own():
     ``mx.explain`` itself: ``mx.explain(mx.Model(net, activation="sigmoid"), ..., target=v)`` equals the
     same call with ``activation="sigmoid"`` spelled in the value target, and the bare module reads ``auto``
     (softmax over several logit channels)."""
-    from medexplain.shapley import bind_model, volume
+    from medexplain.segmentation.shapley import bind_model, volume
 
     net = small_unet(dims=2)
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -1,4 +1,4 @@
-"""Explanations through sliding-window inference (medexplain.sliding, medexplain.sliding_cam).
+"""Explanations through sliding-window inference (medexplain.engine.sliding, medexplain.engine.sliding_cam).
 
 The reference is autograd (and hooks) through MONAI's own ``sliding_window_inference``: the window-by-window
 gradient must equal it to 1e-8 in float64, touch only the windows a target touches, and CAMs must be the
@@ -11,10 +11,10 @@ from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from monai.networks.nets import UNet
 
 import medexplain as mx
+from medexplain.engine.sliding import SlidingWindowModel, with_inferer
+from medexplain.engine.targets import Region
 from medexplain.errors import InputError, MemoryBudgetError, UnsupportedModelError
 from medexplain.segmentation import Instance, explain_instances
-from medexplain.sliding import SlidingWindowModel, with_inferer
-from medexplain.targets import Region
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
@@ -160,7 +160,7 @@ def test_occlusion_reruns_only_the_windows_an_occluder_touches():
 def test_perturbation_metrics_and_shapley_run_through_the_inferer():
     from medexplain.metrics import deletion_insertion
     from medexplain.segmentation import context_experiment
-    from medexplain.shapley import channel_shapley, mean_foreground_probability
+    from medexplain.segmentation.shapley import channel_shapley, mean_foreground_probability
 
     shape = (6, 6, 6)
     model, x = unet(), volume(shape, b=1)
@@ -258,7 +258,7 @@ def test_a_memory_budget_below_one_window_call_is_refused_before_compute():
 def test_volume_arrays_are_memory_mapped_files_removed_at_once(tmp_path, monkeypatch):
     import tempfile
 
-    from medexplain.sliding import _volume_array
+    from medexplain.engine.sliding import _volume_array
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     a = _volume_array((2, 3, 4), torch.float64, "cpu", memmap=True)
     a += 1.5

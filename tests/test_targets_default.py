@@ -1,5 +1,5 @@
-"""The one target grammar (medexplain.targets.resolve_target) and the detected output activation
-(medexplain.ops.detect_activation): a segmenter's default is its largest predicted foreground region,
+"""The one target grammar (medexplain.engine.targets.resolve_target) and the detected output activation
+(medexplain.engine.ops.detect_activation): a segmenter's default is its largest predicted foreground region,
 never the background; a classifier's is its top class; probabilities are never softmaxed twice."""
 import json
 import warnings
@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from medexplain import errors
 from medexplain.cli import app
-from medexplain.ops import detect_activation, probabilities, resolve_activation
-from medexplain.targets import Class, Region, parse_target, resolve_target
+from medexplain.engine.ops import detect_activation, probabilities, resolve_activation
+from medexplain.engine.targets import Class, Region, parse_target, resolve_target
 
 runner = CliRunner()
 
@@ -197,7 +197,7 @@ def test_instances_do_not_softmax_probabilities_twice(tmp_path):
 
 def test_shapley_activation_auto_on_a_probability_model(tmp_path):
     from medexplain.pipelines import contrast_shapley
-    from medexplain.shapley import channel_shapley, mean_foreground_probability
+    from medexplain.segmentation.shapley import channel_shapley, mean_foreground_probability
 
     class TwoContrasts(nn.Module):
         def __init__(self):
@@ -261,7 +261,7 @@ def test_a_4d_series_read_as_channels_warns(tmp_path):
 
 
 def test_run_manifest_uses_the_target_grammar_and_preprocessing_columns(tmp_path):
-    from medexplain.run import run_manifest
+    from medexplain.pipelines.run import run_manifest
     volume(tmp_path)
     m = np.zeros((8, 8, 8), np.uint8)
     m[1:3, 1:3, 1:3] = 1
@@ -284,7 +284,7 @@ def test_run_manifest_uses_the_target_grammar_and_preprocessing_columns(tmp_path
 def test_run_level_preprocessing_defaults_fill_empty_cells_and_are_part_of_the_resume_fingerprint(tmp_path):
     """`run --divisible-by 4` (preprocessing=) is the default of the manifest's column; a case's cell wins;
     a bad setting is refused before anything is written; a resume with other defaults is refused."""
-    from medexplain.run import run_manifest
+    from medexplain.pipelines.run import run_manifest
     volume(tmp_path)
     (tmp_path / "cases.csv").write_text("case_id,image,divisible_by,intensity\na,v.nii.gz,,\nb,v.nii.gz,3,zscore\n")
     with pytest.raises(errors.OptionError, match="unknown preprocessing"):

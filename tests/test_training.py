@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 import medexplain as mx
+from medexplain.engine.registry import get_method
 from medexplain.errors import InputError, UnsupportedModelError
 from medexplain.models.loading import load_model
 from medexplain.models.trained import build_model, load_trained, train_to_folder
-from medexplain.registry import get_method
-from medexplain.training import WEIGHTS_FORMAT, evaluate, read_training_manifest, train
+from medexplain.models.training import WEIGHTS_FORMAT, evaluate, read_training_manifest, train
 
 LAYER = "upsamples.1.conv_block.conv2.conv"      # DynUNet's last decoder convolution at full resolution
 TINY = {"n_samples": 2, "steps": 2, "iterations": 2, "adam_steps": 2, "layer": LAYER, "window": 4, "stride": 4}

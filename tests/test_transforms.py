@@ -1,4 +1,4 @@
-"""The preprocessing a model was trained with (medexplain.transforms): a MONAI Compose given with
+"""The preprocessing a model was trained with (medexplain.models.transforms): a MONAI Compose given with
 --transform, or the shortcuts, is applied before the model and inverted for the maps. The written map
 is on the input's own grid and affine and equals the map computed on the preprocessed tensor, resampled
 back by geometry (an independent resampling: SciPy's map_coordinates through the two affines)."""
@@ -16,8 +16,8 @@ import medexplain as mx
 from conftest import TinyClassifier
 from medexplain import errors
 from medexplain.cli import app
+from medexplain.models.transforms import Preprocessing, parse_intensity, resample_to_grid
 from medexplain.pipelines import explain_image
-from medexplain.transforms import Preprocessing, parse_intensity, resample_to_grid
 
 runner = CliRunner()
 AFFINE = np.array([[-1.5, 0.0, 0.0, 20.0],      # x flipped, y and z swapped, anisotropic: not RAS

@@ -8,7 +8,7 @@ import torch
 from medexplain import data
 from medexplain.errors import InputError
 from medexplain.models import zoo
-from medexplain.training import WEIGHTS_FORMAT, auroc, dice_score, evaluate, read_weights, train
+from medexplain.models.training import WEIGHTS_FORMAT, auroc, dice_score, evaluate, read_weights, train
 
 
 def test_networks_shapes_and_cam_layer():
@@ -127,7 +127,7 @@ def test_pretrained_small_trains_once_then_loads_from_cache(tmp_path, monkeypatc
 
 
 def test_channel_dropout_drops_only_the_listed_channels_and_never_all():
-    from medexplain.augment import channel_dropout
+    from medexplain.data.augment import channel_dropout
     x, y = torch.ones(400, 2, 3, 3), torch.zeros(400, 3, 3)
     gen = torch.Generator().manual_seed(0)
     out, y2 = channel_dropout(0.5, channels=(0,))(x, y, gen)
@@ -139,7 +139,7 @@ def test_channel_dropout_drops_only_the_listed_channels_and_never_all():
 
 
 def test_random_flip_moves_image_and_label_map_together():
-    from medexplain.augment import compose, random_flip
+    from medexplain.data.augment import compose, random_flip
     g = torch.Generator().manual_seed(0)
     x = torch.arange(64 * 16, dtype=torch.float32).view(64, 1, 4, 4)
     y = x[:, 0].long()                                      # the label map equals the image
@@ -152,7 +152,7 @@ def test_random_flip_moves_image_and_label_map_together():
 
 def test_read_weights_tells_formats_apart(tmp_path):
     from medexplain.errors import ModelLoadError
-    from medexplain.training import save_weights
+    from medexplain.models.training import save_weights
     net = zoo.classifier_2d(1, 2, widths=(4, 4, 4, 4))
     save_weights(net, tmp_path / "a.pt", note="x")
     a = read_weights(tmp_path / "a.pt")

@@ -6,9 +6,8 @@
 Every name here loads on first use, so importing the package (and ``medexplain --help``) imports no torch.
 """
 import importlib
-import types
 
-from . import errors
+from medexplain import errors
 
 __version__ = "0.1.0"
 
@@ -16,11 +15,14 @@ __all__ = ["Attribution", "Model", "available_methods", "errors", "explain", "lo
            "targets"]
 
 #: Public names and the module that defines each (loaded on first use).
-_NAMES = {"Attribution": "attribution", "available_methods": "explain", "explain": "explain", "normalize": "ops",
-          "register": "registry", "channel_shapley": "shapley", "Model": "models.model", "load_model": "models.model"}
-#: Sub-packages and modules reachable as attributes (``mx.metrics``), loaded on first use.
-_MODULES = ("targets", "metrics", "segmentation", "models", "data", "io", "report", "shapley", "run", "training",
-            "demo", "evaluation", "pipelines", "render", "ops", "core", "registry", "examples")
+_NAMES = {"Attribution": "engine.attribution", "available_methods": "engine.explain", "explain": "engine.explain",
+          "normalize": "engine.ops", "register": "engine.registry", "channel_shapley": "segmentation.shapley",
+          "Model": "models.model", "load_model": "models.model"}
+#: Packages and modules reachable as attributes (``mx.metrics``, ``mx.targets``), loaded on first use: the
+#: layers (docs/design.md, "The layers") and the engine's modules by their short names.
+_MODULES = {name: name for name in ("engine", "models", "methods", "metrics", "segmentation", "io", "pipelines",
+                                    "data", "examples")}
+_MODULES.update({name: f"engine.{name}" for name in ("targets", "ops", "core", "registry")})
 
 
 def __getattr__(name):
@@ -29,21 +31,5 @@ def __getattr__(name):
         globals()[name] = value
         return value
     if name in _MODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
     raise AttributeError(f"module 'medexplain' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``medexplain.explain`` binds it on the package (Python's import system does
-    ``setattr(package, "explain", module)``); the public name ``mx.explain`` is the function, so that
-    binding is dropped (the module stays in ``sys.modules``)."""
-
-    def __setattr__(self, name, value):
-        if name in _NAMES and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _Package

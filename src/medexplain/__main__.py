@@ -1,4 +1,4 @@
 """``python -m medexplain``: the command line (:mod:`medexplain.cli`)."""
-from .cli import main
+from medexplain.cli import main
 
 main()

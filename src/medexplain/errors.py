@@ -62,7 +62,7 @@ class OptionError(MedexplainError, ValueError):
 
 class MemoryBudgetError(OptionError):
     """Even the smallest model call of a method does not fit the memory budget (``--memory``/``memory=``);
-    raised before any compute, naming the options that help (:func:`medexplain.options.plan_memory`)."""
+    raised before any compute, naming the options that help (:func:`medexplain.engine.options.plan_memory`)."""
 
 
 class ModelError(MedexplainError, RuntimeError):

@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .errors import InputError
+from medexplain.errors import InputError
 
 __all__ = ["INSTALLED", "GENERATED", "names", "path", "write"]
 
@@ -114,7 +114,7 @@ def _copy(name: str, folder: Path) -> Path:
 def _classifier():
     import torch
 
-    from .models import zoo
+    from medexplain.models import zoo
     torch.manual_seed(0)
     return zoo.classifier_2d(1, 2).eval()
 
@@ -149,7 +149,7 @@ def unet():
 
 
 def _write_mynets(folder: Path) -> Path:
-    from .training import save_weights
+    from medexplain.models.training import save_weights
     save_weights(_classifier(), folder / "classifier_weights.pt")
     save_weights(_unet(), folder / "unet_weights.pt")
     (folder / "mynets.py").write_text(_MYNETS)

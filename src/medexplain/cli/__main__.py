@@ -1,4 +1,4 @@
 """``python -m medexplain.cli``: the ``medexplain`` command."""
-from . import main
+from medexplain.cli import main
 
 main()

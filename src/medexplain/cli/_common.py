@@ -15,8 +15,8 @@ import warnings
 import typer
 from rich.console import Console
 
-from ..errors import MedexplainError
-from .params import split_list  # noqa: F401  (re-exported for the commands)
+from medexplain.cli.params import split_list  # noqa: F401  (re-exported for the commands)
+from medexplain.errors import MedexplainError
 
 #: Messages and progress go to stderr; tables and listings to stdout.
 console = Console(stderr=True)
@@ -69,8 +69,8 @@ def stop_signals(message: str = "stopped; rerun with --resume to continue"):
 
 def parse_options(opts: list[str]) -> dict:
     """``--option key=value`` pairs as ``{key: "value"}``; the values stay text, typed later by each
-    method's signature (:func:`medexplain.options.check_options`). A typed error for a pair without ``=``."""
-    from ..options import parse_pairs
+    method's signature (:func:`medexplain.engine.options.check_options`). A typed error for a pair without ``=``."""
+    from medexplain.engine.options import parse_pairs
 
     return parse_pairs(opts)
 
@@ -88,7 +88,7 @@ def parse_output(value: str | None):
 class _PassProgress:
     """A Rich progress bar per method over the rows it sends through the model, and the cost estimate
     printed before a call expected to take more than about a minute
-    (:attr:`medexplain.options.CostEstimate.long`)."""
+    (:attr:`medexplain.engine.options.CostEstimate.long`)."""
 
     def __init__(self, bar):
         self.bar, self.tasks = bar, {}

@@ -2,15 +2,15 @@
 ``--dicom-threshold``, ``--pacs``, ``--study``, ``--pacs-netrc``, ``--pacs-ca-bundle``; declared with the other
 shared options in :mod:`medexplain.cli.params`, ``DICOM_OUTPUT``): the PACS they name and the pipeline's keyword
 arguments (issue 24, ``docs/dicom.md``). Credentials are never flags: they come from the environment or a netrc
-file (:func:`medexplain.pacs.pacs_session`)."""
+file (:func:`medexplain.io.pacs.pacs_session`)."""
 from __future__ import annotations
 
-from .params import Flags
+from medexplain.cli.params import Flags
 
 
 def pacs_of(flags: Flags):
-    """The :class:`medexplain.pacs.Pacs` of ``--pacs`` (None without; call inside ``cli_errors``)."""
-    from ..errors import OptionError
+    """The :class:`medexplain.io.pacs.Pacs` of ``--pacs`` (None without; call inside ``cli_errors``)."""
+    from medexplain.errors import OptionError
 
     if flags.pacs is None:
         if flags.study is not None:
@@ -18,13 +18,13 @@ def pacs_of(flags: Flags):
         return None
     if flags.study is None:
         raise OptionError("--pacs needs --study UID (and --series UID when the study has several series)")
-    from ..pacs import Pacs
+    from medexplain.io.pacs import Pacs
     return Pacs(flags.pacs, netrc=flags.pacs_netrc, ca_bundle=flags.pacs_ca_bundle)
 
 
 def output_kwargs(flags: Flags) -> dict:
     """``formats``, ``dicom_reference`` and ``dicom_threshold`` of :func:`medexplain.pipelines.explain_image`
-    (the same keywords of :func:`medexplain.run.run_manifest` and
+    (the same keywords of :func:`medexplain.pipelines.run.run_manifest` and
     :func:`medexplain.pipelines.explain_lesion_instances`); the threshold as a number where it is one."""
     t = flags.dicom_threshold
     try:

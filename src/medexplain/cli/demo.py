@@ -1,5 +1,5 @@
 """``medexplain demo``: planted nodules on a real chest radiograph, every applicable method, one report
-(:func:`medexplain.demo.run_demo`)."""
+(:func:`medexplain.pipelines.demo.run_demo`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,9 @@ from typing import Literal, Optional
 
 import typer
 
-from . import app
-from ._common import cli_errors
-from .params import Flags, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors
+from medexplain.cli.params import Flags, takes
 
 
 @app.command("demo")
@@ -25,7 +25,7 @@ def demo(n_cases: int = typer.Option(8, "--n-cases", min=1, help="positive test 
     from rich.console import Console
     from rich.table import Table
 
-    from ..demo import run_demo
+    from medexplain.pipelines.demo import run_demo
 
     console = Console()
     console.print("[bold]medexplain demo[/bold]: planted nodules on a real chest radiograph (labels are planted)")

@@ -1,6 +1,6 @@
 """``medexplain evaluate --maps DIR --masks DIR [--out DIR]``: CheXlocalize-style localisation evaluation
-(:func:`medexplain.evaluation.evaluate_localisation`; the pairing rule and the files written are
-described in :mod:`medexplain.evaluation`). Defaults follow CheXlocalize's published code except
+(:func:`medexplain.pipelines.evaluation.evaluate_localisation`; the pairing rule and the files written are
+described in :mod:`medexplain.pipelines.evaluation`). Defaults follow CheXlocalize's published code except
 ``--mode`` (MedicalPatchNet's TP+FP+FN mIoU)."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Literal, Optional
 
 import typer
 
-from . import app
-from ._common import cli_errors, console
-from .params import Flags, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors, console
+from medexplain.cli.params import Flags, takes
 
 
 @app.command("evaluate")
@@ -54,7 +54,7 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from ..evaluation import evaluate_localisation
+    from medexplain.pipelines.evaluation import evaluate_localisation
 
     out, seed = flags.out, flags.seed
     with cli_errors():

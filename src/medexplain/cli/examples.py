@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from ..examples import GENERATED, INSTALLED, write
-from . import app
-from ._common import cli_errors, console
-from .params import Flags, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors, console
+from medexplain.cli.params import Flags, takes
+from medexplain.examples import GENERATED, INSTALLED, write
 
 
 @app.command("examples")

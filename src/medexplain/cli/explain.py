@@ -12,10 +12,10 @@ from typing import List, Optional
 
 import typer
 
-from . import app
-from ._common import cli_errors, console, parse_options, parse_output, pass_progress
-from ._dicom import output_kwargs, pacs_of
-from .params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors, console, parse_options, parse_output, pass_progress
+from medexplain.cli._dicom import output_kwargs, pacs_of
+from medexplain.cli.params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
 
 IMAGE_HELP = ("PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI (4D = channels last) or .npy "
               "(C, *spatial); or one single-channel file per input channel, on one grid (nnU-Net's CASE_0000.nii.gz "
@@ -24,8 +24,8 @@ IMAGE_HELP = ("PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI (
 
 def explain_kwargs(flags: Flags) -> dict:
     """The keyword arguments of :func:`medexplain.pipelines.explain_image` the shared options give (``run``
-    passes the same ones to :func:`medexplain.run.run_manifest`)."""
-    from ..targets import parse_target
+    passes the same ones to :func:`medexplain.pipelines.run.run_manifest`)."""
+    from medexplain.engine.targets import parse_target
 
     return {"weights": flags.models("weights"), "target": parse_target(flags.target or "predicted"),
             "region": flags.region, "layer": flags.layer, "options": parse_options(flags.option),
@@ -46,7 +46,7 @@ def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HE
     on the input's own grid and affine, PNG overlays and info.json (target, region, activation and
     preprocessing recorded). Everything is checked before any compute; each method's files are written as
     soon as it finishes."""
-    from ..pipelines import explain_image
+    from medexplain.pipelines import explain_image
 
     with cli_errors(), pass_progress() as bar:
         pacs = pacs_of(flags)
@@ -55,7 +55,7 @@ def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HE
         kw = {**explain_kwargs(flags), **output_kwargs(flags), "figure": figure, "on_estimate": bar.estimate,
               "on_progress": bar.update}
         if pacs is not None:
-            from ..pacs import explain_pacs
+            from medexplain.io.pacs import explain_pacs
             kw.pop("dicom_reference")
             res = explain_pacs(pacs, flags.study, flags.models("model"), flags.methods(declared_methods().default),
                                flags.out, **kw)
@@ -87,8 +87,8 @@ def methods_cmd(image: Optional[Path] = typer.Option(None, "--image", help="with
     --model whether each applies to that model and why not."""
     from rich.table import Table
 
-    from ..explain import available_methods
-    from ..pipelines import method_table
+    from medexplain.engine.explain import available_methods
+    from medexplain.pipelines import method_table
     if names:
         sys.stdout.write("\n".join(available_methods()) + "\n")
         return

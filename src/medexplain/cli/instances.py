@@ -21,10 +21,10 @@ from typing import List, Literal, Optional
 
 import typer
 
-from . import app
-from ._common import cli_errors, console, parse_output, pass_progress, split_list
-from ._dicom import output_kwargs
-from .params import FORMAT_OUTPUT, MODEL_INPUT, Flags, declared_methods, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors, console, parse_output, pass_progress, split_list
+from medexplain.cli._dicom import output_kwargs
+from medexplain.cli.params import FORMAT_OUTPUT, MODEL_INPUT, Flags, declared_methods, takes
 
 
 @app.command("instances")
@@ -58,8 +58,8 @@ def instances_cmd(
     again); info.json records the class, activation and preprocessing."""
     from rich.table import Table
 
-    from ..pipelines import explain_lesion_instances
-    from ..targets import parse_target
+    from medexplain.engine.targets import parse_target
+    from medexplain.pipelines import explain_lesion_instances
 
     threshold = probability_threshold if threshold is None else threshold
     methods = flags.methods(declared_methods().instance_default)

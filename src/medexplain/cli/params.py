@@ -71,9 +71,9 @@ def declared_methods() -> Declared:
     return Declared(tuple(sorted(names)), aliases, default, instance_default)
 
 
-#: medexplain.transforms.INTENSITY_HELP (a test checks they agree).
+#: medexplain.models.transforms.INTENSITY_HELP (a test checks they agree).
 INTENSITY_HELP = "zscore, percentile:LOW,HIGH (e.g. percentile:0.5,99.5), range:LOW,HIGH (e.g. range:-1000,1000) or none"
-#: medexplain.ops.ACTIVATIONS.
+#: medexplain.engine.ops.ACTIVATIONS.
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
 
@@ -173,7 +173,7 @@ class Opt:
 MODEL, PREP, SLIDING, NNUNET, TARGET, METHODS, OUTPUT, DICOM = ("model", "preprocessing", "sliding window",
                                                                "nnU-Net v2", "target", "methods", "output",
                                                                "DICOM output and PACS")
-#: medexplain.dicom_out.FORMATS (a test checks they agree).
+#: medexplain.io.dicom.FORMATS (a test checks they agree).
 FORMATS = ("nifti", "png", "dicom")
 _METHOD_LIST = ", ".join(declared_methods().names)
 
@@ -333,7 +333,7 @@ class Flags(dict):
         return split_list(self["method"] or default)
 
     def preprocessing(self) -> dict:
-        """The preprocessing flags that are set, as the fields of ``medexplain.transforms.Preprocessing``."""
+        """The preprocessing flags that are set, as the fields of ``medexplain.models.transforms.Preprocessing``."""
         return {k: self[k] for k in PREPROCESSING if self.get(k) not in (None, "")}
 
     def inferer(self) -> dict | None:

@@ -1,6 +1,6 @@
 """``medexplain run MANIFEST.csv --model MODEL --method a,b,c --out DIR [--backend local|ray] [--resume]``.
 
-Explains every case of a manifest with every method (:func:`medexplain.run.run_manifest`); writes per
+Explains every case of a manifest with every method (:func:`medexplain.pipelines.run.run_manifest`); writes per
 case x method a map and a record, then ``results.csv`` (+ ``results.parquet`` with pyarrow) and
 ``run.json``. Safe to kill at any moment: ``--resume`` continues where it stopped. See ``docs/run.md``.
 ``run`` takes every option of ``explain`` (the same declaration, :data:`medexplain.cli.params.EXPLAIN`) with the
@@ -16,11 +16,11 @@ from typing import Literal, Optional
 
 import typer
 
-from . import app
-from ._common import cli_errors, console, stop_signals
-from ._dicom import output_kwargs
-from .explain import explain_kwargs
-from .params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors, console, stop_signals
+from medexplain.cli._dicom import output_kwargs
+from medexplain.cli.explain import explain_kwargs
+from medexplain.cli.params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
 
 
 @app.command("run")
@@ -50,8 +50,8 @@ def run_cmd(
     stop it with "stopped; rerun with --resume to continue" and exit 130 / 143."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..errors import OptionError
-    from ..run import run_manifest
+    from medexplain.errors import OptionError
+    from medexplain.pipelines.run import run_manifest
 
     with stop_signals(), cli_errors(), Progress(TextColumn("[bold]run"), BarColumn(), MofNCompleteColumn(),
                                                 TimeRemainingColumn(), console=console, transient=True) as bar:

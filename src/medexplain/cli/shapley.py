@@ -3,7 +3,7 @@
 Contrast-level Shapley values of one multi-contrast image for one or several models (several models =
 the folds of a cross-validation, Ren et al. 2025), with the agreement of each model's contrast ranking
 with a reference ranking and the rank uncertainty across the models. The work is
-:func:`medexplain.pipelines.contrast_shapley` (the consensus: :func:`medexplain.shapley.fold_consensus`).
+:func:`medexplain.pipelines.contrast_shapley` (the consensus: :func:`medexplain.segmentation.shapley.fold_consensus`).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Literal, Optional
 
 import typer
 
-from . import app
-from ._common import cli_errors, console, parse_output, pass_progress, split_list
-from .params import MODEL_INPUT, Flags, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors, console, parse_output, pass_progress, split_list
+from medexplain.cli.params import MODEL_INPUT, Flags, takes
 
 #: medexplain.pipelines.SHAPLEY_VALUE_HELP (a test checks they agree).
 SHAPLEY_VALUE_HELP = ("value of a coalition: 'probability:K' = mean probability of output channel K (default "
@@ -52,7 +52,7 @@ def shapley_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from ..pipelines import contrast_shapley
+    from medexplain.pipelines import contrast_shapley
 
     def progress(i, r):
         console.print(f"model {i + 1}: {r.n_evaluations} evaluations, {r.info['seconds']:.2f} s")

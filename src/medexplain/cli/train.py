@@ -1,7 +1,7 @@
 """``medexplain train DATA --out DIR [--patch-size P]``: train a MedicalPatchNet or its image-level baseline.
 
 ``DATA`` is a planted set name (``chest_xray``, ``shortcut``, ``fundus``; labels planted, not diagnostic)
-or a manifest CSV (:func:`medexplain.training.read_training_manifest`). The work is
+or a manifest CSV (:func:`medexplain.models.training.read_training_manifest`). The work is
 :func:`medexplain.models.trained.train_to_folder`; :func:`medexplain.models.trained.load_trained` reads
 the folder back.
 """
@@ -11,9 +11,9 @@ from typing import Literal, Optional
 
 import typer
 
-from . import app
-from ._common import cli_errors
-from .params import Flags, takes
+from medexplain.cli import app
+from medexplain.cli._common import cli_errors
+from medexplain.cli.params import Flags, takes
 
 
 @app.command("train")
@@ -38,7 +38,7 @@ def train_cmd(
     """Train from a planted set or a manifest; report the validation AUROC."""
     from rich.console import Console
 
-    from ..models.trained import train_to_folder
+    from medexplain.models.trained import train_to_folder
 
     out = flags.out
     with cli_errors():

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FileFormatError
+from medexplain.errors import FileFormatError
 
 
 def _robust_unit(a: np.ndarray, lo_q: float = 1.0, hi_q: float = 99.5) -> np.ndarray:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import InputError
+from medexplain.errors import InputError
 
 
 @dataclass

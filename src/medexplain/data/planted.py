@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..errors import InputError
-from . import anatomy
-from .dataset import PlantedDataset
+from medexplain.data import anatomy
+from medexplain.data.dataset import PlantedDataset
+from medexplain.errors import InputError
 
 _IDS = {"chest_xray": 1, "fundus": 2, "lesion_volumes": 3, "contrast_volumes": 4}
 

@@ -3,7 +3,7 @@ element-wise, Eigen-CAM, Score-CAM and Ablation-CAM.
 
 The template (as pytorch-grad-cam's ``BaseCAM``): :func:`layer_cells` resolves the layer (a named one,
 or :func:`medexplain.methods.cam_layers.default_layer`), records it with the one layer hook
-(:func:`medexplain.core.capture_layers`: a leaf replaces the layer's output, so the backward stops at the
+(:func:`medexplain.engine.core.capture_layers`: a leaf replaces the layer's output, so the backward stops at the
 layer and never reaches the weights; a clone, so an in-place op after the layer cannot alter it), reads
 it as a feature map ``A`` of shape ``(B, K, *grid)`` through its :class:`~.cam_layers.LayerView`
 (channels-first, channels-last, tokens or ``reshape=``), and hands back ``A`` and ``dS/dA`` for the
@@ -36,10 +36,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..core import capture_layers, chunks, find_layer, find_passes, forward, n_passes, pass_schedule, plain_pass
-from ..errors import InputError, RepeatedLayerCallError, UnsupportedModelError
-from ..registry import register
-from .cam_layers import LAYOUTS, UPSAMPLE, LayerPlan, layer_plan, upsample_cells
+from medexplain.engine.core import capture_layers, chunks, find_layer, find_passes, forward, n_passes, pass_schedule, plain_pass
+from medexplain.engine.registry import register
+from medexplain.errors import InputError, RepeatedLayerCallError, UnsupportedModelError
+from medexplain.methods.cam_layers import LAYOUTS, UPSAMPLE, LayerPlan, layer_plan, upsample_cells
 
 
 def _check_options(upsample, layout, *more):
@@ -54,7 +54,7 @@ def _check_options(upsample, layout, *more):
 
 def plan_for(model, x, cost, layer=None, layout="auto", reshape=None) -> LayerPlan:
     """The layer plan of a CAM call (:func:`medexplain.methods.cam_layers.layer_plan`), found on the model's
-    plain pass (:func:`medexplain.core.plain_pass`: its first network, unflipped)."""
+    plain pass (:func:`medexplain.engine.core.plain_pass`: its first network, unflipped)."""
     return layer_plan(plain_pass(model), x, layer, layout, reshape, cost)
 
 
@@ -95,9 +95,9 @@ class PassCall:
 
 @contextlib.contextmanager
 def capture_passes(model, plan: LayerPlan, mode: str):
-    """The plan's layer recorded in every network of the model's passes (:func:`medexplain.core.pass_schedule`:
+    """The plan's layer recorded in every network of the model's passes (:func:`medexplain.engine.core.pass_schedule`:
     ensemble members x test-time flips; one network and one pass for a plain model), by the one layer hook
-    (:func:`medexplain.core.capture_layers`). Yields a function that, after the forward, returns every call
+    (:func:`medexplain.engine.core.capture_layers`). Yields a function that, after the forward, returns every call
     as a :class:`PassCall` in schedule order, with typed errors for a layer that is not called once per
     pass on the whole batch, and (``mode="leaf"``) for one called several times on same-shaped inputs by
     code medexplain does not know (:class:`~medexplain.errors.RepeatedLayerCallError`)."""
@@ -344,7 +344,7 @@ def ablationcam(model, x, target, cost, layer=None, upsample: str = "aligned", l
     when channel ``k`` of the layer is set to ``ablation_value`` (0, the paper's ablation) at every cell;
     map = ReLU(sum_k w_k A_k). Where ``S = 0`` the raw drop ``S - S_k`` is used.
 
-    The ablation is an output edit of the one layer hook (:func:`medexplain.core.capture_layers`,
+    The ablation is an output edit of the one layer hook (:func:`medexplain.engine.core.capture_layers`,
     ``edit=``), removed on exit, also on error; the model's layers are never replaced. It works in the
     layer's own layout (channels-last, tokens: the class token is left as is). ``chunk_size``: rows
     (one per sample and channel) given to the model in one call. Cost: ``B (K + 1)`` forward rows.

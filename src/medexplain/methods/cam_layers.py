@@ -65,7 +65,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core import (
+from medexplain.engine.core import (
     ACTIVATION,
     CONV,
     CONV_TRANSPOSE,
@@ -78,7 +78,7 @@ from ..core import (
     resize_to,
     unwrap,
 )
-from ..errors import InputError, RepeatedLayerCallError, UnsupportedModelError
+from medexplain.errors import InputError, RepeatedLayerCallError, UnsupportedModelError
 
 LAYOUTS = ("auto", "channels_first", "channels_last", "tokens")
 UPSAMPLE = ("aligned", "bilinear", "align_corners")

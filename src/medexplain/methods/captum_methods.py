@@ -3,7 +3,7 @@
 Registered here: ``inputxgradient``, ``guided_backprop``, ``deconvolution``, ``deeplift``, ``deepliftshap``,
 ``gradientshap``, ``feature_ablation``, ``kernelshap``, ``lime`` (each over the Captum 0.9 class of the same
 name) and ``noise_tunnel`` (SmoothGrad / SmoothGrad-Squared / VarGrad over any registered gradient method,
-with the one noise loop :func:`medexplain.ops.noise_sum`). ``lrp`` lives in :mod:`.lrp` on the same
+with the one noise loop :func:`medexplain.engine.ops.noise_sum`). ``lrp`` lives in :mod:`.lrp` on the same
 adapter.
 
 Why Captum: it is the maintained PyTorch implementation of these methods (Kokhlikyan et al. 2020,
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import capture_layers, check_baseline, chunks, forward, n_passes, unwrap
-from ..errors import InputError, MedexplainError, UnsupportedModelError
-from ..ops import noise_sum
-from ..registry import get_method, register
-from ..targets import Target
+from medexplain.engine.core import capture_layers, check_baseline, chunks, forward, n_passes, unwrap
+from medexplain.engine.ops import noise_sum
+from medexplain.engine.registry import get_method, register
+from medexplain.engine.targets import Target
+from medexplain.errors import InputError, MedexplainError, UnsupportedModelError
 
 __all__ = ["TargetScore", "RowTarget", "library_guard", "feature_groups", "captum_call", "noise_tunnel_maps"]
 
@@ -182,7 +182,7 @@ def library_guard(model: nn.Module, restore_values: bool = False):
     ``activations`` dict behind), and every parameter and buffer gets its original storage back (LRP's
     gamma and z+ rules assign new ``weight.data``). ``restore_values=True`` also copies the original
     values back (for rules that modify weights in place). Training flags and ``requires_grad`` are the
-    business of :func:`medexplain.core.model_guard`, which :func:`medexplain.explain` wraps around this.
+    business of :func:`medexplain.engine.core.model_guard`, which :func:`medexplain.engine.explain` wraps around this.
     """
     mods = list(model.modules())
     attrs = [(m, dict(m.__dict__)) for m in mods]
@@ -296,10 +296,10 @@ def _slice_baseline(baselines, x: torch.Tensor, sl: slice):
 
 
 def _check_baselines(baselines, x: torch.Tensor, named: bool = False):
-    """``baselines`` checked (:func:`medexplain.core.check_baseline`); ``named``: the perturbation methods also take
+    """``baselines`` checked (:func:`medexplain.engine.core.check_baseline`); ``named``: the perturbation methods also take
     the named baselines ("zero", "mean", "median", "blur") of :func:`medexplain.methods.occlusion.perturbation_baseline`."""
     if named and isinstance(baselines, str):
-        from .occlusion import perturbation_baseline
+        from medexplain.methods.occlusion import perturbation_baseline
         return perturbation_baseline(x, baselines)[0]
     return check_baseline(baselines, x, "baselines")
 
@@ -362,7 +362,7 @@ def deconvolution(model, x, target, cost, chunk_size: int | None = 64):
 
 def _reused_nonlinearities(model, x) -> list[str]:
     """Names of the nonlinearity modules DeepLIFT hooks that run more than once in one forward (counted
-    with :func:`medexplain.core.capture_layers` on one sample)."""
+    with :func:`medexplain.engine.core.capture_layers` on one sample)."""
     from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
     names = [n for n, m in unwrap(model).named_modules() if n and type(m) in SUPPORTED_NON_LINEAR]
     if not names:
@@ -509,7 +509,7 @@ def feature_ablation(model, x, target, cost, features="slic", n_features: int = 
 
 
 def _baseline_text(baselines, x) -> str:
-    from .occlusion import perturbation_baseline
+    from medexplain.methods.occlusion import perturbation_baseline
     if isinstance(baselines, torch.Tensor):
         return f"given tensor {tuple(baselines.shape)}"
     return perturbation_baseline(x[:1, :1], baselines)[1]
@@ -583,7 +583,7 @@ def noise_tunnel_maps(fn: Callable, model, x, target, cost, nt_type: str = "smoo
                       options: dict | None = None) -> torch.Tensor:
     """Noise tunnel over an explainer ``fn(model, x, target, cost, **options) -> (map, info)``.
 
-    ``n_samples`` noisy copies ``x + eps_n`` from the one noise loop :func:`medexplain.ops.noise_sum`
+    ``n_samples`` noisy copies ``x + eps_n`` from the one noise loop :func:`medexplain.engine.ops.noise_sum`
     (``sd = sigma x (max - min)`` per sample, one draw per noise sample shared by the batch; ``noise``
     replaces the draws), explained together as one expanded batch (``chunk_size // B`` noise samples per call, the rows
     following their sample through :class:`RowTarget`). Aggregation (Captum's ``NoiseTunnel`` types):

@@ -11,10 +11,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..core import check_baseline, chunks, forward, input_gradient
-from ..errors import InputError, OptionError
-from ..ops import noise_sum
-from ..registry import register
+from medexplain.engine.core import check_baseline, chunks, forward, input_gradient
+from medexplain.engine.ops import noise_sum
+from medexplain.engine.registry import register
+from medexplain.errors import InputError, OptionError
 
 #: The quadrature rules of integrated gradients (Captum's).
 IG_RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -47,7 +47,7 @@ def smoothgrad(model, x, target, cost, n_samples: int = 50, sigma: float = 0.15,
     """SmoothGrad (Smilkov et al. 2017, eq. 3): mean input gradient over ``n_samples`` noisy copies
     ``x + eps_n``, ``eps_n ~ N(0, sd^2)`` with ``sd = sigma x (max - min)`` of each sample.
 
-    The noise loop is :func:`medexplain.ops.noise_sum` (``scale="sample"``): one draw per noise sample
+    The noise loop is :func:`medexplain.engine.ops.noise_sum` (``scale="sample"``): one draw per noise sample
     from ``seed``, so the maps never depend on ``chunk_size`` or on the rest of the batch. ``noise``
     (absolute, ``(N, C, *s)`` or ``(N, B, C, *s)``) replaces the generator. ``chunk_size``: rows given
     to the model in one call (whole noise samples of the batch at a time, at least one).

@@ -2,7 +2,7 @@
 
 Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion segmentation"
 (seed 001). For a segmentation network with logits ``z`` of shape ``(B, K, *spatial)`` and one lesion
-instance ``L`` (a region of a :class:`~medexplain.targets.Regions` target, on the output grid):
+instance ``L`` (a region of a :class:`~medexplain.engine.targets.Regions` target, on the output grid):
 
 * **mean aggregation** (their eq. for ``S_L``)::
 
@@ -10,7 +10,7 @@ instance ``L`` (a region of a :class:`~medexplain.targets.Regions` target, on th
 
   with ``z_c`` the pre-softmax logit of the lesion class, ``N = 50`` and ``sd = 0.05 * (max - min)`` of
   the **first** input channel, the same sd for every channel (the one noise loop
-  :func:`medexplain.ops.noise_sum`, ``scale="channel0"``);
+  :func:`medexplain.engine.ops.noise_sum`, ``scale="channel0"``);
 * **max aggregation**: for each lesion voxel ``v``, ``g_v = d z_c(v) / dx``; at each input voxel keep the
   signed ``g_v`` of largest magnitude over ``v in L``; average over the N noise samples. One backward row
   per lesion voxel and noise sample.
@@ -39,13 +39,13 @@ from typing import Literal
 
 import torch
 
-from ..core import chunks, forward
-from ..errors import InputError, TargetError, UnsupportedModelError
-from ..ops import noise_sum
-from ..registry import register, segmenter_only
-from ..sliding import is_sliding
-from ..targets import Class, Region, Regions
-from .gradient import smoothgrad
+from medexplain.engine.core import chunks, forward
+from medexplain.engine.ops import noise_sum
+from medexplain.engine.registry import register, segmenter_only
+from medexplain.engine.sliding import is_sliding
+from medexplain.engine.targets import Class, Region, Regions
+from medexplain.errors import InputError, TargetError, UnsupportedModelError
+from medexplain.methods.gradient import smoothgrad
 
 STRATEGIES = ("batched", "loop", "vmap", "replicate")
 
@@ -123,7 +123,7 @@ def _vjp_mean(model, xn, masks, channel, strategy, cost, first, backward_rows):
 def _batched_grad(model, z, xn, cot, retain_graph):
     """``(I, *xn.shape)``: the VJPs of the cotangents ``cot`` ``(I, *z.shape)``, batched
     (``is_grads_batched``); through a sliding-window model one at a time (its window-by-window backward
-    reads each cotangent to skip the windows it does not touch, :mod:`medexplain.sliding`)."""
+    reads each cotangent to skip the windows it does not touch, :mod:`medexplain.engine.sliding`)."""
     if not is_sliding(model):
         return torch.autograd.grad(z, xn, grad_outputs=cot, is_grads_batched=True, retain_graph=retain_graph)[0]
     return torch.stack([torch.autograd.grad(z, xn, grad_outputs=c, retain_graph=retain_graph or i < len(cot) - 1)[0]
@@ -202,8 +202,8 @@ def _as_regions(target, x) -> Regions:
 def instance_smoothgrad(model, x, target, cost, aggregate: Literal["mean", "max"] = "mean", n_samples: int = 50,
                         sigma: float = 0.05, seed: int = 0, chunk_size: int | None = 10, backward_rows: int = 160,
                         strategy: Literal[STRATEGIES] = "batched", noise: torch.Tensor | None = None):
-    """Instance SmoothGrad (module docstring) over a :class:`~medexplain.targets.Regions` target: one map
-    ``(C, *spatial)`` per region (a :class:`~medexplain.targets.Region` or :class:`~medexplain.targets.Class`
+    """Instance SmoothGrad (module docstring) over a :class:`~medexplain.engine.targets.Regions` target: one map
+    ``(C, *spatial)`` per region (a :class:`~medexplain.engine.targets.Region` or :class:`~medexplain.engine.targets.Class`
     target of one channel is one region per sample: then the map is SmoothGrad with the noise rule of the
     paper). ``aggregate``: ``"mean"`` (the summed lesion logits) or ``"max"``;
     ``n_samples``, ``sigma``, ``seed``: the noise (``noise``, absolute ``(n_samples, C, *spatial)``,

@@ -25,7 +25,7 @@ In every composite, pooling, upsampling (nearest or linear ``nn.Upsample``, as M
 padding and reshaping layers get LRP-epsilon with a stabiliser only (Zennit's ``Norm`` rule): they are linear
 with non-negative weights, so this is their z-rule, and for nearest upsampling it hands each input the summed
 relevance of its copies; ReLU / Tanh / Dropout get Captum's pass-through; the other elementwise
-activations of :data:`medexplain.core.ACTIVATION`, norm layers (no canonizer merges a batch norm into the
+activations of :data:`medexplain.engine.core.ACTIVATION`, norm layers (no canonizer merges a batch norm into the
 preceding layer, Zennit's ``SequentialMergeBatchNorm``) and identity layers (``nn.Identity``,
 ``nn.Dropout3d`` in eval) pass relevance through unchanged (Zennit's ``Pass``). The exception is the batch
 norm under ``epsilon``, which keeps Captum's default (epsilon); LRP-epsilon on a mean-subtracting norm
@@ -59,10 +59,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import ACTIVATION, CONV, CONV_TRANSPOSE, NORM, POOL
-from ..errors import InputError, UnsupportedModelError
-from ..registry import register
-from .captum_methods import _stabilize, captum_call
+from medexplain.engine.core import ACTIVATION, CONV, CONV_TRANSPOSE, NORM, POOL
+from medexplain.engine.registry import register
+from medexplain.errors import InputError, UnsupportedModelError
+from medexplain.methods.captum_methods import _stabilize, captum_call
 
 __all__ = ["lrp", "COMPOSITES", "lrp_rules", "residual_canonizer", "ResidualSum", "BranchPoint"]
 
@@ -349,7 +349,7 @@ def _uncanonized_additions(model: nn.Module, x: torch.Tensor, cost) -> int:
     parameter is not derived from the input (the model guard freezes them), so neither is counted."""
     from torch.overrides import TorchFunctionMode
 
-    from ..core import forward
+    from medexplain.engine.core import forward
 
     class Count(TorchFunctionMode):
         n = 0

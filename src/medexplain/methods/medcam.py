@@ -33,9 +33,9 @@ Choices the paper leaves open (documented in docs/medcam.md):
   changed fraction is at most ``mask_tol`` and the relative loss change at most ``loss_tol`` (after
   ``min_steps``), that image's mask is frozen (the other images continue).
 
-The activations ``phi_l`` are recorded by the one layer hook (:func:`medexplain.core.capture_layers`,
+The activations ``phi_l`` are recorded by the one layer hook (:func:`medexplain.engine.core.capture_layers`,
 ``mode="graph"``: clones that keep their graph, so an in-place op after the layer cannot alter them and
-the U-Net trains through them); TV is :func:`medexplain.ops.total_variation`. ``docs/design.md`` lists
+the U-Net trains through them); TV is :func:`medexplain.engine.ops.total_variation`. ``docs/design.md`` lists
 where each shared mechanic lives.
 """
 from __future__ import annotations
@@ -48,11 +48,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import ACTIVATION, CONV, CONV_TRANSPOSE, capture_layers, chunks, forward, is_scripted, n_passes, unwrap
-from ..errors import InputError, TargetError, UnsupportedModelError
-from ..ops import probabilities, total_variation
-from ..registry import classifier_only, register
-from ..targets import Class
+from medexplain.engine.core import (
+    ACTIVATION,
+    CONV,
+    CONV_TRANSPOSE,
+    capture_layers,
+    chunks,
+    forward,
+    is_scripted,
+    n_passes,
+    unwrap,
+)
+from medexplain.engine.ops import probabilities, total_variation
+from medexplain.engine.registry import classifier_only, register
+from medexplain.engine.targets import Class
+from medexplain.errors import InputError, TargetError, UnsupportedModelError
 
 __all__ = ["medcam", "MedCAMConfig", "DEFAULT_WEIGHTS", "activation_loss", "kl_loss", "ce_loss", "area_loss",
            "bin_loss", "straight_through", "default_layers"]
@@ -334,7 +344,7 @@ def medcam(model, x, target, cost, layers=None, layer_weights=None, distance="au
             the explicit MONAI ``channels`` tuple (strides of 2).
         min_steps, patience, mask_tol, loss_tol: early stopping (see the module docstring).
         prior_reduction: ``"mean"`` (prototype) or ``"sum"`` (paper's norms) for area, bin and TV
-            (:func:`medexplain.ops.total_variation`).
+            (:func:`medexplain.engine.ops.total_variation`).
         seed: U-Net initialisation and background draws (same for every image of the batch).
         images_per_step: images whose U-Nets are trained together (one vmap batch; each step gives the
             classifier two rows per image, e and e~); all by default. Results do not depend on it.

@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from ..core import check_baseline, chunks, forward
-from ..errors import InputError
-from ..registry import register
-from ..sliding import forward_changed
+from medexplain.engine.core import check_baseline, chunks, forward
+from medexplain.engine.registry import register
+from medexplain.engine.sliding import forward_changed
+from medexplain.errors import InputError
 
 #: The named baselines of :func:`perturbation_baseline`.
 BASELINES = ("zero", "mean", "median", "blur")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..core import n_passes, unwrap
-from ..errors import UnsupportedModelError
-from ..models.patchnet import PatchNet
-from ..registry import register
+from medexplain.engine.core import n_passes, unwrap
+from medexplain.engine.registry import register
+from medexplain.errors import UnsupportedModelError
+from medexplain.models.patchnet import PatchNet
 
 
 def is_patchnet(model, output=None) -> str | None:

@@ -10,14 +10,14 @@ with only the contrasts in ``S`` present, the others replaced by a baseline. The
 
 and the values satisfy efficiency, ``sum_i phi_i = v(N) - v(empty)``.
 
-The value function is the **target** (:mod:`medexplain.targets`): a value target (:class:`Dice`,
+The value function is the **target** (:mod:`medexplain.engine.targets`): a value target (:class:`Dice`,
 :class:`Volume`, :class:`MeanProbability` of the prediction), any gradient target (:class:`Region`, ...) or
 a function ``f(outputs)`` / ``f(outputs, rows)`` returning ``(N,)``; ``rows`` says which sample each
 coalition row belongs to. ``mx.explain(model, x, "contrast_shapley", target=value)`` returns a map
 ``(B, C, *spatial)`` holding ``phi_i`` on every voxel of the channels of player ``i`` (0 on channels in
 no group) and, in ``info``, the values ``(B, n)``, the players, their channels, the coalition table, the
-estimator and its standard error; :func:`medexplain.shapley.channel_shapley` reads them into a
-:class:`~medexplain.shapley.ShapleyResult`.
+estimator and its standard error; :func:`medexplain.segmentation.shapley.channel_shapley` reads them into a
+:class:`~medexplain.segmentation.shapley.ShapleyResult`.
 
 For a few players every one of the ``2^n`` coalitions is evaluated exactly once: the coalition inputs of
 all samples are stacked on the batch axis and go through the model in chunks of ``chunk_size`` rows, and
@@ -33,9 +33,9 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from ..core import chunks, forward
-from ..errors import InputError, TargetError
-from ..registry import register, segmenter_only
+from medexplain.engine.core import chunks, forward
+from medexplain.engine.registry import register, segmenter_only
+from medexplain.errors import InputError, TargetError
 
 #: Largest player count for which ``estimator="auto"`` enumerates all coalitions.
 AUTO_EXACT_MAX = 10

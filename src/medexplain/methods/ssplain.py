@@ -9,7 +9,7 @@ baseline, one mask shared by all channels). The problem (paper eq. 3-4)::
     subject to   ||M||_0 <= k,   0 <= M <= 1,        k = max(1, floor(|S0| / alpha))
 
 with ``L`` the cross-entropy and ``TV`` the anisotropic total variation (eq. 2: sum of absolute
-neighbour differences along every spatial axis, :func:`medexplain.ops.total_variation`). ADMM splits
+neighbour differences along every spatial axis, :func:`medexplain.engine.ops.total_variation`). ADMM splits
 ``M = M1`` (the sparse set) and ``M = M2`` (the box), with scaled duals ``U1, U2`` (paper eq. 5, 8, 9)::
 
     M  <- Adam step(s) on  L + lambda_tv TV + rho/2 (||M - M1 + U1||^2 + ||M - M2 + U2||^2)
@@ -31,11 +31,11 @@ One Adam optimiser is kept across iterations. Two modes:
 
 Batched: the B problems (per-sample support, k, top-k and duals) are solved together. The loss is the
 sum of the per-sample losses and Adam acts element-wise, so each mask follows exactly the trajectory it
-would follow alone (in eval mode, which :func:`medexplain.explain` enforces). 2D and 3D share one path.
+would follow alone (in eval mode, which :func:`medexplain.engine.explain` enforces). 2D and 3D share one path.
 
 Objective ``L`` per target (``objective="auto"``): a class target on a classifier uses the
 cross-entropy ``-log softmax(f(M~ x))[y]`` (``-log sigmoid`` for one logit); a
-:class:`~medexplain.targets.Region` target on a segmenter uses the voxel-wise cross-entropy averaged
+:class:`~medexplain.engine.targets.Region` target on a segmenter uses the voxel-wise cross-entropy averaged
 over the region, ``-mean_{v in R} log softmax_k(f(M~ x)_v)[c]``, the direct analogue of the paper's
 CE for "keep this lesion segmented as class c". Other targets (MultiLabel, a function, a class on a
 dense output) use the negative target score ``-s(f(M~ x))`` (``objective="score"`` forces it).
@@ -59,11 +59,11 @@ from typing import Sequence
 
 import torch
 
-from ..core import chunks, forward, n_passes
-from ..errors import InputError, TargetError
-from ..ops import total_variation
-from ..registry import register
-from ..targets import Class, target_probability
+from medexplain.engine.core import chunks, forward, n_passes
+from medexplain.engine.ops import total_variation
+from medexplain.engine.registry import register
+from medexplain.engine.targets import Class, target_probability
+from medexplain.errors import InputError, TargetError
 
 MODES = ("textbook", "reference")
 

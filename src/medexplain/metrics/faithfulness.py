@@ -5,8 +5,8 @@
   (set to the baseline, zero) from the input, or inserted into a baseline image. The model's accuracy
   and target probability on every perturbed input give one curve per sample; the trapezoid area under
   each curve summarises it (deletion: lower is better; insertion: higher is better).
-- :func:`smoothness`: anisotropic total variation (:func:`medexplain.ops.total_variation`, SSplain eq. 2)
-  of the min-max normalised map (:func:`medexplain.ops.normalize`) divided by its element count (lower =
+- :func:`smoothness`: anisotropic total variation (:func:`medexplain.engine.ops.total_variation`, SSplain eq. 2)
+  of the min-max normalised map (:func:`medexplain.engine.ops.normalize`) divided by its element count (lower =
   smoother), the quantity behind the paper's smoothness analysis.
 - :func:`sparseness`: Gini index of ``|map|`` (Chalasani et al. 2020): 0 for a uniform map, -> 1 when
   all mass sits on one voxel.
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import check_input, chunks, forward, model_guard, resize_to
-from ..errors import InputError
-from ..models.model import as_model
-from ..ops import normalize, total_variation
-from ..targets import as_target, target_probability
+from medexplain.engine.core import check_input, chunks, forward, model_guard, resize_to
+from medexplain.engine.ops import normalize, total_variation
+from medexplain.engine.targets import as_target, target_probability
+from medexplain.errors import InputError
+from medexplain.models.model import as_model
 
 __all__ = ["deletion_insertion", "DeletionInsertion", "smoothness", "sparseness"]
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core import chunks, resize_to
-from ..errors import InputError
-from ..ops import normalize
+from medexplain.engine.core import chunks, resize_to
+from medexplain.engine.ops import normalize
+from medexplain.errors import InputError
 
 __all__ = ["hit_rate", "iou", "binarize", "tune_thresholds", "bootstrap_ci", "BootstrapResult", "summarize",
            "write_results", "OTSU_RULES", "CI_METHODS", "MEAN_OF"]
@@ -418,7 +418,7 @@ def write_results(per_case_values, out_dir, metric: str, names=None, case_ids=No
     (:func:`medexplain.io.atomic_path`). The interval ``method`` and the ``mean`` column (``mean_of``)
     default to CheXlocalize's (``eval.compute_cis``: order statistics, mean of the replicates); see
     :func:`bootstrap_ci`."""
-    from ..io import atomic_path
+    from medexplain.io import atomic_path
 
     res = bootstrap_ci(per_case_values, n=n, seed=seed, level=level, names=names, method=method, mean_of=mean_of)
     v = np.asarray(torch.as_tensor(per_case_values).double().cpu().numpy()) \

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import TargetError
-from ..targets import Class, MultiLabel, Region, Target, as_target
+from medexplain.engine.targets import Class, MultiLabel, Region, Target, as_target
+from medexplain.errors import TargetError
 
 __all__ = ["MetricInfo", "METRICS", "available_metrics", "metric_info", "explanation_options"]
 

@@ -18,7 +18,7 @@ torch and written against the target contract, so they score a segmenter's ``Reg
 
 Voxels are the features: a map is summed over its channels and every channel of a voxel is perturbed
 together (as :func:`medexplain.metrics.deletion_insertion` does); on single-channel images this is
-Quantus's element-wise convention. Scores are the target's (:meth:`medexplain.targets.Target.scores`) on
+Quantus's element-wise convention. Scores are the target's (:meth:`medexplain.engine.targets.Target.scores`) on
 the logits (``scores="logits"``) or on the probabilities (``scores="probabilities"``: ``ops.probabilities``
 with the model's own output activation, ``mx.Model(activation=...)``). Every random draw comes from a
 generator seeded with ``seed`` and is shared by the images of a batch, so a batch of 3 gives the results of
@@ -36,13 +36,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core import check_input, chunks, forward, model_guard
-from ..errors import InputError
-from ..models.model import as_model
-from ..ops import normalize, probabilities
-from ..targets import target_probability
-from .faithfulness import _ranks, _voxel_scores
-from .meta import MetricInfo, register_metric
+from medexplain.engine.core import check_input, chunks, forward, model_guard
+from medexplain.engine.ops import normalize, probabilities
+from medexplain.engine.targets import target_probability
+from medexplain.errors import InputError
+from medexplain.metrics.faithfulness import _ranks, _voxel_scores
+from medexplain.metrics.meta import MetricInfo, register_metric
+from medexplain.models.model import as_model
 
 __all__ = ["road", "ROADResult", "noisy_linear_imputation", "road_draws", "average_drop_increase", "AverageDrop",
            "faithfulness_correlation", "random_subsets", "monotonicity", "MonotonicityResult", "infidelity",
@@ -65,7 +65,7 @@ def _check_scores(scores: str) -> str:
 
 def score_output(model, out: torch.Tensor, scores: str = "logits") -> torch.Tensor:
     """``out`` as scored: the logits as they are (``scores="logits"``), or the probabilities by the model's
-    output activation (``model.activation``, :func:`medexplain.ops.probabilities`; ``auto`` detects it from
+    output activation (``model.activation``, :func:`medexplain.engine.ops.probabilities`; ``auto`` detects it from
     the output and the model)."""
     if _check_scores(scores) == "logits":
         return out
@@ -77,7 +77,7 @@ def score_rows(model, rows_x: torch.Tensor, target, rows: torch.Tensor, batch: i
     """Target scores ``(N,)`` of ``rows_x`` (row ``i`` belongs to sample ``rows[i]``), in chunks of
     ``chunk_size`` rows, without gradients. ``scores``: ``"logits"`` or ``"probabilities"``
     (:func:`score_output`). ``with_correct``: also ``(probability, correct)`` from
-    :func:`medexplain.targets.target_probability` (NaN for targets without a class)."""
+    :func:`medexplain.engine.targets.target_probability` (NaN for targets without a class)."""
     scores_, probs, correct = [], [], []
     with torch.no_grad():
         for sl in chunks(rows_x.shape[0], chunk_size):

@@ -3,7 +3,7 @@ Revisited: An Exploration to Repair the Model Parameter Randomisation Test", sec
 random-logit test (Sixt et al. 2020, "When Explanations Lie: Why Many Modified BP Attributions Fail",
 section 5.2). The cascading test of Adebayo et al. 2018 is :func:`medexplain.metrics.randomization_check`.
 
-Every explanation is :func:`medexplain.explain` with a registered method, so the tests run for any target
+Every explanation is :func:`medexplain.engine.explain` with a registered method, so the tests run for any target
 (a segmenter's ``Region`` included), 2D and 3D. Layers are randomised as Quantus 0.6 does (every module
 with ``reset_parameters``, in definition order for ``bottom_up``, each re-initialised right after
 ``torch.manual_seed(seed + 1)``), on a deep copy: the user's model and global RNG state are left as found.
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from ..core import check_input, model_guard
-from ..errors import InputError, TargetError
-from ..models.model import as_model
-from ..ops import noise_sum
-from ..targets import Class, Region
-from .meta import MetricInfo, explanation_options, register_metric
+from medexplain.engine.core import check_input, model_guard
+from medexplain.engine.ops import noise_sum
+from medexplain.engine.targets import Class, Region
+from medexplain.errors import InputError, TargetError
+from medexplain.metrics.meta import MetricInfo, explanation_options, register_metric
+from medexplain.models.model import as_model
 
 __all__ = ["smooth_mprt", "efficient_mprt", "random_logit", "MPRTResult", "EfficientMPRTResult", "spearman",
            "randomised_models"]
@@ -83,14 +83,14 @@ def randomised_models(model, order: str = "bottom_up", seed: int = 42):
 
 
 def _maps(model, x, method, target, options):
-    from ..explain import explain
+    from medexplain.engine.explain import explain
     return explain(model, x, method, target=target, **options).map.detach()
 
 
 def _smooth(model, x, method, target, n_samples, sigma, seed, chunk_size, options):
     """SmoothMPRT's explanation: the mean of the maps at ``n_samples - 1`` noisy copies (the one noise loop,
-    :func:`medexplain.ops.noise_sum`, ``sd = sigma (max - min)`` per sample) and at ``x`` itself."""
-    from ..methods.captum_methods import RowTarget
+    :func:`medexplain.engine.ops.noise_sum`, ``sd = sigma (max - min)`` per sample) and at ``x`` itself."""
+    from medexplain.methods.captum_methods import RowTarget
     b = x.shape[0]
     total = _maps(model, x, method, target, options).double()
     if n_samples > 1:
@@ -257,7 +257,7 @@ def random_logit(model, x: torch.Tensor, method: str, target, num_classes: int |
     x = check_input(x)
     b = x.shape[0]
     with model_guard(model), torch.no_grad():
-        from ..core import forward
+        from medexplain.engine.core import forward
         k = num_classes or forward(model, x[:1]).shape[1]
     if k < 2:
         raise TargetError("the random-logit test needs at least two classes (output channels)")

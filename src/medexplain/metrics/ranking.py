@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from ..errors import InputError
+from medexplain.errors import InputError
 
 __all__ = ["CLINICIAN_RANKINGS", "rank_agreement", "rank_uncertainty", "pearson_with_dice", "agreement_by_dice",
            "ranks_from_values", "resolve_ranking"]
@@ -90,7 +90,7 @@ def rank_agreement(values, reference_ranking, players: Sequence[str] | None = No
                    tied_groups: Sequence[Sequence[Union[int, str]]] = ()) -> dict[str, torch.Tensor]:
     """Agreement of each sample's contrast ranking (order of its Shapley values) with a reference ranking.
 
-    ``values``: (B, n) (or a :class:`~medexplain.shapley.ShapleyResult`, whose player names are used).
+    ``values``: (B, n) (or a :class:`~medexplain.segmentation.shapley.ShapleyResult`, whose player names are used).
     ``reference_ranking``: players most important first, as indices or names, a region name of
     :data:`CLINICIAN_RANKINGS`, or a (B, n) tensor of per-sample rankings. Returns float64 tensors (B,):
     ``kendall_tau`` (tau-b of the values against the reference order), ``spearman_rho``, and ``top1``

@@ -1,7 +1,7 @@
 """Robustness of an explanation to small input perturbations: max-sensitivity (Yeh et al. 2019, "On the
 (In)fidelity and Sensitivity of Explanations", definition 3.1), through Captum's ``sensitivity_max``.
 
-The explanation is re-computed by :func:`medexplain.explain` with a registered method on every perturbed
+The explanation is re-computed by :func:`medexplain.engine.explain` with a registered method on every perturbed
 input, for any target (the expanded rows follow their sample through
 :class:`medexplain.methods.captum_methods.RowTarget`), 2D and 3D.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..core import check_input
-from ..errors import InputError
-from ..models.model import as_model
-from .meta import MetricInfo, explanation_options, register_metric
+from medexplain.engine.core import check_input
+from medexplain.errors import InputError
+from medexplain.metrics.meta import MetricInfo, explanation_options, register_metric
+from medexplain.models.model import as_model
 
 __all__ = ["max_sensitivity", "sensitivity_draws"]
 
@@ -41,8 +41,8 @@ def max_sensitivity(model, x: torch.Tensor, method: str, target, n_samples: int 
     ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`), explained as it is."""
     from captum.metrics import sensitivity_max
 
-    from ..explain import explain
-    from ..methods.captum_methods import RowTarget
+    from medexplain.engine.explain import explain
+    from medexplain.methods.captum_methods import RowTarget
     tgt = max_sensitivity.info.check(target)
     options = explanation_options(method_options, options)
     model = as_model(model)

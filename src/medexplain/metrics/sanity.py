@@ -15,10 +15,10 @@ import torch
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
-from ..core import model_guard
-from ..errors import InputError
-from ..models.model import as_model
-from ..ops import normalize
+from medexplain.engine.core import model_guard
+from medexplain.engine.ops import normalize
+from medexplain.errors import InputError
+from medexplain.models.model import as_model
 
 __all__ = ["randomization_check", "RandomizationResult"]
 
@@ -68,7 +68,7 @@ def randomization_check(model, x, method: str, target=None, layers: list[str] | 
     ``model``: an ``mx.Model`` or an ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`);
     ``layers`` are named as in its (first) network, and an ensemble has that layer re-initialised in every member.
     """
-    from ..explain import explain
+    from medexplain.engine.explain import explain
     model = as_model(model)
     layers = list(reversed(layers or _parameterised_layers(model.networks[0])))
 

@@ -9,7 +9,7 @@ means what it means to MONAI:
   state dict, or a dict holding it under ``model`` / ``state_dict`` / ``network``), loaded strictly; a
   bundle with only ``models/model.ts`` gives its TorchScript module;
 - ``preprocessing``: the ``Compose`` of dictionary transforms the bundle applies to ``{"image": path}``;
-- ``inferer``: a ``SlidingWindowInferer`` is used as the explanation's inferer (:mod:`medexplain.sliding`,
+- ``inferer``: a ``SlidingWindowInferer`` is used as the explanation's inferer (:mod:`medexplain.engine.sliding`,
   the window-by-window gradient); a ``SimpleInferer`` (or none) runs the network on the whole input;
 - ``postprocessing``: the bundle's own output transforms (activation, ``Invertd`` back to the image,
   discretisation), run by :meth:`Bundle.postprocess` on the prediction with the writer transforms
@@ -19,7 +19,7 @@ How an image goes through it. medexplain reads the file itself (:func:`medexplai
 nibabel's order, channels first, the file's affine), which is what the bundle's ``LoadImaged`` +
 ``EnsureChannelFirstd`` produce for a NIfTI file; those two loader transforms are therefore dropped and the
 remaining transforms (orientation, spacing, intensity, crop/pad, ...) are run, as the same transform
-instances, by :class:`medexplain.transforms.Preprocessing` (``transform=``). Its inversion (MONAI's
+instances, by :class:`medexplain.models.transforms.Preprocessing` (``transform=``). Its inversion (MONAI's
 ``Compose.inverse`` over the recorded operations, the mechanism of ``Invertd``) puts every map back on the
 input's own grid and affine. Nothing of the bundle format is re-implemented here; this module only maps
 the bundle's parts onto medexplain's model, preprocessing and inferer.
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from medexplain.errors import ModelLoadError, UnsupportedModelError
 
 __all__ = ["Bundle", "load_bundle", "CONFIG_NAMES"]
 
@@ -64,10 +64,10 @@ class Bundle:
 
     def model_preprocessing(self):
         """The bundle's preprocessing without its loader transforms (module docstring), as a
-        :class:`medexplain.transforms.Preprocessing` (empty when the bundle has none)."""
+        :class:`medexplain.models.transforms.Preprocessing` (empty when the bundle has none)."""
         from monai.transforms import Compose
 
-        from ..transforms import Preprocessing
+        from medexplain.models.transforms import Preprocessing
 
         if self.preprocessing is None:
             return Preprocessing()
@@ -89,7 +89,7 @@ class Bundle:
 
     def postprocess(self, pred: torch.Tensor, prepared) -> torch.Tensor:
         """The bundle's postprocessing of a prediction ``(K, *s')`` on the model grid, with the preprocessed
-        image's record (``prepared``: :class:`medexplain.transforms.Prepared`) under ``"image"`` so that its
+        image's record (``prepared``: :class:`medexplain.models.transforms.Prepared`) under ``"image"`` so that its
         ``Invertd`` finds it; returns ``data["pred"]`` as a plain tensor (the prediction as it is without
         postprocessing when the bundle has none)."""
         from monai.data import MetaTensor
@@ -109,7 +109,7 @@ class Bundle:
         return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
 
     def describe(self) -> dict:
-        from ..sliding import inferer_settings
+        from medexplain.engine.sliding import inferer_settings
 
         return {"bundle": str(self.root), "config": str(self.config), "weights": str(self.weights) if self.weights else None,
                 "network": type(self.network).__name__,

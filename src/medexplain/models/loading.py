@@ -1,4 +1,4 @@
-"""Model loading from a specification string (what the command line and :func:`medexplain.run.run_manifest`
+"""Model loading from a specification string (what the command line and :func:`medexplain.pipelines.run.run_manifest`
 take): a TorchScript file, ``package.module:factory`` (+ a weight file), ``zoo:<task>`` for the
 planted-data model zoo, or a folder written by ``medexplain train``."""
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import forward, model_guard, unwrap
-from ..errors import MedexplainError, ModelError, ModelLoadError
-from ..training import read_weights
-from . import zoo
-from .trained import load_trained
+from medexplain.engine.core import forward, model_guard, unwrap
+from medexplain.errors import MedexplainError, ModelError, ModelLoadError
+from medexplain.models import zoo
+from medexplain.models.trained import load_trained
+from medexplain.models.training import read_weights
 
 
 def load_model(spec: str, weights: str | None = None, map_location: str = "cpu") -> nn.Module:
@@ -33,7 +33,7 @@ def load_model(spec: str, weights: str | None = None, map_location: str = "cpu")
     - ``package.module:factory``: ``factory()`` builds the eager model; ``weights`` is a weight file
       (a plain state dict, a training checkpoint with the state dict under ``state_dict``, ``model``,
       ``model_state_dict`` or ``network_weights``, ``nn.DataParallel``'s ``module.`` prefix removed, or a
-      medexplain weight file: :func:`medexplain.training.read_weights`, ``weights_only=True``) loaded strictly;
+      medexplain weight file: :func:`medexplain.models.training.read_weights`, ``weights_only=True``) loaded strictly;
       a warning says which entry was read. The module is imported as ``python -m`` would (:func:`import_factory`: the current
       folder is on ``sys.path``).
     - ``zoo:<task>``: the trained planted-data model of :mod:`medexplain.models.zoo` (the demo-size model
@@ -221,7 +221,7 @@ def model_error(model, x: torch.Tensor, err: BaseException, probe: bool = True) 
         if found is not None:
             m, shape = found
             hints.append(f"a zero input padded to {shape} (sides divisible by {m}) runs: add --divisible-by {m} "
-                         f"(API: medexplain.transforms.Preprocessing(divisible_by={m})) or --spatial-size")
+                         f"(API: medexplain.models.transforms.Preprocessing(divisible_by={m})) or --spatial-size")
         else:
             hints.append("no padding to a side multiple of 2-64 made it run; check the preprocessing the model "
                          "was trained with (--spacing, --orientation, --spatial-size, --transform)")
@@ -231,7 +231,7 @@ def model_error(model, x: torch.Tensor, err: BaseException, probe: bool = True) 
 
 
 def checked_forward(model, x: torch.Tensor, output=None) -> torch.Tensor:
-    """One forward of ``x`` without gradients, the model guarded (:func:`medexplain.core.model_guard`);
+    """One forward of ``x`` without gradients, the model guarded (:func:`medexplain.engine.core.model_guard`);
     an exception inside the model becomes :func:`model_error`."""
     try:
         with torch.no_grad(), model_guard(model):

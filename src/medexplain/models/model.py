@@ -6,17 +6,17 @@ A :class:`Model` is everything that decides what a prediction is (``docs/design.
   nnU-Net's folds and most challenge winners predict);
 - **test-time flips** over any set of spatial axes (``flip_axes``): the mean over the plain pass and the
   passes flipped over every non-empty subset of the axes (nnU-Net's mirroring: ``2^n`` passes);
-- the **output adapter** (``output=``, :func:`medexplain.core.select_output`), and **logits by default**
+- the **output adapter** (``output=``, :func:`medexplain.engine.core.select_output`), and **logits by default**
   where a network ends in a ``Softmax``/``Sigmoid`` module (the score is taken at that module's input;
   ``probabilities=True`` keeps the probabilities);
 - the **inferer** (a MONAI ``SlidingWindowInferer``; the flips and the ensemble run per window, as nnU-Net
-  runs them, and the gradient is exact window by window, :mod:`medexplain.sliding`);
-- the **output activation** (``activation``, how probabilities are read, :func:`medexplain.ops.probabilities`)
-  and the **preprocessing** with its inverse (:class:`medexplain.transforms.Preprocessing`, or nnU-Net's,
+  runs them, and the gradient is exact window by window, :mod:`medexplain.engine.sliding`);
+- the **output activation** (``activation``, how probabilities are read, :func:`medexplain.engine.ops.probabilities`)
+  and the **preprocessing** with its inverse (:class:`medexplain.models.transforms.Preprocessing`, or nnU-Net's,
   or a bundle's), carried for the pipelines;
-- ``device``, ``dtype`` and the **train/eval policy** ``eval`` (:func:`medexplain.core.model_guard`).
+- ``device``, ``dtype`` and the **train/eval policy** ``eval`` (:func:`medexplain.engine.core.model_guard`).
 
-The members x flips are one :class:`medexplain.core.Passes` module, so every method differentiates the mean
+The members x flips are one :class:`medexplain.engine.core.Passes` module, so every method differentiates the mean
 over the passes exactly, ``info`` counts every pass, and CAMs record their layer once per pass and flip each
 pass's cells back before combining them (``docs/cam.md``). A ``Model`` is an ``nn.Module`` whose forward is the
 prediction, so code that takes a network takes a ``Model`` too; layer names stay the user's (those of the
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import (
+from medexplain.engine.core import (
     EVAL_POLICIES,
     OutputAdapter,
     Passes,
@@ -44,7 +44,7 @@ from ..core import (
     n_passes,
     resolve_device,
 )
-from ..errors import InputError, ModelLoadError, UnsupportedModelError
+from medexplain.errors import InputError, ModelLoadError, UnsupportedModelError
 
 __all__ = ["Model", "load_model", "as_model", "resolve_device"]
 
@@ -67,18 +67,18 @@ class Model(OutputAdapter):
 
     - ``network``: an ``nn.Module`` or a list of them (an ensemble, mean of their outputs);
     - ``flip_axes``: spatial axes (0-based) for test-time flips (all non-empty subsets plus the plain pass);
-    - ``output``: :func:`medexplain.core.select_output`'s ``output`` for each network's output;
+    - ``output``: :func:`medexplain.engine.core.select_output`'s ``output`` for each network's output;
     - ``probabilities``: ``False`` (default) explains the logits of a network ending in Softmax/Sigmoid
       (the input of that module), ``True`` its probabilities;
     - ``inferer``: a ``SlidingWindowInferer`` or its settings as a dict (``roi_size``, ``overlap``, ...);
     - ``activation``: the output activation ``auto|softmax|sigmoid|none`` for reading probabilities;
-    - ``preprocessing``: a :class:`medexplain.transforms.Preprocessing` (or nnU-Net's), carried for the
+    - ``preprocessing``: a :class:`medexplain.models.transforms.Preprocessing` (or nnU-Net's), carried for the
       pipelines (:meth:`prepare`);
     - ``device``: ``None`` (where the networks are), ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda[:N]"``:
       the networks are moved there (``nn.Module.to``, in place); inputs are moved there once per explanation
       and maps come back on the CPU;
     - ``dtype``: the networks' floating dtype (cast in place when given; inputs are cast to it);
-    - ``eval``: ``"auto"`` | ``"always"`` | ``"never"`` (:func:`medexplain.core.model_guard`);
+    - ``eval``: ``"auto"`` | ``"always"`` | ``"never"`` (:func:`medexplain.engine.core.model_guard`);
     - ``aligned_calls``: a CAM layer called several times in one pass on same-shaped inputs by the user's
       own code is refused (:class:`~medexplain.errors.RepeatedLayerCallError`) unless this says the calls
       are aligned (e.g. a shared block on several aligned inputs), in which case their cells are summed;
@@ -100,7 +100,7 @@ class Model(OutputAdapter):
                                             "from a path, an nnU-Net folder or a bundle with mx.load_model)")
         if eval not in EVAL_POLICIES:
             raise InputError(f"eval must be one of {EVAL_POLICIES}, got {eval!r}")
-        from ..ops import ACTIVATIONS
+        from medexplain.engine.ops import ACTIVATIONS
         if activation not in ACTIVATIONS:
             raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         dev, dt = resolve_device(device), _dtype(dtype)
@@ -109,7 +109,7 @@ class Model(OutputAdapter):
         if dev is not None:
             nets = [n.to(dev) for n in nets]
         passes = Passes(nets, flip_axes, output, logits=not probabilities, aligned_calls=aligned_calls, amp=amp)
-        from ..sliding import SlidingWindowModel, as_inferer
+        from medexplain.engine.sliding import SlidingWindowModel, as_inferer
         inferer = as_inferer(inferer)
         runner = passes if inferer is None else SlidingWindowModel(passes, inferer)
         super().__init__(runner, None)
@@ -124,7 +124,7 @@ class Model(OutputAdapter):
     # ------------------------------------------------------------------ what it is
     @property
     def passes(self) -> Passes:
-        """The members x flips (:class:`medexplain.core.Passes`) inside the runner (registered once, there)."""
+        """The members x flips (:class:`medexplain.engine.core.Passes`) inside the runner (registered once, there)."""
         return find_passes(self.model)
 
     @property
@@ -143,7 +143,7 @@ class Model(OutputAdapter):
     @property
     def output_adapter(self):
         """The ``output=`` of each network's output (the Model's own ``output`` slot, as an
-        :class:`~medexplain.core.OutputAdapter`, is None: its passes adapt the output)."""
+        :class:`~medexplain.engine.core.OutputAdapter`, is None: its passes adapt the output)."""
         return self.passes.output
 
     @property
@@ -169,7 +169,7 @@ class Model(OutputAdapter):
 
     def describe(self) -> dict:
         """The model's settings as JSON-able values (for ``info`` and records)."""
-        from ..sliding import inferer_settings
+        from medexplain.engine.sliding import inferer_settings
 
         return {"networks": len(self.passes.networks), "flip_axes": list(self.flip_axes), "passes": self.n_passes,
                 "eval": self.eval_policy, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
@@ -179,7 +179,7 @@ class Model(OutputAdapter):
 
     # ------------------------------------------------------------------ using it
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` checked (:func:`medexplain.core.check_input`) and moved once to the model's device (and cast to
+        """``x`` checked (:func:`medexplain.engine.core.check_input`) and moved once to the model's device (and cast to
         its dtype when one was given)."""
         x = check_input(x)
         dev = self.device
@@ -191,20 +191,20 @@ class Model(OutputAdapter):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The explained output for ``x`` (the mean over passes; logits unless ``probabilities``), on the CPU,
         with the model guarded (train/eval policy, buffers restored)."""
-        from ..core import model_guard
+        from medexplain.engine.core import model_guard
 
         x = self.to_input(x)
         with model_guard(self, policy=self.eval_policy):
             return self(x).detach().cpu()
 
     def _preprocessor(self):
-        from ..transforms import Preprocessing
+        from medexplain.models.transforms import Preprocessing
 
         return (self.preprocessing if self.preprocessing is not None else Preprocessing()).build()
 
     def prepare(self, image: torch.Tensor, affine):
         """The model's preprocessing of an image ``(C, *s)`` read by medexplain
-        (:class:`medexplain.transforms.Prepared`: the model's input ``image`` and the record to invert)."""
+        (:class:`medexplain.models.transforms.Prepared`: the model's input ``image`` and the record to invert)."""
         return self._preprocessor().apply(image, affine)
 
     def invert(self, amap: torch.Tensor, prepared, nearest: bool = False) -> torch.Tensor:
@@ -231,10 +231,10 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def as_model(model, output=None, inferer=None, **settings) -> Model:
-    """A :class:`Model` for anything :func:`medexplain.explain` takes: a Model as is (``output=`` / ``inferer=``
+    """A :class:`Model` for anything :func:`medexplain.engine.explain` takes: a Model as is (``output=`` / ``inferer=``
     given here replace its own), an nnU-Net model or a MONAI bundle (:func:`load_model`), a sliding-window
     model (its network and inferer), or an ``nn.Module`` wrapped in one."""
-    from ..sliding import SlidingWindowModel
+    from medexplain.engine.sliding import SlidingWindowModel
 
     if isinstance(model, Model):
         changes = {k: v for k, v in (("output", output), ("inferer", inferer)) if v is not None}
@@ -312,7 +312,7 @@ def _build(source, weights, map_location, dtype, loader_options):
         return [source], None, None, None, {"source": type(source).__name__}
     name = type(source).__name__
     if name == "NnUNetModel" or (isinstance(source, (str, Path)) and (Path(source) / "plans.json").is_file()):
-        from .nnunet import NnUNetModel, load_nnunet
+        from medexplain.models.nnunet import NnUNetModel, load_nnunet
 
         nnm = source if isinstance(source, NnUNetModel) else \
             load_nnunet(source, **({"dtype": _dtype(dtype)} if dtype is not None else {}), **loader_options)
@@ -320,13 +320,13 @@ def _build(source, weights, map_location, dtype, loader_options):
                 {"source": "nnunet", "nnunet": nnm.describe()})
     if name == "Bundle" or (isinstance(source, (str, Path)) and Path(source).is_dir()
                             and any((Path(source) / c).is_file() for c in _bundle_configs())):
-        from .bundle import Bundle, load_bundle
+        from medexplain.models.bundle import Bundle, load_bundle
 
         b = source if isinstance(source, Bundle) else load_bundle(source, weights=weights, map_location=map_location,
                                                                    **loader_options)
         return [b.network], None, b.inferer, b.model_preprocessing(), {"source": "bundle", "bundle": str(b.root)}
     if isinstance(source, (str, Path)):
-        from .loading import load_model as load_spec
+        from medexplain.models.loading import load_model as load_spec
 
         _no_options(loader_options, str(source))
         net = load_spec(str(source), weights, map_location=map_location)
@@ -336,7 +336,7 @@ def _build(source, weights, map_location, dtype, loader_options):
 
 
 def _bundle_configs():
-    from .bundle import CONFIG_NAMES
+    from medexplain.models.bundle import CONFIG_NAMES
     return CONFIG_NAMES
 
 

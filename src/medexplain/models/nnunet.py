@@ -21,9 +21,9 @@ learning-based biomedical image segmentation", Nat. Methods 18:203):
 
 What is written here and why. nnU-Net's ``predict_sliding_window_return_logits`` runs under
 ``torch.inference_mode`` and accumulates in float16 with ``torch.div(..., out=)``, so no gradient can go
-through it. :class:`NnUNetInferer` therefore evaluates the same blend (eq. 1 of :mod:`medexplain.sliding`:
+through it. :class:`NnUNetInferer` therefore evaluates the same blend (eq. 1 of :mod:`medexplain.engine.sliding`:
 ``O = sum_w P_w(g * f(x_w)) / sum_w P_w(g)``, padded as nnU-Net pads with ``pad_nd_image``) in the input's
-dtype, and gives its window layout to :class:`medexplain.sliding.SlidingWindowModel`, whose window-by-window
+dtype, and gives its window layout to :class:`medexplain.engine.sliding.SlidingWindowModel`, whose window-by-window
 backward (eq. 2 there) is the exact gradient of that blend. The window network :class:`NnUNetNetwork`
 is nnU-Net's test-time augmentation and ensemble, which are linear and per window, so they commute with
 the blend: the mean over mirrored passes ``flip(f(flip(x_w)))`` over all non-empty subsets of the
@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import Passes
-from ..errors import InputError, ModelLoadError, UnsupportedModelError
-from ..transforms import Prepared, Preprocessing, Preprocessor
+from medexplain.engine.core import Passes
+from medexplain.errors import InputError, ModelLoadError, UnsupportedModelError
+from medexplain.models.transforms import Prepared, Preprocessing, Preprocessor
 
 __all__ = ["NnUNetModel", "NnUNetNetwork", "NnUNetInferer", "NnUNetPreprocessing", "load_nnunet", "as_nnunet",
            "order_channel_files", "case_stem", "find_trainer_class", "INSTALL"]
@@ -105,7 +105,7 @@ def case_stem(path) -> str | None:
 class NnUNetNetwork(Passes):
     """nnU-Net's prediction of one window (module docstring): the mean over ``networks`` (folds) and over
     the plain pass and every mirrored pass over the non-empty subsets of ``mirror_axes`` (spatial axes,
-    0-based, as nnU-Net stores them; ``None``: no mirroring). It is :class:`medexplain.core.Passes`, the
+    0-based, as nnU-Net stores them; ``None``: no mirroring). It is :class:`medexplain.engine.core.Passes`, the
     members x flips of every ``mx.Model``, so gradients, pass counts and CAMs (each pass's cells flipped
     back, summed over the folds: ``docs/cam.md``) go through the one mechanism. nnU-Net explains logits
     (its networks end in a convolution); a deep-supervision list gives its full-resolution head."""
@@ -135,7 +135,7 @@ class NnUNetInferer(_sliding_window_inferer_class()):
     ``nnUNetPredictor._internal_get_sliding_window_slicers`` at ``tile_step_size``, the Gaussian
     ``compute_gaussian(patch_size, sigma_scale=1/8, value_scaling_factor=10)`` (or constant weights),
     constant zero padding to the patch size as ``pad_nd_image``. :meth:`window_layout` is what
-    :class:`medexplain.sliding.SlidingWindowModel` reads instead of MONAI's placement."""
+    :class:`medexplain.engine.sliding.SlidingWindowModel` reads instead of MONAI's placement."""
 
     def __init__(self, patch_size: Sequence[int], tile_step_size: float = 0.5, use_gaussian: bool = True,
                  sw_batch_size: int = 1):
@@ -175,7 +175,7 @@ class NnUNetInferer(_sliding_window_inferer_class()):
         """Eq. (1) with nnU-Net's layout, in the input's dtype (nnU-Net accumulates in float16)."""
         from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
-        from ..core import chunks
+        from medexplain.engine.core import chunks
 
         xp, revert = pad_nd_image(inputs, self.patch_size, "constant", {"value": 0}, True, None)
         slices, g = self.window_layout(xp.shape[2:], inputs.dtype, inputs.device)
@@ -198,7 +198,7 @@ class NnUNetInferer(_sliding_window_inferer_class()):
 # preprocessing and its inverse
 # --------------------------------------------------------------------------------------------------
 class NnUNetPreprocessing(Preprocessing):
-    """The model's nnU-Net preprocessing as a :class:`medexplain.transforms.Preprocessing` (what the
+    """The model's nnU-Net preprocessing as a :class:`medexplain.models.transforms.Preprocessing` (what the
     pipelines take): :meth:`build` gives the :class:`NnUNetPreprocessor`."""
 
     def __init__(self, model: "NnUNetModel"):
@@ -332,7 +332,7 @@ class NnUNetModel:
 
     def fold_networks(self) -> list[NnUNetNetwork]:
         """One window network per fold (with mirroring when ``use_mirroring``): the fold models of
-        :func:`medexplain.shapley.fold_consensus`."""
+        :func:`medexplain.segmentation.shapley.fold_consensus`."""
         if "folds" not in self._cache:
             self._cache["folds"] = [NnUNetNetwork([n], self._axes()) for n in self.networks]
         return self._cache["folds"]
@@ -361,9 +361,9 @@ class NnUNetModel:
         return self.preprocessing.build().apply(image, affine)
 
     def model(self):
-        """The network run by nnU-Net's sliding window (:class:`medexplain.sliding.SlidingWindowModel`): the
+        """The network run by nnU-Net's sliding window (:class:`medexplain.engine.sliding.SlidingWindowModel`): the
         logits of a preprocessed batch ``(B, C, *s')`` with the window-by-window gradient."""
-        from ..sliding import SlidingWindowModel
+        from medexplain.engine.sliding import SlidingWindowModel
         return SlidingWindowModel(self.network, self.inferer)
 
     @torch.no_grad()

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Cost, check_input, chunks, model_guard, select_output
-from ..errors import InputError, TargetError, UnsupportedModelError
-from ..ops import probabilities
-from ..targets import MultiLabel, Target, as_target
+from medexplain.engine.core import Cost, check_input, chunks, model_guard, select_output
+from medexplain.engine.ops import probabilities
+from medexplain.engine.targets import MultiLabel, Target, as_target
+from medexplain.errors import InputError, TargetError, UnsupportedModelError
 
 __all__ = ["PatchNet", "shift_offsets"]
 
@@ -121,9 +121,9 @@ class PatchNet(nn.Module):
 
         ``kind="raw"``: patch logits ``z_i``; ``kind="scaled"``: ``z_i * sigmoid(Z)`` (paper, Fig. 2 f) with
         ``Z`` the image logit of the (shifted) image itself; ``activation`` is the model's output
-        activation (``"softmax"`` for single-label CE models; :func:`medexplain.ops.probabilities`).
-        ``target``: a class index, one per sample, a :class:`medexplain.targets.Class` or
-        :class:`~medexplain.targets.MultiLabel` (the map is then the sum over the set).
+        activation (``"softmax"`` for single-label CE models; :func:`medexplain.engine.ops.probabilities`).
+        ``target``: a class index, one per sample, a :class:`medexplain.engine.targets.Class` or
+        :class:`~medexplain.engine.targets.MultiLabel` (the map is then the sum over the set).
         ``offset``: the shift step ``o`` (int or per axis, must divide the patch size); None = no shift.
         ``border``: ``"reference"`` divides by the number of shifts, ``"coverage"`` by the shifts covering
         each voxel. ``chunk_size``: rows (images) given to the model in one call, whole shifts of the

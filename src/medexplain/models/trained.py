@@ -1,14 +1,14 @@
 """Classifiers trained from a planted set or a labelled manifest into a folder, and read back.
 
 :func:`train_to_folder` is what ``medexplain train`` runs: the data (a planted set of :mod:`medexplain.data`,
-labels planted, not diagnostic; or a manifest read by :func:`medexplain.training.read_training_manifest`),
+labels planted, not diagnostic; or a manifest read by :func:`medexplain.models.training.read_training_manifest`),
 the network (:func:`build_model`: a backbone, wrapped in a MedicalPatchNet :class:`~medexplain.models.PatchNet`
 when the patch is smaller than the image, else the image-level baseline with the same backbone), training
-with :func:`medexplain.training.train` (AdamW + OneCycle, the paper's augmentations
-:class:`medexplain.augment.PaperAugment`, weights after every epoch) and the validation AUROC.
+with :func:`medexplain.models.training.train` (AdamW + OneCycle, the paper's augmentations
+:class:`medexplain.data.augment.PaperAugment`, weights after every epoch) and the validation AUROC.
 
 The folder holds ``config.json`` (what :func:`load_trained` rebuilds the network from), ``model.pt`` (the
-weights, :func:`medexplain.training.save_weights`) and ``history.json``; every file is written atomically.
+weights, :func:`medexplain.models.training.save_weights`) and ``history.json``; every file is written atomically.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ..augment import PaperAugment
-from ..core import resolve_device
-from ..errors import FileFormatError, InputError
-from ..io import check_output_dir, write_json
-from ..training import TrainingData, evaluate, read_training_manifest, read_weights, save_weights, train
-from .patchnet import PatchNet
-from .zoo import classifier_2d
+from medexplain.data.augment import PaperAugment
+from medexplain.engine.core import resolve_device
+from medexplain.errors import FileFormatError, InputError
+from medexplain.io import check_output_dir, write_json
+from medexplain.models.patchnet import PatchNet
+from medexplain.models.training import TrainingData, evaluate, read_training_manifest, read_weights, save_weights, train
+from medexplain.models.zoo import classifier_2d
 
 __all__ = ["PLANTED", "TrainedModel", "build_model", "load_trained", "training_data", "train_to_folder"]
 
@@ -66,9 +66,9 @@ def build_model(in_channels: int, num_classes: int, patch_size: int | None, imag
 
 def training_data(data: str, image_size: int = 64, n: int = 1200, seed: int = 0, val_frac: float = 0.2) -> TrainingData:
     """A planted set by name (:data:`PLANTED`; ``n`` images of ``image_size`` pixels, stratified split)
-    or a manifest ``.csv`` (:func:`medexplain.training.read_training_manifest`)."""
+    or a manifest ``.csv`` (:func:`medexplain.models.training.read_training_manifest`)."""
     if data in PLANTED:
-        from .. import data as planted  # here: the generators import SciPy, which the CLI's start need not pay
+        from medexplain import data as planted  # here: the generators import SciPy, which the CLI's start need not pay
         fn, kw = PLANTED[data]
         ds = getattr(planted, fn)(n=n, size=image_size, seed=seed, **kw)
         tr, va = ds.split(1 - val_frac)
@@ -86,7 +86,7 @@ def train_to_folder(data: str, out, *, patch_size: int | None = None, image_size
     """Train a MedicalPatchNet (``patch_size``) or its image-level baseline on ``data`` and write the
     folder ``out`` (see the module docstring). ``loss`` defaults to ``bce`` for planted sets and
     multi-label manifests, ``ce`` for single-label manifests. ``device``: where it trains (``None``: the CPU,
-    ``"auto"``: CUDA when present, ``"cpu"``, ``"cuda[:N]"``; :func:`medexplain.core.resolve_device`); the
+    ``"auto"``: CUDA when present, ``"cpu"``, ``"cuda[:N]"``; :func:`medexplain.engine.core.resolve_device`); the
     weights are written from the CPU either way. Every check runs before anything is written."""
     if patch_size is not None and (patch_size < 1 or image_size % patch_size):
         raise InputError(f"--patch-size {patch_size} must divide --image-size {image_size}")

@@ -1,5 +1,5 @@
 """The planted-data model zoo: small MONAI networks and ``pretrained(task)``, which builds the planted
-data set, trains the model with :func:`medexplain.training.train` (or loads cached weights) and returns
+data set, trains the model with :func:`medexplain.models.training.train` (or loads cached weights) and returns
 ``(model in eval mode, dataset)``.
 
 Weights are cached under ``$MEDEXPLAIN_CACHE`` (default ``~/.cache/medexplain``) in a file named by a
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..augment import channel_dropout, compose, random_flip
-from ..errors import InputError, ModelLoadError
-from ..training import read_weights, save_weights, train
+from medexplain.data.augment import channel_dropout, compose, random_flip
+from medexplain.errors import InputError, ModelLoadError
+from medexplain.models.training import read_weights, save_weights, train
 
 __all__ = ["classifier_2d", "unet_3d", "cam_layer", "pretrained", "from_spec", "model_card", "cache_dir", "config",
            "TASKS"]
 
-# 3: weights in the one format of medexplain.training.save_weights; random_flip flips spatial axes (it flipped
+# 3: weights in the one format of medexplain.models.training.save_weights; random_flip flips spatial axes (it flipped
 # the channel axis and swapped label maps between samples before).
 ZOO_VERSION = 3
 
@@ -63,7 +63,7 @@ def cam_layer(model: nn.Module, x=None) -> str:
         return "layer4"
     if x is None:
         raise ValueError("this model has no 'layer4': pass an input x so the default CAM layer can be found from it")
-    from ..methods.cam_layers import default_layer
+    from medexplain.methods.cam_layers import default_layer
     return default_layer(model, x)
 
 
@@ -119,7 +119,7 @@ def config_hash(cfg: dict) -> str:
 
 def build(cfg: dict) -> tuple[nn.Module, object]:
     """The untrained network and the data set of a configuration."""
-    from .. import data
+    from medexplain import data
     ds = getattr(data, cfg["data"])(**cfg["data_kwargs"])
     torch.manual_seed(cfg["seed"])
     net = {"classifier_2d": classifier_2d, "unet_3d": unet_3d}[cfg["net"]](**cfg["net_kwargs"])

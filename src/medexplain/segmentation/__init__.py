@@ -7,7 +7,7 @@ with mean or max aggregation, Grad-CAM++), :func:`quantify` turns the maps into 
 instance, :func:`group_statistics` compares TP / FP / FN, and :func:`context_experiment` measures how
 much context around a lesion the model needs to keep detecting it.
 """
-from .instances import (
+from medexplain.segmentation.instances import (
     Instance,
     check_threshold,
     find_instances,
@@ -16,8 +16,8 @@ from .instances import (
     reference_foreground,
     structure,
 )
-from .quantify import context_experiment, group_statistics, markdown_table, quantify, write_csv
-from .saliency import decoder_layer, explain_instances, instance_options, instance_saliency
+from medexplain.segmentation.quantify import context_experiment, group_statistics, markdown_table, quantify, write_csv
+from medexplain.segmentation.saliency import decoder_layer, explain_instances, instance_options, instance_saliency
 
 __all__ = ["Instance", "check_threshold", "context_experiment", "decoder_layer", "explain_instances",
            "find_instances", "flatten_instances", "group_statistics", "instance_options", "instance_saliency",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..errors import InputError, OptionError
+from medexplain.errors import InputError, OptionError
 
 KINDS = ("TP", "FP", "FN")
 #: ``find_instances``' edge rules: medexplain's (default) and the IES reference code's.

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 
-from ..core import check_input, chunks, forward, model_guard
-from ..errors import InputError
-from ..io import atomic_path
-from ..models.model import as_model
-from ..ops import probabilities
-from .instances import KINDS, Instance, flatten_instances, structure
+from medexplain.engine.core import check_input, chunks, forward, model_guard
+from medexplain.engine.ops import probabilities
+from medexplain.errors import InputError
+from medexplain.io import atomic_path
+from medexplain.models.model import as_model
+from medexplain.segmentation.instances import KINDS, Instance, flatten_instances, structure
 
 
 def _channel_names(c: int, names) -> list[str]:
@@ -155,7 +155,7 @@ def context_experiment(model, x: torch.Tensor, instance, d_max: int = 10, channe
     ``d`` times (every channel; zero elsewhere) and the model is run: one row per ``d`` with
     ``kept_voxels``, ``mean_probability`` (lesion probability averaged over the instance voxels, by the
     model's output activation, ``mx.Model(activation=)``: ``auto`` is softmax over several output channels of
-    logits, or sigmoid for a one-channel output; :func:`medexplain.ops.probabilities`) and ``detected``
+    logits, or sigmoid for a one-channel output; :func:`medexplain.engine.ops.probabilities`) and ``detected``
     (some instance voxel still has probability > ``threshold``). ``instance`` may be a list: then one list
     of rows per instance. The ``d_max + 1`` inputs go through the model ``chunk_size`` rows per call; the
     model is left as found. ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (its sliding

@@ -1,7 +1,7 @@
 """Instance-level saliency for segmentation models, per lesion and per input channel: the instance API.
 
 Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion segmentation"
-(seed 001). The methods are registered ones run over a :class:`~medexplain.targets.Regions` target (one
+(seed 001). The methods are registered ones run over a :class:`~medexplain.engine.targets.Regions` target (one
 region per lesion instance): **instance SmoothGrad** (mean or max aggregation over the lesion voxels, noise
 sd from the first input channel) is ``instance_smoothgrad`` (:mod:`medexplain.methods.instance`, which
 states the formulas and the cost), and **instance Grad-CAM++** is the registered ``gradcam++`` with the
@@ -10,14 +10,14 @@ the reference's layer); ``variant="paper"`` (default) is Chattopadhay et al.'s e
 ``variant="monai"`` MONAI's ``GradCAMpp`` formula, which the IES reference code calls.
 
 :func:`explain_instances` and :func:`instance_saliency` check the instances, build the ``Regions`` target
-and call :func:`medexplain.explain`: ``mx.explain(model, x, "instance_smoothgrad",
+and call :func:`medexplain.engine.explain`: ``mx.explain(model, x, "instance_smoothgrad",
 target=Regions(1, masks, samples))`` gives the same maps. Maps are kept per input channel
 (``(n_instances, C, *spatial)``; Grad-CAM++ gives one channel) and are raw and signed.
 
 Differences from the reference code (federicospagnolo/IES): the mean map is divided by N (the reference
 also divides by the number of lesions, a constant factor); the max loop visits every lesion voxel (as the
 reference's latest version; earlier ones skipped the last one); noise is drawn per image from ``seed``
-(:class:`medexplain.ops.NoiseSource` with ``scale="channel0"``, the one SmoothGrad noise rule) so results
+(:class:`medexplain.engine.ops.NoiseSource` with ``scale="channel0"``, the one SmoothGrad noise rule) so results
 do not depend on the chunking or on which other instances are explained. The instance rules and the
 Grad-CAM++ formula can follow the reference (``find_instances(..., rules="reference")``,
 ``variant="monai"``); ``docs/instances.md`` lists every difference with its measured size.
@@ -30,12 +30,22 @@ import time
 import torch
 from torch import nn
 
-from ..attribution import Attribution
-from ..core import CONV, CONV_TRANSPOSE, capture_layers, check_input, chunks, forward, model_guard, require_hooks, unwrap
-from ..errors import InputError, OptionError, TargetError, UnsupportedModelError
-from ..registry import instance_method
-from ..targets import Regions
-from .instances import Instance, flatten_instances
+from medexplain.engine.attribution import Attribution
+from medexplain.engine.core import (
+    CONV,
+    CONV_TRANSPOSE,
+    capture_layers,
+    check_input,
+    chunks,
+    forward,
+    model_guard,
+    require_hooks,
+    unwrap,
+)
+from medexplain.engine.registry import instance_method
+from medexplain.engine.targets import Regions
+from medexplain.errors import InputError, OptionError, TargetError, UnsupportedModelError
+from medexplain.segmentation.instances import Instance, flatten_instances
 
 #: Options of :func:`explain_instances` that choose a formula: refused for a method that does not take them.
 FORMULA_OPTIONS = ("aggregate", "variant", "upsample", "strategy", "noise", "backward_rows")
@@ -53,7 +63,7 @@ def decoder_layer(model: nn.Module, x: torch.Tensor) -> str:
     ``core.CONV_TRANSPOSE``) recorded on the autograd path by the one layer hook (``mode="tap"``) and the
     dependency read by :func:`medexplain.methods.cam_layers.dependent`.
     """
-    from ..methods.cam_layers import dependent
+    from medexplain.methods.cam_layers import dependent
     half = tuple((s + 1) // 2 for s in x.shape[2:])
     convs = [n for n, m in unwrap(model).named_modules() if n and isinstance(m, CONV + CONV_TRANSPOSE)]
     with torch.enable_grad(), capture_layers(model, convs, mode="tap") as caps:
@@ -85,7 +95,7 @@ def _check_instances(instances, x: torch.Tensor) -> list[Instance]:
 
 def instance_options(method: str | None = None, **given) -> tuple:
     """``(method, options)``: the registered method that explains instances for ``method``
-    (:func:`medexplain.registry.instance_method`) and the options of :func:`explain_instances` it takes,
+    (:func:`medexplain.engine.registry.instance_method`) and the options of :func:`explain_instances` it takes,
     checked by its signature before any work. A formula option (:data:`FORMULA_OPTIONS`) given to a method
     that does not take it is an :class:`~medexplain.errors.OptionError`; the noise settings and the layer,
     which the instances command passes to every method, go to the methods that take them. ``upsample``
@@ -122,7 +132,7 @@ def explain_instances(model, x: torch.Tensor, instances, method: str | None = No
         A segmentation network returning logits ``(B, K, *spatial)``, or the model object of one
         (:class:`medexplain.models.model.Model`: its output adapter, passes, sliding window and train/eval
         policy; a bare module is wrapped in one, :func:`medexplain.models.model.as_model`); left exactly as
-        found. Through a sliding window (``mx.Model(net, inferer=...)``, :mod:`medexplain.sliding`) each
+        found. Through a sliding window (``mx.Model(net, inferer=...)``, :mod:`medexplain.engine.sliding`) each
         instance is backpropagated through the windows it touches only (``"batched"`` then runs as
         ``"loop"``, one backward per instance on the shared forward; ``"vmap"`` is refused), and ``info``
         counts windows.
@@ -131,7 +141,7 @@ def explain_instances(model, x: torch.Tensor, instances, method: str | None = No
     instances : list of :class:`Instance` (or per-sample lists, as :func:`find_instances` returns)
         Masks on the model's output grid. Maps come back in the flattened order.
     method : a registered method (default: instance SmoothGrad, ``instance_smoothgrad``); ``"smoothgrad"``
-        means its instance form ``instance_smoothgrad`` (:func:`medexplain.registry.instance_method`),
+        means its instance form ``instance_smoothgrad`` (:func:`medexplain.engine.registry.instance_method`),
         ``"gradcam++"`` instance Grad-CAM++; any other registered method is run on each instance's image
         with the instance's region as the target.
     aggregate : ``"mean"`` (sum of the lesion's logits) or ``"max"`` (per input voxel, the signed
@@ -166,8 +176,8 @@ def explain_instances(model, x: torch.Tensor, instances, method: str | None = No
         How mean-aggregated instances share a forward pass (:mod:`medexplain.methods.instance`); all give
         the same maps up to floating-point rounding.
     """
-    from ..explain import explain
-    from ..models.model import as_model
+    from medexplain.engine.explain import explain
+    from medexplain.models.model import as_model
 
     spec, own = instance_options(method, aggregate=aggregate, n_samples=n_samples, sigma=sigma, seed=seed,
                                  chunk_size=chunk_size, backward_rows=backward_rows, layer=layer, strategy=strategy,

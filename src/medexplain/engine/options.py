@@ -14,7 +14,7 @@ registry"). Its annotations and defaults are the option types, so no second list
 
 Ranges are enforced for the options whose meaning is fixed across medexplain (:data:`RANGES`:
 ``n_samples >= 1``, ``steps >= 1``, ``chunk_size >= 1``, ...), a combination the types cannot express
-by the ``check`` the method declares (:func:`medexplain.registry.register`), and an unknown option
+by the ``check`` the method declares (:func:`medexplain.engine.registry.register`), and an unknown option
 name is an
 :class:`~medexplain.errors.OptionError` naming the close matches. Values that come from text
 (``text=True``: the command line, manifests) are parsed; values from Python are checked, never
@@ -45,9 +45,9 @@ from typing import Callable
 
 import torch
 
-from .core import OutputAdapter, peel_adapters, select_output
-from .core import storage_key as _storage_key
-from .errors import MemoryBudgetError, OptionError  # noqa: F401  (MemoryBudgetError re-exported)
+from medexplain.engine.core import OutputAdapter, peel_adapters, select_output
+from medexplain.engine.core import storage_key as _storage_key
+from medexplain.errors import MemoryBudgetError, OptionError  # noqa: F401  (MemoryBudgetError re-exported)
 
 #: Lower bounds of the options whose meaning is fixed across medexplain: ``(bound, inclusive)``.
 RANGES: dict[str, tuple[float, bool]] = {
@@ -247,7 +247,7 @@ def check_options(method: str, fn: Callable, options: dict | None, text: bool = 
 
 
 def _declared(fn: Callable, what: str):
-    """What the method declared at registration (``check``, ``cost``; :func:`medexplain.registry.register`
+    """What the method declared at registration (``check``, ``cost``; :func:`medexplain.engine.registry.register`
     records the declaration on the function as ``fn.spec``), or None."""
     return getattr(getattr(fn, "spec", None), what, None)
 
@@ -283,9 +283,9 @@ def estimate_passes(method: str, fn: Callable, x_shape, options: dict) -> tuple[
     """``(forward rows, backward rows)`` a call of ``method`` (whose explainer is ``fn``) on a batch of
     shape ``x_shape`` will send through the model with ``options`` (one image-sized input is one row, as
     ``info["n_forward"]`` counts them), or ``None`` when the count is not known in advance: the ``cost``
-    model the method declares (:func:`medexplain.registry.register`), given the options with their
+    model the method declares (:func:`medexplain.engine.registry.register`), given the options with their
     defaults. Single-pass methods such as the CAMs declare none; ``tests/test_options.py`` checks each
-    model against the counted rows. With ``fn=None``, the two pipeline steps ``pipelines.py`` estimates as
+    model against the counted rows. With ``fn=None``, the two pipeline steps ``pipelines/__init__.py`` estimates as
     a whole (:func:`_pipeline_passes`)."""
     if fn is None:
         return _pipeline_passes(method, x_shape, options)
@@ -294,7 +294,7 @@ def estimate_passes(method: str, fn: Callable, x_shape, options: dict) -> tuple[
 
 
 def _pipeline_passes(method: str, x_shape, options: dict) -> tuple[int, int] | None:
-    """The steps of ``pipelines.py`` beyond one registered call: ``"instances"`` (options ``n_instances``,
+    """The steps of ``pipelines/__init__.py`` beyond one registered call: ``"instances"`` (options ``n_instances``,
     ``noise``: whether the method draws ``n_samples`` noisy copies, ``n_samples``) and ``"shapley"`` per
     model (``n_players``, ``method``, ``n_permutations``; permutation sampling: an upper bound)."""
     b = int(x_shape[0])
@@ -364,9 +364,9 @@ def estimate_cost(method: str, fn: Callable, x_shape, options: dict, seconds_per
 
 
 class CountingModel(OutputAdapter):
-    """``model`` with the output adapter applied (:func:`medexplain.core.select_output`, ``output=``)
+    """``model`` with the output adapter applied (:func:`medexplain.engine.core.select_output`, ``output=``)
     that calls ``on_rows(n)`` after each forward of ``n`` rows: the progress of a multi-pass method.
-    Being an :class:`~medexplain.core.OutputAdapter`, layer names still resolve on the user's model.
+    Being an :class:`~medexplain.engine.core.OutputAdapter`, layer names still resolve on the user's model.
     ``adapt=False`` passes the output on as the model returns it (a member of an ``mx.Model``, whose own
     adapter reads it: :func:`counting`)."""
 
@@ -389,7 +389,7 @@ def counting(model, on_rows: Callable[[int], None] | None, output=None, inferer=
     pass (``on_rows(n)``; the progress bars of the pipelines, in the unit of ``info["n_forward"]``). Every setting
     of the Model is kept: the train/eval policy, the output adapter, the activation, the flips, the sliding
     window, the device and dtype (a counting wrapper around the Model would hide them)."""
-    from .models.model import Model, as_model
+    from medexplain.models.model import Model, as_model
 
     m = as_model(model, output=output, inferer=inferer)
     return Model([CountingModel(n, None, on_rows, adapt=False) for n in m.networks],
@@ -467,7 +467,7 @@ _PROBING.active = False
 
 def _measure_row(inner, x1: torch.Tensor) -> int | None:
     """Bytes of one model call on the one row ``x1`` (see :func:`probe_row_bytes`), or None."""
-    from .core import model_guard
+    from medexplain.engine.core import model_guard
 
     own = {_storage_key(t)[0] for t in list(inner.parameters()) + list(inner.buffers())}
     seen, largest = {}, [0]
@@ -532,7 +532,7 @@ def probe_row_bytes(model, x: torch.Tensor, limit: int | None = None) -> int | N
 
     ``model``: what the methods call (an ``mx.Model``'s runner: its passes, every ensemble member and flip of
     one call measured together), an ``mx.Model`` or an ``nn.Module``. The cache is kept per user network."""
-    from .core import n_passes, unwrap
+    from medexplain.engine.core import n_passes, unwrap
 
     inner = getattr(model, "runner", model)      # an mx.Model: what its methods call
     key = (tuple(x.shape[1:]), x.dtype, str(x.device), n_passes(inner))
@@ -631,9 +631,9 @@ def plan_memory(method: str, fn: Callable, model, x: torch.Tensor, options: dict
 @dataclass
 class WindowMemoryPlan:
     """The memory budget of one sliding-window explanation (:func:`plan_window_memory`) and, once it ran,
-    what the engine did with it (:meth:`medexplain.sliding.WindowStats.memory`)."""
+    what the engine did with it (:meth:`medexplain.engine.sliding.WindowStats.memory`)."""
 
-    net: object   # a medexplain.sliding.SlidingWindowModel
+    net: object   # a medexplain.engine.sliding.SlidingWindowModel
     budget: int
     how: str
     explicit: bool
@@ -647,7 +647,7 @@ class WindowMemoryPlan:
 
 def plan_window_memory(net, x: torch.Tensor, memory=None) -> WindowMemoryPlan:
     """The budget of a sliding-window explanation of ``x`` (``memory`` GB, ``--memory``; by default half the
-    memory available, :func:`memory_budget`), set on ``net`` (a :class:`medexplain.sliding.SlidingWindowModel`,
+    memory available, :func:`memory_budget`), set on ``net`` (a :class:`medexplain.engine.sliding.SlidingWindowModel`,
     ``net.budget``).
 
     The peak of an explanation through windows is the four full-volume arrays (input, output, cotangent and
@@ -655,7 +655,7 @@ def plan_window_memory(net, x: torch.Tensor, memory=None) -> WindowMemoryPlan:
     window call's graph while the kept graphs and the four arrays fit in the budget (those windows are not
     recomputed in the backward: the time of autograd through MONAI's inferer), and recomputes the others
     one call at a time (Chen et al. 2016); when even the four arrays and one window call do not fit, the
-    engine's full-volume arrays are memory-mapped files (:func:`medexplain.sliding._volume_array`). With an explicit
+    engine's full-volume arrays are memory-mapped files (:func:`medexplain.engine.sliding._volume_array`). With an explicit
     ``memory``, one window call (``sw_batch_size`` windows) is probed first (:func:`probe_row_bytes`)
     and a :class:`~medexplain.errors.MemoryBudgetError` raised before any compute when it does not fit."""
     budget, how = memory_budget(memory, x.device)

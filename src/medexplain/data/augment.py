@@ -1,4 +1,4 @@
-"""Every training augmentation of medexplain, batched, with the :func:`medexplain.training.train` contract
+"""Every training augmentation of medexplain, batched, with the :func:`medexplain.models.training.train` contract
 ``aug(x, y, generator) -> (x, y)``: MedicalPatchNet's (:class:`PaperAugment`), random flips
 (:func:`random_flip`) and contrast dropout (:func:`channel_dropout`) for the zoo's volumes, and
 :func:`compose`.
@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from medexplain.errors import InputError
 
 __all__ = ["PaperAugment", "channel_dropout", "compose", "random_flip"]
 
@@ -46,7 +46,7 @@ def _rotation(angles: torch.Tensor, n: int) -> torch.Tensor:
 
 class PaperAugment:
     """``aug(x)`` -> augmented batch ``(B, C, *spatial)`` (same shape); ``aug(x, y, generator)`` -> ``(x, y)``
-    as :func:`medexplain.training.train` calls it (labels unchanged, label maps resampled alike).
+    as :func:`medexplain.models.training.train` calls it (labels unchanged, label maps resampled alike).
 
     Deterministic given ``seed`` (an internal ``torch.Generator`` advances with every call) or the
     ``generator`` passed in.
@@ -86,7 +86,7 @@ class PaperAugment:
         return torch.cat([a, centre[:, flip].unsqueeze(2)], 2)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None, generator: torch.Generator | None = None):
-        """Augment ``x``; with ``y`` return ``(x, y)`` (the :func:`medexplain.training.train` contract):
+        """Augment ``x``; with ``y`` return ``(x, y)`` (the :func:`medexplain.models.training.train` contract):
         class labels pass through, dense label maps / masks ``(B, *spatial)`` or ``(B, 1, *spatial)`` are
         resampled with the same transform (nearest). ``generator`` overrides the internal one."""
         if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):

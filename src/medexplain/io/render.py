@@ -1,5 +1,5 @@
 """The one renderer of medexplain: the PNG figures of ``medexplain explain`` (:func:`figure`, written by
-:func:`medexplain.io.write_png_overlay`) and every panel of ``report.html`` (:mod:`medexplain.report`) are
+:func:`medexplain.io.write_png_overlay`) and every panel of ``report.html`` (:mod:`medexplain.io.report`) are
 drawn by the functions here, so a map looks the same in both. Built on matplotlib: its colormaps
 (``RdBu_r`` for signed maps, a truncated ``hot`` for non-negative ones), its figure layout and colour bar.
 Reorientation to RAS uses nibabel's orientation tools. Only display scaling is applied; nothing is written
@@ -77,7 +77,7 @@ def colormap(signed: bool, name: str | None = None):
     from matplotlib.colors import ListedColormap
     if name is not None:
         if name not in colormaps:
-            from .errors import OptionError
+            from medexplain.errors import OptionError
             raise OptionError(f"unknown colour map {name!r}; e.g. viridis, magma, inferno, jet, RdBu_r, hot")
         return colormaps[name]
     if signed:
@@ -349,7 +349,7 @@ FIGURE_OPTIONS = {"alpha": float, "percentile": float, "cmap": str,
 def figure_options(pairs) -> dict:
     """``{"alpha": "0.4", ...}`` or ``["alpha=0.4", ...]`` (``--figure`` values) as typed :func:`figure` options,
     checked: a typed error names the bad key or value before any work."""
-    from .errors import OptionError
+    from medexplain.errors import OptionError
     if pairs is None:
         return {}
     if not isinstance(pairs, dict):

@@ -9,13 +9,13 @@ Columns (header required, order free, names case-insensitive):
   when given, the run scores each map with the pointing game (:func:`medexplain.metrics.hit_rate`);
 - ``label`` (optional): the true class index, reported next to the prediction;
 - ``target`` (optional): the class index to explain; empty or ``predicted`` = the default of the one
-  target grammar (:func:`medexplain.targets.resolve_target`: a classifier's top class, a segmenter's
+  target grammar (:func:`medexplain.engine.targets.resolve_target`: a classifier's top class, a segmenter's
   foreground class with the most predicted voxels);
 - ``region`` (optional, segmenters): ``predicted`` (default), ``all``, or a mask file (resampled onto the
   image grid by its geometry) of the region to explain;
 - ``spacing``, ``orientation``, ``spatial_size``, ``min_spatial_size``, ``divisible_by``, ``intensity``,
   ``transform`` (optional): the preprocessing of the case, as the command line's ``--spacing`` etc.
-  (:class:`medexplain.transforms.Preprocessing`); the maps are put back on the image grid;
+  (:class:`medexplain.models.transforms.Preprocessing`); the maps are put back on the image grid;
 - ``series`` (optional): the SeriesInstanceUID to read when the image is a folder of several DICOM series, or
   the series of the row's PACS study;
 - ``study`` (optional, with ``run --pacs URL``): a StudyInstanceUID on the PACS instead of an image file: the
@@ -38,8 +38,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FileFormatError
-from ..io import file_stem, safe_file_name
+from medexplain.errors import FileFormatError
+from medexplain.io import file_stem, safe_file_name
 
 #: Separates the files of a case given as one file per input channel in the ``image`` cell.
 IMAGE_SEPARATOR = "|"
@@ -74,8 +74,8 @@ class Case:
         return self.image.split(IMAGE_SEPARATOR)
 
     def preprocessing_spec(self):
-        """The case's :class:`medexplain.transforms.Preprocessing`."""
-        from ..transforms import Preprocessing
+        """The case's :class:`medexplain.models.transforms.Preprocessing`."""
+        from medexplain.models.transforms import Preprocessing
         return Preprocessing(**dict(self.preprocessing))
 
 
@@ -188,8 +188,8 @@ def _case(i: int, line: int, cells: dict[str, str], base: Path, width: int) -> C
         region = region.lower() if region.lower() in ("predicted", "all") else resolve(region)
     prep = tuple((c, cells[c]) for c in PREPROCESSING_COLUMNS if cells.get(c))
     if prep:
-        from ..errors import MedexplainError
-        from ..transforms import Preprocessing
+        from medexplain.errors import MedexplainError
+        from medexplain.models.transforms import Preprocessing
         try:
             Preprocessing(**dict(prep))
         except MedexplainError as e:

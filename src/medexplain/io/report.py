@@ -2,14 +2,14 @@
 truth) mask outline, the model's prediction, and a metrics table per method. No external resource: PNGs
 are embedded as base64 data URIs, CSS and JS are inline, so the file opens offline and can be mailed as is.
 
-Every panel is drawn by :mod:`medexplain.render`, the renderer of the ``explain`` PNG figures: the same
+Every panel is drawn by :mod:`medexplain.io.render`, the renderer of the ``explain`` PNG figures: the same
 colormaps (matplotlib's ``RdBu_r`` for signed maps, centred at 0; a sequential ``hot`` for non-negative
 ones), the same robust colour limit (the 99th percentile of |map| over the case's whole map, stated under
 each panel with a colour bar), colour images in colour, the same opacity rule. Maps are shown raw per case
 (only this display scaling is applied).
 
 3D cases get a tri-planar viewer: the volume reoriented to the closest RAS axes (render's
-:func:`~medexplain.render.to_ras`), axial, coronal and sagittal planes in the radiological convention with
+:func:`~medexplain.io.render.to_ras`), axial, coronal and sagittal planes in the radiological convention with
 R/L, A/P, S/I labels, one slider per plane and a crosshair linked across the planes and the panels (moving
 the axial slider moves the horizontal line of the coronal and sagittal planes; clicking a plane moves the
 other two). The viewer starts at the mask's centre voxel (else the first map's peak). A self-check for
@@ -32,8 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from . import render
-from .io import check_output_dir, write_text
+from medexplain.io import check_output_dir, render, write_text
 
 __all__ = ["write_report", "write_index", "render_overlay", "render_image"]
 
@@ -284,7 +283,7 @@ figcaption{font-size:.85em;color:#333;margin-top:2px} .legend span{display:inlin
 _JS = """
 (function(){
   var DATA = JSON.parse(document.getElementById('mx-slices').textContent);
-  // the planes of a RAS volume (as medexplain.render.PLANES): axis cut, axis along rows, axis along columns
+  // the planes of a RAS volume (as medexplain.io.render.PLANES): axis cut, axis along rows, axis along columns
   var PLANES = {axial: {axis: 2, rows: 1, cols: 0}, coronal: {axis: 1, rows: 2, cols: 0},
                 sagittal: {axis: 0, rows: 2, cols: 1}};
   function q(sel){ return Array.prototype.slice.call(document.querySelectorAll(sel)); }
@@ -481,7 +480,7 @@ def write_index(path, rows: Sequence[Mapping], methods: Sequence[str], *, root=N
     """Write the index of a run to ``path`` (atomically): one table row per case (in the order of ``rows``), one
     column per method of ``methods``; each cell is the item's status (``ok``, ``error``, ``skipped``,
     ``missing``), its hit rate, links to its map and outputs (figures, DICOM objects) and, for an item that is not
-    ``ok``, its error message. ``rows``: the run's records (:meth:`medexplain.run.store.RunStore.collect`:
+    ``ok``, its error message. ``rows``: the run's records (:meth:`medexplain.pipelines.run.store.RunStore.collect`:
     ``case_id``, ``method``, ``status``, ``map`` and ``outputs`` relative to ``root``, ``error``); ``root``: the
     folder those paths are relative to (default: the page's folder). Links are relative to the page, so the
     run folder can be moved or copied whole. Returns the path written."""

@@ -23,9 +23,9 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .errors import EmptyRegionError, TargetError
-from .ops import detect_activation, probabilities, resolve_activation
-from .ops import dice as dice_score
+from medexplain.engine.ops import detect_activation, probabilities, resolve_activation
+from medexplain.engine.ops import dice as dice_score
+from medexplain.errors import EmptyRegionError, TargetError
 
 
 class Target:
@@ -189,7 +189,7 @@ class Regions(Target):
     ``(R, *spatial)`` on the output grid, ``samples`` ``(R,)`` (default: every region of image 0),
     ``channel`` an int or one per region.
 
-    :func:`medexplain.explain` gives one map per region, ``(R, C_or_1, *spatial)``: a method declared
+    :func:`medexplain.engine.explain` gives one map per region, ``(R, C_or_1, *spatial)``: a method declared
     ``regions=True`` (instance SmoothGrad) takes the target as is and shares the forward passes of an
     image among its regions; any other method runs on each region's image (:meth:`per_region`), so
     Grad-CAM++ over ``Regions`` is the instance Grad-CAM++ of the paper. On the rows of
@@ -271,7 +271,7 @@ def _takes_rows(fn) -> bool:
 class ValueTarget(Target):
     """A score of the model's prediction per output row, ``scores(outputs (N, K, *spatial), rows) -> (N,)``
     in float64; also callable as ``v(outputs, rows)`` (the value-function protocol of
-    :func:`medexplain.shapley.channel_shapley`). ``name`` names it in records."""
+    :func:`medexplain.segmentation.shapley.channel_shapley`). ``name`` names it in records."""
 
     name = "value"
 
@@ -287,7 +287,7 @@ class ValueTarget(Target):
 
     def bind(self, model) -> "ValueTarget":
         """This target with ``model``'s output activation where it leaves it to the model
-        (``activation=None``); :func:`medexplain.explain` binds every value target to the model it explains."""
+        (``activation=None``); :func:`medexplain.engine.explain` binds every value target to the model it explains."""
         return self
 
     def validate(self, output, batch):
@@ -315,7 +315,7 @@ class Prediction:
     the label map ``class_labels[argmax_k z_k]`` falls in ``labels`` (soft: the summed probabilities of those
     channels); with ``channel`` (``"sigmoid"`` or ``"none"``): ``p_channel > threshold`` (soft: ``p_channel``).
     ``activation=None``: the model's own output activation once bound to a model (:meth:`bind`,
-    ``mx.Model(activation=)``), else ``auto`` (:func:`medexplain.ops.resolve_activation`)."""
+    ``mx.Model(activation=)``), else ``auto`` (:func:`medexplain.engine.ops.resolve_activation`)."""
 
     labels: tuple[int, ...]
     class_labels: tuple[int, ...] | None = None
@@ -369,9 +369,9 @@ class _OfPrediction(ValueTarget):
 @dataclass
 class Dice(_OfPrediction):
     """Dice of the predicted region (:class:`Prediction`) against a reference label map, per row:
-    ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`; soft: ``2 sum(p g) / (sum p + sum g)``),
+    ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.engine.ops.dice`; soft: ``2 sum(p g) / (sum p + sum g)``),
     ``empty`` when both are empty (the BraTS convention). Row ``r`` is compared with
-    ``reference[rows[r]]`` (one map, ``B = 1``, is shared). Built by :func:`medexplain.shapley.dice`."""
+    ``reference[rows[r]]`` (one map, ``B = 1``, is shared). Built by :func:`medexplain.segmentation.shapley.dice`."""
 
     reference: torch.Tensor
     empty: float = 1.0
@@ -387,7 +387,7 @@ class Dice(_OfPrediction):
 @dataclass
 class Volume(_OfPrediction):
     """The predicted volume of a label set (:class:`Prediction`), per row: the voxel count times
-    ``voxel_volume`` (soft: the summed probabilities), in float64. Built by :func:`medexplain.shapley.volume`."""
+    ``voxel_volume`` (soft: the summed probabilities), in float64. Built by :func:`medexplain.segmentation.shapley.volume`."""
 
     voxel_volume: float = 1.0
     name: str = "volume"
@@ -400,7 +400,7 @@ class Volume(_OfPrediction):
 @dataclass
 class MeanProbability(ValueTarget):
     """Mean probability of output ``channel`` over the volume, or inside a per-sample ``mask`` (row ``r``
-    uses ``mask[rows[r]]``), in float64; ``activation`` as :func:`medexplain.ops.probabilities`; ``None``:
+    uses ``mask[rows[r]]``), in float64; ``activation`` as :func:`medexplain.engine.ops.probabilities`; ``None``:
     the model's own once bound to a model (:meth:`bind`), else ``auto``."""
 
     channel: int = 1
@@ -447,16 +447,16 @@ def target_probability(output: torch.Tensor, target: Target, rows: torch.Tensor 
 
     Defined for the targets that have a class:
 
-    - :class:`~medexplain.targets.Class` on a classifier output ``(N, K)``: ``log softmax(z)[y]``
+    - :class:`~medexplain.engine.targets.Class` on a classifier output ``(N, K)``: ``log softmax(z)[y]``
       (``log sigmoid(z)`` for a single-logit model); correct when ``argmax z == y`` (``z > 0``).
-    - :class:`~medexplain.targets.Region` on a segmentation output ``(N, K, *spatial)``: the voxel-wise
+    - :class:`~medexplain.engine.targets.Region` on a segmentation output ``(N, K, *spatial)``: the voxel-wise
       cross-entropy analogue, i.e. the **mean over the region's voxels** of ``log softmax_k(z)[c]``
       (``log sigmoid`` when K = 1); probability = mean voxel probability of channel ``c`` in the region;
       correct when more than half of the region's voxels are predicted as ``c``.
 
     Returns ``(log_p, p, correct)`` as ``(N,)`` tensors, or ``None`` for targets without a class
     (MultiLabel, Function, Class on a dense output): callers then fall back to the raw target score.
-    ``rows``/``batch`` follow :meth:`medexplain.targets.Target.scores` (row -> original sample).
+    ``rows``/``batch`` follow :meth:`medexplain.engine.targets.Target.scores` (row -> original sample).
     """
     if batch is None:
         batch = output.shape[0] if rows is None else int(rows.max()) + 1
@@ -571,7 +571,7 @@ def resolve_target(out: torch.Tensor, target=None, region=None, *, activation: s
     ``"predicted"`` (default: the model's own predicted region of that class, :func:`predicted_masks`),
     ``"all"`` (the class logits summed over the image, :class:`Class`), or a bool mask ``(B or 1,
     *spatial)`` on the output grid (``region_name`` names it in the record). ``activation``
-    (``auto|softmax|sigmoid|none``) says how the prediction is read (:func:`medexplain.ops.resolve_activation`).
+    (``auto|softmax|sigmoid|none``) says how the prediction is read (:func:`medexplain.engine.ops.resolve_activation`).
     Warns when a region has fewer than :data:`SMALL_REGION` voxels; an empty one is an
     :class:`~medexplain.errors.EmptyRegionError`.
     """

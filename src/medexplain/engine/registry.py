@@ -12,8 +12,8 @@ special-casing names; ``tests/test_registry.py`` checks that no method name appe
 own module. See ``docs/design.md`` ("The registry").
 
 This module imports nothing from :mod:`medexplain.methods`: the methods import it to register
-themselves, and :mod:`medexplain.explain` imports the methods (so there is no import cycle). The
-declaration is also recorded on the function (``fn.spec``), which is how :mod:`medexplain.options`
+themselves, and :mod:`medexplain.engine.explain` imports the methods (so there is no import cycle). The
+declaration is also recorded on the function (``fn.spec``), which is how :mod:`medexplain.engine.options`
 (imported by this module) reads a method's option check and cost model from the function it is given.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
-from .core import is_scripted
-from .errors import OptionError, UnknownMethodError
-from .options import check_options, estimate_cost, unknown_option_message
+from medexplain.engine.core import is_scripted
+from medexplain.engine.options import check_options, estimate_cost, unknown_option_message
+from medexplain.errors import OptionError, UnknownMethodError
 
 #: The families of :attr:`Method.family`, in the order listings show them.
 FAMILIES = ("gradient", "CAM", "propagation", "perturbation", "surrogate", "optimisation", "model", "instance",
@@ -102,11 +102,11 @@ class Method:
 
     def check_options(self, options: dict | None, text: bool = False) -> dict:
         """The options typed and checked by the signature and the declared ``check``
-        (:func:`medexplain.options.check_options`)."""
+        (:func:`medexplain.engine.options.check_options`)."""
         return check_options(self.name, self.fn, options, text=text)
 
     def estimate(self, x_shape, options: dict, seconds_per_row: float):
-        """What a call on a batch of shape ``x_shape`` will cost (:func:`medexplain.options.estimate_cost`,
+        """What a call on a batch of shape ``x_shape`` will cost (:func:`medexplain.engine.options.estimate_cost`,
         from the declared ``cost`` model)."""
         return estimate_cost(self.name, self.fn, x_shape, options, seconds_per_row)
 
@@ -135,15 +135,15 @@ def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, n
     - ``check(options)``: raises :class:`~medexplain.errors.OptionError` for a combination of options
       the types cannot express (``options`` complete);
     - through a sliding-window inferer: ``windowed_cam=True`` runs the CAM window by window
-      (:mod:`medexplain.sliding_cam`), ``no_sliding="reason"`` refuses; otherwise the method runs as is;
-    - ``regions=True``: the method takes a :class:`~medexplain.targets.Regions` target as is and gives
-      one map per region (other methods are run on each region's image, :func:`medexplain.explain`);
+      (:mod:`medexplain.engine.sliding_cam`), ``no_sliding="reason"`` refuses; otherwise the method runs as is;
+    - ``regions=True``: the method takes a :class:`~medexplain.engine.targets.Regions` target as is and gives
+      one map per region (other methods are run on each region's image, :func:`medexplain.engine.explain`);
       ``instance_of``: the method (function) whose per-region form this one is;
     - ``preview(side) -> options``: cheap options for a quick look at an image of ``side`` pixels;
-    - ``default``: the method :func:`medexplain.explain` runs when none is named (with ``regions=True``:
+    - ``default``: the method :func:`medexplain.engine.explain` runs when none is named (with ``regions=True``:
       the instance API's, :func:`medexplain.segmentation.explain_instances`);
     - ``dicom_concept``: the DICOM CID 217 "Visual Explanation" concept that codes the method's maps
-      (pydicom's ``codes.cid217`` name; :mod:`medexplain.dicom_out`), None: described in plain text.
+      (pydicom's ``codes.cid217`` name; :mod:`medexplain.io.dicom`), None: described in plain text.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -212,7 +212,7 @@ def get_method(name) -> Method:
 
 
 def default_method(regions: bool = False) -> str:
-    """The method run when none is named (declared ``default=True``): :func:`medexplain.explain`'s, or with
+    """The method run when none is named (declared ``default=True``): :func:`medexplain.engine.explain`'s, or with
     ``regions=True`` that of the instance API (a method declared ``regions=True``)."""
     return next(n for n, m in _REGISTRY.items() if m.default and m.regions == regions)
 
@@ -235,7 +235,7 @@ def route_options(methods: list[str], options: dict | None, layer: str | None = 
     """Options for several methods at once: ``{"key": v}`` goes to every method accepting ``key``,
     ``{"method.key": v}`` to that method only, ``layer`` to every method that takes one. An option no
     chosen method accepts is an error, raised before any work, and every value is typed by the method's
-    signature (:func:`medexplain.options.check_options`; ``text``: strings are parsed, as from the
+    signature (:func:`medexplain.engine.options.check_options`; ``text``: strings are parsed, as from the
     command line or a manifest)."""
     options = dict(options or {})
     routed = {m: {} for m in methods}

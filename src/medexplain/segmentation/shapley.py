@@ -11,8 +11,8 @@ value function is a target: ``mx.explain(model, x, "contrast_shapley", target=di
 results of several models (folds).
 
 Value functions map a batch of model outputs ``(N, K, *spatial)`` and ``rows`` (``(N,)`` long: for each
-output row, the index of the sample of ``x`` it belongs to, as :mod:`medexplain.targets` does) to scores
-``(N,)``. Provided as targets (:mod:`medexplain.targets`): :func:`dice` (per label, label set, or BraTS
+output row, the index of the sample of ``x`` it belongs to, as :mod:`medexplain.engine.targets` does) to scores
+``(N,)``. Provided as targets (:mod:`medexplain.engine.targets`): :func:`dice` (per label, label set, or BraTS
 region ET/TC/WT against a reference label map per sample), :func:`volume` and
 :func:`mean_foreground_probability`; any callable ``f(outputs)`` or ``f(outputs, rows)`` and any other
 target also work.
@@ -24,9 +24,9 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from .errors import InputError, TargetError
-from .methods.shapley import AUTO_EXACT_MAX, contrast_shapley, shapley_weights
-from .targets import Dice, MeanProbability, Prediction, ValueTarget, Volume
+from medexplain.engine.targets import Dice, MeanProbability, Prediction, ValueTarget, Volume
+from medexplain.errors import InputError, TargetError
+from medexplain.methods.shapley import AUTO_EXACT_MAX, contrast_shapley, shapley_weights
 
 __all__ = ["AUTO_EXACT_MAX", "BRATS_REGIONS", "ONE_PLAYER", "ShapleyResult", "bind_model", "channel_shapley", "dice",
            "fold_map_agreement", "mean_foreground_probability", "volume", "Dice", "MeanForegroundProbability", "Volume",
@@ -41,7 +41,7 @@ MeanForegroundProbability = MeanProbability
 
 
 # --------------------------------------------------------------------------------------------------
-# value functions: targets of medexplain.targets, built with the conventions of segmentation challenges
+# value functions: targets of medexplain.engine.targets, built with the conventions of segmentation challenges
 # --------------------------------------------------------------------------------------------------
 
 def _labels(label_or_region, regions: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
@@ -90,7 +90,7 @@ def dice(label_or_region: Union[int, str, Sequence[int]], reference_seg, *, clas
     ``> threshold`` (``activation="sigmoid"``: ``sigmoid(z_channel)``; ``"none"``: the channel is already a
     probability).
     ``soft=True`` uses the probabilities instead (soft Dice: ``2 sum(p g) / (sum p + sum g)``). Dice =
-    ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.ops.dice`); ``empty`` (default 1) when both are
+    ``2 |P and G| / (|P| + |G|)`` (:func:`medexplain.engine.ops.dice`); ``empty`` (default 1) when both are
     empty, the BraTS convention. ``activation`` is the model's output activation (``docs/design.md``);
     ``None`` (default): the model's own (``mx.Model(activation=)``, bound by :func:`channel_shapley`).
     """
@@ -131,12 +131,12 @@ def mean_foreground_probability(channel: int = 1, activation: str | None = None,
 
 def bind_model(value_fn, model):
     """``value_fn`` with the model's output activation where it leaves it to the model (``activation=None``):
-    a value target (:class:`~medexplain.targets.ValueTarget`) then reads probabilities as the model object
+    a value target (:class:`~medexplain.engine.targets.ValueTarget`) then reads probabilities as the model object
     does (``mx.Model(activation=)``; a bare module is wrapped, :func:`medexplain.models.model.as_model`).
-    :func:`medexplain.explain` (so :func:`channel_shapley`) binds every value target this way; anything else
+    :func:`medexplain.engine.explain` (so :func:`channel_shapley`) binds every value target this way; anything else
     is returned as given."""
     if isinstance(value_fn, ValueTarget):
-        from .models.model import as_model
+        from medexplain.models.model import as_model
         return value_fn.bind(as_model(model))
     return value_fn
 
@@ -217,7 +217,7 @@ def channel_shapley(model, x: torch.Tensor, value_fn, groups=None, baseline="zer
     """Shapley values of input channels (MRI contrasts) or channel groups for a model's output, eq. (1).
 
     The registered method ``contrast_shapley`` (:mod:`medexplain.methods.shapley`) run by
-    :func:`medexplain.explain` with ``value_fn`` as the target, read into a :class:`ShapleyResult`.
+    :func:`medexplain.engine.explain` with ``value_fn`` as the target, read into a :class:`ShapleyResult`.
     ``x`` (B, C, *spatial), 2D or 3D. ``value_fn``: see the module docstring (:func:`dice`,
     :func:`volume`, :func:`mean_foreground_probability`, a target, or a callable ``f(outputs)`` /
     ``f(outputs, rows)`` returning ``(N,)``). ``groups``: None (each channel a player), a list of channels
@@ -236,7 +236,7 @@ def channel_shapley(model, x: torch.Tensor, value_fn, groups=None, baseline="zer
     """
     import warnings
 
-    from .explain import explain
+    from medexplain.engine.explain import explain
 
     attr = explain(model, x, contrast_shapley, target=value_fn, groups=groups, baseline=baseline,
                    estimator=method, n_permutations=n_permutations, antithetic=antithetic, seed=seed,
@@ -255,7 +255,7 @@ def channel_shapley(model, x: torch.Tensor, value_fn, groups=None, baseline="zer
 ONE_PLAYER = ("one player (a single input channel or group): its Shapley value is just v(all) - v(none), its rank is "
               "1 for every model, so a ranking and its rank variance across folds (always 0) say nothing. To compare "
               "the folds, explain each fold's map (e.g. `medexplain explain --nnunet DIR --folds K` per fold) and "
-              "measure their agreement with medexplain.shapley.fold_map_agreement")
+              "measure their agreement with medexplain.segmentation.shapley.fold_map_agreement")
 
 
 def fold_map_agreement(maps: Sequence[torch.Tensor]) -> dict:
@@ -264,7 +264,7 @@ def fold_map_agreement(maps: Sequence[torch.Tensor]) -> dict:
     every pair of maps over the voxels (:func:`medexplain.metrics.randomisation.spearman`, ties averaged),
     ``{"pairs": [[i, j, rho], ...], "mean": ..., "min": ..., "n_models": F}``. ``maps``: F >= 2 maps of
     equal shape (any, e.g. ``Attribution.map[0]``)."""
-    from .metrics.randomisation import spearman
+    from medexplain.metrics.randomisation import spearman
 
     maps = [torch.as_tensor(m).detach().double().cpu() for m in maps]
     if len(maps) < 2:
@@ -290,7 +290,7 @@ def fold_consensus(results: Sequence[ShapleyResult], reference_ranking=None, cas
     their means. ``uncertainty`` (two or more models, else None): the rank variance of each contrast
     across the models (ddof=0) and its mean (:func:`medexplain.metrics.ranking.rank_uncertainty`).
     """
-    from .metrics.ranking import rank_agreement, rank_uncertainty, resolve_ranking
+    from medexplain.metrics.ranking import rank_agreement, rank_uncertainty, resolve_ranking
 
     results = list(results)
     if not results:

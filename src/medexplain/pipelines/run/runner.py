@@ -1,6 +1,6 @@
 """Dataset-scale runs: many cases x several methods, resumable after a crash, local or on Ray.
 
->>> from medexplain.run import run_manifest
+>>> from medexplain.pipelines.run import run_manifest
 >>> res = run_manifest("cases.csv", "model.pt", ["saliency", "integrated_gradients"], "out/")
 >>> res.rows[0]["status"], res.tables   # 'ok', [out/results.csv, out/results.parquet]
 
@@ -22,15 +22,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from ..errors import MedexplainError, OptionError
-from ..io import check_output_dir
-from ..options import memory_budget
-from ..pipelines import load_setup, method_options, plan_methods
-from ..registry import default_method, get_method, route_options
-from . import backends
-from .manifest import PREPROCESSING_COLUMNS, Case, read_manifest, sha256_file
-from .store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
-from .worker import CaseProcessor, WorkerSpec
+from medexplain.engine.options import memory_budget
+from medexplain.engine.registry import default_method, get_method, route_options
+from medexplain.errors import MedexplainError, OptionError
+from medexplain.io import check_output_dir
+from medexplain.pipelines import load_setup, method_options, plan_methods
+from medexplain.pipelines.run import backends
+from medexplain.pipelines.run.manifest import PREPROCESSING_COLUMNS, Case, read_manifest, sha256_file
+from medexplain.pipelines.run.store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
+from medexplain.pipelines.run.worker import CaseProcessor, WorkerSpec
 
 # What a resumed run must share with the run it continues (otherwise its items would mix two setups).
 FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
@@ -133,17 +133,17 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
         on_progress: called as ``on_progress(items_done, items_total)`` after each chunk.
         memory: the budget in GB of one model call (default: half the memory available to the worker);
             ``chunk_size`` is capped to fit, and a case whose one row does not fit is an error row
-            (:func:`medexplain.options.plan_memory`).
+            (:func:`medexplain.engine.options.plan_memory`).
         formats: outputs besides the map, as ``explain``'s ``formats`` (``png``, ``dicom``; ``nifti`` is the
             map, always written as ``map_format`` asks; default none): each case's figures and DICOM objects
             (Parametric Map, Segmentation thresholded by ``dicom_threshold``, Secondary Capture) are written
             into its folder by ``explain``'s writer (:func:`medexplain.pipelines.write_method_outputs`);
             ``dicom_reference`` as for ``explain``. A case that is not DICOM is then an error row.
-        pacs: a DICOMweb URL (``pacs_netrc``, ``pacs_ca_bundle``: :class:`medexplain.pacs.Pacs`): the
+        pacs: a DICOMweb URL (``pacs_netrc``, ``pacs_ca_bundle``: :class:`medexplain.io.pacs.Pacs`): the
             manifest's ``study`` rows are retrieved from it, explained, and their DICOM objects stored back
             (``dicom`` is added to ``formats``). A PACS that is down or refuses is that case's error row;
             ``resume`` retries such rows (they are ``transient``).
-        report: also write ``report.html``, the run's index (:func:`medexplain.report.write_index`): a table of
+        report: also write ``report.html``, the run's index (:func:`medexplain.io.report.write_index`): a table of
             cases x methods with each item's status, links to its map and figures, and each error row's message;
             rebuilt from the records at the end of every session, as the table is.
 
@@ -227,7 +227,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
     tables = store.write_table(rows)
     index = None
     if report:
-        from ..report import write_index
+        from medexplain.io.report import write_index
         index = Path(write_index(out / "report.html", rows, methods, root=out, title=f"medexplain run: {out.name}",
                                  notes=[f"manifest {config['manifest']}; model {config['model'] or bundle or nnunet}",
                                         "Figures are linked when the run writes them (--format png)."]))
@@ -248,8 +248,8 @@ def _check_outputs_and_pacs(cases: list[Case], formats, dicom_reference, pacs, n
     """Before any work: the run's outputs besides the map (``formats`` without ``nifti``, the map itself; with a
     PACS ``dicom`` added) and the PACS settings the workers connect with (None without ``pacs``). A manifest
     with studies needs ``pacs``, and ``pacs`` a manifest with studies; the PACS URL and credentials are
-    checked now (:class:`medexplain.pacs.Pacs`), the studies themselves when each case runs."""
-    from ..dicom_out import parse_formats
+    checked now (:class:`medexplain.io.pacs.Pacs`), the studies themselves when each case runs."""
+    from medexplain.io.dicom import parse_formats
 
     formats = tuple(f for f in (parse_formats(formats) if formats is not None else ()) if f != "nifti")
     studies = [c for c in cases if c.study]
@@ -262,7 +262,7 @@ def _check_outputs_and_pacs(cases: list[Case], formats, dicom_reference, pacs, n
         return formats, None
     if not studies:
         raise OptionError("--pacs reads the manifest's studies: add a study column (StudyInstanceUIDs)")
-    from ..pacs import Pacs
+    from medexplain.io.pacs import Pacs
     spec = {"url": pacs, "netrc": None if netrc is None else str(Path(netrc).resolve()),
             "ca_bundle": None if ca_bundle is None else str(Path(ca_bundle).resolve())}
     Pacs(**spec)   # the URL and the credentials, now (the PACS is reached when the cases run)
@@ -293,7 +293,7 @@ def _sha(spec):
 def with_defaults(cases: list[Case], preprocessing: dict | None = None, **columns) -> list[Case]:
     """``cases`` with run-wide defaults filled in where a case's own cell is empty: the preprocessing columns
     (:func:`with_default_preprocessing`) and ``target``, ``region``, ``series`` (``None``: no default)."""
-    from ..targets import parse_target
+    from medexplain.engine.targets import parse_target
 
     cases = with_default_preprocessing(cases, preprocessing)
     fill = {k: v for k, v in columns.items() if v is not None}
@@ -313,8 +313,8 @@ def with_default_preprocessing(cases: list[Case], defaults: dict | None) -> list
     defaults = {k: str(v) for k, v in (defaults or {}).items() if v not in (None, "")}
     if not defaults:
         return cases
-    from ..errors import OptionError
-    from ..transforms import Preprocessing
+    from medexplain.errors import OptionError
+    from medexplain.models.transforms import Preprocessing
     unknown = sorted(set(defaults) - set(PREPROCESSING_COLUMNS))
     if unknown:
         raise OptionError(f"unknown preprocessing setting(s) {unknown}; choose from {list(PREPROCESSING_COLUMNS)}")

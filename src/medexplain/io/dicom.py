@@ -11,7 +11,7 @@ target and the model:
 - a **Segmentation** (:func:`segmentation`, binary): the map thresholded by the ``metrics`` rule
   (:func:`medexplain.metrics.localisation.binarize`: CheXlocalize's Otsu by default, or a fixed
   threshold on the min-max normalised map), one segment for the method and target class;
-- a **Secondary Capture** (:func:`secondary_capture`, RGB): the PNG figure of :mod:`medexplain.render`
+- a **Secondary Capture** (:func:`secondary_capture`, RGB): the PNG figure of :mod:`medexplain.io.render`
   (the same rendering, with its colour bar and scale) with a burned-in banner saying it is not for
   diagnosis, for viewers that show neither.
 
@@ -36,8 +36,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import io
-from .errors import FileFormatError, InputError, OptionError
+from medexplain import io
+from medexplain.errors import FileFormatError, InputError, OptionError
 
 __all__ = ["FORMATS", "DEFAULT_FORMATS", "cid217", "DicomSource", "parse_formats", "dicom_source_for", "load_source",
            "method_concept", "parametric_map", "segmentation", "secondary_capture", "write_dicom_objects",
@@ -52,14 +52,14 @@ DICOM_KINDS = ("pm", "seg", "sc")
 def cid217() -> dict[str, str]:
     """The methods coded from DICOM CID 217 "Visual Explanation" (pydicom's ``codes.cid217``: Class activation
     130402, Gradient-weighted class activation 130403, Saliency 130404, DCM): ``{method: concept name}``, as
-    each method declares it at registration (``dicom_concept=``, :func:`medexplain.registry.register`).
+    each method declares it at registration (``dicom_concept=``, :func:`medexplain.engine.registry.register`).
     Grad-CAM and its gradient-weighted variants are "Gradient-weighted class activation"; the class
     activation maps weighted without gradients (Score-CAM, Ablation-CAM, Eigen-CAM) "Class activation"; the
     input-gradient saliency map (Simonyan et al. 2014) and its noise-averaged form (SmoothGrad) "Saliency".
     Every other method has no code in CID 217 and is described in plain text (LUT Explanation, segment
     label) rather than coded with a concept that would misname it."""
-    from . import methods  # noqa: F401  (importing the package registers every method)
-    from .registry import registered
+    from medexplain import methods  # noqa: F401  (importing the package registers every method)
+    from medexplain.engine.registry import registered
     return {n: m.dicom_concept for n, m in registered().items() if m.dicom_concept}
 
 
@@ -267,7 +267,7 @@ class _Names:
 
 
 def _equipment() -> dict:
-    from . import __version__
+    from medexplain import __version__
     return {"manufacturer": "medexplain", "manufacturer_model_name": "medexplain", "software_versions": __version__,
             "device_serial_number": "none"}
 
@@ -333,7 +333,7 @@ def segmentation(src: DicomSource, amap, names: _Names, threshold="otsu", series
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from .metrics.localisation import binarize
+    from medexplain.metrics.localisation import binarize
 
     frames = _as_frames(amap, src.shape)
     mask = binarize(torch.from_numpy(frames)[None, None], threshold)[0, 0].numpy().astype(np.uint8)
@@ -352,11 +352,11 @@ def segmentation(src: DicomSource, amap, names: _Names, threshold="otsu", series
 
 
 def figure_rgb(img, amap, meta: dict, title: tuple[str, str], label: str) -> np.ndarray:
-    """The PNG figure of :func:`medexplain.io.write_png_overlay` (same call of :func:`medexplain.render.figure`,
+    """The PNG figure of :func:`medexplain.io.write_png_overlay` (same call of :func:`medexplain.io.render.figure`,
     same PNG encoding) as an RGB uint8 array."""
     from PIL import Image
 
-    from . import render
+    from medexplain.io import render
     fig = render.figure(img, amap, affine=meta["affine"], oriented=meta.get("oriented", False), title=title[0],
                         subtitle=title[1], label=label)
     buf = _bytesio.BytesIO()
@@ -424,7 +424,7 @@ def write_dicom_objects(src: DicomSource, img, amap, meta: dict, out: Path, stem
     have; also when it has a Frame of Reference UID but no ImagePositionPatient), only the SEG (in its pixel
     matrix) and the SC. ``label``: what the map is when more than the method (series descriptions, segment
     label; ``instances``: ``smoothgrad instance 3 FP``). Returns the paths written."""
-    from .transforms import resample_nearest
+    from medexplain.models.transforms import resample_nearest
 
     m = amap if isinstance(amap, torch.Tensor) else torch.as_tensor(amap)
     m = m.float() if m.ndim == len(src.shape) + 1 else m.float()[None]

@@ -1,13 +1,13 @@
 """Class activation maps through sliding-window inference, window by window.
 
-Through a ``SlidingWindowInferer`` (:mod:`medexplain.sliding`, eq. 1 there) the CAM layer runs once per
+Through a ``SlidingWindowInferer`` (:mod:`medexplain.engine.sliding`, eq. 1 there) the CAM layer runs once per
 window: window ``w`` gives activations ``A_w`` ``(K, *grid)``. Grad-CAM through MONAI's
 ``sliding_window_inference`` with a forward hook records only the last window's activations, so the map
 has the wrong batch. Here the definition is that of the blended model itself:
 
 - **The layer of the blended model is the union of the windows' layer cells** ``A = (A_w)_w``, and the
   gradient of the target score ``S(O)`` with respect to ``A_w`` is the window-by-window gradient of
-  :mod:`medexplain.sliding` (its eq. 2) stopped at the layer::
+  :mod:`medexplain.engine.sliding` (its eq. 2) stopped at the layer::
 
       dS/dA_w = VJP_{f above the layer}(x_w)[ g * (P_w^T dS/dO) / (P_w^T c) ]
 
@@ -44,17 +44,17 @@ import inspect
 import torch
 from torch import nn
 
-from .core import Cost, n_passes
-from .errors import UnsupportedModelError
-from .methods import cam
-from .registry import registered
-from .sliding import SlidingWindowModel
-from .targets import Class
+from medexplain.engine.core import Cost, n_passes
+from medexplain.engine.registry import registered
+from medexplain.engine.sliding import SlidingWindowModel
+from medexplain.engine.targets import Class
+from medexplain.errors import UnsupportedModelError
+from medexplain.methods import cam
 
 
 def windowed_method(spec):
-    """The function that runs registered method ``spec`` through a :class:`~medexplain.sliding.SlidingWindowModel`,
-    as the method declares (:func:`medexplain.registry.register`): :func:`windowed_cam` for a CAM declared
+    """The function that runs registered method ``spec`` through a :class:`~medexplain.engine.sliding.SlidingWindowModel`,
+    as the method declares (:func:`medexplain.engine.registry.register`): :func:`windowed_cam` for a CAM declared
     ``windowed_cam``, a typed error for one declared ``no_sliding`` (with the reason), and the method itself
     otherwise (gradient and perturbation methods need nothing else)."""
     if spec.no_sliding:

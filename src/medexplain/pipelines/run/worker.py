@@ -9,7 +9,7 @@ a writer that puts each map and its record in the run folder: a case's maps are 
 
 With ``formats`` the writer also writes each map's PNG figure and DICOM objects into the case folder through
 ``explain``'s writer (:func:`medexplain.pipelines.write_method_outputs`). A case that names a PACS ``study`` is
-retrieved first (:func:`medexplain.pacs.fetch_case`, into a temporary folder), and each method's DICOM objects
+retrieved first (:func:`medexplain.io.pacs.fetch_case`, into a temporary folder), and each method's DICOM objects
 are stored back (STOW-RS) before its record is written; a PACS error is the item's error row, marked
 ``transient`` so that ``--resume`` retries it.
 
@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from .. import io
-from ..errors import InputError, MedexplainError
-from ..metrics.localisation import hit_rate
-from ..pacs import Pacs, PacsError, fetch_case
-from ..pipelines import CaseState, CaseWriter, explain_case, input_files, load_setup, model_device, write_method_outputs
-from ..targets import ResolvedTarget
-from .manifest import Case
-from .store import RunStore
+from medexplain import io
+from medexplain.engine.targets import ResolvedTarget
+from medexplain.errors import InputError, MedexplainError
+from medexplain.io.pacs import Pacs, PacsError, fetch_case
+from medexplain.metrics.localisation import hit_rate
+from medexplain.pipelines import CaseState, CaseWriter, explain_case, input_files, load_setup, model_device, write_method_outputs
+from medexplain.pipelines.run.manifest import Case
+from medexplain.pipelines.run.store import RunStore
 
 
 @dataclass
@@ -58,7 +58,7 @@ class WorkerSpec:
     bundle: str | None = None
     nnunet: str | None = None
     nnunet_options: dict | None = None
-    inferer: dict | None = None    # sliding-window settings (medexplain.sliding.as_inferer)
+    inferer: dict | None = None    # sliding-window settings (medexplain.engine.sliding.as_inferer)
     layer: str | None = None
     activation: str = "auto"
     output: object = None
@@ -101,7 +101,7 @@ class CaseProcessor:
     @property
     def pacs(self) -> Pacs:
         """The PACS of the manifest's studies, connected once per worker (credentials from this process's
-        environment, :func:`medexplain.pacs.pacs_session`)."""
+        environment, :func:`medexplain.io.pacs.pacs_session`)."""
         if self._pacs is None:
             self._pacs = Pacs(**self.spec.pacs)
         return self._pacs
@@ -228,7 +228,7 @@ class _RunWriter(CaseWriter):
         self.series = case.series
 
     def read(self, st: CaseState) -> None:
-        from ..dicom_out import dicom_source_for  # the study the DICOM objects join, checked before any compute
+        from medexplain.io.dicom import dicom_source_for  # the study the DICOM objects join, checked before any compute
 
         spec = self.proc.spec
         self.dicom_src = dicom_source_for(st.images, st.meta, spec.formats, spec.dicom_reference, self.series)

@@ -12,8 +12,8 @@ from typing import Iterator
 
 import torch
 
-from .core import find_passes, unwrap
-from .errors import InputError, OptionError, TargetError
+from medexplain.engine.core import find_passes, unwrap
+from medexplain.errors import InputError, OptionError, TargetError
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
@@ -219,7 +219,7 @@ def noise_sum(x: torch.Tensor, fn, n_samples: int, sigma: float, seed: int = 0, 
     The draws go through ``fn`` ``per = chunk_size // B`` noise samples at a time (whole noise samples of
     the batch, at least one; ``chunk_size=None``: all at once): ``fn(rows_x, rows, n)`` gets the noisy
     rows ``(n * B, C, *s)`` (noise sample major), ``rows`` ``(n * B,)`` the sample of ``x`` each row
-    belongs to (for :mod:`medexplain.targets`) and ``n``, and returns its contribution summed over the
+    belongs to (for :mod:`medexplain.engine.targets`) and ``n``, and returns its contribution summed over the
     ``n`` noise samples: a tensor or a tuple of tensors (e.g. the sum of maps and of their squares).
     Contributions are added in draw order onto ``start`` (default: the first one). Every SmoothGrad-like
     method (SmoothGrad, instance SmoothGrad, the noise tunnel over any method, SmoothMPRT) is this loop

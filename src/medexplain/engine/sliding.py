@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Cost, OutputAdapter, chunks, forward, n_passes, select_output, storage_key, with_output
-from .errors import InputError, UnsupportedModelError
+from medexplain.engine.core import Cost, OutputAdapter, chunks, forward, n_passes, select_output, storage_key, with_output
+from medexplain.errors import InputError, UnsupportedModelError
 
 __all__ = ["SlidingWindowModel", "WindowGeometry", "with_inferer", "forward_changed", "make_inferer", "as_inferer",
            "is_sliding", "window_info"]
@@ -312,11 +312,11 @@ class SlidingWindowModel(OutputAdapter):
     """``model`` run through a ``monai.inferers.SlidingWindowInferer``, with the exact window-by-window
     gradient (module docstring, eqs. 1-2).
 
-    ``output`` selects the explained tensor of each window's output (:func:`medexplain.core.select_output`,
+    ``output`` selects the explained tensor of each window's output (:func:`medexplain.engine.core.select_output`,
     e.g. a deep-supervision head) before blending: the windows run ``with_output(model, output)``, so an
     adapter given as ``model`` (e.g. one that counts rows) keeps running per window. Being an
-    :class:`~medexplain.core.OutputAdapter`, layer names resolve on the user's model
-    (:func:`medexplain.core.unwrap`). ``stats`` counts the windows (:class:`WindowStats`). The model must
+    :class:`~medexplain.engine.core.OutputAdapter`, layer names resolve on the user's model
+    (:func:`medexplain.engine.core.unwrap`). ``stats`` counts the windows (:class:`WindowStats`). The model must
     return a dense output on each window's grid ``(n, K, *roi_size)``.
     """
 
@@ -340,8 +340,8 @@ class SlidingWindowModel(OutputAdapter):
         self.stats = WindowStats()
         self._geo: dict = {}
         self._base = None
-        #: The memory budget of one explanation, in bytes (:func:`medexplain.options.plan_window_memory`); ``None``: keep no
-        #: window graph (every window is recomputed in the backward, the smallest peak).
+        #: The memory budget of one explanation, in bytes (:func:`medexplain.engine.options.plan_window_memory`);
+        #: ``None``: keep no window graph (every window is recomputed in the backward, the smallest peak).
         self.budget: int | None = None
         self._kept = None
         self._keepers: weakref.WeakSet = weakref.WeakSet()
@@ -548,7 +548,7 @@ def is_sliding(model) -> bool:
 
 def with_inferer(model, inferer=None, output=None):
     """The one wrapping rule for ``inferer=`` and ``output=``: ``model`` run through ``inferer`` (a
-    :class:`SlidingWindowModel`, ``output`` applied per window), or :func:`medexplain.core.with_output`
+    :class:`SlidingWindowModel`, ``output`` applied per window), or :func:`medexplain.engine.core.with_output`
     when ``inferer`` is None. A model that already is a :class:`SlidingWindowModel` keeps its inferer
     unless a new one is given."""
     if isinstance(model, SlidingWindowModel):
@@ -579,7 +579,7 @@ def forward_changed(model, x: torch.Tensor, base_out: torch.Tensor, rows_x: torc
     """The model's output for ``rows_x``, rows of ``x`` (``x[rows]``) changed only inside ``boxes`` (one
     tuple of slices per row), given ``base_out`` = the output for ``x``. Through a sliding-window model only
     the windows a box touches are re-run (:meth:`SlidingWindowModel.forward_changed`); any other model
-    runs every row (:func:`medexplain.core.forward`)."""
+    runs every row (:func:`medexplain.engine.core.forward`)."""
     if not isinstance(model, SlidingWindowModel):
         return forward(model, rows_x, cost)
     out = model.forward_changed(x, base_out, rows_x, rows, boxes)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import InputError, MedexplainError
+from medexplain.errors import InputError, MedexplainError
 
 __all__ = ["PacsError", "Pacs", "pacs_session", "explain_pacs", "fetch_case", "TOKEN_ENV", "USER_ENV", "PASSWORD_ENV"]
 
@@ -202,11 +202,11 @@ def explain_pacs(pacs: Pacs, study: str, model, methods, out, *, series: str | N
     before the series is retrieved (into a temporary folder, removed at the end) and before any compute;
     ``dicom`` is added to ``formats``. The outputs are named by the SeriesInstanceUID. Returns the
     :class:`~medexplain.pipelines.ExplainedImage`; its ``stored`` attribute lists the SOP Instance UIDs sent."""
-    from . import io
-    from .dicom_out import parse_formats
-    from .errors import PartialFailure
-    from .pipelines import _check_outputs, explain_image
-    from .registry import get_method
+    from medexplain import io
+    from medexplain.engine.registry import get_method
+    from medexplain.errors import PartialFailure
+    from medexplain.io.dicom import parse_formats
+    from medexplain.pipelines import _check_outputs, explain_image
 
     formats = tuple(dict.fromkeys(parse_formats(formats) + ("dicom",)))
     names = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)

@@ -1,4 +1,4 @@
-"""Backends execute chunks of cases with :class:`~medexplain.run.worker.CaseProcessor`.
+"""Backends execute chunks of cases with :class:`~medexplain.pipelines.run.worker.CaseProcessor`.
 
 - ``local`` (default): worker processes on this machine, one per core by default (``num_workers``), each
   loading the model once and running torch with its share of the cores as threads, taking chunks as it
@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import MedexplainError
-from .worker import CaseProcessor, WorkerSpec
+from medexplain.errors import MedexplainError
+from medexplain.pipelines.run.worker import CaseProcessor, WorkerSpec
 
 BACKENDS = ("local", "ray")
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import InputError, ModelLoadError, OptionError
+from medexplain.errors import InputError, ModelLoadError, OptionError
 
 INTENSITY_HELP = "zscore, percentile:LOW,HIGH (e.g. percentile:0.5,99.5), range:LOW,HIGH (e.g. range:-1000,1000) or none"
 #: MONAI's orientation labels for RAS+ world coordinates (NIfTI's convention), given explicitly.
@@ -154,7 +154,7 @@ def _user_compose(transform):
     from monai.transforms import Compose, MapTransform
 
     if isinstance(transform, str):
-        from .models.loading import import_factory
+        from medexplain.models.loading import import_factory
         factory = import_factory(transform)
         try:
             transform = factory()

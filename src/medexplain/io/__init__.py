@@ -36,7 +36,7 @@ ImageOrientationPatient, NIfTI with an sform or qform code),
 
 Writers: :func:`write_nifti` writes ``(C, *spatial)`` maps on an affine (sform and qform, units mm; one
 channel as a plain 2D/3D image, several channels on NIfTI's 4th axis, a 2D image getting a singleton third
-axis first), :func:`write_png_overlay` a figure of :mod:`medexplain.render`. Every write is atomic
+axis first), :func:`write_png_overlay` a figure of :mod:`medexplain.io.render`. Every write is atomic
 (:func:`atomic_path`: temporary file, then rename), so an interrupted run never leaves a half-written file;
 :func:`check_output_dir` refuses an output folder that is a file, is not writable, or already holds a file
 a call would write (unless ``overwrite``). :func:`file_stem` is the one rule for output names derived from an
@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FileFormatError, InputError, MedexplainError, OutputPathError
+from medexplain.errors import FileFormatError, InputError, MedexplainError, OutputPathError
 
 __all__ = ["IMAGE_SUFFIXES", "KNOWN_SUFFIXES", "read_image", "read_channels", "file_stem",
            "method_file", "safe_file_name", "original_name",
@@ -758,13 +758,13 @@ def write_nifti(array, path, affine=None, *, spatial_dims: int | None = None, xf
 def write_png_overlay(image, amap, path, *, affine=None, oriented: bool = True, title: str = "", subtitle: str = "",
                       label: str = "map", point=None, signed: bool | None = None, percentile: float | None = None,
                       **figure_options) -> Path:
-    """The figure of :func:`medexplain.render.figure` (the map over the image, colour bar, title; a
+    """The figure of :func:`medexplain.io.render.figure` (the map over the image, colour bar, title; a
     tri-planar view through the explained region, the map's peak or ``point`` for volumes) as a PNG, written
     atomically. ``affine``: the image's affine (tensor indices to RAS mm) for the voxel aspect and, when
     ``oriented`` (``meta["oriented"]`` of :func:`read_image`), the patient-direction labels;
-    ``figure_options``: the other options of :func:`medexplain.render.figure` (``region``, ``alpha``,
+    ``figure_options``: the other options of :func:`medexplain.io.render.figure` (``region``, ``alpha``,
     ``cmap``, ``planes``, ``patient_orientation``, ``caption``)."""
-    from . import render
+    from medexplain.io import render
     kw = {} if percentile is None else {"percentile": percentile}
     fig = render.figure(image, amap, affine=affine, oriented=oriented, title=title, subtitle=subtitle, label=label,
                         point=point, signed=signed, **kw, **figure_options)
@@ -772,7 +772,7 @@ def write_png_overlay(image, amap, path, *, affine=None, oriented: bool = True, 
 
 
 def write_figure(fig, path) -> Path:
-    """A matplotlib figure (of :mod:`medexplain.render`) as a PNG at its own dpi, written atomically."""
+    """A matplotlib figure (of :mod:`medexplain.io.render`) as a PNG at its own dpi, written atomically."""
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
     return Path(path)

@@ -2,7 +2,7 @@
 families, the layer-capture hook, the model-output adapter, resizing, chunking and cost counting.
 
 Tensor arithmetic shared by methods and metrics (normalisation, total variation, Dice, output
-probabilities, SmoothGrad noise) lives in :mod:`medexplain.ops`. ``docs/design.md`` lists what lives where.
+probabilities, SmoothGrad noise) lives in :mod:`medexplain.engine.ops`. ``docs/design.md`` lists what lives where.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, LayerNotFoundError, UnsupportedModelError
+from medexplain.errors import InputError, LayerNotFoundError, UnsupportedModelError
 
 #: Module families per role, over every dimensionality (declared once, as Zennit's ``types`` do), so
 #: code that looks for "a convolution" or "a norm layer" is N-D by construction.

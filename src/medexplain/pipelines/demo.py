@@ -21,22 +21,22 @@ from typing import Callable
 
 import torch
 
-from .core import forward, model_guard, resolve_device
-from .errors import MedexplainError
-from .explain import available_methods
-from .io import check_output_dir, method_file, write_json, write_nifti
-from .metrics.localisation import hit_rate
-from .models import zoo
-from .pipelines import explain_method
-from .registry import accepted_options, get_method
-from .report import write_report
-from .training import evaluate
+from medexplain.engine.core import forward, model_guard, resolve_device
+from medexplain.engine.explain import available_methods
+from medexplain.engine.registry import accepted_options, get_method
+from medexplain.errors import MedexplainError
+from medexplain.io import check_output_dir, method_file, write_json, write_nifti
+from medexplain.io.report import write_report
+from medexplain.metrics.localisation import hit_rate
+from medexplain.models import zoo
+from medexplain.models.training import evaluate
+from medexplain.pipelines import explain_method
 
 __all__ = ["DemoCase", "MethodProgress", "method_options", "choose_methods", "score_methods", "run_demo"]
 
 def method_options(name: str, model, px: int) -> dict:
     """The demo's options for method ``name`` on ``model`` at ``px`` pixels: the cheap options the method
-    declares for a quick look (:meth:`medexplain.registry.Method.preview_options`), and the zoo's CAM layer
+    declares for a quick look (:meth:`medexplain.engine.registry.Method.preview_options`), and the zoo's CAM layer
     (:func:`medexplain.models.zoo.cam_layer`) for a method that takes a ``layer``."""
     spec = get_method(name)
     opts = spec.preview_options(px)
@@ -78,7 +78,7 @@ class MethodScores:
 class MethodProgress:
     """Progress of one method's rows through the model, and its time estimate from the measured first calls.
 
-    ``rows(n)`` is the :func:`~medexplain.options.counting` callback. Once the rows since the first call
+    ``rows(n)`` is the :func:`~medexplain.engine.options.counting` callback. Once the rows since the first call
     reach :data:`ESTIMATE_AFTER` of the expected total and :data:`ESTIMATE_CALLS` calls have passed, the
     remaining rows are extrapolated at the per-row time measured since the end of the first call (which
     carries the warm-up and the method's own set-up), and the estimate is announced through ``log`` when it
@@ -254,7 +254,7 @@ def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8
     ``size``: the zoo configuration (``"demo"``, or ``"small"`` for smoke tests); ``log``: a line printer;
     ``progress``: progress bars on stderr for the training and every method (None: only on a terminal);
     ``device``: where the classifier is evaluated and explained (``None``: the CPU, ``"auto"``: CUDA when
-    present, ``"cpu"``, ``"cuda[:N]"``; :func:`medexplain.core.resolve_device`); maps come back on the CPU."""
+    present, ``"cpu"``, ``"cuda[:N]"``; :func:`medexplain.engine.core.resolve_device`); maps come back on the CPU."""
     say = log or (lambda _s: None)
     if progress is None:
         from rich.console import Console

@@ -12,7 +12,7 @@ class Attribution:
     """A raw, signed attribution on the input's spatial grid.
 
     ``map`` has shape ``(B, C_or_1, *spatial)``; it is never normalised or inverted (use
-    :func:`medexplain.normalize`, i.e. :func:`medexplain.ops.normalize`, explicitly). ``info`` holds at
+    :func:`medexplain.normalize`, i.e. :func:`medexplain.engine.ops.normalize`, explicitly). ``info`` holds at
     least ``n_forward`` and ``n_backward`` (sample evaluations: one row through the model counts one) and
     ``seconds``. The conventions are in ``docs/design.md``.
     """

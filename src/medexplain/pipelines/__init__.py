@@ -14,20 +14,20 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import io
-from .attribution import Attribution
-from .core import check_input, model_expectations
-from .errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
-from .explain import explain
-from .models.loading import checked_forward, load_model
-from .models.model import Model, as_model, resolve_device
-from .models.model import load_model as load_model_object
-from .ops import ACTIVATIONS, detect_activation, probabilities
-from .options import check_options, counting, estimate_cost, plan_memory
-from .registry import get_method, route_options
-from .sliding import as_inferer, inferer_settings
-from .targets import REGION_WORDS, Region, parse_target, resolve_target
-from .transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
+from medexplain import io
+from medexplain.engine.attribution import Attribution
+from medexplain.engine.core import check_input, model_expectations
+from medexplain.engine.explain import explain
+from medexplain.engine.ops import ACTIVATIONS, detect_activation, probabilities
+from medexplain.engine.options import check_options, counting, estimate_cost, plan_memory
+from medexplain.engine.registry import get_method, route_options
+from medexplain.engine.sliding import as_inferer, inferer_settings
+from medexplain.engine.targets import REGION_WORDS, Region, parse_target, resolve_target
+from medexplain.errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
+from medexplain.models.loading import checked_forward, load_model
+from medexplain.models.model import Model, as_model, resolve_device
+from medexplain.models.model import load_model as load_model_object
+from medexplain.models.transforms import Prepared, Preprocessing, Preprocessor, resample_nearest, resample_to_grid
 
 __all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "explain_method", "write_method_outputs",
            "write_case_report", "load_setup", "method_options",
@@ -45,7 +45,7 @@ def _nnunet_parts(nnunet, model, weights, preprocessing, inferer, options: dict 
     """``nnunet=`` (a :class:`medexplain.models.nnunet.NnUNetModel`, or its folder loaded with ``options``:
     :func:`medexplain.models.nnunet.load_nnunet`'s): the model, nnU-Net's preprocessing and nnU-Net's sliding
     window, instead of ``model`` and the preprocessing/window options."""
-    from .models.nnunet import as_nnunet
+    from medexplain.models.nnunet import as_nnunet
 
     if model or weights or _as_preprocessing(preprocessing).active or as_inferer(inferer) is not None:
         raise OptionError("--nnunet gives the model, its preprocessing and its sliding window: drop --model, --weights, "
@@ -79,7 +79,7 @@ def _as_preprocessing(preprocessing) -> Preprocessing:
         return preprocessing
     if isinstance(preprocessing, dict):
         return Preprocessing(**preprocessing)
-    raise InputError(f"preprocessing must be a medexplain.transforms.Preprocessing or a dict, got "
+    raise InputError(f"preprocessing must be a medexplain.models.transforms.Preprocessing or a dict, got "
                      f"{type(preprocessing).__name__}")
 
 
@@ -133,11 +133,11 @@ class PreparedInput:
 
 def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, output=None,
                   activation: str = "auto", inferer=None) -> PreparedInput:
-    """Preprocess ``img`` (:class:`~medexplain.transforms.Preprocessing`), check it against the model,
+    """Preprocess ``img`` (:class:`~medexplain.models.transforms.Preprocessing`), check it against the model,
     run one forward of the model object (:func:`medexplain.models.model.as_model` of ``net`` with ``output``
     and ``inferer``: the prediction the methods explain, under the Model's train/eval policy; an error inside
     the model becomes a :class:`~medexplain.errors.ModelError` naming what was given and expected) and resolve
-    ``activation`` (``auto``: :func:`medexplain.ops.detect_activation`)."""
+    ``activation`` (``auto``: :func:`medexplain.engine.ops.detect_activation`)."""
     import time
 
     if activation not in ACTIVATIONS:
@@ -156,7 +156,7 @@ def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, out
 def read_region(region, prep: PreparedInput):
     """``--region``: ``None``/``"predicted"``/``"all"`` as is, or a mask file (NIfTI/PNG/NPY/DICOM, any
     channel > 0 inside) read and resampled by its geometry onto the model's input grid
-    (:func:`medexplain.transforms.resample_to_grid`). Returns ``(region for resolve_target, name)``."""
+    (:func:`medexplain.models.transforms.resample_to_grid`). Returns ``(region for resolve_target, name)``."""
     if region is None or isinstance(region, torch.Tensor):
         return region, None
     if isinstance(region, str) and region.strip().lower() in REGION_WORDS:
@@ -182,7 +182,7 @@ def read_case(images, series: str | None = None) -> tuple[torch.Tensor, dict]:
 def resolve_case_target(prep: PreparedInput, target=None, region=None, *, model=None, threshold: float = 0.5):
     """The target stage of the one case pipeline: ``region`` (``predicted``, ``all`` or a mask file on the image,
     :func:`read_region`) and the target grammar on the prepared prediction
-    (:func:`medexplain.targets.resolve_target`, read with the activation :func:`prepare_input` resolved)."""
+    (:func:`medexplain.engine.targets.resolve_target`, read with the activation :func:`prepare_input` resolved)."""
     reg, reg_name = read_region(region, prep)
     return resolve_target(prep.out, target, reg, activation=prep.activation, model=model, threshold=threshold,
                           region_name=reg_name)
@@ -191,11 +191,11 @@ def resolve_case_target(prep: PreparedInput, target=None, region=None, *, model=
 def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
                  skip_unsupported: bool = False) -> tuple[list[str], dict[str, str]]:
     """The canonical names of ``methods`` that apply to ``net`` (whose output is ``out``) and
-    ``{name: reason}`` of those that do not (:meth:`medexplain.registry.Method.why_not`). A method that
+    ``{name: reason}`` of those that do not (:meth:`medexplain.engine.registry.Method.why_not`). A method that
     does not apply is an :class:`~medexplain.errors.UnsupportedModelError` naming the methods that do,
     unless ``skip_unsupported``. ``layer`` must exist and be taken by some chosen method."""
-    from .core import find_layer
-    from .registry import registered
+    from medexplain.engine.core import find_layer
+    from medexplain.engine.registry import registered
 
     names = [get_method(m).name for m in methods]
     if not names:
@@ -263,7 +263,7 @@ def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_opt
     (:func:`medexplain.models.bundle.load_bundle`: its network, preprocessing and inferer, unless ``inferer``
     is given), or an ``nnunet`` model or folder (:func:`medexplain.models.nnunet.load_nnunet` with
     ``nnunet_options``: its networks, preprocessing and sliding window). ``preprocessing``/``inferer``: a
-    :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) and a sliding window (or its
+    :class:`~medexplain.models.transforms.Preprocessing` (or its fields as a dict) and a sliding window (or its
     settings as a dict). ``device``: :func:`on_device`. Several ``model`` specifications (with a list of
     ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` build the model object
     (:func:`medexplain.models.model.load_model`: an ensemble, test-time flips, the train/eval policy).
@@ -279,7 +279,7 @@ def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_opt
         nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer, nnunet_options)
         net, name = nnm.network, type(nnm.network).__name__
     elif bundle is not None:
-        from .models.bundle import load_bundle
+        from medexplain.models.bundle import load_bundle
         if model is not None or weights is not None or _as_preprocessing(preprocessing).active:
             raise OptionError("--bundle gives the model, its weights and its preprocessing: drop --model, --weights "
                               "and the preprocessing options")
@@ -309,9 +309,9 @@ def model_object(model, weights=None, flip_axes=None, eval: str = "auto"):
 
 def method_options(methods: Sequence[str], options: dict | None, layer: str | None = None,
                    seed: int | None = None) -> dict[str, dict]:
-    """Options per method (:func:`medexplain.registry.route_options`, typed by each method's signature);
+    """Options per method (:func:`medexplain.engine.registry.route_options`, typed by each method's signature);
     with ``seed``, the methods that take a ``seed`` option get it unless given one."""
-    from .registry import accepted_options
+    from medexplain.engine.registry import accepted_options
 
     routed = route_options(list(methods), options, layer)
     if seed is not None:
@@ -393,12 +393,12 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
                  on_progress: Callable[[str, int, int | None], None] | None = None) -> CaseState:
     """The one case pipeline: read ``images`` (one file or DICOM folder, or one file per channel), prepare them
     for ``setup``'s model and run it once (:func:`prepare_input`), plan the ``methods`` (:func:`plan_methods`),
-    resolve the target (:func:`medexplain.targets.resolve_target` with ``region``: :func:`read_region`), then
+    resolve the target (:func:`medexplain.engine.targets.resolve_target` with ``region``: :func:`read_region`), then
     explain with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put
     back on the image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go
     on; an error before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
     ``per_method``: each method's options (:func:`method_options`). ``memory``: the budget in GB of one model call
-    (default half the memory available; :func:`medexplain.options.plan_memory`: ``chunk_size`` is capped to fit,
+    (default half the memory available; :func:`medexplain.engine.options.plan_memory`: ``chunk_size`` is capped to fit,
     and a method that cannot fit one row refuses the case before any method runs)."""
     st = state if state is not None else CaseState(list(images))
     st.stage = "image"
@@ -449,11 +449,11 @@ def explain_method(net, x: torch.Tensor, method: str, target, options: dict, *, 
                    on_estimate: Callable | None = None,
                    on_progress: Callable[[str, int, int | None], None] | None = None):
     """The explain stage of the one case pipeline: one ``method`` (its checked ``options``) on the model input
-    ``x`` (a batch) for ``target``. Its cost estimate first (:func:`medexplain.options.estimate_cost` at
+    ``x`` (a batch) for ``target``. Its cost estimate first (:func:`medexplain.engine.options.estimate_cost` at
     ``seconds_per_row``, one timed forward's seconds per row, with the memory ``plan``; handed to
-    ``on_estimate``), the global RNG seeded with ``seed`` when given, then :func:`medexplain.explain` with every
+    ``on_estimate``), the global RNG seeded with ``seed`` when given, then :func:`medexplain.engine.explain` with every
     model call's rows counted (``on_progress(method, rows_done, rows_expected_or_None)``) through the model object
-    (:func:`medexplain.options.counting`: every setting of a :class:`~medexplain.models.model.Model` kept).
+    (:func:`medexplain.engine.options.counting`: every setting of a :class:`~medexplain.models.model.Model` kept).
     :func:`explain_case` runs it for each method of a case, ``medexplain demo`` for each method on
     its batch of test images. Returns ``(Attribution, CostEstimate)``."""
     est = estimate_cost(method, get_method(method).fn, x.shape, options, seconds_per_row, plan)
@@ -492,13 +492,13 @@ class ExplainedImage:
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    stored: list[str] = field(default_factory=list)   # SOP Instance UIDs sent to a PACS (medexplain.pacs.explain_pacs)
+    stored: list[str] = field(default_factory=list)   # SOP Instance UIDs sent to a PACS (medexplain.io.pacs.explain_pacs)
 
 
 class FileWriter(CaseWriter):
     """``explain``'s files of one case in ``out``: per method ``<stem>_<method>.nii.gz`` (:func:`write_map`),
     ``.png`` and the DICOM objects, as ``formats`` asks (:func:`_write_method_files`,
-    :func:`medexplain.dicom_out.write_dicom_objects`), ``<stem>_info.json`` rewritten after every method, and a
+    :func:`medexplain.io.dicom.write_dicom_objects`), ``<stem>_info.json`` rewritten after every method, and a
     bundle's own prediction; with ``report``, ``<stem>_report.html`` at the end (:func:`write_case_report`)."""
 
     def __init__(self, setup: ModelSetup, out: Path, stem: str, on_method: Callable[[str], None] | None = None, *,
@@ -516,7 +516,7 @@ class FileWriter(CaseWriter):
         self.dicom_src = None
 
     def read(self, state):
-        from .dicom_out import dicom_source_for  # the DICOM study the objects join, checked before any compute
+        from medexplain.io.dicom import dicom_source_for  # the DICOM study the objects join, checked before any compute
 
         self.dicom_src = dicom_source_for(state.images, state.meta, self.formats, self.dicom_reference, self.series)
 
@@ -578,11 +578,11 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     policy: :func:`medexplain.models.model.load_model`). With a bundle's ``postprocessing`` the bundle's
     prediction on the image grid is written as ``<stem>_prediction.nii.gz``. ``inferer``: a
     ``monai.inferers.SlidingWindowInferer`` or its settings as a dict (``roi_size``, ``overlap``,
-    ``sw_batch_size``, ``mode``): every method then runs through it, window by window (:mod:`medexplain.sliding`).
-    ``preprocessing``: a :class:`~medexplain.transforms.Preprocessing` (or its fields as a dict) applied before
+    ``sw_batch_size``, ``mode``): every method then runs through it, window by window (:mod:`medexplain.engine.sliding`).
+    ``preprocessing``: a :class:`~medexplain.models.transforms.Preprocessing` (or its fields as a dict) applied before
     the model and inverted for the maps, so they land on the input's own grid.
 
-    ``target``/``region``: the one target grammar (:func:`medexplain.targets.resolve_target`):
+    ``target``/``region``: the one target grammar (:func:`medexplain.engine.targets.resolve_target`):
     ``target`` a class index or ``None``/``"predicted"`` (a classifier's top class; a segmenter's
     foreground class with the most predicted voxels), ``region`` for segmenters ``"predicted"``
     (default), ``"all"`` or a mask file resampled onto the image grid by its geometry. ``activation``:
@@ -590,7 +590,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     method accepting ``key`` or ``{"method.key": v}`` for one, typed by each method's signature (text
     parsed); ``layer`` for every method that takes one; ``seed`` seeds the global RNG before each method and
     goes to the methods that take a ``seed`` option. ``figure``: options of the PNG figures
-    (:func:`medexplain.render.figure_options`: ``alpha``, ``percentile``, ``cmap``, ``planes``, ``point``).
+    (:func:`medexplain.io.render.figure_options`: ``alpha``, ``percentile``, ``cmap``, ``planes``, ``point``).
     ``report``: also write ``<stem>_report.html``, the self-contained HTML report of the case
     (:func:`write_case_report`: the input, each method's map, the tri-planar viewer for volumes).
 
@@ -598,7 +598,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     folder, the image, the model on it, every method against the model (:func:`plan_methods`; with
     ``skip_unsupported`` a method that does not apply is recorded as skipped), the layer, the target and
     the memory of each method's model calls (``memory``: the budget in GB, default half the memory available;
-    :func:`medexplain.options.plan_memory`: ``chunk_size`` is capped to fit, and a method that cannot fit one
+    :func:`medexplain.engine.options.plan_memory`: ``chunk_size`` is capped to fit, and a method that cannot fit one
     row refuses the call before any method runs).
     Then each method runs and its files and ``info.json`` are written at once; a method that fails is
     recorded in ``info.json`` with its error and the others go on, and a
@@ -612,16 +612,16 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
     ``formats``: any of ``nifti``, ``png``, ``dicom`` (a list or comma-separated; default ``nifti,png``).
     ``dicom`` writes each map as a Parametric Map, a Segmentation (thresholded by ``dicom_threshold``, the
-    ``metrics`` rule) and a Secondary Capture in the source study (:mod:`medexplain.dicom_out`,
+    ``metrics`` rule) and a Secondary Capture in the source study (:mod:`medexplain.io.dicom`,
     ``docs/dicom.md``); a non-DICOM ``image`` needs ``dicom_reference``, the DICOM series it was made from.
     """
-    from .dicom_out import parse_formats
+    from medexplain.io.dicom import parse_formats
 
     formats = parse_formats(formats)
     methods = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     methods = [get_method(m).name for m in methods]
     per_method = method_options(methods, options, layer, seed)
-    from . import render
+    from medexplain.io import render
     figure = render.figure_options(figure)
     out = io.check_output_dir(out)
     images, stem = input_files(image, nnunet is not None)
@@ -645,10 +645,10 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
 
 
 def method_table(model=None, *, weights: str | None = None, image=None) -> list[dict]:
-    """``medexplain methods``: :func:`medexplain.registry.describe_methods` for ``model`` (a module or a
+    """``medexplain methods``: :func:`medexplain.engine.registry.describe_methods` for ``model`` (a module or a
     specification, with ``weights``); ``image``: a file the model is run on once (no gradients) so that
     classifier-only methods are judged on its real output."""
-    from .registry import describe_methods
+    from medexplain.engine.registry import describe_methods
     if model is None:
         return describe_methods()
     net = _model(model, weights)
@@ -669,7 +669,7 @@ def input_files(image, nnunet: bool) -> tuple[list, str]:
     if not images:
         raise InputError("no image file given")
     if nnunet and len(images) > 1:
-        from .models.nnunet import case_stem, order_channel_files
+        from medexplain.models.nnunet import case_stem, order_channel_files
         images = order_channel_files(images)
         return images, case_stem(images[0]) or io.file_stem(images[0])
     return images, io.file_stem(images[0])
@@ -680,7 +680,7 @@ def _output_names(stem: str, methods: Sequence[str], out: Path, formats=("nifti"
     """The files :func:`explain_image` writes under ``stem``: per method ``<stem>_<method>.nii.gz`` (``nifti``),
     ``.png`` (``png``) and ``_pm.dcm``, ``_seg.dcm``, ``_sc.dcm`` (``dicom``), ``<stem>_report.html`` (``report``)
     and ``<stem>_info.json``."""
-    from .dicom_out import dicom_output_names
+    from medexplain.io.dicom import dicom_output_names
 
     exts = [e for f, e in (("nifti", ".nii.gz"), ("png", ".png")) if f in formats]
     maps = [out / f"{stem}_{io.method_file(m)}{ext}" for m in methods for ext in exts]
@@ -715,16 +715,16 @@ def write_method_outputs(state: CaseState, method: str, amap: torch.Tensor, out:
                          dicom_src=None, dicom_threshold="otsu", figure: dict | None = None) -> list[Path]:
     """One method's outputs as ``formats`` asks, the one writer of ``explain`` (:class:`FileWriter`) and ``run``
     (its case folder, ``stem`` empty): the NIfTI map and PNG figure (:func:`_write_method_files`) and, with
-    ``dicom_src`` (:func:`medexplain.dicom_out.dicom_source_for`, found before any compute), the Parametric Map,
+    ``dicom_src`` (:func:`medexplain.io.dicom.dicom_source_for`, found before any compute), the Parametric Map,
     Segmentation (thresholded by ``dicom_threshold``) and Secondary Capture
-    (:func:`medexplain.dicom_out.write_dicom_objects`). The figure draws the explained region and names a
-    perturbation baseline; ``figure``: the user's options of :func:`medexplain.render.figure`. Returns the paths written."""
+    (:func:`medexplain.io.dicom.write_dicom_objects`). The figure draws the explained region and names a
+    perturbation baseline; ``figure``: the user's options of :func:`medexplain.io.render.figure`. Returns the paths written."""
     title = _figure_title(method, state.info)
     fig = {**(figure or {}), "region": _figure_region(state.resolved.target, state.prep),
            "caption": _figure_caption(state.info.get("methods", {}).get(method, {}))}
     files = _write_method_files(state.img, amap, out, stem, method, state.meta, title, formats, fig)
     if dicom_src is not None:
-        from .dicom_out import write_dicom_objects
+        from medexplain.io.dicom import write_dicom_objects
         files += write_dicom_objects(dicom_src, state.img, amap, state.meta, out, stem, method,
                                      target=state.resolved.class_index, model=state.info["model"], title=title,
                                      threshold=dicom_threshold)
@@ -739,7 +739,7 @@ def _zoo_card(net) -> dict | None:
 
 
 def _figure_region(target, prep):
-    """The explained region of a :class:`~medexplain.targets.Region` target on the image grid (bool), for the
+    """The explained region of a :class:`~medexplain.engine.targets.Region` target on the image grid (bool), for the
     figure's planes and outline; None for class targets (or when it cannot be put back on the image grid)."""
     mask = getattr(target, "mask", None)
     if mask is None:
@@ -766,12 +766,12 @@ def _cost_text(info: dict) -> str:
 
 
 def write_case_report(state: CaseState, maps: dict, path: Path) -> Path:
-    """The HTML report of one explained case (:func:`medexplain.report.write_report`), from what
+    """The HTML report of one explained case (:func:`medexplain.io.report.write_report`), from what
     :func:`explain_case` has: the input image, each method's map on the image grid (``maps``), the explained
     region outlined, a caption per method (method, target, model, perturbation baseline) and a table of each
     method's cost and score note; methods skipped or failed are listed with their reasons. A volume gets the
     report's tri-planar viewer on the image's affine."""
-    from .report import write_report
+    from medexplain.io.report import write_report
 
     info, img = state.info, state.img
     region = _figure_region(state.resolved.target, state.prep)
@@ -804,7 +804,7 @@ def _write_method_files(img: torch.Tensor, amap: torch.Tensor, out: Path, stem: 
                         title: tuple[str, str] = ("", ""), formats=("nifti", "png"), figure: dict | None = None) -> list[Path]:
     """One method's files: the map ``(C_or_1, *spatial)`` on the image grid as NIfTI on the input's
     affine (channels on the 4th axis, also for 2D; ``nifti`` in ``formats``) and as a PNG figure on the image
-    (``png``; ``figure``: options of :func:`medexplain.render.figure`), each written atomically, named
+    (``png``; ``figure``: options of :func:`medexplain.io.render.figure`), each written atomically, named
     ``<stem>_<method>`` (``<method>`` with an empty ``stem``)."""
     nd = img.ndim - 1
     files = []
@@ -851,40 +851,40 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
     The lesion probability of class ``channel`` (the target grammar: ``None`` = the foreground class
-    with the most predicted voxels, :func:`medexplain.targets.resolve_target`), read with the output
+    with the most predicted voxels, :func:`medexplain.engine.targets.resolve_target`), read with the output
     ``activation`` (``auto`` detects a model that already outputs probabilities), is thresholded into
     instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``: a
     label-map file, or a probability map with ``reference_threshold``; any other image is refused with the
     values found, :func:`medexplain.segmentation.reference_foreground`),
     each explained (:func:`medexplain.segmentation.explain_instances`) and quantified. ``region``: a
     mask file whose connected components are the instances instead (resampled onto the image grid by
-    its geometry). ``preprocessing``: a :class:`~medexplain.transforms.Preprocessing` applied before
+    its geometry). ``preprocessing``: a :class:`~medexplain.models.transforms.Preprocessing` applied before
     the model; the instances and the table are computed on the model's grid and every map is put back
     on the input's grid. Every option is checked before anything is written. Writes into ``out``,
     NIfTI on the first input's affine: ``probability.nii.gz``, ``instances.nii.gz``, ``instances.csv``,
     ``instance_<k>_<kind>.nii.gz``, ``info.json`` (class, activation, preprocessing); with ``reference``
     ``statistics.csv``; with ``context`` > 0 ``context.csv`` (the context experiment up to that many dilations).
     ``inferer``: a ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`); the model,
-    the saliency and the context experiment then run window by window (:mod:`medexplain.sliding`).
+    the saliency and the context experiment then run window by window (:mod:`medexplain.engine.sliding`).
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``model`` (:func:`explain_image`); its channel
     files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
     ``on_estimate(CostEstimate)`` is called once the instances are found, before any file is written or
     the saliency runs (the rows, time and memory it will take, as :func:`explain_image`'s); then
     ``on_progress(method, rows_done, rows_total)`` as the saliency's rows pass through the model.
-    ``memory``: the budget in GB of one model call (:func:`medexplain.options.plan_memory`: ``chunk_size``
+    ``memory``: the budget in GB of one model call (:func:`medexplain.engine.options.plan_memory`: ``chunk_size``
     capped to fit, refused before any compute if one row does not).
     ``variant`` / ``upsample``: Grad-CAM++'s formula and upsampling (:func:`medexplain.segmentation.explain_instances`).
     ``formats``: the instance maps as ``nifti`` and ``png`` (default: one figure per lesion,
-    :func:`medexplain.render.instance_figures`) and/or ``dicom``: per instance map
-    ``instance_<k>_<kind>_<method>_{pm,seg,sc}.dcm`` (:func:`medexplain.dicom_out.write_dicom_objects`, ``explain``'s
+    :func:`medexplain.io.render.instance_figures`) and/or ``dicom``: per instance map
+    ``instance_<k>_<kind>_<method>_{pm,seg,sc}.dcm`` (:func:`medexplain.io.dicom.write_dicom_objects`, ``explain``'s
     objects: a Parametric Map of the map summed over channels, a SEG with one segment, the map thresholded by
     ``dicom_threshold``, and a Secondary Capture, each naming the instance), in the study of the DICOM input
     (or of ``dicom_reference``); the probability and instance label maps stay NIfTI. A non-DICOM input without
     ``dicom_reference`` is refused before any compute.
     """
-    from . import render
-    from . import segmentation as seg
-    from .dicom_out import dicom_source_for, parse_formats
+    from medexplain import segmentation as seg
+    from medexplain.io import render
+    from medexplain.io.dicom import dicom_source_for, parse_formats
 
     formats = parse_formats(formats) if formats is not None else ("nifti", "png")
     check_options("instances", seg.explain_instances, {"aggregate": aggregate, "n_samples": n_samples,
@@ -898,7 +898,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
     if nnunet is not None:
-        from .models.nnunet import order_channel_files
+        from medexplain.models.nnunet import order_channel_files
         images = order_channel_files(images)
     setup = load_setup(model, weights, nnunet=nnunet, nnunet_options=nnunet_options, preprocessing=preprocessing,
                        inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
@@ -979,7 +979,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         if "nifti" in formats:
             files.append(io.write_nifti(m, out / f"{stem}.nii.gz", affine))
         if dicom_src is not None:
-            from .dicom_out import write_dicom_objects
+            from medexplain.io.dicom import write_dicom_objects
             label = f"{spec.name} instance {k} {inst.kind or 'pred'}"
             files += write_dicom_objects(dicom_src, img, m, meta, out, stem, spec.name, target=int(channel),
                                          model=setup.name,
@@ -1013,10 +1013,11 @@ SHAPLEY_VALUE_HELP = ("value of a coalition: 'probability:K' = mean probability 
 
 def shapley_value_function(value: str, seg=None, class_labels=None, activation: str = "softmax",
                            channel: int | None = None):
-    """The value function of a specification: ``probability:K`` (:func:`medexplain.shapley.mean_foreground_probability`)
-    or ``dice:REGION`` against the label map ``seg`` ``(1, *spatial)`` (:func:`medexplain.shapley.dice`;
+    """The value function of a specification: ``probability:K``
+    (:func:`medexplain.segmentation.shapley.mean_foreground_probability`) or ``dice:REGION`` against the label
+    map ``seg`` ``(1, *spatial)`` (:func:`medexplain.segmentation.shapley.dice`;
     REGION a BraTS region or labels joined by ``+``)."""
-    from .shapley import BRATS_REGIONS, dice, mean_foreground_probability
+    from medexplain.segmentation.shapley import BRATS_REGIONS, dice, mean_foreground_probability
 
     kind, _, arg = value.partition(":")
     kind = kind.strip().lower()
@@ -1049,8 +1050,8 @@ def _baseline(baseline):
 @dataclass
 class ContrastShapley:
     """What :func:`contrast_shapley` computed and wrote: the player names, one
-    :class:`~medexplain.shapley.ShapleyResult` per model, the fold consensus
-    (:func:`medexplain.shapley.fold_consensus`) and the files."""
+    :class:`~medexplain.segmentation.shapley.ShapleyResult` per model, the fold consensus
+    (:func:`medexplain.segmentation.shapley.fold_consensus`) and the files."""
 
     players: list[str]
     results: list
@@ -1072,26 +1073,26 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     of ``models`` (the folds of a cross-validation), with their consensus.
 
     ``images``: one multi-channel file or one file per contrast (:func:`medexplain.io.read_channels`), fed
-    to the models after ``preprocessing`` (a :class:`~medexplain.transforms.Preprocessing`; none by
+    to the models after ``preprocessing`` (a :class:`~medexplain.models.transforms.Preprocessing`; none by
     default) in each model's floating dtype. ``contrasts``: one name per channel; ``value``:
     :func:`shapley_value_function` (default ``probability:1``; ``seg``: a label-map file for dice values,
     resampled onto the model grid by its geometry); ``target``/``region`` (the commands' one target
-    grammar, :func:`medexplain.targets.resolve_target` on the first model's output) make the value the
+    grammar, :func:`medexplain.engine.targets.resolve_target` on the first model's output) make the value the
     mean probability of that class inside that region (``region`` default ``all``). ``activation``: each
     model's output activation (``auto`` detects models that output probabilities; the choice is
     recorded in ``ranking.json``). ``baseline``: ``zero``, ``mean`` or a number. Writes ``values.csv``,
     ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with ``reference_ranking``) and
     ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
     model, ``on_estimate(CostEstimate)`` before each model runs (its coalition rows, time and the memory of one
-    call; ``memory``: the budget in GB, :func:`medexplain.options.plan_memory` caps ``chunk_size`` to fit and
+    call; ``memory``: the budget in GB, :func:`medexplain.engine.options.plan_memory` caps ``chunk_size`` to fit and
     refuses before any compute if one row does not), ``on_progress("model i/k", rows_done, rows_total)`` as
     coalitions pass through it. ``inferer``: a
     ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
     nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
     """
-    from .metrics.ranking import resolve_ranking
-    from .shapley import channel_shapley, fold_consensus, mean_foreground_probability
+    from medexplain.metrics.ranking import resolve_ranking
+    from medexplain.segmentation.shapley import channel_shapley, fold_consensus, mean_foreground_probability
 
     by_target = target is not None or region is not None
     if by_target and value is not None and not value.strip().lower().startswith("prob"):
@@ -1101,7 +1102,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     value = value or "probability:1"
     nnm = None
     if nnunet is not None:
-        from .models.nnunet import order_channel_files
+        from medexplain.models.nnunet import order_channel_files
         nnm, preprocessing, inferer = _nnunet_parts(nnunet, list(models or []), list(weights or []), preprocessing,
                                                     inferer, nnunet_options)
         models, images, contrasts = nnm.fold_networks(), order_channel_files(images), contrasts or nnm.channel_names
@@ -1117,7 +1118,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     if len(names) != img.shape[0]:
         raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
     if img.shape[0] < 2:  # a ranking of one contrast is degenerate (rank variance 0 by construction)
-        from .shapley import ONE_PLAYER
+        from medexplain.segmentation.shapley import ONE_PLAYER
         raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
     weights = list(weights or [])
     if weights and len(weights) != len(models):

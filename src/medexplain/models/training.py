@@ -7,7 +7,7 @@ Rich progress bar. Classification (``"ce"``, ``"bce"``) and segmentation (``"dic
 and the validation accuracy / AUROC (classification) or Dice (segmentation).
 
 Models whose output is a tuple, a dict or stacked deep-supervision heads are trained and evaluated on the
-output chosen by ``output=`` (:func:`medexplain.core.select_output`, the adapter every explainer uses).
+output chosen by ``output=`` (:func:`medexplain.engine.core.select_output`, the adapter every explainer uses).
 
 Weights are written in one format (:func:`save_weights`): ``torch.save`` of a dict with ``format``
 (:data:`WEIGHTS_FORMAT`), ``state_dict`` and metadata, always atomically (:func:`medexplain.io.atomic_path`).
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import DEEP_SUPERVISION_HINT, Passes, model_guard, resolve_device, select_output
-from .errors import FileFormatError, InputError, ModelLoadError
-from .io import atomic_path, check_output_dir, read_image
-from .ops import dice
+from medexplain.engine.core import DEEP_SUPERVISION_HINT, Passes, model_guard, resolve_device, select_output
+from medexplain.engine.ops import dice
+from medexplain.errors import FileFormatError, InputError, ModelLoadError
+from medexplain.io import atomic_path, check_output_dir, read_image
 
 __all__ = ["train", "evaluate", "auroc", "dice_score", "save_weights", "read_weights", "WEIGHTS_FORMAT",
            "TrainingData", "read_training_manifest"]
@@ -87,7 +87,7 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def dice_score(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-case foreground Dice of label maps: the mean over classes 1..K-1 of :func:`medexplain.ops.dice`
+    """Per-case foreground Dice of label maps: the mean over classes 1..K-1 of :func:`medexplain.engine.ops.dice`
     (1.0 for a class absent from both target and prediction)."""
     return torch.stack([dice(pred == c, target == c, empty=1.0) for c in range(1, num_classes)], 1).mean(1)
 
@@ -97,7 +97,7 @@ def evaluate(model, ds, batch_size: int = 64, task: str | None = None) -> dict:
     """Accuracy and AUROC (classification) or mean Dice (segmentation) of ``model`` on ``ds``: an
     :class:`mx.Model <medexplain.models.model.Model>` (its output adapter ``output=``, passes, sliding window,
     device and train/eval policy: a model entirely in training mode is evaluated in eval mode), or an
-    ``nn.Module``, run as the one pass of a Model (:class:`medexplain.core.Passes`, the default output adapter;
+    ``nn.Module``, run as the one pass of a Model (:class:`medexplain.engine.core.Passes`, the default output adapter;
     the model loaders import this module, so it builds no ``mx.Model`` itself). The model is left as found."""
     x, y = _xy(ds)
     net = model if hasattr(model, "predict") and hasattr(model, "eval_policy") else Passes([model])
@@ -207,8 +207,8 @@ def train(model: nn.Module, train_ds, val_ds=None, epochs: int = 5, batch_size: 
         checkpoint: path; the weights are written after every epoch (:func:`save_weights`, with
             ``epoch`` and ``history``).
         output: the output trained on, for models returning a tuple, a dict or stacked heads
-            (:func:`medexplain.core.select_output`; applied in training and in eval mode alike: for MONAI
-            ``DynUNet``, which stacks its heads in training mode only, :data:`medexplain.core.DEEP_SUPERVISION_HINT`).
+            (:func:`medexplain.engine.core.select_output`; applied in training and in eval mode alike: for MONAI
+            ``DynUNet``, which stacks its heads in training mode only, :data:`medexplain.engine.core.DEEP_SUPERVISION_HINT`).
     Returns:
         ``{"loss": [...], "val_accuracy": [...], "val_auroc": [...]}`` or ``{"loss", "val_dice"}``, plus
         ``"seconds"``, ``"epochs"``, ``"steps"``. The model is left in eval mode.

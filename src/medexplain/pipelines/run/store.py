@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io
-from ..io import method_file, safe_file_name
-from ..pipelines import write_map
+from medexplain import io
+from medexplain.io import method_file, safe_file_name
+from medexplain.pipelines import write_map
 
 RUN_RECORD = "run.json"
 TABLE_CSV = "results.csv"

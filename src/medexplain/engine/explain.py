@@ -1,6 +1,6 @@
 """The stable entry points: ``mx.explain`` and ``mx.available_methods`` over the method registry.
 
-``explain`` does what is common to every registered method (:mod:`medexplain.registry`): option
+``explain`` does what is common to every registered method (:mod:`medexplain.engine.registry`): option
 checks, the model object (:class:`medexplain.models.model.Model`: a bare ``nn.Module`` with ``output=`` /
 ``inferer=`` is wrapped in one), input checks (and the one move to the model's device), target parsing,
 the model guard (the Model's train/eval policy, frozen weights, buffers restored afterwards), cost
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from . import methods  # noqa: F401  (importing the package registers every explainer)
-from .attribution import Attribution
-from .core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks
-from .errors import MedexplainError, TargetError
-from .models.model import as_model
-from .options import plan_memory, plan_window_memory
-from .registry import accepted_options, default_method, get_method, registered, route_options  # noqa: F401
-from .sliding import is_sliding, window_info
-from .sliding_cam import windowed_method
-from .targets import Regions, ValueTarget, as_target
+from medexplain import methods  # noqa: F401  (importing the package registers every explainer)
+from medexplain.engine.attribution import Attribution
+from medexplain.engine.core import Cost, check_input, forward, model_expectations, model_guard, output_notes, require_hooks
+from medexplain.engine.options import plan_memory, plan_window_memory
+from medexplain.engine.registry import accepted_options, default_method, get_method, registered, route_options  # noqa: F401
+from medexplain.engine.sliding import is_sliding, window_info
+from medexplain.engine.sliding_cam import windowed_method
+from medexplain.engine.targets import Regions, ValueTarget, as_target
+from medexplain.errors import MedexplainError, TargetError
+from medexplain.models.model import as_model
 
 
 def available_methods(model=None, x: torch.Tensor | None = None, output=None) -> list[str]:
@@ -40,7 +40,7 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
             except MedexplainError:
                 raise
             except Exception as e:   # the model's own error explained, as explain() does
-                from .models.loading import model_error, raised_in_model
+                from medexplain.models.loading import model_error, raised_in_model
                 if not raised_in_model(e, m):
                     raise
                 raise model_error(m, xm, e) from e
@@ -55,15 +55,15 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
     flips, output adapter, inferer, device, dtype, train/eval policy), or an ``nn.Module``, which is wrapped
     in one (``mx.Model(model, output=output, inferer=inferer)``). ``x`` is ``(B, C, H, W)`` or
     ``(B, C, D, H, W)``; ``method`` a registered name (default: the registry's default method, saliency);
-    ``target`` an int, a list of ints (one per sample) or a :mod:`medexplain.targets` object. With a
-    :class:`~medexplain.targets.Regions` target the map has one row per region: a method declared
+    ``target`` an int, a list of ints (one per sample) or a :mod:`medexplain.engine.targets` object. With a
+    :class:`~medexplain.engine.targets.Regions` target the map has one row per region: a method declared
     ``regions=True`` takes the regions as they are, any other is run on each region's image with that
     region's target. ``output`` selects what is explained when the model returns a tuple, dict or stacked heads
-    (:func:`medexplain.core.select_output`). ``options`` go to the method (see its docstring, e.g. ``layer=``
+    (:func:`medexplain.engine.core.select_output`). ``options`` go to the method (see its docstring, e.g. ``layer=``
     for CAMs, ``n_samples=`` for SmoothGrad, ``chunk_size=``: rows given to the model in one call). The
     model is left exactly as found, also when an error is raised. ``inferer``: a
     ``monai.inferers.SlidingWindowInferer``; the model then runs window by window, with the exact
-    window-by-window gradient, and ``info`` counts windows (:mod:`medexplain.sliding`).
+    window-by-window gradient, and ``info`` counts windows (:mod:`medexplain.engine.sliding`).
 
     Every method explains the Model's prediction, the mean over its passes (members x flips): gradients
     are exact through the mean, ``info["n_forward"]`` / ``["n_backward"]`` count every pass, CAMs flip
@@ -72,12 +72,12 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
     ``info["eval"]`` when the train/eval policy changed or kept a mode. Maps come back on the CPU.
 
     ``memory``: the budget in GB of one model call (default: half the memory available now). The peak of
-    one call (all its passes) is measured on a probe row (:func:`medexplain.options.probe_row_bytes`),
+    one call (all its passes) is measured on a probe row (:func:`medexplain.engine.options.probe_row_bytes`),
     ``chunk_size`` is capped to the rows that fit, and a call that cannot fit even one row raises
-    :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.options.plan_memory`);
+    :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.engine.options.plan_memory`);
     ``info["memory"]`` records the plan. Through an ``inferer`` it bounds the peak of the whole explanation
     instead: window graphs are kept while they fit, recomputed when not, and the full-volume arrays are
-    memory-mapped when even they do not fit (:func:`medexplain.options.plan_window_memory`).
+    memory-mapped when even they do not fit (:func:`medexplain.engine.options.plan_window_memory`).
     """
     spec = get_method(default_method() if method is None else method)
     options = spec.check_options(options)   # names, types, ranges and choices from the signature; declared check
@@ -113,7 +113,7 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
         except MedexplainError:
             raise
         except Exception as e:  # raised inside the model's own forward: say what was given and expected
-            from .models.loading import model_error, raised_in_model
+            from medexplain.models.loading import model_error, raised_in_model
             if not raised_in_model(e, m):
                 raise
             raise model_error(m, x, e) from e

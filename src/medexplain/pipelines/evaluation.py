@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import resize_to
-from .errors import FileFormatError, InputError
-from .io import IMAGE_SUFFIXES, check_output_dir, file_stem, read_image, write_csv
-from .metrics.localisation import (
+from medexplain.engine.core import resize_to
+from medexplain.errors import FileFormatError, InputError
+from medexplain.io import IMAGE_SUFFIXES, check_output_dir, file_stem, read_image, write_csv
+from medexplain.metrics.localisation import (
     CI_METHODS,
     MEAN_OF,
     OTSU_RULES,
