@@ -268,6 +268,57 @@ def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
     assert sessions[0]["workers"] == 1 and sessions[1]["workers"] == 2 and sessions[1]["processes"]
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
+def test_local_workers_die_with_a_sigkilled_run(tmp_path):
+    """A SIGKILLed `medexplain run` takes its worker processes with it: an orphan would go on writing into the
+    folder that `--resume` completes (seen as a session missing from run.json in the SIGKILL test)."""
+    csv = volumes(tmp_path, n=6)
+    args = _cli(str(csv), "--model", scripted3d(tmp_path), "--method", "saliency,integrated_gradients",
+                "--out", str(tmp_path / "out"), "-o", "steps=64", "--batch-size", "1", "--num-workers", "2")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, []
+    while time.time() < deadline and p.poll() is None and len(workers) < 2:
+        workers = [k for k in _children(p.pid) if "spawn_main" in _cmdline(k)]
+        time.sleep(0.05)
+    assert p.poll() is None and len(workers) == 2, "the run ended before its two workers were seen"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(_alive, workers)):
+        time.sleep(0.05)
+    alive = [w for w in workers if _alive(w)]
+    assert not alive, f"worker processes {alive} outlived their SIGKILLed run"
+
+
 @pytest.mark.slow
 def test_ray_backend_equals_local_backend(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'medexplain[ray]')")

@@ -62,9 +62,27 @@ def local_workers(spec: WorkerSpec, num_workers: int | None, n_chunks: int) -> t
 _PROCESSOR: CaseProcessor | None = None
 
 
-def _start_worker(spec: WorkerSpec) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive its run: a SIGKILLed ``medexplain run`` cannot stop its pool, and an orphan
+    would go on writing into the folder that ``--resume`` is completing. Linux's ``PR_SET_PDEATHSIG`` kills
+    the worker with its parent; where the parent is already gone (or elsewhere) the worker exits."""
+    import ctypes
+    import os
+    import signal
+    import sys
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:   # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _start_worker(spec: WorkerSpec, parent: int) -> None:
     global _PROCESSOR
     import signal
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles ^C and stops the pool
     _PROCESSOR = CaseProcessor(spec)
 
@@ -84,7 +102,7 @@ def run_processes(chunks: list, spec: WorkerSpec, workers: int, threads: int,
 
     wspec = WorkerSpec(**{**spec.__dict__, "threads": threads})
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
-                               initargs=(wspec,))
+                               initargs=(wspec, os.getpid()))
     try:
         queue, pending = list(chunks), set()
         while queue or pending:
