@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import medexplain as mx
-from medexplain import io
+from medexplain import examples, io
 from medexplain.cli import app
 from medexplain.errors import ModelLoadError
 
@@ -21,32 +21,7 @@ AFFINE = np.array([[-1.0, 0, 0, 10], [0, 1.2, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
-def inference_config(roi=(8, 8, 8)):
-    """configs/inference.json as a MONAI Model Zoo bundle writes it (spleen_ct_segmentation's layout)."""
-    return {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "output_dir": "$@bundle_root + '/eval'",
-        "device": "$torch.device('cpu')",
-        "network_def": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 2, "out_channels": 2,
-                        "channels": [4, 8], "strides": [2], "num_res_units": 0},
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "image"},
-            {"_target_": "EnsureChannelFirstd", "keys": "image"},
-            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 1.5], "mode": "bilinear"},
-            {"_target_": "ScaleIntensityd", "keys": "image"},
-            {"_target_": "EnsureTyped", "keys": "image"}]},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(roi), "sw_batch_size": 2, "overlap": 0.25,
-                    "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir"}]},
-    }
+inference_config = examples.bundle_config   # configs/inference.json as a MONAI Model Zoo bundle writes it
 
 
 def make_bundle(root, seed=0):

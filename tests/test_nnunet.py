@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import medexplain as mx
+from medexplain import examples
 from medexplain.engine.targets import Region
 from medexplain.errors import InputError, ModelLoadError
 
@@ -28,35 +29,13 @@ SHAPE = (13, 11, 12)
 
 
 def plans():
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
-                            "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2]],
-                            "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1], "conv_bias": True,
-                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    resample = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}}
-    cfg = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-           "patch_size": PATCH, "median_image_size_in_voxels": [10, 11, 13], "spacing": [1.5, 1.0, 1.0],
-           "normalization_schemes": ["ZScoreNormalization", "CTNormalization"], "use_mask_for_norm": [False, False],
-           "architecture": arch, "batch_dice": False, **resample}
-    fg = {"max": 3.0, "mean": 0.5, "median": 0.4, "min": -2.0, "percentile_00_5": -1.5, "percentile_99_5": 2.5,
-          "std": 0.8}
-    return {"dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": [1.3, 1.0, 1.0], "original_median_shape_after_transp": [12, 11, 13],
-            "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-            "configurations": {"3d_fullres": cfg}, "experiment_planner_used": "ExperimentPlanner",
-            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {"0": fg, "1": fg}}
+    """The tiny model's plans (:func:`medexplain.examples.nnunet_plans`) with this file's geometry: a patch of
+    PATCH and original images of 1.3 mm along nnU-Net's axis 0, resampled to the plans' 1.5 mm."""
+    return examples.nnunet_plans(PATCH, median_shape=(10, 11, 13), original_spacing=(1.3, 1.0, 1.0),
+                                 original_shape=(12, 11, 13))
 
 
-DATASET = {"channel_names": {"0": "T1", "1": "CT"}, "labels": {"background": 0, "lesion": 1, "edema": 2},
-           "numTraining": 2, "file_ending": ".nii.gz"}
+DATASET = examples.NNUNET_DATASET
 
 
 def reference_network(p):

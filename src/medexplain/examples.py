@@ -173,8 +173,9 @@ def _write_case(folder: Path) -> Path:
     return folder / "case_0000.nii.gz"
 
 
-def _bundle_config(roi=(8, 8, 8)) -> dict:
-    """configs/inference.json laid out as the MONAI Model Zoo's spleen_ct_segmentation bundle."""
+def bundle_config(roi=(8, 8, 8)) -> dict:
+    """configs/inference.json laid out as the MONAI Model Zoo's spleen_ct_segmentation bundle (2 input channels,
+    a 2-class MONAI UNet, a sliding window of ``roi``); the tests build their bundles from it too."""
     return {
         "imports": ["$import torch"], "bundle_root": ".", "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cpu')",
@@ -205,13 +206,17 @@ def _write_bundle(folder: Path) -> Path:
     root = folder / "tiny_bundle"
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
-    (root / "configs" / "inference.json").write_text(json.dumps(_bundle_config(), indent=2))
+    (root / "configs" / "inference.json").write_text(json.dumps(bundle_config(), indent=2))
     torch.manual_seed(0)
     torch.save(UNet(3, 2, 2, channels=(4, 8), strides=(2,), num_res_units=0).state_dict(), root / "models" / "model.pt")
     return root
 
 
-def _nnunet_plans() -> dict:
+def nnunet_plans(patch_size=(8, 8, 8), median_shape=(16, 16, 16), original_spacing=(1.5, 1.0, 1.0),
+                 original_shape=(16, 16, 16)) -> dict:
+    """plans.json of a tiny nnU-Net v2 3d_fullres model (a 2-stage PlainConvUNet, two channels: z-scored T1
+    and CT-normalised, spacing 1.5 x 1 x 1 mm) as nnU-Net's planner writes it; the tests build their folders
+    from it too, with their own median and original geometry."""
     arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "arch_kwargs": {"n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
                             "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2]],
@@ -227,19 +232,20 @@ def _nnunet_plans() -> dict:
            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}}
     cfg = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-           "patch_size": [8, 8, 8], "median_image_size_in_voxels": [16, 16, 16], "spacing": [1.5, 1.0, 1.0],
+           "patch_size": list(patch_size), "median_image_size_in_voxels": list(median_shape), "spacing": [1.5, 1.0, 1.0],
            "normalization_schemes": ["ZScoreNormalization", "CTNormalization"], "use_mask_for_norm": [False, False],
            "architecture": arch, "batch_dice": False, **res}
     fg = {"max": 3.0, "mean": 0.5, "median": 0.4, "min": -2.0, "percentile_00_5": -1.5, "percentile_99_5": 2.5,
           "std": 0.8}
     return {"dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": [1.5, 1.0, 1.0], "original_median_shape_after_transp": [16, 16, 16],
+            "original_median_spacing_after_transp": list(original_spacing),
+            "original_median_shape_after_transp": list(original_shape),
             "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
             "configurations": {"3d_fullres": cfg}, "experiment_planner_used": "ExperimentPlanner",
             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {"0": fg, "1": fg}}
 
 
-_NNUNET_DATASET = {"channel_names": {"0": "T1", "1": "CT"}, "labels": {"background": 0, "lesion": 1, "edema": 2},
+NNUNET_DATASET = {"channel_names": {"0": "T1", "1": "CT"}, "labels": {"background": 0, "lesion": 1, "edema": 2},
                    "numTraining": 2, "file_ending": ".nii.gz"}
 
 
@@ -252,9 +258,9 @@ def _write_nnunet(folder: Path) -> Path:
         raise InputError(f"the nnU-Net example needs the nnunet extra (docs/nnunet.md): {e}") from e
     root = folder / "Dataset999_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     root.mkdir(parents=True, exist_ok=True)
-    plans = _nnunet_plans()
+    plans = nnunet_plans()
     (root / "plans.json").write_text(json.dumps(plans, indent=2))
-    (root / "dataset.json").write_text(json.dumps(_NNUNET_DATASET, indent=2))
+    (root / "dataset.json").write_text(json.dumps(NNUNET_DATASET, indent=2))
     cm = PlansManager(plans).get_configuration("3d_fullres")
     for fold in (0, 1):
         torch.manual_seed(fold)
@@ -264,7 +270,7 @@ def _write_nnunet(folder: Path) -> Path:
         (root / f"fold_{fold}").mkdir(exist_ok=True)
         torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "current_epoch": 1000,
                     "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
-                                  "dataset_json": _NNUNET_DATASET},
+                                  "dataset_json": NNUNET_DATASET},
                     "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
                    root / f"fold_{fold}" / "checkpoint_final.pth")
     return root
