@@ -330,20 +330,23 @@ def test_gradcam_pp_per_instance_on_a_monai_unet_and_the_model_is_left_as_found(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class LesionScore(nn.Module):
+    """The lesion's summed class-1 logits as the single output MONAI's CAMs explain (the IES reference's score)."""
+
+    def __init__(self, net, mask):
+        super().__init__()
+        self.net, self.mask = net, mask
+
+    def forward(self, x):
+        return (self.net(x)[:, 1] * self.mask).flatten(1).sum(1, keepdim=True)
+
+
 @pytest.mark.parametrize("nd", [2, 3])
 def test_gradcam_pp_monai_variant_equals_monai_gradcampp_on_the_lesion_score(nd):
     """``variant="monai"`` is MONAI's GradCAMpp (what the IES reference code calls) with the lesion's summed
     logits as the score: MONAI run on a wrapper whose single output is that sum. The layer runs on the
     input grid, so no upsampling rule enters the comparison. The paper's formula (default) differs."""
     from monai.visualize import GradCAMpp
-
-    class LesionScore(nn.Module):
-        def __init__(self, net, mask):
-            super().__init__()
-            self.net, self.mask = net, mask
-
-        def forward(self, x):
-            return (self.net(x)[:, 1] * self.mask).flatten(1).sum(1, keepdim=True)
 
     model, x = seg_model(nd), img(nd)
     s = x.shape[2:]
@@ -492,14 +495,6 @@ def test_instance_saliency_monai_variant_equals_monai_gradcampp_at_half_resoluti
     (it differed by 34-81% of the map maximum when CAMs defaulted to aligned upsampling)."""
     from monai.networks.nets import UNet
     from monai.visualize import GradCAMpp
-
-    class LesionScore(nn.Module):
-        def __init__(self, net, mask):
-            super().__init__()
-            self.net, self.mask = net, mask
-
-        def forward(self, x):
-            return (self.net(x)[:, 1] * self.mask).flatten(1).sum(1, keepdim=True)
 
     torch.manual_seed(0)
     model = UNet(nd, 2, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0).double().eval()

@@ -138,21 +138,12 @@ def _coerce(v, tp, text: bool):
         if from_text and v.strip().lower() in TRUE_WORDS + FALSE_WORDS:
             return v.strip().lower() in TRUE_WORDS
         raise _Mismatch
-    if tp is int:
-        if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-            return int(v)
+    if tp in (int, float):   # a bool is not a number here, although Python says it is one
+        if isinstance(v, numbers.Integral if tp is int else numbers.Real) and not isinstance(v, bool):
+            return tp(v)
         if from_text:
             try:
-                return int(v.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is float:
-        if isinstance(v, numbers.Real) and not isinstance(v, bool):
-            return float(v)
-        if from_text:
-            try:
-                return float(v.strip())
+                return tp(v.strip())
             except ValueError:
                 raise _Mismatch from None
         raise _Mismatch
