@@ -1,0 +1,223 @@
+"""The ``medexplain shapley`` pipeline: contrast-level Shapley values of one case for several (fold) models
+(Ren et al. 2025), file to file."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medexplain import io
+from medexplain.engine.ops import ACTIVATIONS
+from medexplain.engine.options import counting, estimate_cost, plan_memory
+from medexplain.engine.targets import Region, parse_target
+from medexplain.errors import InputError, OptionError, TargetError
+from medexplain.models.transforms import resample_nearest
+from medexplain.pipelines import (
+    _as_preprocessing,
+    _nnunet_parts,
+    load_setup,
+    prepare_input,
+    read_case,
+    resolve_case_target,
+)
+
+# --------------------------------------------------------------------------------------------------
+# contrast Shapley values of one case for several (fold) models
+# --------------------------------------------------------------------------------------------------
+SHAPLEY_VALUE_HELP = ("value of a coalition: 'probability:K' = mean probability of output channel K (default "
+                      "probability:1); 'dice:REGION' against --seg, REGION = ET, TC, WT, NCR, ED (BraTS labels 1, 2, 4) "
+                      "or labels joined by '+' (dice:1, dice:1+4)")
+
+
+def shapley_value_function(value: str, seg=None, class_labels=None, activation: str = "softmax",
+                           channel: int | None = None):
+    """The value function of a specification: ``probability:K``
+    (:func:`medexplain.segmentation.shapley.mean_foreground_probability`) or ``dice:REGION`` against the label
+    map ``seg`` ``(1, *spatial)`` (:func:`medexplain.segmentation.shapley.dice`;
+    REGION a BraTS region or labels joined by ``+``)."""
+    from medexplain.segmentation.shapley import BRATS_REGIONS, dice, mean_foreground_probability
+
+    kind, _, arg = value.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("probability", "prob"):
+        try:
+            k = int(arg or 1)
+        except ValueError:
+            raise InputError(f"--value probability:K needs an output channel index, got {arg!r}") from None
+        return mean_foreground_probability(k, activation)
+    if kind == "dice":
+        if seg is None:
+            raise InputError("--value dice:... needs the reference label map --seg")
+        if not arg:
+            raise InputError(f"--value dice needs a region or labels, e.g. dice:WT or dice:1 ({SHAPLEY_VALUE_HELP})")
+        region = arg if arg.upper() in BRATS_REGIONS else [int(v) for v in arg.split("+")]
+        return dice(region, seg, class_labels=class_labels, activation=activation,
+                    channel=channel if activation != "softmax" else None)
+    raise InputError(f"unknown --value {value!r}: {SHAPLEY_VALUE_HELP}")
+
+
+def _baseline(baseline):
+    if isinstance(baseline, (int, float)) or baseline in ("zero", "mean"):
+        return baseline
+    try:
+        return float(baseline)
+    except ValueError:
+        raise InputError(f"--baseline must be zero, mean or a number, got {baseline!r}") from None
+
+
+@dataclass
+class ContrastShapley:
+    """What :func:`contrast_shapley` computed and wrote: the player names, one
+    :class:`~medexplain.segmentation.shapley.ShapleyResult` per model, the fold consensus
+    (:func:`medexplain.segmentation.shapley.fold_consensus`) and the files."""
+
+    players: list[str]
+    results: list
+    consensus: dict
+    files: list[Path] = field(default_factory=list)
+
+
+def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = (), contrasts: Sequence[str] | None = None,
+                     reference_ranking=None, value: str | None = None, seg=None, class_labels=None,
+                     activation: str = "auto", channel: int | None = None, baseline="zero", method: str = "auto",
+                     n_permutations: int = 200, seed: int = 0, chunk_size: int | None = 16,
+                     target=None, region=None, output=None, preprocessing=None,
+                     on_model: Callable[[int, object], None] | None = None,
+                     on_progress: Callable[[str, int, int | None], None] | None = None,
+                     inferer=None, nnunet=None, nnunet_options: dict | None = None, device=None, flip_axes=None,
+                     eval: str = "auto", on_estimate: Callable | None = None,
+                     memory: float | None = None) -> ContrastShapley:
+    """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
+    of ``models`` (the folds of a cross-validation), with their consensus.
+
+    ``images``: one multi-channel file or one file per contrast (:func:`medexplain.io.read_channels`), fed
+    to the models after ``preprocessing`` (a :class:`~medexplain.models.transforms.Preprocessing`; none by
+    default) in each model's floating dtype. ``contrasts``: one name per channel; ``value``:
+    :func:`shapley_value_function` (default ``probability:1``; ``seg``: a label-map file for dice values,
+    resampled onto the model grid by its geometry); ``target``/``region`` (the commands' one target
+    grammar, :func:`medexplain.engine.targets.resolve_target` on the first model's output) make the value the
+    mean probability of that class inside that region (``region`` default ``all``). ``activation``: each
+    model's output activation (``auto`` detects models that output probabilities; the choice is
+    recorded in ``ranking.json``). ``baseline``: ``zero``, ``mean`` or a number. Writes ``values.csv``,
+    ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with ``reference_ranking``) and
+    ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
+    model, ``on_estimate(CostEstimate)`` before each model runs (its coalition rows, time and the memory of one
+    call; ``memory``: the budget in GB, :func:`medexplain.engine.options.plan_memory` caps ``chunk_size`` to fit and
+    refuses before any compute if one row does not), ``on_progress("model i/k", rows_done, rows_total)`` as
+    coalitions pass through it. ``inferer``: a
+    ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
+    ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
+    nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
+    """
+    from medexplain.metrics.ranking import resolve_ranking
+    from medexplain.segmentation.shapley import channel_shapley, fold_consensus, mean_foreground_probability
+
+    by_target = target is not None or region is not None
+    if by_target and value is not None and not value.strip().lower().startswith("prob"):
+        raise InputError(f"--target/--region define a probability value; they do not combine with --value {value}")
+    if activation not in ACTIVATIONS:
+        raise TargetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    value = value or "probability:1"
+    nnm = None
+    if nnunet is not None:
+        from medexplain.models.nnunet import order_channel_files
+        nnm, preprocessing, inferer = _nnunet_parts(nnunet, list(models or []), list(weights or []), preprocessing,
+                                                    inferer, nnunet_options)
+        models, images, contrasts = nnm.fold_networks(), order_channel_files(images), contrasts or nnm.channel_names
+    if not models:
+        raise OptionError("give the models (--model, one per fold) or an nnU-Net model folder (--nnunet)")
+    if by_target and ":" in value and parse_target(target) is not None and value.partition(":")[2].strip() != str(target):
+        raise InputError(f"--value {value} and --target {target} name different classes; give one of them")
+    out = io.check_output_dir(out)
+    img, meta = read_case(images)
+    if nnm is not None:
+        nnm.check_image(img)
+    names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
+    if len(names) != img.shape[0]:
+        raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
+    if img.shape[0] < 2:  # a ranking of one contrast is degenerate (rank variance 0 by construction)
+        from medexplain.segmentation.shapley import ONE_PLAYER
+        raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
+    weights = list(weights or [])
+    if weights and len(weights) != len(models):
+        raise InputError(f"{len(weights)} --weights for {len(models)} --model: give one per model (or none)")
+    ref = resolve_ranking(reference_ranking, len(names), names) if reference_ranking else None
+    seg_img = io.read_image(seg) if seg is not None else None
+    try:
+        labels = [int(v) for v in class_labels] if class_labels else None
+    except ValueError:
+        raise InputError(f"--class-labels must be integers, got {list(class_labels)}") from None
+    check_activation = "softmax" if channel is None else "sigmoid"   # the value's syntax, before any model runs
+    shapley_value_function(value, torch.zeros(1, 1, dtype=torch.long) if seg_img is not None else None, labels,
+                           check_activation, channel)
+    base = _baseline(baseline)
+    results, chosen, activations = [], None, []
+    for i, spec in enumerate(models):
+        setup = load_setup(spec, weights[i] if weights else None, preprocessing=preprocessing, inferer=inferer,
+                           device=device, flip_axes=flip_axes, eval=eval)   # the model step of every command
+        net = setup.net
+        prep = prepare_input(img, meta, net, preprocessing=setup.preprocessing, output=output, activation=activation,
+                             inferer=setup.inferer)
+        seg_t = None
+        if seg_img is not None:
+            seg_t = resample_nearest(seg_img[0][:1], seg_img[1].get("affine", np.eye(4)), tuple(prep.x.shape[2:]),
+                                     prep.prepared.affine)[0].round().long()[None]
+        if by_target:
+            if chosen is None:  # one class and region for every fold, so their values are comparable
+                chosen = resolve_case_target(prep, target, "all" if region is None else region, model=net)
+            mask = chosen.target.mask if isinstance(chosen.target, Region) else None
+            value_fn = mean_foreground_probability(chosen.class_index, prep.activation, mask)
+        else:
+            value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
+        activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
+        label = f"model {i + 1}/{len(models)}"
+        opts, plan = (({"chunk_size": chunk_size}, None) if setup.inferer is not None else
+                      plan_memory("shapley", channel_shapley, net, prep.x, {"chunk_size": chunk_size}, memory))
+        est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
+                                                                    "n_permutations": n_permutations},
+                                    prep.seconds_per_row, plan), method=label)
+        if on_estimate:
+            on_estimate(est)
+        done = [0]
+
+        def rows(n, label=label, done=done, est=est):
+            done[0] += n
+            if on_progress:
+                on_progress(label, done[0], est.n_forward)
+
+        results.append(channel_shapley(counting(net, rows, output, setup.inferer), prep.x, value_fn,
+                                       baseline=base, method=method, n_permutations=n_permutations, seed=seed,
+                                       chunk_size=opts["chunk_size"], players=names))
+        if on_model:
+            on_model(i, results[-1])
+    consensus = fold_consensus(results, ref)
+    extra = {"activation": activations, "target": None if chosen is None else chosen.info(),
+             "preprocessing": _as_preprocessing(preprocessing).describe(),
+             "nnunet": nnm.describe() if nnm is not None else None}
+    files = _write_shapley(out, models, names, results, consensus, value if not by_target else
+                           f"probability:{chosen.class_index} in region {chosen.region}", images, extra)
+    return ContrastShapley(names, results, consensus, files)
+
+
+def _write_shapley(out: Path, models, names, results, consensus, value, images, extra=None) -> list[Path]:
+    rows, crow = [], []
+    for m, r in enumerate(results):
+        spec = models[m] if isinstance(models[m], str) else type(models[m]).__name__
+        for j, p in enumerate(names):
+            se = None if r.stderr is None else float(r.stderr[0, j])
+            rows.append([m, spec, p, float(r.values[0, j]), int(r.ranks[0, j]), se])
+        for code, v in sorted(r.coalitions.items()):
+            crow.append([m, code, "+".join(p for j, p in enumerate(names) if code >> j & 1), float(v[0])])
+    paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
+    ranking = {**consensus["ranking"], "value": value, "image": [str(p) for p in paths], **(extra or {})}
+    files = [io.write_csv(rows, out / "values.csv", ["model", "spec", "contrast", "shapley_value", "rank", "stderr"]),
+             io.write_csv(crow, out / "coalitions.csv", ["model", "bitmask", "contrasts_present", "value"]),
+             io.write_json(ranking, out / "ranking.json")]
+    if consensus["agreement"] is not None:
+        files.append(io.write_json(consensus["agreement"], out / "agreement.json"))
+    if consensus["uncertainty"] is not None:
+        files.append(io.write_json(consensus["uncertainty"], out / "uncertainty.json"))
+    return files
