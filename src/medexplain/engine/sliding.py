@@ -105,8 +105,9 @@ class WindowGeometry:
 
     ``image``: the (padded) grid the windows tile; ``pad``: the ``F.pad`` amounts (last axis first, as
     MONAI pads when the ROI is larger than the image); ``slices``: one tuple of slices per window, in
-    MONAI's order; ``importance``: ``g`` as ``(1, 1, *roi)``; ``count``: ``c = sum_w P_w(g)`` as
-    ``(1, 1, *image)``.
+    MONAI's order; ``importance``: ``g`` as ``(1, 1, *roi)``; :attr:`count`: ``c = sum_w P_w(g)`` as
+    ``(1, 1, *image)``, built when first asked for (the gradient reads it one window at a time,
+    :meth:`count_in`, and never holds the full-volume map).
     """
 
     spatial: tuple[int, ...]
@@ -115,9 +116,36 @@ class WindowGeometry:
     pad: list[int]
     slices: list[tuple[slice, ...]]
     importance: torch.Tensor
-    count: torch.Tensor
     padding_mode: str = "constant"
     cval: float = 0.0
+    _count: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def count(self) -> torch.Tensor:
+        """``c = sum_w P_w(g)`` on the padded grid ``(1, 1, *image)`` (eq. 1), built once."""
+        if self._count is None:
+            g = self.importance
+            count = torch.zeros((1, 1, *self.image), dtype=g.dtype, device=g.device)
+            for sl in self.slices:
+                count[(slice(None), slice(None), *sl)] += g
+            self._count = count
+        return self._count
+
+    def count_in(self, w: int) -> torch.Tensor:
+        """``P_w^T c``, the count map over window ``w`` ``(1, 1, *roi)``, from the windows that overlap it: the
+        same additions in the same (MONAI's window) order as :attr:`count`, so bit-identical to
+        ``count[window w]``, without a full-volume array (the one-window memory budget)."""
+        if self._count is not None:
+            return self._count[(slice(None), slice(None), *self.slices[w])]
+        own, g = self.slices[w], self.importance
+        c = torch.zeros((1, 1, *self.roi), dtype=g.dtype, device=g.device)
+        for sl in self.slices:
+            lo = [max(a.start, b.start) for a, b in zip(own, sl)]
+            hi = [min(a.stop, b.stop) for a, b in zip(own, sl)]
+            if all(lo_ < hi_ for lo_, hi_ in zip(lo, hi)):
+                c[(slice(None), slice(None), *(slice(l_ - a.start, h_ - a.start) for l_, h_, a in zip(lo, hi, own)))] += \
+                    g[(slice(None), slice(None), *(slice(l_ - b.start, h_ - b.start) for l_, h_, b in zip(lo, hi, sl)))]
+        return c
 
     @property
     def padded(self) -> bool:
@@ -284,6 +312,32 @@ class _KeptGraphs:
         return out.detach()
 
 
+_LIBC: list = []
+
+
+def release_heap(device) -> None:
+    """Return the C heap's free pages to the operating system (glibc's ``malloc_trim(0)``) on the CPU; a
+    no-op elsewhere (another C library, a CUDA device).
+
+    glibc serves allocations below its mmap threshold from the heap, and the threshold rises (up to 32 MB)
+    each time a larger block is freed, so after the first full-volume temporary every window tensor lives
+    on the heap; what one window's backward frees stays resident there, fragmented, beside the next
+    window's graph. Trimming between window calls keeps the resident peak near the live tensors (the
+    one-window budget of ``bench/results/sliding_window.md``); it costs a walk of the free lists, well
+    under a window's compute."""
+    if torch.device(device).type != "cpu":
+        return
+    if not _LIBC:
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None)
+            _LIBC.append(libc.malloc_trim if hasattr(libc, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
 def _volume_arrays_bytes(x: torch.Tensor, k: int, geo: WindowGeometry) -> int:
     """Bytes of the four full-volume arrays of a sliding-window gradient: input and gradient (``C``
     channels), output and cotangent (``k`` channels), on the padded grid, in ``x``'s dtype."""
@@ -387,11 +441,9 @@ class SlidingWindowModel(OutputAdapter):
                 imp = m["compute_importance_map"](valid, mode=inf.mode, sigma_scale=inf.sigma_scale, device=device,
                                                   dtype=x.dtype)
         imp = torch.as_tensor(imp).to(dtype=x.dtype, device=x.device).reshape(1, 1, *roi)
-        count = torch.zeros((1, 1, *image), dtype=x.dtype, device=x.device)
-        for sl in slices:
-            count[(slice(None), slice(None), *sl)] += imp
         mode = str(getattr(inf.padding_mode, "value", inf.padding_mode))
-        geo = WindowGeometry(spatial, roi, image, pad, list(slices), imp, count, mode, float(inf.cval))
+        geo = WindowGeometry(spatial, roi, image, pad, [tuple(slice(*s.indices(n)) for s, n in zip(sl, image))
+                                                         for sl in slices], imp, mode, float(inf.cval))
         self._geo[key] = geo
         self.stats.n_windows = len(geo.slices)
         return geo
@@ -431,10 +483,11 @@ class SlidingWindowModel(OutputAdapter):
         device = self.inferer.sw_device or xp.device
         return torch.cat([xp[(slice(r, r + 1), slice(None), *sl)] for r, sl in items]).to(device)
 
-    def _window_cotangent(self, gp: torch.Tensor, geo: WindowGeometry, items) -> torch.Tensor:
-        """``g * (P_w^T ds/dO) / (P_w^T c)`` of eq. (2) for each ``(b, slices)``, stacked."""
-        return torch.cat([gp[(slice(b, b + 1), slice(None), *sl)] * geo.importance
-                          / geo.count[(slice(None), slice(None), *sl)] for b, sl in items])
+    @staticmethod
+    def window_cotangent(gp: torch.Tensor, geo: WindowGeometry, items) -> torch.Tensor:
+        """``g * (P_w^T ds/dO) / (P_w^T c)`` of eq. (2) for each ``(b, w)`` (sample, window), stacked."""
+        return torch.cat([gp[(slice(b, b + 1), slice(None), *geo.slices[w])] * geo.importance / geo.count_in(w)
+                          for b, w in items])
 
     def input_vjp(self, x: torch.Tensor, grad: torch.Tensor, kept: _KeptGraphs | None = None) -> torch.Tensor:
         """Eq. (2): the input gradient for the output cotangent ``grad`` ``(B, K, *spatial)``, one window
@@ -467,7 +520,7 @@ class SlidingWindowModel(OutputAdapter):
                 # a kept call backpropagates all its windows (a backward costs about two forwards): when few
                 # of them have a cotangent, recomputing those few costs less, and the cost follows the target
                 if any(hit) and 3 * sum(hit) >= 2 * len(keys):
-                    cot = self._window_cotangent(gp, geo, [(b, geo.slices[w]) for b, w in keys])
+                    cot = self.window_cotangent(gp, geo, keys)
                     (gx,) = torch.autograd.grad(out, leaf, cot.to(dtype=out.dtype, device=out.device))
                     gx = gx.to(device=x.device, dtype=x.dtype)
                     for i, (b, w) in enumerate(keys):
@@ -481,9 +534,10 @@ class SlidingWindowModel(OutputAdapter):
             kept.used = 0
             jobs = [j for j in jobs if j in todo]
         for part in chunks(len(jobs), int(self.inferer.sw_batch_size)):
+            release_heap(x.device)   # the previous window's activations, freed, leave the process
             items = [(b, geo.slices[w]) for b, w in jobs[part]]
             xin = self._window_rows(xp.detach(), items).requires_grad_(True)
-            cot = self._window_cotangent(gp, geo, items)
+            cot = self.window_cotangent(gp, geo, jobs[part])
             self.stats.recomputed += len(items)
             with torch.enable_grad():
                 out = self.predict(xin)

@@ -102,8 +102,7 @@ def _layer_windows(net: SlidingWindowModel, x, grad_out, plan, want_grad: bool):
         cot = None
         live = torch.zeros(len(items), dtype=torch.bool)
         if want_grad:
-            cot = torch.cat([gp[(slice(s, s + 1), slice(None), *geo.slices[w])] * geo.importance
-                             / geo.count[(slice(None), slice(None), *geo.slices[w])] for s, w in items])
+            cot = net.window_cotangent(gp, geo, items)
             live = cot.flatten(1).ne(0).any(1)
         with cam.capture_passes(net.model, plan, "leaf" if want_grad else "detach") as recorded, \
                 torch.set_grad_enabled(want_grad and bool(live.any())):
