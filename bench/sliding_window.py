@@ -137,7 +137,6 @@ def budgets(args) -> None:
 
     t_all = time.perf_counter()
     common = {"roi": args.roi, "threads": args.threads, "method": "saliency", "target": "region"}
-    one = run({**common, "size": args.roi, "engine": "whole"}, args.timeout)
     every = run({**common, "size": args.size, "engine": "windows", "memory": 64.0}, args.timeout)
     plan = every["memory_plan"]
     arrays, probe, call = plan["volume_arrays_bytes"], plan["window_call_probe_bytes"], plan["window_call_bytes"]
@@ -146,8 +145,10 @@ def budgets(args) -> None:
     configs = {"everything (64 GB)": 64.0, "half the graphs": (arrays + call * (n // 2 + 1)) / 1e9,
                "one window": one_gb, ONE_STATIC: one_gb, "memmap": 1.2 * probe / 1e9, "monai": None}
     results: dict = {k: [] for k in configs}
-    load = []
+    load, ones = [], []
     for _ in range(args.rounds):
+        # the reference varies from process to process (the allocator's layout): measured in every round
+        ones.append(run({**common, "size": args.roi, "engine": "whole"}, args.timeout))
         for name, gb in configs.items():
             load.append(os.getloadavg()[0])
             cfg = {**common, "size": args.size, "engine": "monai" if name == "monai" else "windows"}
@@ -155,7 +156,8 @@ def budgets(args) -> None:
                 cfg["memory"] = gb
             results[name].append(run(cfg, args.timeout, STATIC_MMAP if name == ONE_STATIC else None))
     total = time.perf_counter() - t_all
-    one_work = one["peak_mb"] - one["base_mb"]
+    one_works = [r["peak_mb"] - r["base_mb"] for r in ones if "error" not in r]
+    one_work = median(one_works)
     t_monai = median([r["seconds"] for r in results["monai"] if "error" not in r])
     rows = []
     for name, gb in configs.items():
@@ -195,7 +197,8 @@ cotangent, gradient: {arrays / 1e6:.0f} MB here) plus 1.2 x one window call (the
 compute, {probe / 1e6:.0f} MB, and its graph measured in the forward, {call / 1e6:.0f} MB), `memmap` = 1.2 x the
 probe (below the arrays: the engine's gradient array is a memory-mapped file);
 `monai` = autograd through MONAI's `sliding_window_inference`. `one window's work` = the work MB of the network's
-forward + backward on one {args.roi}^3 input ({one_work:.0f} MB, fresh process).
+forward + backward on one {args.roi}^3 input (median {one_work:.0f} MB; runs: {', '.join(f'{w:.0f}' for w in one_works)}; a fresh
+process each, in each round).
 
 {markdown_table(header, rows)}
 
