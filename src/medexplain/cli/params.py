@@ -198,6 +198,9 @@ OPTIONS: dict[str, Opt] = {
                   "refused before any compute", panel=MODEL),
     "device": Opt(("--device",), str, "auto", "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N",
                   {"parser": parse_device, "metavar": "auto|cpu|cuda[:N]"}, panel=MODEL),
+    "amp": Opt(("--amp/--no-amp",), bool, False, "mixed precision for the model's forward (autocast: float16 on CUDA, "
+               "bfloat16 on the CPU; maps stay in the input's dtype); methods that do not tolerate it (LRP, DeepLIFT) "
+               "refuse it: docs/devices.md", panel=MODEL),
     # -- nnU-Net v2 --
     "nnunet": Opt(("--nnunet",), Optional[Path], None, "an nnU-Net v2 trained-model folder (plans.json, dataset.json, "
                   "fold_K/checkpoint_final.pth) instead of --model: its networks, preprocessing, sliding window and "
@@ -313,7 +316,7 @@ OPTIONS: dict[str, Opt] = {
 PREPROCESSING = ("spacing", "orientation", "spatial_size", "min_spatial_size", "divisible_by", "intensity", "transform")
 SLIDING_WINDOW = ("roi_size", "overlap", "sw_batch_size", "sw_mode")
 NNUNET_FLAGS = ("nnunet", "folds", "mirroring", "configuration", "trust_checkpoint")
-MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device", "flip_axes", "eval", "memory")
+MODEL_INPUT = (*PREPROCESSING, *SLIDING_WINDOW, *NNUNET_FLAGS, "device", "amp", "flip_axes", "eval", "memory")
 #: The DICOM-output options (issue 24): ``explain``, ``instances`` and ``run`` take them.
 FORMAT_OUTPUT = ("format", "dicom_reference", "dicom_threshold")
 #: The output and PACS options (issue 24; docs/dicom.md): ``explain`` and ``run`` take them.
@@ -362,7 +365,7 @@ class Flags(dict):
                                      param_hint="--flip-axes") from None
         return {"preprocessing": self.preprocessing() or None, "inferer": self.inferer(), "nnunet": self["nnunet"],
                 "nnunet_options": self.nnunet_options(), "device": self["device"], "flip_axes": flips,
-                "eval": self["eval"], "memory": self["memory"]}
+                "eval": self["eval"], "memory": self["memory"], "amp": self["amp"]}
 
     def models(self, name: str = "model"):
         """``--model`` (or ``--weights``) as the library takes it: None, one value, or a list (an ensemble)."""

@@ -18,7 +18,7 @@ from medexplain.engine.registry import accepted_options, default_method, get_met
 from medexplain.engine.sliding import is_sliding, window_info
 from medexplain.engine.sliding_cam import windowed_method
 from medexplain.engine.targets import Regions, ValueTarget, as_target
-from medexplain.errors import MedexplainError, TargetError
+from medexplain.errors import MedexplainError, OptionError, TargetError
 from medexplain.models.model import as_model
 
 
@@ -84,6 +84,8 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
     m = as_model(model, output=output, inferer=inferer)
     if spec.needs_hooks:
         require_hooks(m)
+    if spec.why_not_amp(m.runner):
+        raise OptionError(f"{spec.name} {spec.why_not_amp(m.runner)}; explain with amp=False (no --amp)")
     expected = model_expectations(m)
     if m._dtype_given is not None:   # the Model casts inputs to its dtype
         expected.pop("dtype", None)

@@ -122,7 +122,7 @@ def detect_activation(out: torch.Tensor, model=None) -> tuple[str, str]:
         return "none", f"the model ends in {final}: its outputs are probabilities"
     if in_unit and k > 1:
         tol = 1e-3 if o.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-6
-        if torch.allclose(o.sum(1).double(), torch.ones((), dtype=torch.float64), atol=tol, rtol=0):
+        if torch.allclose(o.sum(1).double(), torch.ones((), dtype=torch.float64, device=o.device), atol=tol, rtol=0):
             return "none", f"the {k} output channels are in [0, 1] and sum to 1: already probabilities"
     if k > 1:
         return "softmax", f"{k} output channels of logits: softmax over the channels"

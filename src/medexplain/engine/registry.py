@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from medexplain.engine.core import is_scripted
+from medexplain.engine.core import find_passes, is_scripted
 from medexplain.engine.options import check_options, estimate_cost, unknown_option_message
 from medexplain.errors import OptionError, UnknownMethodError
 
@@ -65,11 +65,20 @@ class Method:
     preview: Callable | None = None
     default: bool = False
     dicom_concept: str | None = None
+    no_amp: str | None = None
 
     def why_not(self, model, output: torch.Tensor | None = None) -> str | None:
         if self.needs_hooks and is_scripted(model):
             return "needs layer hooks, which TorchScript models do not provide"
-        return self.predicate(model, output)
+        return self.why_not_amp(model) or self.predicate(model, output)
+
+    def why_not_amp(self, model) -> str | None:
+        """The reason this method refuses ``model`` when the model runs its forward in mixed precision
+        (``mx.Model(amp=True)``, ``--amp``) and the method is declared ``no_amp``; None otherwise."""
+        passes = find_passes(model)
+        if self.no_amp and passes is not None and passes.amp:
+            return f"does not run under mixed precision (--amp, mx.Model(amp=True)): {self.no_amp}"
+        return None
 
     def applies_to(self, model, output: torch.Tensor | None = None) -> bool:
         return self.why_not(model, output) is None
@@ -123,7 +132,7 @@ def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, n
              applies_to: Callable | None = None, family: str = "gradient", aliases=(), cost: Callable | None = None,
              check: Callable | None = None, windowed_cam: bool = False, no_sliding: str | None = None,
              regions: bool = False, instance_of: Callable | None = None, preview: Callable | None = None,
-             default: bool = False, dicom_concept: str | None = None):
+             default: bool = False, dicom_concept: str | None = None, no_amp: str | None = None):
     """Register ``fn`` under ``name`` with its declaration:
 
     - ``needs_target`` / ``needs_grad`` / ``needs_hooks``: what it needs of the call and the model;
@@ -143,7 +152,9 @@ def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, n
     - ``default``: the method :func:`medexplain.engine.explain` runs when none is named (with ``regions=True``:
       the instance API's, :func:`medexplain.segmentation.explain_instances`);
     - ``dicom_concept``: the DICOM CID 217 "Visual Explanation" concept that codes the method's maps
-      (pydicom's ``codes.cid217`` name; :mod:`medexplain.io.dicom`), None: described in plain text.
+      (pydicom's ``codes.cid217`` name; :mod:`medexplain.io.dicom`), None: described in plain text;
+    - ``no_amp="reason"``: the method refuses a model whose forward runs in mixed precision
+      (``mx.Model(amp=True)``, ``--amp``); the others tolerate it (``docs/devices.md`` says how well).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -151,7 +162,7 @@ def register(name: str, *, needs_target: bool = True, needs_grad: bool = True, n
     def deco(fn):
         spec = Method(name, fn, needs_target, needs_grad, needs_hooks, applies_to or _any_model, family,
                       tuple(aliases), cost, check, windowed_cam, no_sliding, regions, instance_of, preview, default,
-                      dicom_concept)
+                      dicom_concept, no_amp)
         _REGISTRY[name] = spec
         _ALIASES.update({a: name for a in spec.aliases})
         fn.spec = spec

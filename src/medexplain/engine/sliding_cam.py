@@ -100,7 +100,7 @@ def _layer_windows(net: SlidingWindowModel, x, grad_out, plan, want_grad: bool):
         items = jobs[part:part + int(net.inferer.sw_batch_size)]
         xin = net._window_rows(xp, [(s, geo.slices[w]) for s, w in items])
         cot = None
-        live = torch.zeros(len(items), dtype=torch.bool)
+        live = torch.zeros(len(items), dtype=torch.bool, device=x.device)
         if want_grad:
             cot = net.window_cotangent(gp, geo, items)
             live = cot.flatten(1).ne(0).any(1)

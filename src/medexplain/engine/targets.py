@@ -547,7 +547,8 @@ def _exclusive(out: torch.Tensor, activation: str) -> bool:
     if activation == "softmax":
         return True
     if activation == "none":
-        return bool(torch.allclose(out.detach().sum(1).double(), torch.ones((), dtype=torch.float64), atol=1e-3))
+        return bool(torch.allclose(out.detach().sum(1).double(), torch.ones((), dtype=torch.float64, device=out.device),
+                                   atol=1e-3))
     return False
 
 
@@ -621,7 +622,7 @@ def resolve_target(out: torch.Tensor, target=None, region=None, *, activation: s
         return ResolvedTarget(Class(classes if b > 1 else classes[0]), classes, "all",
                               [math.prod(spatial)] * b, how, act)
     if isinstance(region, str) and region == "predicted":
-        mask = pred[torch.arange(b), torch.tensor(classes)]              # (B, *s)
+        mask = pred[torch.arange(b, device=pred.device), torch.tensor(classes, device=pred.device)]   # (B, *s)
         name = "predicted"
     elif isinstance(region, str):
         raise TargetError(f"region must be 'predicted', 'all' or a mask, got {region!r}")

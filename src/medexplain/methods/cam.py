@@ -289,6 +289,7 @@ def eigencam(model, x, target, cost, layer=None, upsample: str = "aligned", layo
     _check_options(upsample, layout)
     plan = plan_for(model, x, cost, layer, layout, reshape)
     (a,), _, _ = layer_cells(model, x, target, cost, plan, grad=False, single=True)
+    a = a.to(x.dtype)   # cells captured under autocast (mx.Model(amp=True)) are half precision: the SVD needs more
     b, k, *s = a.shape
     flat = a.flatten(2).transpose(1, 2)                       # (B, N, K)
     flat = flat - flat.mean(1, keepdim=True)

@@ -385,7 +385,12 @@ def _deeplift_call(model, x, *args, **kwargs):
             "(a shared nn.ReLU). Give each use its own module, or use another method") from e
 
 
-@register("deeplift", needs_hooks=True, family="propagation")
+#: DeepLIFT's defining property (section 3.1), lost in a half-precision forward
+_DEEPLIFT_AMP = ("its summation-to-delta (the contributions sum to the change of the score) would hold only to half "
+                 "precision")
+
+
+@register("deeplift", needs_hooks=True, family="propagation", no_amp=_DEEPLIFT_AMP)
 def deeplift(model, x, target, cost, baselines=0.0, chunk_size: int | None = 64):
     """DeepLIFT with the Rescale rule (Shrikumar et al. 2017, section 3.3, eq. 1-3): contributions
     ``C = m * (x - x')`` with multipliers propagated by the chain rule for multipliers; Captum's
@@ -399,7 +404,7 @@ def deeplift(model, x, target, cost, baselines=0.0, chunk_size: int | None = 64)
     return m, {"baselines": "scalar" if isinstance(base, float) else tuple(base.shape)}
 
 
-@register("deepliftshap", needs_hooks=True, family="propagation")
+@register("deepliftshap", needs_hooks=True, family="propagation", no_amp=_DEEPLIFT_AMP)
 def deepliftshap(model, x, target, cost, baselines=None, n_baselines: int = 8, seed: int = 0,
                  chunk_size: int | None = 64):
     """DeepSHAP (Lundberg & Lee 2017, section 4.2, "Deep SHAP"): DeepLIFT averaged over a reference

@@ -464,7 +464,9 @@ def lrp_rules(model: nn.Module, composite: str = "epsilon", epsilon: float | Non
     return rules
 
 
-@register("lrp", needs_hooks=True, applies_to=_lrp_applies, family="propagation")
+@register("lrp", needs_hooks=True, applies_to=_lrp_applies, family="propagation",
+          no_amp="its rules re-run each layer in the model's own precision, and its conservation (the relevance "
+                 "sums to the score) would hold only to half precision")
 def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: float | None = None, gamma: float = 0.25,
         low=None, high=None, chunk_size: int | None = 64):
     """LRP with a standard composite (see the module docstring), N-D (Conv1d/2d/3d, ConvTranspose, Linear,

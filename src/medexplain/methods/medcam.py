@@ -502,7 +502,7 @@ def _train_masks(model, x, y, logits_x, cost, cfg: MedCAMConfig, layers, acts_x,
         hard = (soft.detach() > cfg.threshold)
         final_soft[live] = soft.detach()[live]
         for k, v in terms.items():
-            final_terms.setdefault(k, torch.zeros(b, dtype=x.dtype, device=x.device))[live] = v.detach()[live]
+            final_terms.setdefault(k, torch.zeros(b, dtype=x.dtype, device=x.device))[live] = v.detach()[live].to(x.dtype)
         steps_taken[live] = t + 1
         ok = live.to(x.device) & (logits_e.detach().argmax(1) == y)
         kept_soft[ok], kept = soft.detach()[ok], kept | ok

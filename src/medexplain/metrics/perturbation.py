@@ -527,5 +527,6 @@ def infidelity(model, x: torch.Tensor, maps: torch.Tensor, target, perturbation:
 
     per_batch = min(max(chunk_size or b * count, b), b * count)
     with model_guard(model):
-        return captum_infidelity(fwd, perturb_func, x, maps.expand_as(x), additional_forward_args=(torch.arange(b),),
+        return captum_infidelity(fwd, perturb_func, x, maps.expand_as(x),
+                                 additional_forward_args=(torch.arange(b, device=x.device),),
                                  n_perturb_samples=count, max_examples_per_batch=per_batch, normalize=normalize)

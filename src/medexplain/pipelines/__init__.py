@@ -257,7 +257,8 @@ class ModelSetup:
 
 
 def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_options: dict | None = None,
-               preprocessing=None, inferer=None, device=None, flip_axes=None, eval: str = "auto") -> ModelSetup:
+               preprocessing=None, inferer=None, device=None, flip_axes=None, eval: str = "auto",
+               amp: bool = False) -> ModelSetup:
     """The model of a call from what the commands take: ``model`` (a module, or a specification for
     :func:`medexplain.models.loading.load_model` with ``weights``), or a MONAI ``bundle`` folder
     (:func:`medexplain.models.bundle.load_bundle`: its network, preprocessing and inferer, unless ``inferer``
@@ -266,7 +267,8 @@ def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_opt
     :class:`~medexplain.models.transforms.Preprocessing` (or its fields as a dict) and a sliding window (or its
     settings as a dict). ``device``: :func:`on_device`. Several ``model`` specifications (with a list of
     ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` build the model object
-    (:func:`medexplain.models.model.load_model`: an ensemble, test-time flips, the train/eval policy).
+    (:func:`medexplain.models.model.load_model`: an ensemble, test-time flips, the train/eval policy); ``amp``
+    runs its forward in mixed precision (``mx.Model(amp=True)``, ``docs/devices.md``).
     Contradicting sources are an :class:`~medexplain.errors.OptionError` before anything loads."""
     inferer = as_inferer(inferer)
     bnd = nnm = None
@@ -292,8 +294,10 @@ def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_opt
     else:
         names = [m if isinstance(m, str) else type(m).__name__ for m in (model if isinstance(model, list) else [model])]
         net, name = model_object(model, weights, flip_axes, eval), "+".join(names)
-    if eval != "auto" and not isinstance(net, Model):
-        net = Model(net, eval=eval)
+    if (eval != "auto" or amp) and not isinstance(net, Model):
+        net = Model(net, eval=eval, amp=amp)
+    elif amp and not net.passes.amp:
+        net = net.replace(amp=True)
     return ModelSetup(on_device(net, device), name, preprocessing, inferer, bnd, nnm)
 
 
@@ -564,7 +568,7 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
                   bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
                   seed: int | None = None, flip_axes=None, eval: str = "auto", formats=None, dicom_reference=None,
                   dicom_threshold="otsu", memory: float | None = None,
-                  figure: dict | None = None, report: bool = False) -> ExplainedImage:
+                  figure: dict | None = None, report: bool = False, amp: bool = False) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
     uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
@@ -629,7 +633,8 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     if bundle is not None and nnunet is None:
         io.check_output_dir(out, [out / f"{stem}_prediction.nii.gz"], overwrite=overwrite)
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options,
-                       preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
+                       preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval,
+                       amp=amp)
     writer = FileWriter(setup, out, stem, on_method, formats=formats, dicom_reference=dicom_reference,
                         dicom_threshold=dicom_threshold, series=series, figure=figure, report=report)
     st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,

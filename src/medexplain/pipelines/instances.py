@@ -53,7 +53,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
                              upsample: str | None = None,
                              on_progress: Callable[[str, int, int | None], None] | None = None,
                              on_estimate: Callable | None = None, memory: float | None = None, formats=None,
-                             dicom_reference=None, dicom_threshold="otsu") -> LesionInstances:
+                             dicom_reference=None, dicom_threshold="otsu", amp: bool = False) -> LesionInstances:
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
@@ -108,7 +108,7 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         from medexplain.models.nnunet import order_channel_files
         images = order_channel_files(images)
     setup = load_setup(model, weights, nnunet=nnunet, nnunet_options=nnunet_options, preprocessing=preprocessing,
-                       inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
+                       inferer=inferer, device=device, flip_axes=flip_axes, eval=eval, amp=amp)
     nnm, net, preprocessing, inferer = setup.nnunet, setup.net, setup.preprocessing, setup.inferer
     out = io.check_output_dir(out)
     img, meta = read_case(images)

@@ -89,7 +89,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
                      on_progress: Callable[[str, int, int | None], None] | None = None,
                      inferer=None, nnunet=None, nnunet_options: dict | None = None, device=None, flip_axes=None,
                      eval: str = "auto", on_estimate: Callable | None = None,
-                     memory: float | None = None) -> ContrastShapley:
+                     memory: float | None = None, amp: bool = False) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
@@ -157,7 +157,7 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     results, chosen, activations = [], None, []
     for i, spec in enumerate(models):
         setup = load_setup(spec, weights[i] if weights else None, preprocessing=preprocessing, inferer=inferer,
-                           device=device, flip_axes=flip_axes, eval=eval)   # the model step of every command
+                           device=device, flip_axes=flip_axes, eval=eval, amp=amp)   # the model step of every command
         net = setup.net
         prep = prepare_input(img, meta, net, preprocessing=setup.preprocessing, output=output, activation=activation,
                              inferer=setup.inferer)

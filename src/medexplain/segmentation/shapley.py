@@ -175,7 +175,7 @@ class ShapleyResult:
     def ranks(self) -> torch.Tensor:
         """(B, n) rank of each player, 1 = largest value (ties broken as in :attr:`ranking`)."""
         r = torch.empty_like(self.ranking)
-        r.scatter_(1, self.ranking, torch.arange(1, self.values.shape[1] + 1).expand_as(r).contiguous())
+        r.scatter_(1, self.ranking, torch.arange(1, self.values.shape[1] + 1, device=r.device).expand_as(r).contiguous())
         return r
 
     @property

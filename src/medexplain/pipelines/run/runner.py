@@ -36,7 +36,7 @@ from medexplain.pipelines.run.worker import CaseProcessor, WorkerSpec
 FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
                "map_format", "seed", "batch_size", "preprocessing", "bundle", "nnunet", "nnunet_options", "inferer",
                "activation", "output", "target", "region", "series", "layer", "flip_axes", "eval", "formats",
-               "dicom_reference", "dicom_threshold", "pacs")
+               "dicom_reference", "dicom_threshold", "pacs", "amp")
 
 
 @dataclass
@@ -92,7 +92,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
                  nnunet_options: dict | None = None, inferer: dict | None = None, device=None, flip_axes=None,
                  eval: str = "auto", memory: float | None = None, formats=None, dicom_reference=None,
                  dicom_threshold="otsu", pacs=None, pacs_netrc=None, pacs_ca_bundle=None,
-                 report: bool = False) -> RunResult:
+                 report: bool = False, amp: bool = False) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Every case goes through ``explain``'s one case pipeline (:func:`medexplain.pipelines.explain_case`), so a
@@ -119,7 +119,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
             overrides its column.
         inferer: sliding-window settings (``roi_size``, ``overlap``, ``sw_batch_size``, ``mode``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`medexplain.pipelines.on_device`); Ray
-            workers place their own copy the same way.
+            workers place their own copy the same way. amp: mixed precision for the forward (``--amp``).
         backend: ``"local"`` (in-process, default) or ``"ray"`` (``address`` joins an existing cluster).
         resume: skip items whose record exists, redo the rest; the setup must match the first run's.
         overwrite: recompute every item, also those a run in ``out`` completed (not with ``resume``).
@@ -169,7 +169,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
     nnunet_options = _jsonable(nnunet_options) if nnunet is not None and nnunet_options else None
     inferer = _jsonable(inferer) if inferer is not None and inferer.get("roi_size") is not None else None
     setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options, inferer=inferer,
-                       device=device, flip_axes=flip_axes, eval=eval)
+                       device=device, flip_axes=flip_axes, eval=eval, amp=amp)
     plan_methods(methods, setup.net, None, layer, skip_unsupported)   # hooks, the layer: before any case
     memory_budget(memory)  # a bad --memory is an OptionError now
     routed = method_options(methods, options, layer, seed)
@@ -195,7 +195,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
               # None when unused, as a run record written before these options has them
               "formats": list(formats) or None, "dicom_threshold": dicom_threshold if "dicom" in formats else None,
               "dicom_reference": str(Path(dicom_reference).resolve()) if dicom_reference is not None else None,
-              "pacs": pacs}
+              "pacs": pacs, "amp": amp or None}
     previous = _previous_run(out, config, resume, overwrite)
     if previous is not None and not overwrite:
         methods, routed = _extend_run(previous, config, methods, routed)
@@ -212,7 +212,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
               "started": (previous or {}).get("started", started), "ended": None,
               "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
     atomic_json(record, out / RUN_RECORD)
-    spec = WorkerSpec(model=_spec(model), methods=methods, out=str(out), flip_axes=flip_axes, eval=eval,
+    spec = WorkerSpec(model=_spec(model), methods=methods, out=str(out), flip_axes=flip_axes, eval=eval, amp=amp,
                       options=routed, weights=weights, map_format=map_format, seed=seed, retry_errors=retry_errors,
                       device=None if device is None else str(device), bundle=bundle, nnunet=nnunet,
                       nnunet_options=nnunet_options, inferer=inferer, layer=layer, activation=activation, output=output,

@@ -66,6 +66,7 @@ class WorkerSpec:
     redo: bool = False             # --overwrite: recompute items that are complete
     flip_axes: list | None = None
     eval: str = "auto"
+    amp: bool = False              # mixed precision for the forward (mx.Model(amp=True))
     memory: float | None = None    # GB per model call (None: half the memory available here)
     formats: tuple = ()            # outputs besides the map: "png", "dicom" (explain's writer)
     dicom_reference: str | None = None
@@ -76,7 +77,7 @@ class WorkerSpec:
         """The model, as every worker loads it (:func:`medexplain.pipelines.load_setup`)."""
         return load_setup(self.model, self.weights, bundle=self.bundle, nnunet=self.nnunet,
                           nnunet_options=self.nnunet_options, inferer=self.inferer, device=self.device,
-                          flip_axes=self.flip_axes, eval=self.eval)
+                          flip_axes=self.flip_axes, eval=self.eval, amp=self.amp)
 
 
 def error_message(err: BaseException, stage: str) -> str:
