@@ -264,3 +264,17 @@ def test_volume_arrays_are_memory_mapped_files_removed_at_once(tmp_path, monkeyp
     a += 1.5
     assert a.dtype == torch.float64 and float(a.sum()) == 1.5 * 24
     assert list(tmp_path.iterdir()) == []      # nothing left on disk
+
+
+def test_the_gradient_reads_the_count_map_one_window_at_a_time_bit_identically():
+    """The window-by-window gradient never holds the full-volume count map ``c`` (one array less at a one-window
+    budget): each window's ``P_w^T c`` is summed from the windows that overlap it, bit-identical to the window
+    of the full map, padded ROI and uneven overlaps included."""
+    for shape, roi, overlap in [((9, 8, 7), (4, 4, 4), 0.5), ((5, 6, 3), (6, 6, 4), 0.25), ((12, 10, 9), (6, 6, 4), 0.3)]:
+        net = SlidingWindowModel(unet(), SlidingWindowInferer(roi_size=roi, overlap=overlap, mode="gaussian"))
+        x = volume(shape).requires_grad_(True)
+        net(x)[:, 1].sum().backward()
+        geo = net.geometry(x)
+        assert geo._count is None and x.grad.abs().max() > 0
+        per_window = [geo.count_in(w) for w in range(len(geo.slices))]
+        assert all(torch.equal(c, geo.count[(slice(None), slice(None), *sl)]) for c, sl in zip(per_window, geo.slices))
