@@ -177,9 +177,11 @@ def budgets(args) -> None:
              for name in ("one window", ONE_STATIC) if any("error" not in r for r in results[name])}
     verdict = []
     for name, w in works.items():
-        runs = ", ".join(f"{r['peak_mb'] - r['base_mb']:.0f}" for r in results[name] if "error" not in r)
-        verdict.append(f"`{name}`: work {w:.0f} MB (runs: {runs}) against the goal {goal:.0f} MB: "
-                       + ("met" if w <= goal else f"{w - goal:.0f} MB ({(w - goal) / goal:.0%}) above"))
+        runs = ", ".join(f"{r['peak_mb'] - r['base_mb']:.1f}" for r in results[name] if "error" not in r)
+        verdict.append(f"`{name}`: work {w:.1f} MB (runs: {runs}) against the goal {goal:.1f} MB: "
+                       + (f"met, {goal - w:.1f} MB below" if w <= goal else f"{w - goal:.1f} MB ({(w - goal) / goal:.1%}) above")
+                       + f" (against the smallest reference run, {min(one_works) + arrays / 1e6:.1f} MB: "
+                       + f"{w - min(one_works) - arrays / 1e6:+.1f} MB)")
     header = ["budget", "memory= MB", "kept window rows", "recomputed", "memmap", "peak RSS MB (median)",
               "work MB (median)", "one window's work + 4 arrays, MB", "seconds (median)", "seconds (range)",
               "time / MONAI autograd"]
