@@ -2,6 +2,7 @@
 (Ren et al. 2025), file to file."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,18 +12,20 @@ import torch
 
 from medexplain import io
 from medexplain.engine.ops import ACTIVATIONS
-from medexplain.engine.options import counting, estimate_cost, plan_memory
-from medexplain.engine.targets import Region, parse_target
+from medexplain.engine.targets import Region, ResolvedTarget, parse_target
 from medexplain.errors import InputError, OptionError, TargetError
 from medexplain.models.transforms import resample_nearest
 from medexplain.pipelines import (
+    CaseState,
+    CaseWriter,
     _as_preprocessing,
     _nnunet_parts,
+    explain_case,
     load_setup,
-    prepare_input,
     read_case,
     resolve_case_target,
 )
+from medexplain.pipelines.estimates import StepEstimate
 
 # --------------------------------------------------------------------------------------------------
 # contrast Shapley values of one case for several (fold) models
@@ -112,8 +115,9 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
     nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
     """
+    from medexplain.methods.shapley import contrast_shapley as shapley_method
     from medexplain.metrics.ranking import resolve_ranking
-    from medexplain.segmentation.shapley import channel_shapley, fold_consensus, mean_foreground_probability
+    from medexplain.segmentation.shapley import mean_foreground_probability
 
     by_target = target is not None or region is not None
     if by_target and value is not None and not value.strip().lower().startswith("prob"):
@@ -132,7 +136,8 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     if by_target and ":" in value and parse_target(target) is not None and value.partition(":")[2].strip() != str(target):
         raise InputError(f"--value {value} and --target {target} name different classes; give one of them")
     out = io.check_output_dir(out)
-    img, meta = read_case(images)
+    listed = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    img, meta = read_case(listed)   # the channel checks before any model runs (explain_case reads it per model)
     if nnm is not None:
         nnm.check_image(img)
     names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
@@ -154,52 +159,80 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     shapley_value_function(value, torch.zeros(1, 1, dtype=torch.long) if seg_img is not None else None, labels,
                            check_activation, channel)
     base = _baseline(baseline)
-    results, chosen, activations = [], None, []
+    options = shapley_method.spec.check_options({"baseline": base, "estimator": method, "n_permutations": n_permutations,
+                                                 "seed": seed, "chunk_size": chunk_size, "players": names})
+    writer = ShapleyWriter(out, models, names, ref, value if not by_target else None, images, len(models), on_model)
+    chosen = []   # by target: one class and region for every fold, so their values are comparable
     for i, spec in enumerate(models):
         setup = load_setup(spec, weights[i] if weights else None, preprocessing=preprocessing, inferer=inferer,
                            device=device, flip_axes=flip_axes, eval=eval)   # the model step of every command
-        net = setup.net
-        prep = prepare_input(img, meta, net, preprocessing=setup.preprocessing, output=output, activation=activation,
-                             inferer=setup.inferer)
-        seg_t = None
-        if seg_img is not None:
-            seg_t = resample_nearest(seg_img[0][:1], seg_img[1].get("affine", np.eye(4)), tuple(prep.x.shape[2:]),
-                                     prep.prepared.affine)[0].round().long()[None]
-        if by_target:
-            if chosen is None:  # one class and region for every fold, so their values are comparable
-                chosen = resolve_case_target(prep, target, "all" if region is None else region, model=net)
-            mask = chosen.target.mask if isinstance(chosen.target, Region) else None
-            value_fn = mean_foreground_probability(chosen.class_index, prep.activation, mask)
-        else:
+        step = StepEstimate("shapley", f"model {i + 1}/{len(models)}", on_estimate, on_progress)
+
+        def value_target(st: CaseState, net=setup.net, step=step) -> ResolvedTarget:
+            """The target stage: the coalition value of this fold, read with its output activation."""
+            prep = st.prep
+            step.x_shape, step.options = prep.x.shape, {"n_players": len(names), "method": method,
+                                                        "n_permutations": n_permutations}
+            if by_target:
+                if not chosen:
+                    chosen.append(resolve_case_target(prep, target, "all" if region is None else region, model=net))
+                mask = chosen[0].target.mask if isinstance(chosen[0].target, Region) else None
+                return replace(chosen[0], target=mean_foreground_probability(chosen[0].class_index, prep.activation,
+                                                                             mask))
+            seg_t = None
+            if seg_img is not None:
+                seg_t = resample_nearest(seg_img[0][:1], seg_img[1].get("affine", np.eye(4)), tuple(prep.x.shape[2:]),
+                                         prep.prepared.affine)[0].round().long()[None]
             value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
-        activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
-        label = f"model {i + 1}/{len(models)}"
-        opts, plan = (({"chunk_size": chunk_size}, None) if setup.inferer is not None else
-                      plan_memory("shapley", channel_shapley, net, prep.x, {"chunk_size": chunk_size}, memory))
-        est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
-                                                                    "n_permutations": n_permutations},
-                                    prep.seconds_per_row, plan), method=label)
-        if on_estimate:
-            on_estimate(est)
-        done = [0]
+            return ResolvedTarget(value_fn, [channel], None, None, f"--value {value}", prep.activation)
 
-        def rows(n, label=label, done=done, est=est):
-            done[0] += n
-            if on_progress:
-                on_progress(label, done[0], est.n_forward)
+        explain_case(setup, listed, [shapley_method.spec.name], writer, per_method={shapley_method.spec.name: options},
+                     target=value_target, output=output, activation=activation, memory=memory,
+                     on_estimate=step.on_estimate, on_progress=step.on_progress)
+    if by_target:
+        writer.value = f"probability:{chosen[0].class_index} in region {chosen[0].region}"
+    writer.extra.update(target=None if not chosen else chosen[0].info(),
+                        preprocessing=_as_preprocessing(preprocessing).describe(),
+                        nnunet=nnm.describe() if nnm is not None else None)
+    files = writer.write()
+    return ContrastShapley(names, writer.results, writer.consensus, files)
 
-        results.append(channel_shapley(counting(net, rows, output, setup.inferer), prep.x, value_fn,
-                                       baseline=base, method=method, n_permutations=n_permutations, seed=seed,
-                                       chunk_size=opts["chunk_size"], players=names))
-        if on_model:
-            on_model(i, results[-1])
-    consensus = fold_consensus(results, ref)
-    extra = {"activation": activations, "target": None if chosen is None else chosen.info(),
-             "preprocessing": _as_preprocessing(preprocessing).describe(),
-             "nnunet": nnm.describe() if nnm is not None else None}
-    files = _write_shapley(out, models, names, results, consensus, value if not by_target else
-                           f"probability:{chosen.class_index} in region {chosen.region}", images, extra)
-    return ContrastShapley(names, results, consensus, files)
+
+class ShapleyWriter(CaseWriter):
+    """The files of :func:`contrast_shapley`: collects one :class:`~medexplain.segmentation.shapley.ShapleyResult`
+    per fold model (:func:`explain_case` once per model; ``on_model(i, result)`` after each) and, after the last,
+    writes ``values.csv``, ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with a reference ranking) and
+    ``uncertainty.json`` (two or more models) with the consensus
+    (:func:`medexplain.segmentation.shapley.fold_consensus`)."""
+
+    def __init__(self, out: Path, models, names, reference, value, images, n_models: int,
+                 on_model: Callable[[int, object], None] | None = None):
+        self.out, self.models, self.names, self.reference, self.value = out, models, names, reference, value
+        self.images, self.n_models, self.on_model = images, n_models, on_model
+        self.results: list = []
+        self.extra: dict = {"activation": []}
+        self.consensus: dict = {}
+
+    def method(self, state, method, attr, amap):
+        from medexplain.segmentation.shapley import shapley_result
+
+        i = len(self.results)
+        self.results.append(shapley_result(attr))
+        self.extra["activation"].append({"model": i, "activation": state.prep.activation,
+                                         "how": state.prep.activation_how})
+        if self.on_model:
+            self.on_model(i, self.results[-1])
+
+    def failed(self, state, method, error):
+        raise error    # one method per fold: its error is the command's
+
+    def write(self) -> list[Path]:
+        """The files, once every model's result is in."""
+        from medexplain.segmentation.shapley import fold_consensus
+
+        self.consensus = fold_consensus(self.results, self.reference)
+        return _write_shapley(self.out, self.models, self.names, self.results, self.consensus, self.value,
+                              self.images, self.extra)
 
 
 def _write_shapley(out: Path, models, names, results, consensus, value, images, extra=None) -> list[Path]:
