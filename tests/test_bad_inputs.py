@@ -451,8 +451,8 @@ def _api_cases(d):
                                 errors.OptionError, ">= 1"),
         "instances chunk_size": (lambda o: explain_lesion_instances(d / "v.nii.gz", seg3d(), o, chunk_size=0),
                                  errors.OptionError, "chunk_size must be >= 1"),
-        "shapley activation": (lambda o: contrast_shapley(d / "two.nii.gz", [seg3d()], o, activation="soft"),
-                               errors.TargetError, "must be one of"),
+        "shapley activation": (lambda o: contrast_shapley(d / "two.nii.gz", [mx.ModelSpec(seg3d(), activation="soft")],
+                                                          o), errors.InputError, "must be one of"),
         "run options": (lambda o: run_manifest(d / "ok.csv", CLS, ["smoothgrad"], o, options={"n_samples": 0}),
                         errors.OptionError, ">= 1"),
     }

@@ -30,8 +30,9 @@ from medexplain.io.report import write_report
 from medexplain.metrics.localisation import hit_rate
 from medexplain.models import zoo
 from medexplain.models.training import evaluate
-from medexplain.pipelines import CaseWriter, explain_case, load_setup, write_map
+from medexplain.pipelines import CaseWriter, case_model, write_map
 from medexplain.pipelines import method_options as pipeline_options
+from medexplain.pipelines.steps import explain_model_case
 
 __all__ = ["DemoCase", "DemoWriter", "MethodProgress", "method_options", "choose_methods", "score_methods",
            "write_cases", "run_demo"]
@@ -146,10 +147,10 @@ def score_methods(model, cases, masks: torch.Tensor, names, target: int = 1, see
     every method's rows, its estimate from the first calls (:class:`MethodProgress`) and its time go into its row."""
     res = MethodScores()
     baseline = float(masks.flatten(1).float().mean(1).mean())
-    setup = load_setup(model)
+    m = case_model(model)   # the model object every case runs through
     with _progress_bar(progress) as bar:
         for name in names:
-            _score_one(setup, list(cases), masks, name, target, seed, baseline, res, log, bar)
+            _score_one(m, list(cases), masks, name, target, seed, baseline, res, log, bar)
     return res
 
 
@@ -174,7 +175,7 @@ class DemoWriter(CaseWriter):
         raise error    # the method is skipped (a medexplain error) or the demo stops (anything else)
 
 
-def _explain_cases(setup, cases, name, target, opts, seed, writer, progs=None, bar=None, log=None) -> torch.Tensor:
+def _explain_cases(model, cases, name, target, opts, seed, writer, progs=None, bar=None, log=None) -> torch.Tensor:
     """``name`` on every case through :func:`medexplain.pipelines.explain_case`; its maps stacked ``(B, C_or_1, ...)``.
     With ``progs``, one :class:`MethodProgress` over the rows of all cases (made at the first case's estimate)."""
     base = [0]
@@ -189,18 +190,20 @@ def _explain_cases(setup, cases, name, target, opts, seed, writer, progs=None, b
     for case in cases:
         if progs is not None:
             base[0] = progs[0].done if progs else 0
-        explain_case(setup, [case], [name], writer, per_method={name: opts}, target=target, seed=seed,
-                     on_estimate=estimate if progs is not None else None, on_progress=rows if progs is not None else None)
+        explain_model_case(model, [case], [name], writer, per_method={name: opts}, target=target, seed=seed,
+                           on_estimate=estimate if progs is not None else None,
+                           on_progress=rows if progs is not None else None)
     return torch.stack(writer.maps)
 
 
-def _score_one(setup, cases, masks, name, target, seed, baseline, res: MethodScores, log, bar) -> None:
-    opts = {**pipeline_options([name], None, None, seed)[name], **method_options(name, setup.net, masks.shape[-1])}
+def _score_one(model, cases, masks, name, target, seed, baseline, res: MethodScores, log, bar) -> None:
+    opts = {**pipeline_options([name], None, None, seed)[name],
+            **method_options(name, model.networks[0], masks.shape[-1])}
     progs: list[MethodProgress] = []   # made once the pipeline has estimated the method's rows
     writer = DemoWriter()
     t = time.perf_counter()
     try:   # the one case pipeline, case by case
-        maps = _explain_cases(setup, cases, name, target, opts, seed, writer, progs, bar, log)
+        maps = _explain_cases(model, cases, name, target, opts, seed, writer, progs, bar, log)
     except MedexplainError as e:
         res.skipped[name] = str(e)
         log(f"  [yellow]skipped {name}[/yellow]: {e}")
@@ -223,7 +226,7 @@ def _score_one(setup, cases, masks, name, target, seed, baseline, res: MethodSco
            "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}",
            "maximal pixels (median)": int(at_max.median()), "pixels": int(flat.shape[1])}
     if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
-        bil = hit_rate(_explain_cases(setup, cases, name, target, {**opts, "upsample": "bilinear"}, seed,
+        bil = hit_rate(_explain_cases(model, cases, name, target, {**opts, "upsample": "bilinear"}, seed,
                                       DemoWriter(write=False)), masks)
         row.update({"hit rate (bilinear upsampling)": float(torch.nanmean(bil)),
                     "hits (bilinear upsampling)": f"{int(bil.nansum())}/{int((~bil.isnan()).sum())}"})

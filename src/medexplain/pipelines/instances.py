@@ -16,17 +16,15 @@ from medexplain.engine.options import check_options
 from medexplain.engine.sliding import inferer_settings
 from medexplain.engine.targets import Class, Regions, ResolvedTarget
 from medexplain.errors import TargetError
-from medexplain.models.model import as_model
 from medexplain.models.transforms import resample_to_grid
 from medexplain.pipelines import (
     CaseState,
     CaseWriter,
-    explain_case,
-    load_setup,
+    case_model,
     read_region,
     resolve_case_target,
 )
-from medexplain.pipelines.estimates import StepEstimate
+from medexplain.pipelines.steps import StepEstimate, explain_model_case
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,15 +42,12 @@ class LesionInstances:
     info: dict = field(default_factory=dict)
 
 
-def explain_lesion_instances(images, model, out, *, weights: str | None = None, threshold: float = 0.5,
-                             method: str | None = None, aggregate: str = "mean", channel: int | None = None,
-                             n_samples: int = 50, sigma: float = 0.05, seed: int = 0, min_size: int = 6,
-                             connectivity: int | None = None, reference=None, reference_threshold: float | None = None,
-                             rings: int = 5, context: int = 0,
-                             layer: str | None = None, channel_names: Sequence[str] | None = None,
-                             chunk_size: int | None = 10, activation: str = "auto", output=None, region=None,
-                             preprocessing=None, inferer=None, nnunet=None, nnunet_options: dict | None = None,
-                             device=None, flip_axes=None, eval: str = "auto", variant: str = "paper",
+def explain_lesion_instances(images, model, out, *, threshold: float = 0.5, method: str | None = None,
+                             aggregate: str = "mean", channel: int | None = None, n_samples: int = 50,
+                             sigma: float = 0.05, seed: int = 0, min_size: int = 6, connectivity: int | None = None,
+                             reference=None, reference_threshold: float | None = None, rings: int = 5,
+                             context: int = 0, layer: str | None = None, channel_names: Sequence[str] | None = None,
+                             chunk_size: int | None = 10, region=None, variant: str = "paper",
                              upsample: str | None = None,
                              on_progress: Callable[[str, int, int | None], None] | None = None,
                              on_estimate: Callable | None = None, memory: float | None = None, formats=None,
@@ -60,24 +55,27 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
     """Per-lesion, per-channel saliency of a segmentation model (Spagnolo et al.; seed 001).
 
     ``images``: one multi-channel file or one file per channel (:func:`medexplain.io.read_channels`).
+    ``model``: an :class:`mx.Model <medexplain.models.model.Model>`, an ``nn.Module``, an
+    :class:`mx.ModelSpec <medexplain.models.spec.ModelSpec>` or anything :func:`medexplain.load_model` takes, loaded
+    once after the cheap checks (:func:`medexplain.pipelines.case_model`): its output adapter, activation,
+    preprocessing, sliding window, flips, ensemble, device and train/eval policy are the Model's.
     The lesion probability of class ``channel`` (the target grammar: ``None`` = the foreground class
-    with the most predicted voxels, :func:`medexplain.engine.targets.resolve_target`), read with the output
-    ``activation`` (``auto`` detects a model that already outputs probabilities), is thresholded into
+    with the most predicted voxels, :func:`medexplain.engine.targets.resolve_target`), read with the Model's output
+    activation (``auto`` detects a model that already outputs probabilities), is thresholded into
     instances (:func:`medexplain.segmentation.find_instances`, labelled TP/FP/FN against ``reference``: a
     label-map file, or a probability map with ``reference_threshold``; any other image is refused with the
     values found, :func:`medexplain.segmentation.reference_foreground`),
-    each explained (:func:`medexplain.segmentation.explain_instances`) and quantified. ``region``: a
+    each explained (the registered instance method over a :class:`~medexplain.engine.targets.Regions` target, through
+    the one case pipeline :func:`medexplain.pipelines.explain_case`) and quantified. ``region``: a
     mask file whose connected components are the instances instead (resampled onto the image grid by
-    its geometry). ``preprocessing``: a :class:`~medexplain.models.transforms.Preprocessing` applied before
-    the model; the instances and the table are computed on the model's grid and every map is put back
-    on the input's grid. Every option is checked before anything is written. Writes into ``out``,
-    NIfTI on the first input's affine: ``probability.nii.gz``, ``instances.nii.gz``, ``instances.csv``,
+    its geometry). With the Model's preprocessing the instances and the table are computed on the model's grid
+    and every map is put back on the input's grid. Every option is checked before anything is written. Writes
+    into ``out``, NIfTI on the first input's affine: ``probability.nii.gz``, ``instances.nii.gz``, ``instances.csv``,
     ``instance_<k>_<kind>.nii.gz``, ``info.json`` (class, activation, preprocessing); with ``reference``
     ``statistics.csv``; with ``context`` > 0 ``context.csv`` (the context experiment up to that many dilations).
-    ``inferer``: a ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`); the model,
-    the saliency and the context experiment then run window by window (:mod:`medexplain.engine.sliding`).
-    ``nnunet``: an nnU-Net v2 model or its folder instead of ``model`` (:func:`explain_image`); its channel
-    files may be given as nnU-Net names them (``CASE_0000.nii.gz``, ...: ordered by the suffix).
+    Through the Model's sliding window the model, the saliency and the context experiment run window by window
+    (:mod:`medexplain.engine.sliding`). An nnU-Net model's channel files may be given as nnU-Net names them
+    (``CASE_0000.nii.gz``, ...: ordered by the suffix).
     ``on_estimate(CostEstimate)`` is called once the instances are found, before any file is written or
     the saliency runs (the rows, time and memory it will take, as :func:`explain_image`'s); then
     ``on_progress(method, rows_done, rows_total)`` as the saliency's rows pass through the model.
@@ -106,20 +104,19 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
         seg.check_threshold(reference_threshold, "--reference-threshold")
     if isinstance(region, str) and region.strip().lower() == "all":
         raise TargetError("instances need regions: --region predicted (default) or a mask file, not 'all'")
-    if nnunet is not None:
-        from medexplain.models.nnunet import order_channel_files
-        images = order_channel_files(images)
-    setup = load_setup(model, weights, nnunet=nnunet, nnunet_options=nnunet_options, preprocessing=preprocessing,
-                       inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
     out = io.check_output_dir(out)
     ref_fg = r_meta = None
     if reference is not None:  # a label map (or a probability map with reference_threshold), before any compute
         r_img, r_meta = io.read_image(reference)
         ref_fg = seg.reference_foreground(r_img.numpy(), reference_threshold, f"--reference {Path(reference).name}")
     listed = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    model = case_model(model)   # once, after the cheap checks
+    if type(model.origin).__name__ == "NnUNetModel":
+        from medexplain.models.nnunet import order_channel_files
+        listed = order_channel_files(listed)
     per_method = {spec.name: own}
     step = StepEstimate("instances", spec.name, on_estimate, on_progress)
-    writer = InstanceWriter(setup, out, formats, dicom_reference, dicom_threshold, step, output=output, rings=rings,
+    writer = InstanceWriter(model, out, formats, dicom_reference, dicom_threshold, step, rings=rings,
                             context=context, threshold=threshold, connectivity=connectivity,
                             channel_names=channel_names)
 
@@ -156,13 +153,13 @@ def explain_lesion_instances(images, model, out, *, weights: str | None = None, 
             st.run = []
             return ResolvedTarget(Class(ch), [ch], writer.info_region, [0], how, act)
         if spec.takes("layer") and own.get("layer") is None:   # the decoder layer (the paper's), on this model
-            own["layer"] = seg.instance_layer(as_model(setup.net, output=output, inferer=setup.inferer), x, spec)
+            own["layer"] = seg.instance_layer(model, x, spec)
         target = Regions(ch, torch.stack([i.mask for i in insts]), [i.sample for i in insts])
         return ResolvedTarget(target, [ch], writer.info_region, [int(i.mask.sum()) for i in insts], how, act)
 
-    explain_case(setup, listed, [spec.name], writer, per_method=per_method, target=lesions,
-                 layer=own.get("layer"), output=output, activation=activation, threshold=threshold,
-                 memory=memory, on_estimate=step.on_estimate, on_progress=step.on_progress)
+    explain_model_case(model, listed, [spec.name], writer, per_method=per_method, target=lesions,
+                       layer=own.get("layer"), threshold=threshold, memory=memory, on_estimate=step.on_estimate,
+                       on_progress=step.on_progress)
     return writer.result()
 
 
@@ -174,12 +171,12 @@ class InstanceWriter(CaseWriter):
     (:func:`medexplain.segmentation.quantify`), ``statistics.csv`` (with a reference), ``context.csv`` (the
     context experiment) and ``info.json``."""
 
-    def __init__(self, setup, out: Path, formats, dicom_reference=None, dicom_threshold="otsu",
-                 step: StepEstimate | None = None, *, output=None,
+    def __init__(self, model, out: Path, formats, dicom_reference=None, dicom_threshold="otsu",
+                 step: StepEstimate | None = None, *,
                  rings: int = 5, context: int = 0, threshold: float = 0.5, connectivity: int | None = None,
                  channel_names: Sequence[str] | None = None):
-        self.setup, self.out, self.formats, self.step = setup, out, formats, step   # step: the saliency's estimate
-        self.dicom_reference, self.dicom_threshold, self.output = dicom_reference, dicom_threshold, output
+        self.model, self.out, self.formats, self.step = model, out, formats, step   # step: the saliency's estimate
+        self.dicom_reference, self.dicom_threshold = dicom_reference, dicom_threshold
         self.rings, self.context, self.threshold, self.connectivity = rings, context, threshold, connectivity
         self.names = list(channel_names) if channel_names else None
         self.dicom_src, self.attr, self.instances, self.rows = None, None, [], []
@@ -208,14 +205,15 @@ class InstanceWriter(CaseWriter):
         from medexplain.io import render
 
         prep, insts, out, affine = state.prep, self.instances, self.out, state.meta["affine"]
-        setup, name = self.setup, state.info["model"]
+        model, name = self.model, state.info["model"]
         est = self.step.est.as_dict() if self.step is not None and self.step.est is not None else None
         self.info = {"images": [str(p) for p in state.images], "model": name, "class": int(self.channel),
                      "how": self.how, "activation": prep.activation, "activation_how": prep.activation_how,
                      "region": self.info_region, "preprocessing": prep.record(), "instances": len(insts),
                      "probability_max": float(self.prob.max()),
-                     "inferer": inferer_settings(setup.inferer) if setup.inferer is not None else None,
-                     "nnunet": setup.nnunet.describe() if setup.nnunet is not None else None, "estimate": est}
+                     "inferer": inferer_settings(model.inferer) if model.inferer is not None else None,
+                     "nnunet": model.origin.describe() if type(model.origin).__name__ == "NnUNetModel" else None,
+                     "estimate": est}
         files = [io.write_nifti(prep.invert(self.prob[None])[0], out / "probability.nii.gz", affine),
                  io.write_nifti(prep.invert(seg.label_map(insts, tuple(self.prob.shape)).float()[None],
                                             nearest=True)[0], out / "instances.nii.gz", affine)]
@@ -249,9 +247,9 @@ class InstanceWriter(CaseWriter):
             seg.write_csv(seg.group_statistics(self.rows), out / "statistics.csv")
             files.append(out / "statistics.csv")
         if self.context > 0:
-            model = as_model(setup.net, output=self.output, inferer=setup.inferer).replace(activation=prep.activation)
+            probs = model.replace(activation=prep.activation)   # the probability the instances were found on
             crow = [{"instance": k, "kind": inst.kind or "", **r} for k, inst in enumerate(insts, start=1)
-                    for r in seg.context_experiment(model, x, inst, d_max=self.context, channel=self.channel,
+                    for r in seg.context_experiment(probs, x, inst, d_max=self.context, channel=self.channel,
                                                     threshold=self.threshold, connectivity=self.connectivity)]
             seg.write_csv(crow, out / "context.csv")
             files.append(out / "context.csv")

@@ -1,12 +1,25 @@
-"""The cost estimate and progress of a pipeline step that is more than the declared cost of one registered call
-(``instances``: every lesion instance of a case; ``shapley``: the coalitions of one fold model), for
-:func:`medexplain.pipelines.explain_case`'s ``on_estimate`` / ``on_progress``."""
+"""What the commands built on the one case pipeline (:func:`medexplain.pipelines.explain_case`) share: the case on a
+loaded model object (:func:`explain_model_case`) and the cost estimate and progress of a step that is more than the
+declared cost of one registered call (:class:`StepEstimate`; ``instances``: every lesion instance of a case;
+``shapley``: the coalitions of one fold model)."""
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Callable
 
 from medexplain.engine.options import CostEstimate, estimate_cost
+
+
+def explain_model_case(model, images: list, methods, writer, **kw):
+    """:func:`medexplain.pipelines.explain_case` of ``images`` on the loaded :class:`~medexplain.models.model.Model`
+    ``model`` (:func:`medexplain.pipelines.case_model`'s), with its name, preprocessing, sliding window, activation and
+    origin (a bundle or an nnU-Net model): ``instances``, ``shapley`` (per fold model) and the demo (per case)."""
+    from medexplain.pipelines import ModelSetup, explain_case
+
+    kind = type(model.origin).__name__
+    setup = ModelSetup(model, model.name, model.preprocessing, model.inferer,
+                       model.origin if kind == "Bundle" else None, model.origin if kind == "NnUNetModel" else None)
+    return explain_case(setup, images, methods, writer, activation=model.activation, **kw)
 
 
 class StepEstimate:
