@@ -136,6 +136,8 @@ def contrast_shapley(images, models, out, *, contrasts: Sequence[str] | None = N
     check_activation = "softmax" if channel is None else "sigmoid"   # the value's syntax, before any model runs
     shapley_value_function(value, torch.zeros(1, 1, dtype=torch.long) if seg_img is not None else None, labels,
                            check_activation, channel)
+    options = shapley_method.spec.check_options({"baseline": _baseline(baseline), "estimator": method, "seed": seed,
+                                                 "n_permutations": n_permutations, "chunk_size": chunk_size})
     first = case_model(members[0])   # the first model: an nnU-Net folder names and orders the channels
     nnm = first.origin if type(first.origin).__name__ == "NnUNetModel" else None
     if nnm is not None:
@@ -151,9 +153,7 @@ def contrast_shapley(images, models, out, *, contrasts: Sequence[str] | None = N
         from medexplain.segmentation.shapley import ONE_PLAYER
         raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
     ref = resolve_ranking(reference_ranking, len(names), names) if reference_ranking else None
-    base = _baseline(baseline)
-    options = shapley_method.spec.check_options({"baseline": base, "estimator": method, "n_permutations": n_permutations,
-                                                 "seed": seed, "chunk_size": chunk_size, "players": names})
+    options = {**options, "players": names}
     writer = ShapleyWriter(out, names, ref, value if not by_target else None, listed, on_model)
     chosen = []   # by target: one class and region for every fold, so their values are comparable
     folds = []    # the nnU-Net folds the members are
@@ -195,9 +195,9 @@ def contrast_shapley(images, models, out, *, contrasts: Sequence[str] | None = N
 
 class ShapleyWriter(CaseWriter):
     """The files of :func:`contrast_shapley`: collects one :class:`~medexplain.segmentation.shapley.ShapleyResult`
-    per fold model (:func:`explain_case` once per model; ``on_model(i, result)`` after each) and, after the last,
-    writes ``values.csv``, ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with a reference ranking) and
-    ``uncertainty.json`` (two or more models) with the consensus
+    per fold model (:func:`explain_case` once per model; ``on_model(i, result)`` after each) and, once every model's
+    result is in (:meth:`write`), writes ``values.csv``, ``coalitions.csv``, ``ranking.json``, ``agreement.json``
+    (with a reference ranking) and ``uncertainty.json`` (two or more models) with the consensus
     (:func:`medexplain.segmentation.shapley.fold_consensus`)."""
 
     def __init__(self, out: Path, names, reference, value, images,
