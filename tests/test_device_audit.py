@@ -30,7 +30,7 @@ HOST = {
     ("metrics/ranking.py", "rank_agreement"): "results of a rank statistic computed with numpy on the CPU",
     ("metrics/sanity.py", "randomization_check"): "a result from Python numbers, returned on the CPU",
     ("segmentation/shapley.py", "table"): "coalition codes from Python numbers, returned on the CPU",
-    ("segmentation/shapley.py", "channel_shapley"): "a result from Python numbers, returned on the CPU",
+    ("segmentation/shapley.py", "shapley_result"): "a result from Python numbers, returned on the CPU",
 }
 
 
