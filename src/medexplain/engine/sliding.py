@@ -332,7 +332,7 @@ def release_heap(device) -> None:
             import ctypes
             libc = ctypes.CDLL(None)
             _LIBC.append(libc.malloc_trim if hasattr(libc, "malloc_trim") else None)
-        except OSError:
+        except (OSError, TypeError):   # no C library to open by name (Windows)
             _LIBC.append(None)
     if _LIBC[0] is not None:
         _LIBC[0](0)
