@@ -122,10 +122,10 @@ def test_explain_output_option_explains_the_chosen_head():
 
     torch.manual_seed(0)
     net, x = Heads().eval(), torch.randn(2, 1, 8, 8)
-    sal = mx.explain(net, x, "saliency", target=1, output="b").map
+    sal = mx.explain(mx.Model(net, output="b"), x, "saliency", target=1).map
     x_ = x.clone().requires_grad_(True)
     (ref,) = torch.autograd.grad(net(x_)["b"][:, 1].sum(), x_)
     torch.testing.assert_close(sal, ref)
-    cam = mx.explain(net, x, "gradcam", target=1, output="b", layer="conv")  # layer names are the user's
+    cam = mx.explain(mx.Model(net, output="b"), x, "gradcam", target=1, layer="conv")  # layer names are the user's
     assert cam.map.shape == (2, 1, 8, 8)
     assert no_hooks(net) and not any(p.requires_grad is False for p in net.parameters())

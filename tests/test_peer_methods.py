@@ -559,7 +559,7 @@ def test_lrp_registry_and_reality_agree_on_monai_3d_networks(name):
     refused before any work with the registry's reason. All six run now."""
     net, x = _monai_3d(name)
     output = 0 if name == "SegResNetVAE" else None                       # SegResNetVAE returns (seg, vae_loss)
-    listed = "lrp" in mx.available_methods(model=net, x=x, output=output)
+    listed = "lrp" in mx.available_methods(model=mx.Model(net, output=output), x=x)
     reason = mx.registry.get_method("lrp").why_not(net, None)
     mask = torch.zeros(1, *x.shape[2:], dtype=torch.bool)
     mask[:, 4:12, 4:12, 4:12] = True
@@ -567,11 +567,11 @@ def test_lrp_registry_and_reality_agree_on_monai_3d_networks(name):
     if not listed:
         assert reason
         with pytest.raises(UnsupportedModelError):
-            mx.explain(net, x, "lrp", target=Region(1, mask), output=output)
+            mx.explain(mx.Model(net, output=output), x, "lrp", target=Region(1, mask))
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                                 # additions no canonizer covers
-            attr = mx.explain(net, x, "lrp", target=Region(1, mask), output=output)
+            attr = mx.explain(mx.Model(net, output=output), x, "lrp", target=Region(1, mask))
         assert attr.map.shape == x.shape and torch.isfinite(attr.map).all() and attr.map.abs().sum() > 0
     assert_untouched(net, snap)
     assert listed, reason                                                  # the aim: LRP runs on all six

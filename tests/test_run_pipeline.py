@@ -211,7 +211,8 @@ def bn_train():
 
 
 def test_the_eval_policy_reaches_the_model_object(tmp_path):
-    """explain_image(..., eval=policy) (the CLI's --eval) explains mx.Model(network, eval=policy): a network left in
+    """explain_image(mx.ModelSpec(net, eval=policy), ...) (the CLI's --eval) explains mx.Model(network, eval=policy):
+    a network left in
     training mode is used as given with never, switched to eval with always. (The loaders of a file or factory
     switch what they load to eval mode themselves, so from the command line --eval matters for what they keep.)"""
     import medexplain as mx
@@ -222,7 +223,7 @@ def test_the_eval_policy_reaches_the_model_object(tmp_path):
     maps = {}
     for policy in ("always", "never"):
         net = bn_train()
-        res = explain_image(image, net, "saliency", tmp_path / policy, target=1, region="all", eval=policy)
+        res = explain_image(image, mx.ModelSpec(net, eval=policy), "saliency", tmp_path / policy, target=1, region="all")
         maps[policy] = res.attributions["saliency"].map
         want = mx.explain(mx.Model(bn_train(), eval=policy), x, "saliency",
                           target=Region([1], torch.ones(1, 5, 6, 4, dtype=torch.bool))).map
