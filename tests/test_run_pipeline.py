@@ -254,3 +254,26 @@ def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp
                              ray_flags)
     finally:
         ray.shutdown()
+
+
+def test_run_draws_its_figures_with_the_figure_options_explain_takes(tmp_path):
+    """run --format png --figure key=value (declared once, as explain's): each case's PNG is the figure explain
+    draws with the same options, and the options change it (the default figure differs)."""
+    from PIL import Image
+    (image,) = volumes(tmp_path, (6, 7, 5), n=1)
+    flags = ["--model", "test_run_pipeline:tinyseg", "--method", "saliency", "--target", "1", "--region", "all"]
+    figure = ["--figure", "cmap=viridis", "--figure", "alpha=0.9", "--figure", "planes=axial"]
+    res = runner.invoke(app, ["explain", str(image), *flags, *figure, "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    pixels = {}
+    for name, extra in (("run", figure), ("plain", [])):
+        res = runner.invoke(app, ["run", str(manifest(tmp_path, [image])), *flags, "--format", "png", *extra,
+                                  "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        pixels[name] = np.asarray(Image.open(tmp_path / name / "cases" / "c0" / "saliency.png").convert("RGB"))
+    explained = np.asarray(Image.open(tmp_path / "e" / "case0_saliency.png").convert("RGB"))
+    assert np.array_equal(pixels["run"], explained)
+    assert pixels["plain"].shape != explained.shape or not np.array_equal(pixels["plain"], explained)
+    res = runner.invoke(app, ["run", str(manifest(tmp_path, [image])), *flags, "--format", "png", "--figure",
+                              "colour=red", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "colour" in res.output and not (tmp_path / "bad").exists()

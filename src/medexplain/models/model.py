@@ -257,9 +257,13 @@ def _device(module: nn.Module) -> torch.device:
 
 def as_model(model, output=None, inferer=None, **settings) -> Model:
     """A :class:`Model` for anything :func:`medexplain.engine.explain` takes: a Model as is (``output=`` / ``inferer=``
-    given here replace its own), an nnU-Net model or a MONAI bundle (:func:`load_model`), a sliding-window
-    model (its network and inferer), or an ``nn.Module`` wrapped in one."""
+    given here replace its own), a :class:`~medexplain.models.spec.ModelSpec` loaded, an nnU-Net model or a MONAI
+    bundle (:func:`load_model`), a sliding-window model (its network and inferer), or an ``nn.Module`` wrapped in
+    one."""
     from medexplain.engine.sliding import SlidingWindowModel
+
+    if _is_spec(model):
+        return as_model(model.load(), output, inferer, **settings)
 
     if isinstance(model, Model):
         changes = {k: v for k, v in (("output", output), ("inferer", inferer)) if v is not None}
