@@ -187,7 +187,7 @@ ENSEMBLE = ["--model", "test_run_pipeline:tinyseg", "--model", "test_run_pipelin
 
 def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_path):
     """Two --model and --flip-axes build mx.load_model([a, b], flip_axes=...): explain's map is mx.explain on that
-    model object (16 passes counted), and run writes the same bytes."""
+    model object (16 passes counted), and run writes the same bytes and records the ModelSpec it loaded."""
     import json
 
     import medexplain as mx
@@ -202,6 +202,10 @@ def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_pa
         assert torch.allclose(got, want.float(), rtol=1e-5, atol=1e-7 * float(want.abs().max())), m
     info = json.loads((tmp_path / "e0" / "case0_info.json").read_text())
     assert info["methods"]["saliency"]["n_forward"] == 16 and "+" in info["model"]
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]   # the run records its ModelSpec
+    assert config["model"] == {"source": ["test_run_pipeline:tinyseg", "test_run_pipeline:tinyseg_b"],
+                               "flip_axes": [0, 1, 2], "device": "auto"}
+    assert mx.ModelSpec.from_dict(config["model"]).load().n_passes == 16
 
 
 def bn_train():

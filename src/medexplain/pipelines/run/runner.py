@@ -174,14 +174,14 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *,
                           "package.module:factory, not as a module object")
     memory_budget(memory)  # a bad --memory is an OptionError now
     routed = method_options(methods, options, layer, seed)
-    loaded = case_model(loaded if loaded is not None else spec)
-    plan_methods(methods, loaded, None, layer, skip_unsupported)   # hooks, the layer: before any case
     if backend == "ray":
         backends.ray_module()
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
         raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
-    check_output_dir(out)  # creatable and writable, before any work
+    check_output_dir(out)  # creatable and writable, before the model loads
+    loaded = case_model(loaded if loaded is not None else spec)   # once here, for the checks and in-process work
+    plan_methods(methods, loaded, None, layer, skip_unsupported)   # hooks, the layer: before any case
     config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
               "model": _jsonable(spec.describe()), "model_sha256": _sha(spec.source),
               "weights_sha256": _sha(spec.weights),
