@@ -204,7 +204,7 @@ def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_pa
     assert info["methods"]["saliency"]["n_forward"] == 16 and "+" in info["model"]
     config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]   # the run records its ModelSpec
     assert config["model"] == {"source": ["test_run_pipeline:tinyseg", "test_run_pipeline:tinyseg_b"],
-                               "flip_axes": [0, 1, 2], "device": "auto"}
+                               "flip_axes": [0, 1, 2]} and config["device"] == "auto"
     assert mx.ModelSpec.from_dict(config["model"]).load().n_passes == 16
 
 

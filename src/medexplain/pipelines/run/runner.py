@@ -183,7 +183,9 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *,
     loaded = case_model(loaded if loaded is not None else spec)   # once here, for the checks and in-process work
     plan_methods(methods, loaded, None, layer, skip_unsupported)   # hooks, the layer: before any case
     config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
-              "model": _jsonable(spec.describe()), "model_sha256": _sha(spec.source),
+              # the ModelSpec's fields that differ from the defaults; where it runs is "device" (a resume may move it)
+              "model": _jsonable({k: v for k, v in spec.describe().items() if k != "device"}),
+              "model_sha256": _sha(spec.source),
               "weights_sha256": _sha(spec.weights),
               "methods": methods, "options": _jsonable(routed), "layer": layer,
               "target": target, "region": region, "series": series,
