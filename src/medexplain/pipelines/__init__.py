@@ -246,6 +246,8 @@ def case_model(model) -> Model:
     ``postprocessing`` (a bundle's) and ``origin`` (the loaded bundle or nnU-Net model)."""
     if isinstance(model, Model):
         return model
+    if isinstance(model, ModelSetup):   # deprecated: a setup holds its Model
+        return case_model(model.net)
     spec = model if isinstance(model, ModelSpec) else ModelSpec(source=model)
     return spec.load()
 
@@ -377,7 +379,7 @@ def explain_case(model, images: list, methods: Sequence[str], writer: CaseWriter
                  series: str | None = None, seed: int | None = None, memory: float | None = None,
                  state: CaseState | None = None,
                  on_estimate: Callable | None = None,
-                 on_progress: Callable[[str, int, int | None], None] | None = None) -> CaseState:
+                 on_progress: Callable[[str, int, int | None], None] | None = None, **deprecated) -> CaseState:
     """The one case pipeline: read ``images`` (one file or DICOM folder, or one file per channel), prepare them
     for ``model`` (:func:`case_model`: a Model, a module, a :class:`~medexplain.models.spec.ModelSpec`; loaded once
     per call) and run it once (:func:`prepare_input`), plan the ``methods`` (:func:`plan_methods`), resolve the
@@ -385,12 +387,18 @@ def explain_case(model, images: list, methods: Sequence[str], writer: CaseWriter
     with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put back on the
     image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go on; an error
     before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
+    ``target``: the target grammar (a class index, ``predicted``) with ``region``, or a callable
+    ``(state) -> ResolvedTarget`` called at the target stage (after the prediction and the plan, before the memory
+    plan): a command's own target, e.g. the lesion instances as a :class:`~medexplain.engine.targets.Regions` target
+    (``instances``) or a contrast-Shapley value target (``shapley``); it may complete options of ``per_method`` that
+    depend on the prediction (a layer) and empty ``state.run`` when there is nothing to explain.
     ``per_method``: each method's options (:func:`method_options`). ``memory``: the budget in GB of one model call
     (default half the memory available; :func:`medexplain.engine.options.plan_memory`: ``chunk_size`` is capped to fit,
-    and a method that cannot fit one row refuses the case before any method runs)."""
+    and a method that cannot fit one row refuses the case before any method runs). ``deprecated``: ``output=``,
+    ``activation=`` beside the model, as ``Model.replace`` (for callers not yet on the model object)."""
     st = state if state is not None else CaseState(list(images))
     st.stage = "model"
-    model = case_model(model)
+    model = _with_settings(case_model(model), **deprecated)
     st.stage = "image"
     st.img, st.meta = read_case(images, series)
     writer.read(st)
@@ -399,7 +407,8 @@ def explain_case(model, images: list, methods: Sequence[str], writer: CaseWriter
     st.stage = "plan"
     st.run, st.skipped = plan_methods(methods, model, prep.out, layer, skip_unsupported)
     st.stage = "target"
-    st.resolved = resolve_case_target(prep, target, region, model=model, threshold=threshold)
+    st.resolved = (target(st) if callable(target) else   # a command's own target: lesion instances, a value target
+                   resolve_case_target(prep, target, region, model=model, threshold=threshold))
     record = model_record(model)
     st.info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images], "model": record.pop("model"),
                "target": st.resolved.class_index, "target_info": st.resolved.info(), "output": record.pop("output"),
