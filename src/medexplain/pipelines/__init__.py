@@ -227,15 +227,8 @@ def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
 
 
 # --------------------------------------------------------------------------------------------------
-# the model of a call, and the device it runs on
+# the model of a call
 # --------------------------------------------------------------------------------------------------
-def model_device(net) -> torch.device:
-    """The device of the model's first parameter or buffer (the CPU for a model without any)."""
-    for t in (*net.parameters(), *net.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def case_model(model) -> Model:
     """The one place a pipeline turns its ``model`` argument into a loaded :class:`~medexplain.models.model.Model`,
     once per call (per worker of a run): a ``Model`` as it is, a :class:`~medexplain.models.spec.ModelSpec` loaded
