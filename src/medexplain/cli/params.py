@@ -382,7 +382,8 @@ class Flags(dict):
                                      param_hint="--flip-axes") from None
 
     def model_inputs(self) -> dict:
-        """The pipelines' keyword arguments of the model-input flags: preprocessing, inferer, nnU-Net, device."""
+        """Deprecated (:meth:`model_spec` gives them as one ModelSpec): the model-input flags as the old parallel
+        keyword arguments, for the commands not yet moved onto the model object."""
         flips = self.flips()
         return {"preprocessing": self.preprocessing() or None, "inferer": self.inferer(), "nnunet": self["nnunet"],
                 "nnunet_options": self.nnunet_options(), "device": self["device"], "flip_axes": flips,
