@@ -381,14 +381,6 @@ class Flags(dict):
             raise typer.BadParameter(f"must be axis numbers separated by commas, got {self['flip_axes']!r}",
                                      param_hint="--flip-axes") from None
 
-    def model_inputs(self) -> dict:
-        """Deprecated (:meth:`model_spec` gives them as one ModelSpec): the model-input flags as the old parallel
-        keyword arguments, for the commands not yet moved onto the model object."""
-        flips = self.flips()
-        return {"preprocessing": self.preprocessing() or None, "inferer": self.inferer(), "nnunet": self["nnunet"],
-                "nnunet_options": self.nnunet_options(), "device": self["device"], "flip_axes": flips,
-                "eval": self["eval"], "memory": self["memory"]}
-
     def models(self, name: str = "model"):
         """``--model`` (or ``--weights``) as the library takes it: None, one value, or a list (an ensemble)."""
         values = list(self.get(name) or [])

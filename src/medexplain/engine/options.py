@@ -374,16 +374,15 @@ class CountingModel(OutputAdapter):
         return out
 
 
-def counting(model, on_rows: Callable[[int], None] | None, *deprecated):
+def counting(model, on_rows: Callable[[int], None] | None):
     """The model object ``model`` (a :class:`~medexplain.models.model.Model`; a bare module is wrapped,
-    :func:`medexplain.models.model.as_model`; ``deprecated``: ``output, inferer`` beside it, for callers not yet
-    moved onto the model object) with each of its networks in a :class:`CountingModel` that reports the
+    :func:`medexplain.models.model.as_model`) with each of its networks in a :class:`CountingModel` that reports the
     rows of every pass (``on_rows(n)``; the progress bars of the pipelines, in the unit of ``info["n_forward"]``). Every setting
     of the Model is kept: the train/eval policy, the output adapter, the activation, the flips, the sliding
     window, the device and dtype (a counting wrapper around the Model would hide them)."""
     from medexplain.models.model import Model, as_model
 
-    m = as_model(model, *deprecated)
+    m = as_model(model)
     return Model([CountingModel(n, None, on_rows, adapt=False) for n in m.networks],
                  **{**m._settings, "dtype": m._dtype_given})
 

@@ -18,10 +18,10 @@ from medexplain import io
 from medexplain.engine.attribution import Attribution
 from medexplain.engine.core import check_input, model_expectations
 from medexplain.engine.explain import explain
-from medexplain.engine.ops import ACTIVATIONS, detect_activation
+from medexplain.engine.ops import detect_activation
 from medexplain.engine.options import counting, estimate_cost, plan_memory
 from medexplain.engine.registry import get_method, route_options
-from medexplain.engine.sliding import as_inferer, inferer_settings
+from medexplain.engine.sliding import inferer_settings
 from medexplain.engine.targets import REGION_WORDS, resolve_target
 from medexplain.errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from medexplain.models.loading import checked_forward
@@ -29,24 +29,11 @@ from medexplain.models.model import Model, source_kind
 from medexplain.models.spec import ModelSpec
 from medexplain.models.transforms import Prepared, Preprocessing, Preprocessor, resample_to_grid
 
-__all__ = ["CaseState", "CaseWriter", "ModelSetup", "case_model", "explain_case", "explain_method",
-           "write_method_outputs", "write_case_report", "load_setup", "method_options", "model_kind", "model_record",
+__all__ = ["CaseState", "CaseWriter", "case_model", "explain_case", "explain_method",
+           "write_method_outputs", "write_case_report", "method_options", "model_kind", "model_record",
            "prepare_input", "read_case", "resolve_case_target", "write_map", "input_files", "ExplainedImage",
            "LesionInstances", "ContrastShapley", "predicted_class", "explain_image", "explain_lesion_instances",
            "contrast_shapley", "shapley_value_function", "SHAPLEY_VALUE_HELP"]
-
-
-def _nnunet_parts(nnunet, model, weights, preprocessing, inferer, options: dict | None = None):
-    """``nnunet=`` (a :class:`medexplain.models.nnunet.NnUNetModel`, or its folder loaded with ``options``:
-    :func:`medexplain.models.nnunet.load_nnunet`'s): the model, nnU-Net's preprocessing and nnU-Net's sliding
-    window, instead of ``model`` and the preprocessing/window options."""
-    from medexplain.models.nnunet import as_nnunet
-
-    if model or weights or _as_preprocessing(preprocessing).active or as_inferer(inferer) is not None:
-        raise OptionError("--nnunet gives the model, its preprocessing and its sliding window: drop --model, --weights, "
-                          "--bundle, the preprocessing and the sliding-window options")
-    nnm = as_nnunet(nnunet, **{k: v for k, v in (options or {}).items() if v is not None})
-    return nnm, nnm.preprocessing, nnm.inferer
 
 
 def _model_input(img: torch.Tensor, model: Model) -> torch.Tensor:
@@ -125,19 +112,16 @@ class PreparedInput:
                 "model_affine": p.affine.tolist(), "image_grid": list(p.original_shape)}
 
 
-def prepare_input(img: torch.Tensor, meta: dict, model, **deprecated) -> PreparedInput:
+def prepare_input(img: torch.Tensor, meta: dict, model) -> PreparedInput:
     """The prepare stage of the one case pipeline: ``img`` through the model's preprocessing
     (``Model.preprocessing``, :class:`~medexplain.models.transforms.Preprocessing`, nnU-Net's or a bundle's),
     checked against the model, and one forward of the model object (:func:`case_model` of ``model``: the
     prediction the methods explain, under the Model's train/eval policy; an error inside the model becomes a
     :class:`~medexplain.errors.ModelError` naming what was given and expected); the Model's ``activation``
-    resolved (``auto``: :func:`medexplain.engine.ops.detect_activation`).
-
-    ``deprecated``: ``preprocessing=``, ``output=``, ``activation=``, ``inferer=`` beside the model, applied as
-    ``Model.replace`` (for callers not yet moved onto the model object)."""
+    resolved (``auto``: :func:`medexplain.engine.ops.detect_activation`)."""
     import time
 
-    m = _with_settings(case_model(model), **deprecated)
+    m = case_model(model)
     pre = m.preprocessor()
     prepared = pre.apply(img, meta.get("affine", np.eye(4)))
     x = _model_input(prepared.image, m)
@@ -147,18 +131,6 @@ def prepare_input(img: torch.Tensor, meta: dict, model, **deprecated) -> Prepare
     act = m.activation
     act, how = (detect_activation(out, m) if act == "auto" else (act, f"activation {act} (the model's)"))
     return PreparedInput(img, meta, prepared, pre, x, out, act, how, spr)
-
-
-def _with_settings(model: Model, preprocessing=None, output=None, activation: str = "auto", inferer=None) -> Model:
-    """Deprecated keyword arguments beside a model (``output=``, ``inferer=``, ...) as ``Model.replace``."""
-    if activation not in ACTIVATIONS:
-        raise TargetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    changes = {k: v for k, v in (("output", output), ("inferer", as_inferer(inferer)),
-                                 ("preprocessing", _as_preprocessing(preprocessing) if preprocessing is not None
-                                  else None)) if v is not None}
-    if activation != "auto":
-        changes["activation"] = activation
-    return model.replace(**changes) if changes else model
 
 
 def read_region(region, prep: PreparedInput):
@@ -239,43 +211,8 @@ def case_model(model) -> Model:
     ``postprocessing`` (a bundle's) and ``origin`` (the loaded bundle or nnU-Net model)."""
     if isinstance(model, Model):
         return model
-    if isinstance(model, ModelSetup):   # deprecated: a setup holds its Model
-        return case_model(model.net)
     spec = model if isinstance(model, ModelSpec) else ModelSpec(source=model)
     return spec.load()
-
-
-@dataclass
-class ModelSetup:
-    """Deprecated (:func:`case_model` gives the Model, which carries all of this): the model of a pipeline call,
-    ``net`` (the Model), its ``name``, ``preprocessing``, ``inferer`` and the ``bundle`` or ``nnunet`` model it was
-    built from (None otherwise)."""
-
-    net: torch.nn.Module
-    name: str
-    preprocessing: object = None
-    inferer: object = None
-    bundle: object = None
-    nnunet: object = None
-
-    def describe(self) -> dict:
-        return {"inferer": inferer_settings(self.inferer) if self.inferer is not None else None,
-                "bundle": self.bundle.describe() if self.bundle is not None else None,
-                "nnunet": self.nnunet.describe() if self.nnunet is not None else None}
-
-
-def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_options: dict | None = None,
-               preprocessing=None, inferer=None, device=None, flip_axes=None, eval: str = "auto") -> ModelSetup:
-    """Deprecated: :func:`case_model` of the :class:`~medexplain.models.spec.ModelSpec` of these arguments
-    (contradicting sources are its :meth:`~medexplain.models.spec.ModelSpec.check`'s
-    :class:`~medexplain.errors.OptionError`, before anything loads), as a :class:`ModelSetup`."""
-    spec = ModelSpec(source=model, weights=weights, bundle=bundle, nnunet=nnunet,
-                     nnunet_options=nnunet_options if nnunet is not None else None, preprocessing=preprocessing,
-                     inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
-    m = case_model(spec)
-    kind = type(m.origin).__name__
-    return ModelSetup(m, m.name, m.preprocessing, m.inferer, m.origin if kind == "Bundle" else None,
-                      m.origin if kind == "NnUNetModel" else None)
 
 
 def method_options(methods: Sequence[str], options: dict | None, layer: str | None = None,
@@ -372,7 +309,7 @@ def explain_case(model, images: list, methods: Sequence[str], writer: CaseWriter
                  series: str | None = None, seed: int | None = None, memory: float | None = None,
                  state: CaseState | None = None,
                  on_estimate: Callable | None = None,
-                 on_progress: Callable[[str, int, int | None], None] | None = None, **deprecated) -> CaseState:
+                 on_progress: Callable[[str, int, int | None], None] | None = None) -> CaseState:
     """The one case pipeline: read ``images`` (one file or DICOM folder, or one file per channel), prepare them
     for ``model`` (:func:`case_model`: a Model, a module, a :class:`~medexplain.models.spec.ModelSpec`; loaded once
     per call) and run it once (:func:`prepare_input`), plan the ``methods`` (:func:`plan_methods`), resolve the
@@ -387,11 +324,10 @@ def explain_case(model, images: list, methods: Sequence[str], writer: CaseWriter
     depend on the prediction (a layer) and empty ``state.run`` when there is nothing to explain.
     ``per_method``: each method's options (:func:`method_options`). ``memory``: the budget in GB of one model call
     (default half the memory available; :func:`medexplain.engine.options.plan_memory`: ``chunk_size`` is capped to fit,
-    and a method that cannot fit one row refuses the case before any method runs). ``deprecated``: ``output=``,
-    ``activation=`` beside the model, as ``Model.replace`` (for callers not yet on the model object)."""
+    and a method that cannot fit one row refuses the case before any method runs)."""
     st = state if state is not None else CaseState(list(images))
     st.stage = "model"
-    model = _with_settings(case_model(model), **deprecated)
+    model = case_model(model)
     st.stage = "image"
     st.img, st.meta = read_case(images, series)
     writer.read(st)
