@@ -268,17 +268,21 @@ def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
     assert sessions[0]["workers"] == 1 and sessions[1]["workers"] == 2 and sessions[1]["processes"]
 
 
-def _children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (Linux /proc)."""
-    kids = []
+def _descendants(pid: int) -> dict[int, int]:
+    """The live descendants of ``pid`` (Linux /proc), each with its parent."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {}, {pid}
+    while frontier:
+        frontier = {k for k, p in parents.items() if p in frontier and k not in found}
+        found.update({k: parents[k] for k in frontier})
+    return found
 
 
 def _cmdline(pid: int) -> str:
@@ -299,24 +303,29 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
 def test_local_workers_die_with_a_sigkilled_run(tmp_path):
     """A SIGKILLed `medexplain run` takes its worker processes with it: an orphan would go on writing into the
-    folder that `--resume` completes (seen as a session missing from run.json in the SIGKILL test)."""
+    folder that `--resume` completes (seen as a session missing from run.json in the SIGKILL test). The workers
+    are the fork server's children (or the run's own, spawned); every process the run started must end."""
     csv = volumes(tmp_path, n=6)
     args = _cli(str(csv), "--model", scripted3d(tmp_path), "--method", "saliency,integrated_gradients",
-                "--out", str(tmp_path / "out"), "-o", "steps=64", "--batch-size", "1", "--num-workers", "2")
+                "--out", str(tmp_path / "out"), "-o", "steps=1024", "--batch-size", "1", "--num-workers", "2")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, workers = time.time() + 60, []
+    deadline, workers, started = time.time() + 60, [], {}
     while time.time() < deadline and p.poll() is None and len(workers) < 2:
-        workers = [k for k in _children(p.pid) if "spawn_main" in _cmdline(k)]
+        started = _descendants(p.pid)
+        workers = [k for k, parent in started.items()   # forked by the fork server, or spawned by the run
+                   if "multiprocessing" in _cmdline(k) and (parent != p.pid or "spawn_main" in _cmdline(k))]
         time.sleep(0.05)
     assert p.poll() is None and len(workers) == 2, "the run ended before its two workers were seen"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and any(map(_alive, workers)):
+    while time.time() < deadline and any(map(_alive, started)):
         time.sleep(0.05)
-    alive = [w for w in workers if _alive(w)]
-    assert not alive, f"worker processes {alive} outlived their SIGKILLed run"
+    alive = [w for w in started if _alive(w)]
+    for w in alive:   # leave no orphan behind when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"processes {alive} ({'workers' if set(alive) & set(workers) else 'helpers'}) outlived their SIGKILLed run"
 
 
 @pytest.mark.slow
