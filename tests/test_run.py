@@ -1,5 +1,6 @@
 """Dataset-scale runs (issue 9): outputs, crash safety and resume, error rows, the Ray backend."""
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -266,6 +267,22 @@ def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
     assert outputs(two.out) == outputs(one.out)
     sessions = [json.loads(r.record.read_text())["sessions"][-1] for r in (one, two)]
     assert sessions[0]["workers"] == 1 and sessions[1]["workers"] == 2 and sessions[1]["processes"]
+    if "forkserver" in multiprocessing.get_all_start_methods():   # forked from one fork server, not spawned
+        assert sessions[1]["start_method"] == "forkserver"
+    assert sessions[1]["worker_cpu_seconds"] > 0
+
+
+def test_the_fork_server_preloads_what_every_worker_imports():
+    """The workers' fork server imports MONAI, the worker's code and the model's loader once; a factory's own
+    module is left to the workers (a module that raises on import would take the fork server down)."""
+    from medexplain.pipelines.run.backends import preload_modules
+    from medexplain.pipelines.run.worker import WorkerSpec
+
+    base = ["__main__", "monai", "medexplain.pipelines.run.worker"]
+    assert preload_modules(WorkerSpec(model="mynets:factory", methods=[], out="o")) == base
+    assert preload_modules(WorkerSpec(model=["zoo:chest", "a.pt"], methods=[], out="o")) == base + ["medexplain.models.zoo"]
+    assert preload_modules(WorkerSpec(model=None, bundle="b", methods=[], out="o")) == base + ["medexplain.models.bundle"]
+    assert preload_modules(WorkerSpec(model=None, nnunet="n", methods=[], out="o"))[-1] == "medexplain.models.nnunet"
 
 
 def _descendants(pid: int) -> dict[int, int]:

@@ -149,6 +149,14 @@ def _process(chunk: list) -> tuple[list, int, float]:
     return _PROCESSOR.process(chunk), os.getpid(), _cpu_seconds()
 
 
+class _RayWorker(CaseProcessor):
+    """The Ray actor: a :class:`CaseProcessor` that also tells the CPU seconds of its whole process, measured
+    as the local workers' are."""
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds()
+
+
 def run_processes(chunks: list, spec: WorkerSpec, workers: int, threads: int,
                   on_chunk: Callable[[list], None] | None = None) -> dict:
     """Process the chunks on ``workers`` local processes (:func:`start_method`), each with ``threads`` torch
@@ -214,7 +222,7 @@ def run_ray(chunks: list, spec: WorkerSpec, num_workers: int | None = None, addr
         num_workers = max(1, min(num_workers, len(chunks) or 1))
         wspec = WorkerSpec(**{**spec.__dict__, "threads": cpus_per_worker})
         actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0,
-                               max_restarts=1, max_task_retries=1)(CaseProcessor)
+                               max_restarts=1, max_task_retries=1)(_RayWorker)
         actors = [actor_cls.remote(wspec) for _ in range(num_workers)]
         try:
             devices = ray.get([a.ping.remote() for a in actors])
@@ -237,12 +245,11 @@ def run_ray(chunks: list, spec: WorkerSpec, num_workers: int | None = None, addr
                 on_chunk(recs)
             if queue:
                 pending[actor.process.remote(queue.pop(0))] = actor
-        stats = ray.get([a.stats.remote() for a in actors])
+        cpu = ray.get([a.cpu_seconds.remote() for a in actors])
         for a in actors:
             ray.kill(a)
         return {"workers": num_workers, "devices": devices, "gpus_per_worker": 1 if use_gpu else 0,
-                "cpus_per_worker": cpus_per_worker,
-                "worker_cpu_seconds": round(sum(s["cpu_seconds"] for s in stats), 3)}
+                "cpus_per_worker": cpus_per_worker, "worker_cpu_seconds": round(sum(cpu), 3)}
     finally:
         if started_here:
             ray.shutdown()
