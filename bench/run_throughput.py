@@ -170,6 +170,14 @@ def main():
         warm_best, warm_med = best["ray_warm"] / best["local_warm"], med["ray_warm"] / med["local_warm"]
         cold_best, cold_med = best["ray_cold"] / best["local_cold"], med["ray_cold"] / med["local_cold"]
         verdict = lambda r: "meets" if r >= 0.9 else "misses"  # noqa: E731
+        per_run = cpu   # median CPU seconds of a run
+        startup = (f"Start-up CPU (a run's median CPU seconds minus the warm local run's): spawned workers "
+                   f"{per_run['local_spawn'] - per_run['local_warm']:.1f} s a run "
+                   f"({(per_run['local_spawn'] - per_run['local_warm']) / args.cores:.1f} s per worker: each imports "
+                   f"torch, MONAI and medexplain), the fork server "
+                   f"{per_run['local_cold'] - per_run['local_warm']:.1f} s once per process; the run's own process "
+                   f"{float(np.median([x['session']['cpu_seconds'] for x in runs['local_warm']])):.2f} s a warm run "
+                   f"(it sleeps while the workers compute). ")
         busy = max(loads) > 0.5 * args.cores
         text = (f"# medexplain run: local backend vs Ray at equal cores\n\n"
                 f"Command: `.venv/bin/python bench/run_throughput.py --cases {n} --cores {args.cores} "
@@ -185,6 +193,7 @@ def main():
                 f"Goal (issue 26): the local backend >= 0.9x Ray's cases/s. Warm: {warm_best:.2f}x best, "
                 f"{warm_med:.2f}x median ({verdict(min(warm_best, warm_med))}); cold: {cold_best:.2f}x best, "
                 f"{cold_med:.2f}x median ({verdict(min(cold_best, cold_med))}). "
+                f"{startup}"
                 f"Ray cluster start on its own (before the warm rows): {t_cluster:.1f} s. "
                 f"In-process run (1 worker, the outputs' reference): {inproc['wall']:.1f} s. "
                 f"CPU seconds: this process plus the workers' whole processes (local: since the fork, and cold "

@@ -256,8 +256,8 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 
 def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
-    """The local backend's worker processes (spawned, each loading the model) write byte-identical maps to
-    one in-process worker, whatever the number of workers."""
+    """The local backend's worker processes (forked from the fork server, each loading the model) write
+    byte-identical maps to one in-process worker, whatever the number of workers."""
     csv = volumes(tmp_path, n=4)
     model = "test_run:tiny3d"     # with hooks (Grad-CAM's layer plan is probed once per process)
     one = run_manifest(csv, model, ["saliency", "gradcam", "integrated_gradients"], tmp_path / "one", options={"steps": 4},
