@@ -39,6 +39,21 @@ def tiny3d():
     return TinyClassifier(3, cin=1).eval()
 
 
+def tiny3d_if_marked():
+    """tiny3d, built only where MEDEXPLAIN_TEST_MARK is set (a worker must be given the run's environment)."""
+    if os.environ.get("MEDEXPLAIN_TEST_MARK") != "run":
+        raise RuntimeError("MEDEXPLAIN_TEST_MARK is not set in this process")
+    return tiny3d()
+
+
+def tiny3d_not_in_workers():
+    """tiny3d in the run's process; in a worker process, a factory that raises."""
+    import multiprocessing
+    if multiprocessing.parent_process() is not None:
+        raise RuntimeError("no model in worker processes")
+    return tiny3d()
+
+
 def scripted3d(tmp: Path) -> str:
     torch.manual_seed(0)
     torch.jit.save(torch.jit.script(TinyClassifier(3, cin=1).eval()), tmp / "model.pt")
@@ -270,6 +285,29 @@ def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
     if "forkserver" in multiprocessing.get_all_start_methods():   # forked from one fork server, not spawned
         assert sessions[1]["start_method"] == "forkserver"
     assert sessions[1]["worker_cpu_seconds"] > 0
+
+
+def test_local_workers_are_given_the_runs_environment(tmp_path, monkeypatch):
+    """A variable set after the workers' fork server started (credentials, CUDA_VISIBLE_DEVICES) reaches the
+    workers, as it reached spawned ones: the fork server's environment is the one from when it started."""
+    from medexplain.pipelines.run import backends
+    from medexplain.pipelines.run.worker import WorkerSpec
+
+    backends.prestart(WorkerSpec(model="test_run:tiny3d", methods=[], out=str(tmp_path)), 2, 2)
+    monkeypatch.setenv("MEDEXPLAIN_TEST_MARK", "run")
+    res = run_manifest(volumes(tmp_path, n=2), "test_run:tiny3d_if_marked", ["saliency"], tmp_path / "out",
+                       batch_size=1, num_workers=2)
+    assert [r["status"] for r in res.rows] == ["ok", "ok"]
+    assert json.loads(res.record.read_text())["sessions"][-1]["workers"] == 2
+
+
+def test_a_model_that_fails_in_the_workers_is_a_clear_error(tmp_path):
+    """Workers that cannot load the model say why (a pool whose initializer raises only reports a dead
+    worker)."""
+    with pytest.raises(mx.errors.MedexplainError, match="a local worker could not load the model: .*RuntimeError: "
+                                                        "no model in worker processes"):
+        run_manifest(volumes(tmp_path, n=2), "test_run:tiny3d_not_in_workers", ["saliency"], tmp_path / "out",
+                     batch_size=1, num_workers=2)
 
 
 def test_the_fork_server_preloads_what_every_worker_imports():

@@ -61,7 +61,7 @@ def local_workers(spec: WorkerSpec, num_workers: int | None, n_chunks: int) -> t
     return workers, max(1, n // workers)
 
 
-_PROCESSOR: CaseProcessor | None = None
+_PROCESSOR: CaseProcessor | BackendError | None = None   # this worker process's (or why it has none)
 
 
 def start_method() -> str:
@@ -130,12 +130,18 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="medexplain-run-watch", daemon=True).start()
 
 
-def _start_worker(spec: WorkerSpec) -> None:
+def _start_worker(spec: WorkerSpec, environ: dict) -> None:
     global _PROCESSOR
     import signal
     _die_with_parent()
+    if environ != os.environ:   # the run's environment now (credentials, CUDA_VISIBLE_DEVICES), as spawn gives it,
+        os.environ.clear()      # not the fork server's from when it started
+        os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles ^C and stops the pool
-    _PROCESSOR = CaseProcessor(spec)
+    try:
+        _PROCESSOR = CaseProcessor(spec)
+    except Exception as e:   # said by the first chunk (an initializer that raises only breaks the pool)
+        _PROCESSOR = BackendError(f"a local worker could not load the model: {_cause(e)}")
 
 
 def _cpu_seconds() -> float:
@@ -146,6 +152,8 @@ def _cpu_seconds() -> float:
 
 
 def _process(chunk: list) -> tuple[list, int, float]:
+    if isinstance(_PROCESSOR, BackendError):
+        raise _PROCESSOR
     return _PROCESSOR.process(chunk), os.getpid(), _cpu_seconds()
 
 
@@ -168,7 +176,8 @@ def run_processes(chunks: list, spec: WorkerSpec, workers: int, threads: int,
 
     wspec = WorkerSpec(**{**spec.__dict__, "threads": threads})
     ctx = _worker_context(wspec)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_start_worker, initargs=(wspec,))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_start_worker,
+                               initargs=(wspec, dict(os.environ)))
     cpu: dict[int, float] = {}
     try:
         queue, pending = list(chunks), set()
@@ -227,7 +236,7 @@ def run_ray(chunks: list, spec: WorkerSpec, num_workers: int | None = None, addr
         try:
             devices = ray.get([a.ping.remote() for a in actors])
         except Exception as e:
-            raise BackendError(f"Ray workers could not load the model: {_ray_cause(e)}") from e
+            raise BackendError(f"Ray workers could not load the model: {_cause(e)}") from e
         pending, queue = {}, list(chunks)
         for a in actors:
             if queue:
@@ -240,7 +249,7 @@ def run_ray(chunks: list, spec: WorkerSpec, num_workers: int | None = None, addr
                 recs = ray.get(ref)
             except Exception as e:
                 raise BackendError(f"a Ray worker failed; finished items are saved, rerun with --resume: "
-                                   f"{_ray_cause(e)}") from e
+                                   f"{_cause(e)}") from e
             if on_chunk:
                 on_chunk(recs)
             if queue:
@@ -255,7 +264,8 @@ def run_ray(chunks: list, spec: WorkerSpec, num_workers: int | None = None, addr
             ray.shutdown()
 
 
-def _ray_cause(e: Exception) -> str:
+def _cause(e: Exception) -> str:
+    """One line naming a worker's error (a Ray error's own cause)."""
     cause = getattr(e, "cause", None)
     e = cause if isinstance(cause, Exception) else e
     return " ".join(f"{type(e).__name__}: {e}".split())[:500]
