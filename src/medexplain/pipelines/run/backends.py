@@ -1,7 +1,7 @@
 """Backends execute chunks of cases with :class:`~medexplain.pipelines.run.worker.CaseProcessor`.
 
 - ``local`` (default): worker processes on this machine, one per core by default (``num_workers``), forked
-  from a fork server that has imported torch, MONAI, medexplain and the model's module once (started while
+  from a fork server that has imported torch, MONAI, medexplain and the model's loader once (started while
   the run checks its inputs), each loading the model once and running torch with its share of the cores as
   threads, taking chunks as it frees up, exiting when the run's process ends; one worker (or a model given
   as a module object, which cannot be sent to a process) runs in this process. A CUDA run defaults to one
