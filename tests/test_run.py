@@ -48,7 +48,6 @@ def tiny3d_if_marked():
 
 def tiny3d_not_in_workers():
     """tiny3d in the run's process; in a worker process, a factory that raises."""
-    import multiprocessing
     if multiprocessing.parent_process() is not None:
         raise RuntimeError("no model in worker processes")
     return tiny3d()
