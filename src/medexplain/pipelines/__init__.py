@@ -374,6 +374,11 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     explain with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put
     back on the image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go
     on; an error before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
+    ``target``: the target grammar (a class index, ``predicted``) with ``region``, or a callable
+    ``(state) -> ResolvedTarget`` called at the target stage (after the prediction and the plan, before the memory
+    plan): a command's own target, e.g. the lesion instances as a :class:`~medexplain.engine.targets.Regions` target
+    (``instances``) or a contrast-Shapley value target (``shapley``); it may complete options of ``per_method`` that
+    depend on the prediction (a layer) and empty ``state.run`` when there is nothing to explain.
     ``per_method``: each method's options (:func:`method_options`). ``memory``: the budget in GB of one model call
     (default half the memory available; :func:`medexplain.engine.options.plan_memory`: ``chunk_size`` is capped to fit,
     and a method that cannot fit one row refuses the case before any method runs)."""
@@ -388,7 +393,8 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     st.stage = "plan"
     st.run, st.skipped = plan_methods(methods, net, prep.out, layer, skip_unsupported)
     st.stage = "target"
-    st.resolved = resolve_case_target(prep, target, region, model=net, threshold=threshold)
+    st.resolved = (target(st) if callable(target) else   # a command's own target: lesion instances, a value target
+                   resolve_case_target(prep, target, region, model=net, threshold=threshold))
     st.info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images], "model": setup.name,
                "target": st.resolved.class_index, "target_info": st.resolved.info(),
                "output": output if output is None or isinstance(output, (int, str)) else repr(output),
