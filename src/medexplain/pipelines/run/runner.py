@@ -172,6 +172,9 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *,
     if backend == "ray" and (loaded is not None or not spec.sendable):
         raise OptionError("the ray backend loads the model in each worker: give it as a file or "
                           "package.module:factory, not as a module object")
+    if backend == "local" and spec.sendable and loaded is None:   # the fork server imports while this process checks
+        backends.prestart(WorkerSpec(model=spec, methods=methods, out=str(out)), num_workers,
+                          -(-len(cases) // batch_size))
     memory_budget(memory)  # a bad --memory is an OptionError now
     routed = method_options(methods, options, layer, seed)
     if backend == "ray":
