@@ -632,3 +632,23 @@ def test_kernelshap_and_lime_fill_each_model_call_across_the_samples():
             assert torch.equal(ours.map, alone) or rel_err(ours.map, alone) <= 1e-10, name
     finally:
         handle.remove()
+
+
+def test_surrogates_sample_once_per_sample_where_pooling_saves_no_model_call(monkeypatch):
+    """Pooling runs Captum's draws and surrogate fit twice per sample (record, replay): done only where it
+    makes fewer model calls. 3 samples x 16 rows in calls of 8: 6 calls either way, so each sample is drawn
+    and fitted once; in calls of 7 pooling makes 7 calls instead of 9, and each sample is drawn twice."""
+    import captum.attr as ca
+    model, x, t = make("cls", 2), image(2), [0, 2, 1]
+    runs = []
+    for name, cls in (("kernelshap", ca.KernelShap), ("lime", ca.Lime)):
+        original = cls.attribute
+
+        def counted(self, *a, _original=original, **k):
+            runs.append(1)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(cls, "attribute", counted)
+        for chunk, expected in ((8, 3), (7, 6)):
+            runs.clear()
+            mx.explain(model, x, name, target=t, n_features=16, n_samples=16, seed=3, chunk_size=chunk)
+            assert len(runs) == expected, (name, chunk)

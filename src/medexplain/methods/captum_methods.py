@@ -256,10 +256,13 @@ def captum_call(model, x, target, cost, make: Callable, call: Callable, rows_per
     LIME): the samples' perturbed rows are pooled across the batch into model calls of ``pool_rows`` rows
     (:class:`_PooledScore`): a first pass over the samples, each under its seeded RNG, records the rows
     Captum asks for; they go through the model ``pool_rows`` at a time, across samples; a second pass makes
-    the same seeded draws and reads the scores back. The maps are those of one sample at a time.
+    the same seeded draws and reads the scores back. The maps are those of one sample at a time. Pooled only
+    where it makes fewer model calls than one sample at a time (``rows_per_sample`` rows each, in calls of
+    ``pool_rows``): otherwise the second pass of Captum's draws and surrogate fit would be pure cost.
     """
     b = x.shape[0]
-    pooled = seed is not None and pool_rows is not None and b > 1
+    pooled = seed is not None and pool_rows is not None and b > 1 \
+        and -(-b * rows_per_sample // pool_rows) < b * -(-rows_per_sample // pool_rows)
     module = (_PooledScore if pooled else TargetScore)(model, target, b, cost, relevance_seed=relevance_seed)
     per = 1 if seed is not None else max(1, (chunk_size or rows_per_sample * b) // max(1, rows_per_sample))
 
@@ -539,7 +542,7 @@ def _surrogate(name, cls, model, x, target, cost, features, n_features, compactn
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
                                                        n_samples=int(n_samples), perturbations_per_eval=max(1, chunk_size or 1),
                                                        additional_forward_args=(idx,)),
-                    1, None, seed=seed, pool_rows=chunk_size or int(n_samples) * x.shape[0])
+                    int(n_samples), None, seed=seed, pool_rows=chunk_size or int(n_samples) * x.shape[0])
     return m[:, :1], {**_groups_info(groups, features), "n_samples": n_samples, "seed": seed,
                       "baseline": _baseline_text(baselines, x)}
 
