@@ -186,18 +186,21 @@ def library_guard(model: nn.Module, restore_values: bool = False):
     """
     mods = list(model.modules())
     attrs = [(m, dict(m.__dict__)) for m in mods]
-    hooks = [(m, {h: set(getattr(m, h).keys()) for h in _HOOK_DICTS if isinstance(getattr(m, h, None), dict)})
-             for m in mods]
+    # the keys of every hook dict (a module's hook dicts live in its __dict__); most are empty
+    hooks = [(m, {h: set(d) for h in _HOOK_DICTS if isinstance(d := m.__dict__.get(h), dict) and d}) for m in mods]
     tensors = [(t, t.data, t.detach().clone() if restore_values else None)
                for t in list(model.parameters()) + list(model.buffers())]
     try:
         yield model
     finally:
         for m, keys in hooks:
-            for h, before in keys.items():
-                d = getattr(m, h, None)
-                for k in [k for k in list(d or {}) if k not in before]:
-                    del d[k]
+            md = m.__dict__
+            for h in _HOOK_DICTS:
+                d = md.get(h)
+                if isinstance(d, dict) and d:
+                    before = keys.get(h, ())
+                    for k in [k for k in d if k not in before]:
+                        del d[k]
         missing = object()
         for m, saved in attrs:
             for k in [k for k in m.__dict__ if k not in saved]:

@@ -603,6 +603,7 @@ def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: f
                           "counted through both summands there, so the map is not conserved and can be orders of "
                           "magnitude too large.",
                           stacklevel=2)
-        m = captum_call(model, x, target, cost, _lrp_class(), call, 1, chunk_size, restore_values=True,
-                        relevance_seed=True)
+        # every rule (Captum's and ours) assigns new weight storage (``weight.data = ...``) rather than writing
+        # into it, and the guard puts the storage back: no copy of the weights' values is needed
+        m = captum_call(model, x, target, cost, _lrp_class(), call, 1, chunk_size, relevance_seed=True)
     return m, {"composite": composite, "canonized_blocks": len(blocks), "uncanonized_additions": n_add}
