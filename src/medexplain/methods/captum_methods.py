@@ -40,7 +40,7 @@ from torch import nn
 from medexplain.engine.core import capture_layers, check_baseline, chunks, forward, n_passes, unwrap
 from medexplain.engine.ops import noise_sum
 from medexplain.engine.registry import get_method, register
-from medexplain.engine.targets import Target
+from medexplain.engine.targets import Class, Target
 from medexplain.errors import InputError, MedexplainError, UnsupportedModelError
 
 __all__ = ["TargetScore", "RowTarget", "library_guard", "feature_groups", "captum_call", "noise_tunnel_maps"]
@@ -80,7 +80,9 @@ class TargetScore(nn.Module):
         out = forward(self.model, x, self.cost)
         idx = idx.to(device=out.device, dtype=torch.long)
         s = self.target.scores(out, idx, self.batch)
-        if self.relevance_seed:
+        # one class logit per row (a Class target on class scores) is its own relevance seed: the seeding
+        # would only divide it by itself (exactly 1 but for the 1e-12 stabiliser)
+        if self.relevance_seed and not (type(self.target) is Class and out.ndim == 2):
             s = _relevance_seeded(out, s, self.target, idx, self.batch)
         if s.requires_grad:
             cost, n = self.cost, x.shape[0] * n_passes(self.model)
