@@ -670,6 +670,16 @@ class TwoBranch(nn.Module):
         return self.head(torch.cat([self.a(h), self.b(h)], 1))
 
 
+class DeadHead(TwoBranch):
+    """A fork whose second branch is computed and dropped (a deep-supervision head in eval): the score never
+    reads ``b``'s output, but ``b`` reads ``h``, so ``a`` must not share ``h`` with it."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        self.b(h)
+        return self.head(torch.cat([self.a(h), torch.zeros(h.shape[0], 3, *h.shape[2:], dtype=h.dtype)], 1))
+
+
 def test_lrp_copies_a_layers_input_only_where_the_tensor_has_several_consumers(monkeypatch):
     """Captum's rules replace a tensor's gradient in a hook on the tensor (registered once per tensor): the
     relevance of one consumer only. The probe finds the layers whose input has several consumers in the
@@ -680,7 +690,9 @@ def test_lrp_copies_a_layers_input_only_where_the_tensor_has_several_consumers(m
     from medexplain.methods import lrp as lrp_module
     torch.manual_seed(0)
     fork, chain = TwoBranch().double().eval(), BiasFree3D().double().eval()
-    for model, x, copied in ((fork, image(2, b=2), {"a", "b"}), (chain, image(3, b=2), set())):
+    dead = DeadHead().double().eval()
+    for model, x, copied in ((fork, image(2, b=2), {"a", "b"}), (chain, image(3, b=2), set()),
+                             (dead, image(2, b=2), {"a", "b"})):
         with model_guard(model):
             names = {m: n for n, m in model.named_modules()}
             leaves = lrp_module._leaf_layers(model)

@@ -360,12 +360,13 @@ def _structure(model: nn.Module, x: torch.Tensor) -> tuple:
                   for m, f in zip(mods, (m.__dict__.get("forward") for m in mods))))
 
 
-def _autograd_consumers(root: torch.Tensor) -> dict:
-    """``{(node, output_nr): n}``: how many edges of the backward graph reachable from ``root`` read each output
-    of each node (a leaf that requires grad is read through its ``AccumulateGrad`` node): the number of
+def _autograd_consumers(roots) -> dict:
+    """``{(node, output_nr): n}``: how many edges of the backward graph reachable from any of ``roots`` read each
+    output of each node (a leaf that requires grad is read through its ``AccumulateGrad`` node): the number of
     consumers whose gradient is summed into that tensor's."""
     counts: dict = {}
-    seen, stack = set(), [root.grad_fn] if root.grad_fn is not None else []
+    stack = list({t.grad_fn for t in roots if t.grad_fn is not None})
+    seen = set(stack)
     while stack:
         fn = stack.pop()
         for nxt, nr in fn.next_functions:
@@ -423,14 +424,17 @@ def _probe(model: nn.Module, x: torch.Tensor, cost) -> tuple[int, frozenset]:
             seen[i].append([(a, a.grad_fn, a.output_nr) for a in args if isinstance(a, torch.Tensor)])
         return hook
 
+    outputs: list = []   # every layer's output is a root too: a layer whose output the score never reads (a deep
+    # supervision head in eval) still reads its input, and Captum's hook on that input would be its own
     handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(leaves)]
+    handles += [m.register_forward_hook(lambda _m, _a, o: outputs.append(o)) for m in leaves]
     try:
         with torch.enable_grad(), Count():
             out = forward(model, x1.detach().clone().requires_grad_(True), cost)
     finally:
         for h in handles:
             h.remove()
-    counts = _autograd_consumers(out) if isinstance(out, torch.Tensor) else {}
+    counts = _autograd_consumers([t for t in [out, *outputs] if isinstance(t, torch.Tensor)])
     accumulate = {id(n.variable): n for n, _ in counts if hasattr(n, "variable")}   # leaves' AccumulateGrad nodes
 
     def consumers(a, node, nr):
