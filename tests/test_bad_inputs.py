@@ -451,8 +451,8 @@ def _api_cases(d):
                                 errors.OptionError, ">= 1"),
         "instances chunk_size": (lambda o: explain_lesion_instances(d / "v.nii.gz", seg3d(), o, chunk_size=0),
                                  errors.OptionError, "chunk_size must be >= 1"),
-        "shapley activation": (lambda o: contrast_shapley(d / "two.nii.gz", [seg3d()], o, activation="soft"),
-                               errors.TargetError, "must be one of"),
+        "shapley activation": (lambda o: contrast_shapley(d / "two.nii.gz", [mx.ModelSpec(seg3d(), activation="soft")],
+                                                          o), errors.InputError, "must be one of"),
         "run options": (lambda o: run_manifest(d / "ok.csv", CLS, ["smoothgrad"], o, options={"n_samples": 0}),
                         errors.OptionError, ">= 1"),
     }
@@ -650,14 +650,13 @@ def test_instances_and_shapley_print_the_estimate_up_front(f27, monkeypatch):
     """Issue 27: `instances --n-samples 1e8` printed nothing for minutes while explain estimated "~281 h" up
     front. instances and shapley now give the same estimate (rows, time, memory of one call) before the
     saliency runs, and progress with a total."""
-    import medexplain.segmentation as seg
+    import medexplain.pipelines as pipelines
     from medexplain.pipelines import contrast_shapley
 
-    @__import__("functools").wraps(seg.explain_instances)   # same signature: same options, same plan
-    def stop(*a, **k):
+    def stop(*a, **k):   # the explain stage of the one case pipeline calls mx.explain after the estimate
         raise errors.InputError("stopped by the test after the estimate")
 
-    monkeypatch.setattr(seg, "explain_instances", stop)
+    monkeypatch.setattr(pipelines, "explain", stop)
     res = CliRunner().invoke(app, ["instances", str(f27 / "v.nii.gz"), "--model", SEG, "--region",
                                    str(f27 / "labels.nii.gz"), "--n-samples", "100000000", "--out", str(f27 / "o_est")])
     text = " ".join(res.output.split())
@@ -668,6 +667,7 @@ def test_instances_and_shapley_print_the_estimate_up_front(f27, monkeypatch):
     vol(f27 / "two.nii.gz", np.random.default_rng(1).random((S, S, S, 2), dtype=np.float32))
     from conftest import TinySegmenter
     two = [TinySegmenter(3, cin=2, k=2).eval() for _ in range(2)]
+    monkeypatch.undo()
     contrast_shapley(f27 / "two.nii.gz", two, f27 / "o_shap", on_estimate=ests.append,
                      on_progress=lambda *a: progress.append(a))
     assert [(e.method, e.n_forward, e.n_backward) for e in ests] == [("model 1/2", 4, 0), ("model 2/2", 4, 0)]

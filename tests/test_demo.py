@@ -117,7 +117,9 @@ def test_the_estimate_extrapolates_the_per_row_time_measured_after_the_first_cal
     assert len(said) == 1 and bar.updates["kernelshap"] == (30, 50)
 
 
-def test_slow_methods_report_progress_over_all_their_rows(monkeypatch):
+def test_slow_methods_report_progress_over_all_their_rows(tmp_path, monkeypatch):
+    """Each method's bar counts its rows over every case the one case pipeline explains, against the total its
+    cost model expects for the whole set."""
     from medexplain.engine.options import estimate_passes
     from medexplain.engine.registry import get_method
     from medexplain.pipelines import demo
@@ -125,12 +127,13 @@ def test_slow_methods_report_progress_over_all_their_rows(monkeypatch):
     net = zoo.classifier_2d(1, 2, widths=(4, 4, 4, 4)).eval()
     x, masks = torch.rand(2, 1, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
     masks[:, 10:14, 10:14] = True
+    cases = demo.write_cases(tmp_path, x, masks)
     bar = FakeBar()
     monkeypatch.setattr(demo, "_progress_bar", lambda progress: __import__("contextlib").nullcontext(bar))
     small = {"kernelshap": {"n_samples": 12}, "lime": {"n_samples": 12}, "medcam": {"steps": 3}}
     declared = demo.method_options           # each method's declared preview, with fewer samples / steps here
     monkeypatch.setattr(demo, "method_options", lambda name, model, px: {**declared(name, model, px), **small[name]})
-    res = demo.score_methods(net, x, masks, ["kernelshap", "lime", "medcam"], progress=True)
+    res = demo.score_methods(net, cases, masks, ["kernelshap", "lime", "medcam"], progress=True)
     for row in res.rows:
         name = row["method"]
         total = estimate_passes(name, get_method(name).fn, x.shape, demo.method_options(name, net, 32))[0]
@@ -153,24 +156,30 @@ def test_progress_is_quiet_when_stderr_is_not_a_terminal_unless_asked():
         assert bar is None
 
 
-def test_the_demo_explains_through_the_case_pipelines_explain_stage(monkeypatch):
-    """Each method of the demo runs through ``pipelines.explain_method``, the stage ``explain`` and ``run`` use
-    for each method of a case (a CAM twice: aligned and bilinear), and its map is that stage's map."""
+def test_the_demo_explains_each_case_through_the_one_case_pipeline(tmp_path, monkeypatch):
+    """Each test image of the demo is a case file explained by ``pipelines.explain_case`` (the pipeline of
+    ``explain`` and ``run``), each method through its explain stage ``pipelines.explain_method`` (a CAM twice:
+    aligned and bilinear), seeded as ``run`` seeds its cases; the maps are that stage's, written beside the cases."""
     from medexplain import pipelines
     from medexplain.pipelines import demo
     torch.manual_seed(0)
     net = zoo.classifier_2d(1, 2, widths=(4, 4, 4, 4)).eval()
     x, masks = torch.rand(2, 1, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
     masks[:, 10:14, 10:14] = True
+    cases = demo.write_cases(tmp_path, x, masks)
     calls, stage = [], pipelines.explain_method
 
     def spy(net_, x_, method, target, options, **kw):
-        calls.append((method, options.get("upsample")))
+        calls.append((method, tuple(x_.shape), options.get("upsample"), kw.get("seed")))
         return stage(net_, x_, method, target, options, **kw)
 
-    monkeypatch.setattr(demo, "explain_method", spy)
-    res = demo.score_methods(net, x, masks, ["saliency", "gradcam"])
-    assert calls == [("saliency", None), ("gradcam", None), ("gradcam", "bilinear")]
-    want, _ = stage(net, x, "saliency", 1, {})
-    assert torch.equal(res.maps["saliency"], want.map)
-    assert res.rows[0]["rows"] == 2          # saliency: one forward of the 2 images, counted by the stage
+    monkeypatch.setattr(pipelines, "explain_method", spy)
+    res = demo.score_methods(net, cases, masks, ["saliency", "gradcam"], seed=3)
+    one = (1, 1, 32, 32)
+    assert calls == [("saliency", one, None, 3)] * 2 + [("gradcam", one, None, 3)] * 2 + [("gradcam", one, "bilinear", 3)] * 2
+    for i in range(2):
+        want, _ = stage(net, x[i:i + 1], "saliency", 1, {})
+        assert torch.equal(res.maps["saliency"][i], want.map[0])
+        written = torch.from_numpy(nib.load(str(tmp_path / f"case{i}_saliency.nii.gz")).get_fdata()).float()
+        assert torch.equal(written[..., 0], want.map[0, 0])
+    assert res.rows[0]["rows"] == 2          # saliency: one forward per case, counted by the stage over the cases

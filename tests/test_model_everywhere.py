@@ -75,8 +75,8 @@ def test_instances_use_the_model_as_given_in_mixed_modes_and_keep_eval_never(tmp
         for m, t in zip(net.modules(), state[0]):
             m.train(t)
         assert (own - switched).abs().max() > 1e-2, name   # the policy matters for this network
-        res = explain_lesion_instances(tmp_path / "v.nii.gz", net, tmp_path / name, region=tmp_path / "mask.nii.gz",
-                                       channel=1, n_samples=2, seed=3, eval=eval_)
+        res = explain_lesion_instances(tmp_path / "v.nii.gz", mx.ModelSpec(net, eval=eval_), tmp_path / name,
+                                       region=tmp_path / "mask.nii.gz", channel=1, n_samples=2, seed=3)
         prob = torch.from_numpy(nib.load(str(tmp_path / name / "probability.nii.gz")).get_fdata()).float()
         assert torch.allclose(prob, own, atol=1e-5), name
         saliency = torch.from_numpy(nib.load(str(res.files[2])).get_fdata()).float()   # instance_001_*.nii.gz
@@ -96,7 +96,7 @@ def test_shapley_keeps_the_models_eval_policy(tmp_path):
     np.save(tmp_path / "c.npy", img.numpy())
     net = _net()                                        # entirely in training mode
     state = _state(net)
-    res = contrast_shapley(tmp_path / "c.npy", [net], tmp_path / "out", eval="never")
+    res = contrast_shapley(tmp_path / "c.npy", [mx.Model(net, eval="never")], tmp_path / "out")
     value = mean_foreground_probability(1, "softmax")
     never = channel_shapley(mx.Model(net, eval="never"), img[None], value)
     auto = channel_shapley(net, img[None], value)       # auto: switched to eval

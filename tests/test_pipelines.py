@@ -95,3 +95,43 @@ def test_lesion_instances_without_a_lesion_writes_the_probability_only(tmp_path)
     assert np.allclose(prob, torch.softmax(torch.tensor([5.0, -5.0]), 0)[1].item(), atol=1e-6)
     with pytest.raises(Exception, match="channel 3"):
         explain_lesion_instances(tmp_path / "v.nii.gz", Background(), tmp_path / "o2", channel=3)
+
+
+def test_instances_and_shapley_are_the_one_case_pipeline(tmp_path, monkeypatch):
+    """``instances`` runs ``pipelines.explain_case`` once, its target the lesion instances found by a hook on the
+    prediction (a ``Regions`` target); ``shapley`` runs it once per fold model with its value target. Their maps
+    and values are those of the instance and contrast-Shapley APIs on the same model and image."""
+    from medexplain import pipelines
+    from medexplain import segmentation as seg
+    from medexplain.engine.targets import Regions
+    from medexplain.pipelines import CaseState, explain_case
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(3, 6, 6, 6, generator=g)
+    np.save(tmp_path / "case.npy", img.numpy())
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[1:3, 1:3, 1:3], mask[4:6, 3:6, 4:6] = 1, 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / "mask.nii.gz"))
+    calls = []
+
+    def case(model, images, methods, writer, **kw):
+        st = explain_case(model, images, methods, writer, state=CaseState(list(images)), **kw)
+        calls.append((type(writer).__name__, callable(kw["target"]), type(st.resolved.target).__name__))
+        return st
+
+    monkeypatch.setattr(pipelines, "explain_case", case)
+    net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 1)).eval()
+    res = explain_lesion_instances(tmp_path / "case.npy", net, tmp_path / "inst", region=tmp_path / "mask.nii.gz",
+                                   n_samples=3)
+    assert calls == [("InstanceWriter", True, Regions.__name__)] and len(res.instances) == 2
+    api = seg.explain_instances(net, img[None], res.instances, channel=res.info["class"], n_samples=3)
+    for k, inst in enumerate(res.instances, start=1):
+        written = nib.load(str(tmp_path / "inst" / f"instance_{k:03d}_{inst.kind or 'pred'}.nii.gz")).get_fdata()
+        assert np.allclose(np.moveaxis(written, -1, 0), api.map[k - 1].numpy(), atol=1e-7)
+    calls.clear()
+    models = [_unet(0).float(), _unet(1).float()]
+    sh = contrast_shapley(tmp_path / "case.npy", models, tmp_path / "shap")
+    assert [c[:2] for c in calls] == [("ShapleyWriter", True)] * 2
+    for m, r in zip(models, sh.results):
+        direct = channel_shapley(m, img[None], shapley_value_function("probability:1", activation="softmax"))
+        torch.testing.assert_close(r.values, direct.values, rtol=0, atol=1e-12)

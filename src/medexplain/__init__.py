@@ -11,13 +11,13 @@ from medexplain import errors
 
 __version__ = "0.1.0"
 
-__all__ = ["Attribution", "Model", "available_methods", "errors", "explain", "load_model", "normalize", "register",
+__all__ = ["Attribution", "Model", "ModelSpec", "available_methods", "errors", "explain", "load_model", "normalize", "register",
            "targets"]
 
 #: Public names and the module that defines each (loaded on first use).
 _NAMES = {"Attribution": "engine.attribution", "available_methods": "engine.explain", "explain": "engine.explain",
           "normalize": "engine.ops", "register": "engine.registry", "channel_shapley": "segmentation.shapley",
-          "Model": "models.model", "load_model": "models.model"}
+          "Model": "models.model", "ModelSpec": "models.spec", "load_model": "models.model"}
 #: Packages and modules reachable as attributes (``mx.metrics``, ``mx.targets``), loaded on first use: the
 #: layers (docs/design.md, "The layers") and the engine's modules by their short names.
 _MODULES = {name: name for name in ("engine", "models", "methods", "metrics", "segmentation", "io", "pipelines",

@@ -15,7 +15,7 @@ import warnings
 import typer
 from rich.console import Console
 
-from medexplain.cli.params import split_list  # noqa: F401  (re-exported for the commands)
+from medexplain.cli.params import parse_output, split_list  # noqa: F401  (re-exported for the commands)
 from medexplain.errors import MedexplainError
 
 #: Messages and progress go to stderr; tables and listings to stdout.
@@ -73,16 +73,6 @@ def parse_options(opts: list[str]) -> dict:
     from medexplain.engine.options import parse_pairs
 
     return parse_pairs(opts)
-
-
-def parse_output(value: str | None):
-    """``--output``: a tuple index (``0``, ``-1``) or a dict key; ``None`` for the default."""
-    if value is None or not value.strip():
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return value.strip()
 
 
 class _PassProgress:

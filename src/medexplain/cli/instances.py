@@ -22,7 +22,7 @@ from typing import List, Literal, Optional
 import typer
 
 from medexplain.cli import app
-from medexplain.cli._common import cli_errors, console, parse_output, pass_progress, split_list
+from medexplain.cli._common import cli_errors, console, pass_progress, split_list
 from medexplain.cli._dicom import output_kwargs
 from medexplain.cli.params import FORMAT_OUTPUT, MODEL_INPUT, Flags, declared_methods, takes
 
@@ -68,16 +68,15 @@ def instances_cmd(
                                  param_hint="--method")
     with cli_errors(), pass_progress() as bar:
         chunk = {} if flags.chunk_size is None else {"chunk_size": flags.chunk_size}
-        res = explain_lesion_instances(list(image), flags.models("model"), flags.out, weights=flags.models("weights"),
-                                       threshold=threshold, method=methods[0], aggregate=aggregate,
-                                       channel=parse_target(flags.target), n_samples=n_samples, sigma=sigma,
-                                       seed=flags.seed, min_size=min_size, connectivity=connectivity,
-                                       reference=reference, reference_threshold=reference_threshold, rings=rings,
-                                       context=context, layer=flags.layer, upsample=upsample,
-                                       channel_names=split_list(flags.contrasts) or None, activation=flags.activation,
-                                       output=parse_output(flags.output), region=flags.region,
-                                       on_progress=bar.update, on_estimate=bar.estimate, **chunk, **output_kwargs(flags),
-                                       **flags.model_inputs())
+        res = explain_lesion_instances(list(image), flags.model_spec(), flags.out, threshold=threshold,
+                                       method=methods[0], aggregate=aggregate, channel=parse_target(flags.target),
+                                       n_samples=n_samples, sigma=sigma, seed=flags.seed, min_size=min_size,
+                                       connectivity=connectivity, reference=reference,
+                                       reference_threshold=reference_threshold, rings=rings, context=context,
+                                       layer=flags.layer, upsample=upsample,
+                                       channel_names=split_list(flags.contrasts) or None, region=flags.region,
+                                       memory=flags.memory, on_progress=bar.update, on_estimate=bar.estimate,
+                                       **chunk, **output_kwargs(flags))
     out = flags.out
     i = res.info
     console.print(f"class {i['class']} ({i['how']}); probability read with activation {i['activation']} "

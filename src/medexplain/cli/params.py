@@ -353,21 +353,52 @@ class Flags(dict):
         return {"configuration": self["configuration"], "folds": split_list(self["folds"]),
                 "use_mirroring": self["mirroring"], "trusted": self["trust_checkpoint"]}
 
-    def model_inputs(self) -> dict:
-        """The pipelines' keyword arguments of the model-input flags: preprocessing, inferer, nnU-Net, device."""
+    def model_spec(self):
+        """The :class:`medexplain.models.spec.ModelSpec` of the model flags this command takes (``--model``,
+        ``--weights``, ``--bundle``, ``--nnunet`` and its options, ``--output``, ``--activation``, the preprocessing
+        and sliding-window flags, ``--flip-axes``, ``--device``, ``--eval``, ``--amp``), checked
+        (:meth:`~medexplain.models.spec.ModelSpec.check`: contradicting sources are an ``OptionError`` before
+        anything loads). Imports no torch."""
+        from medexplain.models.spec import ModelSpec
+
+        nnunet = self.get("nnunet")
+        return ModelSpec(source=self.models("model"), weights=self.models("weights"), bundle=self.get("bundle"),
+                         nnunet=nnunet, nnunet_options=self.nnunet_options() if nnunet is not None else None,
+                         output=parse_output(self.get("output")), activation=self.get("activation") or "auto",
+                         preprocessing=self.preprocessing() if "spacing" in self else None,
+                         inferer=self.inferer() if "roi_size" in self else None, flip_axes=self.flips(),
+                         device=self.get("device"), eval=self.get("eval") or "auto",
+                         amp=bool(self.get("amp", False))).check()
+
+    def flips(self) -> list[int] | None:
+        """``--flip-axes`` as axis numbers (None when not given)."""
         try:
-            flips = [int(a) for a in split_list(self["flip_axes"])] or None
+            return [int(a) for a in split_list(self.get("flip_axes"))] or None
         except ValueError:
             raise typer.BadParameter(f"must be axis numbers separated by commas, got {self['flip_axes']!r}",
                                      param_hint="--flip-axes") from None
+
+    def model_inputs(self) -> dict:
+        """The pipelines' keyword arguments of the model-input flags: preprocessing, inferer, nnU-Net, device."""
+        flips = self.flips()
         return {"preprocessing": self.preprocessing() or None, "inferer": self.inferer(), "nnunet": self["nnunet"],
                 "nnunet_options": self.nnunet_options(), "device": self["device"], "flip_axes": flips,
                 "eval": self["eval"], "memory": self["memory"]}
 
     def models(self, name: str = "model"):
         """``--model`` (or ``--weights``) as the library takes it: None, one value, or a list (an ensemble)."""
-        values = list(self[name] or [])
+        values = list(self.get(name) or [])
         return None if not values else values[0] if len(values) == 1 else values
+
+
+def parse_output(value: str | None):
+    """``--output``: a tuple index (``0``, ``-1``) or a dict key; ``None`` for the default."""
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return str(value).strip()
 
 
 def split_list(value: str | None) -> list[str]:

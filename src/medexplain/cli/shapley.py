@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import typer
 
 from medexplain.cli import app
-from medexplain.cli._common import cli_errors, console, parse_output, pass_progress, split_list
+from medexplain.cli._common import cli_errors, console, pass_progress, split_list
 from medexplain.cli.params import MODEL_INPUT, Flags, takes
 
 #: medexplain.pipelines.SHAPLEY_VALUE_HELP (a test checks they agree).
@@ -60,13 +60,12 @@ def shapley_cmd(
     out = flags.out
     with cli_errors(), pass_progress() as bar:
         chunk = {} if flags.chunk_size is None else {"chunk_size": flags.chunk_size}
-        res = contrast_shapley(list(image), list(flags.model), out, weights=list(flags.weights),
-                               contrasts=split_list(flags.contrasts) or None, reference_ranking=reference_ranking,
-                               value=value, seg=seg, class_labels=split_list(class_labels) or None,
-                               activation=flags.activation, channel=channel, baseline=baseline, method=sampling,
-                               n_permutations=n_permutations, seed=flags.seed, target=flags.target,
-                               region=flags.region, output=parse_output(flags.output), on_model=progress,
-                               on_progress=bar.update, on_estimate=bar.estimate, **chunk, **flags.model_inputs())
+        res = contrast_shapley(list(image), flags.model_spec(), out, contrasts=split_list(flags.contrasts) or None,
+                               reference_ranking=reference_ranking, value=value, seg=seg,
+                               class_labels=split_list(class_labels) or None, channel=channel, baseline=baseline,
+                               method=sampling, n_permutations=n_permutations, seed=flags.seed, target=flags.target,
+                               region=flags.region, memory=flags.memory, on_model=progress, on_progress=bar.update,
+                               on_estimate=bar.estimate, **chunk)
     table = Table(title=f"contrast Shapley values ({value or 'probability:1'})")
     table.add_column("contrast")
     for m in range(len(res.results)):

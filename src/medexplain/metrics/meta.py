@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from medexplain.engine.targets import Class, MultiLabel, Region, Target, as_target
 from medexplain.errors import TargetError
 
-__all__ = ["MetricInfo", "METRICS", "available_metrics", "metric_info", "explanation_options"]
+__all__ = ["MetricInfo", "METRICS", "available_metrics", "metric_info", "explanation_options", "reexplaining"]
 
 TARGET_KINDS = ("Class", "MultiLabel", "Region")
 
@@ -85,3 +85,17 @@ def explanation_options(method_options: dict | None, options: dict) -> dict:
     names the metric takes itself, such as ``n_samples``), then the other keyword arguments. The model is
     an ``mx.Model`` (its sliding window, passes and output adapter go with it into every explanation)."""
     return {**(method_options or {}), **options}
+
+
+def reexplaining(metric, model, x, target, method_options: dict | None, options: dict) -> tuple:
+    """The prologue of a metric that re-explains with a registered ``method`` (``MetricInfo.needs == "method"``):
+    ``(target, options, model, x)``, the target checked against the kinds ``metric`` applies to
+    (:meth:`MetricInfo.check`), the options of every explanation (:func:`explanation_options`), the model object
+    (:func:`medexplain.models.model.as_model`) and the checked input (:func:`medexplain.engine.core.check_input`).
+    What each such metric takes: ``method_options``, options of ``method`` as a dict, for names the metric takes
+    itself (``n_samples``, ``seed``, ``chunk_size``), other keyword arguments going to the method too; ``model``, an
+    ``mx.Model`` or an ``nn.Module`` (wrapped in one)."""
+    from medexplain.engine.core import check_input
+    from medexplain.models.model import as_model
+
+    return metric.info.check(target), explanation_options(method_options, options), as_model(model), check_input(x)

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from medexplain.engine.core import check_input, model_guard
+from medexplain.engine.core import model_guard
 from medexplain.engine.ops import noise_sum
 from medexplain.engine.targets import Class, Region
 from medexplain.errors import InputError, TargetError
-from medexplain.metrics.meta import MetricInfo, explanation_options, register_metric
+from medexplain.metrics.meta import MetricInfo, reexplaining, register_metric
 from medexplain.models.model import as_model
 
 __all__ = ["smooth_mprt", "efficient_mprt", "random_logit", "MPRTResult", "EfficientMPRTResult", "spearman",
@@ -134,13 +134,8 @@ def smooth_mprt(model, x: torch.Tensor, method: str, target, n_samples: int = 50
     (absolute) maps, flattened over channels and voxels. ``cascade=False`` scores only the fully randomised
     model (Quantus's ``skip_layers``). The noise draws (``noise_seed``) are the same for every model, so
     ``original`` is exactly 1; Quantus draws fresh noise per explanation.
-    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
-    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`)."""
-    tgt = smooth_mprt.info.check(target)
-    options = explanation_options(method_options, options)
-    model = as_model(model)
-    x = check_input(x)
+    ``method_options``, ``model``: as every metric that re-explains (:func:`medexplain.metrics.meta.reexplaining`)."""
+    tgt, options, model, x = reexplaining(smooth_mprt, model, x, target, method_options, options)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
 
@@ -192,13 +187,8 @@ def efficient_mprt(model, x: torch.Tensor, method: str, target, n_bins: int = 10
     """EfficientMPRT: compare the complexity (discrete entropy of a ``n_bins`` histogram of the map values)
     of the explanation before and after randomising every layer, in one extra explanation instead of one
     per layer. ``absolute``: histogram of ``|map|`` (Quantus's default: signed).
-    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
-    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`)."""
-    tgt = efficient_mprt.info.check(target)
-    options = explanation_options(method_options, options)
-    model = as_model(model)
-    x = check_input(x)
+    ``method_options``, ``model``: as every metric that re-explains (:func:`medexplain.metrics.meta.reexplaining`)."""
+    tgt, options, model, x = reexplaining(efficient_mprt, model, x, target, method_options, options)
     if n_bins < 1:
         raise InputError(f"n_bins must be >= 1, got {n_bins}")
     a = _maps(model, x, method, tgt, options)
@@ -248,13 +238,8 @@ def random_logit(model, x: torch.Tensor, method: str, target, num_classes: int |
     (Quantus normalises by the max over the whole batch, which makes one sample's score depend on the
     others). ``flatten=True`` computes SSIM on the flattened maps as Quantus does; the default treats each
     map as an image (2D or 3D).
-    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
-    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`)."""
-    tgt = random_logit.info.check(target)
-    options = explanation_options(method_options, options)
-    model = as_model(model)
-    x = check_input(x)
+    ``method_options``, ``model``: as every metric that re-explains (:func:`medexplain.metrics.meta.reexplaining`)."""
+    tgt, options, model, x = reexplaining(random_logit, model, x, target, method_options, options)
     b = x.shape[0]
     with model_guard(model), torch.no_grad():
         from medexplain.engine.core import forward

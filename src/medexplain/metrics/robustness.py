@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from medexplain.engine.core import check_input
 from medexplain.errors import InputError
-from medexplain.metrics.meta import MetricInfo, explanation_options, register_metric
-from medexplain.models.model import as_model
+from medexplain.metrics.meta import MetricInfo, reexplaining, register_metric
 
 __all__ = ["max_sensitivity", "sensitivity_draws"]
 
@@ -36,17 +34,13 @@ def max_sensitivity(model, x: torch.Tensor, method: str, target, n_samples: int 
     Quantus's default radius 0.2), ``Phi`` the maps of ``method`` (raw, with ``options``). Computed by Captum's
     ``sensitivity_max``; ``chunk_size`` bounds the perturbed images explained in one call (Captum's
     ``max_examples_per_batch``). A zero map has denominator 1 (Captum's convention). Lower is better.
-    ``method_options``: options of ``method`` as a dict, for names this metric takes itself (``n_samples``,
-    ``seed``, ``chunk_size``); other keyword arguments go to the method too. ``model``: an ``mx.Model`` or an
-    ``nn.Module`` (wrapped in one, :func:`medexplain.models.model.as_model`), explained as it is."""
+    ``method_options``, ``model`` (explained as it is): as every metric that re-explains
+    (:func:`medexplain.metrics.meta.reexplaining`)."""
     from captum.metrics import sensitivity_max
 
     from medexplain.engine.explain import explain
     from medexplain.methods.captum_methods import RowTarget
-    tgt = max_sensitivity.info.check(target)
-    options = explanation_options(method_options, options)
-    model = as_model(model)
-    x = check_input(x)
+    tgt, options, model, x = reexplaining(max_sensitivity, model, x, target, method_options, options)
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
     b = x.shape[0]

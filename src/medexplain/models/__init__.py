@@ -7,13 +7,13 @@ _LAZY = {"PatchNet": ("patchnet", "PatchNet"), "load_model": ("loading", "load_m
          "load_trained": ("trained", "load_trained"), "build_model": ("trained", "build_model"),
          "load_bundle": ("bundle", "load_bundle"), "Bundle": ("bundle", "Bundle"),
          "load_nnunet": ("nnunet", "load_nnunet"), "NnUNetModel": ("nnunet", "NnUNetModel"),
-         "Model": ("model", "Model")}
+         "Model": ("model", "Model"), "ModelSpec": ("spec", "ModelSpec")}
 
 
 def __getattr__(name):
     if name in _LAZY:
         mod, attr = _LAZY[name]
         return getattr(_importlib.import_module(f"{__name__}.{mod}"), attr)
-    if name in ("zoo", "patchnet", "loading", "trained", "bundle", "nnunet", "model"):
+    if name in ("zoo", "patchnet", "loading", "trained", "bundle", "nnunet", "model", "spec"):
         return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

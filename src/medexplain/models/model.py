@@ -89,7 +89,8 @@ class Model(OutputAdapter):
 
     def __init__(self, network, *, output=None, activation: str = "auto", preprocessing=None, inferer=None,
                  flip_axes=None, device=None, dtype=None, eval: str = "auto", probabilities: bool = False,
-                 aligned_calls: bool = False, amp: bool = False, source: dict | None = None):
+                 aligned_calls: bool = False, amp: bool = False, source: dict | None = None, name: str | None = None,
+                 origin=None):
         if isinstance(network, Model):
             raise UnsupportedModelError("network is already a medexplain Model; change its settings with "
                                         "model.replace(...)")
@@ -117,9 +118,12 @@ class Model(OutputAdapter):
         self.eval_policy, self.probabilities, self.aligned_calls = eval, bool(probabilities), bool(aligned_calls)
         self._dtype_given = dt
         self.source = dict(source or {})
+        self.name = name or "+".join(dict.fromkeys(type(n).__name__ for n in nets))
+        self.origin = origin
         self._settings = dict(output=output, activation=activation, preprocessing=preprocessing, inferer=inferer,
                               flip_axes=flip_axes, eval=eval, probabilities=probabilities,
-                              aligned_calls=aligned_calls, amp=bool(amp), source=self.source)
+                              aligned_calls=aligned_calls, amp=bool(amp), source=self.source, name=self.name,
+                              origin=origin)
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -159,6 +163,25 @@ class Model(OutputAdapter):
     def dtype(self) -> torch.dtype | None:
         p = next((p for p in self.passes.parameters() if torch.is_floating_point(p)), None)
         return p.dtype if p is not None else self._dtype_given
+
+    @property
+    def postprocessing(self):
+        """The postprocessing of the bundle the Model was built from (:meth:`medexplain.models.bundle.Bundle.postprocess`:
+        ``(prediction (K, *s'), prepared) -> prediction on the image grid``), or None. It takes what the network
+        outputs (probabilities where it ends in Softmax/Sigmoid): :meth:`network_output`."""
+        post = getattr(self.origin, "postprocess", None)
+        return post if post is not None and self.origin.postprocessing() is not None else None
+
+    @torch.no_grad()
+    def network_output(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """What the networks themselves output for ``x`` (the mean over passes, on the CPU): ``out`` (the
+        explained prediction, :meth:`predict`'s) when that is it, else the prediction with ``probabilities=True``
+        (a network ending in Softmax/Sigmoid: the Model explains the logits, its own postprocessing expects
+        probabilities; the mean over passes and windows is of what each pass outputs, as the network's own
+        inference averages it)."""
+        if out is not None and (self.probabilities or self.passes.ended_in is None):
+            return out
+        return (self.replace(probabilities=True) if not self.probabilities else self).predict(x)
 
     def replace(self, **changes) -> "Model":
         """A Model of the same networks with some settings changed (``output=``, ``inferer=``, ...)."""
@@ -247,6 +270,12 @@ def as_model(model, output=None, inferer=None, **settings) -> Model:
     return Model(model, output=output, inferer=inferer, **settings)
 
 
+def _is_spec(obj) -> bool:
+    """A :class:`medexplain.models.spec.ModelSpec` (which loads itself through :func:`load_model`; by name, as the
+    spec module imports this one)."""
+    return type(obj).__name__ == "ModelSpec" and type(obj).__module__ == "medexplain.models.spec"
+
+
 def _is_loaded(obj) -> bool:
     name = type(obj).__name__
     return name in ("NnUNetModel", "Bundle") and type(obj).__module__.startswith("medexplain.models")
@@ -254,8 +283,8 @@ def _is_loaded(obj) -> bool:
 
 def load_model(source, weights: str | None = None, *, flip_axes=None, output=None, activation: str = "auto",
                preprocessing=None, inferer=None, device=None, dtype=None, eval: str = "auto",
-               probabilities: bool = False, aligned_calls: bool = False, map_location: str = "cpu",
-               **loader_options) -> Model:
+               probabilities: bool = False, aligned_calls: bool = False, amp: bool = False,
+               map_location: str = "cpu", **loader_options) -> Model:
     """The one loader: a :class:`Model` from every source medexplain knows.
 
     ``source``:
@@ -271,18 +300,28 @@ def load_model(source, weights: str | None = None, *, flip_axes=None, output=Non
       (:func:`medexplain.models.nnunet.load_nnunet`; ``loader_options``: ``folds``, ``configuration``,
       ``use_mirroring``, ``tile_step_size``, ...);
     - a list of any of these: an ensemble (the first source's preprocessing and inferer; ``weights`` then is a
-      list with one entry, or None, per member).
+      list with one entry, or None, per member);
+    - a :class:`~medexplain.models.spec.ModelSpec` (checked first, :meth:`~medexplain.models.spec.ModelSpec.check`;
+      its fields are the settings, so none may be given here too).
 
     Settings given here (``flip_axes``, ``inferer``, ``preprocessing``, ...) override the source's own.
     Every problem is a typed error (:class:`~medexplain.errors.ModelLoadError`) before any work.
     """
+    if _is_spec(source):
+        given = dict(weights=weights, flip_axes=flip_axes, output=output, preprocessing=preprocessing,
+                     inferer=inferer, device=device, dtype=dtype, **loader_options)
+        if any(v is not None for v in given.values()) or activation != "auto" or eval != "auto" or probabilities \
+                or amp:
+            raise ModelLoadError("a ModelSpec holds the model's settings: change them with spec.replace(...), not "
+                                 "as arguments of load_model")
+        return source.load(aligned_calls=aligned_calls, map_location=map_location)
     settings = dict(output=output, activation=activation, device=device, dtype=dtype, eval=eval,
-                    probabilities=probabilities, aligned_calls=aligned_calls)
+                    probabilities=probabilities, aligned_calls=aligned_calls, amp=amp)
     if isinstance(source, Model):
         return source.replace(**{k: v for k, v in dict(flip_axes=flip_axes, inferer=inferer,
                                                          preprocessing=preprocessing, **settings).items()
                                  if v is not None and not (k in ("activation", "eval") and v == "auto")
-                                 and not (k in ("probabilities", "aligned_calls") and v is False)})
+                                 and not (k in ("probabilities", "aligned_calls", "amp") and v is False)})
     if isinstance(source, (list, tuple)):
         if not source:
             raise ModelLoadError("an ensemble needs at least one model")
@@ -295,21 +334,29 @@ def load_model(source, weights: str | None = None, *, flip_axes=None, output=Non
         return Model([n for p in parts for n in p.networks], flip_axes=flip_axes if flip_axes is not None else
                      first.flip_axes or None, inferer=inferer if inferer is not None else first.inferer,
                      preprocessing=preprocessing if preprocessing is not None else first.preprocessing,
-                     source={"ensemble": [p.source for p in parts]}, **settings)
+                     source={"ensemble": [p.source for p in parts]}, name="+".join(p.name for p in parts),
+                     **settings)
     built = _build(source, weights, map_location, dtype, loader_options)
-    nets, src_flips, src_inferer, src_prep, described = built
+    nets, src_flips, src_inferer, src_prep, described, origin = built
     return Model(nets, flip_axes=flip_axes if flip_axes is not None else src_flips,
                  inferer=inferer if inferer is not None else src_inferer,
-                 preprocessing=preprocessing if preprocessing is not None else src_prep, source=described, **settings)
+                 preprocessing=preprocessing if preprocessing is not None else src_prep, source=described,
+                 name=_source_name(source), origin=origin, **settings)
+
+
+def _source_name(source) -> str:
+    """A short name of one source: its text, a module's or loaded model's type."""
+    return str(source) if isinstance(source, (str, Path)) else type(source).__name__
 
 
 def _build(source, weights, map_location, dtype, loader_options):
-    """``(networks, flip_axes, inferer, preprocessing, description)`` of one source."""
+    """``(networks, flip_axes, inferer, preprocessing, description, origin)`` of one source (``origin``: the
+    loaded nnU-Net model or bundle, None otherwise)."""
     if isinstance(source, nn.Module):
         if weights:
             raise ModelLoadError("weights= is for a package.module:factory source; load them into the module yourself")
         _no_options(loader_options, "an nn.Module")
-        return [source], None, None, None, {"source": type(source).__name__}
+        return [source], None, None, None, {"source": type(source).__name__}, None
     name = type(source).__name__
     if name == "NnUNetModel" or (isinstance(source, (str, Path)) and (Path(source) / "plans.json").is_file()):
         from medexplain.models.nnunet import NnUNetModel, load_nnunet
@@ -317,20 +364,20 @@ def _build(source, weights, map_location, dtype, loader_options):
         nnm = source if isinstance(source, NnUNetModel) else \
             load_nnunet(source, **({"dtype": _dtype(dtype)} if dtype is not None else {}), **loader_options)
         return (list(nnm.networks), nnm._axes(), nnm.inferer, nnm.preprocessing,
-                {"source": "nnunet", "nnunet": nnm.describe()})
+                {"source": "nnunet", "nnunet": nnm.describe()}, nnm)
     if name == "Bundle" or (isinstance(source, (str, Path)) and Path(source).is_dir()
                             and any((Path(source) / c).is_file() for c in _bundle_configs())):
         from medexplain.models.bundle import Bundle, load_bundle
 
         b = source if isinstance(source, Bundle) else load_bundle(source, weights=weights, map_location=map_location,
                                                                    **loader_options)
-        return [b.network], None, b.inferer, b.model_preprocessing(), {"source": "bundle", "bundle": str(b.root)}
+        return [b.network], None, b.inferer, b.model_preprocessing(), {"source": "bundle", "bundle": str(b.root)}, b
     if isinstance(source, (str, Path)):
         from medexplain.models.loading import load_model as load_spec
 
         _no_options(loader_options, str(source))
         net = load_spec(str(source), weights, map_location=map_location)
-        return [net], None, None, None, {"source": str(source), **({"weights": str(weights)} if weights else {})}
+        return [net], None, None, None, {"source": str(source), **({"weights": str(weights)} if weights else {})}, None
     raise ModelLoadError(f"cannot build a model from a {name}: give an nn.Module, a path, 'package.module:factory', "
                          "'zoo:<task>', a MONAI bundle or an nnU-Net folder")
 

@@ -26,10 +26,10 @@ from medexplain.engine.targets import REGION_WORDS, resolve_target
 from medexplain.errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
 from medexplain.models.loading import checked_forward, load_model
 from medexplain.models.model import Model, as_model, resolve_device
-from medexplain.models.model import load_model as load_model_object
+from medexplain.models.spec import ModelSpec
 from medexplain.models.transforms import Prepared, Preprocessing, Preprocessor, resample_to_grid
 
-__all__ = ["CaseState", "CaseWriter", "ModelSetup", "explain_case", "explain_method", "write_method_outputs",
+__all__ = ["CaseState", "CaseWriter", "ModelSetup", "case_model", "explain_case", "explain_method", "write_method_outputs",
            "write_case_report", "load_setup", "method_options",
            "on_device", "read_case", "resolve_case_target", "write_map", "input_files", "ExplainedImage",
            "LesionInstances", "ContrastShapley",
@@ -237,11 +237,25 @@ def model_device(net) -> torch.device:
     return torch.device("cpu")
 
 
+def case_model(model) -> Model:
+    """The one place a pipeline turns its ``model`` argument into a loaded :class:`~medexplain.models.model.Model`,
+    once per call (per worker of a run): a ``Model`` as it is, a :class:`~medexplain.models.spec.ModelSpec` loaded
+    (:meth:`~medexplain.models.spec.ModelSpec.load`, after its :meth:`~medexplain.models.spec.ModelSpec.check`),
+    and anything else :func:`medexplain.models.model.load_model` takes (an ``nn.Module``, a path, a specification
+    string, a list of them: an ensemble) as the source of a default ModelSpec. What a pipeline needs besides the
+    networks travels on the Model: ``name`` (recorded in ``info.json``), ``preprocessing``, ``inferer``,
+    ``postprocessing`` (a bundle's) and ``origin`` (the loaded bundle or nnU-Net model)."""
+    if isinstance(model, Model):
+        return model
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(source=model)
+    return spec.load()
+
+
 @dataclass
 class ModelSetup:
-    """The model of a pipeline call, loaded once (per call, or per worker of a run): the network ``net``, its
-    ``name`` (recorded in ``info.json``), the ``preprocessing`` and ``inferer`` it runs with, and the
-    ``bundle`` or ``nnunet`` model it was built from (None otherwise)."""
+    """Deprecated (:func:`case_model` gives the Model, which carries all of this): the model of a pipeline call,
+    ``net`` (the Model), its ``name``, ``preprocessing``, ``inferer`` and the ``bundle`` or ``nnunet`` model it was
+    built from (None otherwise)."""
 
     net: torch.nn.Module
     name: str
@@ -258,53 +272,16 @@ class ModelSetup:
 
 def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_options: dict | None = None,
                preprocessing=None, inferer=None, device=None, flip_axes=None, eval: str = "auto") -> ModelSetup:
-    """The model of a call from what the commands take: ``model`` (a module, or a specification for
-    :func:`medexplain.models.loading.load_model` with ``weights``), or a MONAI ``bundle`` folder
-    (:func:`medexplain.models.bundle.load_bundle`: its network, preprocessing and inferer, unless ``inferer``
-    is given), or an ``nnunet`` model or folder (:func:`medexplain.models.nnunet.load_nnunet` with
-    ``nnunet_options``: its networks, preprocessing and sliding window). ``preprocessing``/``inferer``: a
-    :class:`~medexplain.models.transforms.Preprocessing` (or its fields as a dict) and a sliding window (or its
-    settings as a dict). ``device``: :func:`on_device`. Several ``model`` specifications (with a list of
-    ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` build the model object
-    (:func:`medexplain.models.model.load_model`: an ensemble, test-time flips, the train/eval policy).
-    Contradicting sources are an :class:`~medexplain.errors.OptionError` before anything loads."""
-    inferer = as_inferer(inferer)
-    bnd = nnm = None
-    if nnunet is not None and bundle is not None:
-        raise OptionError("give one of --nnunet and --bundle")
-    if flip_axes and (nnunet is not None or bundle is not None):
-        raise OptionError("--flip-axes flips a --model; an nnU-Net folder's own flips are its mirroring (--mirroring), "
-                          "a bundle's are its own")
-    if nnunet is not None:
-        nnm, preprocessing, inferer = _nnunet_parts(nnunet, model, weights, preprocessing, inferer, nnunet_options)
-        net, name = nnm.network, type(nnm.network).__name__
-    elif bundle is not None:
-        from medexplain.models.bundle import load_bundle
-        if model is not None or weights is not None or _as_preprocessing(preprocessing).active:
-            raise OptionError("--bundle gives the model, its weights and its preprocessing: drop --model, --weights "
-                              "and the preprocessing options")
-        bnd = load_bundle(bundle)
-        net, name = bnd.network, type(bnd.network).__name__
-        preprocessing, inferer = bnd.model_preprocessing(), inferer or bnd.inferer
-    elif model is None:
-        raise OptionError("give the model to explain (--model), a MONAI bundle (--bundle) or an nnU-Net model folder "
-                          "(--nnunet)")
-    else:
-        names = [m if isinstance(m, str) else type(m).__name__ for m in (model if isinstance(model, list) else [model])]
-        net, name = model_object(model, weights, flip_axes, eval), "+".join(names)
-    if eval != "auto" and not isinstance(net, Model):
-        net = Model(net, eval=eval)
-    return ModelSetup(on_device(net, device), name, preprocessing, inferer, bnd, nnm)
-
-
-def model_object(model, weights=None, flip_axes=None, eval: str = "auto"):
-    """``model`` (a module or a specification, with ``weights``) as loaded; several of them (with a list of
-    ``weights``), ``flip_axes`` or an ``eval`` policy other than ``auto`` give the model object
-    (:func:`medexplain.models.model.load_model`)."""
-    if isinstance(model, (list, tuple)) or flip_axes or eval != "auto":
-        return load_model_object(list(model) if isinstance(model, (list, tuple)) else model, weights,
-                                 flip_axes=tuple(flip_axes) if flip_axes else None, eval=eval)
-    return _model(model, weights)
+    """Deprecated: :func:`case_model` of the :class:`~medexplain.models.spec.ModelSpec` of these arguments
+    (contradicting sources are its :meth:`~medexplain.models.spec.ModelSpec.check`'s
+    :class:`~medexplain.errors.OptionError`, before anything loads), as a :class:`ModelSetup`."""
+    spec = ModelSpec(source=model, weights=weights, bundle=bundle, nnunet=nnunet,
+                     nnunet_options=nnunet_options if nnunet is not None else None, preprocessing=preprocessing,
+                     inferer=inferer, device=device, flip_axes=flip_axes, eval=eval)
+    m = case_model(spec)
+    kind = type(m.origin).__name__
+    return ModelSetup(m, m.name, m.preprocessing, m.inferer, m.origin if kind == "Bundle" else None,
+                      m.origin if kind == "NnUNetModel" else None)
 
 
 def method_options(methods: Sequence[str], options: dict | None, layer: str | None = None,
@@ -397,6 +374,11 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     explain with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put
     back on the image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go
     on; an error before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
+    ``target``: the target grammar (a class index, ``predicted``) with ``region``, or a callable
+    ``(state) -> ResolvedTarget`` called at the target stage (after the prediction and the plan, before the memory
+    plan): a command's own target, e.g. the lesion instances as a :class:`~medexplain.engine.targets.Regions` target
+    (``instances``) or a contrast-Shapley value target (``shapley``); it may complete options of ``per_method`` that
+    depend on the prediction (a layer) and empty ``state.run`` when there is nothing to explain.
     ``per_method``: each method's options (:func:`method_options`). ``memory``: the budget in GB of one model call
     (default half the memory available; :func:`medexplain.engine.options.plan_memory`: ``chunk_size`` is capped to fit,
     and a method that cannot fit one row refuses the case before any method runs)."""
@@ -411,7 +393,8 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     st.stage = "plan"
     st.run, st.skipped = plan_methods(methods, net, prep.out, layer, skip_unsupported)
     st.stage = "target"
-    st.resolved = resolve_case_target(prep, target, region, model=net, threshold=threshold)
+    st.resolved = (target(st) if callable(target) else   # a command's own target: lesion instances, a value target
+                   resolve_case_target(prep, target, region, model=net, threshold=threshold))
     st.info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images], "model": setup.name,
                "target": st.resolved.class_index, "target_info": st.resolved.info(),
                "output": output if output is None or isinstance(output, (int, str)) else repr(output),

@@ -25,14 +25,17 @@ from medexplain.engine.core import forward, model_guard, resolve_device
 from medexplain.engine.explain import available_methods
 from medexplain.engine.registry import accepted_options, get_method
 from medexplain.errors import MedexplainError
-from medexplain.io import check_output_dir, method_file, write_json, write_nifti
+from medexplain.io import check_output_dir, file_stem, method_file, write_json, write_nifti
 from medexplain.io.report import write_report
 from medexplain.metrics.localisation import hit_rate
 from medexplain.models import zoo
 from medexplain.models.training import evaluate
-from medexplain.pipelines import explain_method
+from medexplain.pipelines import CaseWriter, case_model, write_map
+from medexplain.pipelines import method_options as pipeline_options
+from medexplain.pipelines.steps import explain_model_case
 
-__all__ = ["DemoCase", "MethodProgress", "method_options", "choose_methods", "score_methods", "run_demo"]
+__all__ = ["DemoCase", "DemoWriter", "MethodProgress", "method_options", "choose_methods", "score_methods",
+           "write_cases", "run_demo"]
 
 def method_options(name: str, model, px: int) -> dict:
     """The demo's options for method ``name`` on ``model`` at ``px`` pixels: the cheap options the method
@@ -134,33 +137,73 @@ def _progress_bar(progress: bool | None):
                     TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console, transient=True)
 
 
-def score_methods(model, x: torch.Tensor, masks: torch.Tensor, names, target: int = 1,
+def score_methods(model, cases, masks: torch.Tensor, names, target: int = 1, seed: int = 0,
                   log: Callable[[str], None] = lambda _s: None, progress: bool | None = None) -> MethodScores:
-    """Explain ``x`` for ``target`` with each method of ``names`` and score its hit rate against ``masks``
-    beside the random baseline (the mean mask area fraction). A method that fails with a medexplain
-    error is skipped with its message. ``progress``: a bar per method over its rows through the model, on
-    stderr (None: only when stderr is a terminal); every method's rows, its estimate from the first calls
-    (:class:`MethodProgress`) and its time go into its row."""
+    """Explain each case file of ``cases`` (:func:`write_cases`) for ``target`` with each method of ``names``
+    through the one case pipeline (:func:`medexplain.pipelines.explain_case`, seeded with ``seed`` as ``run``
+    seeds its cases) and score its hit rate against ``masks`` (one per case) beside the random baseline (the mean
+    mask area fraction). A method that fails with a medexplain error is skipped with its message. ``progress``: a
+    bar per method over its rows through the model on all cases, on stderr (None: only when stderr is a terminal);
+    every method's rows, its estimate from the first calls (:class:`MethodProgress`) and its time go into its row."""
     res = MethodScores()
     baseline = float(masks.flatten(1).float().mean(1).mean())
-    px = x.shape[-1]
+    m = case_model(model)   # the model object every case runs through
     with _progress_bar(progress) as bar:
         for name in names:
-            _score_one(model, x, masks, name, target, px, baseline, res, log, bar)
+            _score_one(m, list(cases), masks, name, target, seed, baseline, res, log, bar)
     return res
 
 
-def _score_one(model, x, masks, name, target, px, baseline, res: MethodScores, log, bar) -> None:
-    opts = method_options(name, model, px)
-    progs: list[MethodProgress] = []   # made once the stage has estimated the method's rows
+class DemoWriter(CaseWriter):
+    """The demo's maps of one method, case by case: each map on the image grid as ``<case stem>_<method>.nii.gz``
+    beside its case file (:func:`medexplain.pipelines.write_map`; ``write=False``: kept only), collected with its
+    cost for the scoring and the report."""
+
+    def __init__(self, write: bool = True):
+        self.write, self.maps, self.n_evaluations = write, [], 0
+
+    def method(self, state, method, attr, amap):
+        self.maps.append(amap)
+        self.n_evaluations += int(attr.info.get("n_forward", 0) + attr.info.get("n_backward", 0))
+        if self.write:
+            path = Path(state.images[0])
+            write_map(amap, path.parent / f"{file_stem(path).removesuffix('_image')}_{method_file(method)}.nii.gz",
+                      state.meta, spatial_dims=state.img.ndim - 1)
+        return []
+
+    def failed(self, state, method, error):
+        raise error    # the method is skipped (a medexplain error) or the demo stops (anything else)
+
+
+def _explain_cases(model, cases, name, target, opts, seed, writer, progs=None, bar=None, log=None) -> torch.Tensor:
+    """``name`` on every case through :func:`medexplain.pipelines.explain_case`; its maps stacked ``(B, C_or_1, ...)``.
+    With ``progs``, one :class:`MethodProgress` over the rows of all cases (made at the first case's estimate)."""
+    base = [0]
+
+    def estimate(est):
+        if not progs:
+            progs.append(MethodProgress(name, None if est.n_forward is None else est.n_forward * len(cases), bar, log))
 
     def rows(_method, done, _total):
-        progs[0].rows(done - progs[0].done)
+        progs[0].rows(base[0] + done - progs[0].done)
 
+    for case in cases:
+        if progs is not None:
+            base[0] = progs[0].done if progs else 0
+        explain_model_case(model, [case], [name], writer, per_method={name: opts}, target=target, seed=seed,
+                           on_estimate=estimate if progs is not None else None,
+                           on_progress=rows if progs is not None else None)
+    return torch.stack(writer.maps)
+
+
+def _score_one(model, cases, masks, name, target, seed, baseline, res: MethodScores, log, bar) -> None:
+    opts = {**pipeline_options([name], None, None, seed)[name],
+            **method_options(name, model.networks[0], masks.shape[-1])}
+    progs: list[MethodProgress] = []   # made once the pipeline has estimated the method's rows
+    writer = DemoWriter()
     t = time.perf_counter()
-    try:   # the explain stage of the one case pipeline, on the batch of test images
-        attr, _ = explain_method(model, x, name, target, opts, on_progress=rows,
-                                 on_estimate=lambda est: progs.append(MethodProgress(name, est.n_forward, bar, log)))
+    try:   # the one case pipeline, case by case
+        maps = _explain_cases(model, cases, name, target, opts, seed, writer, progs, bar, log)
     except MedexplainError as e:
         res.skipped[name] = str(e)
         log(f"  [yellow]skipped {name}[/yellow]: {e}")
@@ -170,24 +213,25 @@ def _score_one(model, x, masks, name, target, px, baseline, res: MethodScores, l
             prog.close()
     prog = progs[0]
     seconds = time.perf_counter() - t
-    hits = hit_rate(attr.map, masks)
-    res.maps[name] = attr.map
+    hits = hit_rate(maps, masks)
+    res.maps[name] = maps
     # Perturbation maps are constant over a patch or superpixel: the first maximal pixel (CheXlocalize's
     # rule) is the block's corner, which can miss a small nodule that the block covers; say how often.
     # How many pixels share the maximum says how much that figure means (a constant map hits every mask).
-    anyp = hit_rate(attr.map, masks, ties="any")
-    flat = attr.map.flatten(1)
+    anyp = hit_rate(maps, masks, ties="any")
+    flat = maps.flatten(1)
     at_max = (flat == flat.amax(1, keepdim=True)).sum(1)   # torch.median: the lower middle element
     row = {"method": name, "hit rate": float(torch.nanmean(hits)), "random baseline": baseline,
            "hits": f"{int(hits.nansum())}/{int((~hits.isnan()).sum())}",
            "hits (any maximal pixel)": f"{int(anyp.nansum())}/{int((~anyp.isnan()).sum())}",
            "maximal pixels (median)": int(at_max.median()), "pixels": int(flat.shape[1])}
     if "upsample" in (accepted_options(name) or ()):   # CAMs: MONAI's bilinear placement beside the aligned one
-        bil = hit_rate(explain_method(model, x, name, target, {**opts, "upsample": "bilinear"})[0].map, masks)
+        bil = hit_rate(_explain_cases(model, cases, name, target, {**opts, "upsample": "bilinear"}, seed,
+                                      DemoWriter(write=False)), masks)
         row.update({"hit rate (bilinear upsampling)": float(torch.nanmean(bil)),
                     "hits (bilinear upsampling)": f"{int(bil.nansum())}/{int((~bil.isnan()).sum())}"})
     row.update({"seconds": seconds, "estimated seconds": prog.estimate, "rows": prog.done,
-                "model evaluations": int(attr.info.get("n_forward", 0) + attr.info.get("n_backward", 0))})
+                "model evaluations": writer.n_evaluations})
     res.rows.append(row)
     also = (f", bilinear upsampling {row['hit rate (bilinear upsampling)']:.3f}"
             if "hit rate (bilinear upsampling)" in row else "")
@@ -222,12 +266,15 @@ def _cases(x, masks, maps, meta, prob) -> list[DemoCase]:
     return cases
 
 
-def _write_maps(folder: Path, cases: list[DemoCase]) -> None:
-    for i, c in enumerate(cases):
-        write_nifti(c.image, folder / f"case{i}_image.nii.gz")
-        write_nifti(c.mask.float(), folder / f"case{i}_mask.nii.gz")
-        for name, m in c.maps.items():
-            write_nifti(m, folder / f"case{i}_{method_file(name)}.nii.gz")
+def write_cases(folder: Path, x: torch.Tensor, masks: torch.Tensor) -> list[Path]:
+    """The demo's test images as case files ``case<i>_image.nii.gz`` (with their planted masks,
+    ``case<i>_mask.nii.gz``) in ``folder``: what :func:`score_methods` explains, case by case, and the maps are
+    written beside. Returns the image files."""
+    cases = []
+    for i in range(len(x)):
+        cases.append(write_nifti(x[i], folder / f"case{i}_image.nii.gz"))
+        write_nifti(masks[i].float(), folder / f"case{i}_mask.nii.gz")
+    return cases
 
 
 def _notes(size: str, perf: dict, n_test: int, skipped: dict) -> list[str]:
@@ -275,12 +322,12 @@ def run_demo(out="demo_out", seed: int = 0, size: str = "demo", n_cases: int = 8
     names, skipped = choose_methods(model, x, methods)
     for k, v in skipped.items():
         say(f"  [yellow]skipped {k}[/yellow]: {v}")
-    scores = score_methods(model, x, masks, names, target=1, log=say, progress=progress)
+    files = write_cases(out / "maps", x, masks)
+    scores = score_methods(model, files, masks, names, target=1, seed=seed, log=say, progress=progress)
     skipped.update(scores.skipped)
     with torch.no_grad():
         prob = model(x.to(next(model.parameters()).device)).softmax(1).cpu()
     cases = _cases(x, masks, scores.maps, cases_ds.meta, prob)
-    _write_maps(out / "maps", cases)
     report = write_report(out / "report.html", [c.as_report_case() for c in cases], [r["method"] for r in scores.rows],
                           scores.rows, title="medexplain demo: planted nodules on a real chest radiograph",
                           notes=_notes(size, perf, len(test), skipped))

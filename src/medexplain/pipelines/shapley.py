@@ -2,6 +2,7 @@
 (Ren et al. 2025), file to file."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -10,19 +11,18 @@ import numpy as np
 import torch
 
 from medexplain import io
-from medexplain.engine.ops import ACTIVATIONS
-from medexplain.engine.options import counting, estimate_cost, plan_memory
-from medexplain.engine.targets import Region, parse_target
-from medexplain.errors import InputError, OptionError, TargetError
+from medexplain.engine.targets import Region, ResolvedTarget, parse_target
+from medexplain.errors import InputError, OptionError
 from medexplain.models.transforms import resample_nearest
 from medexplain.pipelines import (
+    CaseState,
+    CaseWriter,
     _as_preprocessing,
-    _nnunet_parts,
-    load_setup,
-    prepare_input,
+    case_model,
     read_case,
     resolve_case_target,
 )
+from medexplain.pipelines.steps import StepEstimate, explain_model_case
 
 # --------------------------------------------------------------------------------------------------
 # contrast Shapley values of one case for several (fold) models
@@ -80,71 +80,54 @@ class ContrastShapley:
     files: list[Path] = field(default_factory=list)
 
 
-def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = (), contrasts: Sequence[str] | None = None,
-                     reference_ranking=None, value: str | None = None, seg=None, class_labels=None,
-                     activation: str = "auto", channel: int | None = None, baseline="zero", method: str = "auto",
-                     n_permutations: int = 200, seed: int = 0, chunk_size: int | None = 16,
-                     target=None, region=None, output=None, preprocessing=None,
+def contrast_shapley(images, models, out, *, contrasts: Sequence[str] | None = None, reference_ranking=None,
+                     value: str | None = None, seg=None, class_labels=None, channel: int | None = None,
+                     baseline="zero", method: str = "auto", n_permutations: int = 200, seed: int = 0,
+                     chunk_size: int | None = 16, target=None, region=None,
                      on_model: Callable[[int, object], None] | None = None,
                      on_progress: Callable[[str, int, int | None], None] | None = None,
-                     inferer=None, nnunet=None, nnunet_options: dict | None = None, device=None, flip_axes=None,
-                     eval: str = "auto", on_estimate: Callable | None = None,
-                     memory: float | None = None) -> ContrastShapley:
+                     on_estimate: Callable | None = None, memory: float | None = None) -> ContrastShapley:
     """Contrast-level Shapley values (Ren et al. 2025, arXiv:2512.07224) of one multi-contrast image for each
     of ``models`` (the folds of a cross-validation), with their consensus.
 
-    ``images``: one multi-channel file or one file per contrast (:func:`medexplain.io.read_channels`), fed
-    to the models after ``preprocessing`` (a :class:`~medexplain.models.transforms.Preprocessing`; none by
-    default) in each model's floating dtype. ``contrasts``: one name per channel; ``value``:
+    ``models``: a list of model objects (:class:`mx.Model <medexplain.models.model.Model>`, ``nn.Module``,
+    :class:`mx.ModelSpec <medexplain.models.spec.ModelSpec>`, or anything :func:`medexplain.load_model` takes), one
+    per fold, or one of them; a ModelSpec of several sources or of an nnU-Net folder with several folds is one model
+    per member (:meth:`~medexplain.models.spec.ModelSpec.members`: each fold with nnU-Net's preprocessing, sliding
+    window and mirroring; the contrasts then default to its channel names). Each is loaded after the cheap checks
+    (:func:`medexplain.pipelines.case_model`) and runs the one case pipeline
+    (:func:`medexplain.pipelines.explain_case`) with its own preprocessing, output adapter and activation.
+    ``images``: one multi-channel file or one file per contrast (:func:`medexplain.io.read_channels`), fed to each
+    model in its floating dtype. ``contrasts``: one name per channel; ``value``:
     :func:`shapley_value_function` (default ``probability:1``; ``seg``: a label-map file for dice values,
     resampled onto the model grid by its geometry); ``target``/``region`` (the commands' one target
     grammar, :func:`medexplain.engine.targets.resolve_target` on the first model's output) make the value the
-    mean probability of that class inside that region (``region`` default ``all``). ``activation``: each
-    model's output activation (``auto`` detects models that output probabilities; the choice is
-    recorded in ``ranking.json``). ``baseline``: ``zero``, ``mean`` or a number. Writes ``values.csv``,
-    ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with ``reference_ranking``) and
-    ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is called after each
-    model, ``on_estimate(CostEstimate)`` before each model runs (its coalition rows, time and the memory of one
-    call; ``memory``: the budget in GB, :func:`medexplain.engine.options.plan_memory` caps ``chunk_size`` to fit and
-    refuses before any compute if one row does not), ``on_progress("model i/k", rows_done, rows_total)`` as
-    coalitions pass through it. ``inferer``: a
-    ``SlidingWindowInferer`` or its settings as a dict (:func:`explain_image`) every model runs through.
-    ``nnunet``: an nnU-Net v2 model or its folder instead of ``models``: its folds are the models (each with
-    nnU-Net's preprocessing, sliding window and mirroring), the contrasts default to its channel names.
+    mean probability of that class inside that region (``region`` default ``all``). Each model's output activation
+    (``auto`` detects models that output probabilities) is recorded in ``ranking.json``. ``baseline``: ``zero``,
+    ``mean`` or a number. Writes ``values.csv``, ``coalitions.csv``, ``ranking.json``, ``agreement.json`` (with
+    ``reference_ranking``) and ``uncertainty.json`` (two or more models) into ``out``. ``on_model(i, result)`` is
+    called after each model, ``on_estimate(CostEstimate)`` before each model runs (its coalition rows, time and the
+    memory of one call; ``memory``: the budget in GB, :func:`medexplain.engine.options.plan_memory` caps
+    ``chunk_size`` to fit and refuses before any compute if one row does not), ``on_progress("model i/k",
+    rows_done, rows_total)`` as coalitions pass through it.
     """
+    from medexplain.methods.shapley import contrast_shapley as shapley_method
     from medexplain.metrics.ranking import resolve_ranking
-    from medexplain.segmentation.shapley import channel_shapley, fold_consensus, mean_foreground_probability
+    from medexplain.models.spec import ModelSpec
+    from medexplain.segmentation.shapley import mean_foreground_probability
 
     by_target = target is not None or region is not None
     if by_target and value is not None and not value.strip().lower().startswith("prob"):
         raise InputError(f"--target/--region define a probability value; they do not combine with --value {value}")
-    if activation not in ACTIVATIONS:
-        raise TargetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     value = value or "probability:1"
-    nnm = None
-    if nnunet is not None:
-        from medexplain.models.nnunet import order_channel_files
-        nnm, preprocessing, inferer = _nnunet_parts(nnunet, list(models or []), list(weights or []), preprocessing,
-                                                    inferer, nnunet_options)
-        models, images, contrasts = nnm.fold_networks(), order_channel_files(images), contrasts or nnm.channel_names
-    if not models:
+    given = [models] if isinstance(models, ModelSpec) or not isinstance(models, (list, tuple)) else list(models)
+    members = [s for m in given for s in (m.check().members() if isinstance(m, ModelSpec) else [m])]
+    if not members:
         raise OptionError("give the models (--model, one per fold) or an nnU-Net model folder (--nnunet)")
     if by_target and ":" in value and parse_target(target) is not None and value.partition(":")[2].strip() != str(target):
         raise InputError(f"--value {value} and --target {target} name different classes; give one of them")
     out = io.check_output_dir(out)
-    img, meta = read_case(images)
-    if nnm is not None:
-        nnm.check_image(img)
-    names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
-    if len(names) != img.shape[0]:
-        raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
-    if img.shape[0] < 2:  # a ranking of one contrast is degenerate (rank variance 0 by construction)
-        from medexplain.segmentation.shapley import ONE_PLAYER
-        raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
-    weights = list(weights or [])
-    if weights and len(weights) != len(models):
-        raise InputError(f"{len(weights)} --weights for {len(models)} --model: give one per model (or none)")
-    ref = resolve_ranking(reference_ranking, len(names), names) if reference_ranking else None
+    listed = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     seg_img = io.read_image(seg) if seg is not None else None
     try:
         labels = [int(v) for v in class_labels] if class_labels else None
@@ -153,59 +136,106 @@ def contrast_shapley(images, models: Sequence, out, *, weights: Sequence[str] = 
     check_activation = "softmax" if channel is None else "sigmoid"   # the value's syntax, before any model runs
     shapley_value_function(value, torch.zeros(1, 1, dtype=torch.long) if seg_img is not None else None, labels,
                            check_activation, channel)
-    base = _baseline(baseline)
-    results, chosen, activations = [], None, []
-    for i, spec in enumerate(models):
-        setup = load_setup(spec, weights[i] if weights else None, preprocessing=preprocessing, inferer=inferer,
-                           device=device, flip_axes=flip_axes, eval=eval)   # the model step of every command
-        net = setup.net
-        prep = prepare_input(img, meta, net, preprocessing=setup.preprocessing, output=output, activation=activation,
-                             inferer=setup.inferer)
-        seg_t = None
-        if seg_img is not None:
-            seg_t = resample_nearest(seg_img[0][:1], seg_img[1].get("affine", np.eye(4)), tuple(prep.x.shape[2:]),
-                                     prep.prepared.affine)[0].round().long()[None]
-        if by_target:
-            if chosen is None:  # one class and region for every fold, so their values are comparable
-                chosen = resolve_case_target(prep, target, "all" if region is None else region, model=net)
-            mask = chosen.target.mask if isinstance(chosen.target, Region) else None
-            value_fn = mean_foreground_probability(chosen.class_index, prep.activation, mask)
-        else:
+    options = shapley_method.spec.check_options({"baseline": _baseline(baseline), "estimator": method, "seed": seed,
+                                                 "n_permutations": n_permutations, "chunk_size": chunk_size})
+    first = case_model(members[0])   # the first model: an nnU-Net folder names and orders the channels
+    nnm = first.origin if type(first.origin).__name__ == "NnUNetModel" else None
+    if nnm is not None:
+        from medexplain.models.nnunet import order_channel_files
+        listed, contrasts = order_channel_files(listed), contrasts or nnm.channel_names
+    img, meta = read_case(listed)   # the channel checks before any model runs (explain_case reads it per model)
+    if nnm is not None:
+        nnm.check_image(img)
+    names = list(contrasts) if contrasts else [f"channel {i}" for i in range(img.shape[0])]
+    if len(names) != img.shape[0]:
+        raise InputError(f"--contrasts names {len(names)} contrasts; the image has {img.shape[0]} channels")
+    if img.shape[0] < 2:  # a ranking of one contrast is degenerate (rank variance 0 by construction)
+        from medexplain.segmentation.shapley import ONE_PLAYER
+        raise InputError(f"contrast Shapley values need two or more input channels; the image has 1: {ONE_PLAYER}")
+    ref = resolve_ranking(reference_ranking, len(names), names) if reference_ranking else None
+    options = {**options, "players": names}
+    writer = ShapleyWriter(out, names, ref, value if not by_target else None, listed, on_model)
+    chosen = []   # by target: one class and region for every fold, so their values are comparable
+    folds = []    # the nnU-Net folds the members are
+    for i, member in enumerate(members):
+        model = first if i == 0 else case_model(member)   # the model step of every command, once per model
+        if type(model.origin).__name__ == "NnUNetModel":
+            folds += [f for f in model.origin.folds if f not in folds]
+        step = StepEstimate("shapley", f"model {i + 1}/{len(members)}", on_estimate, on_progress)
+
+        def value_target(st: CaseState, net=model, step=step) -> ResolvedTarget:
+            """The target stage: the coalition value of this fold, read with its output activation."""
+            prep = st.prep
+            step.x_shape, step.options = prep.x.shape, {"n_players": len(names), "method": method,
+                                                        "n_permutations": n_permutations}
+            if by_target:
+                if not chosen:
+                    chosen.append(resolve_case_target(prep, target, "all" if region is None else region, model=net))
+                mask = chosen[0].target.mask if isinstance(chosen[0].target, Region) else None
+                return replace(chosen[0], target=mean_foreground_probability(chosen[0].class_index, prep.activation,
+                                                                             mask))
+            seg_t = None
+            if seg_img is not None:
+                seg_t = resample_nearest(seg_img[0][:1], seg_img[1].get("affine", np.eye(4)), tuple(prep.x.shape[2:]),
+                                         prep.prepared.affine)[0].round().long()[None]
             value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
-        activations.append({"model": i, "activation": prep.activation, "how": prep.activation_how})
-        label = f"model {i + 1}/{len(models)}"
-        opts, plan = (({"chunk_size": chunk_size}, None) if setup.inferer is not None else
-                      plan_memory("shapley", channel_shapley, net, prep.x, {"chunk_size": chunk_size}, memory))
-        est = replace(estimate_cost("shapley", None, prep.x.shape, {"n_players": len(names), "method": method,
-                                                                    "n_permutations": n_permutations},
-                                    prep.seconds_per_row, plan), method=label)
-        if on_estimate:
-            on_estimate(est)
-        done = [0]
+            return ResolvedTarget(value_fn, [channel], None, None, f"--value {value}", prep.activation)
 
-        def rows(n, label=label, done=done, est=est):
-            done[0] += n
-            if on_progress:
-                on_progress(label, done[0], est.n_forward)
+        explain_model_case(model, listed, [shapley_method.spec.name], writer,
+                           per_method={shapley_method.spec.name: options}, target=value_target, memory=memory,
+                           on_estimate=step.on_estimate, on_progress=step.on_progress)
+    if by_target:
+        writer.value = f"probability:{chosen[0].class_index} in region {chosen[0].region}"
+    writer.extra.update(target=None if not chosen else chosen[0].info(),
+                        preprocessing=_as_preprocessing(first.preprocessing).describe(),
+                        nnunet={**nnm.describe(), "folds": folds} if nnm is not None else None)
+    files = writer.write()
+    return ContrastShapley(names, writer.results, writer.consensus, files)
 
-        results.append(channel_shapley(counting(net, rows, output, setup.inferer), prep.x, value_fn,
-                                       baseline=base, method=method, n_permutations=n_permutations, seed=seed,
-                                       chunk_size=opts["chunk_size"], players=names))
-        if on_model:
-            on_model(i, results[-1])
-    consensus = fold_consensus(results, ref)
-    extra = {"activation": activations, "target": None if chosen is None else chosen.info(),
-             "preprocessing": _as_preprocessing(preprocessing).describe(),
-             "nnunet": nnm.describe() if nnm is not None else None}
-    files = _write_shapley(out, models, names, results, consensus, value if not by_target else
-                           f"probability:{chosen.class_index} in region {chosen.region}", images, extra)
-    return ContrastShapley(names, results, consensus, files)
+
+class ShapleyWriter(CaseWriter):
+    """The files of :func:`contrast_shapley`: collects one :class:`~medexplain.segmentation.shapley.ShapleyResult`
+    per fold model (:func:`explain_case` once per model; ``on_model(i, result)`` after each) and, once every model's
+    result is in (:meth:`write`), writes ``values.csv``, ``coalitions.csv``, ``ranking.json``, ``agreement.json``
+    (with a reference ranking) and ``uncertainty.json`` (two or more models) with the consensus
+    (:func:`medexplain.segmentation.shapley.fold_consensus`)."""
+
+    def __init__(self, out: Path, names, reference, value, images,
+                 on_model: Callable[[int, object], None] | None = None):
+        self.out, self.names, self.reference, self.value = out, names, reference, value
+        self.images, self.on_model = images, on_model
+        self.models: list[str] = []   # each model's name (info.json's "model"), in values.csv
+        self.results: list = []
+        self.extra: dict = {"activation": []}
+        self.consensus: dict = {}
+
+    def method(self, state, method, attr, amap):
+        from medexplain.segmentation.shapley import shapley_result
+
+        i = len(self.results)
+        self.results.append(shapley_result(attr))
+        self.models.append(state.info["model"])
+        self.extra["activation"].append({"model": i, "activation": state.prep.activation,
+                                         "how": state.prep.activation_how})
+        if self.on_model:
+            self.on_model(i, self.results[-1])
+
+    def failed(self, state, method, error):
+        raise error    # one method per fold: its error is the command's
+
+    def write(self) -> list[Path]:
+        """The files, once every model's result is in."""
+        from medexplain.segmentation.shapley import fold_consensus
+
+        self.consensus = fold_consensus(self.results, self.reference)
+        return _write_shapley(self.out, self.models, self.names, self.results, self.consensus, self.value,
+                              self.images, self.extra)
 
 
 def _write_shapley(out: Path, models, names, results, consensus, value, images, extra=None) -> list[Path]:
     rows, crow = [], []
     for m, r in enumerate(results):
-        spec = models[m] if isinstance(models[m], str) else type(models[m]).__name__
+        spec = models[m]
         for j, p in enumerate(names):
             se = None if r.stderr is None else float(r.stderr[0, j])
             rows.append([m, spec, p, float(r.values[0, j]), int(r.ranks[0, j]), se])

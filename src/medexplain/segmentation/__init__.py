@@ -17,8 +17,15 @@ from medexplain.segmentation.instances import (
     structure,
 )
 from medexplain.segmentation.quantify import context_experiment, group_statistics, markdown_table, quantify, write_csv
-from medexplain.segmentation.saliency import decoder_layer, explain_instances, instance_options, instance_saliency
+from medexplain.segmentation.saliency import (
+    decoder_layer,
+    explain_instances,
+    instance_layer,
+    instance_options,
+    instance_saliency,
+)
 
 __all__ = ["Instance", "check_threshold", "context_experiment", "decoder_layer", "explain_instances",
-           "find_instances", "flatten_instances", "group_statistics", "instance_options", "instance_saliency",
+           "find_instances", "flatten_instances", "group_statistics", "instance_layer", "instance_options",
+           "instance_saliency",
            "label_map", "markdown_table", "quantify", "reference_foreground", "structure", "write_csv"]

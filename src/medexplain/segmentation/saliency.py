@@ -77,6 +77,17 @@ def decoder_layer(model: nn.Module, x: torch.Tensor) -> str:
     return at_half[-1] if at_half else seen[-1][1]
 
 
+def instance_layer(model, x: torch.Tensor, spec) -> str:
+    """The layer at which the registered method ``spec`` (one with a ``layer`` option, e.g. Grad-CAM++)
+    explains instances when none is given: :func:`decoder_layer` of the model object ``model``
+    (:class:`medexplain.models.model.Model`) on ``x``, found under its train/eval policy (the model is left as
+    found). Used by :func:`explain_instances` and the ``instances`` pipeline."""
+    if spec.needs_hooks:
+        require_hooks(model)
+    with model_guard(model, policy=model.eval_policy):
+        return decoder_layer(model.runner, model.to_input(x))
+
+
 def _check_instances(instances, x: torch.Tensor) -> list[Instance]:
     flat = flatten_instances(instances)
     if not flat:
@@ -193,10 +204,7 @@ def explain_instances(model, x: torch.Tensor, instances, method: str | None = No
     samples = [inst.sample for inst in flat]
     t0 = time.perf_counter()
     if spec.takes("layer") and layer is None:
-        if spec.needs_hooks:
-            require_hooks(m)
-        with model_guard(m, policy=m.eval_policy):
-            own["layer"] = decoder_layer(m.runner, m.to_input(x))
+        own["layer"] = instance_layer(m, x, spec)
     if spec.regions:
         attr = explain(m, x, spec.name, target=Regions(channel, masks, samples), **own)
         amap, info = attr.map, attr.info

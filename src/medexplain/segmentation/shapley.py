@@ -29,8 +29,8 @@ from medexplain.errors import InputError, TargetError
 from medexplain.methods.shapley import AUTO_EXACT_MAX, contrast_shapley, shapley_weights
 
 __all__ = ["AUTO_EXACT_MAX", "BRATS_REGIONS", "ONE_PLAYER", "ShapleyResult", "bind_model", "channel_shapley", "dice",
-           "fold_map_agreement", "mean_foreground_probability", "volume", "Dice", "MeanForegroundProbability", "Volume",
-           "shapley_weights"]
+           "fold_map_agreement", "mean_foreground_probability", "shapley_result", "volume", "Dice",
+           "MeanForegroundProbability", "Volume", "shapley_weights"]
 
 #: BraTS label conventions up to 2021 (1 necrotic core, 2 oedema, 4 enhancing tumour). BraTS 2023+
 #: (GLI) writes enhancing tumour as 3: pass ``regions={"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)}``.
@@ -241,9 +241,16 @@ def channel_shapley(model, x: torch.Tensor, value_fn, groups=None, baseline="zer
     attr = explain(model, x, contrast_shapley, target=value_fn, groups=groups, baseline=baseline,
                    estimator=method, n_permutations=n_permutations, antithetic=antithetic, seed=seed,
                    chunk_size=chunk_size, players=players, max_exact=max_exact)
-    i = attr.info
-    if len(i["players"]) == 1:
+    if len(attr.info["players"]) == 1:
         warnings.warn(ONE_PLAYER, stacklevel=2)
+    return shapley_result(attr)
+
+
+def shapley_result(attr) -> ShapleyResult:
+    """The :class:`ShapleyResult` of an :class:`~medexplain.Attribution` of the registered ``contrast_shapley``
+    (its ``info``: values, players, groups, coalition table, estimator, standard error): what
+    :func:`channel_shapley` returns, and what the ``shapley`` pipeline reads from each fold's case."""
+    i = attr.info
     as64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     info = {k: v for k, v in i.items() if k not in ("values", "players", "groups", "coalitions", "stderr")}
     return ShapleyResult(as64(i["values"]), list(i["players"]), [tuple(g) for g in i["groups"]],

@@ -162,6 +162,10 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
     if (bundle is not None or nnunet is not None) and any(c.preprocessing for c in cases):
         raise OptionError("--bundle and --nnunet give the model's preprocessing: drop the preprocessing options and "
                           "the manifest's preprocessing columns")
+    if backend == "local" and _sendable(model):   # the workers' fork server imports while this process checks
+        backends.prestart(WorkerSpec(model=model, methods=methods, out=str(out), bundle=bundle, nnunet=nnunet,
+                                     device=None if device is None else str(device)),
+                          num_workers, -(-len(cases) // batch_size))
     model, weights = _absolute(model), _absolute(weights)  # so a resume from elsewhere and remote workers find them
     flip_axes = [int(a) for a in flip_axes] if flip_axes else None
     bundle = str(Path(bundle).resolve()) if bundle is not None else None
