@@ -138,10 +138,12 @@ def median(v):
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of ``fn()`` (the process's CPU time: on a shared machine the wait for a core
+    shows in the first only)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main():
@@ -165,6 +167,7 @@ def main():
     jobs = [(name, *p) for name, nd, model, x, layer, cnn in cases for p in pairs(nd, model, x, layer, cnn, args.quick)
             if not args.only or args.only in p[0]]
     ratios = {i: [] for i in range(len(jobs))}
+    cpu_ratios = {i: [] for i in range(len(jobs))}
     secs = {i: ([], []) for i in range(len(jobs))}
     load = []
     t_all = time.perf_counter()
@@ -172,11 +175,12 @@ def main():
         load.append(os.getloadavg()[0])
         for i, (_case, _m, _peer, ours, peer) in enumerate(jobs):
             if (r + i) % 2:
-                tp, to = timed(peer), timed(ours)
+                (tp, cp), (to, co) = timed(peer), timed(ours)
             else:
-                to, tp = timed(ours), timed(peer)
+                (to, co), (tp, cp) = timed(ours), timed(peer)
             if r >= args.warmup:
                 ratios[i].append(to / tp)
+                cpu_ratios[i].append(co / cp)
                 secs[i][0].append(to)
                 secs[i][1].append(tp)
         print(f"round {r} done ({time.perf_counter() - t_all:.0f} s)", flush=True)
@@ -185,10 +189,11 @@ def main():
     for i, (case, method, peer, _o, _p) in enumerate(jobs):
         med = median(ratios[i])
         rows.append([case, method, peer, f"{median(secs[i][0]):.3f}", f"{median(secs[i][1]):.3f}", f"{med:.2f}",
-                     f"{min(ratios[i]):.2f}-{max(ratios[i]):.2f}", "yes" if med <= 1.05 else "**no**"])
+                     f"{min(ratios[i]):.2f}-{max(ratios[i]):.2f}", "yes" if med <= 1.05 else "**no**",
+                     f"{median(cpu_ratios[i]):.2f}"])
         short.append([case.split()[0], method, peer, f"{med:.2f}"])
     header = ["case", "method", "peer", "ours s (median)", "peer s (median)", "ours / peer (median)", "range",
-              "<= 1.05"]
+              "<= 1.05", "CPU time ours / peer (median)"]
     text = f"""# medexplain against the peers (bench/peers.py)
 
 Command: `.venv/bin/python bench/peers.py --rounds {args.rounds} --warmup {args.warmup} --threads {args.threads}{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}`
@@ -198,6 +203,8 @@ less so. {args.rounds} counted rounds after {args.warmup} warm-up round(s); in e
 order alternating. Models: MONAI `resnet18` (2D) and `resnet10` (3D), 1 input channel, 2 classes, random weights,
 eval mode, float32; LRP on a plain 3-conv CNN (Captum's LRP has no rule for a residual sum); targets class
 `i % 2` per sample. Feature methods on a 4 x 4 (x 4) grid of groups; perturbations per model call 16 on both sides.
+The goal column reads the wall-clock ratio; the last column is the ratio of the process's CPU time over the
+same calls (what each side computed, without the waits for a core that the other jobs cause).
 
 {markdown_table(header, rows)}
 """

@@ -74,7 +74,7 @@ def worker(cfg: dict) -> dict:
     base = maxrss_mb()
     t0 = time.perf_counter()
     if cfg["engine"] == "windows":
-        attr = mx.explain(model, x, cfg["method"], target=target, inferer=SlidingWindowInferer(**kw),
+        attr = mx.explain(mx.Model(model, inferer=SlidingWindowInferer(**kw)), x, cfg["method"], target=target,
                           memory=cfg.get("memory"))
     elif cfg["engine"] == "monai":
         class MonaiSW(torch.nn.Module):

@@ -757,7 +757,7 @@ def test_output_index_on_a_plain_tensor_is_a_typed_error(files):
     """output=0 on a model returning one tensor used to index its channel axis silently (out[:, 0])."""
     model, x = cls3d(), torch.rand(1, 1, S, S, S)
     with pytest.raises(errors.UnsupportedModelError, match="not stacked heads") as e:
-        mx.explain(model, x, "saliency", target=0, output=0)
+        mx.explain(mx.Model(model, output=0), x, "saliency", target=0)
     assert "give it as the target" in str(e.value) and "o.ndim == x.ndim + 1" in str(e.value)
     out = files / "out_output_index"
     res = CliRunner().invoke(app, ["explain", V.format(d=files), "--model", CLS, "--output", "0", "--out", str(out)])
@@ -855,7 +855,7 @@ def test_medcam_on_a_vit_says_what_it_needs():
     vit = nets.ViT(1, img_size=16, patch_size=8, hidden_size=12, mlp_dim=12, num_layers=1, num_heads=2,
                    classification=True, num_classes=2, spatial_dims=2, post_activation=None).eval()
     with pytest.raises(errors.UnsupportedModelError, match=r"spatial map \(B, C, \*spatial\)") as e:
-        mx.explain(vit, torch.rand(1, 1, 16, 16), "medcam", target=0, output=0, steps=1)
+        mx.explain(mx.Model(vit, output=0), torch.rand(1, 1, 16, 16), "medcam", target=0, steps=1)
     assert "layers=" in str(e.value) and "<activation layer>" not in str(e.value)
     assert MedCAMConfig.build(layers="a.1, b.2").layers == ("a.1", "b.2")     # the command line's comma list
 

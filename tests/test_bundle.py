@@ -89,7 +89,7 @@ def test_a_bundle_explained_from_the_command_line_gives_maps_on_the_input_grid_a
     prepared = pre.apply(x_img, meta["affine"])
     target = mx.targets.resolve_target(mx.engine.sliding.with_inferer(b.network, b.inferer)(prepared.image[None]).detach(), 1,
                                        "predicted").target
-    attr = mx.explain(b.network, prepared.image[None], "saliency", target=target, inferer=b.inferer)
+    attr = mx.explain(mx.Model(b.network, inferer=b.inferer), prepared.image[None], "saliency", target=target)
     back = pre.invert(attr.map[0], prepared).numpy()
     written = np.moveaxis(np.asarray(nib.load(str(tmp_path / "out" / "case_saliency.nii.gz")).dataobj), -1, 0)
     assert np.allclose(written, back, atol=1e-6 * np.abs(back).max())
@@ -124,8 +124,52 @@ def test_load_model_builds_one_model_object_from_a_bundle(tmp_path):
     assert tuple(x.shape) == (1, 2, 10, 11, 14)
     tgt = Region(1, torch.ones((1, 10, 11, 14), dtype=torch.bool))
     a = mx.explain(model, x, "saliency", target=tgt)
-    b = mx.explain(net.eval(), x, "saliency", target=tgt, inferer=model.inferer)
+    b = mx.explain(mx.Model(net.eval(), inferer=model.inferer), x, "saliency", target=tgt)
     torch.testing.assert_close(a.map, b.map, rtol=0, atol=0)
     flipped = mx.load_model(tmp_path / "b", flip_axes=(0,))
     c = mx.explain(flipped, x, "saliency", target=tgt)
     assert c.info["n_forward"] == 2 * a.info["n_forward"] and c.info["model"]["passes"] == 2
+
+
+def softmax_unet():
+    """The bundle network of these tests ending in a Softmax module (as many Model Zoo networks do)."""
+    from monai.networks.nets import UNet
+    return torch.nn.Sequential(UNet(3, 2, 2, channels=(4, 8), strides=(2,), num_res_units=0), torch.nn.Softmax(dim=1))
+
+
+def test_a_bundle_whose_network_ends_in_softmax_writes_its_own_prediction(tmp_path):
+    """The Model explains the logits (the Softmax module's input), but the bundle's postprocessing (here: a
+    threshold at 0.5 on what the network outputs, probabilities) gets the network's output: the written
+    <stem>_prediction.nii.gz equals the bundle's own inference (its preprocessing of the file, its inferer, its
+    network, its postprocessing, run by MONAI)."""
+    from monai.data import MetaTensor
+    root = tmp_path / "b"
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    cfg = inference_config()
+    cfg["network_def"] = {"_target_": "test_bundle.softmax_unet"}
+    cfg["postprocessing"]["transforms"] = [t for t in cfg["postprocessing"]["transforms"]
+                                           if t["_target_"] not in ("Activationsd", "AsDiscreted")]
+    cfg["postprocessing"]["transforms"].insert(-1, {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5})
+    (root / "configs" / "inference.json").write_text(json.dumps(cfg))
+    torch.manual_seed(3)
+    torch.save(softmax_unet().state_dict(), root / "models" / "model.pt")
+    img = make_case(tmp_path / "case.nii.gz")
+    res = explain_image_of(tmp_path / "case.nii.gz", mx.ModelSpec(bundle=root), tmp_path / "out")
+    assert res.attributions["saliency"].info["score"].startswith("logits")     # explained: the logits
+    written = np.asarray(nib.load(str(tmp_path / "out" / "case_prediction.nii.gz")).dataobj)
+    b = mx.models.load_bundle(root)                       # the bundle's own inference, by MONAI
+    image = b.preprocessing({"image": str(tmp_path / "case.nii.gz")})["image"]
+    with torch.no_grad():
+        pred = b.inferer(image[None], b.network)[0]
+    pred = MetaTensor(pred.as_tensor() if isinstance(pred, MetaTensor) else pred, affine=image.affine.clone(),
+                      applied_operations=list(image.applied_operations))
+    theirs = b.postprocessing()({"pred": pred, "image": image})["pred"]
+    theirs = np.moveaxis(np.asarray(theirs), 0, -1)       # (K, *s) -> NIfTI's channels last
+    assert written.shape == theirs.shape and written.shape[:3] == img.shape[:3]
+    assert 0 < theirs.mean() < 1 and np.array_equal(written, theirs)
+
+
+def explain_image_of(image, model, out):
+    from medexplain.pipelines import explain_image
+    return explain_image(image, model, "saliency", out, target=1)

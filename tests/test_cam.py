@@ -392,7 +392,7 @@ def test_gradcam_on_monai_networks_at_the_default_layer_and_a_named_block(net):
     target = [1] * shape[0] if out.ndim == 2 else _region(shape[2:], shape[0])
     before = snapshot(model)
     for layer, (name, kind) in [(None, default), (named[0], named)]:
-        a = mx.explain(model, x, "gradcam", target=target, output=output, layer=layer)
+        a = mx.explain(mx.Model(model, output=output), x, "gradcam", target=target, layer=layer)
         assert a.map.shape == (shape[0], 1, *shape[2:]) and torch.isfinite(a.map).all(), (net, layer)
         assert a.info["layer"] == name and a.info["layout"] == kind, (net, a.info)
     assert_untouched(model, before)
@@ -409,7 +409,7 @@ def test_default_layers_skip_what_does_not_reach_the_output():
     plan = layer_plan(mx.core.with_output(vit, 0), torch.randn(shape), "blocks.0")
     assert plan.view.kind == "tokens" and plan.view.drop == 1 and plan.view.grid == (4, 4)
     with pytest.raises(errors.UnsupportedModelError, match="only through its class token"):
-        mx.explain(vit, torch.randn(shape), "gradcam", target=1, output=0, layer="blocks.1")
+        mx.explain(mx.Model(vit, output=0), torch.randn(shape), "gradcam", target=1, layer="blocks.1")
     dyn, shape = _dynunet()
     dyn.train()
     x = torch.randn(shape)

@@ -93,15 +93,12 @@ def test_run_accepts_every_option_of_explain():
     run = {p.name: p for p in cmds["run"].params if p.param_type_name == "option"}
     assert len(explain) > 30
     for name, p in explain.items():
-        if name == "figure":              # the PNG figures' options: explain only (run draws them with the defaults)
-            assert name not in run, name
-            continue
         assert name in run, name
         assert signature(run[name]) == signature(p), name
     # and the nnU-Net, bundle, sliding-window, target, transform and device flags are among them
     assert {"nnunet", "folds", "mirroring", "configuration", "bundle", "roi_size", "overlap", "sw_batch_size", "sw_mode",
             "activation", "output", "target", "region", "transform", "device", "layer", "option", "format",
-            "dicom_reference", "dicom_threshold", "pacs", "pacs_netrc", "pacs_ca_bundle"} <= set(run)
+            "dicom_reference", "dicom_threshold", "pacs", "pacs_netrc", "pacs_ca_bundle", "figure"} <= set(run)
 
 
 def test_old_spellings_are_hidden_aliases():

@@ -6,7 +6,7 @@ from torch import nn
 import medexplain as mx
 from conftest import no_hooks
 from medexplain.engine import core
-from medexplain.errors import LayerNotFoundError, UnsupportedModelError
+from medexplain.errors import InputError, LayerNotFoundError, UnsupportedModelError
 
 
 def _net():
@@ -122,10 +122,25 @@ def test_explain_output_option_explains_the_chosen_head():
 
     torch.manual_seed(0)
     net, x = Heads().eval(), torch.randn(2, 1, 8, 8)
-    sal = mx.explain(net, x, "saliency", target=1, output="b").map
+    sal = mx.explain(mx.Model(net, output="b"), x, "saliency", target=1).map
     x_ = x.clone().requires_grad_(True)
     (ref,) = torch.autograd.grad(net(x_)["b"][:, 1].sum(), x_)
     torch.testing.assert_close(sal, ref)
-    cam = mx.explain(net, x, "gradcam", target=1, output="b", layer="conv")  # layer names are the user's
+    cam = mx.explain(mx.Model(net, output="b"), x, "gradcam", target=1, layer="conv")  # layer names are the user's
     assert cam.map.shape == (2, 1, 8, 8)
     assert no_hooks(net) and not any(p.requires_grad is False for p in net.parameters())
+
+
+def test_all_finite_agrees_with_isfinite_for_nan_and_infinities_anywhere():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = torch.randn(2, 1, 5, 6, 7, generator=g).to(dtype)
+        assert core.all_finite(x)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for i in (0, 17, x.numel() - 1):
+                y = x.clone()
+                y.view(-1)[i] = bad
+                assert not core.all_finite(y) and not torch.isfinite(y).all(), (dtype, bad, i)
+    assert core.all_finite(torch.empty(0))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        core.check_input(torch.full((1, 1, 4, 4), float("nan")))

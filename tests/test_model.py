@@ -353,15 +353,17 @@ def test_load_model_from_modules_torchscript_factories_and_ensembles(tmp_path, m
     sys.modules.pop("mynets", None)
 
 
-def test_explain_keyword_arguments_still_build_the_model_and_available_methods_takes_one():
+def test_the_model_settings_live_on_the_model_and_available_methods_takes_one():
+    """output= and inferer= beside a bare module are refused, naming mx.Model (issue 23: the model object holds them)."""
     torch.manual_seed(0)
     net = TinySegmenter(nd=2).double().eval()
     x = torch.randn((1, 2, 8, 8), dtype=torch.float64)
     tgt = Region(1, torch.ones((1, 8, 8), dtype=torch.bool))
-    via_kw = mx.explain(net, x, "saliency", target=tgt, inferer={"roi_size": [8, 8]})
     via_model = mx.explain(mx.Model(net, inferer={"roi_size": [8, 8]}), x, "saliency", target=tgt)
-    torch.testing.assert_close(via_kw.map, via_model.map, rtol=0, atol=0)
-    assert via_kw.info["n_windows"] == 1
+    assert via_model.info["n_windows"] == 1
+    for kw in ({"inferer": {"roi_size": [8, 8]}}, {"output": 0}):
+        with pytest.raises(errors.OptionError, match=r"mx\.Model"):
+            mx.explain(net, x, "saliency", target=tgt, **kw)
     names = mx.available_methods(mx.Model(net, flip_axes=(0,)), x)
     assert "gradcam" in names and names == mx.available_methods(net, x)
 

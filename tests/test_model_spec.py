@@ -169,3 +169,22 @@ def test_case_model_is_the_one_turn_of_a_model_argument_into_a_model():
     assert case_model(["test_model_spec:tinyseg", "test_model_spec:tinyseg_b"]).n_passes == 2
     with pytest.raises(OptionError, match="give the model"):
         case_model(None)
+
+
+#: The keyword arguments about the model that went into the model object (issue 23).
+MODEL_KEYWORDS = {"weights", "output", "activation", "preprocessing", "inferer", "bundle", "nnunet", "nnunet_options",
+                  "device", "flip_axes", "eval"}
+
+
+def test_explain_run_and_the_pacs_path_take_the_model_and_nothing_else_about_it():
+    import inspect
+
+    from medexplain import pipelines
+    from medexplain.io.pacs import explain_pacs
+    from medexplain.pipelines.run import run_manifest
+    fns = [pipelines.explain_image, pipelines.explain_case, pipelines.explain_method, pipelines.method_table,
+           run_manifest, explain_pacs, mx.explain, mx.available_methods]
+    for fn in fns:
+        params = inspect.signature(fn).parameters
+        assert not MODEL_KEYWORDS & set(params), (fn.__name__, sorted(MODEL_KEYWORDS & set(params)))
+        assert "model" in params, fn.__name__

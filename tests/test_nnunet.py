@@ -186,7 +186,7 @@ def test_saliency_equals_autograd_through_nnunet_path(folder, case):
     x = m.prepare(img, AFFINE).image[None].double()
     mask = torch.zeros(x.shape[2:], dtype=torch.bool)
     mask[2:5, 3:7, 4:8] = True
-    attr = mx.explain(m.network, x, "saliency", target=Region(1, mask[None]), inferer=m.inferer)
+    attr = mx.explain(mx.Model(m.network, inferer=m.inferer), x, "saliency", target=Region(1, mask[None]))
     pred = predictor(folder, (0,), False, torch.float64)
     xr = x[0].clone().requires_grad_(True)
     (ref,) = torch.autograd.grad(reference_blend(pred, xr)[1][mask].sum(), xr)
@@ -207,7 +207,7 @@ def test_mirroring_and_fold_ensemble_are_the_mean_of_the_passes(folder, case):
     win = x[:, :, :8, :8, :8]
     with torch.no_grad():
         assert torch.allclose(m.network(win), (mirror(preds[0], win) + mirror(preds[1], win)) / 2, atol=1e-12)
-    attr = mx.explain(m.network, x, "saliency", target=Region(2, everywhere(x)), inferer=m.inferer)
+    attr = mx.explain(mx.Model(m.network, inferer=m.inferer), x, "saliency", target=Region(2, everywhere(x)))
     xr = x[0].clone().requires_grad_(True)
     score = sum(reference_blend(p, xr)[2].sum() for p in preds) / 2
     (ref,) = torch.autograd.grad(score, xr)
@@ -284,7 +284,7 @@ def test_model_left_untouched_and_errors_before_work(folder, case, tmp_path):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     grads = [p.requires_grad for p in net.parameters()]
     x = m.prepare(img, AFFINE).image[None]
-    mx.explain(m.network, x, "saliency", target=Region(1, everywhere(x)), inferer=m.inferer)
+    mx.explain(mx.Model(m.network, inferer=m.inferer), x, "saliency", target=Region(1, everywhere(x)))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not any(mod.training for mod in net.modules())
     assert [p.requires_grad for p in net.parameters()] == grads
@@ -437,7 +437,7 @@ def test_gradcam_through_mirroring_and_two_folds_by_the_model_mechanism(folder, 
     mask = torch.zeros(x.shape[2:], dtype=torch.bool)
     mask[2:6, 3:7, 4:8] = True
     tgt = Region(1, mask[None])
-    pipeline = mx.explain(m.network, x, "gradcam", target=tgt, inferer=m.inferer)   # how the pipelines call it
+    pipeline = mx.explain(mx.Model(m.network, inferer=m.inferer), x, "gradcam", target=tgt)   # how the pipelines call it
     model = mx.load_model(folder, folds=(0, 1), dtype=torch.float64)
     assert model.n_passes == 16 and model.flip_axes == (0, 1, 2) and len(model.networks) == 2
     a = mx.explain(model, x, "gradcam", target=tgt)

@@ -559,7 +559,7 @@ def test_lrp_registry_and_reality_agree_on_monai_3d_networks(name):
     refused before any work with the registry's reason. All six run now."""
     net, x = _monai_3d(name)
     output = 0 if name == "SegResNetVAE" else None                       # SegResNetVAE returns (seg, vae_loss)
-    listed = "lrp" in mx.available_methods(model=net, x=x, output=output)
+    listed = "lrp" in mx.available_methods(model=mx.Model(net, output=output), x=x)
     reason = mx.registry.get_method("lrp").why_not(net, None)
     mask = torch.zeros(1, *x.shape[2:], dtype=torch.bool)
     mask[:, 4:12, 4:12, 4:12] = True
@@ -567,11 +567,11 @@ def test_lrp_registry_and_reality_agree_on_monai_3d_networks(name):
     if not listed:
         assert reason
         with pytest.raises(UnsupportedModelError):
-            mx.explain(net, x, "lrp", target=Region(1, mask), output=output)
+            mx.explain(mx.Model(net, output=output), x, "lrp", target=Region(1, mask))
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                                 # additions no canonizer covers
-            attr = mx.explain(net, x, "lrp", target=Region(1, mask), output=output)
+            attr = mx.explain(mx.Model(net, output=output), x, "lrp", target=Region(1, mask))
         assert attr.map.shape == x.shape and torch.isfinite(attr.map).all() and attr.map.abs().sum() > 0
     assert_untouched(net, snap)
     assert listed, reason                                                  # the aim: LRP runs on all six
@@ -632,3 +632,85 @@ def test_kernelshap_and_lime_fill_each_model_call_across_the_samples():
             assert torch.equal(ours.map, alone) or rel_err(ours.map, alone) <= 1e-10, name
     finally:
         handle.remove()
+
+
+def test_surrogates_sample_once_per_sample_where_pooling_saves_no_model_call(monkeypatch):
+    """Pooling runs Captum's draws and surrogate fit twice per sample (record, replay): done only where it
+    makes fewer model calls. 3 samples x 16 rows in calls of 8: 6 calls either way, so each sample is drawn
+    and fitted once; in calls of 7 pooling makes 7 calls instead of 9, and each sample is drawn twice."""
+    import captum.attr as ca
+    model, x, t = make("cls", 2), image(2), [0, 2, 1]
+    runs = []
+    for name, cls in (("kernelshap", ca.KernelShap), ("lime", ca.Lime)):
+        original = cls.attribute
+
+        def counted(self, *a, _original=original, **k):
+            runs.append(1)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(cls, "attribute", counted)
+        for chunk, expected in ((8, 3), (7, 6)):
+            runs.clear()
+            mx.explain(model, x, name, target=t, n_features=16, n_samples=16, seed=3, chunk_size=chunk)
+            assert len(runs) == expected, (name, chunk)
+
+
+class TwoBranch(nn.Module):
+    """conv-relu, then two convolutions reading the same activation, concatenated (an Inception-style fork):
+    piecewise linear and bias-free, so LRP-0 equals input x gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.ReLU())
+        self.a = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(4, 3, 1, bias=False)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2, bias=False))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.cat([self.a(h), self.b(h)], 1))
+
+
+class DeadHead(TwoBranch):
+    """A fork whose second branch is computed and dropped (a deep-supervision head in eval): the score never
+    reads ``b``'s output, but ``b`` reads ``h``, so ``a`` must not share ``h`` with it."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        self.b(h)
+        return self.head(torch.cat([self.a(h), torch.zeros(h.shape[0], 3, *h.shape[2:], dtype=h.dtype)], 1))
+
+
+def test_lrp_copies_a_layers_input_only_where_the_tensor_has_several_consumers(monkeypatch):
+    """Captum's rules replace a tensor's gradient in a hook on the tensor (registered once per tensor): the
+    relevance of one consumer only. The probe finds the layers whose input has several consumers in the
+    backward graph (the two branches of a fork) and hands only those a copy; a plain chain gets none. The
+    maps equal those with a copy for every layer (the behaviour before the probe decided); with no copy at
+    all the fork's z+ map is wrong (its branches share one hook)."""
+    from medexplain.engine.core import model_guard
+    from medexplain.methods import lrp as lrp_module
+    torch.manual_seed(0)
+    fork, chain = TwoBranch().double().eval(), BiasFree3D().double().eval()
+    dead = DeadHead().double().eval()
+    for model, x, copied in ((fork, image(2, b=2), {"a", "b"}), (chain, image(3, b=2), set()),
+                             (dead, image(2, b=2), {"a", "b"})):
+        with model_guard(model):
+            names = {m: n for n, m in model.named_modules()}
+            leaves = lrp_module._leaf_layers(model)
+            assert {names[leaves[i]] for i in lrp_module._probe(model, x, None)[1]} == copied
+    probe = lrp_module._probe
+
+    def explained(model, x, composite, copies=None):
+        if copies is not None:
+            monkeypatch.setattr(lrp_module, "_probe", lambda m, x_, c: (probe(m, x_, c)[0], copies(m)))
+        try:
+            return mx.explain(model, x, "lrp", target=[0, 1], composite=composite).map
+        finally:
+            monkeypatch.setattr(lrp_module, "_probe", probe)
+
+    for model, x in ((fork, image(2, b=2)), (chain, image(3, b=2))):
+        for composite in ("epsilon", "epsilon_plus_flat"):
+            every = explained(model, x, composite, lambda m: frozenset(range(len(lrp_module._leaf_layers(m)))))
+            assert torch.equal(explained(model, x, composite), every), composite
+    x = image(2, b=2)
+    assert rel_err(explained(fork, x, "epsilon_plus_flat", lambda m: frozenset()),
+                   explained(fork, x, "epsilon_plus_flat")) > 0.1

@@ -66,7 +66,7 @@ def test_patchnet_applies_to_patchnets_also_through_the_output_adapter():
     assert spec.applies_to(net) and spec.applies_to(core.OutputAdapter(net, 0))
     assert "PatchNet" in spec.why_not(make("cls", 2))
     a = mx.explain(net, x, "patchnet", target=1)
-    b = mx.explain(net, x, "patchnet", target=1, output=lambda out: out)        # wrapped: same map
+    b = mx.explain(mx.Model(net, output=lambda out: out), x, "patchnet", target=1)        # wrapped: same map
     torch.testing.assert_close(a.map, b.map)
     assert a.method == "patchnet" and a.info["patch_size"] == (4, 4)
     with pytest.raises(UnsupportedModelError, match="PatchNet"):

@@ -1,5 +1,6 @@
 """Dataset-scale runs (issue 9): outputs, crash safety and resume, error rows, the Ray backend."""
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -36,6 +37,20 @@ def tiny3d():
     """A 1-channel 3D classifier with hooks (module:factory form: worker processes import it)."""
     torch.manual_seed(0)
     return TinyClassifier(3, cin=1).eval()
+
+
+def tiny3d_if_marked():
+    """tiny3d, built only where MEDEXPLAIN_TEST_MARK is set (a worker must be given the run's environment)."""
+    if os.environ.get("MEDEXPLAIN_TEST_MARK") != "run":
+        raise RuntimeError("MEDEXPLAIN_TEST_MARK is not set in this process")
+    return tiny3d()
+
+
+def tiny3d_not_in_workers():
+    """tiny3d in the run's process; in a worker process, a factory that raises."""
+    if multiprocessing.parent_process() is not None:
+        raise RuntimeError("no model in worker processes")
+    return tiny3d()
 
 
 def scripted3d(tmp: Path) -> str:
@@ -255,8 +270,8 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 
 def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
-    """The local backend's worker processes (spawned, each loading the model) write byte-identical maps to
-    one in-process worker, whatever the number of workers."""
+    """The local backend's worker processes (forked from the fork server, each loading the model) write
+    byte-identical maps to one in-process worker, whatever the number of workers."""
     csv = volumes(tmp_path, n=4)
     model = "test_run:tiny3d"     # with hooks (Grad-CAM's layer plan is probed once per process)
     one = run_manifest(csv, model, ["saliency", "gradcam", "integrated_gradients"], tmp_path / "one", options={"steps": 4},
@@ -266,19 +281,65 @@ def test_local_worker_processes_write_the_same_maps_as_one_process(tmp_path):
     assert outputs(two.out) == outputs(one.out)
     sessions = [json.loads(r.record.read_text())["sessions"][-1] for r in (one, two)]
     assert sessions[0]["workers"] == 1 and sessions[1]["workers"] == 2 and sessions[1]["processes"]
+    if "forkserver" in multiprocessing.get_all_start_methods():   # forked from one fork server, not spawned
+        assert sessions[1]["start_method"] == "forkserver"
+    assert sessions[1]["worker_cpu_seconds"] > 0
 
 
-def _children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (Linux /proc)."""
-    kids = []
+def test_local_workers_are_given_the_runs_environment(tmp_path, monkeypatch):
+    """A variable set after the workers' fork server started (credentials, CUDA_VISIBLE_DEVICES) reaches the
+    workers, as it reached spawned ones: the fork server's environment is the one from when it started."""
+    from medexplain.pipelines.run import backends
+    from medexplain.pipelines.run.worker import WorkerSpec
+
+    backends.prestart(WorkerSpec(model=mx.ModelSpec("test_run:tiny3d"), methods=[], out=str(tmp_path)), 2, 2)
+    monkeypatch.setenv("MEDEXPLAIN_TEST_MARK", "run")
+    res = run_manifest(volumes(tmp_path, n=2), "test_run:tiny3d_if_marked", ["saliency"], tmp_path / "out",
+                       batch_size=1, num_workers=2)
+    assert [r["status"] for r in res.rows] == ["ok", "ok"]
+    assert json.loads(res.record.read_text())["sessions"][-1]["workers"] == 2
+
+
+def test_a_model_that_fails_in_the_workers_is_a_clear_error(tmp_path):
+    """Workers that cannot load the model say why (a pool whose initializer raises only reports a dead
+    worker)."""
+    with pytest.raises(mx.errors.MedexplainError, match="a local worker could not load the model: .*RuntimeError: "
+                                                        "no model in worker processes"):
+        run_manifest(volumes(tmp_path, n=2), "test_run:tiny3d_not_in_workers", ["saliency"], tmp_path / "out",
+                     batch_size=1, num_workers=2)
+
+
+def test_the_fork_server_preloads_what_every_worker_imports():
+    """The workers' fork server imports MONAI, the worker's code and the model's loader once; a factory's own
+    module is left to the workers (a module that raises on import would take the fork server down)."""
+    from medexplain.pipelines.run.backends import preload_modules
+    from medexplain.pipelines.run.worker import WorkerSpec
+
+    base = ["__main__", "monai", "medexplain.pipelines.run.worker"]
+    def of(**model):
+        return preload_modules(WorkerSpec(model=mx.ModelSpec(**model), methods=[], out="o"))
+
+    assert of(source="mynets:factory") == base
+    assert of(source=["zoo:chest", "a.pt"]) == base + ["medexplain.models.zoo"]
+    assert of(bundle="b") == base + ["medexplain.models.bundle"]
+    assert of(nnunet="n")[-1] == "medexplain.models.nnunet"
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """The live descendants of ``pid`` (Linux /proc), each with its parent."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {}, {pid}
+    while frontier:
+        frontier = {k for k, p in parents.items() if p in frontier and k not in found}
+        found.update({k: parents[k] for k in frontier})
+    return found
 
 
 def _cmdline(pid: int) -> str:
@@ -299,24 +360,29 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
 def test_local_workers_die_with_a_sigkilled_run(tmp_path):
     """A SIGKILLed `medexplain run` takes its worker processes with it: an orphan would go on writing into the
-    folder that `--resume` completes (seen as a session missing from run.json in the SIGKILL test)."""
+    folder that `--resume` completes (seen as a session missing from run.json in the SIGKILL test). The workers
+    are the fork server's children (or the run's own, spawned); every process the run started must end."""
     csv = volumes(tmp_path, n=6)
     args = _cli(str(csv), "--model", scripted3d(tmp_path), "--method", "saliency,integrated_gradients",
-                "--out", str(tmp_path / "out"), "-o", "steps=64", "--batch-size", "1", "--num-workers", "2")
+                "--out", str(tmp_path / "out"), "-o", "steps=1024", "--batch-size", "1", "--num-workers", "2")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, workers = time.time() + 60, []
+    deadline, workers, started = time.time() + 60, [], {}
     while time.time() < deadline and p.poll() is None and len(workers) < 2:
-        workers = [k for k in _children(p.pid) if "spawn_main" in _cmdline(k)]
+        started = _descendants(p.pid)
+        workers = [k for k, parent in started.items()   # forked by the fork server, or spawned by the run
+                   if "multiprocessing" in _cmdline(k) and (parent != p.pid or "spawn_main" in _cmdline(k))]
         time.sleep(0.05)
     assert p.poll() is None and len(workers) == 2, "the run ended before its two workers were seen"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and any(map(_alive, workers)):
+    while time.time() < deadline and any(map(_alive, started)):
         time.sleep(0.05)
-    alive = [w for w in workers if _alive(w)]
-    assert not alive, f"worker processes {alive} outlived their SIGKILLed run"
+    alive = [w for w in started if _alive(w)]
+    for w in alive:   # leave no orphan behind when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"processes {alive} ({'workers' if set(alive) & set(workers) else 'helpers'}) outlived their SIGKILLed run"
 
 
 @pytest.mark.slow

@@ -187,7 +187,7 @@ ENSEMBLE = ["--model", "test_run_pipeline:tinyseg", "--model", "test_run_pipelin
 
 def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_path):
     """Two --model and --flip-axes build mx.load_model([a, b], flip_axes=...): explain's map is mx.explain on that
-    model object (16 passes counted), and run writes the same bytes."""
+    model object (16 passes counted), and run writes the same bytes and records the ModelSpec it loaded."""
     import json
 
     import medexplain as mx
@@ -202,6 +202,10 @@ def test_an_ensemble_with_flips_from_the_command_line_is_the_model_object(tmp_pa
         assert torch.allclose(got, want.float(), rtol=1e-5, atol=1e-7 * float(want.abs().max())), m
     info = json.loads((tmp_path / "e0" / "case0_info.json").read_text())
     assert info["methods"]["saliency"]["n_forward"] == 16 and "+" in info["model"]
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]   # the run records its ModelSpec
+    assert config["model"] == {"source": ["test_run_pipeline:tinyseg", "test_run_pipeline:tinyseg_b"],
+                               "flip_axes": [0, 1, 2]} and config["device"] == "auto"
+    assert mx.ModelSpec.from_dict(config["model"]).load().n_passes == 16
 
 
 def bn_train():
@@ -211,7 +215,8 @@ def bn_train():
 
 
 def test_the_eval_policy_reaches_the_model_object(tmp_path):
-    """explain_image(..., eval=policy) (the CLI's --eval) explains mx.Model(network, eval=policy): a network left in
+    """explain_image(mx.ModelSpec(net, eval=policy), ...) (the CLI's --eval) explains mx.Model(network, eval=policy):
+    a network left in
     training mode is used as given with never, switched to eval with always. (The loaders of a file or factory
     switch what they load to eval mode themselves, so from the command line --eval matters for what they keep.)"""
     import medexplain as mx
@@ -222,7 +227,7 @@ def test_the_eval_policy_reaches_the_model_object(tmp_path):
     maps = {}
     for policy in ("always", "never"):
         net = bn_train()
-        res = explain_image(image, net, "saliency", tmp_path / policy, target=1, region="all", eval=policy)
+        res = explain_image(image, mx.ModelSpec(net, eval=policy), "saliency", tmp_path / policy, target=1, region="all")
         maps[policy] = res.attributions["saliency"].map
         want = mx.explain(mx.Model(bn_train(), eval=policy), x, "saliency",
                           target=Region([1], torch.ones(1, 5, 6, 4, dtype=torch.bool))).map
@@ -253,3 +258,26 @@ def test_run_on_ray_equals_explain_on_nnunet_bundle_and_sliding_window_cases(tmp
                              ray_flags)
     finally:
         ray.shutdown()
+
+
+def test_run_draws_its_figures_with_the_figure_options_explain_takes(tmp_path):
+    """run --format png --figure key=value (declared once, as explain's): each case's PNG is the figure explain
+    draws with the same options, and the options change it (the default figure differs)."""
+    from PIL import Image
+    (image,) = volumes(tmp_path, (6, 7, 5), n=1)
+    flags = ["--model", "test_run_pipeline:tinyseg", "--method", "saliency", "--target", "1", "--region", "all"]
+    figure = ["--figure", "cmap=viridis", "--figure", "alpha=0.9", "--figure", "planes=axial"]
+    res = runner.invoke(app, ["explain", str(image), *flags, *figure, "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    pixels = {}
+    for name, extra in (("run", figure), ("plain", [])):
+        res = runner.invoke(app, ["run", str(manifest(tmp_path, [image])), *flags, "--format", "png", *extra,
+                                  "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        pixels[name] = np.asarray(Image.open(tmp_path / name / "cases" / "c0" / "saliency.png").convert("RGB"))
+    explained = np.asarray(Image.open(tmp_path / "e" / "case0_saliency.png").convert("RGB"))
+    assert np.array_equal(pixels["run"], explained)
+    assert pixels["plain"].shape != explained.shape or not np.array_equal(pixels["plain"], explained)
+    res = runner.invoke(app, ["run", str(manifest(tmp_path, [image])), *flags, "--format", "png", "--figure",
+                              "colour=red", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "colour" in res.output and not (tmp_path / "bad").exists()

@@ -65,7 +65,7 @@ def test_saliency_and_smoothgrad_equal_autograd_through_monai(mode, overlap):
     touched = windows_touching(net, x, target.mask)
     assert len(touched) > 1                                # the region spans several windows
     for method, opts in [("saliency", {}), ("smoothgrad", {"n_samples": 2, "sigma": 0.2, "seed": 4})]:
-        ours = mx.explain(model, x, method, target=target, inferer=inf, **opts)
+        ours = mx.explain(mx.Model(model, inferer=inf), x, method, target=target, **opts)
         theirs = mx.explain(ref, x, method, target=target, **opts)   # the same seeded noise
         assert ours.map.abs().max() > 1e-3
         assert (ours.map - theirs.map).abs().max() <= 1e-8
@@ -77,7 +77,7 @@ def test_roi_larger_than_the_image_pads_as_monai_and_2d_works():
     model, x = unet(nd=2), volume((3, 7))
     kw = dict(roi_size=(4, 4), sw_batch_size=2, overlap=0.25, mode="gaussian", padding_mode="replicate")
     target = Region(1, box((3, 7), slice(0, 3), slice(0, 7)))
-    ours = mx.explain(model, x, "integrated_gradients", target=target, inferer=SlidingWindowInferer(**kw), steps=3)
+    ours = mx.explain(mx.Model(model, inferer=SlidingWindowInferer(**kw)), x, "integrated_gradients", target=target, steps=3)
     theirs = mx.explain(MonaiSW(model, **kw), x, "integrated_gradients", target=target, steps=3)
     assert (ours.map - theirs.map).abs().max() <= 1e-8 and ours.map.abs().max() > 1e-3
 
@@ -90,7 +90,7 @@ def test_a_lesion_in_one_corner_backpropagates_only_its_windows():
     for lesion, n_touched in [(box(shape, slice(0, 2), slice(0, 2), slice(0, 2)), 1),
                               (box(shape, slice(3, 4), slice(0, 1), slice(0, 1)), 2)]:   # in two windows' overlap
         target = Region(1, lesion)
-        attr = mx.explain(model, x, "saliency", target=target, inferer=inf)
+        attr = mx.explain(mx.Model(model, inferer=inf), x, "saliency", target=target)
         assert attr.info["n_windows"] == 27
         expected = windows_touching(SlidingWindowModel(model, inf), x, lesion)
         assert attr.info["windows"] == expected and len(expected) == n_touched
@@ -122,8 +122,8 @@ def test_gradcam_with_one_window_covering_the_input_is_plain_gradcam():
     target = Region(1, box((4, 4, 4), slice(1, 3), slice(0, 3), slice(1, 4)))
     for method in ("gradcam", "gradcam++"):
         for mode in ("gaussian", "constant"):
-            win = mx.explain(model, x, method, target=target, layer="model.1",
-                             inferer=SlidingWindowInferer((4, 4, 4), mode=mode))
+            win = mx.explain(mx.Model(model, inferer=SlidingWindowInferer((4, 4, 4), mode=mode)), x, method,
+                             target=target, layer="model.1")
             plain = mx.explain(model, x, method, target=target, layer="model.1")
             assert plain.map.abs().max() > 1e-3
             assert (win.map - plain.map).abs().max() <= 1e-6 * plain.map.abs().max()
@@ -134,9 +134,9 @@ def test_gradcam_through_several_windows_has_the_batch_of_the_input():
     model, x = unet(), volume(shape, b=3)
     inf = SlidingWindowInferer((4, 4, 4), sw_batch_size=3, overlap=0.5, mode="gaussian")
     target = Region(1, box(shape, slice(0, 3), slice(0, 3), slice(0, 3)))
-    attr = mx.explain(model, x, "gradcam", target=target, inferer=inf)
+    attr = mx.explain(mx.Model(model, inferer=inf), x, "gradcam", target=target)
     assert attr.map.shape == (3, 1, *shape) and attr.info["n_windows"] == 3 * 2 * 2
-    singles = torch.cat([mx.explain(model, x[i:i + 1], "gradcam", target=target, inferer=inf).map for i in range(3)])
+    singles = torch.cat([mx.explain(mx.Model(model, inferer=inf), x[i:i + 1], "gradcam", target=target).map for i in range(3)])
     assert (attr.map - singles).abs().max() <= 1e-10
     assert attr.info["windows"] == windows_touching(SlidingWindowModel(model, inf), x, target.mask)
     with pytest.raises(UnsupportedModelError):             # a hook on MONAI's loop: refused, never the wrong batch
@@ -149,7 +149,7 @@ def test_occlusion_reruns_only_the_windows_an_occluder_touches():
     model, x = unet(), volume(shape, b=2)
     kw = dict(roi_size=(4, 4, 4), sw_batch_size=4, overlap=0.0, mode="constant")
     target = Region(1, box(shape, slice(0, 8), slice(0, 4), slice(0, 4)))
-    ours = mx.explain(model, x, "occlusion", target=target, inferer=SlidingWindowInferer(**kw), window=2)
+    ours = mx.explain(mx.Model(model, inferer=SlidingWindowInferer(**kw)), x, "occlusion", target=target, window=2)
     ref = mx.explain(MonaiSW(model, **kw), x, "occlusion", target=target, window=2)
     assert (ours.map - ref.map).abs().max() <= 1e-10 and ref.map.abs().max() > 1e-3
     # 16 occluders x 2 images, each inside one window: 1 window each, plus the 2 x 2 windows of the unchanged
@@ -187,11 +187,11 @@ def test_the_model_is_left_as_found_also_on_error():
     for p in model.parameters():
         p.requires_grad_(True)
     inf = SlidingWindowInferer((4, 4, 4), overlap=0.5)
-    mx.explain(model, x, "gradcam", target=Region(1, box((6, 6, 6), slice(0, 2), slice(0, 2), slice(0, 2))),
-               inferer=inf)
+    mx.explain(mx.Model(model, inferer=inf), x, "gradcam",
+               target=Region(1, box((6, 6, 6), slice(0, 2), slice(0, 2), slice(0, 2))))
     with pytest.raises(mx.errors.TargetError):
-        mx.explain(model, x, "saliency", target=Region(5, box((6, 6, 6), slice(0, 2), slice(0, 2), slice(0, 2))),
-                   inferer=inf)
+        mx.explain(mx.Model(model, inferer=inf), x, "saliency",
+                   target=Region(5, box((6, 6, 6), slice(0, 2), slice(0, 2), slice(0, 2))))
     assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
 
@@ -200,16 +200,16 @@ def test_bad_settings_are_typed_errors_before_any_work():
     model, x = unet(), volume((6, 6, 6), b=1)
     t = Region(1, box((6, 6, 6), slice(0, 2), slice(0, 2), slice(0, 2)))
     with pytest.raises(UnsupportedModelError, match="SlidingWindowInferer"):
-        mx.explain(model, x, "saliency", target=t, inferer=object())
+        mx.explain(mx.Model(model, inferer=object()), x, "saliency", target=t)
     with pytest.raises(InputError, match="roi_size"):
-        mx.explain(model, x, "saliency", target=t, inferer=SlidingWindowInferer((4, 4)))
+        mx.explain(mx.Model(model, inferer=SlidingWindowInferer((4, 4))), x, "saliency", target=t)
     with pytest.raises(UnsupportedModelError, match="buffer_steps"):
         with_inferer(model, SlidingWindowInferer((4, 4, 4), buffer_steps=2))
     with pytest.raises(UnsupportedModelError, match="Score-CAM"):
-        mx.explain(model, x, "scorecam", target=t, inferer=SlidingWindowInferer((4, 4, 4)))
+        mx.explain(mx.Model(model, inferer=SlidingWindowInferer((4, 4, 4))), x, "scorecam", target=t)
     from conftest import TinyClassifier
     with pytest.raises(UnsupportedModelError, match="dense output"):
-        mx.explain(TinyClassifier(3).double(), x, "saliency", target=0, inferer=SlidingWindowInferer((4, 4, 4)))
+        mx.explain(mx.Model(TinyClassifier(3).double(), inferer=SlidingWindowInferer((4, 4, 4))), x, "saliency", target=0)
     with pytest.raises(InputError, match="vmap"):
         explain_instances(mx.Model(model, inferer=SlidingWindowInferer((4, 4, 4))), x, [Instance(t.mask, "TP", 8)],
                           n_samples=1, strategy="vmap")
@@ -225,17 +225,17 @@ def test_memory_budget_keeps_recomputes_or_memory_maps_with_the_same_gradient():
     inf = SlidingWindowInferer(**kw)
     target = Region(1, box(shape, slice(0, 5), slice(2, 8), slice(1, 8)))
     ref = mx.explain(MonaiSW(model, **kw), x, "saliency", target=target).map
-    every = mx.explain(model, x, "saliency", target=target, inferer=inf, memory=100.0)
+    every = mx.explain(mx.Model(model, inferer=inf), x, "saliency", target=target, memory=100.0)
     mem = every.info["memory"]
     n_rows = x.shape[0] * every.info["n_windows"]
     assert mem["kept_window_rows"] == n_rows and mem["recomputed_window_rows"] == 0 and not mem["memmap"]
     assert every.info["n_forward"] == n_rows                       # one forward per window, none recomputed
     window, arrays = mem["window_call_bytes"], mem["volume_arrays_bytes"]
     assert window > 0 and arrays == x.shape[0] * 8 ** 3 * (2 * 2 + 2 * 2) * 8
-    one = mx.explain(model, x, "saliency", target=target, inferer=inf, memory=(arrays + 1.5 * window) / 1e9)
+    one = mx.explain(mx.Model(model, inferer=inf), x, "saliency", target=target, memory=(arrays + 1.5 * window) / 1e9)
     probe = mem["window_call_probe_bytes"]                          # what the plan checks before compute
     assert probe < arrays
-    low = mx.explain(model, x, "saliency", target=target, inferer=inf, memory=1.1 * probe / 1e9)
+    low = mx.explain(mx.Model(model, inferer=inf), x, "saliency", target=target, memory=1.1 * probe / 1e9)
     assert one.info["memory"]["kept_window_rows"] == 0 and not one.info["memory"]["memmap"]
     assert low.info["memory"]["kept_window_rows"] == 0 and low.info["memory"]["memmap"]
     touched = windows_touching(SlidingWindowModel(model, inf), x, target.mask)
@@ -252,7 +252,7 @@ def test_a_memory_budget_below_one_window_call_is_refused_before_compute():
     inf = SlidingWindowInferer(roi_size=(4, 4, 4), sw_batch_size=2, overlap=0.5)
     target = Region(1, box((8, 8, 8), slice(0, 5), slice(0, 5), slice(0, 5)))
     with pytest.raises(MemoryBudgetError, match="one sliding-window call"):
-        mx.explain(model, x, "saliency", target=target, inferer=inf, memory=1e-9)
+        mx.explain(mx.Model(model, inferer=inf), x, "saliency", target=target, memory=1e-9)
 
 
 def test_volume_arrays_are_memory_mapped_files_removed_at_once(tmp_path, monkeypatch):

@@ -282,17 +282,19 @@ def test_run_manifest_uses_the_target_grammar_and_preprocessing_columns(tmp_path
 
 
 def test_run_level_preprocessing_defaults_fill_empty_cells_and_are_part_of_the_resume_fingerprint(tmp_path):
-    """`run --divisible-by 4` (preprocessing=) is the default of the manifest's column; a case's cell wins;
+    """`run --divisible-by 4` (the ModelSpec's preprocessing) is the default of the manifest's column; a case's cell wins;
     a bad setting is refused before anything is written; a resume with other defaults is refused."""
+    from medexplain import ModelSpec
     from medexplain.pipelines.run import run_manifest
     volume(tmp_path)
     (tmp_path / "cases.csv").write_text("case_id,image,divisible_by,intensity\na,v.nii.gz,,\nb,v.nii.gz,3,zscore\n")
     with pytest.raises(errors.OptionError, match="unknown preprocessing"):
-        run_manifest(tmp_path / "cases.csv", "test_targets_default:two_blobs", ["saliency"], tmp_path / "bad",
-                     preprocessing={"spacingg": "1"})
+        run_manifest(tmp_path / "cases.csv", ModelSpec("test_targets_default:two_blobs",
+                                                       preprocessing={"spacingg": "1"}), ["saliency"], tmp_path / "bad")
     with pytest.raises(errors.OptionError, match="run preprocessing"):
-        run_manifest(tmp_path / "cases.csv", "test_targets_default:two_blobs", ["saliency"], tmp_path / "bad",
-                     preprocessing={"divisible_by": "zero"})
+        run_manifest(tmp_path / "cases.csv", ModelSpec("test_targets_default:two_blobs",
+                                                          preprocessing={"divisible_by": "zero"}), ["saliency"],
+                     tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     r = CliRunner().invoke(app, ["run", str(tmp_path / "cases.csv"), "--model", "test_targets_default:two_blobs",
                                  "--out", str(tmp_path / "out"), "--divisible-by", "4"])
@@ -306,5 +308,6 @@ def test_run_level_preprocessing_defaults_fill_empty_cells_and_are_part_of_the_r
         img = nib.load(str(tmp_path / "out" / "cases" / c / "saliency.nii.gz"))
         assert img.shape == (8, 8, 8) and np.allclose(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
     with pytest.raises(errors.MedexplainError, match="preprocessing"):
-        run_manifest(tmp_path / "cases.csv", "test_targets_default:two_blobs", ["saliency"], tmp_path / "out",
-                     resume=True, preprocessing={"divisible_by": "8"})
+        run_manifest(tmp_path / "cases.csv", ModelSpec("test_targets_default:two_blobs",
+                                                          preprocessing={"divisible_by": "8"}), ["saliency"],
+                     tmp_path / "out", resume=True)

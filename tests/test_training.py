@@ -61,7 +61,7 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
     modes = {n: m.training for n, m in net.named_modules()}
     grads = {n: p.requires_grad for n, p in net.named_parameters()}
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    names = mx.available_methods(model=net, x=x[:1], output=head)
+    names = mx.available_methods(model=mx.Model(net, output=head), x=x[:1])
     assert "medcam" not in names and "patchnet" not in names          # classifier / PatchNet methods do not apply
     assert {"saliency", "smoothgrad", "integrated_gradients", "gradcam", "occlusion"} <= set(names)
     mask = y[:1].bool()
@@ -73,9 +73,9 @@ def test_deep_supervision_dynunet_trains_and_is_explained_by_every_applicable_me
             # says so (a typed error found on the first forward), leaving the model as found. LRP's pass-through
             # rule handles a reused activation module (issue 27), so LRP runs below
             with pytest.raises(UnsupportedModelError, match="more than once"):
-                mx.explain(net, x[:1], method=m, target=mx.targets.Region(1, mask), output=head, **opts)
+                mx.explain(mx.Model(net, output=head), x[:1], method=m, target=mx.targets.Region(1, mask), **opts)
             continue
-        attr = mx.explain(net, x[:1], method=m, target=mx.targets.Region(1, mask), output=head, **opts)
+        attr = mx.explain(mx.Model(net, output=head), x[:1], method=m, target=mx.targets.Region(1, mask), **opts)
         assert attr.map.shape[0] == 1 and attr.map.shape[2:] == (16, 16), m
         assert torch.isfinite(attr.map).all() and attr.map.abs().sum() > 0, m
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

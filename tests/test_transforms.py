@@ -91,7 +91,7 @@ def test_array_compose_and_shortcuts_round_trip_through_the_api(tmp_path):
     path, x = scan(tmp_path)
     compose = Compose([Orientation("LPS", labels=(("L", "R"), ("P", "A"), ("I", "S"))), Spacing((2.0, 1.0, 1.5)),
                        ScaleIntensityRangePercentiles(1, 99, 0, 1, clip=True)])
-    res = explain_image(path, net(), "saliency", tmp_path / "a", preprocessing=Preprocessing(transform=compose))
+    res = explain_image(path, mx.Model(net(), preprocessing=Preprocessing(transform=compose)), "saliency", tmp_path / "a")
     pre = compose(MetaTensor(torch.from_numpy(x)[None], affine=torch.as_tensor(AFFINE)))
     m_pre = mx.explain(net(), pre.as_tensor()[None].float(), "saliency", target=res.target).map[0, 0].numpy()
     expected = back_on_the_image_grid(m_pre, pre.affine.numpy())
@@ -100,7 +100,7 @@ def test_array_compose_and_shortcuts_round_trip_through_the_api(tmp_path):
     assert np.abs(got.get_fdata() - expected).max() <= 1e-5 * np.abs(expected).max()
     # the shortcuts: the same kind of round trip, with padding to a multiple
     short = Preprocessing(spacing="1.5", orientation="RAS", divisible_by="8", intensity="zscore")
-    res = explain_image(path, net(), "saliency", tmp_path / "b", preprocessing=short)
+    res = explain_image(path, mx.ModelSpec(net(), preprocessing=short), "saliency", tmp_path / "b")
     grid = res.attributions["saliency"].map.shape[2:]
     assert all(s % 8 == 0 for s in grid)
     got = nib.load(str(tmp_path / "b" / "scan_saliency.nii.gz"))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from medexplain.cli import app
-from medexplain.cli._common import cli_errors, console, parse_options, parse_output, pass_progress
+from medexplain.cli._common import cli_errors, console, parse_options, pass_progress
 from medexplain.cli._dicom import output_kwargs, pacs_of
 from medexplain.cli.params import DICOM_OUTPUT, EXPLAIN, Flags, declared_methods, takes
 
@@ -23,25 +23,19 @@ IMAGE_HELP = ("PNG/JPEG, DICOM (a file, or a folder holding one series), NIfTI (
 
 
 def explain_kwargs(flags: Flags) -> dict:
-    """The keyword arguments of :func:`medexplain.pipelines.explain_image` the shared options give (``run``
-    passes the same ones to :func:`medexplain.pipelines.run.run_manifest`)."""
+    """The keyword arguments of :func:`medexplain.pipelines.explain_image` the shared options give besides the
+    model (``flags.model_spec()``; ``run`` passes the same ones to :func:`medexplain.pipelines.run.run_manifest`)."""
     from medexplain.engine.targets import parse_target
 
-    return {"weights": flags.models("weights"), "target": parse_target(flags.target or "predicted"),
-            "region": flags.region, "layer": flags.layer, "options": parse_options(flags.option),
-            "output": parse_output(flags.output), "activation": flags.activation,
-            "skip_unsupported": flags.skip_unsupported, "overwrite": flags.overwrite, "series": flags.series,
-            "bundle": flags.bundle, "seed": flags.seed, "report": flags.report, **flags.model_inputs()}
+    return {"target": parse_target(flags.target or "predicted"), "region": flags.region, "layer": flags.layer,
+            "options": parse_options(flags.option), "skip_unsupported": flags.skip_unsupported,
+            "overwrite": flags.overwrite, "series": flags.series, "seed": flags.seed, "report": flags.report,
+            "memory": flags.memory, "figure": flags.figure}
 
 
 @app.command("explain")
 @takes(*EXPLAIN, *DICOM_OUTPUT)
-def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HELP),
-                figure: List[str] = typer.Option([], "--figure", help="PNG figure option key=value (repeatable): "
-                                                 "alpha=0.4 (opacity), percentile=99.5 (colour limit), cmap=viridis, "
-                                                 "planes=axial,coronal, point=I,J,K (the voxel the volume planes cut "
-                                                 "through); docs/io.md"),
-                flags: Flags = None):
+def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HELP), flags: Flags = None):
     """Explain one image (one file, or one file per channel) with one or more methods; writes NIfTI maps
     on the input's own grid and affine, PNG overlays and info.json (target, region, activation and
     preprocessing recorded). Everything is checked before any compute; each method's files are written as
@@ -52,15 +46,14 @@ def explain_cmd(image: Optional[list[Path]] = typer.Argument(None, help=IMAGE_HE
         pacs = pacs_of(flags)
         if (pacs is None) == (not image):
             raise typer.BadParameter("give the IMAGE file(s), or --pacs URL --study UID (not both)")
-        kw = {**explain_kwargs(flags), **output_kwargs(flags), "figure": figure, "on_estimate": bar.estimate,
-              "on_progress": bar.update}
+        model = flags.model_spec()
+        kw = {**explain_kwargs(flags), **output_kwargs(flags), "on_estimate": bar.estimate, "on_progress": bar.update}
         if pacs is not None:
             from medexplain.io.pacs import explain_pacs
             kw.pop("dicom_reference")
-            res = explain_pacs(pacs, flags.study, flags.models("model"), flags.methods(declared_methods().default),
-                               flags.out, **kw)
+            res = explain_pacs(pacs, flags.study, model, flags.methods(declared_methods().default), flags.out, **kw)
         else:
-            res = explain_image(image[0] if len(image) == 1 else image, flags.models("model"),
+            res = explain_image(image[0] if len(image) == 1 else image, model,
                                 flags.methods(declared_methods().default), flags.out, **kw)
     t = res.target_info
     console.print(f"explained class {t['class']}" + (f", region {t['region']} ({t['region_voxels']} voxels)"
@@ -94,7 +87,7 @@ def methods_cmd(image: Optional[Path] = typer.Option(None, "--image", help="with
         return
     with cli_errors():
         model = flags.models("model")
-        rows = method_table(model, weights=flags.models("weights"), image=image)
+        rows = method_table(flags.model_spec() if model else None, image=image)
     tab = Table(title="explanation methods" + (f" for {model}" if model else ""), show_lines=False)
     cols = ["method", "family", "models", "what it computes"] + (["applies to the model"] if model else [])
     for c in cols:

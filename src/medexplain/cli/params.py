@@ -307,6 +307,9 @@ OPTIONS: dict[str, Opt] = {
                "--resume)", panel=OUTPUT),
     "overwrite": Opt(("--overwrite/--no-overwrite",), bool, False, "replace this command's files already in --out "
                      "(default: refuse, naming them)", panel=OUTPUT),
+    "figure": Opt(("--figure",), List[str], [], "PNG figure option key=value (repeatable): alpha=0.4 (opacity), "
+                  "percentile=99.5 (colour limit), cmap=viridis, planes=axial,coronal, point=I,J,K (the voxel the "
+                  "volume planes cut through); docs/io.md (run: the figures of --format png)", panel=OUTPUT),
     "report": Opt(("--report/--no-report",), bool, False, "also write an HTML report: explain <stem>_report.html (the "
                   "input, each method's map, a tri-planar viewer for volumes); run report.html, the index of the run "
                   "(cases x methods: status, links to maps and figures, error messages)", panel=OUTPUT),
@@ -323,7 +326,7 @@ FORMAT_OUTPUT = ("format", "dicom_reference", "dicom_threshold")
 DICOM_OUTPUT = (*FORMAT_OUTPUT, "pacs", "study", "pacs_netrc", "pacs_ca_bundle")
 #: Everything ``explain`` takes besides its images and :data:`DICOM_OUTPUT`; ``run`` takes all of it too.
 EXPLAIN = ("model", "weights", "bundle", "method", "target", "region", "layer", "option", "activation", "output",
-           "skip_unsupported", "seed", "series", "out", "overwrite", "report", *MODEL_INPUT)
+           "skip_unsupported", "seed", "series", "out", "overwrite", "report", "figure", *MODEL_INPUT)
 
 
 class Flags(dict):
@@ -380,13 +383,6 @@ class Flags(dict):
         except ValueError:
             raise typer.BadParameter(f"must be axis numbers separated by commas, got {self['flip_axes']!r}",
                                      param_hint="--flip-axes") from None
-
-    def model_inputs(self) -> dict:
-        """The pipelines' keyword arguments of the model-input flags: preprocessing, inferer, nnU-Net, device."""
-        flips = self.flips()
-        return {"preprocessing": self.preprocessing() or None, "inferer": self.inferer(), "nnunet": self["nnunet"],
-                "nnunet_options": self.nnunet_options(), "device": self["device"], "flip_axes": flips,
-                "eval": self["eval"], "memory": self["memory"], "amp": self["amp"]}
 
     def models(self, name: str = "model"):
         """``--model`` (or ``--weights``) as the library takes it: None, one value, or a list (an ensemble)."""

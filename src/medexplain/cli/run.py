@@ -6,8 +6,9 @@ case x method a map and a record, then ``results.csv`` (+ ``results.parquet`` wi
 ``run`` takes every option of ``explain`` (the same declaration, :data:`medexplain.cli.params.EXPLAIN`) with the
 same meaning; ``--target``, ``--region``, ``--series`` and the preprocessing options are run-wide defaults of
 the manifest's columns (a case's own cell wins). ``--format png,dicom`` adds each case's figures and DICOM
-objects (explain's writer); ``--pacs URL`` reads the manifest's ``study`` rows from a PACS and stores their
-objects back (``docs/dicom.md``); ``--study`` is refused (the manifest names each case's study).
+objects (explain's writer; ``--figure key=value`` draws the figures as explain's do); ``--pacs URL`` reads the
+manifest's ``study`` rows from a PACS and stores their objects back (``docs/dicom.md``); ``--study`` is refused
+(the manifest names each case's study).
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ def run_cmd(
                                                 TimeRemainingColumn(), console=console, transient=True) as bar:
         if flags.study is not None:
             raise OptionError("run reads each case's study from the manifest's study column; --study is for explain")
+        model = flags.model_spec()
         kwargs = {**explain_kwargs(flags), **output_kwargs(flags), "pacs": flags.pacs, "pacs_netrc": flags.pacs_netrc,
                   "pacs_ca_bundle": flags.pacs_ca_bundle}
         task = bar.add_task("items", total=None)
-        res = run_manifest(manifest, flags.models("model"), flags.methods(declared_methods().default), flags.out, backend=backend,
+        res = run_manifest(manifest, model, flags.methods(declared_methods().default), flags.out, backend=backend,
                            address=address, resume=resume, batch_size=flags.batch_size or 4, num_workers=num_workers,
                            map_format=map_format, retry_errors=retry_errors,
                            on_progress=lambda d, t: bar.update(task, completed=d, total=t), **kwargs)

@@ -1,8 +1,9 @@
 """The stable entry points: ``mx.explain`` and ``mx.available_methods`` over the method registry.
 
 ``explain`` does what is common to every registered method (:mod:`medexplain.engine.registry`): option
-checks, the model object (:class:`medexplain.models.model.Model`: a bare ``nn.Module`` with ``output=`` /
-``inferer=`` is wrapped in one), input checks (and the one move to the model's device), target parsing,
+checks, the model object (:class:`medexplain.models.model.Model`: a bare ``nn.Module`` is wrapped in one; its
+output adapter, sliding window, flips, ensemble, device and train/eval policy are the Model's), input checks
+(and the one move to the model's device), target parsing,
 the model guard (the Model's train/eval policy, frozen weights, buffers restored afterwards), cost
 counting, and the :class:`Attribution` (map on the CPU, ``info`` with the model's description).
 """
@@ -22,7 +23,7 @@ from medexplain.errors import MedexplainError, OptionError, TargetError
 from medexplain.models.model import as_model
 
 
-def available_methods(model=None, x: torch.Tensor | None = None, output=None) -> list[str]:
+def available_methods(model=None, x: torch.Tensor | None = None) -> list[str]:
     """Names accepted by :func:`explain`; with ``model`` (an ``nn.Module`` or an :class:`mx.Model
     <medexplain.models.model.Model>`), only the methods that apply to it (hooks for CAMs, PatchNet saliency
     for PatchNets, classifier-only methods). With ``x`` one forward (no gradients, model guarded) tells
@@ -30,7 +31,7 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
     methods_ = registered()
     if model is None:
         return sorted(methods_)
-    m = as_model(model, output=output)
+    m = as_model(model)
     out = None
     if x is not None:
         with model_guard(m, policy=m.eval_policy), torch.no_grad():
@@ -47,22 +48,23 @@ def available_methods(model=None, x: torch.Tensor | None = None, output=None) ->
     return sorted(n for n, spec in methods_.items() if spec.applies_to(m.runner, out))
 
 
-def explain(model, x: torch.Tensor, method: str | None = None, target=None, output=None,
-            inferer=None, memory: float | None = None, **options) -> Attribution:
+def explain(model, x: torch.Tensor, method: str | None = None, target=None, memory: float | None = None,
+            **options) -> Attribution:
     """Explain ``model`` at ``x`` with ``method`` for ``target``.
 
     ``model``: an :class:`mx.Model <medexplain.models.model.Model>` (the network or an ensemble, test-time
-    flips, output adapter, inferer, device, dtype, train/eval policy), or an ``nn.Module``, which is wrapped
-    in one (``mx.Model(model, output=output, inferer=inferer)``). ``x`` is ``(B, C, H, W)`` or
+    flips, output adapter ``output=``, inferer ``inferer=``, device, dtype, train/eval policy), or an ``nn.Module``,
+    which is wrapped in one (``mx.Model(model)``; ``mx.Model(model, output=..., inferer=...)`` sets them).
+    ``x`` is ``(B, C, H, W)`` or
     ``(B, C, D, H, W)``; ``method`` a registered name (default: the registry's default method, saliency);
     ``target`` an int, a list of ints (one per sample) or a :mod:`medexplain.engine.targets` object. With a
     :class:`~medexplain.engine.targets.Regions` target the map has one row per region: a method declared
     ``regions=True`` takes the regions as they are, any other is run on each region's image with that
-    region's target. ``output`` selects what is explained when the model returns a tuple, dict or stacked heads
-    (:func:`medexplain.engine.core.select_output`). ``options`` go to the method (see its docstring, e.g. ``layer=``
+    region's target. The Model's ``output`` selects what is explained when the network returns a tuple, dict or
+    stacked heads (:func:`medexplain.engine.core.select_output`). ``options`` go to the method (see its docstring, e.g. ``layer=``
     for CAMs, ``n_samples=`` for SmoothGrad, ``chunk_size=``: rows given to the model in one call). The
-    model is left exactly as found, also when an error is raised. ``inferer``: a
-    ``monai.inferers.SlidingWindowInferer``; the model then runs window by window, with the exact
+    model is left exactly as found, also when an error is raised. With the Model's ``inferer`` (a
+    ``monai.inferers.SlidingWindowInferer``) the model runs window by window, with the exact
     window-by-window gradient, and ``info`` counts windows (:mod:`medexplain.engine.sliding`).
 
     Every method explains the Model's prediction, the mean over its passes (members x flips): gradients
@@ -75,13 +77,17 @@ def explain(model, x: torch.Tensor, method: str | None = None, target=None, outp
     one call (all its passes) is measured on a probe row (:func:`medexplain.engine.options.probe_row_bytes`),
     ``chunk_size`` is capped to the rows that fit, and a call that cannot fit even one row raises
     :class:`~medexplain.errors.MemoryBudgetError` before any compute (:func:`medexplain.engine.options.plan_memory`);
-    ``info["memory"]`` records the plan. Through an ``inferer`` it bounds the peak of the whole explanation
+    ``info["memory"]`` records the plan. Through an inferer it bounds the peak of the whole explanation
     instead: window graphs are kept while they fit, recomputed when not, and the full-volume arrays are
     memory-mapped when even they do not fit (:func:`medexplain.engine.options.plan_window_memory`).
     """
     spec = get_method(default_method() if method is None else method)
+    beside = sorted(set(options) & {"output", "inferer"})
+    if beside:   # settings of the model object, not of a method (issue 23)
+        raise OptionError(f"{', '.join(k + '=' for k in beside)} is a setting of the model object: "
+                          f"mx.explain(mx.Model(net, {', '.join(k + '=...' for k in beside)}), x, ...)")
     options = spec.check_options(options)   # names, types, ranges and choices from the signature; declared check
-    m = as_model(model, output=output, inferer=inferer)
+    m = as_model(model)
     if spec.needs_hooks:
         require_hooks(m)
     if spec.why_not_amp(m.runner):

@@ -165,17 +165,31 @@ def _coerce(v, tp, text: bool):
     return v
 
 
+#: :func:`option_types` per function: evaluating the annotations (text under ``from __future__ import
+#: annotations``) and the signature is a fixed cost of every call otherwise.
+_OPTION_TYPES = weakref.WeakKeyDictionary()
+
+
 def option_types(fn: Callable) -> dict[str, tuple[object, object]]:
     """``{name: (type, default)}`` of an explainer's options (its parameters after ``model, x,
     target, cost``); the type is the annotation, ``None`` when there is none."""
+    try:
+        return dict(_OPTION_TYPES[fn])
+    except (KeyError, TypeError):
+        pass
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # an annotation that does not evaluate: treat every option as untyped
         hints = {}
     params = inspect.signature(fn).parameters
-    return {p: (hints.get(p), params[p].default) for p in params
-            if p not in ("model", "x", "target", "cost") and params[p].kind not in (params[p].VAR_KEYWORD,
-                                                                                   params[p].VAR_POSITIONAL)}
+    types_ = {p: (hints.get(p), params[p].default) for p in params
+              if p not in ("model", "x", "target", "cost") and params[p].kind not in (params[p].VAR_KEYWORD,
+                                                                                     params[p].VAR_POSITIONAL)}
+    try:
+        _OPTION_TYPES[fn] = types_
+    except TypeError:   # not weak-referenceable
+        pass
+    return dict(types_)
 
 
 def _check_range(method: str, name: str, value) -> None:
@@ -374,15 +388,15 @@ class CountingModel(OutputAdapter):
         return out
 
 
-def counting(model, on_rows: Callable[[int], None] | None, output=None, inferer=None):
-    """The model object (:func:`medexplain.models.model.as_model`: a bare module with ``output=`` /
-    ``inferer=`` is wrapped) with each of its networks in a :class:`CountingModel` that reports the rows of every
-    pass (``on_rows(n)``; the progress bars of the pipelines, in the unit of ``info["n_forward"]``). Every setting
+def counting(model, on_rows: Callable[[int], None] | None):
+    """The model object ``model`` (a :class:`~medexplain.models.model.Model`; a bare module is wrapped,
+    :func:`medexplain.models.model.as_model`) with each of its networks in a :class:`CountingModel` that reports the
+    rows of every pass (``on_rows(n)``; the progress bars of the pipelines, in the unit of ``info["n_forward"]``). Every setting
     of the Model is kept: the train/eval policy, the output adapter, the activation, the flips, the sliding
     window, the device and dtype (a counting wrapper around the Model would hide them)."""
     from medexplain.models.model import Model, as_model
 
-    m = as_model(model, output=output, inferer=inferer)
+    m = as_model(model)
     return Model([CountingModel(n, None, on_rows, adapt=False) for n in m.networks],
                  **{**m._settings, "dtype": m._dtype_given})
 

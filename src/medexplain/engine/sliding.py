@@ -29,7 +29,7 @@ when the ROI is larger than the image (as ``sliding_window_inference`` pads), an
 No library offers a window-by-window backward: autograd through ``sliding_window_inference`` keeps every
 window's activations alive at once and backpropagates through every window.
 
-``mx.explain(model, x, method, target, inferer=SlidingWindowInferer(...))`` wraps the model once
+``mx.explain(mx.Model(model, inferer=SlidingWindowInferer(...)), x, method, target)`` wraps the model once
 (:func:`with_inferer`); every gradient method runs unchanged through it, and ``info`` then counts windows:
 ``n_forward`` / ``n_backward`` are window rows through the model (one ``roi_size`` window counts one),
 ``windows`` the indices (in MONAI's window order) of the windows that were backpropagated and

@@ -197,17 +197,21 @@ def fetch_case(pacs: Pacs, study: str, series: str | None, folder) -> tuple[Path
 
 def explain_pacs(pacs: Pacs, study: str, model, methods, out, *, series: str | None = None, formats=None,
                  overwrite: bool = False, store: bool = True, **kwargs):
-    """:func:`medexplain.pipelines.explain_image` of a series of ``study`` on ``pacs``, its DICOM objects
-    stored back into the study (``store``). The study's series are listed and the output folder checked
-    before the series is retrieved (into a temporary folder, removed at the end) and before any compute;
-    ``dicom`` is added to ``formats``. The outputs are named by the SeriesInstanceUID. Returns the
+    """:func:`medexplain.pipelines.explain_image` of a series of ``study`` on ``pacs`` with ``model`` (a Model, an
+    ``nn.Module``, an :class:`mx.ModelSpec <medexplain.models.spec.ModelSpec>`, or anything ``mx.load_model``
+    takes: :func:`medexplain.pipelines.case_model`), its DICOM objects stored back into the study (``store``). The
+    model's contradictions (:meth:`~medexplain.models.spec.ModelSpec.check`), the study's series and the output
+    folder are checked before the series is retrieved (into a temporary folder, removed at the end) and before
+    any compute; ``dicom`` is added to ``formats``. The outputs are named by the SeriesInstanceUID. Returns the
     :class:`~medexplain.pipelines.ExplainedImage`; its ``stored`` attribute lists the SOP Instance UIDs sent."""
     from medexplain import io
     from medexplain.engine.registry import get_method
     from medexplain.errors import PartialFailure
     from medexplain.io.dicom import parse_formats
+    from medexplain.models.spec import ModelSpec
     from medexplain.pipelines import _check_outputs, explain_image
-
+    if isinstance(model, ModelSpec):
+        model.check()   # contradicting sources, before the PACS is asked for anything
     formats = tuple(dict.fromkeys(parse_formats(formats) + ("dicom",)))
     names = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     names = [get_method(m).name for m in names]

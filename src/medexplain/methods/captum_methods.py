@@ -40,7 +40,7 @@ from torch import nn
 from medexplain.engine.core import capture_layers, check_baseline, chunks, forward, n_passes, unwrap
 from medexplain.engine.ops import noise_sum
 from medexplain.engine.registry import get_method, register
-from medexplain.engine.targets import Target
+from medexplain.engine.targets import Class, Target
 from medexplain.errors import InputError, MedexplainError, UnsupportedModelError
 
 __all__ = ["TargetScore", "RowTarget", "library_guard", "feature_groups", "captum_call", "noise_tunnel_maps"]
@@ -80,7 +80,9 @@ class TargetScore(nn.Module):
         out = forward(self.model, x, self.cost)
         idx = idx.to(device=out.device, dtype=torch.long)
         s = self.target.scores(out, idx, self.batch)
-        if self.relevance_seed:
+        # one class logit per row (a Class target on class scores) is its own relevance seed: the seeding
+        # would only divide it by itself (exactly 1 but for the 1e-12 stabiliser)
+        if self.relevance_seed and not (type(self.target) is Class and out.ndim == 2):
             s = _relevance_seeded(out, s, self.target, idx, self.batch)
         if s.requires_grad:
             cost, n = self.cost, x.shape[0] * n_passes(self.model)
@@ -186,18 +188,21 @@ def library_guard(model: nn.Module, restore_values: bool = False):
     """
     mods = list(model.modules())
     attrs = [(m, dict(m.__dict__)) for m in mods]
-    hooks = [(m, {h: set(getattr(m, h).keys()) for h in _HOOK_DICTS if isinstance(getattr(m, h, None), dict)})
-             for m in mods]
+    # the keys of every hook dict (a module's hook dicts live in its __dict__); most are empty
+    hooks = [(m, {h: set(d) for h in _HOOK_DICTS if isinstance(d := m.__dict__.get(h), dict) and d}) for m in mods]
     tensors = [(t, t.data, t.detach().clone() if restore_values else None)
                for t in list(model.parameters()) + list(model.buffers())]
     try:
         yield model
     finally:
         for m, keys in hooks:
-            for h, before in keys.items():
-                d = getattr(m, h, None)
-                for k in [k for k in list(d or {}) if k not in before]:
-                    del d[k]
+            md = m.__dict__
+            for h in _HOOK_DICTS:
+                d = md.get(h)
+                if isinstance(d, dict) and d:
+                    before = keys.get(h, ())
+                    for k in [k for k in d if k not in before]:
+                        del d[k]
         missing = object()
         for m, saved in attrs:
             for k in [k for k in m.__dict__ if k not in saved]:
@@ -256,10 +261,13 @@ def captum_call(model, x, target, cost, make: Callable, call: Callable, rows_per
     LIME): the samples' perturbed rows are pooled across the batch into model calls of ``pool_rows`` rows
     (:class:`_PooledScore`): a first pass over the samples, each under its seeded RNG, records the rows
     Captum asks for; they go through the model ``pool_rows`` at a time, across samples; a second pass makes
-    the same seeded draws and reads the scores back. The maps are those of one sample at a time.
+    the same seeded draws and reads the scores back. The maps are those of one sample at a time. Pooled only
+    where it makes fewer model calls than one sample at a time (``rows_per_sample`` rows each, in calls of
+    ``pool_rows``): otherwise the second pass of Captum's draws and surrogate fit would be pure cost.
     """
     b = x.shape[0]
-    pooled = seed is not None and pool_rows is not None and b > 1
+    pooled = seed is not None and pool_rows is not None and b > 1 \
+        and -(-b * rows_per_sample // pool_rows) < b * -(-rows_per_sample // pool_rows)
     module = (_PooledScore if pooled else TargetScore)(model, target, b, cost, relevance_seed=relevance_seed)
     per = 1 if seed is not None else max(1, (chunk_size or rows_per_sample * b) // max(1, rows_per_sample))
 
@@ -544,7 +552,7 @@ def _surrogate(name, cls, model, x, target, cost, features, n_features, compactn
                     lambda o, xs, idx, sl: o.attribute(xs, baselines=_slice_baseline(base, x, sl), feature_mask=groups[sl],
                                                        n_samples=int(n_samples), perturbations_per_eval=max(1, chunk_size or 1),
                                                        additional_forward_args=(idx,)),
-                    1, None, seed=seed, pool_rows=chunk_size or int(n_samples) * x.shape[0])
+                    int(n_samples), None, seed=seed, pool_rows=chunk_size or int(n_samples) * x.shape[0])
     return m[:, :1], {**_groups_info(groups, features), "n_samples": n_samples, "seed": seed,
                       "baseline": _baseline_text(baselines, x)}
 

@@ -53,7 +53,9 @@ forwards the raw gradient).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +96,9 @@ def _layer_forward(module: nn.Module, a: torch.Tensor, weight: torch.Tensor, bia
     raise UnsupportedModelError(f"no LRP rule implementation for {type(module).__name__}")
 
 
+@functools.cache
 def _make_rule_classes():
+    """The rule classes Captum lacks, made once (they subclass Captum's ``PropagationRule``, imported on first use)."""
     from captum.attr._utils.lrp_rules import PropagationRule
 
     class ModifiedRule(PropagationRule):
@@ -253,7 +257,7 @@ def _make_rule_classes():
 
 class ResidualSum(nn.Module):
     """``a + b`` of a residual block as a module, so LRP can give it a rule (Zennit's ``Sum``; the stack and
-    sum, not ``+``, keep it out of :func:`_uncanonized_additions`)."""
+    sum, not ``+``, keep it out of :func:`_probe`'s count)."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.stack((a, b)).sum(0)
@@ -342,14 +346,65 @@ _ADDITIONS = {torch.add, torch.sub, torch.Tensor.add, torch.Tensor.add_, torch.T
               torch.Tensor.__rsub__, torch.Tensor.__isub__}
 
 
-def _uncanonized_additions(model: nn.Module, x: torch.Tensor, cost) -> int:
-    """How many additions (or subtractions) of two tensors derived from the input one forward of ``x`` makes
-    outside any module LRP has a rule for: a residual connection no canonizer covers. Counted by a torch
-    function mode on one probe forward (no hooks); a layer's own bias is added inside its kernel, and a
-    parameter is not derived from the input (the model guard freezes them), so neither is counted."""
+#: The probe of each network (:func:`_probe`), per call structure: ``{key: (additions, leaf indices to copy)}``.
+_PROBES = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module, x: torch.Tensor) -> tuple:
+    """What the probe's answer depends on besides the input's values: the row's shape, dtype and device, and
+    every module's type, train/eval mode and forward (an instance's own forward, e.g. a canonized block's, by
+    its function)."""
+    mods = list(model.modules())
+    return (tuple(x.shape[1:]), x.dtype, str(x.device),
+            tuple((type(m), m.training, getattr(f, "__func__", f))
+                  for m, f in zip(mods, (m.__dict__.get("forward") for m in mods))))
+
+
+def _autograd_consumers(roots) -> dict:
+    """``{(node, output_nr): n}``: how many edges of the backward graph reachable from any of ``roots`` read each
+    output of each node (a leaf that requires grad is read through its ``AccumulateGrad`` node): the number of
+    consumers whose gradient is summed into that tensor's."""
+    counts: dict = {}
+    stack = list({t.grad_fn for t in roots if t.grad_fn is not None})
+    seen = set(stack)
+    while stack:
+        fn = stack.pop()
+        for nxt, nr in fn.next_functions:
+            if nxt is None:
+                continue
+            counts[(nxt, nr)] = counts.get((nxt, nr), 0) + 1
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return counts
+
+
+def _probe(model: nn.Module, x: torch.Tensor, cost) -> tuple[int, frozenset]:
+    """One probe forward of ``x[:1]``: ``(additions, copies)``, cached per network and :func:`_structure`
+    (the forward's graph is taken not to depend on the input's values).
+
+    ``additions``: how many additions (or subtractions) of two tensors derived from the input the forward
+    makes outside any module LRP has a rule for: a residual connection no canonizer covers. Counted by a torch
+    function mode (no hooks); a layer's own bias is added inside its kernel, and a parameter is not derived
+    from the input (the model guard freezes them), so neither is counted.
+
+    ``copies``: the indices (in :func:`_leaf_layers` order) of the layers whose input must be handed to them
+    as their own copy (:func:`_own_inputs`): Captum's rules multiply a tensor's gradient by that tensor in a
+    hook, which is the layer's relevance only when the layer is the tensor's one consumer in the backward
+    graph. A layer whose every tensor input has one consumer (:func:`_autograd_consumers`; a plain chain of
+    layers) reads it as it is, and is spared a copy per forward."""
     from torch.overrides import TorchFunctionMode
 
-    from medexplain.engine.core import forward
+    from medexplain.engine.core import forward, unwrap
+
+    x1 = x[:1]
+    key = _structure(model, x1)
+    try:
+        cache = _PROBES.setdefault(unwrap(model), {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    if key in cache:
+        return cache[key]
 
     class Count(TorchFunctionMode):
         n = 0
@@ -361,9 +416,36 @@ def _uncanonized_additions(model: nn.Module, x: torch.Tensor, cost) -> int:
                 Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    with torch.enable_grad(), Count():
-        forward(model, x.detach().clone().requires_grad_(True), cost)
-    return Count.n
+    leaves = _leaf_layers(model)
+    seen: dict[int, list] = {i: [] for i in range(len(leaves))}
+
+    def record(i):
+        def hook(_m, args):   # each tensor input's node as the layer reads it (before any later in-place op)
+            seen[i].append([(a, a.grad_fn, a.output_nr) for a in args if isinstance(a, torch.Tensor)])
+        return hook
+
+    outputs: list = []   # every layer's output is a root too: a layer whose output the score never reads (a deep
+    # supervision head in eval) still reads its input, and Captum's hook on that input would be its own
+    handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(leaves)]
+    handles += [m.register_forward_hook(lambda _m, _a, o: outputs.append(o)) for m in leaves]
+    try:
+        with torch.enable_grad(), Count():
+            out = forward(model, x1.detach().clone().requires_grad_(True), cost)
+    finally:
+        for h in handles:
+            h.remove()
+    counts = _autograd_consumers([t for t in [out, *outputs] if isinstance(t, torch.Tensor)])
+    accumulate = {id(n.variable): n for n, _ in counts if hasattr(n, "variable")}   # leaves' AccumulateGrad nodes
+
+    def consumers(a, node, nr):
+        if node is None:
+            return counts.get((accumulate.get(id(a)), 0), 0) if a.requires_grad else 0
+        return counts.get((node, nr), 0)
+
+    copies = frozenset(i for i, calls in seen.items()
+                       if len(calls) != 1 or any(consumers(*t) != 1 for t in calls[0]))
+    cache[key] = (Count.n, copies)
+    return cache[key]
 
 
 def _lrp_class():
@@ -505,7 +587,7 @@ def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: f
         # each consumer of a tensor gets its own copy, so every rule's input hook sits on a tensor only its layer
         # reads and relevance from several consumers (a skip connection: a pooling and a concatenation) adds up
         handles = [m.register_forward_pre_hook(getattr(rule, "pre_hook", _own_inputs)) for m, rule in rules.items()
-                   if _hooks_inputs(rule) or hasattr(rule, "pre_hook")]
+                   if hasattr(rule, "pre_hook") or _hooks_inputs(rule) and id(m) in copied]
         try:
             return obj.attribute(xs, additional_forward_args=(idx,))
         except RuntimeError as e:
@@ -518,7 +600,8 @@ def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: f
                 h.remove()
 
     with residual_canonizer(model) as blocks:
-        n_add = _uncanonized_additions(model, x[:1], cost)
+        n_add, copies = _probe(model, x, cost)
+        copied = {id(m) for i, m in enumerate(_leaf_layers(model)) if i in copies}
         if n_add:
             warnings.warn(f"LRP: the model's forward adds {n_add} pair(s) of computed tensors outside any module "
                           "(residual connections no canonizer covers; medexplain canonizes MONAI's ResNetBlock, "
@@ -526,6 +609,7 @@ def lrp(model, x, target, cost, composite: str = "epsilon_plus_flat", epsilon: f
                           "counted through both summands there, so the map is not conserved and can be orders of "
                           "magnitude too large.",
                           stacklevel=2)
-        m = captum_call(model, x, target, cost, _lrp_class(), call, 1, chunk_size, restore_values=True,
-                        relevance_seed=True)
+        # every rule (Captum's and ours) assigns new weight storage (``weight.data = ...``) rather than writing
+        # into it, and the guard puts the storage back: no copy of the weights' values is needed
+        m = captum_call(model, x, target, cost, _lrp_class(), call, 1, chunk_size, relevance_seed=True)
     return m, {"composite": composite, "canonized_blocks": len(blocks), "uncanonized_additions": n_add}

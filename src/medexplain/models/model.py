@@ -46,7 +46,7 @@ from medexplain.engine.core import (
 )
 from medexplain.errors import InputError, ModelLoadError, UnsupportedModelError
 
-__all__ = ["Model", "load_model", "as_model", "resolve_device"]
+__all__ = ["Model", "load_model", "as_model", "resolve_device", "source_kind"]
 
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float": torch.float32, "float64": torch.float64, "double": torch.float64}
@@ -220,7 +220,9 @@ class Model(OutputAdapter):
         with model_guard(self, policy=self.eval_policy):
             return self(x).detach().cpu()
 
-    def _preprocessor(self):
+    def preprocessor(self):
+        """The built preprocessing (:class:`medexplain.models.transforms.Preprocessor`: apply and invert); the
+        identity without one."""
         from medexplain.models.transforms import Preprocessing
 
         return (self.preprocessing if self.preprocessing is not None else Preprocessing()).build()
@@ -228,12 +230,12 @@ class Model(OutputAdapter):
     def prepare(self, image: torch.Tensor, affine):
         """The model's preprocessing of an image ``(C, *s)`` read by medexplain
         (:class:`medexplain.models.transforms.Prepared`: the model's input ``image`` and the record to invert)."""
-        return self._preprocessor().apply(image, affine)
+        return self.preprocessor().apply(image, affine)
 
     def invert(self, amap: torch.Tensor, prepared, nearest: bool = False) -> torch.Tensor:
         """A map ``(C_or_1, *s')`` on the model's grid back onto the image's own grid (the preprocessing's
         inverse; ``nearest`` for label maps)."""
-        return self._preprocessor().invert(amap, prepared, nearest)
+        return self.preprocessor().invert(amap, prepared, nearest)
 
     def info(self, notes: dict | None = None) -> dict:
         """What ``info`` says about the model after an explanation (``notes``: the model guard's)."""
@@ -255,9 +257,13 @@ def _device(module: nn.Module) -> torch.device:
 
 def as_model(model, output=None, inferer=None, **settings) -> Model:
     """A :class:`Model` for anything :func:`medexplain.engine.explain` takes: a Model as is (``output=`` / ``inferer=``
-    given here replace its own), an nnU-Net model or a MONAI bundle (:func:`load_model`), a sliding-window
-    model (its network and inferer), or an ``nn.Module`` wrapped in one."""
+    given here replace its own), a :class:`~medexplain.models.spec.ModelSpec` loaded, an nnU-Net model or a MONAI
+    bundle (:func:`load_model`), a sliding-window model (its network and inferer), or an ``nn.Module`` wrapped in
+    one."""
     from medexplain.engine.sliding import SlidingWindowModel
+
+    if _is_spec(model):
+        return as_model(model.load(), output, inferer, **settings)
 
     if isinstance(model, Model):
         changes = {k: v for k, v in (("output", output), ("inferer", inferer)) if v is not None}
@@ -358,15 +364,15 @@ def _build(source, weights, map_location, dtype, loader_options):
         _no_options(loader_options, "an nn.Module")
         return [source], None, None, None, {"source": type(source).__name__}, None
     name = type(source).__name__
-    if name == "NnUNetModel" or (isinstance(source, (str, Path)) and (Path(source) / "plans.json").is_file()):
+    kind = source_kind(source)
+    if kind == "nnunet":
         from medexplain.models.nnunet import NnUNetModel, load_nnunet
 
         nnm = source if isinstance(source, NnUNetModel) else \
             load_nnunet(source, **({"dtype": _dtype(dtype)} if dtype is not None else {}), **loader_options)
         return (list(nnm.networks), nnm._axes(), nnm.inferer, nnm.preprocessing,
                 {"source": "nnunet", "nnunet": nnm.describe()}, nnm)
-    if name == "Bundle" or (isinstance(source, (str, Path)) and Path(source).is_dir()
-                            and any((Path(source) / c).is_file() for c in _bundle_configs())):
+    if kind == "bundle":
         from medexplain.models.bundle import Bundle, load_bundle
 
         b = source if isinstance(source, Bundle) else load_bundle(source, weights=weights, map_location=map_location,
@@ -382,9 +388,22 @@ def _build(source, weights, map_location, dtype, loader_options):
                          "'zoo:<task>', a MONAI bundle or an nnU-Net folder")
 
 
-def _bundle_configs():
+def source_kind(source) -> str | None:
+    """``"nnunet"`` for an nnU-Net v2 folder (``plans.json``) or a loaded ``NnUNetModel``, ``"bundle"`` for a MONAI
+    bundle folder (``configs/inference.json``, ...) or a loaded ``Bundle``, None for every other source: the one
+    rule :func:`load_model` and the pipelines (which name an nnU-Net case's outputs by its case, and check a
+    bundle's prediction file before loading) tell the sources apart by."""
     from medexplain.models.bundle import CONFIG_NAMES
-    return CONFIG_NAMES
+
+    name = type(source).__name__
+    if isinstance(source, Model):
+        name = type(source.origin).__name__
+    if name == "NnUNetModel" or (isinstance(source, (str, Path)) and (Path(source) / "plans.json").is_file()):
+        return "nnunet"
+    if name == "Bundle" or (isinstance(source, (str, Path)) and Path(source).is_dir()
+                            and any((Path(source) / c).is_file() for c in CONFIG_NAMES)):
+        return "bundle"
+    return None
 
 
 def _no_options(options: dict, what: str) -> None:

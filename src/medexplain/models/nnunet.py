@@ -291,7 +291,7 @@ class NnUNetModel:
     supervision off), the plans, and the settings of its inference. ``network`` is the window network
     (all folds, mirroring when ``use_mirroring``), ``inferer`` nnU-Net's sliding window, ``preprocessing``
     nnU-Net's preprocessing with its inverse: the three things every medexplain pipeline takes
-    (``mx.explain(m.network, x, method, target, inferer=m.inferer)`` on ``x = m.prepare(img, affine).image[None]``)."""
+    (``mx.explain(mx.Model(m.network, inferer=m.inferer), x, method, target)`` on ``x = m.prepare(img, affine).image[None]``)."""
 
     folder: Path
     configuration: str

@@ -267,7 +267,8 @@ class ModelSpec:
         if self.bundle is not None:
             return f"bundle {Path(str(self.bundle)).name}" if isinstance(self.bundle, str) else type(self.bundle).__name__
         srcs = self.source if isinstance(self.source, tuple) else (self.source,)
-        return "+".join(s if isinstance(s, str) else type(s).__name__ for s in srcs)
+        return "+".join(s if isinstance(s, str) else getattr(s, "name", None) if isinstance(getattr(s, "name", None), str)
+                        else type(s).__name__ for s in srcs)   # a loaded mx.Model keeps its own name
 
 
 def _jsonable(v) -> bool:

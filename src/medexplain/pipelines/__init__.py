@@ -18,48 +18,29 @@ from medexplain import io
 from medexplain.engine.attribution import Attribution
 from medexplain.engine.core import check_input, model_expectations
 from medexplain.engine.explain import explain
-from medexplain.engine.ops import ACTIVATIONS, detect_activation
+from medexplain.engine.ops import detect_activation
 from medexplain.engine.options import counting, estimate_cost, plan_memory
 from medexplain.engine.registry import get_method, route_options
-from medexplain.engine.sliding import as_inferer, inferer_settings
+from medexplain.engine.sliding import inferer_settings
 from medexplain.engine.targets import REGION_WORDS, resolve_target
 from medexplain.errors import InputError, OptionError, PartialFailure, TargetError, UnsupportedModelError
-from medexplain.models.loading import checked_forward, load_model
-from medexplain.models.model import Model, as_model, resolve_device
+from medexplain.models.loading import checked_forward
+from medexplain.models.model import Model, source_kind
 from medexplain.models.spec import ModelSpec
 from medexplain.models.transforms import Prepared, Preprocessing, Preprocessor, resample_to_grid
 
-__all__ = ["CaseState", "CaseWriter", "ModelSetup", "case_model", "explain_case", "explain_method", "write_method_outputs",
-           "write_case_report", "load_setup", "method_options",
-           "on_device", "read_case", "resolve_case_target", "write_map", "input_files", "ExplainedImage",
-           "LesionInstances", "ContrastShapley",
-           "predicted_class", "explain_image", "explain_lesion_instances", "contrast_shapley", "shapley_value_function",
-           "SHAPLEY_VALUE_HELP"]
+__all__ = ["CaseState", "CaseWriter", "case_model", "explain_case", "explain_method",
+           "write_method_outputs", "write_case_report", "method_options", "model_kind", "model_record",
+           "prepare_input", "read_case", "resolve_case_target", "write_map", "input_files", "ExplainedImage",
+           "LesionInstances", "ContrastShapley", "predicted_class", "explain_image", "explain_lesion_instances",
+           "contrast_shapley", "shapley_value_function", "SHAPLEY_VALUE_HELP"]
 
 
-def _model(model, weights: str | None) -> torch.nn.Module:
-    return load_model(model, weights) if isinstance(model, str) else model
-
-
-def _nnunet_parts(nnunet, model, weights, preprocessing, inferer, options: dict | None = None):
-    """``nnunet=`` (a :class:`medexplain.models.nnunet.NnUNetModel`, or its folder loaded with ``options``:
-    :func:`medexplain.models.nnunet.load_nnunet`'s): the model, nnU-Net's preprocessing and nnU-Net's sliding
-    window, instead of ``model`` and the preprocessing/window options."""
-    from medexplain.models.nnunet import as_nnunet
-
-    if model or weights or _as_preprocessing(preprocessing).active or as_inferer(inferer) is not None:
-        raise OptionError("--nnunet gives the model, its preprocessing and its sliding window: drop --model, --weights, "
-                          "--bundle, the preprocessing and the sliding-window options")
-    nnm = as_nnunet(nnunet, **{k: v for k, v in (options or {}).items() if v is not None})
-    return nnm, nnm.preprocessing, nnm.inferer
-
-
-def _model_input(img: torch.Tensor, net) -> torch.Tensor:
+def _model_input(img: torch.Tensor, model: Model) -> torch.Tensor:
     """An image read from a file (float32, ``(C, *spatial)``) as a checked batch of one in the model's
-    floating dtype (a float64 model gets float64)."""
-    expect = model_expectations(net)
-    x = check_input(img[None].to(expect.get("dtype", img.dtype)), **expect)
-    return x.to(model_device(net)) if isinstance(net, torch.nn.Module) else x
+    floating dtype (a float64 model gets float64), on the model's device."""
+    expect = model_expectations(model)
+    return model.to_input(check_input(img[None].to(expect.get("dtype", img.dtype)), **expect))
 
 
 def predicted_class(out: torch.Tensor) -> torch.Tensor:
@@ -131,25 +112,24 @@ class PreparedInput:
                 "model_affine": p.affine.tolist(), "image_grid": list(p.original_shape)}
 
 
-def prepare_input(img: torch.Tensor, meta: dict, net, *, preprocessing=None, output=None,
-                  activation: str = "auto", inferer=None) -> PreparedInput:
-    """Preprocess ``img`` (:class:`~medexplain.models.transforms.Preprocessing`), check it against the model,
-    run one forward of the model object (:func:`medexplain.models.model.as_model` of ``net`` with ``output``
-    and ``inferer``: the prediction the methods explain, under the Model's train/eval policy; an error inside
-    the model becomes a :class:`~medexplain.errors.ModelError` naming what was given and expected) and resolve
-    ``activation`` (``auto``: :func:`medexplain.engine.ops.detect_activation`)."""
+def prepare_input(img: torch.Tensor, meta: dict, model) -> PreparedInput:
+    """The prepare stage of the one case pipeline: ``img`` through the model's preprocessing
+    (``Model.preprocessing``, :class:`~medexplain.models.transforms.Preprocessing`, nnU-Net's or a bundle's),
+    checked against the model, and one forward of the model object (:func:`case_model` of ``model``: the
+    prediction the methods explain, under the Model's train/eval policy; an error inside the model becomes a
+    :class:`~medexplain.errors.ModelError` naming what was given and expected); the Model's ``activation``
+    resolved (``auto``: :func:`medexplain.engine.ops.detect_activation`)."""
     import time
 
-    if activation not in ACTIVATIONS:
-        raise TargetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    pre = _as_preprocessing(preprocessing).build()
+    m = case_model(model)
+    pre = m.preprocessor()
     prepared = pre.apply(img, meta.get("affine", np.eye(4)))
-    x = _model_input(prepared.image, net)
+    x = _model_input(prepared.image, m)
     t0 = time.perf_counter()
-    model = as_model(net, output=output, inferer=inferer)
-    out = checked_forward(model, x)
+    out = checked_forward(m, x)
     spr = (time.perf_counter() - t0) / x.shape[0]
-    act, how = (detect_activation(out, model) if activation == "auto" else (activation, f"--activation {activation}"))
+    act = m.activation
+    act, how = (detect_activation(out, m) if act == "auto" else (act, f"activation {act} (the model's)"))
     return PreparedInput(img, meta, prepared, pre, x, out, act, how, spr)
 
 
@@ -219,24 +199,8 @@ def plan_methods(methods: Sequence[str], net, out: torch.Tensor, layer=None,
 
 
 # --------------------------------------------------------------------------------------------------
-# the model of a call, and the device it runs on
+# the model of a call
 # --------------------------------------------------------------------------------------------------
-def on_device(net, device):
-    """The one place a pipeline puts its model on a device (``.to``), chosen by the model object's rule
-    (:func:`medexplain.models.model.resolve_device`: ``None`` leaves the model where it is, ``"auto"`` is CUDA
-    when present, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; a device this machine lacks is a typed error). Inputs
-    follow the model (:func:`model_device`)."""
-    dev = resolve_device(device)
-    return net if dev is None else net.to(dev)
-
-
-def model_device(net) -> torch.device:
-    """The device of the model's first parameter or buffer (the CPU for a model without any)."""
-    for t in (*net.parameters(), *net.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def case_model(model) -> Model:
     """The one place a pipeline turns its ``model`` argument into a loaded :class:`~medexplain.models.model.Model`,
     once per call (per worker of a run): a ``Model`` as it is, a :class:`~medexplain.models.spec.ModelSpec` loaded
@@ -249,40 +213,6 @@ def case_model(model) -> Model:
         return model
     spec = model if isinstance(model, ModelSpec) else ModelSpec(source=model)
     return spec.load()
-
-
-@dataclass
-class ModelSetup:
-    """Deprecated (:func:`case_model` gives the Model, which carries all of this): the model of a pipeline call,
-    ``net`` (the Model), its ``name``, ``preprocessing``, ``inferer`` and the ``bundle`` or ``nnunet`` model it was
-    built from (None otherwise)."""
-
-    net: torch.nn.Module
-    name: str
-    preprocessing: object = None
-    inferer: object = None
-    bundle: object = None
-    nnunet: object = None
-
-    def describe(self) -> dict:
-        return {"inferer": inferer_settings(self.inferer) if self.inferer is not None else None,
-                "bundle": self.bundle.describe() if self.bundle is not None else None,
-                "nnunet": self.nnunet.describe() if self.nnunet is not None else None}
-
-
-def load_setup(model=None, weights=None, *, bundle=None, nnunet=None, nnunet_options: dict | None = None,
-               preprocessing=None, inferer=None, device=None, flip_axes=None, eval: str = "auto",
-               amp: bool = False) -> ModelSetup:
-    """Deprecated: :func:`case_model` of the :class:`~medexplain.models.spec.ModelSpec` of these arguments
-    (contradicting sources are its :meth:`~medexplain.models.spec.ModelSpec.check`'s
-    :class:`~medexplain.errors.OptionError`, before anything loads), as a :class:`ModelSetup`."""
-    spec = ModelSpec(source=model, weights=weights, bundle=bundle, nnunet=nnunet,
-                     nnunet_options=nnunet_options if nnunet is not None else None, preprocessing=preprocessing,
-                     inferer=inferer, device=device, flip_axes=flip_axes, eval=eval, amp=amp)
-    m = case_model(spec)
-    kind = type(m.origin).__name__
-    return ModelSetup(m, m.name, m.preprocessing, m.inferer, m.origin if kind == "Bundle" else None,
-                      m.origin if kind == "NnUNetModel" else None)
 
 
 def method_options(methods: Sequence[str], options: dict | None, layer: str | None = None,
@@ -362,19 +292,31 @@ def write_map(amap: torch.Tensor, path, meta: dict, spatial_dims: int) -> Path:
     return io.write_nifti(amap, path, meta["affine"], spatial_dims=spatial_dims, xform_code=meta.get("xform_code", 1))
 
 
-def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer: CaseWriter, *,
-                 per_method: dict[str, dict], target=None, region=None, layer: str | None = None, output=None,
-                 activation: str = "auto", threshold: float = 0.5, skip_unsupported: bool = False,
+def model_record(model: Model) -> dict:
+    """What ``info.json`` records of the model of a case: its ``model`` name, the ``output`` it explains, its
+    sliding window (``inferer``) and the ``bundle`` / ``nnunet`` model it was built from (None otherwise)."""
+    out = model.output_adapter
+    origin, kind = model.origin, type(model.origin).__name__
+    return {"model": model.name, "output": out if out is None or isinstance(out, (int, str)) else repr(out),
+            "inferer": inferer_settings(model.inferer) if model.inferer is not None else None,
+            "bundle": origin.describe() if kind == "Bundle" else None,
+            "nnunet": origin.describe() if kind == "NnUNetModel" else None}
+
+
+def explain_case(model, images: list, methods: Sequence[str], writer: CaseWriter, *,
+                 per_method: dict[str, dict], target=None, region=None, layer: str | None = None,
+                 threshold: float = 0.5, skip_unsupported: bool = False,
                  series: str | None = None, seed: int | None = None, memory: float | None = None,
                  state: CaseState | None = None,
                  on_estimate: Callable | None = None,
                  on_progress: Callable[[str, int, int | None], None] | None = None) -> CaseState:
     """The one case pipeline: read ``images`` (one file or DICOM folder, or one file per channel), prepare them
-    for ``setup``'s model and run it once (:func:`prepare_input`), plan the ``methods`` (:func:`plan_methods`),
-    resolve the target (:func:`medexplain.engine.targets.resolve_target` with ``region``: :func:`read_region`), then
-    explain with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put
-    back on the image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go
-    on; an error before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
+    for ``model`` (:func:`case_model`: a Model, a module, a :class:`~medexplain.models.spec.ModelSpec`; loaded once
+    per call) and run it once (:func:`prepare_input`), plan the ``methods`` (:func:`plan_methods`), resolve the
+    target (:func:`medexplain.engine.targets.resolve_target` with ``region``: :func:`read_region`), then explain
+    with each method (the global RNG seeded with ``seed`` first, when given) and hand each map, put back on the
+    image grid, to ``writer``. A method that raises goes to ``writer.failed`` and the others go on; an error
+    before the methods propagates, with ``state.stage`` saying where (pass ``state`` to read it).
     ``target``: the target grammar (a class index, ``predicted``) with ``region``, or a callable
     ``(state) -> ResolvedTarget`` called at the target stage (after the prediction and the plan, before the memory
     plan): a command's own target, e.g. the lesion instances as a :class:`~medexplain.engine.targets.Regions` target
@@ -384,34 +326,33 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     (default half the memory available; :func:`medexplain.engine.options.plan_memory`: ``chunk_size`` is capped to fit,
     and a method that cannot fit one row refuses the case before any method runs)."""
     st = state if state is not None else CaseState(list(images))
+    st.stage = "model"
+    model = case_model(model)
     st.stage = "image"
     st.img, st.meta = read_case(images, series)
     writer.read(st)
     st.stage = "model"
-    net = setup.net
-    st.prep = prep = prepare_input(st.img, st.meta, net, preprocessing=setup.preprocessing, output=output,
-                                   activation=activation, inferer=setup.inferer)
+    st.prep = prep = prepare_input(st.img, st.meta, model)
     st.stage = "plan"
-    st.run, st.skipped = plan_methods(methods, net, prep.out, layer, skip_unsupported)
+    st.run, st.skipped = plan_methods(methods, model, prep.out, layer, skip_unsupported)
     st.stage = "target"
     st.resolved = (target(st) if callable(target) else   # a command's own target: lesion instances, a value target
-                   resolve_case_target(prep, target, region, model=net, threshold=threshold))
-    st.info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images], "model": setup.name,
-               "target": st.resolved.class_index, "target_info": st.resolved.info(),
-               "output": output if output is None or isinstance(output, (int, str)) else repr(output),
+                   resolve_case_target(prep, target, region, model=model, threshold=threshold))
+    record = model_record(model)
+    st.info = {"image": str(images[0]) if len(images) == 1 else [str(p) for p in images], "model": record.pop("model"),
+               "target": st.resolved.class_index, "target_info": st.resolved.info(), "output": record.pop("output"),
                "preprocessing": prep.record(), "methods": {}, "skipped": dict(st.skipped), "failed": {},
-               "input": io.geometry_record(st.meta), "warnings": list(st.meta.get("warnings", [])), **setup.describe()}
+               "input": io.geometry_record(st.meta), "warnings": list(st.meta.get("warnings", [])), **record}
     st.stage = "memory"
     per_method, plans = dict(per_method), {}
     for m in st.run:  # the memory of every method's model calls, before any of them runs
-        per_method[m], plans[m] = ((per_method[m], None) if setup.inferer is not None else
-                                   plan_memory(m, get_method(m).fn, net, prep.x, per_method[m], memory))
+        per_method[m], plans[m] = ((per_method[m], None) if model.inferer is not None else
+                                   plan_memory(m, get_method(m).fn, model, prep.x, per_method[m], memory))
     writer.ready(st)
     for m in st.run:
         st.stage = "explain"
         try:
-            attr, est = explain_method(net, prep.x, m, st.resolved.target, per_method[m], output=output,
-                                       inferer=setup.inferer, memory=memory, seed=seed,
+            attr, est = explain_method(model, prep.x, m, st.resolved.target, per_method[m], memory=memory, seed=seed,
                                        seconds_per_row=prep.seconds_per_row, plan=plans[m], on_estimate=on_estimate,
                                        on_progress=on_progress)
             st.stage = "preprocessing"
@@ -428,18 +369,19 @@ def explain_case(setup: ModelSetup, images: list, methods: Sequence[str], writer
     return st
 
 
-def explain_method(net, x: torch.Tensor, method: str, target, options: dict, *, output=None, inferer=None,
+def explain_method(model, x: torch.Tensor, method: str, target, options: dict, *,
                    memory: float | None = None, seed: int | None = None, seconds_per_row: float = 0.0, plan=None,
                    on_estimate: Callable | None = None,
                    on_progress: Callable[[str, int, int | None], None] | None = None):
-    """The explain stage of the one case pipeline: one ``method`` (its checked ``options``) on the model input
-    ``x`` (a batch) for ``target``. Its cost estimate first (:func:`medexplain.engine.options.estimate_cost` at
-    ``seconds_per_row``, one timed forward's seconds per row, with the memory ``plan``; handed to
-    ``on_estimate``), the global RNG seeded with ``seed`` when given, then :func:`medexplain.engine.explain` with every
-    model call's rows counted (``on_progress(method, rows_done, rows_expected_or_None)``) through the model object
-    (:func:`medexplain.engine.options.counting`: every setting of a :class:`~medexplain.models.model.Model` kept).
-    :func:`explain_case` runs it for each method of a case, ``medexplain demo`` for each method on
-    its batch of test images. Returns ``(Attribution, CostEstimate)``."""
+    """The explain stage of the one case pipeline: one ``method`` (its checked ``options``) of ``model``
+    (:func:`case_model`) on the model input ``x`` (a batch) for ``target``. Its cost estimate first
+    (:func:`medexplain.engine.options.estimate_cost` at ``seconds_per_row``, one timed forward's seconds per row,
+    with the memory ``plan``; handed to ``on_estimate``), the global RNG seeded with ``seed`` when given, then
+    :func:`medexplain.engine.explain` with every model call's rows counted (``on_progress(method, rows_done,
+    rows_expected_or_None)``) through the model object (:func:`medexplain.engine.options.counting`: every setting
+    of the :class:`~medexplain.models.model.Model` kept). :func:`explain_case` runs it for each method of a case,
+    ``medexplain demo`` for each method on its batch of test images. Returns ``(Attribution, CostEstimate)``."""
+    model = case_model(model)
     est = estimate_cost(method, get_method(method).fn, x.shape, options, seconds_per_row, plan)
     if on_estimate:
         on_estimate(est)
@@ -453,7 +395,7 @@ def explain_method(net, x: torch.Tensor, method: str, target, options: dict, *, 
     if seed is not None:
         torch.manual_seed(seed)
     # the model object with its passes counted: every setting of a Model (the eval policy) is kept
-    attr = explain(counting(net, rows, output, inferer), x, method=method, target=target, memory=memory, **options)
+    attr = explain(counting(model, rows), x, method=method, target=target, memory=memory, **options)
     return attr, est
 
 
@@ -485,10 +427,10 @@ class FileWriter(CaseWriter):
     :func:`medexplain.io.dicom.write_dicom_objects`), ``<stem>_info.json`` rewritten after every method, and a
     bundle's own prediction; with ``report``, ``<stem>_report.html`` at the end (:func:`write_case_report`)."""
 
-    def __init__(self, setup: ModelSetup, out: Path, stem: str, on_method: Callable[[str], None] | None = None, *,
+    def __init__(self, model: Model, out: Path, stem: str, on_method: Callable[[str], None] | None = None, *,
                  formats=("nifti", "png"), dicom_reference=None, dicom_threshold="otsu", series: str | None = None,
                  figure: dict | None = None, report: bool = False):
-        self.setup, self.out, self.stem, self.on_method = setup, out, stem, on_method
+        self.model, self.out, self.stem, self.on_method = model, out, stem, on_method
         self.report = report
         self.maps: dict[str, torch.Tensor] = {}  # each method's map on the image grid, for the report
         self.figure = dict(figure or {})         # render.figure options of the PNGs (checked by the caller)
@@ -508,7 +450,7 @@ class FileWriter(CaseWriter):
         src = self.dicom_src
         state.info.update(formats=list(self.formats), dicom=None if src is None else {
             "study": src.study_uid, "source": str(src.path), "frame_of_reference": src.frame_of_reference_uid,
-            "threshold": self.dicom_threshold}, zoo=_zoo_card(self.setup.net))
+            "threshold": self.dicom_threshold}, zoo=_zoo_card(self.model))
 
     def method(self, state, method, attr, amap):
         self.attributions[method] = attr
@@ -526,9 +468,10 @@ class FileWriter(CaseWriter):
             self.on_method(method)
 
     def finish(self, state):
-        bnd = self.setup.bundle
-        if bnd is not None and bnd.postprocessing() is not None:  # the bundle's own prediction, on the image grid
-            self.files.append(io.write_nifti(bnd.postprocess(state.prep.out[0], state.prep.prepared),
+        post = self.model.postprocessing
+        if post is not None:  # the bundle's own prediction, on the image grid, of what its network outputs
+            pred = self.model.network_output(state.prep.x, state.prep.out)
+            self.files.append(io.write_nifti(post(pred[0], state.prep.prepared),
                                              self.out / f"{self.stem}_prediction.nii.gz", state.meta["affine"],
                                              spatial_dims=state.img.ndim - 1,
                                              xform_code=state.meta.get("xform_code", 1)))
@@ -539,38 +482,35 @@ class FileWriter(CaseWriter):
             self.files.append(write_case_report(state, self.maps, self.out / f"{self.stem}_report.html"))
 
 
-def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: str | None = None, target=None,
-                  region=None, layer: str | None = None, options: dict | None = None, output=None,
-                  activation: str = "auto", threshold: float = 0.5, preprocessing=None,
+def explain_image(image, model, methods: Sequence[str] | str, out, *, target=None,
+                  region=None, layer: str | None = None, options: dict | None = None, threshold: float = 0.5,
                   skip_unsupported: bool = False, on_method: Callable[[str], None] | None = None,
                   on_estimate: Callable | None = None, overwrite: bool = False, series: str | None = None,
-                  on_progress: Callable[[str, int, int | None], None] | None = None, inferer=None,
-                  bundle=None, nnunet=None, nnunet_options: dict | None = None, device=None,
-                  seed: int | None = None, flip_axes=None, eval: str = "auto", formats=None, dicom_reference=None,
+                  on_progress: Callable[[str, int, int | None], None] | None = None,
+                  seed: int | None = None, formats=None, dicom_reference=None,
                   dicom_threshold="otsu", memory: float | None = None,
-                  figure: dict | None = None, report: bool = False, amp: bool = False) -> ExplainedImage:
+                  figure: dict | None = None, report: bool = False) -> ExplainedImage:
     """Explain one image with each of ``methods`` and write NIfTI maps on the input's affine, PNG
     overlays and ``info.json`` into ``out``: :func:`explain_case` (the one case pipeline, which ``run``
     uses too) with :class:`FileWriter`. ``image``: one file (or DICOM series folder), or a list of
-    single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with
-    ``nnunet`` nnU-Net's ``CASE_0000.nii.gz`` names are ordered by their suffix and name the outputs ``CASE``).
+    single-channel files on one grid, one per input channel (:func:`medexplain.io.read_channels`; with an
+    nnU-Net model nnU-Net's ``CASE_0000.nii.gz`` names are ordered by their suffix and name the outputs ``CASE``).
 
-    The model: ``model`` (a module or a specification for :func:`medexplain.models.loading.load_model` with
-    ``weights``), a MONAI ``bundle`` folder or an ``nnunet`` model or folder (with ``nnunet_options``), placed
-    on ``device`` (:func:`load_setup`; ``None``: where it is); several models (a list, with a list of
-    ``weights``), ``flip_axes`` and ``eval`` give the model object (an ensemble, test-time flips, the train/eval
-    policy: :func:`medexplain.models.model.load_model`). With a bundle's ``postprocessing`` the bundle's
-    prediction on the image grid is written as ``<stem>_prediction.nii.gz``. ``inferer``: a
-    ``monai.inferers.SlidingWindowInferer`` or its settings as a dict (``roi_size``, ``overlap``,
-    ``sw_batch_size``, ``mode``): every method then runs through it, window by window (:mod:`medexplain.engine.sliding`).
-    ``preprocessing``: a :class:`~medexplain.models.transforms.Preprocessing` (or its fields as a dict) applied before
-    the model and inverted for the maps, so they land on the input's own grid.
+    ``model``: an :class:`mx.Model <medexplain.models.model.Model>`, an ``nn.Module`` (wrapped), an
+    :class:`mx.ModelSpec <medexplain.models.spec.ModelSpec>` (loaded once the cheap checks pass) or anything
+    :func:`medexplain.models.model.load_model` takes (a file, ``package.module:factory``, ``zoo:<task>``, a MONAI
+    bundle or nnU-Net folder, a list of these: an ensemble); :func:`case_model`. Everything about the model lives
+    there: weights, output adapter, activation (``auto`` detects probabilities), preprocessing (applied before the
+    model and inverted for the maps, so they land on the input's own grid), sliding window (every method then runs
+    through it, window by window, :mod:`medexplain.engine.sliding`), flips, ensemble, device, train/eval policy.
+    A bundle's postprocessing writes the bundle's own prediction on the image grid as ``<stem>_prediction.nii.gz``
+    (of what its network outputs: probabilities where it ends in a Softmax, :meth:`Model.network_output
+    <medexplain.models.model.Model.network_output>`).
 
     ``target``/``region``: the one target grammar (:func:`medexplain.engine.targets.resolve_target`):
     ``target`` a class index or ``None``/``"predicted"`` (a classifier's top class; a segmenter's
     foreground class with the most predicted voxels), ``region`` for segmenters ``"predicted"``
-    (default), ``"all"`` or a mask file resampled onto the image grid by its geometry. ``activation``:
-    the output activation (``auto`` detects probabilities). ``options``: ``{"key": v}`` for every
+    (default), ``"all"`` or a mask file resampled onto the image grid by its geometry. ``options``: ``{"key": v}`` for every
     method accepting ``key`` or ``{"method.key": v}`` for one, typed by each method's signature (text
     parsed); ``layer`` for every method that takes one; ``seed`` seeds the global RNG before each method and
     goes to the methods that take a ``seed`` option. ``figure``: options of the PNG figures
@@ -607,18 +547,17 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     per_method = method_options(methods, options, layer, seed)
     from medexplain.io import render
     figure = render.figure_options(figure)
+    kind = model_kind(model)
     out = io.check_output_dir(out)
-    images, stem = input_files(image, nnunet is not None)
+    images, stem = input_files(image, kind == "nnunet")
     _check_outputs(stem, methods, out, overwrite, formats, report)
-    if bundle is not None and nnunet is None:
+    if kind == "bundle":
         io.check_output_dir(out, [out / f"{stem}_prediction.nii.gz"], overwrite=overwrite)
-    setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options,
-                       preprocessing=preprocessing, inferer=inferer, device=device, flip_axes=flip_axes, eval=eval,
-                       amp=amp)
-    writer = FileWriter(setup, out, stem, on_method, formats=formats, dicom_reference=dicom_reference,
+    model = case_model(model)
+    writer = FileWriter(model, out, stem, on_method, formats=formats, dicom_reference=dicom_reference,
                         dicom_threshold=dicom_threshold, series=series, figure=figure, report=report)
-    st = explain_case(setup, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
-                      output=output, activation=activation, threshold=threshold, skip_unsupported=skip_unsupported,
+    st = explain_case(model, images, methods, writer, per_method=per_method, target=target, region=region, layer=layer,
+                      threshold=threshold, skip_unsupported=skip_unsupported,
                       series=series, seed=seed, memory=memory, on_estimate=on_estimate, on_progress=on_progress)
     res = ExplainedImage(st.resolved.class_index, writer.attributions, writer.files, st.info["target_info"],
                          dict(st.skipped), dict(st.info["failed"]), st.info["warnings"])
@@ -629,19 +568,32 @@ def explain_image(image, model, methods: Sequence[str] | str, out, *, weights: s
     return res
 
 
-def method_table(model=None, *, weights: str | None = None, image=None) -> list[dict]:
-    """``medexplain methods``: :func:`medexplain.engine.registry.describe_methods` for ``model`` (a module or a
-    specification, with ``weights``); ``image``: a file the model is run on once (no gradients) so that
-    classifier-only methods are judged on its real output."""
+def method_table(model=None, *, image=None) -> list[dict]:
+    """``medexplain methods``: :func:`medexplain.engine.registry.describe_methods` for ``model`` (:func:`case_model`:
+    a Model, a module, a :class:`~medexplain.models.spec.ModelSpec`, a specification); ``image``: a file the model
+    is run on once (no gradients) so that classifier-only methods are judged on its real output."""
     from medexplain.engine.registry import describe_methods
     if model is None:
         return describe_methods()
-    net = _model(model, weights)
+    m = case_model(model)
     out = None
     if image is not None:
         img, _ = io.read_image(image)
-        out = checked_forward(net, _model_input(img, net))
-    return describe_methods(net, out)
+        out = checked_forward(m, _model_input(img, m))
+    return describe_methods(m, out)
+
+
+def model_kind(model) -> str | None:
+    """``"nnunet"``, ``"bundle"`` or None: what a pipeline's ``model`` argument (a Model, a
+    :class:`~medexplain.models.spec.ModelSpec`, a source) is built from, known before it is loaded
+    (:func:`medexplain.models.model.source_kind`)."""
+    if isinstance(model, ModelSpec):
+        if model.nnunet is not None:
+            return "nnunet"
+        if model.bundle is not None:
+            return "bundle"
+        model = model.source
+    return source_kind(model)
 
 
 def input_files(image, nnunet: bool) -> tuple[list, str]:

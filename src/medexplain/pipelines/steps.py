@@ -12,14 +12,12 @@ from medexplain.engine.options import CostEstimate, estimate_cost
 
 def explain_model_case(model, images: list, methods, writer, **kw):
     """:func:`medexplain.pipelines.explain_case` of ``images`` on the loaded :class:`~medexplain.models.model.Model`
-    ``model`` (:func:`medexplain.pipelines.case_model`'s), with its name, preprocessing, sliding window, activation and
-    origin (a bundle or an nnU-Net model): ``instances``, ``shapley`` (per fold model) and the demo (per case)."""
-    from medexplain.pipelines import ModelSetup, explain_case
+    ``model`` (:func:`medexplain.pipelines.case_model`'s), which carries its name, preprocessing, sliding window,
+    activation and origin (a bundle or an nnU-Net model): ``instances``, ``shapley`` (per fold model) and the demo
+    (per case). Now ``explain_case`` itself (it takes the Model); callers may call that directly."""
+    from medexplain.pipelines import explain_case
 
-    kind = type(model.origin).__name__
-    setup = ModelSetup(model, model.name, model.preprocessing, model.inferer,
-                       model.origin if kind == "Bundle" else None, model.origin if kind == "NnUNetModel" else None)
-    return explain_case(setup, images, methods, writer, activation=model.activation, **kw)
+    return explain_case(model, images, methods, writer, **kw)
 
 
 class StepEstimate:

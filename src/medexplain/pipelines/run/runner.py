@@ -26,17 +26,18 @@ from medexplain.engine.options import memory_budget
 from medexplain.engine.registry import default_method, get_method, route_options
 from medexplain.errors import MedexplainError, OptionError
 from medexplain.io import check_output_dir
-from medexplain.pipelines import load_setup, method_options, plan_methods
+from medexplain.models.model import Model
+from medexplain.models.spec import ModelSpec
+from medexplain.pipelines import case_model, method_options, model_kind, plan_methods
 from medexplain.pipelines.run import backends
 from medexplain.pipelines.run.manifest import PREPROCESSING_COLUMNS, Case, read_manifest, sha256_file
 from medexplain.pipelines.run.store import MAP_FORMATS, RUN_RECORD, RunStore, atomic_json
 from medexplain.pipelines.run.worker import CaseProcessor, WorkerSpec
 
 # What a resumed run must share with the run it continues (otherwise its items would mix two setups).
-FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights", "weights_sha256", "methods", "options",
-               "map_format", "seed", "batch_size", "preprocessing", "bundle", "nnunet", "nnunet_options", "inferer",
-               "activation", "output", "target", "region", "series", "layer", "flip_axes", "eval", "formats",
-               "dicom_reference", "dicom_threshold", "pacs", "amp")
+FINGERPRINT = ("manifest_sha256", "model", "model_sha256", "weights_sha256", "methods", "options",
+               "map_format", "seed", "batch_size", "preprocessing", "target", "region", "series", "layer", "formats",
+               "dicom_reference", "dicom_threshold", "figure", "pacs")
 
 
 @dataclass
@@ -82,17 +83,15 @@ def _is_run_dir(out: Path) -> bool:
     return all(p.name.startswith(f".{RUN_RECORD}.") for p in out.iterdir())
 
 
-def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, weights: str | None = None,
+def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *,
                  options: dict | None = None, layer: str | None = None, backend: str = "local",
                  address: str | None = None, resume: bool = False, batch_size: int = 4, num_workers: int | None = None,
                  map_format: str = "nifti", seed: int = 0, retry_errors: bool = False,
-                 on_progress: Callable[[int, int], None] | None = None, preprocessing: dict | None = None,
-                 target=None, region=None, activation: str = "auto", output=None, skip_unsupported: bool = False,
-                 overwrite: bool = False, series: str | None = None, bundle=None, nnunet=None,
-                 nnunet_options: dict | None = None, inferer: dict | None = None, device=None, flip_axes=None,
-                 eval: str = "auto", memory: float | None = None, formats=None, dicom_reference=None,
-                 dicom_threshold="otsu", pacs=None, pacs_netrc=None, pacs_ca_bundle=None,
-                 report: bool = False, amp: bool = False) -> RunResult:
+                 on_progress: Callable[[int, int], None] | None = None,
+                 target=None, region=None, skip_unsupported: bool = False,
+                 overwrite: bool = False, series: str | None = None, memory: float | None = None, formats=None,
+                 dicom_reference=None, dicom_threshold="otsu", figure: dict | None = None, pacs=None,
+                 pacs_netrc=None, pacs_ca_bundle=None, report: bool = False) -> RunResult:
     """Explain every case of ``manifest`` with every method and write maps, metrics, a table and a record.
 
     Every case goes through ``explain``'s one case pipeline (:func:`medexplain.pipelines.explain_case`), so a
@@ -102,24 +101,25 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
     Args:
         manifest: CSV path (columns: image, mask, label, target, region, series, case_id and the preprocessing
             columns; see :mod:`.manifest`).
-        model: TorchScript path, ``package.module:factory`` (+ ``weights``), or ``zoo:<task>``; a list of them (with
-            a list of ``weights``) is an ensemble; ``flip_axes`` and ``eval`` as for ``explain``; or give ``bundle``
-            (a MONAI bundle folder) or ``nnunet`` (an nnU-Net v2 folder, with ``nnunet_options``: ``folds``,
-            ``use_mirroring``, ``configuration``, ``trusted``).
+        model: the run-wide model: an :class:`mx.ModelSpec <medexplain.models.spec.ModelSpec>` (a TorchScript path,
+            ``package.module:factory`` with ``weights``, ``zoo:<task>``, a list of them: an ensemble; a MONAI
+            ``bundle``; an ``nnunet`` folder with its options; the output adapter, activation, preprocessing,
+            sliding window, flips, device, train/eval policy), anything :func:`medexplain.models.model.load_model`
+            takes (a spec of it), or an ``mx.Model`` / ``nn.Module`` (then run in this process, not on Ray). Each
+            worker loads the spec once; the manifest's preprocessing columns are ``Model.replace`` of each case.
+            The run records ``spec.describe()``.
         methods: names (list or comma-separated) from :func:`medexplain.available_methods`.
         out: output folder (created). A folder holding a run is continued only with ``resume=True`` (or
             recomputed with ``overwrite=True``).
         options: method options, ``key`` for every method that accepts it, ``method.key`` for one; ``layer``
             for every method that takes one.
         target, region, series: run-wide defaults of the manifest's columns (a case's own cell wins).
-        activation, output, skip_unsupported: as for ``explain`` (a method that does not apply to a case is
-            that item's ``skipped`` row with ``skip_unsupported``, else an error row).
-        preprocessing: run-wide defaults of the manifest's preprocessing columns, ``{"spacing": "1,1,1",
-            ...}`` as the cells (or the command line's ``--spacing`` etc.) write them; a case's own cell
-            overrides its column.
-        inferer: sliding-window settings (``roi_size``, ``overlap``, ``sw_batch_size``, ``mode``).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`medexplain.pipelines.on_device`); Ray
-            workers place their own copy the same way. amp: mixed precision for the forward (``--amp``).
+        skip_unsupported: as for ``explain`` (a method that does not apply to a case is that item's ``skipped``
+            row with ``skip_unsupported``, else an error row).
+        The model's ``preprocessing`` given as a dict of text (``{"spacing": "1,1,1", ...}``, as the cells and the
+            command line's ``--spacing`` etc. write it) is the run-wide default of the manifest's preprocessing
+            columns; a case's own cell overrides its column. Its ``device`` (``auto``, ``cpu``, ``cuda[:N]``) is
+            where every worker places its own copy.
         backend: ``"local"`` (in-process, default) or ``"ray"`` (``address`` joins an existing cluster).
         resume: skip items whose record exists, redo the rest; the setup must match the first run's.
         overwrite: recompute every item, also those a run in ``out`` completed (not with ``resume``).
@@ -138,7 +138,8 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
             map, always written as ``map_format`` asks; default none): each case's figures and DICOM objects
             (Parametric Map, Segmentation thresholded by ``dicom_threshold``, Secondary Capture) are written
             into its folder by ``explain``'s writer (:func:`medexplain.pipelines.write_method_outputs`);
-            ``dicom_reference`` as for ``explain``. A case that is not DICOM is then an error row.
+            ``dicom_reference`` as for ``explain``. A case that is not DICOM is then an error row. ``figure``: the
+            options of the PNG figures, as ``explain``'s (:func:`medexplain.io.render.figure_options`).
         pacs: a DICOMweb URL (``pacs_netrc``, ``pacs_ca_bundle``: :class:`medexplain.io.pacs.Pacs`): the
             manifest's ``study`` rows are retrieved from it, explained, and their DICOM objects stored back
             (``dicom`` is added to ``formats``). A PACS that is down or refuses is that case's error row;
@@ -156,46 +157,49 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
     methods = [get_method(m).name for m in methods]
     if resume and overwrite:
         raise OptionError("--resume continues a run and --overwrite recomputes it: give one")
-    preprocessing = {k: str(v) for k, v in (preprocessing or {}).items() if v not in (None, "")}
+    from medexplain.io import render
+    figure = render.figure_options(figure)
+    loaded = model if isinstance(model, Model) else None
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(source=model)
+    spec = spec.check().absolute()   # so a resume from elsewhere and remote workers find its files
+    defaults = spec.preprocessing if isinstance(spec.preprocessing, dict) else {}
+    preprocessing = {k: str(v) for k, v in defaults.items() if v not in (None, "")}
     cases = with_defaults(read_manifest(manifest), preprocessing, target=target, region=region, series=series)
     formats, pacs_spec = _check_outputs_and_pacs(cases, formats, dicom_reference, pacs, pacs_netrc, pacs_ca_bundle)
-    if (bundle is not None or nnunet is not None) and any(c.preprocessing for c in cases):
+    if model_kind(loaded if loaded is not None else spec) is not None and any(c.preprocessing for c in cases):
         raise OptionError("--bundle and --nnunet give the model's preprocessing: drop the preprocessing options and "
                           "the manifest's preprocessing columns")
-    model, weights = _absolute(model), _absolute(weights)  # so a resume from elsewhere and remote workers find them
-    flip_axes = [int(a) for a in flip_axes] if flip_axes else None
-    bundle = str(Path(bundle).resolve()) if bundle is not None else None
-    nnunet = str(Path(nnunet).resolve()) if nnunet is not None else None
-    nnunet_options = _jsonable(nnunet_options) if nnunet is not None and nnunet_options else None
-    inferer = _jsonable(inferer) if inferer is not None and inferer.get("roi_size") is not None else None
-    setup = load_setup(model, weights, bundle=bundle, nnunet=nnunet, nnunet_options=nnunet_options, inferer=inferer,
-                       device=device, flip_axes=flip_axes, eval=eval, amp=amp)
-    plan_methods(methods, setup.net, None, layer, skip_unsupported)   # hooks, the layer: before any case
+    if backend == "ray" and (loaded is not None or not spec.sendable):
+        raise OptionError("the ray backend loads the model in each worker: give it as a file or "
+                          "package.module:factory, not as a module object")
+    if backend == "local" and spec.sendable and loaded is None:   # the fork server imports while this process checks
+        backends.prestart(WorkerSpec(model=spec, methods=methods, out=str(out)), num_workers,
+                          -(-len(cases) // batch_size))
     memory_budget(memory)  # a bad --memory is an OptionError now
     routed = method_options(methods, options, layer, seed)
     if backend == "ray":
-        if any(m is not None and not isinstance(m, str) for m in (model if isinstance(model, list) else [model])):
-            raise OptionError("the ray backend loads the model in each worker: give it as a file or "
-                              "package.module:factory, not as a module object")
         backends.ray_module()
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or not _is_run_dir(out)):
         raise MedexplainError(f"{out} exists and is not a medexplain run folder (no {RUN_RECORD}); choose a new --out")
-    check_output_dir(out)  # creatable and writable, before any work
+    check_output_dir(out)  # creatable and writable, before the model loads
+    loaded = case_model(loaded if loaded is not None else spec)   # once here, for the checks and in-process work
+    plan_methods(methods, loaded, None, layer, skip_unsupported)   # hooks, the layer: before any case
     config = {"manifest": str(Path(manifest).resolve()), "manifest_sha256": sha256_file(manifest),
-              "model": _spec(model), "model_sha256": _sha(model), "weights": weights, "weights_sha256": _sha(weights),
-              "flip_axes": flip_axes, "eval": eval,
-              "bundle": bundle, "nnunet": nnunet, "nnunet_options": nnunet_options, "inferer": inferer,
-              "methods": methods, "options": _jsonable(routed), "layer": layer, "activation": activation,
-              "output": output, "target": target, "region": region, "series": series,
-              "skip_unsupported": skip_unsupported, "device": None if device is None else str(device),
+              # the ModelSpec's fields that differ from the defaults; where it runs is "device" (a resume may move it)
+              "model": _jsonable({k: v for k, v in spec.describe().items() if k != "device"}),
+              "model_sha256": _sha(spec.source),
+              "weights_sha256": _sha(spec.weights),
+              "methods": methods, "options": _jsonable(routed), "layer": layer,
+              "target": target, "region": region, "series": series,
+              "skip_unsupported": skip_unsupported, "device": spec.device,
               "map_format": map_format, "seed": seed, "batch_size": batch_size, "backend": backend,
               "address": address, "num_workers": num_workers, "retry_errors": retry_errors,
               "preprocessing": dict(sorted((preprocessing or {}).items())) or None, "memory": memory,
               # None when unused, as a run record written before these options has them
               "formats": list(formats) or None, "dicom_threshold": dicom_threshold if "dicom" in formats else None,
               "dicom_reference": str(Path(dicom_reference).resolve()) if dicom_reference is not None else None,
-              "pacs": pacs, "amp": amp or None}
+              "figure": _jsonable(figure) or None, "pacs": pacs}
     previous = _previous_run(out, config, resume, overwrite)
     if previous is not None and not overwrite:
         methods, routed = _extend_run(previous, config, methods, routed)
@@ -212,15 +216,13 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
               "started": (previous or {}).get("started", started), "ended": None,
               "sessions": (previous or {}).get("sessions", []) + [session], "counts": None}
     atomic_json(record, out / RUN_RECORD)
-    spec = WorkerSpec(model=_spec(model), methods=methods, out=str(out), flip_axes=flip_axes, eval=eval, amp=amp,
-                      options=routed, weights=weights, map_format=map_format, seed=seed, retry_errors=retry_errors,
-                      device=None if device is None else str(device), bundle=bundle, nnunet=nnunet,
-                      nnunet_options=nnunet_options, inferer=inferer, layer=layer, activation=activation, output=output,
-                      skip_unsupported=skip_unsupported, redo=overwrite, memory=memory, formats=formats,
-                      dicom_reference=config["dicom_reference"], dicom_threshold=dicom_threshold, pacs=pacs_spec)
+    wspec = WorkerSpec(model=spec, methods=methods, out=str(out), options=routed, map_format=map_format, seed=seed,
+                       retry_errors=retry_errors, layer=layer, skip_unsupported=skip_unsupported, redo=overwrite,
+                       memory=memory, formats=formats, dicom_reference=config["dicom_reference"],
+                       dicom_threshold=dicom_threshold, figure=figure or None, pacs=pacs_spec)
     progress = _Progress(store, cases, methods, retry_errors, on_progress, redo=overwrite)
-    workers = _execute(progress.pending(batch_size), spec, setup, backend, num_workers, address, progress.on_chunk,
-                       _sendable(model))
+    workers = _execute(progress.pending(batch_size), wspec, loaded, backend, num_workers, address, progress.on_chunk,
+                       spec.sendable and not isinstance(model, Model))
 
     # 3. the table and the record, rebuilt from the items
     rows = store.collect(cases, methods)
@@ -229,7 +231,7 @@ def run_manifest(manifest, model=None, methods=None, out="medexplain_out", *, we
     if report:
         from medexplain.io.report import write_index
         index = Path(write_index(out / "report.html", rows, methods, root=out, title=f"medexplain run: {out.name}",
-                                 notes=[f"manifest {config['manifest']}; model {config['model'] or bundle or nnunet}",
+                                 notes=[f"manifest {config['manifest']}; model {loaded.name}",
                                         "Figures are linked when the run writes them (--format png)."]))
     session.update(ended=_now(), seconds=round(time.perf_counter() - t_start, 3),
                    cpu_seconds=round(time.process_time() - cpu_start, 3),  # this process (the driver for Ray)
@@ -267,20 +269,6 @@ def _check_outputs_and_pacs(cases: list[Case], formats, dicom_reference, pacs, n
             "ca_bundle": None if ca_bundle is None else str(Path(ca_bundle).resolve())}
     Pacs(**spec)   # the URL and the credentials, now (the PACS is reached when the cases run)
     return tuple(dict.fromkeys(formats + ("dicom",))), spec
-
-
-def _absolute(spec):
-    """A model or weights specification (or a list of them) with existing files made absolute."""
-    if isinstance(spec, (list, tuple)):
-        return [_absolute(s) for s in spec]
-    return str(Path(spec).resolve()) if isinstance(spec, (str, Path)) and Path(spec).is_file() else spec
-
-
-def _spec(model):
-    """A model specification as recorded (a module by its class name)."""
-    if isinstance(model, (list, tuple)):
-        return [_spec(m) for m in model]
-    return model if model is None or isinstance(model, str) else type(model).__name__
 
 
 def _sha(spec):
@@ -417,13 +405,7 @@ class _Progress:
             self.on_progress(self.done, self.total)
 
 
-def _sendable(model) -> bool:
-    """Whether worker processes can load ``model`` themselves (a file or ``package.module:factory``; None with a
-    bundle or an nnU-Net folder); a module object given in Python cannot be sent."""
-    return all(m is None or isinstance(m, str) for m in (model if isinstance(model, (list, tuple)) else [model]))
-
-
-def _execute(pending: list, spec: WorkerSpec, setup, backend: str, num_workers, address, on_chunk,
+def _execute(pending: list, spec: WorkerSpec, model, backend: str, num_workers, address, on_chunk,
              sendable: bool = False) -> dict:
     """Process the pending chunks on the backend; returns the workers summary of the session."""
     if not pending:
@@ -433,7 +415,7 @@ def _execute(pending: list, spec: WorkerSpec, setup, backend: str, num_workers, 
         if workers > 1 and sendable:
             return backends.run_processes(pending, spec, workers, threads, on_chunk)
         spec.threads = num_workers   # in this process (one worker, or a module object): torch threads
-        proc = CaseProcessor(spec, setup=setup)  # reuses the model loaded for the checks
+        proc = CaseProcessor(spec, model=model)  # reuses the model loaded for the checks
         backends.run_local(pending, spec, on_chunk=on_chunk, processor=proc)
         return {"workers": 1}
     return backends.run_ray(pending, spec, num_workers=num_workers, address=address, on_chunk=on_chunk)

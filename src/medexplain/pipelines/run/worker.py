@@ -1,6 +1,7 @@
 """The unit of work of a run: explain one chunk of cases with every method, write maps, then records.
 
-:class:`CaseProcessor` loads the model once (:func:`medexplain.pipelines.load_setup`, as ``explain`` does) and
+:class:`CaseProcessor` loads the run's :class:`~medexplain.models.spec.ModelSpec` once
+(:func:`medexplain.pipelines.case_model`, as ``explain`` does) and
 is used as it is by the local backend and wrapped as a Ray actor by the Ray backend, so both backends run the
 same code on the same chunks and produce the same numbers. Each case goes through the one case pipeline of
 ``explain`` (:func:`medexplain.pipelines.explain_case`: read, prepare, plan, resolve the target, explain), with
@@ -24,7 +25,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,50 +35,48 @@ from medexplain.engine.targets import ResolvedTarget
 from medexplain.errors import InputError, MedexplainError
 from medexplain.io.pacs import Pacs, PacsError, fetch_case
 from medexplain.metrics.localisation import hit_rate
-from medexplain.pipelines import CaseState, CaseWriter, explain_case, input_files, load_setup, model_device, write_method_outputs
+from medexplain.models.spec import ModelSpec
+from medexplain.pipelines import (
+    CaseState,
+    CaseWriter,
+    case_model,
+    explain_case,
+    input_files,
+    model_kind,
+    write_method_outputs,
+)
 from medexplain.pipelines.run.manifest import Case
 from medexplain.pipelines.run.store import RunStore
 
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker needs, picklable (sent to Ray actors): the model's source (a specification and
-    weights, a bundle folder or an nnU-Net folder with its options), the run-wide settings of the case
+    """Everything a worker needs, picklable (sent to worker processes and Ray actors): the run-wide model (a
+    :class:`~medexplain.models.spec.ModelSpec`, which each worker loads once), the run-wide settings of the case
     pipeline, and the run's layout."""
 
-    model: str | list | None
+    model: ModelSpec
     methods: list[str]
     out: str
     options: dict[str, dict] = field(default_factory=dict)
-    weights: str | list | None = None
     map_format: str = "nifti"
     seed: int = 0
     retry_errors: bool = False
-    device: str | None = None      # None: where the model loads; "auto": CUDA when available, else CPU
     threads: int | None = None     # torch intra-op threads in this worker (None: leave as is)
-    bundle: str | None = None
-    nnunet: str | None = None
-    nnunet_options: dict | None = None
-    inferer: dict | None = None    # sliding-window settings (medexplain.engine.sliding.as_inferer)
     layer: str | None = None
-    activation: str = "auto"
-    output: object = None
     skip_unsupported: bool = False
     redo: bool = False             # --overwrite: recompute items that are complete
-    flip_axes: list | None = None
-    eval: str = "auto"
-    amp: bool = False              # mixed precision for the forward (mx.Model(amp=True))
     memory: float | None = None    # GB per model call (None: half the memory available here)
     formats: tuple = ()            # outputs besides the map: "png", "dicom" (explain's writer)
     dicom_reference: str | None = None
     dicom_threshold: object = "otsu"
+    figure: dict | None = None     # options of the PNG figures (medexplain.io.render.figure_options)
     pacs: dict | None = None       # the PACS of the manifest's studies: Pacs(**pacs) (url, netrc, ca_bundle)
 
-    def setup(self):
-        """The model, as every worker loads it (:func:`medexplain.pipelines.load_setup`)."""
-        return load_setup(self.model, self.weights, bundle=self.bundle, nnunet=self.nnunet,
-                          nnunet_options=self.nnunet_options, inferer=self.inferer, device=self.device,
-                          flip_axes=self.flip_axes, eval=self.eval, amp=self.amp)
+    @property
+    def device(self) -> str | None:
+        """The model's device setting (None: where the model loads; "auto": CUDA when available, else CPU)."""
+        return self.model.device
 
 
 def error_message(err: BaseException, stage: str) -> str:
@@ -90,12 +89,13 @@ def error_message(err: BaseException, stage: str) -> str:
 class CaseProcessor:
     """Loads the model once; :meth:`process` explains a chunk of cases and returns their records."""
 
-    def __init__(self, spec: WorkerSpec, setup=None):
+    def __init__(self, spec: WorkerSpec, model=None):
         self._cpu0 = time.process_time()
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
         self.spec = spec
-        self.setup = setup if setup is not None else spec.setup()   # a Ray actor loads its own copy, once
+        # the run's Model: the one loaded for the run's checks in this process, else loaded here, once
+        self.model = model if model is not None else case_model(spec.model)
         self.store = RunStore(spec.out, spec.map_format)
         self._pacs = None
 
@@ -109,7 +109,7 @@ class CaseProcessor:
 
     @property
     def device(self) -> torch.device:
-        return model_device(self.setup.net)
+        return self.model.device
 
     def ping(self) -> str:
         return str(self.device)
@@ -134,9 +134,9 @@ class CaseProcessor:
 
     def case(self, case: Case, methods: list[str]) -> list[dict]:
         """One case through the case pipeline; an error before the methods is every method's error row."""
-        spec, setup = self.spec, self.setup
-        if case.preprocessing:
-            setup = replace(setup, preprocessing=case.preprocessing_spec())
+        spec, model = self.spec, self.model
+        if case.preprocessing:   # the manifest's preprocessing columns: the case's model (the same networks)
+            model = model.replace(preprocessing=case.preprocessing_spec())
         writer = _RunWriter(self, case)
         state = CaseState(case.images)
         fetched = tempfile.TemporaryDirectory(prefix="medexplain-pacs-") if case.study else nullcontext()
@@ -147,15 +147,14 @@ class CaseProcessor:
                     state.stage = "pacs"
                     folder, writer.series = fetch_case(self.pacs, case.study, case.series, tmp)
                     images = [str(folder)]
-                state.images = images = input_files(images, setup.nnunet is not None)[0]   # as explain orders them
-                explain_case(setup, images, methods, writer, per_method=spec.options, target=case.target,
-                             region=case.region, layer=spec.layer, output=spec.output, activation=spec.activation,
-                             skip_unsupported=spec.skip_unsupported, series=writer.series, seed=spec.seed,
-                             memory=spec.memory, state=state)
+                state.images = images = input_files(images, model_kind(model) == "nnunet")[0]   # as explain orders them
+                explain_case(model, images, methods, writer, per_method=spec.options, target=case.target,
+                             region=case.region, layer=spec.layer, skip_unsupported=spec.skip_unsupported,
+                             series=writer.series, seed=spec.seed, memory=spec.memory, state=state)
         except Exception as e:  # a bad case is recorded and the run goes on
             if writer.predicted is None and state.prep is not None:
                 try:
-                    writer.predicted = state.predicted(setup.net)
+                    writer.predicted = state.predicted(model)
                 except Exception:
                     pass
             for m in methods:
@@ -242,14 +241,14 @@ class _RunWriter(CaseWriter):
         if not formats:
             return {}
         files = write_method_outputs(st, m, amap, store.case_dir(self.case.case_id), "", formats, self.dicom_src,
-                                     spec.dicom_threshold)
+                                     spec.dicom_threshold, spec.figure)
         extra = {"outputs": [str(Path(f).relative_to(store.out)) for f in files]}
         if self.case.study:
             extra["stored"] = self.proc.pacs.store([f for f in files if str(f).endswith(".dcm")])
         return extra
 
     def ready(self, st: CaseState) -> None:
-        self.predicted = st.predicted(self.proc.setup.net)
+        self.predicted = st.predicted(self.proc.model)
         self.notes = list(st.meta.get("warnings", []))
         st.stage = "mask"
         self.mask = _mask(self.case, tuple(st.img.shape[1:]))
