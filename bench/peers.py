@@ -198,8 +198,8 @@ def main():
 
 Command: `.venv/bin/python bench/peers.py --rounds {args.rounds} --warmup {args.warmup} --threads {args.threads}{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}`
 (total {total:.0f} s). Machine: {machine()}; {args.threads} torch thread(s); load average {min(load):.1f}-{max(load):.1f}
-on the 2 cores during the run (other engineers' jobs): absolute seconds are noisy, the ratios of back-to-back runs
-less so. {args.rounds} counted rounds after {args.warmup} warm-up round(s); in each round ours and the peer run back to back, the
+on {os.cpu_count()} CPUs during the run (the bench uses {args.threads}; more is other jobs): absolute seconds are noisy
+under load, the ratios of back-to-back runs less so. {args.rounds} counted rounds after {args.warmup} warm-up round(s); in each round ours and the peer run back to back, the
 order alternating. Models: MONAI `resnet18` (2D) and `resnet10` (3D), 1 input channel, 2 classes, random weights,
 eval mode, float32; LRP on a plain 3-conv CNN (Captum's LRP has no rule for a residual sum); targets class
 `i % 2` per sample. Feature methods on a 4 x 4 (x 4) grid of groups; perturbations per model call 16 on both sides.

@@ -189,7 +189,7 @@ def budgets(args) -> None:
 
 Command: `.venv/bin/python bench/sliding_window.py --budgets --size {args.size} --roi {args.roi} --threads {args.threads} --rounds {args.rounds}`
 (total {total:.0f} s). Machine: {machine()}; {args.threads} torch thread(s) per measurement; load average
-{min(load):.1f}-{max(load):.1f} on the 2 cores while it ran (other engineers' jobs), so times are noisy: medians of
+{min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs while it ran (the bench uses {args.threads}; more is other jobs), so times are noisy: medians of
 {args.rounds} interleaved rounds, each configuration in a fresh process.
 
 Whole-volume saliency (class 1 summed over every voxel) of the model above at S = {args.size} ({n} windows of
