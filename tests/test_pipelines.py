@@ -119,7 +119,8 @@ def test_instances_and_shapley_are_the_one_case_pipeline(tmp_path, monkeypatch):
         calls.append((type(writer).__name__, callable(kw["target"]), type(st.resolved.target).__name__))
         return st
 
-    monkeypatch.setattr(pipelines, "explain_case", case)
+    for module in (pipelines.instances, pipelines.shapley):   # the one case pipeline, as each command calls it
+        monkeypatch.setattr(module, "explain_case", case)
     net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 1)).eval()
     res = explain_lesion_instances(tmp_path / "case.npy", net, tmp_path / "inst", region=tmp_path / "mask.nii.gz",
                                    n_samples=3)

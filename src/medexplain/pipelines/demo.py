@@ -30,9 +30,8 @@ from medexplain.io.report import write_report
 from medexplain.metrics.localisation import hit_rate
 from medexplain.models import zoo
 from medexplain.models.training import evaluate
-from medexplain.pipelines import CaseWriter, case_model, write_map
+from medexplain.pipelines import CaseWriter, case_model, explain_case, write_map
 from medexplain.pipelines import method_options as pipeline_options
-from medexplain.pipelines.steps import explain_model_case
 
 __all__ = ["DemoCase", "DemoWriter", "MethodProgress", "method_options", "choose_methods", "score_methods",
            "write_cases", "run_demo"]
@@ -190,7 +189,7 @@ def _explain_cases(model, cases, name, target, opts, seed, writer, progs=None, b
     for case in cases:
         if progs is not None:
             base[0] = progs[0].done if progs else 0
-        explain_model_case(model, [case], [name], writer, per_method={name: opts}, target=target, seed=seed,
+        explain_case(model, [case], [name], writer, per_method={name: opts}, target=target, seed=seed,
                            on_estimate=estimate if progs is not None else None,
                            on_progress=rows if progs is not None else None)
     return torch.stack(writer.maps)

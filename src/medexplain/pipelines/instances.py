@@ -21,10 +21,11 @@ from medexplain.pipelines import (
     CaseState,
     CaseWriter,
     case_model,
+    explain_case,
     read_region,
     resolve_case_target,
 )
-from medexplain.pipelines.steps import StepEstimate, explain_model_case
+from medexplain.pipelines.steps import StepEstimate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def explain_lesion_instances(images, model, out, *, threshold: float = 0.5, meth
         target = Regions(ch, torch.stack([i.mask for i in insts]), [i.sample for i in insts])
         return ResolvedTarget(target, [ch], writer.info_region, [int(i.mask.sum()) for i in insts], how, act)
 
-    explain_model_case(model, listed, [spec.name], writer, per_method=per_method, target=lesions,
+    explain_case(model, listed, [spec.name], writer, per_method=per_method, target=lesions,
                        layer=own.get("layer"), threshold=threshold, memory=memory, on_estimate=step.on_estimate,
                        on_progress=step.on_progress)
     return writer.result()

@@ -19,10 +19,11 @@ from medexplain.pipelines import (
     CaseWriter,
     _as_preprocessing,
     case_model,
+    explain_case,
     read_case,
     resolve_case_target,
 )
-from medexplain.pipelines.steps import StepEstimate, explain_model_case
+from medexplain.pipelines.steps import StepEstimate
 
 # --------------------------------------------------------------------------------------------------
 # contrast Shapley values of one case for several (fold) models
@@ -181,7 +182,7 @@ def contrast_shapley(images, models, out, *, contrasts: Sequence[str] | None = N
             value_fn = shapley_value_function(value, seg_t, labels, prep.activation, channel)
             return ResolvedTarget(value_fn, [channel], None, None, f"--value {value}", prep.activation)
 
-        explain_model_case(model, listed, [shapley_method.spec.name], writer,
+        explain_case(model, listed, [shapley_method.spec.name], writer,
                            per_method={shapley_method.spec.name: options}, target=value_target, memory=memory,
                            on_estimate=step.on_estimate, on_progress=step.on_progress)
     if by_target:

@@ -1,23 +1,12 @@
-"""What the commands built on the one case pipeline (:func:`medexplain.pipelines.explain_case`) share: the case on a
-loaded model object (:func:`explain_model_case`) and the cost estimate and progress of a step that is more than the
-declared cost of one registered call (:class:`StepEstimate`; ``instances``: every lesion instance of a case;
-``shapley``: the coalitions of one fold model)."""
+"""What the commands built on the one case pipeline (:func:`medexplain.pipelines.explain_case`) share: the cost
+estimate and progress of a step that is more than the declared cost of one registered call (:class:`StepEstimate`;
+``instances``: every lesion instance of a case; ``shapley``: the coalitions of one fold model)."""
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Callable
 
 from medexplain.engine.options import CostEstimate, estimate_cost
-
-
-def explain_model_case(model, images: list, methods, writer, **kw):
-    """:func:`medexplain.pipelines.explain_case` of ``images`` on the loaded :class:`~medexplain.models.model.Model`
-    ``model`` (:func:`medexplain.pipelines.case_model`'s), which carries its name, preprocessing, sliding window,
-    activation and origin (a bundle or an nnU-Net model): ``instances``, ``shapley`` (per fold model) and the demo
-    (per case). Now ``explain_case`` itself (it takes the Model); callers may call that directly."""
-    from medexplain.pipelines import explain_case
-
-    return explain_case(model, images, methods, writer, **kw)
 
 
 class StepEstimate:
