@@ -176,22 +176,21 @@ class RowTarget(Target):
 
 
 @contextlib.contextmanager
-def library_guard(model: nn.Module, restore_values: bool = False):
+def library_guard(model: nn.Module):
     """Leave ``model`` as a peer library found it, also when the body raises.
 
     On exit every hook added to any module is removed, every module attribute added is deleted and every
     attribute replaced or deleted is put back (Captum's LRP deletes a user's ``rule`` and leaves an
     ``activations`` dict behind), and every parameter and buffer gets its original storage back (LRP's
-    gamma and z+ rules assign new ``weight.data``). ``restore_values=True`` also copies the original
-    values back (for rules that modify weights in place). Training flags and ``requires_grad`` are the
-    business of :func:`medexplain.engine.core.model_guard`, which :func:`medexplain.engine.explain` wraps around this.
+    gamma and z+ rules assign new ``weight.data``; no rule here writes into the weights in place). Training
+    flags and ``requires_grad`` are the business of :func:`medexplain.engine.core.model_guard`, which
+    :func:`medexplain.engine.explain` wraps around this.
     """
     mods = list(model.modules())
     attrs = [(m, dict(m.__dict__)) for m in mods]
     # the keys of every hook dict (a module's hook dicts live in its __dict__); most are empty
     hooks = [(m, {h: set(d) for h in _HOOK_DICTS if isinstance(d := m.__dict__.get(h), dict) and d}) for m in mods]
-    tensors = [(t, t.data, t.detach().clone() if restore_values else None)
-               for t in list(model.parameters()) + list(model.buffers())]
+    tensors = [(t, t.data) for t in list(model.parameters()) + list(model.buffers())]
     try:
         yield model
     finally:
@@ -211,11 +210,9 @@ def library_guard(model: nn.Module, restore_values: bool = False):
                 if m.__dict__.get(k, missing) is not v:
                     m.__dict__[k] = v
         with torch.no_grad():
-            for t, data, values in tensors:
+            for t, data in tensors:
                 if t.data.data_ptr() != data.data_ptr() or t.data.shape != data.shape:
                     t.data = data
-                if values is not None and not torch.equal(t.data, values):
-                    t.data.copy_(values)
 
 
 @contextlib.contextmanager
@@ -248,7 +245,7 @@ def _library_error(e: Exception, what: str) -> MedexplainError:
 
 
 def captum_call(model, x, target, cost, make: Callable, call: Callable, rows_per_sample: int = 1,
-                chunk_size: int | None = None, seed: int | None = None, restore_values: bool = False,
+                chunk_size: int | None = None, seed: int | None = None,
                 relevance_seed: bool = False, pool_rows: int | None = None) -> torch.Tensor:
     """Run a Captum attribution over ``x`` on medexplain's terms; returns the maps ``(B, C, *s)``.
 
@@ -285,7 +282,7 @@ def captum_call(model, x, target, cost, make: Callable, call: Callable, rows_per
             maps.append(a.detach())
         return torch.cat(maps)
 
-    with library_guard(model, restore_values=restore_values), _quiet():
+    with library_guard(model), _quiet():
         obj = make(module)
         if not pooled:
             return run_all(obj)
