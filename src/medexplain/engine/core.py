@@ -11,6 +11,7 @@ import contextvars
 import itertools
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -556,6 +557,16 @@ def unwrap(model):
             model = model.networks[0]
         else:
             return model
+
+
+def network_cache(store: weakref.WeakKeyDictionary, model) -> dict:
+    """The dict that ``store`` keeps for the user's network inside ``model`` (:func:`unwrap`), created on first use
+    and dropped with the network: the one per-network cache of the probes (memory, LRP, CAM layer plans). A
+    network that cannot be weakly referenced gets a fresh dict (nothing cached)."""
+    try:
+        return store.setdefault(unwrap(model), {})
+    except TypeError:  # not weak-referenceable
+        return {}
 
 
 # --------------------------------------------------------------------------------------------------

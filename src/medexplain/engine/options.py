@@ -537,14 +537,11 @@ def probe_row_bytes(model, x: torch.Tensor, limit: int | None = None) -> int | N
 
     ``model``: what the methods call (an ``mx.Model``'s runner: its passes, every ensemble member and flip of
     one call measured together), an ``mx.Model`` or an ``nn.Module``. The cache is kept per user network."""
-    from medexplain.engine.core import n_passes, unwrap
+    from medexplain.engine.core import n_passes, network_cache
 
     inner = getattr(model, "runner", model)      # an mx.Model: what its methods call
     key = (tuple(x.shape[1:]), x.dtype, str(x.device), n_passes(inner))
-    try:
-        cache = _PROBES.setdefault(unwrap(inner), {})
-    except TypeError:  # not weak-referenceable
-        cache = {}
+    cache = network_cache(_PROBES, inner)
     if key in cache:
         return cache[key]
     if limit is not None:

@@ -75,6 +75,7 @@ from medexplain.engine.core import (
     find_layer,
     forward,
     model_guard,
+    network_cache,
     resize_to,
     unwrap,
 )
@@ -471,7 +472,7 @@ def layer_plan(model, x: torch.Tensor, layer=None, layout: str = "auto", reshape
     module = find_layer(model, layer) if layer is not None else None
     key = (_structure(model), getattr(model, "output", None) if model is not user else None, tuple(x.shape[1:]),
            x.dtype, str(x.device), module, layout, reshape)
-    per_model = _CACHE.setdefault(user, {})
+    per_model = network_cache(_CACHE, user)
     if key not in per_model:
         probe_cost = Cost()
         with model_guard(user):   # eval mode, frozen weights: the probe changes nothing (also when called directly)

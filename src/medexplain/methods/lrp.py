@@ -395,14 +395,11 @@ def _probe(model: nn.Module, x: torch.Tensor, cost) -> tuple[int, frozenset]:
     layers) reads it as it is, and is spared a copy per forward."""
     from torch.overrides import TorchFunctionMode
 
-    from medexplain.engine.core import forward, unwrap
+    from medexplain.engine.core import forward, network_cache
 
     x1 = x[:1]
     key = _structure(model, x1)
-    try:
-        cache = _PROBES.setdefault(unwrap(model), {})
-    except TypeError:  # not weak-referenceable
-        cache = {}
+    cache = network_cache(_PROBES, model)
     if key in cache:
         return cache[key]
 
