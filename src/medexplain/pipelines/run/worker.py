@@ -21,9 +21,7 @@ get it too), as ``explain --seed`` does.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +88,6 @@ class CaseProcessor:
     """Loads the model once; :meth:`process` explains a chunk of cases and returns their records."""
 
     def __init__(self, spec: WorkerSpec, model=None):
-        self._cpu0 = time.process_time()
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
         self.spec = spec
@@ -113,10 +110,6 @@ class CaseProcessor:
 
     def ping(self) -> str:
         return str(self.device)
-
-    def stats(self) -> dict:
-        """This worker's process and the CPU time it used since it started (model loading included)."""
-        return {"pid": os.getpid(), "device": str(self.device), "cpu_seconds": time.process_time() - self._cpu0}
 
     def todo(self, case: Case) -> list[str]:
         return [m for m in self.spec.methods
